@@ -1,0 +1,213 @@
+"""The ``melbatch`` command: parse, build config (defaults < YAML < flags), call one ``run()``.
+
+Exit codes: 0 done; 2 wrong usage or config (nothing was started); 3 storage unreachable or
+unwritable; 1 the run itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import typing
+from typing import Any
+
+from melbatch import __version__
+from melbatch.config import (
+    AUDIO_EXTENSIONS,
+    ConfigError,
+    FeatureConfig,
+    FeaturizeConfig,
+    build,
+    load_yaml,
+    merge,
+)
+
+FEATURE_HELP = {
+    "sample_rate_hz": "resample every file to this rate (Hz)",
+    "clip_s": "clip length in seconds; each clip becomes one image",
+    "clip_hop_s": "seconds between clip starts (less than --clip-s for overlapping clips)",
+    "tail": "the last, partial clip: 'pad' it with zeros or 'drop' it",
+    "min_tail_s": "a partial tail (or a whole short file) needs at least this much audio to become a clip",
+    "n_fft": "FFT size in samples",
+    "win_length": "Hann window length in samples (<= n_fft)",
+    "hop_length": "samples between spectrogram frames",
+    "n_mels": "mel bands (image height)",
+    "f_min_hz": "lowest mel band edge (Hz)",
+    "f_max_hz": "highest mel band edge (Hz); default: half the sample rate",
+    "top_db": "floor each clip's dB values this far below its maximum",
+    "mel_scale": "'slaney' (librosa's default) or 'htk'",
+    "dtype": "storage dtype of the mel images: float16 (half the bytes) or float32",
+}
+FEATURIZE_HELP = {
+    "include": "only keys (relative to SRC) matching this glob; repeatable",
+    "exclude": "skip keys matching this glob; repeatable",
+    "extensions": f"comma-separated file extensions to read (known: {','.join(AUDIO_EXTENSIONS)})",
+    "labels": "'folder' (SRC/<label>/<file>), 'none', or the URI of a .csv/.jsonl manifest with uri,label",
+    "files_per_task": "files per Ray task (many small files are batched)",
+    "rows_per_shard": "clips per Parquet shard",
+    "rows_per_row_group": "clips per Parquet row group (the unit a streaming reader fetches)",
+    "silence_dbfs": "files whose peak stays below this level (dB full scale) are quarantined as silent",
+    "max_inflight_tasks": "Ray tasks in flight at once (0: twice the cluster's CPUs)",
+    "overwrite": "replace an output made with other features, and redo batches already done",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, helps: dict[str, str], title: str) -> None:
+    """One flag per documented field of ``cls``, typed and defaulted from the dataclass itself."""
+    group = p.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    defaults.update({f.name: f.default_factory() for f in dataclasses.fields(cls)
+                     if f.default_factory is not dataclasses.MISSING})
+    for name, help_text in helps.items():
+        hint, default = hints[name], defaults.get(name)
+        shown = f"{help_text} (default: {','.join(default) or 'none' if isinstance(default, tuple) else default})"
+        if hint is bool:
+            group.add_argument(_flag(name), action="store_true", default=None, help=help_text)
+        elif typing.get_origin(hint) is tuple and name == "extensions":
+            group.add_argument(_flag(name), "--ext", type=lambda s: tuple(s.split(",")), default=None, help=shown)
+        elif typing.get_origin(hint) is tuple:
+            group.add_argument(_flag(name), action="append", default=None, help=shown)
+        elif typing.get_origin(hint) is typing.Literal:
+            group.add_argument(_flag(name), choices=typing.get_args(hint), default=None, help=shown)
+        else:
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            group.add_argument(_flag(name), type=base, default=None, help=shown)
+
+
+def _given(args: argparse.Namespace, names: typing.Iterable[str]) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def featurize_config(args: argparse.Namespace) -> FeaturizeConfig:
+    """defaults < YAML (``--config``) < flags."""
+    yml = load_yaml(args.config)
+    unknown = sorted(set(yml) - {"features", "featurize"})
+    if unknown:
+        raise ConfigError(f"config file {args.config}: unknown section(s) {unknown}; use 'features:' and 'featurize:'")
+    features = build(FeatureConfig, merge(yml.get("features") or {}, _given(args, FEATURE_HELP)), "features")
+    values = merge(yml.get("featurize") or {}, {"src": args.src, "dst": args.dst, "address": args.address},
+                   _given(args, FEATURIZE_HELP))
+    values["features"] = features
+    return build(FeaturizeConfig, values, "featurize")
+
+
+def cmd_featurize(args: argparse.Namespace) -> int:
+    from melbatch import featurize
+
+    cfg = featurize_config(args)
+    summary = featurize.run(cfg, progress=not args.no_progress)
+    print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else summary.render())
+    return 0
+
+
+def cmd_sample_archive(args: argparse.Namespace) -> int:
+    from melbatch import samples
+
+    files = samples.make_archive(args.dst, args.kind, args.files_per_class, args.seconds, args.seed, args.bad)
+    bad = sum(f.bad_kind is not None for f in files)
+    print(f"wrote {len(files)} files ({bad} deliberately bad) of the '{args.kind}' task to {args.dst}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Sample archive → featurize, with a local Ray started in this process."""
+    from melbatch import featurize, samples, shards, storage
+
+    root = args.dir or tempfile.mkdtemp(prefix="melbatch-demo-")
+    archive, features = storage.join(root, "archive"), storage.join(root, "features")
+    print(f"[1/2] generating a '{args.kind}' sample archive (with a few broken files) in {archive}")
+    samples.make_archive(archive, args.kind, files_per_class=args.files_per_class, seconds=8.0, seed=0, bad=True)
+    print(f"[2/2] featurizing it into log-mel Parquet shards in {features}")
+    cfg = FeaturizeConfig(src=archive, dst=features, overwrite=True, files_per_task=8)
+    summary = featurize.run(cfg, progress=not args.no_progress)
+    print()
+    print(summary.render())
+    first = next(shards.iter_clips(features))
+    print(f"\nfirst clip: {first['uri']} label={first['label']} clip {first['clip_index']} "
+          f"[{first['start_s']:.1f}-{first['end_s']:.1f} s] mel {first['mel'].shape} {first['mel'].dtype}")
+    print(f"manifest: {storage.join(features, shards.MANIFEST)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="melbatch",
+        description="Classify large audio archives with image models on log-mel spectrograms, on Ray.",
+        epilog="URIs: s3://bucket/prefix, a local path, file://..., memory://... . S3 endpoint and credentials "
+               "come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_ACCESS_KEY_ID...), "
+               "never from flags. Exit codes: 0 ok, 1 run failed, 2 bad usage/config, 3 storage error.",
+    )
+    p.add_argument("--version", action="version", version=f"melbatch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    f = sub.add_parser("featurize", help="audio archive -> log-mel Parquet shards + quarantine + manifest",
+                       description="Read every audio object under SRC, decode (wav, flac, ogg, mp3; more with "
+                       "torchcodec+FFmpeg), mix to mono, resample, cut into clips and write log-mel images as "
+                       "Parquet shards under DST, with DST/quarantine.parquet for files that cannot be used and "
+                       "DST/_manifest.json written last. Re-running resumes and never duplicates rows.")
+    f.add_argument("src", metavar="SRC", help="archive URI (s3://bucket/prefix, folder, file://...)")
+    f.add_argument("dst", metavar="DST", help="output URI for shards, quarantine and manifest")
+    f.add_argument("--config", metavar="YAML", help="YAML file with 'features:' and 'featurize:' sections; "
+                   "flags override it")
+    f.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_dataclass_flags(f, FeaturizeConfig, FEATURIZE_HELP, "input and output")
+    _add_dataclass_flags(f, FeatureConfig, FEATURE_HELP, "features (recorded in every shard; changing one changes "
+                         "the config hash)")
+    f.set_defaults(func=cmd_featurize)
+
+    s = sub.add_parser("sample-archive", help="generate a labelled sample archive (engine or voice task)",
+                       description="Write a labelled sample archive DST/<label>/<file> in mixed formats, rates "
+                       "and channel counts. engine: healthy vs faulty machine sound (numpy). voice: male vs "
+                       "female speech (needs espeak-ng).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("dst", metavar="DST", help="output URI")
+    s.add_argument("--kind", choices=["engine", "voice"], default="engine", help="which task")
+    s.add_argument("--files-per-class", type=int, default=12, help="files per label")
+    s.add_argument("--seconds", type=float, default=8.0, help="length of each file")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same archive)")
+    s.add_argument("--bad", action="store_true", help="also write one broken object of every kind")
+    s.set_defaults(func=cmd_sample_archive)
+
+    d = sub.add_parser("demo", help="generate a sample archive and run the pipeline on it, locally",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--dir", default=None, help="where to put the archive and outputs (default: a temp folder)")
+    d.add_argument("--kind", choices=["engine", "voice"], default="engine", help="which sample task")
+    d.add_argument("--files-per-class", type=int, default=16, help="files per label")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from melbatch.shards import DatasetError
+    from melbatch.storage import StorageError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"melbatch {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        print(f"melbatch {args.command}: storage error: {e}", file=sys.stderr)
+        return 3
+    except DatasetError as e:
+        print(f"melbatch {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"melbatch {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Typed, frozen configuration for every stage, plus loading it from YAML and flags.
+
+Precedence is defaults < YAML file < command-line flags. Every dataclass validates itself in
+``__post_init__`` and raises :class:`ConfigError` with a message that says what to change, so a
+wrong config fails before any storage or cluster work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import yaml
+
+URI = str
+Seconds = float
+
+SCHEMA_VERSION = 1
+FEATURE_DTYPES = ("float16", "float32")
+TAIL_POLICIES = ("pad", "drop")
+LABEL_SOURCES = ("folder", "none")
+AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "oga", "opus", "mp3", "m4a", "aac", "aif", "aiff")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which one and what to change."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that determines the pixels of a log-mel image: the feature contract.
+
+    Its canonical JSON and :meth:`hash` travel with every shard, manifest and model package, so a
+    later stage can refuse features computed differently. Defaults: 16 kHz, 5 s clips, 32 ms FFT
+    (25 ms Hann window) every 10 ms, 128 slaney mel bands, dB with an 80 dB floor, stored as float16.
+    """
+
+    sample_rate_hz: int = 16_000
+    clip_s: Seconds = 5.0
+    clip_hop_s: Seconds = 5.0
+    tail: Literal["pad", "drop"] = "pad"
+    min_tail_s: Seconds = 1.0
+    n_fft: int = 512
+    win_length: int = 400
+    hop_length: int = 160
+    n_mels: int = 128
+    f_min_hz: float = 0.0
+    f_max_hz: float | None = None
+    top_db: float | None = 80.0
+    mel_scale: Literal["slaney", "htk"] = "slaney"
+    dtype: Literal["float16", "float32"] = "float16"
+
+    def __post_init__(self) -> None:
+        sr = self.sample_rate_hz
+        _require(isinstance(sr, int) and 1000 <= sr <= 384_000,
+                 f"sample_rate_hz={sr!r}: use an integer rate in Hz between 1000 and 384000 (e.g. 16000)")
+        _require(self.clip_s > 0, f"clip_s={self.clip_s}: clip length must be > 0 seconds")
+        _require(0 < self.clip_hop_s, f"clip_hop_s={self.clip_hop_s}: clip hop must be > 0 seconds")
+        _require(self.tail in TAIL_POLICIES, f"tail={self.tail!r}: choose one of {TAIL_POLICIES}")
+        _require(0 < self.min_tail_s <= self.clip_s,
+                 f"min_tail_s={self.min_tail_s}: must be > 0 and <= clip_s ({self.clip_s})")
+        _require(self.n_fft >= 16 and self.win_length >= 16 and self.hop_length >= 1,
+                 "n_fft and win_length must be >= 16 samples and hop_length >= 1")
+        _require(self.win_length <= self.n_fft,
+                 f"win_length={self.win_length} > n_fft={self.n_fft}: raise n_fft or lower win_length")
+        _require(self.clip_samples >= self.n_fft,
+                 f"clip_s={self.clip_s} is shorter than one FFT window ({self.n_fft} samples at "
+                 f"{sr} Hz): use a longer clip or a smaller n_fft")
+        nyquist = sr / 2
+        f_max = self.f_max_resolved
+        _require(0 <= self.f_min_hz < f_max,
+                 f"f_min_hz={self.f_min_hz} must be >= 0 and below f_max_hz={f_max}")
+        _require(f_max <= nyquist,
+                 f"f_max_hz={f_max} is above the Nyquist frequency {nyquist} of sample_rate_hz={sr}: "
+                 "lower f_max_hz or raise sample_rate_hz")
+        _require(1 <= self.n_mels <= self.n_fft // 2 + 1,
+                 f"n_mels={self.n_mels}: must be between 1 and n_fft//2+1 ({self.n_fft // 2 + 1}); "
+                 "more mel bands than FFT bins leaves empty bands — raise n_fft or lower n_mels")
+        _require(self.top_db is None or self.top_db > 0, f"top_db={self.top_db}: must be > 0 or null")
+        _require(self.mel_scale in ("slaney", "htk"), f"mel_scale={self.mel_scale!r}: 'slaney' or 'htk'")
+        _require(self.dtype in FEATURE_DTYPES, f"dtype={self.dtype!r}: choose one of {FEATURE_DTYPES}")
+
+    @property
+    def f_max_resolved(self) -> float:
+        return float(self.f_max_hz) if self.f_max_hz is not None else self.sample_rate_hz / 2
+
+    @property
+    def clip_samples(self) -> int:
+        return round(self.clip_s * self.sample_rate_hz)
+
+    @property
+    def clip_hop_samples(self) -> int:
+        return round(self.clip_hop_s * self.sample_rate_hz)
+
+    @property
+    def min_tail_samples(self) -> int:
+        return round(self.min_tail_s * self.sample_rate_hz)
+
+    @property
+    def n_frames(self) -> int:
+        """Frames per clip (centred STFT)."""
+        return 1 + self.clip_samples // self.hop_length
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_mels, n_frames): the image each clip becomes."""
+        return (self.n_mels, self.n_frames)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["f_max_hz"] = self.f_max_resolved  # canonical: None and sr/2 mean the same features
+        return d
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def hash(self) -> str:
+        """Short, stable identity of these features (first 16 hex digits of SHA-256)."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FeatureConfig:
+        return build(cls, d, "features")
+
+    def diff(self, other: FeatureConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: {name: (self, other)}."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+@dataclass(frozen=True)
+class FeaturizeConfig:
+    """What to read, how to label it, and how to lay the shards out."""
+
+    src: URI
+    dst: URI
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    extensions: tuple[str, ...] = ("wav", "flac", "ogg", "oga", "opus", "mp3")
+    labels: str = "folder"
+    files_per_task: int = 64
+    rows_per_shard: int = 1024
+    rows_per_row_group: int = 128
+    silence_dbfs: float = -70.0
+    max_inflight_tasks: int = 0
+    overwrite: bool = False
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.src), "SRC is empty: give an archive URI (s3://bucket/prefix, a folder, file://...)")
+        _require(bool(self.dst), "DST is empty: give an output URI")
+        _require(self.src.rstrip("/") != self.dst.rstrip("/"), "SRC and DST are the same place: choose another DST")
+        exts = tuple(e.lower().lstrip(".") for e in self.extensions)
+        unknown = sorted(set(exts) - set(AUDIO_EXTENSIONS))
+        _require(not unknown, f"extensions {unknown} are not audio formats melbatch decodes; "
+                 f"choose from {AUDIO_EXTENSIONS}")
+        object.__setattr__(self, "extensions", exts)
+        _require(self.labels in LABEL_SOURCES or "." in self.labels.rsplit("/", 1)[-1],
+                 f"labels={self.labels!r}: use 'folder', 'none', or the URI of a .csv/.jsonl manifest (uri,label)")
+        _require(self.files_per_task >= 1, "files_per_task must be >= 1")
+        _require(self.rows_per_row_group >= 1, "rows_per_row_group must be >= 1")
+        _require(self.rows_per_shard >= self.rows_per_row_group,
+                 f"rows_per_shard={self.rows_per_shard} < rows_per_row_group={self.rows_per_row_group}: "
+                 "a shard holds whole row groups")
+        _require(self.silence_dbfs < 0, f"silence_dbfs={self.silence_dbfs}: must be negative (dB full scale)")
+        _require(self.max_inflight_tasks >= 0, "max_inflight_tasks must be >= 0 (0 = twice the cluster's CPUs)")
+
+
+def build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Construct dataclass ``cls`` from a plain dict, rejecting unknown keys by name."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown} in '{where}'; known: {sorted(names)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:  # a missing required field
+        raise ConfigError(f"in '{where}': {e}") from None
+
+
+def load_yaml(uri: URI | None) -> dict[str, Any]:
+    """Read a YAML config file (any URI) into a dict; ``None`` gives ``{}``."""
+    if not uri:
+        return {}
+    from melbatch import storage
+
+    try:
+        data = yaml.safe_load(storage.read_bytes(uri)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {uri} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {uri} must hold a mapping with sections like 'features:' and 'featurize:'")
+    return data
+
+
+def merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win; ``None`` values in a layer mean "not given" and are skipped."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        out.update({k: v for k, v in layer.items() if v is not None})
+    return out

@@ -1,0 +1,304 @@
+"""featurize: an audio archive → log-mel Parquet shards, a quarantine table and a manifest, on Ray.
+
+Top-down:
+
+1. :func:`preflight` checks config, SRC and DST before any cluster work (fails fast).
+2. The driver lists SRC once, attaches labels, quarantines unlabelled objects, and groups the rest
+   into batches of ``files_per_task`` in key order.
+3. Each batch is one Ray task (:func:`featurize_batch`): read → decode → clips → log-mel → shards
+   named after the batch's content, then a small ``_parts/<batch>.json`` that marks the batch done.
+   A retried task rewrites the same names, and a re-run skips batches whose part file exists.
+4. The driver writes ``quarantine.parquet``, then ``_manifest.json`` last (the commit marker),
+   then deletes files from earlier attempts that the manifest does not name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from melbatch import __version__, storage
+from melbatch.audio import DecodeError
+from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig, FeaturizeConfig
+from melbatch.features import logmels_of_object
+from melbatch.labels import NO_LABEL, Labeler
+from melbatch.shards import (
+    MANIFEST,
+    SHARD_DIR,
+    ClipRow,
+    ShardWriter,
+    read_manifest,
+    write_manifest,
+    write_quarantine,
+)
+
+URI = str
+PARTS_DIR = "_parts"
+# Non-secret settings a Ray worker needs to reach the same object store as the driver.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+
+
+@dataclass
+class Summary:
+    """What one featurize run did; ``inputs == featurized + quarantined`` always."""
+
+    src: URI
+    dst: URI
+    config_hash: str
+    inputs: int = 0
+    featurized: int = 0
+    quarantined: int = 0
+    clips: int = 0
+    audio_s: float = 0.0
+    elapsed_s: float = 0.0
+    batches: int = 0
+    resumed_batches: int = 0
+    shards: int = 0
+    labels: dict[str, int] = field(default_factory=dict)
+    quarantine_kinds: dict[str, int] = field(default_factory=dict)
+    decoders: dict[str, int] = field(default_factory=dict)
+
+    def render(self) -> str:
+        rt = self.audio_s / self.elapsed_s if self.elapsed_s else 0.0
+        lines = [
+            f"featurize {self.src} -> {self.dst}",
+            f"  inputs       {self.inputs:>8}  = featurized {self.featurized} + quarantined {self.quarantined}",
+            f"  clips        {self.clips:>8}  in {self.shards} shard(s), config {self.config_hash}",
+            f"  audio        {self.audio_s / 3600:>8.2f} h  in {self.elapsed_s:.1f} s ({rt:,.0f}x realtime)",
+        ]
+        if self.resumed_batches:
+            lines.append(f"  resumed      {self.resumed_batches:>8}  of {self.batches} batches were already done")
+        for label, n in sorted(self.labels.items()):
+            lines.append(f"  label {label!s:<14} {n:>6} clips")
+        for kind, n in sorted(self.quarantine_kinds.items()):
+            lines.append(f"  quarantined {kind:<15} {n:>5}  (see {storage.join(self.dst, 'quarantine.parquet')})")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+def preflight(cfg: FeaturizeConfig) -> None:
+    """Everything that can be checked without a cluster: storage reachable, DST compatible."""
+    storage.check_readable(cfg.src)
+    storage.check_writable(cfg.dst)
+    existing = read_manifest(cfg.dst)
+    if existing and not cfg.overwrite:
+        have = FeatureConfig.from_dict(existing["feature_config"])
+        if have.hash() != cfg.features.hash():
+            diff = ", ".join(f"{k}={b} (was {a})" for k, (a, b) in have.diff(cfg.features).items())
+            raise ConfigError(f"{cfg.dst} already holds features with config {have.hash()} and this run asks for "
+                              f"{cfg.features.hash()} ({diff}). Use another DST, or --overwrite to replace them.")
+
+
+def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
+    """Featurize ``cfg.src`` into ``cfg.dst``; returns the summary (also written into the manifest)."""
+    t0 = time.perf_counter()
+    preflight(cfg)
+    labeler = Labeler(cfg.labels, cfg.src)
+    src, dst = storage.canonical(cfg.src), storage.canonical(cfg.dst)
+    summary = Summary(src=src, dst=dst, config_hash=cfg.features.hash())
+
+    refs = list(storage.list_objects(src, cfg.include, cfg.exclude, cfg.extensions))
+    if not refs:
+        raise ConfigError(f"no audio objects under {src} match extensions={list(cfg.extensions)}, "
+                          f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
+    summary.inputs = len(refs)
+    quarantine: list[dict[str, Any]] = []
+    work: list[tuple[storage.ObjectRef, str | None]] = []
+    for ref in refs:
+        label = labeler(ref.uri)
+        if label is NO_LABEL:
+            quarantine.append(quarantine_row(ref, DecodeError("unlabelled", labeler.why_missing())))
+        else:
+            work.append((ref, label))
+
+    batches = [(batch_id(cfg.features, b), b) for b in chunked(work, cfg.files_per_task)]
+    summary.batches = len(batches)
+    results = _run_batches(cfg, dst, batches, summary, progress)
+
+    for r in results:
+        summary.featurized += r["featurized"]
+        summary.clips += r["clips"]
+        summary.audio_s += r["audio_s"]
+        quarantine.extend(r["quarantine"])
+        for d, key in ((summary.labels, "labels"), (summary.decoders, "decoders")):
+            d.update(Counter(d) + Counter(r[key]))
+    summary.quarantined = len(quarantine)
+    summary.quarantine_kinds = dict(Counter(q["kind"] for q in quarantine))
+    assert summary.inputs == summary.featurized + summary.quarantined, asdict(summary)
+
+    shards = [f"{SHARD_DIR}/{name}" for r in results for name, _ in r["shards"]]
+    summary.shards = len(shards)
+    summary.elapsed_s = time.perf_counter() - t0
+    write_quarantine(dst, quarantine)
+    write_manifest(dst, _manifest(cfg, summary, shards, results))
+    _collect_garbage(dst, set(shards), {bid for bid, _ in batches})
+    return summary
+
+
+def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]], summary: Summary,
+                 progress: bool) -> list[dict[str, Any]]:
+    """Run every batch as a Ray task (at most ``max_inflight`` at once); reuse finished ones."""
+    import ray
+
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for bid, batch in batches:
+        done = _read_part(dst, bid) if not cfg.overwrite else None
+        if done is not None:
+            results[bid] = done
+            summary.resumed_batches += 1
+        else:
+            todo.append((bid, batch))
+    bar = _progress(sum(len(b) for _, b in batches), progress)
+    bar.update(sum(len(b) for bid, b in batches if bid in results))
+    if todo:
+        init_ray(cfg.address)
+        inflight_max = cfg.max_inflight_tasks or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        task = ray.remote(num_cpus=1, max_retries=3)(featurize_batch)
+        feature_json = cfg.features.canonical_json()
+        pending: dict[Any, str] = {}
+        queue = iter(todo)
+        while True:
+            for bid, batch in queue:
+                ref = task.remote(bid, batch, feature_json, dst, cfg.rows_per_shard, cfg.rows_per_row_group,
+                                  cfg.silence_dbfs)
+                pending[ref] = bid
+                if len(pending) >= inflight_max:
+                    break
+            if not pending:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                result = ray.get(ref)
+                results[pending.pop(ref)] = result
+                bar.update(result["featurized"] + len(result["quarantine"]))
+    bar.close()
+    return [results[bid] for bid, _ in batches]
+
+
+def init_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local Ray; once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+             logging_level="WARNING", configure_logging=True)
+
+
+def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results: list[dict]) -> dict[str, Any]:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("features", "address")}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "features",
+        "melbatch_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "src": summary.src,
+        "feature_config": cfg.features.to_dict(),
+        "config_hash": summary.config_hash,
+        "shape": list(cfg.features.shape),
+        "shards": shards,
+        "shard_rows": {f"{SHARD_DIR}/{n}": rows for r in results for n, rows in r["shards"]},
+        "labels": dict(sorted(summary.labels.items())),
+        "counts": {
+            "inputs": summary.inputs,
+            "featurized": summary.featurized,
+            "quarantined": summary.quarantined,
+            "clips": summary.clips,
+            "audio_seconds": round(summary.audio_s, 3),
+        },
+        "quarantine_kinds": summary.quarantine_kinds,
+        "decoders": summary.decoders,
+        "featurize": settings,
+    }
+
+
+def _collect_garbage(dst: URI, shards: set[str], batch_ids: set[str]) -> None:
+    """Delete shards and part files that the new manifest does not name (earlier, other inputs)."""
+    shard_root, parts_root = storage.join(dst, SHARD_DIR), storage.join(dst, PARTS_DIR)
+    stale = [u for u in storage.list_files(shard_root) if f"{SHARD_DIR}/{storage.relative(u, shard_root)}" not in shards]
+    stale += [u for u in storage.list_files(parts_root)
+              if storage.relative(u, parts_root).removesuffix(".json") not in batch_ids]
+    storage.delete(stale)
+
+
+def _read_part(dst: URI, bid: str) -> dict[str, Any] | None:
+    uri = storage.join(dst, PARTS_DIR, f"{bid}.json")
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def chunked(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i: i + n]
+
+
+def batch_id(features: FeatureConfig, batch: Iterable[tuple[storage.ObjectRef, str | None]]) -> str:
+    """A name derived from the batch's content: same inputs and features, same name, on every attempt."""
+    h = hashlib.sha256(features.hash().encode())
+    for ref, label in batch:
+        h.update(f"{ref.key()}\t{label}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def quarantine_row(ref: storage.ObjectRef, e: DecodeError) -> dict[str, Any]:
+    return {"uri": ref.uri, "etag": ref.etag, "size": ref.size, "kind": e.kind, "message": e.message,
+            "decoders_tried": list(e.decoders_tried)}
+
+
+def _progress(total: int, enabled: bool):  # noqa: ANN202 - a tqdm bar
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", desc="featurize", disable=not enabled, file=sys.stderr,
+                mininterval=0.5, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------- task
+
+def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]], feature_json: str, dst: URI,
+                    rows_per_shard: int, rows_per_row_group: int, silence_dbfs: float) -> dict[str, Any]:
+    """One Ray task: featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
+
+    Per-file failures are caught and returned as quarantine rows; anything else (e.g. DST not
+    writable) fails the task, which Ray retries and which then fails the run with its message.
+    """
+    import torch
+
+    torch.set_num_threads(1)  # one task per CPU: parallelism comes from Ray, not from intra-op threads
+    cfg = FeatureConfig.from_dict(json.loads(feature_json))
+    writer = ShardWriter(storage.join(dst, SHARD_DIR), bid, cfg, rows_per_shard, rows_per_row_group)
+    result: dict[str, Any] = {"batch": bid, "featurized": 0, "clips": 0, "audio_s": 0.0, "quarantine": [],
+                              "labels": Counter(), "decoders": Counter()}
+    try:
+        for ref, label in batch:
+            try:
+                info, clips = logmels_of_object(ref, cfg, silence_dbfs)
+            except DecodeError as e:
+                result["quarantine"].append(quarantine_row(ref, e))
+                continue
+            writer.add([ClipRow(ref.uri, ref.etag, ref.size, label, c.index, c.start_s, c.end_s, info.decoder,
+                                info.sample_rate_hz, info.channels, mel) for c, mel in clips])
+            result["featurized"] += 1
+            result["clips"] += len(clips)
+            result["audio_s"] += info.decoded_frames / info.sample_rate_hz
+            if label is not None:
+                result["labels"][label] += len(clips)
+            result["decoders"][info.decoder] += 1
+        result["shards"] = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    result["labels"], result["decoders"] = dict(result["labels"]), dict(result["decoders"])
+    storage.write_bytes(storage.join(dst, PARTS_DIR, f"{bid}.json"), json.dumps(result).encode())
+    return result
+
+
+__all__ = ["MANIFEST", "Summary", "featurize_batch", "preflight", "run"]

@@ -1,0 +1,84 @@
+"""Where labels come from: the parent folder (``class_name/file.wav``), a manifest, or nowhere.
+
+A manifest is a CSV with a header (columns ``uri,label``; ``path`` is accepted for ``uri``) or JSON
+Lines with the same keys. Its URIs may be absolute (``s3://…``, ``file://…``, ``/abs``) or relative
+to SRC.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+
+from melbatch import storage
+from melbatch.config import ConfigError
+
+URI = str
+NO_LABEL = object()  # marks an object that needs a label and has none
+
+
+class Labeler:
+    """Maps an object URI to its label (``None`` for unlabelled archives, ``NO_LABEL`` if missing)."""
+
+    def __init__(self, source: str, src: URI):
+        self.source = source
+        self.src = storage.canonical(src)
+        self.table: dict[URI, str] | None = None
+        if source not in ("folder", "none"):
+            self.table = load_manifest(source, self.src)
+
+    def __call__(self, uri: URI) -> str | None | object:
+        if self.source == "none":
+            return None
+        if self.table is not None:
+            return self.table.get(uri, NO_LABEL)
+        rel = storage.relative(uri, self.src) if uri != self.src else posixpath.basename(uri)
+        parent = posixpath.basename(posixpath.dirname(rel))
+        return parent or NO_LABEL
+
+    def why_missing(self) -> str:
+        if self.source == "folder":
+            return "the file is not inside a class folder (SRC/<label>/<file>); move it or use --labels MANIFEST"
+        return f"the label manifest {self.source} has no row for this object"
+
+
+def load_manifest(uri: URI, src: URI) -> dict[URI, str]:
+    try:
+        text = storage.read_bytes(uri).decode("utf-8-sig")
+    except storage.StorageError:
+        raise ConfigError(f"label manifest {uri} does not exist: give a .csv/.jsonl with uri,label columns") from None
+    rows = _parse_jsonl(text, uri) if uri.endswith((".jsonl", ".ndjson")) else _parse_csv(text, uri)
+    table: dict[URI, str] = {}
+    for key, label in rows:
+        if not label:
+            raise ConfigError(f"label manifest {uri}: empty label for {key!r}")
+        absolute = "://" in key or key.startswith("/")
+        table[storage.canonical(key) if absolute else storage.join(src, key.lstrip("./"))] = str(label)
+    if not table:
+        raise ConfigError(f"label manifest {uri} has no rows")
+    return table
+
+
+def _parse_csv(text: str, uri: URI) -> list[tuple[str, str]]:
+    reader = csv.DictReader(io.StringIO(text))
+    cols = set(reader.fieldnames or [])
+    key = "uri" if "uri" in cols else "path" if "path" in cols else None
+    if key is None or "label" not in cols:
+        raise ConfigError(f"label manifest {uri} needs a header with 'uri' (or 'path') and 'label' columns, "
+                          f"found {sorted(cols)}")
+    return [(r[key], r["label"]) for r in reader]
+
+
+def _parse_jsonl(text: str, uri: URI) -> list[tuple[str, str]]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            out.append((obj.get("uri") or obj["path"], obj["label"]))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise ConfigError(f"label manifest {uri} line {n}: expected {{\"uri\": ..., \"label\": ...}}") from None
+    return out

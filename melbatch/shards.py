@@ -1,0 +1,227 @@
+"""The on-disk contract: explicit Parquet schemas, shard writing, manifests and the quarantine table.
+
+Mel layout: Arrow's canonical ``arrow.fixed_shape_tensor`` extension (shape ``[n_mels, n_frames]``)
+over ``fixed_size_list<float16|float32>``. A fixed-size list stores no offsets, so row ``i`` sits at
+``i * n_mels * n_frames`` and a row group turns into a ``(rows, n_mels, n_frames)`` array without a
+copy; the extension puts the shape in the schema itself, so pyarrow and Ray Data hand back tensors,
+and a reader that knows no extensions still sees a plain fixed-size list. (A list of lists would
+store offsets per row and allow ragged images; an opaque binary column would hide dtype and shape.)
+
+A dataset is complete only when ``_manifest.json`` exists: it is written last and lists every
+shard. Readers go through :func:`read_manifest`, never through a directory listing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from melbatch import storage
+from melbatch.config import SCHEMA_VERSION, FeatureConfig
+
+URI = str
+MANIFEST = "_manifest.json"
+QUARANTINE = "quarantine.parquet"
+SHARD_DIR = "shards"
+META_PREFIX = b"melbatch."
+
+
+class DatasetError(RuntimeError):
+    """An output is missing, incomplete or was made with other features."""
+
+
+def clip_schema(cfg: FeatureConfig) -> pa.Schema:
+    """One row per clip; the feature config and its hash ride in the schema metadata."""
+    mel_type = pa.fixed_shape_tensor(pa.float16() if cfg.dtype == "float16" else pa.float32(), list(cfg.shape))
+    return pa.schema(
+        [
+            pa.field("uri", pa.string(), nullable=False),
+            pa.field("etag", pa.string(), nullable=False),
+            pa.field("size", pa.int64(), nullable=False),
+            pa.field("label", pa.string()),
+            pa.field("clip_index", pa.int32(), nullable=False),
+            pa.field("start_s", pa.float64(), nullable=False),
+            pa.field("end_s", pa.float64(), nullable=False),
+            pa.field("decoder", pa.string(), nullable=False),
+            pa.field("source_sample_rate_hz", pa.int32(), nullable=False),
+            pa.field("source_channels", pa.int16(), nullable=False),
+            pa.field("mel", mel_type, nullable=False),
+        ],
+        metadata=feature_metadata(cfg),
+    )
+
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("etag", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("decoders_tried", pa.list_(pa.string())),
+    ],
+    metadata={META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode()},
+)
+
+
+def feature_metadata(cfg: FeatureConfig) -> dict[bytes, bytes]:
+    return {
+        META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode(),
+        META_PREFIX + b"feature_config": cfg.canonical_json().encode(),
+        META_PREFIX + b"config_hash": cfg.hash().encode(),
+    }
+
+
+def feature_config_of(schema: pa.Schema) -> FeatureConfig:
+    """The feature config a shard was written with, read back from its schema metadata."""
+    raw = (schema.metadata or {}).get(META_PREFIX + b"feature_config")
+    if raw is None:
+        raise DatasetError("this Parquet file carries no melbatch feature config; was it written by melbatch?")
+    return FeatureConfig.from_dict(json.loads(raw))
+
+
+@dataclass
+class ClipRow:
+    """A clip ready to be written (its file's identity plus where the clip sits in it)."""
+
+    uri: str
+    etag: str
+    size: int
+    label: str | None
+    clip_index: int
+    start_s: float
+    end_s: float
+    decoder: str
+    source_sample_rate_hz: int
+    source_channels: int
+    mel: np.ndarray = field(repr=False)
+
+
+@dataclass
+class ShardWriter:
+    """Writes clip rows into shards named ``{stem}-{00000}.parquet`` under ``folder``.
+
+    Rows are flushed one row group at a time, so memory holds at most one row group; a new shard
+    starts every ``rows_per_shard`` rows. Each shard is published atomically when it closes.
+    """
+
+    folder: URI
+    stem: str
+    cfg: FeatureConfig
+    rows_per_shard: int
+    rows_per_row_group: int
+    written: list[tuple[str, int]] = field(default_factory=list)  # (file name, rows)
+    _pending: list[ClipRow] = field(default_factory=list)
+    _stack: contextlib.ExitStack | None = None
+    _writer: pq.ParquetWriter | None = None
+    _rows_in_shard: int = 0
+
+    def add(self, rows: list[ClipRow]) -> None:
+        self._pending.extend(rows)
+        while len(self._pending) >= self.rows_per_row_group:
+            self._flush(self.rows_per_row_group)
+
+    def close(self) -> list[tuple[str, int]]:
+        while self._pending:
+            self._flush(min(len(self._pending), self.rows_per_row_group))
+        self._close_shard()
+        return self.written
+
+    def abort(self) -> None:
+        if self._stack is not None:
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            self._stack = None
+
+    def _flush(self, n: int) -> None:
+        rows, self._pending = self._pending[:n], self._pending[n:]
+        if self._writer is None:
+            name = f"{self.stem}-{len(self.written):05d}.parquet"
+            self._stack = contextlib.ExitStack()
+            f = self._stack.enter_context(storage.atomic_open(storage.join(self.folder, name)))
+            schema = clip_schema(self.cfg)
+            self._writer = pq.ParquetWriter(f, schema, compression="zstd", write_statistics=[
+                "uri", "label", "clip_index", "start_s"])
+            self.written.append((name, 0))
+        self._writer.write_table(rows_to_table(rows, self.cfg), row_group_size=n)
+        self._rows_in_shard += n
+        self.written[-1] = (self.written[-1][0], self._rows_in_shard)
+        if self._rows_in_shard >= self.rows_per_shard:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._stack.close()
+            self._writer, self._stack, self._rows_in_shard = None, None, 0
+
+
+def rows_to_table(rows: list[ClipRow], cfg: FeatureConfig) -> pa.Table:
+    schema = clip_schema(cfg)
+    cols: dict[str, Any] = {name: [getattr(r, name) for r in rows] for name in schema.names if name != "mel"}
+    mel = np.stack([r.mel for r in rows]).astype(cfg.dtype, copy=False)
+    storage_arr = pa.FixedSizeListArray.from_arrays(pa.array(mel.reshape(-1)), mel[0].size)
+    cols["mel"] = pa.ExtensionArray.from_storage(schema.field("mel").type, storage_arr)
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def write_quarantine(dst: URI, rows: list[dict[str, Any]]) -> None:
+    """``DST/quarantine.parquet``: always written, possibly empty."""
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=QUARANTINE_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(storage.join(dst, QUARANTINE), buf.getvalue())
+
+
+def write_manifest(dst: URI, manifest: dict[str, Any]) -> None:
+    """Written last: its presence is what makes ``dst`` a complete dataset."""
+    storage.write_bytes(storage.join(dst, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def read_manifest(dst: URI) -> dict[str, Any] | None:
+    uri = storage.join(dst, MANIFEST)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))
+
+
+def open_dataset(dst: URI, expect: FeatureConfig | None = None) -> dict[str, Any]:
+    """The manifest of a complete dataset, refusing incomplete ones and (given ``expect``) other features."""
+    manifest = read_manifest(dst)
+    if manifest is None:
+        raise DatasetError(f"{dst} has no {MANIFEST}: the featurize run that writes it did not finish; "
+                           "re-run `melbatch featurize` to complete it")
+    if expect is not None:
+        have = FeatureConfig.from_dict(manifest["feature_config"])
+        if have.hash() != expect.hash():
+            diff = ", ".join(f"{k}: {a} (dataset) vs {b} (expected)" for k, (a, b) in have.diff(expect).items())
+            raise DatasetError(f"{dst} holds features with config hash {have.hash()}, not {expect.hash()}: {diff}")
+    return manifest
+
+
+def shard_uris(dst: URI, manifest: dict[str, Any]) -> list[URI]:
+    return [storage.join(dst, rel) for rel in manifest["shards"]]
+
+
+def iter_clips(dst: URI) -> Iterator[dict[str, Any]]:
+    """Rows of a complete dataset as dicts with ``mel`` as an (n_mels, n_frames) array (small data, tests, pictures)."""
+    manifest = open_dataset(dst)
+    for uri in shard_uris(dst, manifest):
+        with storage.open_input(uri) as f:
+            table = pq.read_table(f)
+        mels = table.column("mel").combine_chunks().to_numpy_ndarray()
+        for i, row in enumerate(table.drop_columns(["mel"]).to_pylist()):
+            row["mel"] = mels[i]
+            yield row
+
+
+def read_quarantine(dst: URI) -> pa.Table:
+    with storage.open_input(storage.join(dst, QUARANTINE)) as f:
+        return pq.read_table(f)

@@ -1,0 +1,276 @@
+"""Every place is a URI: the only module that talks to fsspec.
+
+``s3://bucket/prefix`` (s3fs; endpoint and credentials from the standard AWS environment variables,
+profile or instance role, e.g. ``AWS_ENDPOINT_URL`` for S3-compatible servers), a local path,
+``file://…``, ``memory://…``, and gs/az when their fsspec packages are installed.
+
+Writes are atomic: locally a temporary name is renamed into place; object stores publish an object
+only when its upload completes. So a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import io
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+URI = str
+
+# Reads of audio objects: big enough blocks that a sequential decode makes few requests, small
+# enough that opening many files at once stays cheap.
+READ_BLOCK_BYTES = 8 * 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """A place cannot be listed, read or written; the message says which and what to check."""
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """The identity of one input object: where it is and which version of it we saw."""
+
+    uri: URI
+    etag: str
+    size: int
+
+    def key(self) -> str:
+        return f"{self.uri}\t{self.etag}\t{self.size}"
+
+
+def filesystem(uri: URI) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for any URI or local path."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"cannot open {uri!r}: {e}. Install the fsspec package for that scheme "
+                           "(s3fs for s3://, gcsfs for gs://, adlfs for az://)") from None
+    return fs, path
+
+
+def is_local(uri: URI) -> bool:
+    return isinstance(filesystem(uri)[0], LocalFileSystem)
+
+
+def canonical(uri: URI) -> URI:
+    """The one spelling of a place: ``s3://b/k``, ``file:///abs/path``."""
+    fs, path = filesystem(uri)
+    return _unstrip(fs, path)
+
+
+def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> URI:
+    return fs.unstrip_protocol(path.rstrip("/")) if path not in ("", "/") else fs.unstrip_protocol(path)
+
+
+def join(base: URI, *parts: str) -> URI:
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def relative(uri: URI, base: URI) -> str:
+    """``uri`` relative to the folder ``base`` (both canonical)."""
+    prefix = base.rstrip("/") + "/"
+    if not uri.startswith(prefix):
+        raise ValueError(f"{uri} is not under {base}")
+    return uri[len(prefix):]
+
+
+def _etag(info: dict[str, Any]) -> str:
+    for k in ("VersionId", "ETag", "etag", "generation", "md5Hash"):
+        if info.get(k):
+            return str(info[k]).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"mtime-{int(float(mtime or 0) * 1e6)}"
+
+
+def _matches(rel: str, include: tuple[str, ...], exclude: tuple[str, ...], extensions: tuple[str, ...]) -> bool:
+    ext = rel.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(rel) else ""
+    if extensions and ext not in extensions:
+        return False
+    if include and not any(fnmatch.fnmatchcase(rel, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(rel, p) for p in exclude)
+
+
+def list_objects(src: URI, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                 extensions: tuple[str, ...] = ()) -> Iterator[ObjectRef]:
+    """Every object under ``src`` (recursively) that passes the filters, in key order.
+
+    ``include``/``exclude`` are glob patterns on the key relative to ``src`` (``*`` also crosses
+    ``/``); ``extensions`` are lower-case, without dots. On S3 this is one paginated listing.
+    """
+    fs, root = filesystem(src)
+    try:
+        if fs.isfile(root):
+            found = {root: fs.info(root)}
+        else:
+            found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        raise StorageError(f"{src} does not exist") from None
+    base = root.rstrip("/")
+    for path in sorted(found):
+        info = found[path]
+        if info.get("type") == "directory":
+            continue
+        rel = posixpath.relpath(path, base) if path != base else posixpath.basename(path)
+        if _matches(rel, include, exclude, extensions):
+            yield ObjectRef(uri=_unstrip(fs, path), etag=_etag(info), size=int(info.get("size") or 0))
+
+
+# Objects up to this size are fetched in one request; larger ones are streamed in blocks.
+WHOLE_READ_BYTES = 32 * 1024 * 1024
+
+
+class GuardedReader(io.RawIOBase):
+    """A read-only stream that remembers the first storage error it saw.
+
+    Decoders such as libsndfile call ``read`` through C callbacks that swallow Python exceptions
+    and see a short read instead; ``error`` lets the caller tell a failed read from a bad file.
+    """
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._f.read(n)
+        except Exception as e:
+            self.error = self.error or e
+            raise
+
+    def readinto(self, b) -> int:  # noqa: ANN001 - buffer protocol
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        try:
+            return self._f.seek(offset, whence)
+        except Exception as e:
+            self.error = self.error or e
+            raise
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+@contextlib.contextmanager
+def open_input(uri: URI, size: int | None = None) -> Iterator[GuardedReader]:
+    """A seekable binary stream over an object.
+
+    Small objects (``size`` known and up to :data:`WHOLE_READ_BYTES`) are fetched in one request;
+    larger ones are read in large blocks as the decoder asks, never whole.
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        with open(path, "rb") as f:
+            yield GuardedReader(f)
+    elif size is not None and size <= WHOLE_READ_BYTES:
+        yield GuardedReader(io.BytesIO(fs.cat_file(path)))
+    else:
+        with fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead") as f:
+            yield GuardedReader(f)
+
+
+def read_bytes(uri: URI) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise StorageError(f"{uri} does not exist") from None
+
+
+def exists(uri: URI) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+@contextlib.contextmanager
+def atomic_open(uri: URI) -> Iterator[IO[bytes]]:
+    """Open ``uri`` for writing so that it appears complete or not at all."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:  # object stores: the object is published when the (multipart) upload completes
+        f = fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            if hasattr(f, "discard"):
+                f.discard()  # abandon the upload: nothing is published
+                f.closed = True  # and don't let a later close() try to finish it
+            raise
+        else:
+            f.close()
+
+
+def write_bytes(uri: URI, data: bytes) -> None:
+    with atomic_open(uri) as f:
+        f.write(data)
+
+
+def list_files(prefix: URI, suffix: str = "") -> list[URI]:
+    """Files directly or recursively under ``prefix`` ending in ``suffix`` (empty if none)."""
+    fs, path = filesystem(prefix)
+    if not fs.exists(path):
+        return []
+    return sorted(_unstrip(fs, p) for p in fs.find(path) if p.endswith(suffix))
+
+
+def delete(uris: list[URI]) -> None:
+    if not uris:
+        return
+    fs, _ = filesystem(uris[0])
+    fs.rm([filesystem(u)[1] for u in uris])
+
+
+def check_readable(src: URI) -> None:
+    """Fail fast, before any cluster work, if ``src`` cannot be reached or does not exist."""
+    fs, path = filesystem(src)
+    try:
+        ok = fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - any transport error becomes one clear message
+        raise StorageError(f"cannot reach {src}: {type(e).__name__}: {e}. {_hint(src)}") from None
+    if not ok:
+        raise StorageError(f"{src} does not exist (nothing to read). {_hint(src)}")
+
+
+def check_writable(dst: URI) -> None:
+    """Fail fast if ``dst`` cannot be written: write and delete a small probe object."""
+    probe = join(dst, f"_probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"melbatch write probe")
+        delete([probe])
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(f"cannot write to {dst}: {type(e).__name__}: {e}. {_hint(dst)}") from None
+
+
+def _hint(uri: URI) -> str:
+    if uri.startswith("s3://"):
+        return ("Check the bucket name, AWS_ENDPOINT_URL (for S3-compatible servers), AWS_DEFAULT_REGION, "
+                "and the credentials in the environment, ~/.aws or the instance role.")
+    return "Check the path and its permissions."

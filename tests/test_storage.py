@@ -1,0 +1,99 @@
+"""Storage behind URIs: listing with filters, identities, atomic writes, fail-fast checks, on the
+local S3 server (over HTTP) and on local folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from melbatch import storage
+from melbatch.storage import StorageError
+
+KEYS = ["a/x.wav", "a/y.FLAC", "a/notes.txt", "b/deep/z.mp3", "b/skip_me.wav", "top.ogg"]
+
+
+def _fill(base: str) -> None:
+    for k in KEYS:
+        storage.write_bytes(storage.join(base, k), k.encode() * 3)
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "arch")
+    return request.getfixturevalue("bucket") + "/arch"
+
+
+def test_listing_is_recursive_sorted_and_filtered(place):
+    _fill(place)
+    rels = lambda refs: [storage.relative(r.uri, storage.canonical(place)) for r in refs]  # noqa: E731
+    every = list(storage.list_objects(place))
+    assert rels(every) == sorted(KEYS)
+    assert all(r.etag and r.size == len(storage.relative(r.uri, storage.canonical(place))) * 3 for r in every)
+    audio = rels(storage.list_objects(place, extensions=("wav", "flac", "mp3", "ogg")))
+    assert audio == ["a/x.wav", "a/y.FLAC", "b/deep/z.mp3", "b/skip_me.wav", "top.ogg"]
+    assert rels(storage.list_objects(place, include=("b/*",), exclude=("*skip*",))) == ["b/deep/z.mp3"]
+
+
+def test_a_changed_object_gets_a_new_identity(place):
+    uri = storage.join(place, "k.wav")
+    storage.write_bytes(uri, b"one")
+    first = next(storage.list_objects(place))
+    time.sleep(0.01)
+    storage.write_bytes(uri, b"two!")
+    second = next(storage.list_objects(place))
+    assert first.uri == second.uri and first.key() != second.key()
+
+
+def test_roundtrip_and_no_temporary_files_left(place):
+    uri = storage.join(place, "out", "f.bin")
+    storage.write_bytes(uri, b"payload")
+    assert storage.read_bytes(uri) == b"payload"
+    assert storage.list_files(storage.join(place, "out")) == [storage.canonical(uri)]
+
+
+def test_failed_atomic_write_publishes_nothing(place):
+    uri = storage.join(place, "out", "partial.bin")
+    with pytest.raises(RuntimeError), storage.atomic_open(uri) as f:
+        f.write(b"half")
+        raise RuntimeError("crash mid-write")
+    assert not storage.exists(uri)
+    assert storage.list_files(storage.join(place, "out")) == []
+
+
+def test_open_input_streams_large_objects_and_fetches_small_ones(bucket):
+    uri = f"{bucket}/big.bin"
+    data = os.urandom(3 * 1024 * 1024)
+    storage.write_bytes(uri, data)
+    with storage.open_input(uri, size=len(data)) as f:
+        f.seek(1000)
+        assert f.read(10) == data[1000:1010]
+    with storage.open_input(uri) as f:  # size unknown: streamed in blocks
+        f.seek(len(data) - 5)
+        assert f.read() == data[-5:]
+
+
+def test_missing_places_fail_fast_with_a_hint(bucket, tmp_path):
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.check_readable(str(tmp_path / "nope"))
+    with pytest.raises(StorageError, match="AWS_ENDPOINT_URL"):
+        storage.check_readable("s3://no-such-bucket-melbatch/prefix")
+    storage.check_writable(bucket + "/out")
+    assert storage.list_files(bucket + "/out") == []  # the probe is gone
+
+
+def test_unreachable_endpoint_fails_fast(tmp_path):
+    """A dead endpoint is reported within seconds, with the variable to check."""
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "melbatch.cli", "featurize", "s3://bucket/in", str(tmp_path / "o")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr
+    assert "cannot reach s3://bucket/in" in out.stderr and "AWS_ENDPOINT_URL" in out.stderr
+    assert time.time() - t0 < 60
+    assert "Traceback" not in out.stderr
