@@ -208,8 +208,9 @@ def open_audio(stream: IO[bytes]) -> tuple[AudioInfo, Blocks]:
                 raise
             errors.append(f"{name}: {e.message}")
         except ImportError as e:
-            errors.append(f"{name}: not installed ({e.name or e}); pip install torchcodec and FFmpeg to read more formats")
-        except Exception as e:  # noqa: BLE001 - a decoder's own exception types vary
+            errors.append(f"{name}: not installed ({e.name or e}); "
+                          "pip install torchcodec and FFmpeg to read more formats")
+        except Exception as e:
             errors.append(f"{name}: {_clean(str(e))}")
         else:
             return info, _checked(info, blocks)

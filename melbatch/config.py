@@ -53,7 +53,7 @@ class FeatureConfig:
     hop_length: int = 160
     n_mels: int = 128
     f_min_hz: float = 0.0
-    f_max_hz: float | None = None
+    f_max_hz: float | None = None  # None: up to Nyquist (stored as the number)
     top_db: float | None = 80.0
     mel_scale: Literal["slaney", "htk"] = "slaney"
     dtype: Literal["float16", "float32"] = "float16"
@@ -63,7 +63,7 @@ class FeatureConfig:
         _require(isinstance(sr, int) and 1000 <= sr <= 384_000,
                  f"sample_rate_hz={sr!r}: use an integer rate in Hz between 1000 and 384000 (e.g. 16000)")
         _require(self.clip_s > 0, f"clip_s={self.clip_s}: clip length must be > 0 seconds")
-        _require(0 < self.clip_hop_s, f"clip_hop_s={self.clip_hop_s}: clip hop must be > 0 seconds")
+        _require(self.clip_hop_s > 0, f"clip_hop_s={self.clip_hop_s}: clip hop must be > 0 seconds")
         _require(self.tail in TAIL_POLICIES, f"tail={self.tail!r}: choose one of {TAIL_POLICIES}")
         _require(0 < self.min_tail_s <= self.clip_s,
                  f"min_tail_s={self.min_tail_s}: must be > 0 and <= clip_s ({self.clip_s})")
@@ -75,7 +75,9 @@ class FeatureConfig:
                  f"clip_s={self.clip_s} is shorter than one FFT window ({self.n_fft} samples at "
                  f"{sr} Hz): use a longer clip or a smaller n_fft")
         nyquist = sr / 2
-        f_max = self.f_max_resolved
+        # canonical: "up to Nyquist" is stored as the number, so equal features compare and hash equal
+        object.__setattr__(self, "f_max_hz", float(self.f_max_hz) if self.f_max_hz is not None else nyquist)
+        f_max = self.f_max_hz
         _require(0 <= self.f_min_hz < f_max,
                  f"f_min_hz={self.f_min_hz} must be >= 0 and below f_max_hz={f_max}")
         _require(f_max <= nyquist,
@@ -87,10 +89,6 @@ class FeatureConfig:
         _require(self.top_db is None or self.top_db > 0, f"top_db={self.top_db}: must be > 0 or null")
         _require(self.mel_scale in ("slaney", "htk"), f"mel_scale={self.mel_scale!r}: 'slaney' or 'htk'")
         _require(self.dtype in FEATURE_DTYPES, f"dtype={self.dtype!r}: choose one of {FEATURE_DTYPES}")
-
-    @property
-    def f_max_resolved(self) -> float:
-        return float(self.f_max_hz) if self.f_max_hz is not None else self.sample_rate_hz / 2
 
     @property
     def clip_samples(self) -> int:
@@ -115,9 +113,7 @@ class FeatureConfig:
         return (self.n_mels, self.n_frames)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["f_max_hz"] = self.f_max_resolved  # canonical: None and sr/2 mean the same features
-        return d
+        return dataclasses.asdict(self)
 
     def canonical_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

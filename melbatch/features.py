@@ -7,6 +7,7 @@ batch of clips or one long signal runs several times slower per second of audio 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -20,41 +21,53 @@ from melbatch.config import FeatureConfig
 
 
 @lru_cache(maxsize=8)
-def _transforms(cfg: FeatureConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
-    mel = torchaudio.transforms.MelSpectrogram(
-        sample_rate=cfg.sample_rate_hz,
-        n_fft=cfg.n_fft,
-        win_length=cfg.win_length,
-        hop_length=cfg.hop_length,
-        f_min=cfg.f_min_hz,
-        f_max=cfg.f_max_resolved,
-        n_mels=cfg.n_mels,
-        power=2.0,
-        center=True,
-        pad_mode="reflect",
-        norm="slaney" if cfg.mel_scale == "slaney" else None,
-        mel_scale=cfg.mel_scale,
-    )
-    to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=cfg.top_db)
-    return mel.eval(), to_db.eval()
+def _logmel_parts(cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Hann window and torchaudio's mel filterbank, as a sparse (n_mels, n_freqs) matrix.
+
+    Each mel band covers a few FFT bins (about 1.5% of the matrix is non-zero at the defaults), so
+    the sparse product is several times faster than the dense one on a CPU.
+    """
+    window = torch.hann_window(cfg.win_length)
+    fb = torchaudio.functional.melscale_fbanks(
+        n_freqs=cfg.n_fft // 2 + 1, f_min=cfg.f_min_hz, f_max=cfg.f_max_hz, n_mels=cfg.n_mels,
+        sample_rate=cfg.sample_rate_hz, norm="slaney" if cfg.mel_scale == "slaney" else None,
+        mel_scale=cfg.mel_scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return window, fb.T.contiguous().to_sparse_csr()
 
 
 def compute_logmel(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """One clip (1-D float32 at ``cfg.sample_rate_hz``) → (n_mels, frames) log-mel in dB, float32.
 
-    Power mel spectrogram with a Hann window, centred frames, then 10·log10 with a 1e-10 floor and
-    values clipped to ``top_db`` below the clip's maximum (librosa's ``power_to_db(ref=1.0)``).
+    The maths of ``torchaudio.transforms.MelSpectrogram(power=2)`` followed by ``AmplitudeToDB``
+    (and of librosa's ``melspectrogram`` + ``power_to_db(ref=1.0)``): centred, reflect-padded STFT
+    with a Hann window, power, torchaudio's mel filterbank, 10·log10 with a 1e-10 floor, values
+    clipped to ``top_db`` below the clip's maximum. Computed as re²+im² and a sparse filterbank
+    product, which is 2-3x faster than the modules; tests hold it to both within 0.01 dB.
     """
-    mel, to_db = _transforms(cfg)
     with torch.inference_mode():
-        return to_db(mel(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)))).numpy()
+        return _logmel(samples, cfg).numpy()
+
+
+def _logmel(samples: np.ndarray, cfg: FeatureConfig) -> torch.Tensor:
+    window, fb = _logmel_parts(cfg)
+    x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    spec = torch.stft(x, cfg.n_fft, cfg.hop_length, cfg.win_length, window, center=True, pad_mode="reflect",
+                      return_complex=True)
+    power = spec.real.square() + spec.imag.square()
+    db = (fb @ power).clamp_(min=1e-10).log10_().mul_(10.0)
+    if cfg.top_db is not None:
+        db = db.clamp_(min=float(db.max()) - cfg.top_db)
+    return db
 
 
 def logmel_clips(clips: Iterator[Clip], cfg: FeatureConfig) -> Iterator[tuple[Clip, np.ndarray]]:
     """Pair each clip with its log-mel image, in the storage dtype of ``cfg``."""
-    dtype = np.dtype(cfg.dtype)
-    for clip in clips:
-        yield clip, compute_logmel(clip.samples, cfg).astype(dtype, copy=False)
+    dtype = getattr(torch, cfg.dtype)  # torch converts to float16 with vector instructions, numpy does not
+    with torch.inference_mode():
+        for clip in clips:
+            yield clip, _logmel(clip.samples, cfg).to(dtype).numpy()
 
 
 def logmels_of_object(ref: storage.ObjectRef, cfg: FeatureConfig,
@@ -71,7 +84,7 @@ def logmels_of_object(ref: storage.ObjectRef, cfg: FeatureConfig,
         with storage.open_input(ref.uri, ref.size) as stream:
             info, clips = decode_clips(stream, cfg)
             out = list(logmel_clips(clips, cfg))
-    except DecodeError as e:
+    except DecodeError:
         if stream is not None and stream.error is not None:
             raise _read_error(ref, stream.error) from None
         raise

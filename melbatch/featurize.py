@@ -225,7 +225,8 @@ def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results
 def _collect_garbage(dst: URI, shards: set[str], batch_ids: set[str]) -> None:
     """Delete shards and part files that the new manifest does not name (earlier, other inputs)."""
     shard_root, parts_root = storage.join(dst, SHARD_DIR), storage.join(dst, PARTS_DIR)
-    stale = [u for u in storage.list_files(shard_root) if f"{SHARD_DIR}/{storage.relative(u, shard_root)}" not in shards]
+    stale = [u for u in storage.list_files(shard_root)
+             if f"{SHARD_DIR}/{storage.relative(u, shard_root)}" not in shards]
     stale += [u for u in storage.list_files(parts_root)
               if storage.relative(u, parts_root).removesuffix(".json") not in batch_ids]
     storage.delete(stale)
@@ -254,7 +255,7 @@ def quarantine_row(ref: storage.ObjectRef, e: DecodeError) -> dict[str, Any]:
             "decoders_tried": list(e.decoders_tried)}
 
 
-def _progress(total: int, enabled: bool):  # noqa: ANN202 - a tqdm bar
+def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="file", desc="featurize", disable=not enabled, file=sys.stderr,

@@ -29,7 +29,7 @@ class Labeler:
         if source not in ("folder", "none"):
             self.table = load_manifest(source, self.src)
 
-    def __call__(self, uri: URI) -> str | None | object:
+    def __call__(self, uri: URI) -> str | object | None:
         if self.source == "none":
             return None
         if self.table is not None:

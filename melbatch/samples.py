@@ -93,6 +93,7 @@ def make_archive(dst: URI, kind: str = "engine", files_per_class: int = 12, seco
     """Write a labelled archive ``dst/<label>/<name>.<ext>``; returns what was written."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: choose one of {KINDS}")
+    dst = storage.canonical(dst)  # SampleFile.uri is spelled as melbatch spells object URIs
     rng = np.random.default_rng(seed)
     labels = ("healthy", "faulty") if kind == "engine" else ("male", "female")
     out: list[SampleFile] = []

@@ -1,14 +1,16 @@
 """The on-disk contract: explicit Parquet schemas, shard writing, manifests and the quarantine table.
 
-Mel layout: Arrow's canonical ``arrow.fixed_shape_tensor`` extension (shape ``[n_mels, n_frames]``)
-over ``fixed_size_list<float16|float32>``. A fixed-size list stores no offsets, so row ``i`` sits at
-``i * n_mels * n_frames`` and a row group turns into a ``(rows, n_mels, n_frames)`` array without a
-copy; the extension puts the shape in the schema itself, so pyarrow and Ray Data hand back tensors,
-and a reader that knows no extensions still sees a plain fixed-size list. (A list of lists would
-store offsets per row and allow ragged images; an opaque binary column would hide dtype and shape.)
+Mel layout: one ``fixed_size_binary(n_mels * n_frames * itemsize)`` value per row, holding the
+image as a C-order, little-endian ``float16``/``float32`` array; the field's metadata records
+``shape`` and ``dtype``, and :func:`mel_array` turns a column into a ``(rows, n_mels, n_frames)``
+array without copying. Why not Arrow's ``fixed_shape_tensor`` (a ``fixed_size_list`` of floats)?
+Parquet stores a list element by element, with repetition levels for each of the 64,128 values of
+a default image: writing it measured 3x slower and reading 2-4x slower than one fixed-size binary
+value per row, and shard writing was the largest cost of the whole featurize task. A fixed size
+still means no offsets, no ragged rows and a shape every reader can check.
 
 A dataset is complete only when ``_manifest.json`` exists: it is written last and lists every
-shard. Readers go through :func:`read_manifest`, never through a directory listing.
+shard. Readers go through :func:`open_dataset`, never through a directory listing.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ MANIFEST = "_manifest.json"
 QUARANTINE = "quarantine.parquet"
 SHARD_DIR = "shards"
 META_PREFIX = b"melbatch."
+DICTIONARY_COLUMNS = ["uri", "etag", "label", "decoder"]
+STATISTICS_COLUMNS = ["uri", "label", "clip_index", "start_s"]
 
 
 class DatasetError(RuntimeError):
@@ -40,7 +44,7 @@ class DatasetError(RuntimeError):
 
 def clip_schema(cfg: FeatureConfig) -> pa.Schema:
     """One row per clip; the feature config and its hash ride in the schema metadata."""
-    mel_type = pa.fixed_shape_tensor(pa.float16() if cfg.dtype == "float16" else pa.float32(), list(cfg.shape))
+    mel_bytes = cfg.n_mels * cfg.n_frames * np.dtype(cfg.dtype).itemsize
     return pa.schema(
         [
             pa.field("uri", pa.string(), nullable=False),
@@ -53,7 +57,8 @@ def clip_schema(cfg: FeatureConfig) -> pa.Schema:
             pa.field("decoder", pa.string(), nullable=False),
             pa.field("source_sample_rate_hz", pa.int32(), nullable=False),
             pa.field("source_channels", pa.int16(), nullable=False),
-            pa.field("mel", mel_type, nullable=False),
+            pa.field("mel", pa.binary(mel_bytes), nullable=False,
+                     metadata={"shape": json.dumps(list(cfg.shape)), "dtype": cfg.dtype, "order": "C, little-endian"}),
         ],
         metadata=feature_metadata(cfg),
     )
@@ -147,8 +152,9 @@ class ShardWriter:
             self._stack = contextlib.ExitStack()
             f = self._stack.enter_context(storage.atomic_open(storage.join(self.folder, name)))
             schema = clip_schema(self.cfg)
-            self._writer = pq.ParquetWriter(f, schema, compression="zstd", write_statistics=[
-                "uri", "label", "clip_index", "start_s"])
+            # no dictionary and no statistics for the mel values: both cost time and say nothing
+            self._writer = pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS,
+                                            write_statistics=STATISTICS_COLUMNS)
             self.written.append((name, 0))
         self._writer.write_table(rows_to_table(rows, self.cfg), row_group_size=n)
         self._rows_in_shard += n
@@ -166,10 +172,24 @@ class ShardWriter:
 def rows_to_table(rows: list[ClipRow], cfg: FeatureConfig) -> pa.Table:
     schema = clip_schema(cfg)
     cols: dict[str, Any] = {name: [getattr(r, name) for r in rows] for name in schema.names if name != "mel"}
-    mel = np.stack([r.mel for r in rows]).astype(cfg.dtype, copy=False)
-    storage_arr = pa.FixedSizeListArray.from_arrays(pa.array(mel.reshape(-1)), mel[0].size)
-    cols["mel"] = pa.ExtensionArray.from_storage(schema.field("mel").type, storage_arr)
+    mel = np.ascontiguousarray(np.stack([r.mel for r in rows]), dtype=np.dtype(cfg.dtype).newbyteorder("<"))
+    cols["mel"] = pa.FixedSizeBinaryArray.from_buffers(schema.field("mel").type, len(rows), [None, pa.py_buffer(mel)])
     return pa.Table.from_pydict(cols, schema=schema)
+
+
+def mel_array(table: pa.Table) -> np.ndarray:
+    """The ``mel`` column of a shard table (or record batch) as a ``(rows, n_mels, n_frames)`` array."""
+    field_ = table.schema.field("mel")
+    shape = json.loads(field_.metadata[b"shape"])
+    dtype = np.dtype(field_.metadata[b"dtype"].decode()).newbyteorder("<")
+    col = table.column("mel")
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if arr.null_count or len(arr) == 0:
+        return np.zeros((len(arr), *shape), dtype)
+    width = field_.type.byte_width
+    buf = arr.buffers()[1]
+    flat = np.frombuffer(buf, dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
+    return flat.view(dtype).reshape(len(arr), *shape)
 
 
 def write_quarantine(dst: URI, rows: list[dict[str, Any]]) -> None:
@@ -216,7 +236,7 @@ def iter_clips(dst: URI) -> Iterator[dict[str, Any]]:
     for uri in shard_uris(dst, manifest):
         with storage.open_input(uri) as f:
             table = pq.read_table(f)
-        mels = table.column("mel").combine_chunks().to_numpy_ndarray()
+        mels = mel_array(table)
         for i, row in enumerate(table.drop_columns(["mel"]).to_pylist()):
             row["mel"] = mels[i]
             yield row

@@ -110,10 +110,7 @@ def list_objects(src: URI, include: tuple[str, ...] = (), exclude: tuple[str, ..
     """
     fs, root = filesystem(src)
     try:
-        if fs.isfile(root):
-            found = {root: fs.info(root)}
-        else:
-            found = fs.find(root, detail=True)
+        found = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, detail=True)
     except FileNotFoundError:
         raise StorageError(f"{src} does not exist") from None
     base = root.rstrip("/")
@@ -154,7 +151,7 @@ class GuardedReader(io.RawIOBase):
             self.error = self.error or e
             raise
 
-    def readinto(self, b) -> int:  # noqa: ANN001 - buffer protocol
+    def readinto(self, b) -> int:
         data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
@@ -253,7 +250,7 @@ def check_readable(src: URI) -> None:
     fs, path = filesystem(src)
     try:
         ok = fs.exists(path)
-    except Exception as e:  # noqa: BLE001 - any transport error becomes one clear message
+    except Exception as e:
         raise StorageError(f"cannot reach {src}: {type(e).__name__}: {e}. {_hint(src)}") from None
     if not ok:
         raise StorageError(f"{src} does not exist (nothing to read). {_hint(src)}")
@@ -265,7 +262,7 @@ def check_writable(dst: URI) -> None:
     try:
         write_bytes(probe, b"melbatch write probe")
         delete([probe])
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise StorageError(f"cannot write to {dst}: {type(e).__name__}: {e}. {_hint(dst)}") from None
 
 

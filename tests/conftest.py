@@ -8,8 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 import urllib.request
+import uuid
 
 import numpy as np
 import pytest
@@ -56,14 +56,18 @@ def s3_endpoint():
     proc.wait(10)
 
 
-@pytest.fixture
-def bucket(s3_endpoint) -> str:
-    """A fresh, empty bucket: ``s3://<name>``."""
+def new_bucket() -> str:
+    """Create a fresh, empty bucket on the local S3 server: ``s3://<name>``."""
     import s3fs
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem().mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def bucket(s3_endpoint) -> str:
+    return new_bucket()
 
 
 @pytest.fixture(scope="session")

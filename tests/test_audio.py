@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torchaudio
-
 from conftest import tone
+
 from melbatch import audio, samples, storage
 from melbatch.audio import DecodeError
 from melbatch.config import FeatureConfig
@@ -138,7 +138,7 @@ def test_a_long_file_decodes_in_bounded_memory(tmp_path):
     cfg = FeatureConfig()
     tracemalloc.start()
     with open(path, "rb") as fh:
-        info, clips = audio.decode_clips(fh, cfg)
+        _info, clips = audio.decode_clips(fh, cfg)
         n = sum(1 for _ in clips)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

@@ -1,0 +1,56 @@
+# melbatch — targets a newcomer can guess. `make setup` once, then `make demo` / `make test`.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+PIP   := $(VENV)/bin/pip
+STAMP := $(VENV)/.melbatch-installed
+# Ray's token authentication stays on for every command (the token lives in ~/.ray/auth_token).
+export RAY_AUTH_MODE ?= token
+PYTEST_ARGS ?=
+SRC ?=
+DST ?=
+ARGS ?=
+
+.PHONY: help setup system-deps test test-fast demo bench lint format featurize clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## build .venv with the pinned versions (idempotent)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+system-deps:  ## Debian tools the tests and demos use: espeak-ng (voices), ffmpeg (m4a/aac via torchcodec)
+	@if ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    espeak-ng ffmpeg >/dev/null; fi
+
+test: setup  ## the whole suite (local S3 server and local Ray are started by the fixtures)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## the suite without the slow end-to-end tests
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup  ## generate a sample archive and featurize it, printing a summary
+	$(VENV)/bin/melbatch demo --dir demo-output
+
+bench: setup  ## throughput against librosa and bare torchaudio, printed as a table
+	$(PY) bench/featurize.py $(ARGS)
+
+featurize: setup  ## make featurize SRC=... DST=... ARGS="--labels folder"
+	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make featurize SRC=<uri> DST=<uri> [ARGS=...]"; exit 2; }
+	$(VENV)/bin/melbatch featurize $(SRC) $(DST) $(ARGS)
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check melbatch jobs bench tests
+
+format: setup
+	$(VENV)/bin/ruff format melbatch jobs bench tests
+
+clean:  ## remove outputs (keeps .venv)
+	rm -rf demo-output bench-output .pytest_cache .ruff_cache

@@ -1,0 +1,149 @@
+"""Featurize throughput, in × realtime per CPU core, against baselines measured in the same run.
+
+    make bench                      # or: python bench/featurize.py --files 480 --seconds 30
+
+Rows (all on the same generated 16 kHz WAV files, with melbatch's default feature settings):
+  melbatch featurize   the whole job on a local Ray (listing, tasks, decode, mel, Parquet, manifest),
+                       timed after Ray is up and its workers are warm; divided by Ray's CPU count
+  librosa script       librosa.load + melspectrogram + power_to_db + np.save per file, one process
+  in-memory decode+mel melbatch's decode + clips + log-mel on bytes already in memory, one thread
+  torchaudio module    torchaudio MelSpectrogram + AmplitudeToDB per clip on decoded audio, one thread
+Targets (issue #2): melbatch ≥ 1000× per core (stretch 2000×), ≥ 1.5× librosa, ≥ 70% of in-memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from threadpoolctl import threadpool_limits
+
+from melbatch import audio, featurize, features
+from melbatch.config import FeatureConfig, FeaturizeConfig
+
+
+def make_files(root: Path, n: int, seconds: float, sr: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * sr)) / sr
+    paths = []
+    for i in range(n):
+        label = ("a", "b")[i % 2]
+        x = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 3000) * t) + 0.05 * rng.standard_normal(len(t))
+        p = root / label / f"f{i:05d}.wav"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(p, x.astype(np.float32), sr, subtype="PCM_16")
+        paths.append(p)
+    return paths
+
+
+def bench_melbatch(src: Path, dst: Path, cfg: FeatureConfig, cpus: int) -> tuple[float, float]:
+    import ray
+
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    warm = src.parent / "warm"
+    make_files(warm, 2 * cpus, 5.0, cfg.sample_rate_hz)  # start and warm the workers (torch import)
+    featurize.run(FeaturizeConfig(src=str(warm), dst=str(dst) + "-warm", features=cfg, files_per_task=1),
+                  progress=False)
+    t0 = time.perf_counter()
+    s = featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=cfg, overwrite=True), progress=False)
+    elapsed = time.perf_counter() - t0
+    ray.shutdown()
+    return s.audio_s, elapsed
+
+
+def bench_librosa(paths: list[Path], cfg: FeatureConfig, out: Path) -> tuple[float, float]:
+    import librosa
+
+    out.mkdir(parents=True, exist_ok=True)
+    total = 0.0
+    t0 = time.perf_counter()
+    with threadpool_limits(1):
+        for i, p in enumerate(paths):
+            y, sr = librosa.load(p, sr=cfg.sample_rate_hz)
+            m = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=cfg.n_fft, win_length=cfg.win_length,
+                                               hop_length=cfg.hop_length, n_mels=cfg.n_mels, fmin=cfg.f_min_hz,
+                                               fmax=cfg.f_max_hz, pad_mode="reflect")
+            np.save(out / f"{i}.npy", librosa.power_to_db(m, top_db=cfg.top_db).astype(cfg.dtype))
+            total += len(y) / sr
+    return total, time.perf_counter() - t0
+
+
+def bench_in_memory(blobs: list[bytes], cfg: FeatureConfig) -> tuple[float, float]:
+    total = 0.0
+    t0 = time.perf_counter()
+    for b in blobs:
+        info, clips = audio.decode_clips(io.BytesIO(b), cfg)
+        for _, _mel in features.logmel_clips(clips, cfg):
+            pass
+        total += info.decoded_frames / info.sample_rate_hz
+    return total, time.perf_counter() - t0
+
+
+def bench_torchaudio(signals: list[np.ndarray], cfg: FeatureConfig) -> tuple[float, float]:
+    mel = torchaudio.transforms.MelSpectrogram(cfg.sample_rate_hz, cfg.n_fft, cfg.win_length, cfg.hop_length,
+                                               cfg.f_min_hz, cfg.f_max_hz, n_mels=cfg.n_mels, norm="slaney",
+                                               mel_scale=cfg.mel_scale)
+    to_db = torchaudio.transforms.AmplitudeToDB("power", cfg.top_db)
+    n = cfg.clip_samples
+    total = 0.0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x in signals:
+            t = torch.from_numpy(x)
+            for i in range(0, len(x) - n + 1, n):
+                to_db(mel(t[i: i + n]))
+                total += n / cfg.sample_rate_hz
+    return total, time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", type=int, default=480)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--cpus", type=int, default=os.cpu_count())
+    p.add_argument("--dir", default=None, help="work folder (default: a temp folder, removed afterwards)")
+    args = p.parse_args()
+    cfg = FeatureConfig()
+    root = Path(args.dir or tempfile.mkdtemp(prefix="melbatch-bench-"))
+    torch.set_num_threads(1)
+    paths = make_files(root / "archive", args.files, args.seconds, cfg.sample_rate_hz)
+    hours = args.files * args.seconds / 3600
+    print(f"{args.files} files x {args.seconds:.0f} s = {hours:.2f} h of 16 kHz WAV; {args.cpus} CPU(s); "
+          f"features {cfg.hash()} (n_fft {cfg.n_fft}, hop {cfg.hop_length}, {cfg.n_mels} mels, {cfg.clip_s} s clips)")
+
+    sub = paths[: max(8, len(paths) // 4)]  # single-process baselines run on a quarter of the files
+    blobs = [q.read_bytes() for q in sub]
+    signals = [sf.read(q, dtype="float32")[0] for q in sub]
+    rows = []
+    a, t = bench_melbatch(root / "archive", root / "features", cfg, args.cpus)
+    rows.append(("melbatch featurize (Ray, end to end)", a / t / args.cpus, a / t, args.cpus))
+    a, t = bench_librosa(sub, cfg, root / "librosa")
+    rows.append(("librosa script (load+mel+save)", a / t, a / t, 1))
+    a, t = bench_in_memory(blobs, cfg)
+    rows.append(("in-memory decode + log-mel", a / t, a / t, 1))
+    a, t = bench_torchaudio(signals, cfg)
+    rows.append(("torchaudio MelSpectrogram module", a / t, a / t, 1))
+
+    ours, librosa_rt, in_mem = rows[0][1], rows[1][1], rows[2][1]
+    print(f"\n{'pipeline':<40}{'x realtime/core':>16}{'x realtime':>12}{'cores':>7}")
+    for name, per_core, total, cores in rows:
+        print(f"{name:<40}{per_core:>16,.0f}{total:>12,.0f}{cores:>7}")
+    print(f"\nmelbatch / librosa script (per core)     {ours / librosa_rt:6.2f}x   (target >= 1.5)")
+    print(f"melbatch / in-memory decode+mel          {ours / in_mem:6.0%}    (target >= 70%)")
+    print(f"melbatch per core                        {ours:6,.0f}x   (target >= 1000, stretch 2000)")
+    if not args.dir:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

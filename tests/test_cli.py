@@ -1,0 +1,95 @@
+"""The command line as a user meets it: --help, exit codes, messages, the sample generator, the demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from melbatch import cli, shards
+from melbatch.config import FeatureConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "melbatch.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def test_featurize_help_documents_every_feature_setting():
+    out = _run("featurize", "--help")
+    assert out.returncode == 0
+    for f in dataclasses.fields(FeatureConfig):
+        assert "--" + f.name.replace("_", "-") in out.stdout
+    for flag in ("--labels", "--include", "--exclude", "--ext", "--files-per-task", "--rows-per-shard",
+                 "--rows-per-row-group", "--address", "--config", "--overwrite"):
+        assert flag in out.stdout
+
+
+def test_top_level_help_lists_commands_and_exit_codes():
+    out = _run("--help")
+    assert out.returncode == 0
+    assert all(c in out.stdout for c in ("featurize", "sample-archive", "demo", "Exit codes", "AWS_ENDPOINT_URL"))
+
+
+def test_a_wrong_config_exits_2_with_the_fix_and_no_traceback(tmp_path):
+    (tmp_path / "a").mkdir()
+    out = _run("featurize", str(tmp_path / "a"), str(tmp_path / "b"), "--win-length", "2048")
+    assert out.returncode == 2
+    assert "win_length=2048 > n_fft=512: raise n_fft or lower win_length" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_missing_source_exits_3(tmp_path):
+    out = _run("featurize", str(tmp_path / "missing"), str(tmp_path / "b"))
+    assert out.returncode == 3 and "does not exist" in out.stderr
+
+
+def test_job_entry_point_takes_the_same_options():
+    out = subprocess.run([sys.executable, "jobs/featurize.py", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0 and "--n-mels" in out.stdout
+
+
+def test_sample_archive_writes_both_classes_in_mixed_formats(tmp_path):
+    out = _run("sample-archive", str(tmp_path / "arch"), "--files-per-class", "4", "--seconds", "1", "--bad")
+    assert out.returncode == 0, out.stderr
+    files = sorted(p.relative_to(tmp_path / "arch").as_posix() for p in (tmp_path / "arch").rglob("*") if p.is_file())
+    assert sum(f.startswith("faulty/") for f in files) == 4
+    assert {Path(f).suffix for f in files} >= {".wav", ".flac", ".ogg", ".mp3"}
+    assert any("bad_" in f for f in files)
+
+
+@pytest.mark.skipif(not any(os.access(os.path.join(p, "espeak-ng"), os.X_OK)
+                            for p in os.environ.get("PATH", "").split(os.pathsep)), reason="needs espeak-ng")
+def test_voice_archive_has_lower_pitch_for_male_voices(tmp_path):
+    import numpy as np
+
+    from melbatch import samples
+
+    files = samples.make_archive(str(tmp_path / "v"), "voice", files_per_class=2, seconds=2.0)
+    assert {f.label for f in files} == {"male", "female"} and len(files) == 4
+    import soundfile as sf
+
+    def centroid(path: str) -> float:
+        x, sr = sf.read(path.removeprefix("file://"), dtype="float32", always_2d=True)
+        spec = np.abs(np.fft.rfft(x[:, 0]))[: int(len(x) * 1000 / sr)]  # below 1 kHz: the pitch region
+        return float((spec * np.arange(len(spec))).sum() / spec.sum())
+
+    male = np.mean([centroid(f.uri) for f in files if f.label == "male"])
+    female = np.mean([centroid(f.uri) for f in files if f.label == "female"])
+    assert female > male
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_runs_the_pipeline_and_prints_a_summary(ray_session, tmp_path, capsys):
+    assert cli.main(["demo", "--dir", str(tmp_path), "--files-per-class", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "featurized 6 + quarantined 9" in out and "first clip:" in out
+    assert shards.read_manifest(str(tmp_path / "features"))["counts"]["inputs"] == 15

@@ -1,0 +1,208 @@
+"""featurize end to end on real parts: the local S3 server over HTTP, a real local Ray."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import new_bucket
+
+from melbatch import featurize, samples, shards, storage
+from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
+from melbatch.shards import DatasetError
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+FAST = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)
+
+
+def _rows(dst: str) -> list[dict]:
+    return list(shards.iter_clips(dst))
+
+
+@pytest.fixture(scope="module")
+def engine_on_s3(request):
+    """An engine archive with every bad kind, featurized once from S3 to S3."""
+    request.getfixturevalue("ray_session")
+    bucket = new_bucket()
+    files = samples.make_archive(f"{bucket}/archive", "engine", files_per_class=5, seconds=5.0, seed=3, bad=True)
+    cfg = FeaturizeConfig(src=f"{bucket}/archive", dst=f"{bucket}/features", features=FAST, files_per_task=4,
+                          rows_per_shard=8, rows_per_row_group=4)
+    summary = featurize.run(cfg, progress=False)
+    return files, cfg, summary
+
+
+def test_every_input_is_featurized_or_quarantined_exactly_once(engine_on_s3):
+    files, cfg, summary = engine_on_s3
+    manifest = shards.open_dataset(cfg.dst, expect=FAST)
+    rows = _rows(cfg.dst)
+    quarantine = shards.read_quarantine(cfg.dst).to_pylist()
+    featurized_uris = {r["uri"] for r in rows}
+    quarantined_uris = [q["uri"] for q in quarantine]
+    inputs = {f.uri for f in files}
+    assert featurized_uris | set(quarantined_uris) == inputs
+    assert not featurized_uris & set(quarantined_uris)
+    assert len(quarantined_uris) == len(set(quarantined_uris))
+    c = manifest["counts"]
+    assert c["inputs"] == len(files) == c["featurized"] + c["quarantined"] == summary.inputs
+    assert c["featurized"] == len(featurized_uris) and c["quarantined"] == len(quarantine)
+    assert c["clips"] == len(rows) == sum(manifest["labels"].values())
+    # no clip twice
+    assert len({(r["uri"], r["clip_index"]) for r in rows}) == len(rows)
+
+
+def test_bad_files_land_in_quarantine_with_their_kind(engine_on_s3):
+    files, cfg, _ = engine_on_s3
+    got = {q["uri"]: q for q in shards.read_quarantine(cfg.dst).to_pylist()}
+    expected = {f.uri: f.bad_kind for f in files if f.bad_kind}
+    assert {u: q["kind"] for u, q in got.items()} == expected
+    assert all(q["message"] and q["etag"] is not None for q in got.values())
+    assert "soundfile" in got[next(u for u, k in expected.items() if k == "not_audio")]["decoders_tried"]
+
+
+def test_manifest_and_shards_carry_the_contract(engine_on_s3):
+    _files, cfg, _ = engine_on_s3
+    manifest = shards.read_manifest(cfg.dst)
+    for key in ("schema_version", "feature_config", "config_hash", "shards", "labels", "counts"):
+        assert key in manifest
+    assert manifest["config_hash"] == FAST.hash()
+    assert FeatureConfig.from_dict(manifest["feature_config"]) == FAST
+    assert manifest["labels"].keys() == {"healthy", "faulty"}
+    assert sum(manifest["shard_rows"].values()) == manifest["counts"]["clips"]
+    for uri in shards.shard_uris(cfg.dst, manifest):
+        with storage.open_input(uri) as f:
+            pf = pq.ParquetFile(f)
+            assert shards.feature_config_of(pf.schema_arrow) == FAST
+            assert pf.metadata.num_rows <= cfg.rows_per_shard
+            assert all(pf.metadata.row_group(i).num_rows <= cfg.rows_per_row_group
+                       for i in range(pf.metadata.num_row_groups))
+    rows = _rows(cfg.dst)
+    r = rows[0]
+    assert r["mel"].shape == FAST.shape and r["mel"].dtype == np.float16
+    assert r["decoder"] == "soundfile" and r["etag"] and r["size"] > 0
+    assert {r["source_sample_rate_hz"] for r in rows} == {8000, 16000, 22050, 44100, 48000}
+    # 5 s files with 2 s clips: clips at 0, 2 and a padded tail at 4 (1 s of audio = min_tail_s)
+    assert sorted({(x["clip_index"], x["start_s"], round(x["end_s"], 2)) for x in rows}) == [
+        (0, 0.0, 2.0), (1, 2.0, 4.0), (2, 4.0, 5.0)]
+
+
+def test_labels_come_from_the_folder_and_the_features_separate_them(engine_on_s3):
+    _, cfg, _ = engine_on_s3
+    rows = _rows(cfg.dst)
+    assert all(r["uri"].split("/")[-2] == r["label"] for r in rows)
+    # faulty engines knock and whine above 2 kHz: their upper bands are brighter
+    hi = FAST.n_mels // 2
+    energy = {lab: np.mean([r["mel"][hi:].astype(np.float32).mean() - r["mel"][:hi].astype(np.float32).mean()
+                            for r in rows if r["label"] == lab]) for lab in ("healthy", "faulty")}
+    assert energy["faulty"] > energy["healthy"] + 5
+
+
+def test_ray_data_streams_the_shards_as_tensors(engine_on_s3):
+    import ray
+
+    _, cfg, _ = engine_on_s3
+    manifest = shards.read_manifest(cfg.dst)
+    ds = ray.data.read_parquet(shards.shard_uris(cfg.dst, manifest))
+    batch = ds.take_batch(3, batch_format="pyarrow")
+    mel = shards.mel_array(batch)
+    assert mel.shape == (3, *FAST.shape) and mel.dtype == np.float16
+    first = next(shards.iter_clips(cfg.dst))
+    assert np.array_equal(shards.mel_array(ds.take_batch(1, batch_format="pyarrow"))[0], first["mel"])
+    assert ds.count() == manifest["counts"]["clips"]
+
+
+def test_rerun_is_a_noop_with_no_duplicates(engine_on_s3):
+    _files, cfg, first = engine_on_s3
+    before = shards.read_manifest(cfg.dst)
+    again = featurize.run(cfg, progress=False)
+    after = shards.read_manifest(cfg.dst)
+    assert again.resumed_batches == again.batches == first.batches
+    assert after["shards"] == before["shards"] and after["counts"] == before["counts"]
+    assert len(_rows(cfg.dst)) == before["counts"]["clips"]
+
+
+def test_a_retried_task_rewrites_the_same_files(engine_on_s3, bucket):
+    """Ray runs tasks at least once: running a batch twice leaves the same names and rows."""
+    files, _, _ = engine_on_s3
+    good = [f for f in files if not f.bad_kind][:3]
+    refs = {r.uri: r for r in storage.list_objects(good[0].uri.rsplit("/", 2)[0])}
+    batch = [(refs[f.uri], f.label) for f in good]
+    bid = featurize.batch_id(FAST, batch)
+    assert bid == featurize.batch_id(FAST, list(batch))
+    args = (bid, batch, FAST.canonical_json(), f"{bucket}/retry", 4, 2, -70.0)
+    a = featurize.featurize_batch(*args)
+    names = storage.list_files(f"{bucket}/retry")
+    b = featurize.featurize_batch(*args)
+    assert storage.list_files(f"{bucket}/retry") == names
+    assert a == b and a["shards"] == [(f"{bid}-00000.parquet", 4), (f"{bid}-00001.parquet", 4),
+                                       (f"{bid}-00002.parquet", 1)]
+
+
+def test_other_features_into_the_same_dst_are_refused_then_replaced_with_overwrite(ray_session, tmp_path):
+    src, dst = str(tmp_path / "a"), str(tmp_path / "f")
+    samples.make_archive(src, "engine", files_per_class=2, seconds=3.0)
+    featurize.run(FeaturizeConfig(src=src, dst=dst, features=FAST), progress=False)
+    old_shards = set(shards.read_manifest(dst)["shards"])
+    other = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=32)
+    with pytest.raises(ConfigError, match=r"n_mels=32 \(was 64\)"):
+        featurize.run(FeaturizeConfig(src=src, dst=dst, features=other), progress=False)
+    featurize.run(FeaturizeConfig(src=src, dst=dst, features=other, overwrite=True), progress=False)
+    manifest = shards.open_dataset(dst, expect=other)
+    left = {storage.relative(u, storage.canonical(dst)) for u in storage.list_files(storage.join(dst, "shards"))}
+    assert left == set(manifest["shards"]) and not left & old_shards  # the old shards were collected
+    with pytest.raises(DatasetError, match="n_mels"):
+        shards.open_dataset(dst, expect=FAST)
+
+
+def test_local_folder_file_uri_manifest_labels_and_filters(ray_session, tmp_path):
+    src = tmp_path / "arch"
+    files = samples.make_archive(str(src), "engine", files_per_class=3, seconds=3.0)
+    labels = tmp_path / "labels.csv"
+    keep = files[:4]
+    labels.write_text("uri,label\n" + "".join(
+        f"{storage.relative(f.uri, storage.canonical(str(src)))},{'L' + f.label}\n" for f in keep))
+    dst = f"file://{tmp_path}/out"
+    s = featurize.run(FeaturizeConfig(src=f"file://{src}", dst=dst, features=FAST, labels=str(labels),
+                                      exclude=("*.mp3",)), progress=False)
+    kept = [f for f in files if not f.uri.endswith(".mp3")]
+    assert s.inputs == len(kept)
+    q = shards.read_quarantine(dst).to_pylist()
+    assert {x["uri"] for x in q} == {f.uri for f in kept} - {f.uri for f in keep}
+    assert {x["kind"] for x in q} == {"unlabelled"}
+    assert {r["label"] for r in _rows(dst)} == {"Lhealthy", "Lfaulty"}
+
+
+def test_unlabelled_archive(ray_session, tmp_path):
+    src = tmp_path / "flat"
+    for i in range(3):
+        storage.write_bytes(str(src / f"rec{i}.wav"), samples.encode(
+            samples.engine_sound(np.random.default_rng(i), 3.0, 16000, False), 16000, samples.FORMATS[0]))
+    dst = str(tmp_path / "out")
+    s = featurize.run(FeaturizeConfig(src=str(src), dst=dst, features=FAST, labels="none"), progress=False)
+    assert s.featurized == 3 and s.quarantined == 0
+    assert {r["label"] for r in _rows(dst)} == {None}
+    assert shards.read_manifest(dst)["labels"] == {}
+
+
+def test_incomplete_output_is_refused_by_readers(tmp_path):
+    with pytest.raises(DatasetError, match="did not finish"):
+        shards.open_dataset(str(tmp_path))
+
+
+def test_nothing_to_read_fails_fast(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "readme.txt").write_text("no audio here")
+    with pytest.raises(ConfigError, match="no audio objects"):
+        featurize.run(FeaturizeConfig(src=str(tmp_path / "src"), dst=str(tmp_path / "o")), progress=False)
+
+
+def test_summary_counts_render(engine_on_s3):
+    _, _, summary = engine_on_s3
+    text = summary.render()
+    assert f"inputs {summary.inputs:>12}" not in text  # rendered with the featurized/quarantined split
+    assert f"featurized {summary.featurized} + quarantined {summary.quarantined}" in text
+    assert Counter(summary.quarantine_kinds)["truncated"] == 1
+    json.dumps(summary.__dict__)
