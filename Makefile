@@ -40,7 +40,7 @@ demo: setup  ## generate a sample archive and featurize it, printing a summary
 	$(VENV)/bin/melbatch demo --dir demo-output
 
 bench: setup  ## throughput against librosa and bare torchaudio, printed as a table
-	$(PY) bench/featurize.py $(ARGS)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/featurize.py $(ARGS)
 
 featurize: setup  ## make featurize SRC=... DST=... ARGS="--labels folder"
 	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make featurize SRC=<uri> DST=<uri> [ARGS=...]"; exit 2; }

@@ -6,7 +6,9 @@ Rows (all on the same generated 16 kHz WAV files, with melbatch's default featur
   melbatch featurize   the whole job on a local Ray (listing, tasks, decode, mel, Parquet, manifest),
                        timed after Ray is up and its workers are warm; divided by Ray's CPU count
   librosa script       librosa.load + melspectrogram + power_to_db + np.save per file, one process
-  in-memory decode+mel melbatch's decode + clips + log-mel on bytes already in memory, one thread
+  in-memory decode+mel melbatch's decode + clips + log-mel on bytes already in memory, one thread;
+                       then the same with one process per core at once (cores share caches and
+                       memory bandwidth, so a busy core gives less than a lone one)
   torchaudio module    torchaudio MelSpectrogram + AmplitudeToDB per clip on decoded audio, one thread
 Targets (issue #2): melbatch ≥ 1000× per core (stretch 2000×), ≥ 1.5× librosa, ≥ 70% of in-memory.
 """
@@ -28,7 +30,7 @@ import torch
 import torchaudio
 from threadpoolctl import threadpool_limits
 
-from melbatch import audio, featurize, features
+from melbatch import audio, features, featurize
 from melbatch.config import FeatureConfig, FeaturizeConfig
 
 
@@ -46,7 +48,8 @@ def make_files(root: Path, n: int, seconds: float, sr: int) -> list[Path]:
     return paths
 
 
-def bench_melbatch(src: Path, dst: Path, cfg: FeatureConfig, cpus: int) -> tuple[float, float]:
+def bench_melbatch(src: Path, dst: Path, cfg: FeatureConfig, cpus: int, repeat: int) -> tuple[float, float]:
+    """Best of ``repeat`` full runs (overwrite: every batch is recomputed), after a warm-up run."""
     import ray
 
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -54,11 +57,17 @@ def bench_melbatch(src: Path, dst: Path, cfg: FeatureConfig, cpus: int) -> tuple
     make_files(warm, 2 * cpus, 5.0, cfg.sample_rate_hz)  # start and warm the workers (torch import)
     featurize.run(FeaturizeConfig(src=str(warm), dst=str(dst) + "-warm", features=cfg, files_per_task=1),
                   progress=False)
-    t0 = time.perf_counter()
-    s = featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=cfg, overwrite=True), progress=False)
-    elapsed = time.perf_counter() - t0
+    best = (0.0, float("inf"))
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        s = featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=cfg, overwrite=True), progress=False)
+        best = min(best, (s.audio_s, time.perf_counter() - t0), key=lambda r: r[1])
     ray.shutdown()
-    return s.audio_s, elapsed
+    return best
+
+
+def best_of(repeat: int, fn, *args) -> tuple[float, float]:
+    return min((fn(*args) for _ in range(repeat)), key=lambda r: r[1])
 
 
 def bench_librosa(paths: list[Path], cfg: FeatureConfig, out: Path) -> tuple[float, float]:
@@ -89,6 +98,23 @@ def bench_in_memory(blobs: list[bytes], cfg: FeatureConfig) -> tuple[float, floa
     return total, time.perf_counter() - t0
 
 
+def _in_memory_worker(blobs: list[bytes]) -> float:
+    torch.set_num_threads(1)
+    return bench_in_memory(blobs, FeatureConfig())[0]
+
+
+def bench_in_memory_parallel(blobs: list[bytes], cfg: FeatureConfig, procs: int) -> tuple[float, float]:
+    """The in-memory row on every core at once (one process per core): what the cores give when all are busy."""
+    import multiprocessing as mp
+
+    parts = [blobs[i::procs] for i in range(procs)]
+    with mp.get_context("fork").Pool(procs) as pool:
+        pool.map(_in_memory_worker, [p[:1] for p in parts])  # warm each process
+        t0 = time.perf_counter()
+        total = sum(pool.map(_in_memory_worker, parts))
+        return total, time.perf_counter() - t0
+
+
 def bench_torchaudio(signals: list[np.ndarray], cfg: FeatureConfig) -> tuple[float, float]:
     mel = torchaudio.transforms.MelSpectrogram(cfg.sample_rate_hz, cfg.n_fft, cfg.win_length, cfg.hop_length,
                                                cfg.f_min_hz, cfg.f_max_hz, n_mels=cfg.n_mels, norm="slaney",
@@ -111,6 +137,7 @@ def main() -> None:
     p.add_argument("--files", type=int, default=480)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
+    p.add_argument("--repeat", type=int, default=3, help="best of this many runs per row (the machine is noisy)")
     p.add_argument("--dir", default=None, help="work folder (default: a temp folder, removed afterwards)")
     args = p.parse_args()
     cfg = FeatureConfig()
@@ -125,21 +152,25 @@ def main() -> None:
     blobs = [q.read_bytes() for q in sub]
     signals = [sf.read(q, dtype="float32")[0] for q in sub]
     rows = []
-    a, t = bench_melbatch(root / "archive", root / "features", cfg, args.cpus)
-    rows.append(("melbatch featurize (Ray, end to end)", a / t / args.cpus, a / t, args.cpus))
-    a, t = bench_librosa(sub, cfg, root / "librosa")
+    # single-process baselines first, while no Ray process is alive to share the cores
+    a, t = best_of(args.repeat, bench_librosa, sub, cfg, root / "librosa")
     rows.append(("librosa script (load+mel+save)", a / t, a / t, 1))
-    a, t = bench_in_memory(blobs, cfg)
+    a, t = best_of(args.repeat, bench_in_memory, blobs, cfg)
     rows.append(("in-memory decode + log-mel", a / t, a / t, 1))
-    a, t = bench_torchaudio(signals, cfg)
+    a, t = best_of(args.repeat, bench_in_memory_parallel, blobs, cfg, args.cpus)
+    rows.append((f"in-memory decode + log-mel, {args.cpus} procs", a / t / args.cpus, a / t, args.cpus))
+    a, t = best_of(args.repeat, bench_torchaudio, signals, cfg)
     rows.append(("torchaudio MelSpectrogram module", a / t, a / t, 1))
+    a, t = bench_melbatch(root / "archive", root / "features", cfg, args.cpus, args.repeat)
+    rows.insert(0, ("melbatch featurize (Ray, end to end)", a / t / args.cpus, a / t, args.cpus))
 
-    ours, librosa_rt, in_mem = rows[0][1], rows[1][1], rows[2][1]
+    ours, librosa_rt, in_mem, in_mem_par = rows[0][1], rows[1][1], rows[2][1], rows[3][1]
     print(f"\n{'pipeline':<40}{'x realtime/core':>16}{'x realtime':>12}{'cores':>7}")
     for name, per_core, total, cores in rows:
         print(f"{name:<40}{per_core:>16,.0f}{total:>12,.0f}{cores:>7}")
     print(f"\nmelbatch / librosa script (per core)     {ours / librosa_rt:6.2f}x   (target >= 1.5)")
-    print(f"melbatch / in-memory decode+mel          {ours / in_mem:6.0%}    (target >= 70%)")
+    print(f"melbatch / in-memory decode+mel          {ours / in_mem:6.0%}    (target >= 70%; one process alone)")
+    print(f"melbatch / in-memory, all cores busy     {ours / in_mem_par:6.0%}    (same parallelism as the job)")
     print(f"melbatch per core                        {ours:6,.0f}x   (target >= 1000, stretch 2000)")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)

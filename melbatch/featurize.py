@@ -58,6 +58,7 @@ class Summary:
     clips: int = 0
     audio_s: float = 0.0
     elapsed_s: float = 0.0
+    task_s: float = 0.0  # wall time spent inside tasks, summed (excludes batches resumed from a previous run)
     batches: int = 0
     resumed_batches: int = 0
     shards: int = 0
@@ -121,12 +122,14 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
 
     batches = [(batch_id(cfg.features, b), b) for b in chunked(work, cfg.files_per_task)]
     summary.batches = len(batches)
-    results = _run_batches(cfg, dst, batches, summary, progress)
+    results, resumed = _run_batches(cfg, dst, batches, progress)
+    summary.resumed_batches = len(resumed)
 
     for r in results:
         summary.featurized += r["featurized"]
         summary.clips += r["clips"]
         summary.audio_s += r["audio_s"]
+        summary.task_s += r["task_s"] if r["batch"] not in resumed else 0.0
         quarantine.extend(r["quarantine"])
         for d, key in ((summary.labels, "labels"), (summary.decoders, "decoders")):
             d.update(Counter(d) + Counter(r[key]))
@@ -143,9 +146,12 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     return summary
 
 
-def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]], summary: Summary,
-                 progress: bool) -> list[dict[str, Any]]:
-    """Run every batch as a Ray task (at most ``max_inflight`` at once); reuse finished ones."""
+def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]],
+                 progress: bool) -> tuple[list[dict[str, Any]], set[str]]:
+    """Run every batch as a Ray task (at most ``max_inflight`` at once); reuse finished ones.
+
+    Returns the batch results in batch order and the ids of batches resumed from part files.
+    """
     import ray
 
     results: dict[str, dict[str, Any]] = {}
@@ -154,9 +160,9 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
         done = _read_part(dst, bid) if not cfg.overwrite else None
         if done is not None:
             results[bid] = done
-            summary.resumed_batches += 1
         else:
             todo.append((bid, batch))
+    resumed = set(results)
     bar = _progress(sum(len(b) for _, b in batches), progress)
     bar.update(sum(len(b) for bid, b in batches if bid in results))
     if todo:
@@ -181,7 +187,7 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
                 results[pending.pop(ref)] = result
                 bar.update(result["featurized"] + len(result["quarantine"]))
     bar.close()
-    return [results[bid] for bid, _ in batches]
+    return [results[bid] for bid, _ in batches], resumed
 
 
 def init_ray(address: str | None) -> None:
@@ -273,6 +279,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
     """
     import torch
 
+    t0 = time.perf_counter()
     torch.set_num_threads(1)  # one task per CPU: parallelism comes from Ray, not from intra-op threads
     cfg = FeatureConfig.from_dict(json.loads(feature_json))
     writer = ShardWriter(storage.join(dst, SHARD_DIR), bid, cfg, rows_per_shard, rows_per_row_group)
@@ -298,6 +305,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
         writer.abort()
         raise
     result["labels"], result["decoders"] = dict(result["labels"]), dict(result["decoders"])
+    result["task_s"] = time.perf_counter() - t0
     storage.write_bytes(storage.join(dst, PARTS_DIR, f"{bid}.json"), json.dumps(result).encode())
     return result
 
