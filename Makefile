@@ -11,7 +11,7 @@ SRC ?=
 DST ?=
 ARGS ?=
 
-.PHONY: help setup system-deps test test-fast demo bench lint format featurize clean
+.PHONY: help setup system-deps test test-fast demo bench figure lint format featurize clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,8 +46,11 @@ featurize: setup  ## make featurize SRC=... DST=... ARGS="--labels folder"
 	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make featurize SRC=<uri> DST=<uri> [ARGS=...]"; exit 2; }
 	$(VENV)/bin/melbatch featurize $(SRC) $(DST) $(ARGS)
 
+figure: demo  ## re-render the README picture from the demo's shards
+	$(PY) docs/figure.py demo-output/features docs/engine-logmel.png
+
 lint: setup  ## ruff
-	$(VENV)/bin/ruff check melbatch jobs bench tests
+	$(VENV)/bin/ruff check melbatch jobs bench tests docs
 
 format: setup
 	$(VENV)/bin/ruff format melbatch jobs bench tests

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 URI = str
@@ -86,6 +87,10 @@ class FeatureConfig:
         _require(1 <= self.n_mels <= self.n_fft // 2 + 1,
                  f"n_mels={self.n_mels}: must be between 1 and n_fft//2+1 ({self.n_fft // 2 + 1}); "
                  "more mel bands than FFT bins leaves empty bands — raise n_fft or lower n_mels")
+        empty = _empty_mel_bands(self)
+        _require(not empty, f"n_mels={self.n_mels} with n_fft={self.n_fft} leaves {empty} mel band(s) empty between "
+                 f"{self.f_min_hz} and {f_max} Hz (no FFT bin falls inside them): raise n_fft, lower n_mels "
+                 "or widen f_min_hz..f_max_hz")
         _require(self.top_db is None or self.top_db > 0, f"top_db={self.top_db}: must be > 0 or null")
         _require(self.mel_scale in ("slaney", "htk"), f"mel_scale={self.mel_scale!r}: 'slaney' or 'htk'")
         _require(self.dtype in FEATURE_DTYPES, f"dtype={self.dtype!r}: choose one of {FEATURE_DTYPES}")
@@ -130,6 +135,28 @@ class FeatureConfig:
         """Fields whose values differ: {name: (self, other)}."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def _hz_to_mel(f: np.ndarray, scale: str) -> np.ndarray:
+    if scale == "htk":
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+    # slaney: linear below 1 kHz, logarithmic above
+    return np.where(f < 1000.0, 3.0 * f / 200.0, 15.0 + 27.0 * np.log(np.maximum(f, 1e-9) / 1000.0) / np.log(6.4))
+
+
+def _mel_to_hz(m: np.ndarray, scale: str) -> np.ndarray:
+    if scale == "htk":
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    return np.where(m < 15.0, 200.0 * m / 3.0, 1000.0 * np.exp(np.log(6.4) * (m - 15.0) / 27.0))
+
+
+def _empty_mel_bands(cfg: FeatureConfig) -> int:
+    """How many triangular mel filters contain no FFT bin (they would be rows of silence)."""
+    lo, hi = _hz_to_mel(np.array([cfg.f_min_hz, cfg.f_max_hz]), cfg.mel_scale)
+    edges = _mel_to_hz(np.linspace(lo, hi, cfg.n_mels + 2), cfg.mel_scale)
+    bins = np.arange(cfg.n_fft // 2 + 1) * cfg.sample_rate_hz / cfg.n_fft
+    inside = (bins[None, :] > edges[:-2, None]) & (bins[None, :] < edges[2:, None])
+    return int((~inside.any(axis=1)).sum())
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from melbatch import __version__, storage
-from melbatch.audio import DecodeError
+from melbatch.audio import ERROR_KINDS, DecodeError
 from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.features import logmels_of_object
 from melbatch.labels import NO_LABEL, Labeler
 from melbatch.shards import (
     MANIFEST,
+    QUARANTINE,
     SHARD_DIR,
     ClipRow,
     ShardWriter,
@@ -78,8 +79,10 @@ class Summary:
             lines.append(f"  resumed      {self.resumed_batches:>8}  of {self.batches} batches were already done")
         for label, n in sorted(self.labels.items()):
             lines.append(f"  label {label!s:<14} {n:>6} clips")
-        for kind, n in sorted(self.quarantine_kinds.items()):
-            lines.append(f"  quarantined {kind:<15} {n:>5}  (see {storage.join(self.dst, 'quarantine.parquet')})")
+        if self.quarantine_kinds:
+            lines.append(f"  quarantine   {storage.join(self.dst, QUARANTINE)}")
+        for kind, n in sorted(self.quarantine_kinds.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"    {kind:<18} {n:>6}  {ERROR_KINDS[kind]}")
         return "\n".join(lines)
 
 

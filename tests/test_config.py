@@ -42,10 +42,11 @@ def test_hash_is_stable_canonical_and_sensitive_to_every_field():
     assert json.loads(base.canonical_json())["f_max_hz"] == 8000.0
     assert FeatureConfig.from_dict(json.loads(base.canonical_json())) == FeatureConfig(f_max_hz=8000.0)
     changed = {"sample_rate_hz": 22050, "clip_s": 4.0, "clip_hop_s": 2.5, "tail": "drop", "min_tail_s": 0.5,
-               "n_fft": 1024, "win_length": 512, "hop_length": 320, "n_mels": 64, "f_min_hz": 20.0,
+               "n_fft": 1024, "win_length": 512, "hop_length": 320, "n_mels": 96, "f_min_hz": 20.0,
                "f_max_hz": 7000.0, "top_db": 60.0, "mel_scale": "htk", "dtype": "float32"}
-    hashes = {FeatureConfig(**{k: v}).hash() for k, v in changed.items()}
-    assert len(hashes) == len(changed) and base.hash() not in hashes
+    narrow = FeatureConfig(n_mels=64)  # htk at 128 mels would leave empty bands at n_fft 512
+    hashes = {FeatureConfig(**{"n_mels": 64, k: v}).hash() for k, v in changed.items()}
+    assert len(hashes) == len(changed) and narrow.hash() not in hashes
     assert set(changed) == set(base.to_dict())  # the test covers every field
     assert FeatureConfig(n_mels=64).diff(base) == {"n_mels": (64, 128)}
 

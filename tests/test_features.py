@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import librosa
 import numpy as np
 import pytest
@@ -56,3 +58,39 @@ def test_stored_dtype_follows_the_config():
         clip = Clip(0, 0.0, cfg.clip_s, tone(440, cfg.clip_s, cfg.sample_rate_hz))
         [(_, mel)] = list(logmel_clips(iter([clip]), cfg))
         assert mel.dtype == np.dtype(dtype) and mel.shape == cfg.shape
+
+
+@pytest.mark.parametrize("cfg", [FeatureConfig(), FeatureConfig(n_fft=1024, win_length=1024, n_mels=64, top_db=None),
+                                 FeatureConfig(mel_scale="htk", n_mels=64, f_min_hz=100.0, f_max_hz=6000.0)],
+                         ids=["defaults", "1024-64-no-floor", "htk-band"])
+def test_logmel_equals_torchaudios_modules(cfg, rng):
+    """The fast path (re²+im², sparse filterbank) is torchaudio's MelSpectrogram + AmplitudeToDB."""
+    import torch
+    import torchaudio
+
+    x = (0.2 * rng.standard_normal(cfg.clip_samples)).astype(np.float32)
+    mel = torchaudio.transforms.MelSpectrogram(
+        cfg.sample_rate_hz, cfg.n_fft, cfg.win_length, cfg.hop_length, cfg.f_min_hz, cfg.f_max_hz, n_mels=cfg.n_mels,
+        norm="slaney" if cfg.mel_scale == "slaney" else None, mel_scale=cfg.mel_scale)
+    to_db = torchaudio.transforms.AmplitudeToDB("power", cfg.top_db)
+    with torch.inference_mode():
+        ref = to_db(mel(torch.from_numpy(x))).numpy()
+    assert np.abs(compute_logmel(x, cfg) - ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"mel_scale": "htk", "n_mels": 64, "f_min_hz": 100.0, "f_max_hz": 6000.0},
+                                    {"n_fft": 2048, "win_length": 2048, "n_mels": 256}])
+def test_valid_configs_have_no_empty_mel_bands(kwargs):
+    """The config check and torchaudio agree: an accepted config gets no all-zero filter."""
+    cfg = FeatureConfig(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchaudio warns about all-zero filterbanks
+        mel = compute_logmel(tone(440, cfg.clip_s, cfg.sample_rate_hz), cfg)
+    assert mel.shape == cfg.shape
+
+
+def test_configs_with_empty_mel_bands_are_refused():
+    from melbatch.config import ConfigError
+
+    with pytest.raises(ConfigError, match="empty"):
+        FeatureConfig(mel_scale="htk", n_mels=128, f_min_hz=100.0, f_max_hz=6000.0)

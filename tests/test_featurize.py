@@ -14,7 +14,7 @@ from melbatch import featurize, samples, shards, storage
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.shards import DatasetError
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.s3]
 
 FAST = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)
 

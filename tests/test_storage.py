@@ -21,7 +21,7 @@ def _fill(base: str) -> None:
         storage.write_bytes(storage.join(base, k), k.encode() * 3)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def place(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "arch")
@@ -65,6 +65,7 @@ def test_failed_atomic_write_publishes_nothing(place):
     assert storage.list_files(storage.join(place, "out")) == []
 
 
+@pytest.mark.s3
 def test_open_input_streams_large_objects_and_fetches_small_ones(bucket):
     uri = f"{bucket}/big.bin"
     data = os.urandom(3 * 1024 * 1024)
@@ -77,6 +78,7 @@ def test_open_input_streams_large_objects_and_fetches_small_ones(bucket):
         assert f.read() == data[-5:]
 
 
+@pytest.mark.s3
 def test_missing_places_fail_fast_with_a_hint(bucket, tmp_path):
     with pytest.raises(StorageError, match="does not exist"):
         storage.check_readable(str(tmp_path / "nope"))
@@ -86,6 +88,7 @@ def test_missing_places_fail_fast_with_a_hint(bucket, tmp_path):
     assert storage.list_files(bucket + "/out") == []  # the probe is gone
 
 
+@pytest.mark.s3
 def test_unreachable_endpoint_fails_fast(tmp_path):
     """A dead endpoint is reported within seconds, with the variable to check."""
     env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
