@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+import traceback
 import typing
 from typing import Any
 
@@ -207,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"melbatch {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # an unexpected failure: keep the traceback, end with what to do
+        traceback.print_exc()
+        last = (str(e).strip().splitlines() or [""])[-1]
+        print(f"\nmelbatch {args.command} failed: {type(e).__name__}: {last}\n"
+              "Finished batches are kept: re-run the same command to resume. If it fails again, the "
+              "traceback above says where.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -157,14 +157,8 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
     """
     import ray
 
-    results: dict[str, dict[str, Any]] = {}
-    todo = []
-    for bid, batch in batches:
-        done = _read_part(dst, bid) if not cfg.overwrite else None
-        if done is not None:
-            results[bid] = done
-        else:
-            todo.append((bid, batch))
+    results = {} if cfg.overwrite else _read_parts(dst, {bid for bid, _ in batches})
+    todo = [(bid, batch) for bid, batch in batches if bid not in results]
     resumed = set(results)
     bar = _progress(sum(len(b) for _, b in batches), progress)
     bar.update(sum(len(b) for bid, b in batches if bid in results))
@@ -241,9 +235,12 @@ def _collect_garbage(dst: URI, shards: set[str], batch_ids: set[str]) -> None:
     storage.delete(stale)
 
 
-def _read_part(dst: URI, bid: str) -> dict[str, Any] | None:
-    uri = storage.join(dst, PARTS_DIR, f"{bid}.json")
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+def _read_parts(dst: URI, batch_ids: set[str]) -> dict[str, dict[str, Any]]:
+    """Results of this run's batches that an earlier attempt finished: one listing, one concurrent read."""
+    root = storage.join(dst, PARTS_DIR)
+    wanted = [u for u in storage.list_files(root, ".json")
+              if storage.relative(u, root).removesuffix(".json") in batch_ids]
+    return {(r := json.loads(data))["batch"]: r for data in storage.read_many(wanted).values()}
 
 
 def chunked(items: list, n: int) -> Iterator[list]:

@@ -193,6 +193,15 @@ def read_bytes(uri: URI) -> bytes:
         raise StorageError(f"{uri} does not exist") from None
 
 
+def read_many(uris: list[URI]) -> dict[URI, bytes]:
+    """Several small objects at once (object stores fetch them concurrently)."""
+    if not uris:
+        return {}
+    fs, _ = filesystem(uris[0])
+    paths = {filesystem(u)[1]: u for u in uris}
+    return {paths[p]: data for p, data in fs.cat(list(paths)).items()}
+
+
 def exists(uri: URI) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)

@@ -208,3 +208,15 @@ def test_summary_counts_render(engine_on_s3):
     assert f"featurized {summary.featurized} + quarantined {summary.quarantined}" in text
     assert Counter(summary.quarantine_kinds)["truncated"] == 1
     json.dumps(summary.__dict__)
+
+
+def test_an_object_that_vanishes_after_listing_is_a_read_error(bucket):
+    uri = f"{bucket}/gone/a.wav"
+    storage.write_bytes(uri, samples.encode(samples.engine_sound(np.random.default_rng(0), 2.0, 16000, False),
+                                            16000, samples.FORMATS[0]))
+    [ref] = storage.list_objects(f"{bucket}/gone")
+    storage.delete([uri])
+    result = featurize.featurize_batch("vanished", [(ref, "x")], FAST.canonical_json(), f"{bucket}/out", 4, 2, -70.0)
+    [q] = result["quarantine"]
+    assert q["kind"] == "read_error" and "gone/a.wav" in q["message"]
+    assert result["featurized"] == 0 and result["shards"] == []

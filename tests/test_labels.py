@@ -1,0 +1,49 @@
+"""Labels from folders, CSV and JSON Lines manifests (relative or absolute URIs), or none."""
+
+from __future__ import annotations
+
+import pytest
+
+from melbatch import storage
+from melbatch.config import ConfigError
+from melbatch.labels import NO_LABEL, Labeler
+
+
+def test_folder_labels_use_the_parent_folder(tmp_path):
+    src = storage.canonical(str(tmp_path))
+    lab = Labeler("folder", str(tmp_path))
+    assert lab(f"{src}/dog/a.wav") == "dog"
+    assert lab(f"{src}/site1/cat/b.wav") == "cat"  # the nearest folder names the class
+    assert lab(f"{src}/loose.wav") is NO_LABEL
+    assert "class folder" in lab.why_missing()
+
+
+def test_none_labels_everything_none(tmp_path):
+    assert Labeler("none", str(tmp_path))(storage.canonical(str(tmp_path)) + "/x/a.wav") is None
+
+
+def test_csv_and_jsonl_manifests_with_relative_and_absolute_uris(tmp_path):
+    src = storage.canonical(str(tmp_path / "arch"))
+    (tmp_path / "l.csv").write_text(f"path,label,extra\nx/a.wav,dog,1\n{src}/y/b.wav,cat,2\n")
+    (tmp_path / "l.jsonl").write_text(f'{{"uri": "x/a.wav", "label": "dog"}}\n\n{{"uri": "{src}/y/b.wav", '
+                                      '"label": "cat"}\n')
+    for name in ("l.csv", "l.jsonl"):
+        lab = Labeler(str(tmp_path / name), str(tmp_path / "arch"))
+        assert lab(f"{src}/x/a.wav") == "dog" and lab(f"{src}/y/b.wav") == "cat"
+        assert lab(f"{src}/z/c.wav") is NO_LABEL and name in lab.why_missing()
+
+
+@pytest.mark.parametrize("content,needle", [("file,label\na,b\n", "'uri'"), ("uri,label\na.wav,\n", "empty label"),
+                                            ("uri,label\n", "no rows")])
+def test_bad_csv_manifests_are_config_errors(tmp_path, content, needle):
+    (tmp_path / "l.csv").write_text(content)
+    with pytest.raises(ConfigError, match=needle):
+        Labeler(str(tmp_path / "l.csv"), str(tmp_path))
+
+
+def test_bad_jsonl_and_missing_manifest(tmp_path):
+    (tmp_path / "l.jsonl").write_text('{"uri": "a.wav"}\n')
+    with pytest.raises(ConfigError, match="line 1"):
+        Labeler(str(tmp_path / "l.jsonl"), str(tmp_path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        Labeler(str(tmp_path / "missing.csv"), str(tmp_path))
