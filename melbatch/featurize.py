@@ -264,8 +264,10 @@ def quarantine_row(ref: storage.ObjectRef, e: DecodeError) -> dict[str, Any]:
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
+    # a terminal gets a live bar; a log (ray job logs, CI, cron) gets a line every 15 s instead
+    interactive = sys.stderr.isatty()
     return tqdm(total=total, unit="file", desc="featurize", disable=not enabled, file=sys.stderr,
-                mininterval=0.5, dynamic_ncols=True)
+                mininterval=0.5 if interactive else 15.0, dynamic_ncols=interactive, ascii=not interactive)
 
 
 # --------------------------------------------------------------------------------------------- task

@@ -220,3 +220,15 @@ def test_an_object_that_vanishes_after_listing_is_a_read_error(bucket):
     [q] = result["quarantine"]
     assert q["kind"] == "read_error" and "gone/a.wav" in q["message"]
     assert result["featurized"] == 0 and result["shards"] == []
+
+
+def test_keys_with_spaces_unicode_and_percent_signs(ray_session, bucket):
+    x = samples.engine_sound(np.random.default_rng(0), 2.0, 16000, False)
+    keys = ["dog barks/ünïcödé 100% loud.wav", "dog barks/x+y=z (1).flac", "cat/ONE.WAV"]
+    for k in keys:
+        storage.write_bytes(f"{bucket}/odd/{k}", samples.encode(x, 16000, samples.FORMATS[0 if "wav" in k.lower()
+                                                                                          else 1]))
+    s = featurize.run(FeaturizeConfig(src=f"{bucket}/odd", dst=f"{bucket}/odd-out", features=FAST), progress=False)
+    assert s.featurized == 3
+    got = {r["uri"]: r["label"] for r in _rows(f"{bucket}/odd-out")}
+    assert got == {f"{bucket}/odd/{k}": k.split("/")[0] for k in keys}
