@@ -1,0 +1,182 @@
+"""One timm factory and the self-describing model package.
+
+:func:`create_model` wraps ``timm.create_model``: one input channel (timm's own first-conv
+adaptation sums the RGB filters), a new head for the dataset's classes, ``img_size`` for models
+with a fixed input size (ViT/DeiT, as AST uses), and pretrained weights from the Hugging Face hub,
+from a weights file (local or any URI; safetensors or a torch state dict), or none.
+
+The package (``OUT/model/``) holds ``model.safetensors`` and ``model.json``: model name, labels,
+the feature config and its hash, normalisation and the training config, so ``classify`` rebuilds
+features and model from it alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from melbatch import __version__, storage
+from melbatch.config import FeatureConfig
+
+URI = str
+PACKAGE_DIR = "model"
+WEIGHTS = "model.safetensors"
+META = "model.json"
+
+
+class ModelError(RuntimeError):
+    """The model cannot be built or loaded; the message says what to do."""
+
+
+@contextmanager
+def _timm_warnings() -> Any:
+    """Collect what timm logs while it loads weights (it logs, rather than raises, when it gives up)."""
+    records: list[str] = []
+
+    class _Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = _Grab(level=logging.WARNING)
+    log = logging.getLogger("timm")
+    log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+
+
+def _fixed_input_size(name: str) -> bool:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True) if timm.is_model(name) else None
+    return bool(cfg and cfg.fixed_input_size)
+
+
+def fetch_weights(uri: URI) -> Path:
+    """A local path for a weights file at any URI (remote files are copied to a temp folder)."""
+    if storage.is_local(uri):
+        path = Path(storage.filesystem(uri)[1])
+        if not path.is_file():
+            raise ModelError(f"weights file {uri} does not exist")
+        return path
+    try:
+        data = storage.read_bytes(uri)
+    except storage.StorageError as e:
+        raise ModelError(f"cannot read weights file {uri}: {e}") from None
+    path = Path(tempfile.mkdtemp(prefix="melbatch-weights-")) / Path(uri).name
+    path.write_bytes(data)
+    return path
+
+
+def create_model(name: str, num_classes: int, shape: tuple[int, int], pretrained: bool = True,
+                 weights: URI | None = None) -> torch.nn.Module:
+    """A timm model for one-channel (n_mels, n_frames) images and ``num_classes`` outputs.
+
+    ``weights`` (a file) wins over ``pretrained`` (the hub). The classifier is always new.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ModelError(f"timm has no model {name!r}; similar: {close or 'see timm.list_models()'}")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": 1}
+    if _fixed_input_size(name):
+        kwargs.update(img_size=tuple(shape), dynamic_img_pad=True)
+    if weights:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(fetch_weights(weights))})
+    else:
+        kwargs["pretrained"] = pretrained
+    with _timm_warnings() as logged:
+        try:
+            try:
+                model = timm.create_model(name, **kwargs)
+            except TypeError as e:
+                if "dynamic_img_pad" not in str(e):
+                    raise
+                kwargs.pop("dynamic_img_pad")
+                model = timm.create_model(name, **kwargs)
+        except (OSError, RuntimeError, ValueError) as e:
+            if weights:
+                raise ModelError(f"cannot load weights {weights} into {name}: {e}") from None
+            raise ModelError(
+                f"cannot download ImageNet weights for {name} from the Hugging Face hub ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}). Offline? Copy a weights file in and pass --weights PATH_OR_URI "
+                "(safetensors or a torch state dict; see the README), or train from scratch with --no-pretrained."
+            ) from None
+    random_stem = [m for m in logged if "random init" in m.lower() or "unable to convert" in m.lower()]
+    if random_stem and (pretrained or weights):
+        msg = (f"timm could not adapt {name}'s pretrained first layer to one input channel and initialised it "
+               f"randomly: {random_stem[0]}. Transfer learning will be weaker; consider another model.")
+        logging.getLogger("melbatch").warning(msg)
+        warnings.warn(msg, stacklevel=2)
+    return model
+
+
+def classifier_names(model: torch.nn.Module) -> list[str]:
+    """Parameter names of the classifier head (what is re-initialised for new classes)."""
+    head = model.default_cfg.get("classifier", "head")
+    heads = [head] if isinstance(head, str) else list(head)
+    return [n for n, _ in model.named_parameters() if any(n == h or n.startswith(h + ".") for h in heads)]
+
+
+@dataclass(frozen=True)
+class Package:
+    """A trained model and everything needed to use it."""
+
+    model: torch.nn.Module
+    meta: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.meta["labels"]
+
+    @property
+    def features(self) -> FeatureConfig:
+        return FeatureConfig.from_dict(self.meta["feature_config"])
+
+
+def weights_id(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_package(out: URI, model: torch.nn.Module, meta: dict[str, Any]) -> URI:
+    """Write ``out/model/`` (weights first, ``model.json`` last); returns its URI."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    root = storage.join(out, PACKAGE_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(state, f"{tmp}/{WEIGHTS}")
+        storage.write_bytes(storage.join(root, WEIGHTS), Path(f"{tmp}/{WEIGHTS}").read_bytes())
+    meta = {**meta, "model_id": f"{meta['model_name']}-{weights_id(state)}", "melbatch_version": __version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_bytes(storage.join(root, META), json.dumps(meta, indent=2, sort_keys=True).encode())
+    return root
+
+
+def load_package(uri: URI) -> Package:
+    """Load a package from ``uri`` (the train OUT folder or its ``model/`` folder)."""
+    root = uri if uri.rstrip("/").endswith(PACKAGE_DIR) else storage.join(uri, PACKAGE_DIR)
+    if not storage.exists(storage.join(root, META)):
+        raise ModelError(f"{uri} holds no model package ({PACKAGE_DIR}/{META}); give the OUT of `melbatch train`")
+    meta = json.loads(storage.read_bytes(storage.join(root, META)))
+    fc = FeatureConfig.from_dict(meta["feature_config"])
+    model = create_model(meta["model_name"], len(meta["labels"]), fc.shape, pretrained=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(f"{tmp}/{WEIGHTS}").write_bytes(storage.read_bytes(storage.join(root, WEIGHTS)))
+        model.load_state_dict(load_file(f"{tmp}/{WEIGHTS}"))
+    return Package(model.eval(), meta)

@@ -1,0 +1,91 @@
+"""The timm factory: one channel, new head, weights from a file (local and S3), offline errors, packages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from melbatch import model as mb_model
+from melbatch.config import FeatureConfig
+from melbatch.model import ModelError
+
+SHAPE = (64, 201)
+
+
+def _imagenet_like_file(path, name="test_convnext") -> dict[str, torch.Tensor]:
+    """Weights of a 3-channel, 1000-class model, as a user would download them."""
+    import timm
+
+    torch.manual_seed(7)
+    src = timm.create_model(name, pretrained=False)
+    state = {k: v.contiguous() for k, v in src.state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_backbone_starts_from_exactly_the_weights_file_and_head_is_new(where, tmp_path, request):
+    path = tmp_path / "test_convnext.safetensors"
+    state = _imagenet_like_file(path)
+    uri = str(path)
+    if where == "s3":
+        from melbatch import storage
+
+        uri = request.getfixturevalue("bucket") + "/weights/test_convnext.safetensors"
+        storage.write_bytes(uri, path.read_bytes())
+    m = mb_model.create_model("test_convnext", num_classes=3, shape=SHAPE, weights=uri)
+    got = m.state_dict()
+    head = set(mb_model.classifier_names(m))
+    assert head and all(got[k].shape[0] == 3 for k in head if k.endswith("weight"))
+    stem = m.default_cfg["first_conv"] + ".weight"
+    for k, v in got.items():
+        if k in head or k not in state:
+            continue
+        if k == stem:  # timm's one-channel adaptation sums the RGB filters
+            assert torch.allclose(v, state[k].sum(dim=1, keepdim=True), atol=1e-6)
+        else:
+            assert torch.equal(v, state[k]), k
+    assert m(torch.randn(2, 1, *SHAPE)).shape == (2, 3)
+
+
+def test_offline_without_weights_says_how_to_supply_them():
+    """A fresh process with no hub access, as on an air-gapped cluster."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from melbatch.model import create_model, ModelError\n"
+            "try:\n    create_model('test_convnext', 2, (64, 201), pretrained=True)\n"
+            "except ModelError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "cannot download ImageNet weights for test_convnext" in out.stdout
+    assert "--weights PATH_OR_URI" in out.stdout and "--no-pretrained" in out.stdout
+
+
+def test_unknown_model_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(ModelError, match="no model 'convnxt_tiny'"):
+        mb_model.create_model("convnxt_tiny", 2, SHAPE)
+    with pytest.raises(ModelError, match="does not exist"):
+        mb_model.create_model("test_convnext", 2, SHAPE, weights=str(tmp_path / "nope.safetensors"))
+
+
+def test_fixed_input_size_models_get_the_clip_shape():
+    m = mb_model.create_model("test_vit", 2, SHAPE, pretrained=False)
+    assert m(torch.randn(2, 1, *SHAPE)).shape == (2, 2)
+
+
+def test_package_roundtrip(tmp_path):
+    fc = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0)
+    m = mb_model.create_model("test_convnext", 2, fc.shape, pretrained=False).eval()
+    root = mb_model.save_package(str(tmp_path), m, {"model_name": "test_convnext", "labels": ["a", "b"],
+                                                    "feature_config": fc.to_dict(), "config_hash": fc.hash()})
+    assert root.endswith("/model")
+    pkg = mb_model.load_package(str(tmp_path))
+    assert pkg.labels == ["a", "b"] and pkg.features == fc and pkg.meta["model_id"].startswith("test_convnext-")
+    x = torch.randn(2, 1, *fc.shape)
+    with torch.no_grad():
+        assert torch.equal(pkg.model(x), m(x))
+    with pytest.raises(ModelError, match="no model package"):
+        mb_model.load_package(str(tmp_path / "elsewhere"))
