@@ -21,6 +21,7 @@ from melbatch.config import (
     ConfigError,
     FeatureConfig,
     FeaturizeConfig,
+    TrainConfig,
     build,
     load_yaml,
     merge,
@@ -56,6 +57,37 @@ FEATURIZE_HELP = {
 }
 
 
+TRAIN_HELP = {
+    "model": "any timm model name (resnet18, efficientnet_b0, convnext_tiny, vit_tiny_patch16_224, ...)",
+    "pretrained": "start from random weights instead of ImageNet weights from the Hugging Face hub",
+    "weights": "start from this weights file (local or any URI; safetensors or a torch state dict)",
+    "epochs": "training epochs",
+    "batch_size": "clips per batch per worker",
+    "workers": "Ray Train workers (processes; one GPU each with --use-gpu)",
+    "use_gpu": "train on GPUs (bfloat16 autocast unless --no-amp)",
+    "cpus_per_worker": "CPUs reserved per worker (fractions leave CPUs for Ray Data on small machines)",
+    "seed": "seed for the split, initialisation, shuffling and augmentation",
+    "val_fraction": "fraction of each label's files held out for validation (whole files, never clips)",
+    "split_manifest": "CSV with uri,split (train/val) that decides the split instead",
+    "lr": "peak learning rate (AdamW)",
+    "weight_decay": "AdamW weight decay (not on biases and norms)",
+    "warmup_epochs": "linear warm-up, then cosine decay to zero",
+    "label_smoothing": "label smoothing",
+    "freeze_epochs": "epochs that train only the new head (a linear probe) before full fine-tuning",
+    "normalize": "'dataset': one mean/std from the training split, stored in the package; 'clip': per clip",
+    "time_crop_frac": "train on random crops of this fraction of each clip's frames (1 = off)",
+    "time_masks": "SpecAugment time masks per clip",
+    "time_mask_frac": "widest time mask, as a fraction of the frames",
+    "freq_masks": "SpecAugment frequency masks per clip",
+    "freq_mask_frac": "widest frequency mask, as a fraction of the mel bands",
+    "mixup_alpha": "mixup Beta(alpha, alpha); 0 = off",
+    "balance": "'weights': class-weighted loss for imbalanced archives; 'none'",
+    "keep_checkpoints": "best checkpoints kept (by validation macro-F1; the latest is always kept for resume)",
+    "max_failures": "restarts from the latest checkpoint when a worker dies (-1: forever)",
+    "amp": "no mixed precision on GPUs",
+}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -70,7 +102,10 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, helps: dict[str,
     for name, help_text in helps.items():
         hint, default = hints[name], defaults.get(name)
         shown = f"{help_text} (default: {','.join(default) or 'none' if isinstance(default, tuple) else default})"
-        if hint is bool:
+        if hint is bool and default is True:
+            group.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
+                               default=None, help=help_text)
+        elif hint is bool:
             group.add_argument(_flag(name), action="store_true", default=None, help=help_text)
         elif typing.get_origin(hint) is tuple and name == "extensions":
             group.add_argument(_flag(name), "--ext", type=lambda s: tuple(s.split(",")), default=None, help=shown)
@@ -106,6 +141,27 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     cfg = featurize_config(args)
     summary = featurize.run(cfg, progress=not args.no_progress)
     print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else summary.render())
+    return 0
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    yml = load_yaml(args.config)
+    values = merge(yml.get("train") or {}, {"shards": args.shards, "out": args.out, "address": args.address},
+                   _given(args, TRAIN_HELP))
+    return build(TrainConfig, values, "train")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from melbatch import train
+
+    cfg = train_config(args)
+    m = train.run(cfg)
+    print(f"\ntrained {cfg.model} on {cfg.shards}: best epoch {m['best_epoch']}/{cfg.epochs}  "
+          f"val_accuracy {m['val_accuracy']:.3f}  macro_f1 {m['macro_f1']:.3f}  "
+          f"({m['split']['train_files']} train / {m['split']['val_files']} val files)")
+    for lab, pc in m["per_class"].items():
+        print(f"  {lab:<16} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  support {pc['support']}")
+    print(f"model package: {m['model_package']}\nmetrics: {cfg.out.rstrip('/')}/metrics.json")
     return 0
 
 
@@ -165,6 +221,18 @@ def parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(f, FeatureConfig, FEATURE_HELP, "features (recorded in every shard; changing one changes "
                          "the config hash)")
     f.set_defaults(func=cmd_featurize)
+
+    t = sub.add_parser("train", help="fine-tune a timm model on featurized shards with Ray Train",
+                       description="Fine-tune an ImageNet-pretrained timm model on the log-mel shards in SHARDS "
+                       "(a featurize output) with Ray Train, holding out whole files for validation. Writes "
+                       "checkpoints under OUT/ray-train/, the best model package in OUT/model/ and OUT/metrics.json. "
+                       "Re-running the same command resumes from the latest checkpoint.")
+    t.add_argument("shards", metavar="SHARDS", help="featurize output URI (with _manifest.json)")
+    t.add_argument("out", metavar="OUT", help="output URI for checkpoints, model package and metrics")
+    t.add_argument("--config", metavar="YAML", help="YAML file with a 'train:' section; flags override it")
+    t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_dataclass_flags(t, TrainConfig, TRAIN_HELP, "training")
+    t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample-archive", help="generate a labelled sample archive (engine or voice task)",
                        description="Write a labelled sample archive DST/<label>/<file> in mixed formats, rates "

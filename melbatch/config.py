@@ -232,3 +232,71 @@ def merge(*layers: dict[str, Any]) -> dict[str, Any]:
     for layer in layers:
         out.update({k: v for k, v in layer.items() if v is not None})
     return out
+
+
+NORMALIZATIONS = ("dataset", "clip")
+BALANCING = ("weights", "none")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to fine-tune a timm model on featurized shards.
+
+    Defaults are what a practitioner expects for fine-tuning an ImageNet model: AdamW, linear
+    warm-up then cosine decay, label smoothing, SpecAugment, mixup, random time crops and class
+    weights for imbalanced archives.
+    """
+
+    shards: URI
+    out: URI
+    model: str = "efficientnet_b0"
+    pretrained: bool = True
+    weights: URI | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    seed: int = 0
+    val_fraction: float = 0.2
+    split_manifest: URI | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    freeze_epochs: int = 0
+    normalize: Literal["dataset", "clip"] = "dataset"
+    time_crop_frac: float = 0.8
+    time_masks: int = 2
+    time_mask_frac: float = 0.1
+    freq_masks: int = 2
+    freq_mask_frac: float = 0.1
+    mixup_alpha: float = 0.2
+    balance: Literal["weights", "none"] = "weights"
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    amp: bool = True
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.shards) and bool(self.out), "give SHARDS (a featurize output) and OUT")
+        _require(self.shards.rstrip("/") != self.out.rstrip("/"), "OUT must not be the SHARDS folder")
+        _require(self.epochs >= 1, f"epochs={self.epochs}: train at least one epoch")
+        _require(self.batch_size >= 2, f"batch_size={self.batch_size}: use at least 2 (batch norm, mixup)")
+        _require(self.workers >= 1, f"workers={self.workers}: at least one training worker")
+        _require(self.cpus_per_worker > 0, "cpus_per_worker must be > 0 (fractions are fine on small machines)")
+        _require(0 < self.val_fraction < 1 or self.split_manifest is not None,
+                 f"val_fraction={self.val_fraction}: must be between 0 and 1")
+        _require(self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0")
+        _require(0 <= self.warmup_epochs < self.epochs or self.epochs == 1,
+                 f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
+        _require(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        _require(0 <= self.freeze_epochs < self.epochs or self.freeze_epochs == 0,
+                 f"freeze_epochs={self.freeze_epochs}: must leave at least one epoch of full fine-tuning")
+        _require(self.normalize in NORMALIZATIONS, f"normalize={self.normalize!r}: choose one of {NORMALIZATIONS}")
+        _require(0 < self.time_crop_frac <= 1, "time_crop_frac must be in (0, 1] (1 = no crop)")
+        _require(0 <= self.time_mask_frac < 1 and 0 <= self.freq_mask_frac < 1, "mask fractions must be in [0, 1)")
+        _require(self.mixup_alpha >= 0, "mixup_alpha must be >= 0 (0 = off)")
+        _require(self.balance in BALANCING, f"balance={self.balance!r}: choose one of {BALANCING}")
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _require(self.max_failures >= -1, "max_failures must be >= -1 (-1 = retry forever)")

@@ -4,7 +4,7 @@ Top-down:
 
 1. :func:`preflight` checks config, SRC and DST before any cluster work (fails fast).
 2. The driver lists SRC once, attaches labels, quarantines unlabelled objects, and groups the rest
-   into batches of ``files_per_task`` in key order.
+   into batches of ``files_per_task`` in a hashed (deterministic, label-mixing) order.
 3. Each batch is one Ray task (:func:`featurize_batch`): read → decode → clips → log-mel → shards
    named after the batch's content, then a small ``_parts/<batch>.json`` that marks the batch done.
    A retried task rewrites the same names, and a re-run skips batches whose part file exists.
@@ -123,6 +123,9 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
         else:
             work.append((ref, label))
 
+    # batches take files in hashed order, not key order: a shard then mixes labels and folders, which a
+    # streaming trainer needs (key order would fill whole shards with one class folder)
+    work.sort(key=lambda item: hashlib.sha1(item[0].uri.encode()).digest())
     batches = [(batch_id(cfg.features, b), b) for b in chunked(work, cfg.files_per_task)]
     summary.batches = len(batches)
     results, resumed = _run_batches(cfg, dst, batches, progress)

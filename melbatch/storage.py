@@ -56,6 +56,20 @@ def filesystem(uri: URI) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def arrow_filesystem(uri: URI) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) for libraries that speak pyarrow.fs (Ray Data, Ray Train).
+
+    Local paths get ``None`` (pyarrow's own local filesystem); anything else is this module's fsspec
+    filesystem wrapped for pyarrow, so endpoints and credentials resolve exactly as everywhere else.
+    """
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        return None, path
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
 def is_local(uri: URI) -> bool:
     return isinstance(filesystem(uri)[0], LocalFileSystem)
 

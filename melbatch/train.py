@@ -1,0 +1,420 @@
+"""train: fine-tune an ImageNet-pretrained timm model on featurized shards, with Ray Train.
+
+Top-down:
+
+1. :func:`open_shards` checks the featurize output (manifest present, every shard there and made
+   with the manifest's features) before any cluster work.
+2. :func:`split_by_file` holds out whole recordings (clips of one file never sit on both sides),
+   stratified by label and seeded; or an explicit ``uri,split`` manifest decides.
+3. Ray Data streams the shards; normalisation statistics are computed once from the train split.
+4. :func:`train_loop` runs on every TorchTrainer worker: each worker reads its own part of the data,
+   trains, evaluates its part of the validation split (confusion matrices are summed across
+   workers) and reports a checkpoint every epoch. Re-running the same command resumes from the latest
+   checkpoint; ``FailureConfig`` restarts workers that die.
+5. The driver writes the best epoch's model package (``OUT/model/``) and ``OUT/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from melbatch import augment, storage
+from melbatch.config import ConfigError, FeatureConfig, TrainConfig
+from melbatch.model import PACKAGE_DIR, classifier_names, create_model, save_package
+from melbatch.shards import DatasetError, feature_config_of, mel_array, open_dataset, shard_uris
+
+URI = str
+RUN_NAME = "ray-train"
+METRICS = "metrics.json"
+STATE = "state.pt"
+
+
+# --------------------------------------------------------------------------------------------- data
+
+def open_shards(uri: URI) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
+    """The manifest, features and shard URIs of a complete, consistent featurize output."""
+    manifest = open_dataset(uri)
+    features = FeatureConfig.from_dict(manifest["feature_config"])
+    if features.hash() != manifest["config_hash"]:
+        raise DatasetError(f"{uri}/_manifest.json is inconsistent: its feature_config hashes to {features.hash()}, "
+                           f"not the recorded {manifest['config_hash']}; re-run featurize")
+    uris = shard_uris(uri, manifest)
+    if not uris:
+        raise DatasetError(f"{uri} holds no clips (every input was quarantined?): see its quarantine.parquet")
+    for u in uris:
+        if not storage.exists(u):
+            raise DatasetError(f"{u} is listed in the manifest but missing: re-run featurize into {uri}")
+    with storage.open_input(uris[0]) as f:
+        have = feature_config_of(pq.ParquetFile(f).schema_arrow)
+    if have.hash() != features.hash():
+        raise DatasetError(f"{uris[0]} was written with features {have.hash()} but the manifest says "
+                           f"{features.hash()}: the output mixes two featurize runs; re-run featurize with --overwrite")
+    if not manifest.get("labels"):
+        raise DatasetError(f"{uri} is unlabelled (featurized with --labels none): train needs labels")
+    return manifest, features, uris
+
+
+def file_labels(uris: list[URI]) -> dict[str, str]:
+    """uri → label for every source file in the shards (reads two small columns, not the images)."""
+    out: dict[str, str] = {}
+    for u in uris:
+        with storage.open_input(u) as f:
+            t = pq.read_table(f, columns=["uri", "label"])
+        out.update(zip(t.column("uri").to_pylist(), t.column("label").to_pylist(), strict=True))
+    return out
+
+
+def split_by_file(labels_of: dict[str, str], val_fraction: float, seed: int) -> set[str]:
+    """Validation files: ``val_fraction`` of each label's files (at least one where a label has two)."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[str]] = {}
+    for uri, label in sorted(labels_of.items()):
+        by_label.setdefault(label, []).append(uri)
+    val: set[str] = set()
+    for label in sorted(by_label):
+        files = by_label[label]
+        n = min(len(files) - 1, max(1 if len(files) >= 2 else 0, round(val_fraction * len(files))))
+        val.update(rng.permutation(files)[:n].tolist())
+    return val
+
+
+def read_split_manifest(uri: URI, files: set[str]) -> set[str]:
+    """Validation files from a CSV with ``uri,split`` (split ``train`` or ``val``)."""
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode("utf-8-sig"))))
+    if not rows or not {"uri", "split"} <= set(rows[0]):
+        raise ConfigError(f"split manifest {uri} needs a header with 'uri' and 'split' columns")
+    bad = sorted({r["split"] for r in rows} - {"train", "val"})
+    if bad:
+        raise ConfigError(f"split manifest {uri}: split must be 'train' or 'val', found {bad}")
+    val = {storage.canonical(r["uri"]) for r in rows if r["split"] == "val"}
+    missing = sorted(val - files)[:3]
+    if missing:
+        raise ConfigError(f"split manifest {uri} names files that are not in the shards, e.g. {missing}")
+    if not val:
+        raise ConfigError(f"split manifest {uri} puts no file in 'val'")
+    return val
+
+
+def _filter_files(batch: pa.Table, files: pa.Array, keep: bool) -> pa.Table:
+    mask = pc.is_in(batch.column("uri"), value_set=files)
+    return batch.filter(mask if keep else pc.invert(mask))
+
+
+def datasets(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> dict[str, Any]:
+    """{"train", "val"} Ray Datasets over the shards, split by source file."""
+    import ray
+
+    fs, _ = storage.arrow_filesystem(uris[0])
+    paths = [storage.arrow_filesystem(u)[1] for u in uris]
+    base = ray.data.read_parquet(paths, filesystem=fs, columns=["uri", "label", "mel"])
+    val_arr = pa.array(sorted(val_files), pa.string())
+    return {
+        # blocks in a new random order every epoch, then a local shuffle buffer in each worker
+        "train": base.randomize_block_order().map_batches(_filter_files, batch_format="pyarrow",
+                                                           fn_kwargs={"files": val_arr, "keep": False}),
+        "val": base.map_batches(_filter_files, batch_format="pyarrow", fn_kwargs={"files": val_arr, "keep": True}),
+    }
+
+
+def _moments(batch: pa.Table) -> pa.Table:
+    x = mel_array(batch).astype(np.float64)
+    return pa.table({"n": [x.size], "s": [x.sum()], "ss": [np.square(x).sum()]})
+
+
+def dataset_stats(train_ds: Any) -> tuple[float, float]:
+    """Mean and standard deviation of every mel value in the training split (one streaming pass)."""
+    t = train_ds.map_batches(_moments, batch_format="pyarrow").to_arrow_refs()
+    import ray
+
+    parts = pa.concat_tables(ray.get(t))
+    n, s, ss = (pc.sum(parts.column(c)).as_py() for c in ("n", "s", "ss"))
+    mean = s / n
+    return float(mean), float(math.sqrt(max(ss / n - mean * mean, 1e-12)))
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+def _to_tensors(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], device: Any) -> tuple:
+    import torch
+
+    x = torch.from_numpy(mel_array(batch).astype(np.float32)).unsqueeze(1)
+    if norm["kind"] == "clip":
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        x = (x - mean) / std
+    else:
+        x = (x - norm["mean"]) / norm["std"]
+    y = torch.tensor([label_index[v] for v in batch.column("label").to_pylist()], dtype=torch.long)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _metrics(conf: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    tp = np.diag(conf).astype(float)
+    precision = np.divide(tp, conf.sum(0), out=np.zeros_like(tp), where=conf.sum(0) > 0)
+    recall = np.divide(tp, conf.sum(1), out=np.zeros_like(tp), where=conf.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    return {
+        "val_accuracy": float(tp.sum() / max(1, conf.sum())),
+        "macro_f1": float(f1.mean()),
+        "per_class": {lab: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                      for lab, p, r, f, n in zip(labels, precision, recall, f1, conf.sum(1), strict=True)},
+        "confusion_matrix": conf.astype(int).tolist(),
+    }
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    cfg = TrainConfig(**config["train"])
+    labels: list[str] = config["labels"]
+    label_index = {lab: i for i, lab in enumerate(labels)}
+    norm, shape = config["norm"], tuple(config["shape"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed + rank)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    device = ray.train.torch.get_device()
+
+    model = create_model(cfg.model, len(labels), shape, pretrained=cfg.pretrained, weights=cfg.weights)
+    head = set(classifier_names(model))
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = max(1, math.ceil(config["train_rows"] / (cfg.batch_size * world)))
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+    model = ray.train.torch.prepare_model(model)
+    class_w = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
+    crop = max(1, round(cfg.time_crop_frac * shape[1]))
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        model.train()
+        frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
+        shuffle = max(256, 8 * cfg.batch_size)
+        for batch in ray.train.get_dataset_shard("train").iter_batches(
+                batch_size=cfg.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=shuffle,
+                local_shuffle_seed=cfg.seed + epoch * 7919 + rank, drop_last=False):
+            x, y = _to_tensors(batch, label_index, norm, device)
+            if len(y) < 2:
+                continue
+            x = augment.random_time_crop(x, crop, gen)
+            x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, gen)
+            target = augment.soft_targets(y, len(labels), cfg.label_smoothing)
+            x, target = augment.mixup(x, target, cfg.mixup_alpha, gen)
+            with autocast:
+                logits = model(x)
+            logp = torch.log_softmax(logits.float(), dim=1)
+            loss = -(target * logp * class_w).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if frozen:
+                for n, p in model.named_parameters():
+                    if n.removeprefix("module.") not in head:
+                        p.grad = None
+            opt.step()
+            sched.step()
+            seen += len(y)
+            loss_sum += float(loss) * len(y)
+        train_s = time.perf_counter() - t0
+
+        model.eval()
+        conf = torch.zeros(len(labels), len(labels), dtype=torch.float64)
+        val_loss = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.batch_size,
+                                                                        batch_format="pyarrow"):
+                x, y = _to_tensors(batch, label_index, norm, device)
+                with autocast:
+                    logits = model(x).float()
+                val_loss += torch.tensor([float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")),
+                                          len(y)], dtype=torch.float64)
+                pred = logits.argmax(1).cpu()
+                conf.index_put_((y.cpu(), pred), torch.ones(len(y), dtype=torch.float64), accumulate=True)
+        counts = torch.tensor([loss_sum, seen, train_s], dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            for t in (conf, val_loss, counts):
+                dist.all_reduce(t)
+        m = _metrics(conf.numpy(), labels)
+        row = {"epoch": epoch + 1, "train_loss": float(counts[0] / max(1, counts[1])),
+               "val_loss": float(val_loss[0] / max(1, val_loss[1])), "val_accuracy": m["val_accuracy"],
+               "macro_f1": m["macro_f1"], "lr": sched.get_last_lr()[0], "frozen_backbone": frozen,
+               "samples_per_s": float(counts[1] / max(1e-9, counts[2] / world)), "attempt_start_epoch": start_epoch}
+        history = [*history, row]
+        report = {**row, "per_class": json.dumps(m["per_class"]), "confusion_matrix": json.dumps(m["confusion_matrix"])}
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                inner = model.module if hasattr(model, "module") else model
+                state = {"model": inner.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "epoch": epoch, "history": history}
+                torch.save(state, os.path.join(d, STATE))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+                print(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {row['train_loss']:.3f}  val_loss "
+                      f"{row['val_loss']:.3f}  val_acc {row['val_accuracy']:.3f}  macro_f1 {row['macro_f1']:.3f}  "
+                      f"lr {row['lr']:.2e}  {row['samples_per_s']:.0f} samples/s{'  (backbone frozen)' * frozen}",
+                      flush=True)
+            ray.train.report(report, checkpoint=ckpt)
+        _maybe_crash(config.get("crash_at"), epoch + 1, rank, world, storage.join(cfg.out, "_injected_crash"))
+
+
+def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int, marker: URI) -> None:
+    """Fault injection for tests: ``MELBATCH_CRASH_AT=raise:2`` raises after epoch 2; ``exit:2`` kills
+    the last worker's process there (as when a node is lost). Once per OUT: a marker file records it.
+    """
+    if not spec:
+        return
+    mode, at = spec.split(":")
+    if epoch != int(at) or (mode == "exit" and rank != world - 1) or storage.exists(marker):
+        return
+    storage.write_bytes(marker, f"{spec} rank {rank}".encode())
+    if mode == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected crash after epoch {epoch} (MELBATCH_CRASH_AT={spec})")
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
+    storage.check_writable(cfg.out)
+    if cfg.weights and not storage.exists(cfg.weights):
+        raise ConfigError(f"weights file {cfg.weights} does not exist")
+    manifest, features, uris = open_shards(cfg.shards)
+    previous = storage.join(cfg.out, "train_config.json")
+    if storage.exists(previous):
+        before = json.loads(storage.read_bytes(previous))
+        if before.get("config_hash") != features.hash() or before.get("model") != cfg.model:
+            raise ConfigError(f"{cfg.out} holds a run of {before.get('model')} on features "
+                              f"{before.get('config_hash')}; "
+                              f"this run is {cfg.model} on {features.hash()}. Use another OUT.")
+    return manifest, features, uris
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train; returns the metrics written to ``OUT/metrics.json``."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from melbatch.featurize import init_ray
+
+    manifest, features, uris = preflight(cfg)
+    labels = sorted(manifest["labels"])
+    labels_of = file_labels(uris)
+    files = set(labels_of)
+    val_files = (read_split_manifest(cfg.split_manifest, files) if cfg.split_manifest
+                 else split_by_file(labels_of, cfg.val_fraction, cfg.seed))
+    train_files = files - val_files
+    if not train_files or not val_files:
+        raise ConfigError(f"the split leaves {len(train_files)} training and {len(val_files)} validation files: "
+                          "featurize more files or change --val-fraction")
+    init_ray(cfg.address)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
+    ds = datasets(cfg, uris, val_files)
+    rows_per_label = Counter()
+    for u in uris:
+        with storage.open_input(u) as f:
+            t = pq.read_table(f, columns=["uri", "label"])
+        keep = pc.invert(pc.is_in(t.column("uri"), value_set=pa.array(sorted(val_files), pa.string())))
+        rows_per_label.update(t.filter(keep).column("label").to_pylist())
+    train_rows = sum(rows_per_label.values())
+    if cfg.balance == "weights":
+        class_weights = [train_rows / (len(labels) * max(1, rows_per_label[lab])) for lab in labels]
+    else:
+        class_weights = [1.0] * len(labels)
+    if cfg.normalize == "dataset":
+        mean, std = dataset_stats(ds["train"])
+        norm = {"kind": "dataset", "mean": mean, "std": std}
+    else:
+        norm = {"kind": "clip"}
+    storage.write_bytes(storage.join(cfg.out, "train_config.json"), json.dumps(
+        {"model": cfg.model, "config_hash": features.hash(), "train": asdict(cfg)}, indent=2).encode())
+
+    fs, path = storage.arrow_filesystem(cfg.out)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"train": asdict(cfg), "labels": labels, "norm": norm, "shape": list(features.shape),
+                           "train_rows": train_rows, "class_weights": class_weights,
+                           "crash_at": os.environ.get("MELBATCH_CRASH_AT")},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                         checkpoint_score_attribute="macro_f1",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+        datasets=ds,
+    )
+    result = trainer.fit()
+    return _finish(cfg, result, labels, features, norm, val_files, train_files)
+
+
+def _finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureConfig, norm: dict[str, Any],
+            val_files: set[str], train_files: set[str]) -> dict[str, Any]:
+    """Write the best epoch's model package and metrics.json."""
+    import torch
+
+    candidates = list(result.best_checkpoints or []) or [(result.checkpoint, result.metrics)]
+    best_ckpt, best = max(candidates, key=lambda cm: (cm[1]["macro_f1"], cm[1]["epoch"]))
+    with best_ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
+    with result.checkpoint.as_directory() as d:
+        history = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)["history"]
+    model = create_model(cfg.model, len(labels), features.shape, pretrained=False)
+    model.load_state_dict(state["model"])
+    meta = {"model_name": cfg.model, "labels": labels, "feature_config": features.to_dict(),
+            "config_hash": features.hash(), "normalization": norm, "train_config": asdict(cfg),
+            "best_epoch": best["epoch"], "shards": storage.canonical(cfg.shards)}
+    save_package(cfg.out, model, meta)
+    metrics = {
+        "val_accuracy": best["val_accuracy"], "macro_f1": best["macro_f1"], "best_epoch": best["epoch"],
+        "labels": labels, "confusion_matrix": json.loads(best["confusion_matrix"]),
+        "per_class": json.loads(best["per_class"]), "epochs": history,
+        "split": {"train_files": len(train_files), "val_files": len(val_files)},
+        "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
+    }
+    storage.write_bytes(storage.join(cfg.out, METRICS), json.dumps(metrics, indent=2).encode())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["uri", "split"])
+    w.writerows([(u, "val") for u in sorted(val_files)] + [(u, "train") for u in sorted(train_files)])
+    storage.write_bytes(storage.join(cfg.out, "split.csv"), buf.getvalue().encode())
+    return metrics

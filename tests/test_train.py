@@ -1,0 +1,132 @@
+"""train: split without leakage, augmentation, refusing bad inputs, and real Ray Train runs that
+learn, resume after a crash and survive a dying worker."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import new_bucket
+
+from melbatch import augment, featurize, model, samples, shards, storage, train
+from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig, TrainConfig
+from melbatch.shards import DatasetError
+
+FAST = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)
+
+
+def test_split_holds_out_whole_files_stratified_and_seeded():
+    labels_of = {f"s3://b/{lab}/{i}.wav": lab for lab in ("a", "b") for i in range(20)} | {"s3://b/c/0.wav": "c",
+                                                                                          "s3://b/c/1.wav": "c"}
+    val = train.split_by_file(labels_of, 0.25, seed=1)
+    assert sum(u.startswith("s3://b/a/") for u in val) == 5 and sum(u.startswith("s3://b/b/") for u in val) == 5
+    assert sum(u.startswith("s3://b/c/") for u in val) == 1  # a rare label still gets one, and keeps one
+    assert val == train.split_by_file(dict(reversed(labels_of.items())), 0.25, seed=1)
+    assert val != train.split_by_file(labels_of, 0.25, seed=2)
+
+
+def test_augmentations_keep_shapes_and_do_what_they_say():
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(8, 1, 64, 201)
+    assert augment.random_time_crop(x, 160, g).shape == (8, 1, 64, 160)
+    ramp = torch.arange(201.0).expand(8, 1, 64, 201)
+    crop = augment.random_time_crop(ramp, 50, g)
+    assert torch.all(crop[..., 1:] - crop[..., :-1] == 1)  # contiguous windows
+    masked = augment.spec_augment(x, 2, 0.1, 2, 0.1, g)
+    zero = (masked == 0).float().mean()
+    assert 0 < zero < 0.4
+    t = augment.soft_targets(torch.tensor([0, 1]), 2, 0.1)
+    assert torch.allclose(t.sum(1), torch.ones(2)) and t[0, 0] == pytest.approx(0.95)
+    xm, tm = augment.mixup(torch.eye(4).view(4, 1, 2, 2), augment.soft_targets(torch.arange(4), 4, 0.0), 0.4, g)
+    assert torch.allclose(tm.sum(1), torch.ones(4)) and tm.max(1).values.min() >= 0.5
+    assert torch.allclose(xm.view(4, 4), tm)  # images and targets blended with the same weights
+
+
+def test_bad_shard_folders_are_refused(tmp_path, ray_session):
+    with pytest.raises(DatasetError, match="did not finish"):
+        train.open_shards(str(tmp_path))
+    src, dst = tmp_path / "a", tmp_path / "f"
+    samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)
+    manifest = json.loads((dst / "_manifest.json").read_text())
+    broken = {**manifest, "shards": [*manifest["shards"], "shards/missing.parquet"]}
+    (dst / "_manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(DatasetError, match="missing"):
+        train.open_shards(str(dst))
+    other = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=32)
+    (dst / "_manifest.json").write_text(json.dumps({**manifest, "feature_config": other.to_dict(),
+                                                     "config_hash": other.hash()}))
+    with pytest.raises(DatasetError, match="mixes two featurize runs"):
+        train.open_shards(str(dst))
+
+
+@pytest.fixture(scope="module")
+def engine_shards(request):
+    """A separable two-class archive (healthy vs faulty engines), featurized on the S3 server."""
+    request.getfixturevalue("ray_session")
+    b = new_bucket()
+    samples.make_archive(f"{b}/archive", "engine", files_per_class=24, seconds=5.0, seed=5)
+    featurize.run(FeaturizeConfig(src=f"{b}/archive", dst=f"{b}/features", features=FAST, files_per_task=8),
+                  progress=False)
+    return b
+
+
+def _cfg(bucket: str, out: str, **kw) -> TrainConfig:
+    base = dict(shards=f"{bucket}/features", out=f"{bucket}/{out}", model="test_resnet", pretrained=False,
+                epochs=6, batch_size=8, workers=2, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0, max_failures=0)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_learns_resumes_after_a_crash_and_writes_the_package(engine_shards, monkeypatch):
+    """Crash after epoch 3, re-run the same command: it continues at epoch 4 and still learns (≥ 90%)."""
+    cfg = _cfg(engine_shards, "run1")
+    monkeypatch.setenv("MELBATCH_CRASH_AT", "raise:3")
+    with pytest.raises(Exception, match="injected crash"):
+        train.run(cfg)
+    monkeypatch.delenv("MELBATCH_CRASH_AT")
+    m = train.run(cfg)
+    epochs = m["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5, 6]
+    assert [e["attempt_start_epoch"] for e in epochs] == [0, 0, 0, 3, 3, 3]  # 4-6 ran in the resumed attempt
+    assert m["val_accuracy"] >= 0.9, epochs
+    assert {"val_accuracy", "macro_f1", "labels", "confusion_matrix", "epochs"} <= set(m)
+    assert m["labels"] == ["faulty", "healthy"] and np.array(m["confusion_matrix"]).sum() > 0
+    saved = json.loads(storage.read_bytes(f"{cfg.out}/metrics.json"))
+    assert saved["val_accuracy"] == m["val_accuracy"]
+    pkg = model.load_package(cfg.out)
+    assert pkg.labels == ["faulty", "healthy"] and pkg.features == FAST
+    assert pkg.meta["normalization"]["kind"] == "dataset" and pkg.meta["normalization"]["std"] > 0
+    # the split held out whole files: no source file on both sides
+    rows = storage.read_bytes(f"{cfg.out}/split.csv").decode().splitlines()[1:]
+    split = [r.rsplit(",", 1) for r in rows]
+    assert len({u for u, _ in split}) == len(split) and {s for _, s in split} == {"train", "val"}
+    val_files = {u for u, s in split if s == "val"}
+    clip_files = {r["uri"] for r in shards.iter_clips(cfg.shards)}
+    assert val_files < clip_files and len(val_files) == m["split"]["val_files"]
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_dying_worker_is_survived_with_failure_config(engine_shards, monkeypatch):
+    monkeypatch.setenv("MELBATCH_CRASH_AT", "exit:1")  # the last worker's process exits after epoch 1
+    cfg = _cfg(engine_shards, "run2", epochs=2, max_failures=1)
+    m = train.run(cfg)
+    assert storage.exists(f"{cfg.out}/_injected_crash")  # the worker really died
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2]
+    assert m["epochs"][-1]["attempt_start_epoch"] in (0, 1)  # restarted from scratch or from epoch 1
+
+
+def test_a_new_model_into_an_old_out_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train_config.json").write_text(json.dumps({"model": "resnet18", "config_hash": "x"}))
+    shards_dir = tmp_path / "s"
+    shards_dir.mkdir()
+    with pytest.raises((ConfigError, DatasetError)):
+        train.preflight(TrainConfig(shards=str(shards_dir), out=str(out), model="test_convnext"))
