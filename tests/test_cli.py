@@ -93,3 +93,19 @@ def test_demo_runs_the_pipeline_and_prints_a_summary(ray_session, tmp_path, caps
     out = capsys.readouterr().out
     assert "featurized 6 + quarantined 9" in out and "first clip:" in out
     assert shards.read_manifest(str(tmp_path / "features"))["counts"]["inputs"] == 15
+
+
+def test_train_help_has_the_contract_options():
+    out = _run("train", "--help")
+    assert out.returncode == 0
+    for flag in ("--model", "--epochs", "--batch-size", "--workers", "--use-gpu", "--weights", "--no-pretrained",
+                 "--seed", "--val-fraction", "--split-manifest", "--freeze-epochs", "--mixup-alpha", "--max-failures"):
+        assert flag in out.stdout, flag
+    job = subprocess.run([sys.executable, "jobs/train.py", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert job.returncode == 0 and "--no-pretrained" in job.stdout
+
+
+def test_train_refuses_a_missing_dataset_with_exit_1(tmp_path):
+    out = _run("train", str(tmp_path / "nothing"), str(tmp_path / "out"), "--model", "test_resnet")
+    assert out.returncode == 1 and "did not finish" in out.stderr and "Traceback" not in out.stderr
