@@ -194,6 +194,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_flags(p: argparse.ArgumentParser, sections: str) -> None:
+    """--config and --address, shared by every command that runs on Ray."""
+    p.add_argument("--config", metavar="YAML", help=f"YAML file with {sections}; flags override it")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="melbatch",
@@ -212,9 +218,7 @@ def parser() -> argparse.ArgumentParser:
                        "DST/_manifest.json written last. Re-running resumes and never duplicates rows.")
     f.add_argument("src", metavar="SRC", help="archive URI (s3://bucket/prefix, folder, file://...)")
     f.add_argument("dst", metavar="DST", help="output URI for shards, quarantine and manifest")
-    f.add_argument("--config", metavar="YAML", help="YAML file with 'features:' and 'featurize:' sections; "
-                   "flags override it")
-    f.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_run_flags(f, "'features:' and 'featurize:' sections")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_dataclass_flags(f, FeaturizeConfig, FEATURIZE_HELP, "input and output")
@@ -229,8 +233,7 @@ def parser() -> argparse.ArgumentParser:
                        "Re-running the same command resumes from the latest checkpoint.")
     t.add_argument("shards", metavar="SHARDS", help="featurize output URI (with _manifest.json)")
     t.add_argument("out", metavar="OUT", help="output URI for checkpoints, model package and metrics")
-    t.add_argument("--config", metavar="YAML", help="YAML file with a 'train:' section; flags override it")
-    t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_run_flags(t, "a 'train:' section")
     _add_dataclass_flags(t, TrainConfig, TRAIN_HELP, "training")
     t.set_defaults(func=cmd_train)
 
