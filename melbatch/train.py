@@ -68,14 +68,17 @@ def open_shards(uri: URI) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
     return manifest, features, uris
 
 
-def file_labels(uris: list[URI]) -> dict[str, str]:
-    """uri → label for every source file in the shards (reads two small columns, not the images)."""
-    out: dict[str, str] = {}
+def file_labels(uris: list[URI]) -> tuple[dict[str, str], Counter]:
+    """(uri → label, uri → clip count) for every source file (reads two small columns, not the images)."""
+    labels_of: dict[str, str] = {}
+    clips_of: Counter = Counter()
     for u in uris:
         with storage.open_input(u) as f:
             t = pq.read_table(f, columns=["uri", "label"])
-        out.update(zip(t.column("uri").to_pylist(), t.column("label").to_pylist(), strict=True))
-    return out
+        uris_col = t.column("uri").to_pylist()
+        labels_of.update(zip(uris_col, t.column("label").to_pylist(), strict=True))
+        clips_of.update(uris_col)
+    return labels_of, clips_of
 
 
 def split_by_file(labels_of: dict[str, str], val_fraction: float, seed: int) -> set[str]:
@@ -313,17 +316,19 @@ def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int, marker: UR
 # --------------------------------------------------------------------------------------------- driver
 
 def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
+    """Everything checkable before the cluster: OUT writable and not another run's, weights, shards."""
     storage.check_writable(cfg.out)
     if cfg.weights and not storage.exists(cfg.weights):
         raise ConfigError(f"weights file {cfg.weights} does not exist")
-    manifest, features, uris = open_shards(cfg.shards)
     previous = storage.join(cfg.out, "train_config.json")
-    if storage.exists(previous):
-        before = json.loads(storage.read_bytes(previous))
-        if before.get("config_hash") != features.hash() or before.get("model") != cfg.model:
-            raise ConfigError(f"{cfg.out} holds a run of {before.get('model')} on features "
-                              f"{before.get('config_hash')}; "
-                              f"this run is {cfg.model} on {features.hash()}. Use another OUT.")
+    before = json.loads(storage.read_bytes(previous)) if storage.exists(previous) else None
+    if before and before.get("model") != cfg.model:
+        raise ConfigError(f"{cfg.out} holds a run of {before.get('model')}, not {cfg.model}: use another OUT "
+                          "(re-running into the same OUT resumes that run)")
+    manifest, features, uris = open_shards(cfg.shards)
+    if before and before.get("config_hash") != features.hash():
+        raise ConfigError(f"{cfg.out} holds a run on features {before.get('config_hash')}, and {cfg.shards} has "
+                          f"features {features.hash()}: use another OUT")
     return manifest, features, uris
 
 
@@ -337,7 +342,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     manifest, features, uris = preflight(cfg)
     labels = sorted(manifest["labels"])
-    labels_of = file_labels(uris)
+    labels_of, clips_of = file_labels(uris)
     files = set(labels_of)
     val_files = (read_split_manifest(cfg.split_manifest, files) if cfg.split_manifest
                  else split_by_file(labels_of, cfg.val_fraction, cfg.seed))
@@ -348,24 +353,25 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     init_ray(cfg.address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
     ds = datasets(cfg, uris, val_files)
-    rows_per_label = Counter()
-    for u in uris:
-        with storage.open_input(u) as f:
-            t = pq.read_table(f, columns=["uri", "label"])
-        keep = pc.invert(pc.is_in(t.column("uri"), value_set=pa.array(sorted(val_files), pa.string())))
-        rows_per_label.update(t.filter(keep).column("label").to_pylist())
+    rows_per_label: Counter = Counter()
+    for u in train_files:
+        rows_per_label[labels_of[u]] += clips_of[u]
     train_rows = sum(rows_per_label.values())
     if cfg.balance == "weights":
         class_weights = [train_rows / (len(labels) * max(1, rows_per_label[lab])) for lab in labels]
     else:
         class_weights = [1.0] * len(labels)
-    if cfg.normalize == "dataset":
+    previous = storage.join(cfg.out, "train_config.json")
+    before = json.loads(storage.read_bytes(previous)) if storage.exists(previous) else {}
+    if before.get("norm", {}).get("kind") == cfg.normalize:
+        norm = before["norm"]  # a resumed run keeps the statistics its checkpoints were trained with
+    elif cfg.normalize == "dataset":
         mean, std = dataset_stats(ds["train"])
         norm = {"kind": "dataset", "mean": mean, "std": std}
     else:
         norm = {"kind": "clip"}
-    storage.write_bytes(storage.join(cfg.out, "train_config.json"), json.dumps(
-        {"model": cfg.model, "config_hash": features.hash(), "train": asdict(cfg)}, indent=2).encode())
+    storage.write_bytes(previous, json.dumps(
+        {"model": cfg.model, "config_hash": features.hash(), "norm": norm, "train": asdict(cfg)}, indent=2).encode())
 
     fs, path = storage.arrow_filesystem(cfg.out)
     trainer = TorchTrainer(
