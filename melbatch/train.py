@@ -351,6 +351,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"the split leaves {len(train_files)} training and {len(val_files)} validation files: "
                           "featurize more files or change --val-fraction")
     init_ray(cfg.address)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    left = cpus - cfg.workers * cfg.cpus_per_worker
+    if left < 1:  # Ray Data's read tasks need a whole CPU; without one, training waits for data forever
+        raise ConfigError(f"{cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU leave {left:g} of the cluster's "
+                          f"{cpus:g} CPUs for Ray Data, which needs at least 1: lower --cpus-per-worker "
+                          "(fractions are fine) or --workers")
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
     ds = datasets(cfg, uris, val_files)
     rows_per_label: Counter = Counter()

@@ -130,3 +130,9 @@ def test_a_new_model_into_an_old_out_is_refused(tmp_path):
     shards_dir.mkdir()
     with pytest.raises(ConfigError, match="holds a run of resnet18, not test_convnext"):
         train.preflight(TrainConfig(shards=str(shards_dir), out=str(out), model="test_convnext"))
+
+
+@pytest.mark.ray
+def test_workers_that_leave_ray_data_no_cpu_are_refused_instead_of_hanging(engine_shards):
+    with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs for Ray Data"):
+        train.run(_cfg(engine_shards, "starved", workers=2, cpus_per_worker=1.0))

@@ -1,0 +1,105 @@
+"""Training throughput: melbatch train (Ray Train + Ray Data) against a bare PyTorch loop, same run.
+
+    python bench/train.py                       # test_resnet on a generated engine archive, CPU
+    python bench/train.py --model resnet18 --weights resnet18.safetensors   # adds the transfer-gain table
+
+Rows: samples/s of the training phase of each epoch (best epoch after the first, so start-up and
+warm-up are excluded) for
+  melbatch train   1 Ray Train worker reading its Ray Data shard, with melbatch's augmentations
+  bare loop        one process, the same shards already decoded in memory as one tensor, the same
+                   model, batch size and augmentations, a plain forward/backward/step loop
+Target (issue #3): melbatch >= 90% of the bare loop. With --weights, also validation accuracy per
+epoch for ImageNet init vs random init on the same data and budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from melbatch import augment, featurize, samples, shards, train
+from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig
+from melbatch.model import create_model
+
+
+def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
+    """Best samples/s of a plain single-process loop over the same shards held in memory."""
+    rows = list(shards.iter_clips(feat))
+    labels = sorted({r["label"] for r in rows})
+    x_all = torch.from_numpy(np.stack([r["mel"] for r in rows]).astype(np.float32)).unsqueeze(1)
+    y_all = torch.tensor([labels.index(r["label"]) for r in rows])
+    x_all = (x_all - x_all.mean()) / x_all.std()
+    model = create_model(cfg.model, len(labels), tuple(x_all.shape[2:]), pretrained=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+    crop = max(1, round(cfg.time_crop_frac * x_all.shape[-1]))
+    best = 0.0
+    for _ in range(epochs):
+        t0, seen = time.perf_counter(), 0
+        for idx in torch.randperm(len(y_all), generator=gen).split(cfg.batch_size):
+            x = augment.random_time_crop(x_all[idx], crop, gen)
+            x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, gen)
+            t = augment.soft_targets(y_all[idx], len(labels), cfg.label_smoothing)
+            x, t = augment.mixup(x, t, cfg.mixup_alpha, gen)
+            loss = -(t * torch.log_softmax(model(x), 1)).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(idx)
+        best = max(best, seen / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="test_resnet")
+    p.add_argument("--files-per-class", type=int, default=48)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--weights", default=None, help="ImageNet weights file for the transfer-gain table")
+    args = p.parse_args()
+
+    import ray
+
+    root = tempfile.mkdtemp(prefix="melbatch-bench-train-")
+    features = FeatureConfig()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    samples.make_archive(f"{root}/archive", "engine", files_per_class=args.files_per_class, seconds=10.0)
+    featurize.run(FeaturizeConfig(src=f"{root}/archive", dst=f"{root}/features", features=features), progress=False)
+    n_clips = shards.read_manifest(f"{root}/features")["counts"]["clips"]
+    # one worker gets the machine but one CPU, which Ray Data keeps for reading (the bare loop gets the same)
+    base = dict(shards=f"{root}/features", model=args.model, pretrained=False, epochs=args.epochs,
+                batch_size=args.batch_size, workers=1, cpus_per_worker=max(0.5, args.cpus - 1.0), max_failures=0)
+    torch.set_num_threads(max(1, int(args.cpus - 1)))
+    m = train.run(TrainConfig(out=f"{root}/out-ray", **base))
+    ray_sps = max(e["samples_per_s"] for e in m["epochs"][1:] or m["epochs"])
+    ray.shutdown()
+    bare_sps = bare_loop(f"{root}/features", TrainConfig(out=f"{root}/unused", **base), args.epochs)
+
+    print(f"\n{n_clips} clips of {features.shape[0]}x{features.shape[1]}, model {args.model}, batch "
+          f"{args.batch_size}, {args.cpus} CPU(s)")
+    print(f"{'loop':<34}{'samples/s':>12}")
+    print(f"{'melbatch train (Ray Train + Data)':<34}{ray_sps:>12.1f}")
+    print(f"{'bare PyTorch loop (in memory)':<34}{bare_sps:>12.1f}")
+    print(f"melbatch / bare: {ray_sps / bare_sps:.0%}  (target >= 90%)")
+
+    if args.weights:
+        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        curves = {}
+        for name, kw in (("imagenet", {"weights": args.weights}), ("random", {})):
+            r = train.run(TrainConfig(out=f"{root}/out-{name}", **{**base, "pretrained": False, **kw}))
+            curves[name] = [e["val_accuracy"] for e in r["epochs"]]
+        print(f"\n{'epoch':<8}{'imagenet init':>15}{'random init':>14}")
+        for i, (a, b) in enumerate(zip(curves["imagenet"], curves["random"], strict=True), 1):
+            print(f"{i:<8}{a:>15.3f}{b:>14.3f}")
+    else:
+        print("\ntransfer gain: skipped (no --weights file; see the README for getting ImageNet weights)")
+
+
+if __name__ == "__main__":
+    main()
