@@ -40,6 +40,7 @@ from melbatch.shards import DatasetError, feature_config_of, mel_array, open_dat
 URI = str
 RUN_NAME = "ray-train"
 METRICS = "metrics.json"
+TRAIN_CONFIG = "train_config.json"  # model, feature hash and normalisation of the run that owns OUT
 STATE = "state.pt"
 
 
@@ -315,13 +316,16 @@ def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int, marker: UR
 
 # --------------------------------------------------------------------------------------------- driver
 
-def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
-    """Everything checkable before the cluster: OUT writable and not another run's, weights, shards."""
+def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI], dict[str, Any]]:
+    """Everything checkable before the cluster: OUT writable and not another run's, weights, shards.
+
+    Returns the manifest, features, shard URIs and the earlier run's ``train_config.json`` ({} if none).
+    """
     storage.check_writable(cfg.out)
     if cfg.weights and not storage.exists(cfg.weights):
         raise ConfigError(f"weights file {cfg.weights} does not exist")
-    previous = storage.join(cfg.out, "train_config.json")
-    before = json.loads(storage.read_bytes(previous)) if storage.exists(previous) else None
+    previous = storage.join(cfg.out, TRAIN_CONFIG)
+    before = json.loads(storage.read_bytes(previous)) if storage.exists(previous) else {}
     if before and before.get("model") != cfg.model:
         raise ConfigError(f"{cfg.out} holds a run of {before.get('model')}, not {cfg.model}: use another OUT "
                           "(re-running into the same OUT resumes that run)")
@@ -329,7 +333,7 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
     if before and before.get("config_hash") != features.hash():
         raise ConfigError(f"{cfg.out} holds a run on features {before.get('config_hash')}, and {cfg.shards} has "
                           f"features {features.hash()}: use another OUT")
-    return manifest, features, uris
+    return manifest, features, uris, before
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -340,7 +344,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     from melbatch.featurize import init_ray
 
-    manifest, features, uris = preflight(cfg)
+    manifest, features, uris, before = preflight(cfg)
     labels = sorted(manifest["labels"])
     labels_of, clips_of = file_labels(uris)
     files = set(labels_of)
@@ -367,8 +371,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         class_weights = [train_rows / (len(labels) * max(1, rows_per_label[lab])) for lab in labels]
     else:
         class_weights = [1.0] * len(labels)
-    previous = storage.join(cfg.out, "train_config.json")
-    before = json.loads(storage.read_bytes(previous)) if storage.exists(previous) else {}
     if before.get("norm", {}).get("kind") == cfg.normalize:
         norm = before["norm"]  # a resumed run keeps the statistics its checkpoints were trained with
     elif cfg.normalize == "dataset":
@@ -376,7 +378,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         norm = {"kind": "dataset", "mean": mean, "std": std}
     else:
         norm = {"kind": "clip"}
-    storage.write_bytes(previous, json.dumps(
+    storage.write_bytes(storage.join(cfg.out, TRAIN_CONFIG), json.dumps(
         {"model": cfg.model, "config_hash": features.hash(), "norm": norm, "train": asdict(cfg)}, indent=2).encode())
 
     fs, path = storage.arrow_filesystem(cfg.out)

@@ -14,6 +14,8 @@ import uuid
 import numpy as np
 import pytest
 
+from melbatch.config import FeatureConfig
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "melbatch-test-key",
     "AWS_SECRET_ACCESS_KEY": "melbatch-test-secret",
@@ -83,6 +85,9 @@ def ray_session(s3_endpoint):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+FAST = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)  # small images (64 x 201) keep the Ray tests quick
 
 
 def tone(freq_hz: float, seconds: float, sr: int, amp: float = 0.3) -> np.ndarray:

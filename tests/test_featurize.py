@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import new_bucket
+from conftest import FAST, new_bucket
 
 from melbatch import featurize, samples, shards, storage
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
@@ -16,7 +16,6 @@ from melbatch.shards import DatasetError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.s3]
 
-FAST = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)
 
 
 def _rows(dst: str) -> list[dict]:

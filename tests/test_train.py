@@ -8,13 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import new_bucket
+from conftest import FAST, new_bucket
 
 from melbatch import augment, featurize, model, samples, shards, storage, train
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig, TrainConfig
 from melbatch.shards import DatasetError
-
-FAST = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)
 
 
 def test_split_holds_out_whole_files_stratified_and_seeded():
