@@ -23,17 +23,25 @@ import torch
 
 from melbatch import augment, featurize, samples, shards, train
 from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig
+from melbatch.features import logmel_tensor
 from melbatch.model import create_model
 
 
 def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
-    """Best samples/s of a plain single-process loop over the same shards held in memory."""
+    """Best samples/s of a plain single-process loop over the same shards held in memory.
+
+    It does the same work per batch as melbatch's workers: with ``cfg.wave_augment`` it augments
+    the stored waveforms and recomputes their images, otherwise it uses the stored images.
+    """
     rows = list(shards.iter_clips(feat))
+    features = FeatureConfig.from_dict(shards.read_manifest(feat)["feature_config"])
     labels = sorted({r["label"] for r in rows})
     x_all = torch.from_numpy(np.stack([r["mel"] for r in rows]).astype(np.float32)).unsqueeze(1)
+    mean, std = x_all.mean(), x_all.std()
+    wave = torch.from_numpy(np.stack([r["audio"] for r in rows])) if cfg.wave_augment else None
+    aug = augment.WaveAugment.of(cfg, features.sample_rate_hz)
     y_all = torch.tensor([labels.index(r["label"]) for r in rows])
-    x_all = (x_all - x_all.mean()) / x_all.std()
-    model = create_model(cfg.model, len(labels), tuple(x_all.shape[2:]), pretrained=False)
+    model = create_model(cfg.model, len(labels), features.shape, pretrained=False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
     crop = max(1, round(cfg.time_crop_frac * x_all.shape[-1]))
@@ -41,7 +49,12 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
     for _ in range(epochs):
         t0, seen = time.perf_counter(), 0
         for idx in torch.randperm(len(y_all), generator=gen).split(cfg.batch_size):
-            x = augment.random_time_crop(x_all[idx], crop, gen)
+            if wave is not None:
+                with torch.no_grad():
+                    x = logmel_tensor(augment.augment_waveforms(wave[idx], aug, None, gen), features).unsqueeze(1)
+            else:
+                x = x_all[idx]
+            x = augment.random_time_crop((x - mean) / std, crop, gen)
             x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, gen)
             t = augment.soft_targets(y_all[idx], len(labels), cfg.label_smoothing)
             x, t = augment.mixup(x, t, cfg.mixup_alpha, gen)
@@ -62,6 +75,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--weights", default=None, help="ImageNet weights file for the transfer-gain table")
+    p.add_argument("--no-wave-augment", dest="wave_augment", action="store_false",
+                   help="both loops use the stored images instead of augmenting waveforms")
     args = p.parse_args()
 
     import ray
@@ -74,7 +89,8 @@ def main() -> None:
     n_clips = shards.read_manifest(f"{root}/features")["counts"]["clips"]
     # one worker gets the machine but one CPU, which Ray Data keeps for reading (the bare loop gets the same)
     base = dict(shards=f"{root}/features", model=args.model, pretrained=False, epochs=args.epochs,
-                batch_size=args.batch_size, workers=1, cpus_per_worker=max(0.5, args.cpus - 1.0), max_failures=0)
+                batch_size=args.batch_size, workers=1, cpus_per_worker=max(0.5, args.cpus - 1.0), max_failures=0,
+                wave_augment=args.wave_augment)
     torch.set_num_threads(max(1, int(args.cpus - 1)))
     m = train.run(TrainConfig(out=f"{root}/out-ray", **base))
     ray_sps = max(e["samples_per_s"] for e in m["epochs"][1:] or m["epochs"])
@@ -82,7 +98,7 @@ def main() -> None:
     bare_sps = bare_loop(f"{root}/features", TrainConfig(out=f"{root}/unused", **base), args.epochs)
 
     print(f"\n{n_clips} clips of {features.shape[0]}x{features.shape[1]}, model {args.model}, batch "
-          f"{args.batch_size}, {args.cpus} CPU(s)")
+          f"{args.batch_size}, {args.cpus} CPU(s), waveform augmentation {'on' if args.wave_augment else 'off'}")
     print(f"{'loop':<34}{'samples/s':>12}")
     print(f"{'melbatch train (Ray Train + Data)':<34}{ray_sps:>12.1f}")
     print(f"{'bare PyTorch loop (in memory)':<34}{bare_sps:>12.1f}")

@@ -1,13 +1,169 @@
-"""Spectrogram-level augmentation for training, on batches of (N, 1, n_mels, frames) tensors.
+"""Augmentation for training, pure torch and vectorised over the batch so it runs on the training device.
 
-Pure torch, vectorised over the batch, so it runs on the training device: random time crop,
-SpecAugment (time and frequency masks, filled with the batch mean, i.e. zero after
-normalisation) and mixup (with soft targets).
+Waveform level, on (N, samples) batches at the feature sample rate — what field recordings vary
+in: :func:`speed` (tempo and pitch together, as Kaldi's speed perturbation), :func:`reverb`
+(a synthetic room), :func:`telephone` (300-3400 Hz band and 8-bit µ-law), :func:`add_noise`
+(generated white/pink/brown noise or the user's noise recordings at a random SNR) and
+:func:`random_gain`; :func:`augment_waveforms` applies them in that order, each to a random
+subset of the batch. Spectrogram level, on (N, 1, n_mels, frames): random time crop, SpecAugment
+(time and frequency masks, filled with zero, i.e. the normalised mean) and mixup (soft targets).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class WaveAugment:
+    """Probabilities and ranges of the waveform augmentations (0 switches one off).
+
+    The defaults live in :class:`melbatch.config.TrainConfig`, where users set them.
+    """
+
+    sample_rate_hz: int
+    gain_db: float
+    noise_prob: float
+    snr_db_min: float
+    snr_db_max: float
+    telephone_prob: float
+    speed_prob: float
+    speed_max: float
+    reverb_prob: float
+
+    @classmethod
+    def of(cls, settings: object, sample_rate_hz: int) -> WaveAugment:
+        """The waveform settings of a :class:`~melbatch.config.TrainConfig` (same field names)."""
+        names = [f for f in cls.__dataclass_fields__ if f != "sample_rate_hz"]
+        return cls(sample_rate_hz, **{n: getattr(settings, n) for n in names})
+
+
+def _chosen(n: int, prob: float, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """(n,) boolean: each example drawn with probability ``prob``."""
+    return (torch.rand(n, generator=gen) < prob).to(device)
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return (lo + (hi - lo) * torch.rand(n, generator=gen)).to(device)
+
+
+def random_gain(x: torch.Tensor, max_db: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Scale each clip by a gain drawn uniformly in ±``max_db`` dB; loud results clip at full scale."""
+    if max_db <= 0:
+        return x
+    db = _uniform(len(x), -max_db, max_db, gen, x.device)
+    return (x * torch.pow(10.0, db / 20)[:, None]).clamp_(-1.0, 1.0)
+
+
+def coloured_noise(n: int, samples: int, gen: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n, samples) noise with unit power, each row white, pink (1/f) or brown (1/f²) at random."""
+    white = torch.randn(n, samples, generator=gen)
+    spec = torch.fft.rfft(white, dim=1)
+    f = torch.arange(spec.shape[1], dtype=torch.float32).clamp_min(1.0)
+    beta = torch.randint(0, 3, (n, 1), generator=gen).float()  # 0 white, 1 pink, 2 brown (power ∝ 1/f^beta)
+    noise = torch.fft.irfft(spec * f[None, :].pow(-beta / 2), n=samples, dim=1)
+    noise = noise / noise.square().mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+    return noise.to(device)
+
+
+def add_noise(x: torch.Tensor, prob: float, snr_db_min: float, snr_db_max: float,
+              bank: torch.Tensor | None = None, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Mix noise into a random subset at an SNR drawn in [min, max] dB (relative to each clip's power).
+
+    ``bank`` is a 1-D tensor of noise recordings (the user's noise folder, concatenated); each chosen
+    clip gets a random stretch of it. Without one, noise is generated (:func:`coloured_noise`).
+    """
+    n, samples = x.shape
+    pick = _chosen(n, prob, gen, x.device)
+    if prob <= 0 or not bool(pick.any()):
+        return x
+    if bank is not None and len(bank) > samples:
+        start = torch.randint(0, len(bank) - samples, (n,), generator=gen)
+        idx = start[:, None] + torch.arange(samples)[None, :]
+        noise = bank.to(x.device)[idx.to(x.device)]
+    elif bank is not None:
+        noise = bank.to(x.device).repeat(math.ceil(samples / max(1, len(bank))))[:samples].expand(n, samples)
+    else:
+        noise = coloured_noise(n, samples, gen, x.device)
+    snr = _uniform(n, snr_db_min, snr_db_max, gen, x.device)
+    signal_power = x.square().mean(1).clamp_min(1e-10)
+    noise_power = noise.square().mean(1).clamp_min(1e-12)
+    scale = torch.sqrt(signal_power / (noise_power * torch.pow(10.0, snr / 10))) * pick
+    return x + noise * scale[:, None]
+
+
+def telephone(x: torch.Tensor, prob: float, sample_rate_hz: int, gen: torch.Generator | None = None,
+              low_hz: float = 300.0, high_hz: float = 3400.0) -> torch.Tensor:
+    """A phone line for a random subset: only the 300-3400 Hz band survives, then 8-bit µ-law."""
+    n, samples = x.shape
+    pick = _chosen(n, prob, gen, x.device)
+    if prob <= 0 or not bool(pick.any()):
+        return x
+    spec = torch.fft.rfft(x, dim=1)
+    freqs = torch.fft.rfftfreq(samples, 1 / sample_rate_hz).to(x.device)
+    band = torch.fft.irfft(spec * ((freqs >= low_hz) & (freqs <= high_hz)), n=samples, dim=1)
+    mu = 255.0
+    code = torch.round(torch.sign(band) * torch.log1p(mu * band.abs().clamp(max=1.0)) / math.log1p(mu) * 127.5)
+    phone = torch.sign(code) * ((1 + mu) ** (code.abs() / 127.5) - 1) / mu
+    return torch.where(pick[:, None], phone, x)
+
+
+def speed(x: torch.Tensor, prob: float, max_change: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Play a random subset faster or slower by up to ±``max_change`` (pitch moves with tempo).
+
+    Linear interpolation at each clip's own rate; the clip keeps its length (a sped-up clip ends in
+    silence, a slowed-down one loses its end).
+    """
+    n, samples = x.shape
+    pick = _chosen(n, prob, gen, x.device)
+    if prob <= 0 or max_change <= 0 or not bool(pick.any()):
+        return x
+    rate = torch.where(pick, _uniform(n, 1 - max_change, 1 + max_change, gen, x.device), 1.0)
+    pos = torch.arange(samples, device=x.device, dtype=x.dtype)[None, :] * rate[:, None]
+    lo = pos.floor().long()
+    frac = pos - lo
+    padded = torch.nn.functional.pad(x, (0, 2))
+    lo = lo.clamp(max=samples)
+    out = torch.gather(padded, 1, lo) * (1 - frac) + torch.gather(padded, 1, lo + 1) * frac
+    return out * (pos < samples - 1)
+
+
+def room_impulse(n: int, sample_rate_hz: int, rt60_s: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """(n, length) synthetic room responses: a direct path, then noise decaying by 60 dB in ``rt60_s``."""
+    length = max(2, int(float(rt60_s.max()) * sample_rate_hz))
+    t = torch.arange(length, dtype=torch.float32)[None, :] / sample_rate_hz
+    tail = torch.randn(n, length, generator=gen) * torch.exp(-6.9078 * t / rt60_s.cpu()[:, None]) * 0.3
+    tail[:, 0] = 1.0
+    return tail
+
+
+def reverb(x: torch.Tensor, prob: float, sample_rate_hz: int, gen: torch.Generator | None = None,
+           rt60_range_s: tuple[float, float] = (0.15, 0.8)) -> torch.Tensor:
+    """Put a random subset in a synthetic room (RT60 drawn in ``rt60_range_s``), keeping each clip's power."""
+    n, samples = x.shape
+    pick = _chosen(n, prob, gen, x.device)
+    if prob <= 0 or not bool(pick.any()):
+        return x
+    rir = room_impulse(n, sample_rate_hz, _uniform(n, *rt60_range_s, gen, "cpu"), gen).to(x.device)
+    size = samples + rir.shape[1]
+    wet = torch.fft.irfft(torch.fft.rfft(x, n=size, dim=1) * torch.fft.rfft(rir, n=size, dim=1), n=size, dim=1)
+    wet = wet[:, :samples]
+    wet = wet * (x.square().mean(1, keepdim=True) / wet.square().mean(1, keepdim=True).clamp_min(1e-12)).sqrt()
+    return torch.where(pick[:, None], wet, x)
+
+
+def augment_waveforms(x: torch.Tensor, aug: WaveAugment, bank: torch.Tensor | None = None,
+                      gen: torch.Generator | None = None) -> torch.Tensor:
+    """All waveform augmentations in the order a recording meets them: source, room, line, noise, level."""
+    x = speed(x, aug.speed_prob, aug.speed_max, gen)
+    x = reverb(x, aug.reverb_prob, aug.sample_rate_hz, gen)
+    x = telephone(x, aug.telephone_prob, aug.sample_rate_hz, gen)
+    x = add_noise(x, aug.noise_prob, aug.snr_db_min, aug.snr_db_max, bank, gen)
+    return random_gain(x, aug.gain_db, gen).clamp_(-1.0, 1.0)
 
 
 def random_time_crop(x: torch.Tensor, frames: int, gen: torch.Generator | None = None) -> torch.Tensor:

@@ -53,6 +53,8 @@ FEATURIZE_HELP = {
     "rows_per_row_group": "clips per Parquet row group (the unit a streaming reader fetches)",
     "silence_dbfs": "files whose peak stays below this level (dB full scale) are quarantined as silent",
     "max_inflight_tasks": "Ray tasks in flight at once (0: twice the cluster's CPUs)",
+    "keep_audio": "do not store each clip's waveform (16-bit PCM) next to its image; train then cannot "
+                  "augment waveforms (shards are about 2.2x smaller)",
     "overwrite": "replace an output made with other features, and redo batches already done",
 }
 
@@ -81,7 +83,19 @@ TRAIN_HELP = {
     "freq_masks": "SpecAugment frequency masks per clip",
     "freq_mask_frac": "widest frequency mask, as a fraction of the mel bands",
     "mixup_alpha": "mixup Beta(alpha, alpha); 0 = off",
-    "balance": "'weights': class-weighted loss for imbalanced archives; 'none'",
+    "wave_augment": "no waveform augmentation (gain, noise, phone line, speed, reverb) even where the shards "
+                    "keep audio",
+    "gain_db": "random gain within +-this many dB (0 = off)",
+    "noise_prob": "share of training clips that get background noise mixed in",
+    "snr_db_min": "lowest signal-to-noise ratio of the mixed-in noise (dB)",
+    "snr_db_max": "highest signal-to-noise ratio of the mixed-in noise (dB)",
+    "noise_dir": "folder/prefix (any URI) of noise recordings to mix in; default: generated white/pink/brown noise",
+    "telephone_prob": "share of training clips band-limited to 300-3400 Hz and 8-bit mu-law, like a phone line",
+    "speed_prob": "share of training clips played faster or slower",
+    "speed_max": "largest speed change, as a fraction (0.1 = +-10%%; pitch moves with it)",
+    "reverb_prob": "share of training clips put in a synthetic room (RT60 0.15-0.8 s)",
+    "balance": "'weights': class-weighted loss; 'oversample': repeat rare labels' clips each epoch "
+               "until every label has as many as the largest; 'none'",
     "keep_checkpoints": "best checkpoints kept (by validation macro-F1; the latest is always kept for resume)",
     "max_failures": "restarts from the latest checkpoint when a worker dies (-1: forever)",
     "amp": "no mixed precision on GPUs",
@@ -175,14 +189,17 @@ def cmd_sample_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Sample archive → featurize, with a local Ray started in this process."""
-    from melbatch import featurize, samples, shards, storage
+    """Sample archive → featurize → train, with a local Ray started in this process."""
+    import ray
+
+    from melbatch import featurize, samples, shards, storage, train
 
     root = args.dir or tempfile.mkdtemp(prefix="melbatch-demo-")
     archive, features = storage.join(root, "archive"), storage.join(root, "features")
-    print(f"[1/2] generating a '{args.kind}' sample archive (with a few broken files) in {archive}")
+    model_out = storage.join(root, "model")
+    print(f"[1/3] generating a '{args.kind}' sample archive (with a few broken files) in {archive}")
     samples.make_archive(archive, args.kind, files_per_class=args.files_per_class, seconds=8.0, seed=0, bad=True)
-    print(f"[2/2] featurizing it into log-mel Parquet shards in {features}")
+    print(f"[2/3] featurizing it into log-mel Parquet shards in {features}")
     cfg = FeaturizeConfig(src=archive, dst=features, overwrite=True, files_per_task=8)
     summary = featurize.run(cfg, progress=not args.no_progress)
     print()
@@ -190,7 +207,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     first = next(shards.iter_clips(features))
     print(f"\nfirst clip: {first['uri']} label={first['label']} clip {first['clip_index']} "
           f"[{first['start_s']:.1f}-{first['end_s']:.1f} s] mel {first['mel'].shape} {first['mel'].dtype}")
-    print(f"manifest: {storage.join(features, shards.MANIFEST)}")
+    if args.epochs == 0:
+        return 0
+    # a tiny timm model from random weights: the demo runs offline; real runs start from ImageNet weights
+    cpus = ray.cluster_resources().get("CPU", 1)
+    tcfg = TrainConfig(shards=features, out=model_out, model="test_resnet", pretrained=False, epochs=args.epochs,
+                       batch_size=16, lr=3e-3, workers=1, cpus_per_worker=max(0.5, cpus - 1), mixup_alpha=0.0)
+    print(f"\n[3/3] training {tcfg.model} (random init, {tcfg.epochs} epochs) into {model_out}")
+    storage.delete([u for u in storage.list_files(model_out)])  # the demo always starts afresh
+    m = train.run(tcfg)
+    print(f"\nval_accuracy {m['val_accuracy']:.3f}  macro_f1 {m['macro_f1']:.3f}  (best epoch {m['best_epoch']}, "
+          f"{m['split']['train_files']} train / {m['split']['val_files']} val files)")
+    print(f"model package: {m['model_package']}")
     return 0
 
 
@@ -255,6 +283,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", default=None, help="where to put the archive and outputs (default: a temp folder)")
     d.add_argument("--kind", choices=["engine", "voice"], default="engine", help="which sample task")
     d.add_argument("--files-per-class", type=int, default=16, help="files per label")
+    d.add_argument("--epochs", type=int, default=4, help="training epochs (0: featurize only)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
     return p

@@ -175,6 +175,7 @@ class FeaturizeConfig:
     rows_per_row_group: int = 128
     silence_dbfs: float = -70.0
     max_inflight_tasks: int = 0
+    keep_audio: bool = True
     overwrite: bool = False
     address: str | None = None
 
@@ -235,7 +236,7 @@ def merge(*layers: dict[str, Any]) -> dict[str, Any]:
 
 
 NORMALIZATIONS = ("dataset", "clip")
-BALANCING = ("weights", "none")
+BALANCING = ("weights", "oversample", "none")
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,17 @@ class TrainConfig:
     freq_masks: int = 2
     freq_mask_frac: float = 0.1
     mixup_alpha: float = 0.2
-    balance: Literal["weights", "none"] = "weights"
+    wave_augment: bool = True
+    gain_db: float = 6.0
+    noise_prob: float = 0.5
+    snr_db_min: float = 5.0
+    snr_db_max: float = 30.0
+    noise_dir: URI | None = None
+    telephone_prob: float = 0.1
+    speed_prob: float = 0.3
+    speed_max: float = 0.1
+    reverb_prob: float = 0.2
+    balance: Literal["weights", "oversample", "none"] = "weights"
     keep_checkpoints: int = 2
     max_failures: int = 2
     amp: bool = True
@@ -297,6 +308,12 @@ class TrainConfig:
         _require(0 < self.time_crop_frac <= 1, "time_crop_frac must be in (0, 1] (1 = no crop)")
         _require(0 <= self.time_mask_frac < 1 and 0 <= self.freq_mask_frac < 1, "mask fractions must be in [0, 1)")
         _require(self.mixup_alpha >= 0, "mixup_alpha must be >= 0 (0 = off)")
+        for name in ("noise_prob", "telephone_prob", "speed_prob", "reverb_prob"):
+            _require(0 <= getattr(self, name) <= 1, f"{name}={getattr(self, name)}: a probability, in [0, 1]")
+        _require(self.gain_db >= 0, "gain_db must be >= 0 (0 = off)")
+        _require(self.snr_db_min <= self.snr_db_max,
+                 f"snr_db_min={self.snr_db_min} is above snr_db_max={self.snr_db_max}")
+        _require(0 <= self.speed_max < 0.5, f"speed_max={self.speed_max}: use a fraction below 0.5 (0.1 = ±10%)")
         _require(self.balance in BALANCING, f"balance={self.balance!r}: choose one of {BALANCING}")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _require(self.max_failures >= -1, "max_failures must be >= -1 (-1 = retry forever)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -18,11 +19,14 @@ import torchaudio
 from melbatch import storage
 from melbatch.audio import AudioInfo, Clip, DecodeError, decode_clips
 from melbatch.config import FeatureConfig
+from melbatch.shards import to_pcm16
+
+_NO_SAMPLES = np.zeros(0, np.float32)
 
 
 @lru_cache(maxsize=8)
-def _logmel_parts(cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Hann window and torchaudio's mel filterbank, as a sparse (n_mels, n_freqs) matrix.
+def _logmel_parts(cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Hann window and torchaudio's mel filterbank as a sparse and a dense (n_mels, n_freqs) matrix.
 
     Each mel band covers a few FFT bins (about 1.5% of the matrix is non-zero at the defaults), so
     the sparse product is several times faster than the dense one on a CPU.
@@ -34,7 +38,7 @@ def _logmel_parts(cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
         mel_scale=cfg.mel_scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        return window, fb.T.contiguous().to_sparse_csr()
+        return window, fb.T.contiguous().to_sparse_csr(), fb.T.contiguous()
 
 
 def compute_logmel(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
@@ -51,14 +55,25 @@ def compute_logmel(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
 
 
 def _logmel(samples: np.ndarray, cfg: FeatureConfig) -> torch.Tensor:
-    window, fb = _logmel_parts(cfg)
-    x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
-    spec = torch.stft(x, cfg.n_fft, cfg.hop_length, cfg.win_length, window, center=True, pad_mode="reflect",
-                      return_complex=True)
+    return logmel_tensor(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), cfg)
+
+
+def logmel_tensor(x: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """:func:`compute_logmel` on a tensor: one clip ``(samples,)`` or a batch ``(n, samples)`` on any device.
+
+    Training recomputes images from augmented waveforms with this, on the training device, so
+    the pictures a model learns from are made by the same maths as the stored ones.
+    """
+    window, fb, dense = _logmel_parts(cfg)
+    if x.ndim != 1 or x.device.type != "cpu":
+        fb = dense.to(x.device)  # sparse CSR products are 2-D and CPU-only
+    spec = torch.stft(x, cfg.n_fft, cfg.hop_length, cfg.win_length, window.to(x.device), center=True,
+                      pad_mode="reflect", return_complex=True)
     power = spec.real.square() + spec.imag.square()
     db = (fb @ power).clamp_(min=1e-10).log10_().mul_(10.0)
     if cfg.top_db is not None:
-        db = db.clamp_(min=float(db.max()) - cfg.top_db)
+        peak = db.amax(dim=(-2, -1), keepdim=True)
+        db = torch.maximum(db, peak - cfg.top_db)
     return db
 
 
@@ -70,20 +85,22 @@ def logmel_clips(clips: Iterator[Clip], cfg: FeatureConfig) -> Iterator[tuple[Cl
             yield clip, _logmel(clip.samples, cfg).to(dtype).numpy()
 
 
-def logmels_of_object(ref: storage.ObjectRef, cfg: FeatureConfig,
-                      silence_dbfs: float) -> tuple[AudioInfo, list[tuple[Clip, np.ndarray]]]:
+def logmels_of_object(ref: storage.ObjectRef, cfg: FeatureConfig, silence_dbfs: float,
+                      keep_audio: bool = False) -> tuple[AudioInfo, list[tuple[Clip, np.ndarray]]]:
     """Read one object and return all its clips with their log-mel images.
 
     The clips of one file are gathered before they are returned, so a file that turns out to be
     truncated, corrupt or silent at its end contributes nothing; memory is the file's mel images
-    (about 90 MB per hour of audio at the defaults), never its decoded signal.
+    (about 90 MB per hour of audio at the defaults) and, with ``keep_audio``, its clips as 16-bit
+    PCM (``Clip.samples``, 115 MB per hour at 16 kHz); otherwise ``Clip.samples`` is dropped.
     Raises :class:`DecodeError` with the reason the file cannot be used.
     """
     stream = None
     try:
         with storage.open_input(ref.uri, ref.size) as stream:
             info, clips = decode_clips(stream, cfg)
-            out = list(logmel_clips(clips, cfg))
+            out = [(replace(c, samples=to_pcm16(c.samples) if keep_audio else _NO_SAMPLES), mel)
+                   for c, mel in logmel_clips(clips, cfg)]
     except DecodeError:
         if stream is not None and stream.error is not None:
             raise _read_error(ref, stream.error) from None

@@ -30,6 +30,7 @@ from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig, Featuriz
 from melbatch.features import logmels_of_object
 from melbatch.labels import NO_LABEL, Labeler
 from melbatch.shards import (
+    AUDIO_DTYPE,
     MANIFEST,
     QUARANTINE,
     SHARD_DIR,
@@ -126,7 +127,7 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     # batches take files in hashed order, not key order: a shard then mixes labels and folders, which a
     # streaming trainer needs (key order would fill whole shards with one class folder)
     work.sort(key=lambda item: hashlib.sha1(item[0].uri.encode()).digest())
-    batches = [(batch_id(cfg.features, b), b) for b in chunked(work, cfg.files_per_task)]
+    batches = [(batch_id(cfg.features, b, cfg.keep_audio), b) for b in chunked(work, cfg.files_per_task)]
     summary.batches = len(batches)
     results, resumed = _run_batches(cfg, dst, batches, progress)
     summary.resumed_batches = len(resumed)
@@ -175,7 +176,7 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
         while True:
             for bid, batch in queue:
                 ref = task.remote(bid, batch, feature_json, dst, cfg.rows_per_shard, cfg.rows_per_row_group,
-                                  cfg.silence_dbfs)
+                                  cfg.silence_dbfs, cfg.keep_audio)
                 pending[ref] = bid
                 if len(pending) >= inflight_max:
                     break
@@ -212,6 +213,8 @@ def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results
         "feature_config": cfg.features.to_dict(),
         "config_hash": summary.config_hash,
         "shape": list(cfg.features.shape),
+        "audio": {"kept": cfg.keep_audio, "dtype": AUDIO_DTYPE, "sample_rate_hz": cfg.features.sample_rate_hz,
+                  "samples": cfg.features.clip_samples} if cfg.keep_audio else {"kept": False},
         "shards": shards,
         "shard_rows": {f"{SHARD_DIR}/{n}": rows for r in results for n, rows in r["shards"]},
         "labels": dict(sorted(summary.labels.items())),
@@ -251,9 +254,10 @@ def chunked(items: list, n: int) -> Iterator[list]:
         yield items[i: i + n]
 
 
-def batch_id(features: FeatureConfig, batch: Iterable[tuple[storage.ObjectRef, str | None]]) -> str:
-    """A name derived from the batch's content: same inputs and features, same name, on every attempt."""
-    h = hashlib.sha256(features.hash().encode())
+def batch_id(features: FeatureConfig, batch: Iterable[tuple[storage.ObjectRef, str | None]],
+             keep_audio: bool = False) -> str:
+    """A name derived from the batch's content: same inputs, features and layout, same name, on every attempt."""
+    h = hashlib.sha256(features.hash().encode() + b"+audio" * keep_audio)
     for ref, label in batch:
         h.update(f"{ref.key()}\t{label}\n".encode())
     return h.hexdigest()[:20]
@@ -276,7 +280,8 @@ def _progress(total: int, enabled: bool):
 # --------------------------------------------------------------------------------------------- task
 
 def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]], feature_json: str, dst: URI,
-                    rows_per_shard: int, rows_per_row_group: int, silence_dbfs: float) -> dict[str, Any]:
+                    rows_per_shard: int, rows_per_row_group: int, silence_dbfs: float,
+                    keep_audio: bool = False) -> dict[str, Any]:
     """One Ray task: featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
 
     Per-file failures are caught and returned as quarantine rows; anything else (e.g. DST not
@@ -287,18 +292,19 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # one task per CPU: parallelism comes from Ray, not from intra-op threads
     cfg = FeatureConfig.from_dict(json.loads(feature_json))
-    writer = ShardWriter(storage.join(dst, SHARD_DIR), bid, cfg, rows_per_shard, rows_per_row_group)
+    writer = ShardWriter(storage.join(dst, SHARD_DIR), bid, cfg, rows_per_shard, rows_per_row_group, keep_audio)
     result: dict[str, Any] = {"batch": bid, "featurized": 0, "clips": 0, "audio_s": 0.0, "quarantine": [],
                               "labels": Counter(), "decoders": Counter()}
     try:
         for ref, label in batch:
             try:
-                info, clips = logmels_of_object(ref, cfg, silence_dbfs)
+                info, clips = logmels_of_object(ref, cfg, silence_dbfs, keep_audio)
             except DecodeError as e:
                 result["quarantine"].append(quarantine_row(ref, e))
                 continue
             writer.add([ClipRow(ref.uri, ref.etag, ref.size, label, c.index, c.start_s, c.end_s, info.decoder,
-                                info.sample_rate_hz, info.channels, mel) for c, mel in clips])
+                                info.sample_rate_hz, info.channels, mel, c.samples if keep_audio else None)
+                        for c, mel in clips])
             result["featurized"] += 1
             result["clips"] += len(clips)
             result["audio_s"] += info.decoded_frames / info.sample_rate_hz

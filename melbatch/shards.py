@@ -42,9 +42,20 @@ class DatasetError(RuntimeError):
     """An output is missing, incomplete or was made with other features."""
 
 
-def clip_schema(cfg: FeatureConfig) -> pa.Schema:
-    """One row per clip; the feature config and its hash ride in the schema metadata."""
+AUDIO_DTYPE = "int16"  # 16-bit PCM: half the bytes of float32, 96 dB of range, what the archives hold anyway
+
+
+def clip_schema(cfg: FeatureConfig, keep_audio: bool = False) -> pa.Schema:
+    """One row per clip; the feature config and its hash ride in the schema metadata.
+
+    With ``keep_audio`` each row also carries the clip's waveform (mono, at the feature sample
+    rate, zero-padded like the image) as 16-bit PCM in ``audio``: training needs it for
+    waveform-level augmentation, and it is what a person listens to when a picture looks wrong.
+    """
     mel_bytes = cfg.n_mels * cfg.n_frames * np.dtype(cfg.dtype).itemsize
+    audio = [pa.field("audio", pa.binary(cfg.clip_samples * np.dtype(AUDIO_DTYPE).itemsize), nullable=False,
+                      metadata={"shape": json.dumps([cfg.clip_samples]), "dtype": AUDIO_DTYPE,
+                                "sample_rate_hz": str(cfg.sample_rate_hz), "order": "C, little-endian"})]
     return pa.schema(
         [
             pa.field("uri", pa.string(), nullable=False),
@@ -59,6 +70,7 @@ def clip_schema(cfg: FeatureConfig) -> pa.Schema:
             pa.field("source_channels", pa.int16(), nullable=False),
             pa.field("mel", pa.binary(mel_bytes), nullable=False,
                      metadata={"shape": json.dumps(list(cfg.shape)), "dtype": cfg.dtype, "order": "C, little-endian"}),
+            *(audio if keep_audio else []),
         ],
         metadata=feature_metadata(cfg),
     )
@@ -108,6 +120,7 @@ class ClipRow:
     source_sample_rate_hz: int
     source_channels: int
     mel: np.ndarray = field(repr=False)
+    audio: np.ndarray | None = field(default=None, repr=False)  # int16 PCM, when the output keeps audio
 
 
 @dataclass
@@ -123,6 +136,7 @@ class ShardWriter:
     cfg: FeatureConfig
     rows_per_shard: int
     rows_per_row_group: int
+    keep_audio: bool = False
     written: list[tuple[str, int]] = field(default_factory=list)  # (file name, rows)
     _pending: list[ClipRow] = field(default_factory=list)
     _stack: contextlib.ExitStack | None = None
@@ -151,12 +165,12 @@ class ShardWriter:
             name = f"{self.stem}-{len(self.written):05d}.parquet"
             self._stack = contextlib.ExitStack()
             f = self._stack.enter_context(storage.atomic_open(storage.join(self.folder, name)))
-            schema = clip_schema(self.cfg)
+            schema = clip_schema(self.cfg, self.keep_audio)
             # no dictionary and no statistics for the mel values: both cost time and say nothing
             self._writer = pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS,
                                             write_statistics=STATISTICS_COLUMNS)
             self.written.append((name, 0))
-        self._writer.write_table(rows_to_table(rows, self.cfg), row_group_size=n)
+        self._writer.write_table(rows_to_table(rows, self.cfg, self.keep_audio), row_group_size=n)
         self._rows_in_shard += n
         self.written[-1] = (self.written[-1][0], self._rows_in_shard)
         if self._rows_in_shard >= self.rows_per_shard:
@@ -169,20 +183,25 @@ class ShardWriter:
             self._writer, self._stack, self._rows_in_shard = None, None, 0
 
 
-def rows_to_table(rows: list[ClipRow], cfg: FeatureConfig) -> pa.Table:
-    schema = clip_schema(cfg)
-    cols: dict[str, Any] = {name: [getattr(r, name) for r in rows] for name in schema.names if name != "mel"}
-    mel = np.ascontiguousarray(np.stack([r.mel for r in rows]), dtype=np.dtype(cfg.dtype).newbyteorder("<"))
-    cols["mel"] = pa.FixedSizeBinaryArray.from_buffers(schema.field("mel").type, len(rows), [None, pa.py_buffer(mel)])
+def rows_to_table(rows: list[ClipRow], cfg: FeatureConfig, keep_audio: bool = False) -> pa.Table:
+    schema = clip_schema(cfg, keep_audio)
+    arrays = {"mel": (cfg.dtype, [r.mel for r in rows])}
+    if keep_audio:
+        arrays["audio"] = (AUDIO_DTYPE, [r.audio for r in rows])
+    cols: dict[str, Any] = {name: [getattr(r, name) for r in rows] for name in schema.names if name not in arrays}
+    for name, (dtype, values) in arrays.items():
+        data = np.ascontiguousarray(np.stack(values), dtype=np.dtype(dtype).newbyteorder("<"))
+        cols[name] = pa.FixedSizeBinaryArray.from_buffers(schema.field(name).type, len(rows),
+                                                          [None, pa.py_buffer(data)])
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def mel_array(table: pa.Table) -> np.ndarray:
-    """The ``mel`` column of a shard table (or record batch) as a ``(rows, n_mels, n_frames)`` array."""
-    field_ = table.schema.field("mel")
+def tensor_column(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed-size binary column (``mel`` or ``audio``) as a ``(rows, *shape)`` array, without copying."""
+    field_ = table.schema.field(name)
     shape = json.loads(field_.metadata[b"shape"])
     dtype = np.dtype(field_.metadata[b"dtype"].decode()).newbyteorder("<")
-    col = table.column("mel")
+    col = table.column(name)
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if arr.null_count or len(arr) == 0:
         return np.zeros((len(arr), *shape), dtype)
@@ -190,6 +209,21 @@ def mel_array(table: pa.Table) -> np.ndarray:
     buf = arr.buffers()[1]
     flat = np.frombuffer(buf, dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
     return flat.view(dtype).reshape(len(arr), *shape)
+
+
+def mel_array(table: pa.Table) -> np.ndarray:
+    """The ``mel`` column of a shard table (or record batch) as a ``(rows, n_mels, n_frames)`` array."""
+    return tensor_column(table, "mel")
+
+
+def audio_array(table: pa.Table) -> np.ndarray:
+    """The ``audio`` column as ``(rows, samples)`` float32 in [-1, 1)."""
+    return tensor_column(table, "audio").astype(np.float32) * np.float32(1 / 32768)
+
+
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] → 16-bit PCM (rounded, clipped)."""
+    return np.clip(np.rint(samples * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def write_quarantine(dst: URI, rows: list[dict[str, Any]]) -> None:
@@ -236,9 +270,11 @@ def iter_clips(dst: URI) -> Iterator[dict[str, Any]]:
     for uri in shard_uris(dst, manifest):
         with storage.open_input(uri) as f:
             table = pq.read_table(f)
-        mels = mel_array(table)
-        for i, row in enumerate(table.drop_columns(["mel"]).to_pylist()):
-            row["mel"] = mels[i]
+        arrays = {"mel": mel_array(table)}
+        if "audio" in table.column_names:
+            arrays["audio"] = audio_array(table)
+        for i, row in enumerate(table.drop_columns(list(arrays)).to_pylist()):
+            row.update({name: a[i] for name, a in arrays.items()})
             yield row
 
 

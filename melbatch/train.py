@@ -7,6 +7,9 @@ Top-down:
 2. :func:`split_by_file` holds out whole recordings (clips of one file never sit on both sides),
    stratified by label and seeded; or an explicit ``uri,split`` manifest decides.
 3. Ray Data streams the shards; normalisation statistics are computed once from the train split.
+   Training batches carry each clip's waveform (featurize keeps it by default): the worker
+   augments the waveforms and recomputes their images on its own device with the very function
+   featurize used (see :func:`_inputs` for why there); validation uses the stored images.
 4. :func:`train_loop` runs on every TorchTrainer worker: each worker reads its own part of the data,
    trains, evaluates its part of the validation split (confusion matrices are summed across
    workers) and reports a checkpoint every epoch. Re-running the same command resumes from the latest
@@ -33,9 +36,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from melbatch import augment, storage
-from melbatch.config import ConfigError, FeatureConfig, TrainConfig
+from melbatch.audio import DecodeError, decode_all
+from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.model import PACKAGE_DIR, classifier_names, create_model, save_package
-from melbatch.shards import DatasetError, feature_config_of, mel_array, open_dataset, shard_uris
+from melbatch.shards import DatasetError, audio_array, feature_config_of, mel_array, open_dataset, shard_uris
 
 URI = str
 RUN_NAME = "ray-train"
@@ -118,20 +122,67 @@ def _filter_files(batch: pa.Table, files: pa.Array, keep: bool) -> pa.Table:
     return batch.filter(mask if keep else pc.invert(mask))
 
 
-def datasets(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> dict[str, Any]:
-    """{"train", "val"} Ray Datasets over the shards, split by source file."""
+def keeps_audio(manifest: dict[str, Any]) -> bool:
+    """Whether a featurize output stores each clip's waveform next to its image."""
+    return bool(manifest.get("audio", {}).get("kept"))
+
+
+def _images(uris: list[URI], columns: list[str]) -> Any:
     import ray
 
     fs, _ = storage.arrow_filesystem(uris[0])
-    paths = [storage.arrow_filesystem(u)[1] for u in uris]
-    base = ray.data.read_parquet(paths, filesystem=fs, columns=["uri", "label", "mel"])
-    val_arr = pa.array(sorted(val_files), pa.string())
-    return {
-        # blocks in a new random order every epoch, then a local shuffle buffer in each worker
-        "train": base.randomize_block_order().map_batches(_filter_files, batch_format="pyarrow",
-                                                           fn_kwargs={"files": val_arr, "keep": False}),
-        "val": base.map_batches(_filter_files, batch_format="pyarrow", fn_kwargs={"files": val_arr, "keep": True}),
-    }
+    return ray.data.read_parquet([storage.arrow_filesystem(u)[1] for u in uris], filesystem=fs, columns=columns)
+
+
+def _split(ds: Any, val_files: set[str], keep: bool) -> Any:
+    files = pa.array(sorted(val_files), pa.string())
+    return ds.map_batches(_filter_files, batch_format="pyarrow", fn_kwargs={"files": files, "keep": keep})
+
+
+def _oversample(batch: pa.Table, repeats: dict[str, float]) -> pa.Table:
+    """Repeat each row ``repeats[label]`` times on average (whole part always, fraction at random)."""
+    r = np.array([repeats[v] for v in batch.column("label").to_pylist()])
+    counts = np.floor(r).astype(int) + (np.random.default_rng().random(len(r)) < r - np.floor(r))
+    return batch.take(pa.array(np.repeat(np.arange(len(r)), counts)))
+
+
+def datasets(uris: list[URI], val_files: set[str], wave: bool,
+             repeats: dict[str, float] | None = None) -> dict[str, Any]:
+    """{"train", "val"} Ray Datasets over the shards, split by source file.
+
+    Training rows carry the waveform (``audio``) when ``wave``, else the stored image; validation
+    rows always the stored image. ``repeats`` oversamples rare labels (``balance: oversample``).
+    """
+    # blocks in a new random order every epoch, then a local shuffle buffer in each worker
+    train = _split(_images(uris, ["uri", "label", "audio" if wave else "mel"]).randomize_block_order(),
+                   val_files, keep=False)
+    if repeats:
+        train = train.map_batches(_oversample, batch_format="pyarrow", fn_kwargs={"repeats": repeats})
+    return {"train": train, "val": _split(_images(uris, ["uri", "label", "mel"]), val_files, keep=True)}
+
+
+def load_noise_bank(uri: URI, sample_rate_hz: int, max_s: float = 600.0) -> np.ndarray:
+    """The noise recordings under ``uri`` at ``sample_rate_hz``, each scaled to unit RMS, end to end (≤ ``max_s``)."""
+    parts, total = [], 0
+    skipped: list[str] = []
+    for ref in storage.list_objects(uri, extensions=AUDIO_EXTENSIONS):
+        try:
+            with storage.open_input(ref.uri, ref.size) as f:
+                _, x = decode_all(f, sample_rate_hz)
+        except DecodeError as e:
+            skipped.append(f"{ref.uri} ({e.kind})")
+            continue
+        rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
+        if rms > 0:
+            parts.append((x / rms).astype(np.float32))
+            total += len(x)
+        if total >= max_s * sample_rate_hz:
+            break
+    if skipped:
+        print(f"noise_dir: skipped {len(skipped)} file(s) that do not decode, e.g. {skipped[:3]}", flush=True)
+    if not parts:
+        raise ConfigError(f"noise_dir {uri} holds no decodable, non-silent audio ({', '.join(AUDIO_EXTENSIONS)})")
+    return np.concatenate(parts)[: int(max_s * sample_rate_hz)]
 
 
 def _moments(batch: pa.Table) -> pa.Table:
@@ -152,10 +203,27 @@ def dataset_stats(train_ds: Any) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------------------------- worker
 
-def _to_tensors(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], device: Any) -> tuple:
+def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], device: Any,
+            wave: tuple[FeatureConfig, augment.WaveAugment, Any, Any] | None = None) -> tuple:
+    """A batch as normalised (N, 1, n_mels, frames) images and label indices on ``device``.
+
+    With ``wave`` = (features, augmentation, noise bank, generator) and an ``audio`` column, the
+    waveforms are augmented and turned into images here, on the training device: the images of
+    one clip differ every epoch, the work is batched tensor maths that a GPU does in a fraction of
+    a step, and no augmented audio travels through the object store. (A Ray Data ``map_batches``
+    stage would put this on CPU nodes instead; on GPU clusters that is the slower place.)
+    """
     import torch
 
-    x = torch.from_numpy(mel_array(batch).astype(np.float32)).unsqueeze(1)
+    from melbatch.features import logmel_tensor
+
+    if wave is not None and "audio" in batch.column_names:
+        features, aug, bank, gen = wave
+        with torch.no_grad():
+            w = torch.from_numpy(audio_array(batch)).to(device, non_blocking=True)
+            x = logmel_tensor(augment.augment_waveforms(w, aug, bank, gen), features).unsqueeze(1)
+    else:
+        x = torch.from_numpy(mel_array(batch).astype(np.float32)).unsqueeze(1).to(device, non_blocking=True)
     if norm["kind"] == "clip":
         mean = x.mean(dim=(2, 3), keepdim=True)
         std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
@@ -163,7 +231,7 @@ def _to_tensors(batch: pa.Table, label_index: dict[str, int], norm: dict[str, An
     else:
         x = (x - norm["mean"]) / norm["std"]
     y = torch.tensor([label_index[v] for v in batch.column("label").to_pylist()], dtype=torch.long)
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return x, y.to(device, non_blocking=True)
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -204,6 +272,12 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     device = ray.train.torch.get_device()
+    wave = None
+    if config["wave"]:
+        features = FeatureConfig.from_dict(config["features"])
+        bank = load_noise_bank(cfg.noise_dir, features.sample_rate_hz) if cfg.noise_dir else None
+        wave = (features, augment.WaveAugment.of(cfg, features.sample_rate_hz),
+                None if bank is None else torch.from_numpy(bank).to(device), gen)
 
     model = create_model(cfg.model, len(labels), shape, pretrained=cfg.pretrained, weights=cfg.weights)
     head = set(classifier_names(model))
@@ -236,7 +310,7 @@ def train_loop(config: dict[str, Any]) -> None:
         for batch in ray.train.get_dataset_shard("train").iter_batches(
                 batch_size=cfg.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=shuffle,
                 local_shuffle_seed=cfg.seed + epoch * 7919 + rank, drop_last=False):
-            x, y = _to_tensors(batch, label_index, norm, device)
+            x, y = _inputs(batch, label_index, norm, device, wave)
             if len(y) < 2:
                 continue
             x = augment.random_time_crop(x, crop, gen)
@@ -265,7 +339,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with torch.no_grad():
             for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.batch_size,
                                                                         batch_format="pyarrow"):
-                x, y = _to_tensors(batch, label_index, norm, device)
+                x, y = _inputs(batch, label_index, norm, device)
                 with autocast:
                     logits = model(x).float()
                 val_loss += torch.tensor([float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")),
@@ -333,6 +407,15 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
     if before and before.get("config_hash") != features.hash():
         raise ConfigError(f"{cfg.out} holds a run on features {before.get('config_hash')}, and {cfg.shards} has "
                           f"features {features.hash()}: use another OUT")
+    if cfg.wave_augment and not keeps_audio(manifest):
+        if cfg.noise_dir:
+            raise ConfigError(f"noise_dir needs the clips' audio, and {cfg.shards} was featurized with "
+                              "--no-keep-audio: featurize again without it")
+        print(f"warning: {cfg.shards} holds images only (featurized with --no-keep-audio), so waveform "
+              "augmentation is off; featurize again to use it, or pass --no-wave-augment", flush=True)
+    if cfg.wave_augment and cfg.noise_dir and next(
+            storage.list_objects(cfg.noise_dir, extensions=AUDIO_EXTENSIONS), None) is None:
+        raise ConfigError(f"noise_dir {cfg.noise_dir} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
     return manifest, features, uris, before
 
 
@@ -362,29 +445,35 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                           f"{cpus:g} CPUs for Ray Data, which needs at least 1: lower --cpus-per-worker "
                           "(fractions are fine) or --workers")
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
-    ds = datasets(cfg, uris, val_files)
     rows_per_label: Counter = Counter()
     for u in train_files:
         rows_per_label[labels_of[u]] += clips_of[u]
     train_rows = sum(rows_per_label.values())
+    class_weights, repeats = [1.0] * len(labels), None
     if cfg.balance == "weights":
         class_weights = [train_rows / (len(labels) * max(1, rows_per_label[lab])) for lab in labels]
-    else:
-        class_weights = [1.0] * len(labels)
+    elif cfg.balance == "oversample":
+        most = max(rows_per_label.values())
+        repeats = {lab: most / max(1, rows_per_label[lab]) for lab in labels}
+        train_rows = most * len([lab for lab in labels if rows_per_label[lab]])
+    wave = cfg.wave_augment and keeps_audio(manifest)
+    ds = datasets(uris, val_files, wave, repeats)
     if before.get("norm", {}).get("kind") == cfg.normalize:
         norm = before["norm"]  # a resumed run keeps the statistics its checkpoints were trained with
     elif cfg.normalize == "dataset":
-        mean, std = dataset_stats(ds["train"])
+        mean, std = dataset_stats(_split(_images(uris, ["uri", "label", "mel"]), val_files, keep=False))
         norm = {"kind": "dataset", "mean": mean, "std": std}
     else:
         norm = {"kind": "clip"}
     storage.write_bytes(storage.join(cfg.out, TRAIN_CONFIG), json.dumps(
-        {"model": cfg.model, "config_hash": features.hash(), "norm": norm, "train": asdict(cfg)}, indent=2).encode())
+        {"model": cfg.model, "config_hash": features.hash(), "norm": norm, "wave_augment": wave,
+         "train": asdict(cfg)}, indent=2).encode())
 
     fs, path = storage.arrow_filesystem(cfg.out)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": asdict(cfg), "labels": labels, "norm": norm, "shape": list(features.shape),
+                           "features": features.to_dict(), "wave": wave,
                            "train_rows": train_rows, "class_weights": class_weights,
                            "crash_at": os.environ.get("MELBATCH_CRASH_AT")},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,

@@ -89,10 +89,13 @@ def test_voice_archive_has_lower_pitch_for_male_voices(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_demo_runs_the_pipeline_and_prints_a_summary(ray_session, tmp_path, capsys):
-    assert cli.main(["demo", "--dir", str(tmp_path), "--files-per-class", "3", "--no-progress"]) == 0
+    assert cli.main(["demo", "--dir", str(tmp_path), "--files-per-class", "3", "--epochs", "2",
+                     "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "featurized 6 + quarantined 9" in out and "first clip:" in out
     assert shards.read_manifest(str(tmp_path / "features"))["counts"]["inputs"] == 15
+    assert "val_accuracy" in out and "model package:" in out
+    assert (tmp_path / "model" / "model" / "model.json").exists() and (tmp_path / "model" / "metrics.json").exists()
 
 
 def test_train_help_has_the_contract_options():

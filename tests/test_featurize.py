@@ -12,6 +12,7 @@ from conftest import FAST, new_bucket
 
 from melbatch import featurize, samples, shards, storage
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
+from melbatch.features import compute_logmel
 from melbatch.shards import DatasetError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.s3]
@@ -86,6 +87,22 @@ def test_manifest_and_shards_carry_the_contract(engine_on_s3):
     # 5 s files with 2 s clips: clips at 0, 2 and a padded tail at 4 (1 s of audio = min_tail_s)
     assert sorted({(x["clip_index"], x["start_s"], round(x["end_s"], 2)) for x in rows}) == [
         (0, 0.0, 2.0), (1, 2.0, 4.0), (2, 4.0, 5.0)]
+    assert manifest["audio"] == {"kept": True, "dtype": "int16", "sample_rate_hz": FAST.sample_rate_hz,
+                                 "samples": FAST.clip_samples}
+
+
+def test_kept_audio_gives_back_the_stored_image(engine_on_s3):
+    """The audio column is the clip the image was made from: recomputing the image from it agrees."""
+    _, cfg, _ = engine_on_s3
+    rows = _rows(cfg.dst)
+    for r in rows[::4]:
+        assert r["audio"].shape == (FAST.clip_samples,) and r["audio"].dtype == np.float32
+        again = compute_logmel(r["audio"], FAST)
+        stored = r["mel"].astype(np.float32)
+        loud = stored > stored.max() - 60  # 16-bit PCM and float16 agree well above the quantisation floor
+        assert np.abs(again - stored)[loud].max() < 0.25
+    tail = next(r for r in rows if r["clip_index"] == 2)  # 1 s of audio, 1 s of zero padding
+    assert not tail["audio"][FAST.sample_rate_hz + 1:].any()
 
 
 def test_labels_come_from_the_folder_and_the_features_separate_them(engine_on_s3):
@@ -186,6 +203,12 @@ def test_unlabelled_archive(ray_session, tmp_path):
     assert s.featurized == 3 and s.quarantined == 0
     assert {r["label"] for r in _rows(dst)} == {None}
     assert shards.read_manifest(dst)["labels"] == {}
+    # --no-keep-audio: images only
+    bare = str(tmp_path / "bare")
+    featurize.run(FeaturizeConfig(src=str(src), dst=bare, features=FAST, labels="none", keep_audio=False),
+                  progress=False)
+    assert shards.read_manifest(bare)["audio"] == {"kept": False}
+    assert all("audio" not in r for r in _rows(bare))
 
 
 def test_incomplete_output_is_refused_by_readers(tmp_path):

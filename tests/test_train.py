@@ -42,6 +42,34 @@ def test_augmentations_keep_shapes_and_do_what_they_say():
     assert torch.allclose(xm.view(4, 4), tm)  # images and targets blended with the same weights
 
 
+def test_oversampling_evens_out_the_labels():
+    import pyarrow as pa
+
+    batch = pa.table({"label": ["a"] * 30 + ["b"] * 6, "i": list(range(36))})
+    out = train._oversample(batch, {"a": 1.0, "b": 5.0})
+    assert out.column("label").to_pylist().count("b") == 30 and out.column("label").to_pylist().count("a") == 30
+    assert set(out.column("i").to_pylist()) == set(range(36))  # every row kept, rare ones repeated
+    draws = [train._oversample(batch, {"a": 1.0, "b": 2.5}).num_rows - 30 for _ in range(200)]
+    assert 14.0 < np.mean(draws) < 16.0 and min(draws) >= 12 and max(draws) <= 18  # 6 x 2.5 = 15 on average
+
+
+def test_noise_bank_reads_any_format_and_rate_and_skips_what_does_not_decode(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = tmp_path / "noise"
+    storage.write_bytes(str(noise / "hall.flac"), samples.encode(0.1 * rng.standard_normal(44100).astype(np.float32),
+                                                                 44100, samples.FORMATS[1]))
+    storage.write_bytes(str(noise / "street.wav"), samples.encode(
+        0.5 * rng.standard_normal((2 * 8000, 2)).astype(np.float32).clip(-1, 1), 8000, samples.FORMATS[0]))
+    storage.write_bytes(str(noise / "notes.wav"), b"not audio at all")
+    bank = train.load_noise_bank(str(noise), 16000)
+    assert len(bank) == 16000 + 2 * 16000  # 1 s at 44.1 kHz + 2 s at 8 kHz, both at 16 kHz
+    assert np.sqrt(np.mean(bank[:16000] ** 2)) == pytest.approx(1.0, rel=1e-3)  # each file at unit RMS
+    assert len(train.load_noise_bank(str(noise), 16000, max_s=1.5)) == 24000
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no decodable"):
+        train.load_noise_bank(str(tmp_path / "empty"), 16000)
+
+
 def test_bad_shard_folders_are_refused(tmp_path, ray_session):
     with pytest.raises(DatasetError, match="did not finish"):
         train.open_shards(str(tmp_path))
@@ -113,11 +141,27 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_shards, monk
 @pytest.mark.slow
 def test_a_dying_worker_is_survived_with_failure_config(engine_shards, monkeypatch):
     monkeypatch.setenv("MELBATCH_CRASH_AT", "exit:1")  # the last worker's process exits after epoch 1
-    cfg = _cfg(engine_shards, "run2", epochs=2, max_failures=1)
+    # the restarted workers also load a noise folder from S3 and oversample: those paths run on real workers
+    samples.make_archive(f"{engine_shards}/noise", "engine", files_per_class=1, seconds=2.0, seed=9)
+    cfg = _cfg(engine_shards, "run2", epochs=2, max_failures=1, noise_dir=f"{engine_shards}/noise",
+               noise_prob=1.0, balance="oversample")
     m = train.run(cfg)
+    assert json.loads(storage.read_bytes(f"{cfg.out}/train_config.json"))["wave_augment"] is True
     assert storage.exists(f"{cfg.out}/_injected_crash")  # the worker really died
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     assert m["epochs"][-1]["attempt_start_epoch"] in (0, 1)  # restarted from scratch or from epoch 1
+
+
+def test_images_only_shards_turn_waveform_augmentation_off_and_refuse_a_noise_dir(tmp_path, ray_session, capsys):
+    src, dst = tmp_path / "a", tmp_path / "f"
+    samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST, keep_audio=False), progress=False)
+    train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o1")))
+    assert "waveform augmentation is off" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--no-keep-audio"):
+        train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o2"), noise_dir=str(src)))
+    train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o3"), wave_augment=False))
+    assert "augmentation" not in capsys.readouterr().out
 
 
 def test_a_new_model_into_an_old_out_is_refused(tmp_path):
