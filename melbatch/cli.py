@@ -18,6 +18,7 @@ from typing import Any
 from melbatch import __version__
 from melbatch.config import (
     AUDIO_EXTENSIONS,
+    ClassifyConfig,
     ConfigError,
     FeatureConfig,
     FeaturizeConfig,
@@ -102,6 +103,25 @@ TRAIN_HELP = {
 }
 
 
+CLASSIFY_HELP = {
+    "include": "only keys (relative to ARCHIVE) matching this glob; repeatable",
+    "exclude": "skip keys matching this glob; repeatable",
+    "extensions": f"comma-separated file extensions to read (known: {','.join(AUDIO_EXTENSIONS)})",
+    "batch_size": "clips per model call",
+    "concurrency": "model actors (0: one per GPU with --use-gpu, else 1)",
+    "use_gpu": "run the model on GPUs (one per actor, bfloat16 autocast)",
+    "cpus_per_actor": "CPUs reserved per model actor (the rest decode)",
+    "top_k": "labels and probabilities kept per clip, best first",
+    "keep_embeddings": "also store each clip's pooled penultimate features (for search and clustering)",
+    "files_per_task": "at most this many files per decode task",
+    "task_mb": "at most this many MB of input per decode task (a bigger file goes alone)",
+    "silence_dbfs": "files whose peak stays below this level (dB full scale) are quarantined as silent",
+    "max_quarantine_rate": "exit with code 4 when more than this fraction of the inputs is quarantined",
+    "overwrite": "replace predictions of another model in OUT, and redo batches already done",
+}
+EXIT_QUARANTINE = 4
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -179,6 +199,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def classify_config(args: argparse.Namespace) -> ClassifyConfig:
+    yml = load_yaml(args.config)
+    values = merge(yml.get("classify") or {},
+                   {"archive": args.archive, "model": args.model, "out": args.out, "address": args.address},
+                   _given(args, CLASSIFY_HELP))
+    return build(ClassifyConfig, values, "classify")
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from melbatch import classify
+
+    cfg = classify_config(args)
+    summary = classify.run(cfg, progress=not args.no_progress)
+    print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else summary.render())
+    if summary.quarantine_rate > cfg.max_quarantine_rate:
+        print(f"melbatch classify: {summary.quarantined} of {summary.inputs} inputs ({summary.quarantine_rate:.1%}) "
+              f"were quarantined, more than --max-quarantine-rate {cfg.max_quarantine_rate:g}: see "
+              f"{summary.out.rstrip('/')}/quarantine.parquet", file=sys.stderr)
+        return EXIT_QUARANTINE
+    return 0
+
+
 def cmd_sample_archive(args: argparse.Namespace) -> int:
     from melbatch import samples
 
@@ -234,7 +276,8 @@ def parser() -> argparse.ArgumentParser:
         description="Classify large audio archives with image models on log-mel spectrograms, on Ray.",
         epilog="URIs: s3://bucket/prefix, a local path, file://..., memory://... . S3 endpoint and credentials "
                "come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_ACCESS_KEY_ID...), "
-               "never from flags. Exit codes: 0 ok, 1 run failed, 2 bad usage/config, 3 storage error.",
+               "never from flags. Exit codes: 0 ok, 1 run failed, 2 bad usage/config, 3 storage error, 4 classify "
+               "finished with too many inputs quarantined.",
     )
     p.add_argument("--version", action="version", version=f"melbatch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -264,6 +307,23 @@ def parser() -> argparse.ArgumentParser:
     _add_run_flags(t, "a 'train:' section")
     _add_dataclass_flags(t, TrainConfig, TRAIN_HELP, "training")
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("classify", help="classify every audio file of an archive with a trained model (Ray Data)",
+                       description="Classify every audio object under ARCHIVE with the model package MODEL (the "
+                       "OUT of `melbatch train`), in one streaming Ray Data pipeline: decode + log-mel with the "
+                       "package's feature config on CPU tasks, the model on an actor pool (GPUs with --use-gpu), "
+                       "Parquet out. Writes OUT/clips/*.parquet (per clip: top-k labels), OUT/files/*.parquet "
+                       "(per file: mean clip probability per label, best wins), OUT/quarantine.parquet and "
+                       "OUT/_manifest.json last. Re-running resumes and never duplicates rows. Exit code 4: "
+                       "finished, but more inputs were quarantined than --max-quarantine-rate allows.")
+    c.add_argument("archive", metavar="ARCHIVE", help="archive URI (s3://bucket/prefix, folder, file://...)")
+    c.add_argument("model", metavar="MODEL", help="model package: the OUT of `melbatch train` (local or s3://)")
+    c.add_argument("out", metavar="OUT", help="output URI for predictions, quarantine and manifest")
+    _add_run_flags(c, "a 'classify:' section")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_dataclass_flags(c, ClassifyConfig, CLASSIFY_HELP, "classification")
+    c.set_defaults(func=cmd_classify)
 
     s = sub.add_parser("sample-archive", help="generate a labelled sample archive (engine or voice task)",
                        description="Write a labelled sample archive DST/<label>/<file> in mixed formats, rates "

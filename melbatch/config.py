@@ -159,6 +159,17 @@ def _empty_mel_bands(cfg: FeatureConfig) -> int:
     return int((~inside.any(axis=1)).sum())
 
 
+def _extensions(given: tuple[str, ...]) -> tuple[str, ...]:
+    exts = tuple(e.lower().lstrip(".") for e in given)
+    unknown = sorted(set(exts) - set(AUDIO_EXTENSIONS))
+    _require(not unknown, f"extensions {unknown} are not audio formats melbatch decodes; "
+             f"choose from {AUDIO_EXTENSIONS}")
+    return exts
+
+
+DEFAULT_EXTENSIONS = ("wav", "flac", "ogg", "oga", "opus", "mp3")
+
+
 @dataclass(frozen=True)
 class FeaturizeConfig:
     """What to read, how to label it, and how to lay the shards out."""
@@ -168,7 +179,7 @@ class FeaturizeConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    extensions: tuple[str, ...] = ("wav", "flac", "ogg", "oga", "opus", "mp3")
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     labels: str = "folder"
     files_per_task: int = 64
     rows_per_shard: int = 1024
@@ -183,11 +194,7 @@ class FeaturizeConfig:
         _require(bool(self.src), "SRC is empty: give an archive URI (s3://bucket/prefix, a folder, file://...)")
         _require(bool(self.dst), "DST is empty: give an output URI")
         _require(self.src.rstrip("/") != self.dst.rstrip("/"), "SRC and DST are the same place: choose another DST")
-        exts = tuple(e.lower().lstrip(".") for e in self.extensions)
-        unknown = sorted(set(exts) - set(AUDIO_EXTENSIONS))
-        _require(not unknown, f"extensions {unknown} are not audio formats melbatch decodes; "
-                 f"choose from {AUDIO_EXTENSIONS}")
-        object.__setattr__(self, "extensions", exts)
+        object.__setattr__(self, "extensions", _extensions(self.extensions))
         _require(self.labels in LABEL_SOURCES or "." in self.labels.rsplit("/", 1)[-1],
                  f"labels={self.labels!r}: use 'folder', 'none', or the URI of a .csv/.jsonl manifest (uri,label)")
         _require(self.files_per_task >= 1, "files_per_task must be >= 1")
@@ -317,3 +324,44 @@ class TrainConfig:
         _require(self.balance in BALANCING, f"balance={self.balance!r}: choose one of {BALANCING}")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _require(self.max_failures >= -1, "max_failures must be >= -1 (-1 = retry forever)")
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """Which archive to classify with which model package, and how to spread the work.
+
+    The feature config is not here: it comes from the model package, so images are made exactly as
+    the model saw them in training.
+    """
+
+    archive: URI
+    model: URI
+    out: URI
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    batch_size: int = 64
+    concurrency: int = 0
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    top_k: int = 3
+    keep_embeddings: bool = False
+    files_per_task: int = 32
+    task_mb: float = 64.0
+    silence_dbfs: float = -70.0
+    max_quarantine_rate: float = 0.1
+    overwrite: bool = False
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.archive) and bool(self.model) and bool(self.out), "give ARCHIVE, MODEL and OUT")
+        _require(self.archive.rstrip("/") != self.out.rstrip("/"), "OUT must not be the ARCHIVE folder")
+        object.__setattr__(self, "extensions", _extensions(self.extensions))
+        _require(self.batch_size >= 1, f"batch_size={self.batch_size}: at least 1 clip per model call")
+        _require(self.concurrency >= 0, "concurrency must be >= 0 (0: one model actor per GPU, or 1 on CPU)")
+        _require(self.cpus_per_actor > 0, "cpus_per_actor must be > 0 (fractions are fine)")
+        _require(self.top_k >= 1, f"top_k={self.top_k}: at least 1")
+        _require(self.files_per_task >= 1 and self.task_mb > 0, "files_per_task must be >= 1 and task_mb > 0")
+        _require(self.silence_dbfs < 0, f"silence_dbfs={self.silence_dbfs}: must be negative (dB full scale)")
+        _require(0 <= self.max_quarantine_rate <= 1,
+                 f"max_quarantine_rate={self.max_quarantine_rate}: a fraction of the inputs, in [0, 1]")

@@ -16,19 +16,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from melbatch import __version__, storage
-from melbatch.audio import ERROR_KINDS, DecodeError
+from melbatch.audio import DecodeError
 from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.features import logmels_of_object
 from melbatch.labels import NO_LABEL, Labeler
+from melbatch.runs import (
+    chunked,
+    collect_garbage,
+    content_id,
+    init_ray,
+    quarantine_lines,
+    quarantine_row,
+    read_parts,
+    write_part,
+)
+from melbatch.runs import progress as progress_bar
 from melbatch.shards import (
     AUDIO_DTYPE,
     MANIFEST,
@@ -42,9 +51,6 @@ from melbatch.shards import (
 )
 
 URI = str
-PARTS_DIR = "_parts"
-# Non-secret settings a Ray worker needs to reach the same object store as the driver.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 
 
 @dataclass
@@ -80,11 +86,7 @@ class Summary:
             lines.append(f"  resumed      {self.resumed_batches:>8}  of {self.batches} batches were already done")
         for label, n in sorted(self.labels.items()):
             lines.append(f"  label {label!s:<14} {n:>6} clips")
-        if self.quarantine_kinds:
-            lines.append(f"  quarantine   {storage.join(self.dst, QUARANTINE)}")
-        for kind, n in sorted(self.quarantine_kinds.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"    {kind:<18} {n:>6}  {ERROR_KINDS[kind]}")
-        return "\n".join(lines)
+        return "\n".join(lines + quarantine_lines(storage.join(self.dst, QUARANTINE), self.quarantine_kinds))
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -149,7 +151,7 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     summary.elapsed_s = time.perf_counter() - t0
     write_quarantine(dst, quarantine)
     write_manifest(dst, _manifest(cfg, summary, shards, results))
-    _collect_garbage(dst, set(shards), {bid for bid, _ in batches})
+    collect_garbage(dst, [SHARD_DIR], set(shards), {bid for bid, _ in batches})
     return summary
 
 
@@ -161,10 +163,10 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
     """
     import ray
 
-    results = {} if cfg.overwrite else _read_parts(dst, {bid for bid, _ in batches})
+    results = {} if cfg.overwrite else read_parts(dst, {bid for bid, _ in batches})
     todo = [(bid, batch) for bid, batch in batches if bid not in results]
     resumed = set(results)
-    bar = _progress(sum(len(b) for _, b in batches), progress)
+    bar = progress_bar(sum(len(b) for _, b in batches), progress, "featurize")
     bar.update(sum(len(b) for bid, b in batches if bid in results))
     if todo:
         init_ray(cfg.address)
@@ -189,17 +191,6 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
                 bar.update(result["featurized"] + len(result["quarantine"]))
     bar.close()
     return [results[bid] for bid, _ in batches], resumed
-
-
-def init_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local Ray; once per process."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
-             logging_level="WARNING", configure_logging=True)
 
 
 def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results: list[dict]) -> dict[str, Any]:
@@ -231,53 +222,11 @@ def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results
     }
 
 
-def _collect_garbage(dst: URI, shards: set[str], batch_ids: set[str]) -> None:
-    """Delete shards and part files that the new manifest does not name (earlier, other inputs)."""
-    shard_root, parts_root = storage.join(dst, SHARD_DIR), storage.join(dst, PARTS_DIR)
-    stale = [u for u in storage.list_files(shard_root)
-             if f"{SHARD_DIR}/{storage.relative(u, shard_root)}" not in shards]
-    stale += [u for u in storage.list_files(parts_root)
-              if storage.relative(u, parts_root).removesuffix(".json") not in batch_ids]
-    storage.delete(stale)
-
-
-def _read_parts(dst: URI, batch_ids: set[str]) -> dict[str, dict[str, Any]]:
-    """Results of this run's batches that an earlier attempt finished: one listing, one concurrent read."""
-    root = storage.join(dst, PARTS_DIR)
-    wanted = [u for u in storage.list_files(root, ".json")
-              if storage.relative(u, root).removesuffix(".json") in batch_ids]
-    return {(r := json.loads(data))["batch"]: r for data in storage.read_many(wanted).values()}
-
-
-def chunked(items: list, n: int) -> Iterator[list]:
-    for i in range(0, len(items), n):
-        yield items[i: i + n]
-
-
 def batch_id(features: FeatureConfig, batch: Iterable[tuple[storage.ObjectRef, str | None]],
              keep_audio: bool = False) -> str:
     """A name derived from the batch's content: same inputs, features and layout, same name, on every attempt."""
-    h = hashlib.sha256(features.hash().encode() + b"+audio" * keep_audio)
-    for ref, label in batch:
-        h.update(f"{ref.key()}\t{label}\n".encode())
-    return h.hexdigest()[:20]
+    return content_id(features.hash() + "+audio" * keep_audio, (f"{ref.key()}\t{label}" for ref, label in batch))
 
-
-def quarantine_row(ref: storage.ObjectRef, e: DecodeError) -> dict[str, Any]:
-    return {"uri": ref.uri, "etag": ref.etag, "size": ref.size, "kind": e.kind, "message": e.message,
-            "decoders_tried": list(e.decoders_tried)}
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    # a terminal gets a live bar; a log (ray job logs, CI, cron) gets a line every 15 s instead
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, unit="file", desc="featurize", disable=not enabled, file=sys.stderr,
-                mininterval=0.5 if interactive else 15.0, dynamic_ncols=interactive, ascii=not interactive)
-
-
-# --------------------------------------------------------------------------------------------- task
 
 def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]], feature_json: str, dst: URI,
                     rows_per_shard: int, rows_per_row_group: int, silence_dbfs: float,
@@ -317,7 +266,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
         raise
     result["labels"], result["decoders"] = dict(result["labels"]), dict(result["decoders"])
     result["task_s"] = time.perf_counter() - t0
-    storage.write_bytes(storage.join(dst, PARTS_DIR, f"{bid}.json"), json.dumps(result).encode())
+    write_part(dst, bid, result)
     return result
 
 

@@ -147,6 +147,22 @@ class Package:
         return FeatureConfig.from_dict(self.meta["feature_config"])
 
 
+def normalize(x: torch.Tensor, norm: dict[str, Any]) -> torch.Tensor:
+    """Images as the package's model was trained on them: dataset mean/std, or each clip on its own."""
+    if norm["kind"] == "clip":
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        return (x - mean) / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    return (x - norm["mean"]) / norm["std"]
+
+
+def forward(model: torch.nn.Module, x: torch.Tensor, embeddings: bool = False) -> tuple[torch.Tensor, Any]:
+    """Logits, and with ``embeddings`` the pooled penultimate features timm's head sees (else ``None``)."""
+    if not embeddings:
+        return model(x), None
+    feats = model.forward_features(x)
+    return model.forward_head(feats), model.forward_head(feats, pre_logits=True)
+
+
 def weights_id(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
@@ -168,15 +184,29 @@ def save_package(out: URI, model: torch.nn.Module, meta: dict[str, Any]) -> URI:
     return root
 
 
+def package_root(uri: URI) -> URI:
+    """The ``model/`` folder of a train OUT (or ``uri`` itself when it holds ``model.json``)."""
+    return uri if storage.exists(storage.join(uri, META)) else storage.join(uri, PACKAGE_DIR)
+
+
+def read_package_meta(uri: URI) -> dict[str, Any]:
+    """``model.json`` of a package (give the train OUT or its ``model/`` folder), without the weights."""
+    meta_uri = storage.join(package_root(uri), META)
+    if not storage.exists(meta_uri):
+        raise ModelError(f"{uri} holds no model package ({PACKAGE_DIR}/{META}); give the OUT of `melbatch train`")
+    meta = json.loads(storage.read_bytes(meta_uri))
+    got = FeatureConfig.from_dict(meta["feature_config"]).hash()
+    if got != meta["config_hash"]:
+        raise ModelError(f"{meta_uri} is inconsistent: its feature_config hashes to {got}, not {meta['config_hash']}")
+    return meta
+
+
 def load_package(uri: URI) -> Package:
     """Load a package from ``uri`` (the train OUT folder or its ``model/`` folder)."""
-    root = uri if uri.rstrip("/").endswith(PACKAGE_DIR) else storage.join(uri, PACKAGE_DIR)
-    if not storage.exists(storage.join(root, META)):
-        raise ModelError(f"{uri} holds no model package ({PACKAGE_DIR}/{META}); give the OUT of `melbatch train`")
-    meta = json.loads(storage.read_bytes(storage.join(root, META)))
+    meta = read_package_meta(uri)
     fc = FeatureConfig.from_dict(meta["feature_config"])
     model = create_model(meta["model_name"], len(meta["labels"]), fc.shape, pretrained=False)
     with tempfile.TemporaryDirectory() as tmp:
-        Path(f"{tmp}/{WEIGHTS}").write_bytes(storage.read_bytes(storage.join(root, WEIGHTS)))
+        Path(f"{tmp}/{WEIGHTS}").write_bytes(storage.read_bytes(storage.join(package_root(uri), WEIGHTS)))
         model.load_state_dict(load_file(f"{tmp}/{WEIGHTS}"))
     return Package(model.eval(), meta)

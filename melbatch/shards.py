@@ -89,6 +89,65 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
+PREDICTION_DIRS = ("clips", "files")
+
+
+def clip_prediction_schema(top_k: int, embedding_dim: int = 0) -> pa.Schema:
+    """``classify`` output, one row per clip: top-k labels and probabilities (best first)."""
+    emb = [pa.field("embedding", pa.list_(pa.float32(), embedding_dim), nullable=False)] if embedding_dim else []
+    return pa.schema([
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("etag", pa.string(), nullable=False),
+        pa.field("clip_index", pa.int32(), nullable=False),
+        pa.field("start_s", pa.float64(), nullable=False),
+        pa.field("end_s", pa.float64(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("probability", pa.float32(), nullable=False),
+        pa.field("top_labels", pa.list_(pa.string(), top_k), nullable=False),
+        pa.field("top_probabilities", pa.list_(pa.float32(), top_k), nullable=False),
+        *emb,
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("config_hash", pa.string(), nullable=False),
+    ], metadata={META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode()})
+
+
+def file_prediction_schema(labels: list[str]) -> pa.Schema:
+    """``classify`` output, one row per file: the verdict over its clips (mean probability per label)."""
+    return pa.schema([
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("etag", pa.string(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("probability", pa.float32(), nullable=False),
+        pa.field("clips", pa.int32(), nullable=False),
+        pa.field("scores", pa.list_(pa.float32(), len(labels)), nullable=False,
+                 metadata={"labels": json.dumps(labels)}),
+        pa.field("duration_s", pa.float64(), nullable=False),
+        pa.field("decoder", pa.string(), nullable=False),
+        pa.field("source_sample_rate_hz", pa.int32(), nullable=False),
+        pa.field("source_channels", pa.int16(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("config_hash", pa.string(), nullable=False),
+    ], metadata={META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode()})
+
+
+def write_table(uri: URI, table: pa.Table) -> None:
+    """One small Parquet file, published atomically."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def read_tables(dst: URI, folder: str) -> pa.Table:
+    """Every Parquet file a complete output's manifest lists under ``folder`` (``clips`` or ``files``), as one table."""
+    manifest = open_dataset(dst)
+    tables = []
+    for rel in manifest[folder]:
+        with storage.open_input(storage.join(dst, rel)) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
 def feature_metadata(cfg: FeatureConfig) -> dict[bytes, bytes]:
     return {
         META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode(),
@@ -228,10 +287,8 @@ def to_pcm16(samples: np.ndarray) -> np.ndarray:
 
 def write_quarantine(dst: URI, rows: list[dict[str, Any]]) -> None:
     """``DST/quarantine.parquet``: always written, possibly empty."""
-    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=QUARANTINE_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(storage.join(dst, QUARANTINE), buf.getvalue())
+    write_table(storage.join(dst, QUARANTINE),
+                pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=QUARANTINE_SCHEMA))
 
 
 def write_manifest(dst: URI, manifest: dict[str, Any]) -> None:
@@ -250,8 +307,8 @@ def open_dataset(dst: URI, expect: FeatureConfig | None = None) -> dict[str, Any
     """The manifest of a complete dataset, refusing incomplete ones and (given ``expect``) other features."""
     manifest = read_manifest(dst)
     if manifest is None:
-        raise DatasetError(f"{dst} has no {MANIFEST}: the featurize run that writes it did not finish; "
-                           "re-run `melbatch featurize` to complete it")
+        raise DatasetError(f"{dst} has no {MANIFEST}: the run that writes it did not finish (or never ran); "
+                           "re-run the same `melbatch featurize`/`classify` command to complete it")
     if expect is not None:
         have = FeatureConfig.from_dict(manifest["feature_config"])
         if have.hash() != expect.hash():

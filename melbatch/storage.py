@@ -47,9 +47,13 @@ class ObjectRef:
 
 
 def filesystem(uri: URI) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for any URI or local path."""
+    """(filesystem, path inside it) for any URI or local path.
+
+    Listings are never cached: Ray workers in other processes write into the same prefixes, and a
+    cached listing in the driver would miss their files or name ones since deleted.
+    """
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = fsspec.core.url_to_fs(uri, use_listings_cache=False)
     except (ImportError, ValueError) as e:
         raise StorageError(f"cannot open {uri!r}: {e}. Install the fsspec package for that scheme "
                            "(s3fs for s3://, gcsfs for gs://, adlfs for az://)") from None

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from melbatch import augment, storage
 from melbatch.audio import DecodeError, decode_all
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
-from melbatch.model import PACKAGE_DIR, classifier_names, create_model, save_package
+from melbatch.model import PACKAGE_DIR, classifier_names, create_model, normalize, save_package
 from melbatch.shards import DatasetError, audio_array, feature_config_of, mel_array, open_dataset, shard_uris
 
 URI = str
@@ -224,12 +224,7 @@ def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], 
             x = logmel_tensor(augment.augment_waveforms(w, aug, bank, gen), features).unsqueeze(1)
     else:
         x = torch.from_numpy(mel_array(batch).astype(np.float32)).unsqueeze(1).to(device, non_blocking=True)
-    if norm["kind"] == "clip":
-        mean = x.mean(dim=(2, 3), keepdim=True)
-        std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-        x = (x - mean) / std
-    else:
-        x = (x - norm["mean"]) / norm["std"]
+    x = normalize(x, norm)
     y = torch.tensor([label_index[v] for v in batch.column("label").to_pylist()], dtype=torch.long)
     return x, y.to(device, non_blocking=True)
 
@@ -425,7 +420,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from melbatch.featurize import init_ray
+    from melbatch.runs import init_ray
 
     manifest, features, uris, before = preflight(cfg)
     labels = sorted(manifest["labels"])

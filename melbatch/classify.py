@@ -1,0 +1,396 @@
+"""classify: a trained model package over a whole audio archive, as one streaming Ray Data pipeline.
+
+Top-down:
+
+1. :func:`preflight` checks the model package, ARCHIVE and OUT before any cluster work.
+2. The driver lists ARCHIVE once and groups the objects, in key order, into work batches of at
+   most ``files_per_task`` files and ``task_mb`` MB, each named after its content and the model
+   (:func:`batch_plan`). Batches an earlier attempt finished (their part file exists) are skipped.
+3. One Ray Data pipeline streams the remaining batches, one row per batch:
+   :func:`decode_batch` (CPU tasks: read → decode → clips → log-mel, the featurize code path, with
+   the package's feature config) → :class:`Predictor` (an actor pool that loads the package once
+   per actor; GPUs with ``use_gpu``) → :func:`write_batch` (CPU tasks: ``clips/<batch>.parquet``,
+   ``files/<batch>.parquet``, then ``_parts/<batch>.json``). A batch is written whole, by one
+   task, under its own name, so retries and re-runs never duplicate rows; Ray Data's backpressure
+   keeps only a few batches in flight whatever the archive's size.
+4. The driver writes ``quarantine.parquet``, then ``_manifest.json`` last, then deletes what earlier
+   attempts left that the manifest does not name.
+
+Per-file verdict: the mean of the file's clip probabilities per label; the label with the highest
+mean wins and its mean is the file's ``probability``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from melbatch import __version__, storage
+from melbatch.audio import DecodeError
+from melbatch.config import SCHEMA_VERSION, ClassifyConfig, ConfigError, FeatureConfig
+from melbatch.features import logmels_of_object
+from melbatch.model import ModelError, package_root, read_package_meta
+from melbatch.runs import (
+    collect_garbage,
+    content_id,
+    init_ray,
+    quarantine_lines,
+    quarantine_row,
+    read_parts,
+    write_part,
+)
+from melbatch.runs import progress as progress_bar
+from melbatch.shards import (
+    MANIFEST,
+    PREDICTION_DIRS,
+    QUARANTINE,
+    clip_prediction_schema,
+    file_prediction_schema,
+    read_manifest,
+    write_manifest,
+    write_quarantine,
+    write_table,
+)
+
+URI = str
+AGGREGATION = "mean of clip probabilities per label; the highest mean is the file's label and probability"
+
+
+@dataclass
+class Summary:
+    """What one classify run did; ``inputs == classified + quarantined`` always."""
+
+    archive: URI
+    out: URI
+    model_id: str
+    config_hash: str
+    inputs: int = 0
+    classified: int = 0
+    quarantined: int = 0
+    clips: int = 0
+    audio_s: float = 0.0
+    new_audio_s: float = 0.0  # audio in batches this run did (not resumed): what the throughput counts
+    elapsed_s: float = 0.0
+    batches: int = 0
+    resumed_batches: int = 0
+    labels: dict[str, int] = field(default_factory=dict)  # files per verdict
+    quarantine_kinds: dict[str, int] = field(default_factory=dict)
+    decoders: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def quarantine_rate(self) -> float:
+        return self.quarantined / self.inputs if self.inputs else 0.0
+
+    def render(self) -> str:
+        rt = self.new_audio_s / self.elapsed_s if self.elapsed_s else 0.0
+        lines = [
+            f"classify {self.archive} -> {self.out}",
+            f"  model        {self.model_id}  (features {self.config_hash})",
+            f"  inputs       {self.inputs:>8}  = classified {self.classified} + quarantined {self.quarantined}",
+            f"  clips        {self.clips:>8}",
+            f"  audio        {self.audio_s / 3600:>8.2f} h  in {self.elapsed_s:.1f} s ({rt:,.0f}x realtime)",
+        ]
+        if self.resumed_batches:
+            lines.append(f"  resumed      {self.resumed_batches:>8}  of {self.batches} batches were already done")
+        for label, n in sorted(self.labels.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  label {label!s:<14} {n:>6} files")
+        return "\n".join(lines + quarantine_lines(storage.join(self.out, QUARANTINE), self.quarantine_kinds))
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+def preflight(cfg: ClassifyConfig) -> dict[str, Any]:
+    """Everything checkable without a cluster: the package, ARCHIVE readable, OUT writable and ours."""
+    try:
+        meta = {**read_package_meta(cfg.model), "root": storage.canonical(package_root(cfg.model))}
+    except ModelError as e:
+        raise ConfigError(f"MODEL: {e}") from None
+    storage.check_readable(cfg.archive)
+    storage.check_writable(cfg.out)
+    existing = read_manifest(cfg.out)
+    if existing and not cfg.overwrite and existing.get("kind") != "predictions":
+        raise ConfigError(f"{cfg.out} holds a {existing.get('kind')} output, not predictions: use another OUT")
+    if existing and not cfg.overwrite and existing.get("model_id") != meta["model_id"]:
+        raise ConfigError(f"{cfg.out} already holds predictions of model {existing.get('model_id')}, and MODEL is "
+                          f"{meta['model_id']}: use another OUT, or --overwrite to replace them")
+    return meta
+
+
+def batch_plan(refs: list[storage.ObjectRef], files_per_task: int, task_bytes: float) -> list[list[storage.ObjectRef]]:
+    """Consecutive groups of at most ``files_per_task`` objects and ``task_bytes`` bytes (a bigger object alone)."""
+    batches: list[list[storage.ObjectRef]] = []
+    size = 0
+    for ref in refs:
+        if not batches or len(batches[-1]) >= files_per_task or size + ref.size > task_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(ref)
+        size += ref.size
+    return batches
+
+
+def run(cfg: ClassifyConfig, progress: bool = True) -> Summary:
+    """Classify ``cfg.archive`` into ``cfg.out``; returns the summary (also in the manifest)."""
+    t0 = time.perf_counter()
+    meta = preflight(cfg)
+    archive, out = storage.canonical(cfg.archive), storage.canonical(cfg.out)
+    summary = Summary(archive=archive, out=out, model_id=meta["model_id"], config_hash=meta["config_hash"])
+    refs = list(storage.list_objects(archive, cfg.include, cfg.exclude, cfg.extensions))
+    if not refs:
+        raise ConfigError(f"no audio objects under {archive} match extensions={list(cfg.extensions)}, "
+                          f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
+    summary.inputs = len(refs)
+    salt = f"classify {meta['model_id']} {meta['config_hash']} top{cfg.top_k} emb{int(cfg.keep_embeddings)}"
+    batches = [(content_id(salt, (r.key() for r in b)), b)
+               for b in batch_plan(refs, cfg.files_per_task, cfg.task_mb * 1e6)]
+    summary.batches = len(batches)
+    results = {} if cfg.overwrite else read_parts(out, {bid for bid, _ in batches})
+    resumed = set(results)
+    summary.resumed_batches = len(resumed)
+    todo = [(bid, b) for bid, b in batches if bid not in results]
+    bar = progress_bar(len(refs), progress, "classify")
+    bar.update(sum(len(b) for bid, b in batches if bid in results))
+    if todo:
+        init_ray(cfg.address)
+        for row in pipeline(cfg, meta, out, todo).iter_rows():
+            r = json.loads(row["result"])
+            results[r["batch"]] = r
+            bar.update(r["classified"] + len(r["quarantine"]))
+    bar.close()
+
+    quarantine: list[dict[str, Any]] = []
+    outputs: dict[str, list[str]] = {d: [] for d in PREDICTION_DIRS}
+    for bid, _ in batches:
+        r = results[bid]
+        summary.classified += r["classified"]
+        summary.clips += r["clips"]
+        summary.audio_s += r["audio_s"]
+        summary.new_audio_s += r["audio_s"] if bid not in resumed else 0.0
+        quarantine.extend(r["quarantine"])
+        for d, key in ((summary.labels, "labels"), (summary.decoders, "decoders")):
+            d.update(Counter(d) + Counter(r[key]))
+        for d in PREDICTION_DIRS:
+            outputs[d].extend(r["outputs"].get(d, []))
+    summary.quarantined = len(quarantine)
+    summary.quarantine_kinds = dict(Counter(q["kind"] for q in quarantine))
+    assert summary.inputs == summary.classified + summary.quarantined, asdict(summary)
+    summary.elapsed_s = time.perf_counter() - t0
+    write_quarantine(out, quarantine)
+    write_manifest(out, _manifest(cfg, meta, summary, outputs))
+    collect_garbage(out, PREDICTION_DIRS, {p for d in PREDICTION_DIRS for p in outputs[d]},
+                    {bid for bid, _ in batches})
+    return summary
+
+
+def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tuple[str, list]]) -> Any:
+    """The streaming Ray Data pipeline over the work batches still to do: decode → model → write."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.use_gpu and gpus < 1:
+        raise ConfigError("--use-gpu, but the Ray cluster has no GPUs: drop --use-gpu or join a GPU cluster")
+    actors = cfg.concurrency or (int(gpus) if cfg.use_gpu else 1)
+    left = cpus - actors * cfg.cpus_per_actor
+    if left < 1:  # decoding needs a whole CPU; without one the model actors wait for images forever
+        raise ConfigError(f"{actors} model actor(s) x {cfg.cpus_per_actor} CPU leave {left:g} of the cluster's "
+                          f"{cpus:g} CPUs for decoding, which needs at least 1: lower --cpus-per-actor "
+                          "(fractions are fine) or --concurrency")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # melbatch's own bar counts files
+    features_json = FeatureConfig.from_dict(meta["feature_config"]).canonical_json()
+    rows = [{"batch": bid, "refs": json.dumps([[r.uri, r.etag, r.size] for r in b])} for bid, b in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # A decode task holds one work batch's images (about 4x its input bytes at most). Saying so also
+    # keeps Ray Data from fusing decoding into the model actors (it fuses stages with equal resource
+    # requests), which would decode on the actors' CPUs one batch at a time instead of on every CPU.
+    ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
+                        memory=4 * cfg.task_mb * 1e6,
+                        fn_kwargs={"features_json": features_json, "silence_dbfs": cfg.silence_dbfs})
+    ds = ds.map_batches(Predictor, batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
+                        fn_constructor_kwargs={"model_uri": meta["root"], "batch_size": cfg.batch_size,
+                                               "top_k": cfg.top_k, "embeddings": cfg.keep_embeddings,
+                                               "use_gpu": cfg.use_gpu, "threads": max(1, int(cfg.cpus_per_actor))})
+    return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"out": out})
+
+
+def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], summary: Summary,
+              outputs: dict[str, list[str]]) -> dict[str, Any]:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("address",)}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "predictions",
+        "melbatch_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "archive": summary.archive,
+        "model": meta["root"],
+        "model_id": meta["model_id"],
+        "model_name": meta["model_name"],
+        "labels": meta["labels"],
+        "feature_config": meta["feature_config"],
+        "config_hash": meta["config_hash"],
+        "aggregation": AGGREGATION,
+        **{d: sorted(outputs[d]) for d in PREDICTION_DIRS},
+        "counts": {"inputs": summary.inputs, "classified": summary.classified, "quarantined": summary.quarantined,
+                   "clips": summary.clips, "audio_seconds": round(summary.audio_s, 3)},
+        "label_counts": dict(sorted(summary.labels.items())),
+        "quarantine_kinds": summary.quarantine_kinds,
+        "decoders": summary.decoders,
+        "elapsed_s": round(summary.elapsed_s, 3),
+        "classify": settings,
+    }
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
+def _from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
+
+
+def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> pa.Table:
+    """Stage 1 (CPU task): the batch's objects → their clips' log-mel images, or quarantine rows."""
+    import torch
+
+    torch.set_num_threads(1)  # parallelism comes from Ray tasks
+    cfg = FeatureConfig.from_dict(json.loads(features_json))
+    out: dict[str, list] = {"batch": [], "files": [], "clips": [], "mel": [], "quarantine": []}
+    for row in batch.to_pylist():
+        files, clips, mels, quarantine = [], [], [], []
+        for uri, etag, size in json.loads(row["refs"]):
+            ref = storage.ObjectRef(uri, etag, size)
+            try:
+                info, pairs = logmels_of_object(ref, cfg, silence_dbfs)
+            except DecodeError as e:
+                quarantine.append(quarantine_row(ref, e))
+                continue
+            files.append({"uri": uri, "etag": etag, "size": size, "decoder": info.decoder,
+                          "duration_s": info.decoded_frames / info.sample_rate_hz,
+                          "source_sample_rate_hz": info.sample_rate_hz, "source_channels": info.channels})
+            for clip, mel in pairs:
+                clips.append([len(files) - 1, clip.index, clip.start_s, clip.end_s])
+                mels.append(mel)
+        out["batch"].append(row["batch"])
+        out["files"].append(json.dumps(files))
+        out["clips"].append(json.dumps(clips))
+        out["mel"].append(np.stack(mels).tobytes() if mels else b"")
+        out["quarantine"].append(json.dumps(quarantine))
+    return pa.table({k: pa.array(v, pa.binary() if k == "mel" else pa.string()) for k, v in out.items()})
+
+
+class Predictor:
+    """Stage 2 (actor): loads the model package once, then turns a batch's images into predictions."""
+
+    def __init__(self, model_uri: URI, batch_size: int, top_k: int, embeddings: bool, use_gpu: bool,
+                 threads: int) -> None:
+        import torch
+
+        from melbatch.model import load_package
+
+        torch.set_num_threads(threads)
+        pkg = load_package(model_uri)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = pkg.model.to(self.device).eval()
+        self.labels, self.features, self.meta = pkg.labels, pkg.features, pkg.meta
+        self.batch_size, self.k, self.embeddings = batch_size, min(top_k, len(pkg.labels)), embeddings
+        self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_gpu)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: dict[str, list] = {"batch": [], "clips": [], "files": [], "result": []}
+        for row in batch.to_pylist():
+            files, clips = json.loads(row["files"]), json.loads(row["clips"])
+            probs, emb = self._predict(row["mel"], len(clips))
+            clip_table, file_table = self._tables(files, clips, probs, emb)
+            labels = Counter(file_table.column("label").to_pylist())
+            result = {"batch": row["batch"], "classified": len(files), "clips": len(clips),
+                      "audio_s": sum(f["duration_s"] for f in files), "quarantine": json.loads(row["quarantine"]),
+                      "labels": dict(labels), "decoders": dict(Counter(f["decoder"] for f in files))}
+            out["batch"].append(row["batch"])
+            out["clips"].append(_ipc(clip_table))
+            out["files"].append(_ipc(file_table))
+            out["result"].append(json.dumps(result))
+        return pa.table({"batch": pa.array(out["batch"], pa.string()), "clips": pa.array(out["clips"], pa.binary()),
+                         "files": pa.array(out["files"], pa.binary()), "result": pa.array(out["result"], pa.string())})
+
+    def _predict(self, mel_bytes: bytes, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        from melbatch.model import forward, normalize
+
+        mels = np.frombuffer(mel_bytes, dtype=np.dtype(self.features.dtype)).reshape(n, *self.features.shape)
+        probs, embs = [], []
+        with torch.inference_mode():
+            for s in range(0, n, self.batch_size):
+                x = torch.from_numpy(mels[s: s + self.batch_size].astype(np.float32)).unsqueeze(1).to(self.device)
+                with self.autocast:
+                    logits, emb = forward(self.model, normalize(x, self.meta["normalization"]), self.embeddings)
+                probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+                if emb is not None:
+                    embs.append(emb.float().cpu().numpy())
+        empty = np.zeros((0, len(self.labels)), np.float32)
+        return (np.concatenate(probs) if probs else empty), (np.concatenate(embs) if embs else None)
+
+    def _tables(self, files: list[dict], clips: list[list], probs: np.ndarray,
+                emb: np.ndarray | None) -> tuple[pa.Table, pa.Table]:
+        labels = np.array(self.labels, dtype=object)
+        ident = {"model_id": self.meta["model_id"], "config_hash": self.meta["config_hash"]}
+        top = np.argsort(-probs, axis=1, kind="stable")[:, : self.k]
+        file_of = np.array([c[0] for c in clips], dtype=np.int64)
+        clip_cols: dict[str, Any] = {
+            "uri": [files[c[0]]["uri"] for c in clips], "etag": [files[c[0]]["etag"] for c in clips],
+            "clip_index": [c[1] for c in clips], "start_s": [c[2] for c in clips], "end_s": [c[3] for c in clips],
+            "label": labels[top[:, 0]].tolist() if len(clips) else [],
+            "probability": np.take_along_axis(probs, top[:, :1], 1)[:, 0] if len(clips) else [],
+            "top_labels": labels[top].tolist(), "top_probabilities": np.take_along_axis(probs, top, 1).tolist(),
+            **{k: [v] * len(clips) for k, v in ident.items()},
+        }
+        dim = 0
+        if emb is not None:
+            dim = emb.shape[1]
+            clip_cols["embedding"] = emb.tolist()
+        clip_table = pa.Table.from_pydict(clip_cols, schema=clip_prediction_schema(self.k, dim))
+        scores = np.stack([probs[file_of == i].mean(0) for i in range(len(files))]) if files else probs[:0]
+        best = scores.argmax(1) if len(files) else np.zeros(0, np.int64)
+        file_cols = {
+            **{k: [f[k] for f in files] for k in ("uri", "etag", "size", "duration_s", "decoder",
+                                                  "source_sample_rate_hz", "source_channels")},
+            "label": labels[best].tolist(), "probability": scores[np.arange(len(files)), best].tolist(),
+            "clips": np.bincount(file_of, minlength=len(files)).tolist(), "scores": scores.tolist(),
+            **{k: [v] * len(files) for k, v in ident.items()},
+        }
+        return clip_table, pa.Table.from_pydict(file_cols, schema=file_prediction_schema(self.labels))
+
+
+def write_batch(batch: pa.Table, out: URI) -> pa.Table:
+    """Stage 3 (CPU task): the batch's Parquet files, then its part file (which marks it done)."""
+    results = []
+    for row in batch.to_pylist():
+        bid, result = row["batch"], json.loads(row["result"])
+        result["outputs"] = {}
+        for d in PREDICTION_DIRS:
+            table = _from_ipc(row[d])
+            if table.num_rows:
+                rel = f"{d}/{bid}.parquet"
+                write_table(storage.join(out, rel), table)
+                result["outputs"][d] = [rel]
+        write_part(out, bid, result)
+        results.append(json.dumps(result))
+    return pa.table({"result": pa.array(results, pa.string())})
+
+
+__all__ = ["AGGREGATION", "MANIFEST", "Predictor", "Summary", "batch_plan", "preflight", "run"]

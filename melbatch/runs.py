@@ -1,0 +1,98 @@
+"""What every batch job shares: joining Ray, content-named batches, part files, garbage, progress.
+
+A job splits its inputs into batches named after their content (:func:`content_id`); a Ray task
+writes a batch's outputs under names derived from that id and then its part file
+``_parts/<id>.json`` (:func:`write_part`), which marks the batch done. A retried task rewrites the
+same names, a re-run skips batches whose part file exists (:func:`read_parts`), and after the
+manifest is written, :func:`collect_garbage` deletes what an earlier attempt left that the
+manifest does not name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from melbatch import storage
+from melbatch.audio import ERROR_KINDS, DecodeError
+
+URI = str
+PARTS_DIR = "_parts"
+# Non-secret settings a Ray worker needs to reach the same object store as the driver.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+
+
+def init_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local Ray; once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+             logging_level="WARNING", configure_logging=True)
+
+
+def chunked(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i: i + n]
+
+
+def content_id(salt: str, lines: Iterable[str]) -> str:
+    """A 20-hex name for a batch: the same salt (config) and lines (inputs) give the same name."""
+    h = hashlib.sha256(salt.encode())
+    for line in lines:
+        h.update(f"{line}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def quarantine_row(ref: storage.ObjectRef, e: DecodeError) -> dict[str, Any]:
+    return {"uri": ref.uri, "etag": ref.etag, "size": ref.size, "kind": e.kind, "message": e.message,
+            "decoders_tried": list(e.decoders_tried)}
+
+
+def write_part(dst: URI, bid: str, result: dict[str, Any]) -> None:
+    """Mark batch ``bid`` done; call after its data files are written."""
+    storage.write_bytes(storage.join(dst, PARTS_DIR, f"{bid}.json"), json.dumps(result).encode())
+
+
+def read_parts(dst: URI, batch_ids: set[str]) -> dict[str, dict[str, Any]]:
+    """Results of this run's batches that an earlier attempt finished: one listing, one concurrent read."""
+    root = storage.join(dst, PARTS_DIR)
+    wanted = [u for u in storage.list_files(root, ".json")
+              if storage.relative(u, root).removesuffix(".json") in batch_ids]
+    return {(r := json.loads(data))["batch"]: r for data in storage.read_many(wanted).values()}
+
+
+def collect_garbage(dst: URI, folders: Iterable[str], keep: set[str], batch_ids: set[str]) -> None:
+    """Delete files under ``dst/<folder>`` that ``keep`` (paths relative to ``dst``) does not name, and
+    part files of batches not in ``batch_ids`` (earlier attempts, other inputs)."""
+    stale: list[URI] = []
+    for folder in folders:
+        root = storage.join(dst, folder)
+        stale += [u for u in storage.list_files(root) if f"{folder}/{storage.relative(u, root)}" not in keep]
+    parts_root = storage.join(dst, PARTS_DIR)
+    stale += [u for u in storage.list_files(parts_root)
+              if storage.relative(u, parts_root).removesuffix(".json") not in batch_ids]
+    storage.delete(stale)
+
+
+def progress(total: int, enabled: bool, desc: str, unit: str = "file"):
+    """A tqdm bar on stderr: live on a terminal, a line every 15 s in a log (ray job logs, CI, cron)."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, file=sys.stderr,
+                mininterval=0.5 if interactive else 15.0, dynamic_ncols=interactive, ascii=not interactive)
+
+
+def quarantine_lines(table_uri: URI, kinds: dict[str, int]) -> list[str]:
+    """Summary lines for a quarantine table: where it is, then each kind with its count and meaning."""
+    lines = [f"  quarantine   {table_uri}"] if kinds else []
+    for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"    {kind:<18} {n:>6}  {ERROR_KINDS[kind]}")
+    return lines
