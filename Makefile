@@ -9,9 +9,14 @@ export RAY_AUTH_MODE ?= token
 PYTEST_ARGS ?=
 SRC ?=
 DST ?=
+SHARDS ?=
+ARCHIVE ?=
+MODEL ?=
+OUT ?=
 ARGS ?=
 
-.PHONY: help setup system-deps test test-fast demo bench figure lint format featurize clean
+.PHONY: help setup system-deps test test-fast demo bench bench-train bench-classify figure lint format \
+        featurize train classify scan results clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,15 +41,39 @@ test: setup  ## the whole suite (local S3 server and local Ray are started by th
 test-fast: setup  ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: setup  ## generate a sample archive and featurize it, printing a summary
+demo: setup  ## sample archive -> featurize -> train a tiny model -> classify new recordings, locally
 	$(VENV)/bin/melbatch demo --dir demo-output
 
-bench: setup  ## throughput against librosa and bare torchaudio, printed as a table
+bench: setup  ## featurize throughput against librosa and bare torchaudio, printed as a table
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/featurize.py $(ARGS)
+
+bench-train: setup  ## Ray Train samples/s against a bare PyTorch loop (ARGS="--weights FILE" adds transfer gain)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/train.py $(ARGS)
+
+bench-classify: setup  ## classify x realtime against bare featurize and a bare model loop; memory on 1x and 10x
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/classify.py $(ARGS)
 
 featurize: setup  ## make featurize SRC=... DST=... ARGS="--labels folder"
 	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make featurize SRC=<uri> DST=<uri> [ARGS=...]"; exit 2; }
 	$(VENV)/bin/melbatch featurize $(SRC) $(DST) $(ARGS)
+
+train: setup  ## make train SHARDS=... OUT=... ARGS="--model resnet18 --epochs 10"
+	@test -n "$(SHARDS)" -a -n "$(OUT)" || { echo "usage: make train SHARDS=<uri> OUT=<uri> [ARGS=...]"; exit 2; }
+	$(VENV)/bin/melbatch train $(SHARDS) $(OUT) $(ARGS)
+
+classify: setup  ## make classify ARCHIVE=... MODEL=... OUT=... ARGS="--top-k 3"
+	@test -n "$(ARCHIVE)" -a -n "$(MODEL)" -a -n "$(OUT)" || { \
+	  echo "usage: make classify ARCHIVE=<uri> MODEL=<train OUT> OUT=<uri> [ARGS=...]"; exit 2; }
+	$(VENV)/bin/melbatch classify $(ARCHIVE) $(MODEL) $(OUT) $(ARGS)
+
+scan: setup  ## one incremental scan now: make scan ARCHIVE=... MODEL=... OUT=... (what the nightly job runs)
+	@test -n "$(ARCHIVE)" -a -n "$(MODEL)" -a -n "$(OUT)" || { \
+	  echo "usage: make scan ARCHIVE=<uri> MODEL=<train OUT> OUT=<uri> [ARGS=...]"; exit 2; }
+	$(VENV)/bin/melbatch scan $(ARCHIVE) $(MODEL) $(OUT) $(ARGS)
+
+results: setup  ## the current verdict per object of a scan output: make results OUT=... ARGS="--format csv"
+	@test -n "$(OUT)" || { echo "usage: make results OUT=<scan output> [ARGS=--format csv]"; exit 2; }
+	$(VENV)/bin/melbatch results $(OUT) $(ARGS)
 
 figure: demo  ## re-render the README picture from the demo's shards
 	$(PY) docs/figure.py demo-output/features docs/engine-logmel.png

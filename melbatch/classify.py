@@ -40,6 +40,7 @@ from melbatch.model import ModelError, package_root, read_package_meta
 from melbatch.runs import (
     collect_garbage,
     content_id,
+    crash_point,
     init_ray,
     quarantine_lines,
     quarantine_row,
@@ -60,6 +61,7 @@ from melbatch.shards import (
 )
 
 URI = str
+DECODE_WORKER_BYTES = 400e6
 AGGREGATION = "mean of clip probabilities per label; the highest mean is the file's label and probability"
 
 
@@ -106,14 +108,20 @@ class Summary:
 
 # --------------------------------------------------------------------------------------------- driver
 
-def preflight(cfg: ClassifyConfig) -> dict[str, Any]:
-    """Everything checkable without a cluster: the package, ARCHIVE readable, OUT writable and ours."""
+def preflight_model(cfg: ClassifyConfig) -> dict[str, Any]:
+    """The package's meta (plus its canonical ``root``); ARCHIVE readable and OUT writable."""
     try:
         meta = {**read_package_meta(cfg.model), "root": storage.canonical(package_root(cfg.model))}
     except ModelError as e:
         raise ConfigError(f"MODEL: {e}") from None
     storage.check_readable(cfg.archive)
     storage.check_writable(cfg.out)
+    return meta
+
+
+def preflight(cfg: ClassifyConfig) -> dict[str, Any]:
+    """Everything checkable without a cluster: the package, ARCHIVE readable, OUT writable and ours."""
+    meta = preflight_model(cfg)
     existing = read_manifest(cfg.out)
     if existing and not cfg.overwrite and existing.get("kind") != "predictions":
         raise ConfigError(f"{cfg.out} holds a {existing.get('kind')} output, not predictions: use another OUT")
@@ -138,15 +146,25 @@ def batch_plan(refs: list[storage.ObjectRef], files_per_task: int, task_bytes: f
 
 def run(cfg: ClassifyConfig, progress: bool = True) -> Summary:
     """Classify ``cfg.archive`` into ``cfg.out``; returns the summary (also in the manifest)."""
-    t0 = time.perf_counter()
     meta = preflight(cfg)
-    archive, out = storage.canonical(cfg.archive), storage.canonical(cfg.out)
-    summary = Summary(archive=archive, out=out, model_id=meta["model_id"], config_hash=meta["config_hash"])
-    refs = list(storage.list_objects(archive, cfg.include, cfg.exclude, cfg.extensions))
+    refs = list_archive(cfg)
     if not refs:
-        raise ConfigError(f"no audio objects under {archive} match extensions={list(cfg.extensions)}, "
+        raise ConfigError(f"no audio objects under {cfg.archive} match extensions={list(cfg.extensions)}, "
                           f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
-    summary.inputs = len(refs)
+    return classify_objects(cfg, meta, refs, storage.canonical(cfg.out), progress)
+
+
+def list_archive(cfg: ClassifyConfig) -> list[storage.ObjectRef]:
+    """Every audio object under ARCHIVE that passes the filters, in key order (one listing)."""
+    return list(storage.list_objects(storage.canonical(cfg.archive), cfg.include, cfg.exclude, cfg.extensions))
+
+
+def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[storage.ObjectRef], out: URI,
+                     progress: bool = True) -> Summary:
+    """Classify exactly ``refs`` into ``out`` (resuming batches an earlier attempt finished)."""
+    t0 = time.perf_counter()
+    summary = Summary(archive=storage.canonical(cfg.archive), out=out, model_id=meta["model_id"],
+                      config_hash=meta["config_hash"], inputs=len(refs))
     salt = f"classify {meta['model_id']} {meta['config_hash']} top{cfg.top_k} emb{int(cfg.keep_embeddings)}"
     batches = [(content_id(salt, (r.key() for r in b)), b)
                for b in batch_plan(refs, cfg.files_per_task, cfg.task_mb * 1e6)]
@@ -163,6 +181,7 @@ def run(cfg: ClassifyConfig, progress: bool = True) -> Summary:
             r = json.loads(row["result"])
             results[r["batch"]] = r
             bar.update(r["classified"] + len(r["quarantine"]))
+            crash_point("classify:batch")
     bar.close()
 
     quarantine: list[dict[str, Any]] = []
@@ -205,14 +224,20 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
                           "(fractions are fine) or --concurrency")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # melbatch's own bar counts files
+    # Bounded memory whatever the archive's size: Ray Data's default budget for blocks in flight is a
+    # share of the whole object store (GBs), and decoding outruns the model, so decoded images would
+    # queue up to that budget. A fixed budget makes the decoders wait for the model instead.
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=cfg.inflight_mb * 1e6)
     features_json = FeatureConfig.from_dict(meta["feature_config"]).canonical_json()
     rows = [{"batch": bid, "refs": json.dumps([[r.uri, r.etag, r.size] for r in b])} for bid, b in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    # A decode task holds one work batch's images (about 4x its input bytes at most). Saying so also
-    # keeps Ray Data from fusing decoding into the model actors (it fuses stages with equal resource
-    # requests), which would decode on the actors' CPUs one batch at a time instead of on every CPU.
+    # A decode task's worker holds torch (~350 MB measured) and one work batch's images (at most about
+    # 4x its input bytes). Saying so also keeps Ray Data from fusing decoding into the model actors (it
+    # fuses stages with equal resource requests), which would decode on the actors' CPUs one batch at a
+    # time instead of on every CPU.
     ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
-                        memory=4 * cfg.task_mb * 1e6,
+                        memory=DECODE_WORKER_BYTES + 4 * cfg.task_mb * 1e6,
                         fn_kwargs={"features_json": features_json, "silence_dbfs": cfg.silence_dbfs})
     ds = ds.map_batches(Predictor, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -220,7 +245,9 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
                         fn_constructor_kwargs={"model_uri": meta["root"], "batch_size": cfg.batch_size,
                                                "top_k": cfg.top_k, "embeddings": cfg.keep_embeddings,
                                                "use_gpu": cfg.use_gpu, "threads": max(1, int(cfg.cpus_per_actor))})
-    return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"out": out})
+    # writers are light (a fraction of a CPU) and few: each is a process that would otherwise linger
+    return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                          compute=ray.data.TaskPoolStrategy(size=max(1, actors)), fn_kwargs={"out": out})
 
 
 def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], summary: Summary,

@@ -22,6 +22,7 @@ from melbatch.config import (
     ConfigError,
     FeatureConfig,
     FeaturizeConfig,
+    ScanConfig,
     TrainConfig,
     build,
     load_yaml,
@@ -115,11 +116,18 @@ CLASSIFY_HELP = {
     "keep_embeddings": "also store each clip's pooled penultimate features (for search and clustering)",
     "files_per_task": "at most this many files per decode task",
     "task_mb": "at most this many MB of input per decode task (a bigger file goes alone)",
+    "inflight_mb": "object store budget (MB) for decoded images waiting for the model: memory stays flat",
     "silence_dbfs": "files whose peak stays below this level (dB full scale) are quarantined as silent",
     "max_quarantine_rate": "exit with code 4 when more than this fraction of the inputs is quarantined",
     "overwrite": "replace predictions of another model in OUT, and redo batches already done",
 }
+SCAN_HELP = {
+    "rescan_on_model_change": "re-classify unchanged objects whose verdict came from another model",
+    "retry_quarantined": "read unchanged objects that were quarantined again (e.g. after a decoder fix)",
+    "lease_s": "how long a scan's lease on OUT lasts without renewal (a crashed scan blocks no longer)",
+}
 EXIT_QUARANTINE = 4
+EXIT_BUSY = 5
 
 
 def _flag(name: str) -> str:
@@ -221,6 +229,75 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def scan_config(args: argparse.Namespace) -> ScanConfig:
+    yml = load_yaml(args.config)
+    unknown = sorted(set(yml) - {"classify", "scan"})
+    if unknown:
+        raise ConfigError(f"config file {args.config}: unknown section(s) {unknown}; use 'classify:' and 'scan:'")
+    inner = build(ClassifyConfig, merge(yml.get("classify") or {}, {"archive": args.archive, "model": args.model,
+                                                                   "out": args.out, "address": args.address},
+                                        _given(args, CLASSIFY_HELP)), "classify")
+    return build(ScanConfig, {**merge(yml.get("scan") or {}, _given(args, SCAN_HELP)), "classify": inner}, "scan")
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from melbatch import scan
+
+    cfg = scan_config(args)
+    try:
+        summary = scan.run(cfg, progress=not args.no_progress)
+    except scan.ScanBusyError as e:
+        print(f"melbatch scan: refused: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else summary.render())
+    if summary.quarantine_rate > cfg.classify.max_quarantine_rate:
+        print(f"melbatch scan: {summary.quarantine_rate:.1%} of the objects read were quarantined, more than "
+              f"--max-quarantine-rate {cfg.classify.max_quarantine_rate:g}", file=sys.stderr)
+        return EXIT_QUARANTINE
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from melbatch import scan, storage
+
+    table = scan.current(args.out)
+    if args.status:
+        table = table.filter(pc.equal(table.column("status"), args.status))
+    if args.format == "parquet":
+        if not args.output:
+            raise ConfigError("--format parquet needs -o/--output FILE (binary output does not go to a terminal)")
+        with storage.atomic_open(args.output) as f:
+            pq.write_table(table, f)
+        print(f"{table.num_rows} objects -> {args.output}", file=sys.stderr)
+        return 0
+    if args.format == "csv":
+        import io
+
+        buf = io.BytesIO()
+        pacsv.write_csv(table, buf)
+        text = buf.getvalue().decode()
+    elif args.format == "json":
+        text = "\n".join(json.dumps(r) for r in table.to_pylist()) + ("\n" if table.num_rows else "")
+    else:
+        rows = table.to_pylist()
+        w = max([len("uri"), *(len(r["uri"]) for r in rows)])
+        lines = [f"{'uri':<{w}}  {'status':<11}  {'label':<14}  {'prob':>5}  run"]
+        for r in rows:
+            prob = f"{r['probability']:.3f}" if r["probability"] is not None else ""
+            lines.append(f"{r['uri']:<{w}}  {r['status']:<11}  {r['label'] or '':<14}  {prob:>5}  {r['run_id']}")
+        text = "\n".join(lines) + "\n"
+    if args.output:
+        storage.write_bytes(args.output, text.encode())
+        print(f"{table.num_rows} objects -> {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_sample_archive(args: argparse.Namespace) -> int:
     from melbatch import samples
 
@@ -231,17 +308,18 @@ def cmd_sample_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Sample archive → featurize → train, with a local Ray started in this process."""
+    """Sample archive → featurize → train → classify new recordings, with a local Ray in this process."""
     import ray
 
-    from melbatch import featurize, samples, shards, storage, train
+    from melbatch import classify, featurize, samples, shards, storage, train
 
     root = args.dir or tempfile.mkdtemp(prefix="melbatch-demo-")
     archive, features = storage.join(root, "archive"), storage.join(root, "features")
-    model_out = storage.join(root, "model")
-    print(f"[1/3] generating a '{args.kind}' sample archive (with a few broken files) in {archive}")
+    model_out, incoming, predictions = (storage.join(root, d) for d in ("model", "incoming", "predictions"))
+    steps = 2 if args.epochs == 0 else 4
+    print(f"[1/{steps}] generating a '{args.kind}' sample archive (with a few broken files) in {archive}")
     samples.make_archive(archive, args.kind, files_per_class=args.files_per_class, seconds=8.0, seed=0, bad=True)
-    print(f"[2/3] featurizing it into log-mel Parquet shards in {features}")
+    print(f"[2/{steps}] featurizing it into log-mel Parquet shards in {features}")
     cfg = FeaturizeConfig(src=archive, dst=features, overwrite=True, files_per_task=8)
     summary = featurize.run(cfg, progress=not args.no_progress)
     print()
@@ -255,12 +333,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cpus = ray.cluster_resources().get("CPU", 1)
     tcfg = TrainConfig(shards=features, out=model_out, model="test_resnet", pretrained=False, epochs=args.epochs,
                        batch_size=16, lr=3e-3, workers=1, cpus_per_worker=max(0.5, cpus - 1), mixup_alpha=0.0)
-    print(f"\n[3/3] training {tcfg.model} (random init, {tcfg.epochs} epochs) into {model_out}")
-    storage.delete([u for u in storage.list_files(model_out)])  # the demo always starts afresh
+    print(f"\n[3/{steps}] training {tcfg.model} (random init, {tcfg.epochs} epochs) into {model_out}")
+    storage.delete(storage.list_files(model_out))  # the demo always starts afresh
     m = train.run(tcfg)
     print(f"\nval_accuracy {m['val_accuracy']:.3f}  macro_f1 {m['macro_f1']:.3f}  (best epoch {m['best_epoch']}, "
           f"{m['split']['train_files']} train / {m['split']['val_files']} val files)")
     print(f"model package: {m['model_package']}")
+
+    print(f"\n[4/{steps}] classifying new recordings (and broken files) in {incoming} into {predictions}")
+    files = samples.make_archive(incoming, args.kind, files_per_class=args.files_per_class, seconds=8.0, seed=1,
+                                 bad=True)
+    ccfg = ClassifyConfig(archive=incoming, model=model_out, out=predictions, overwrite=True, max_quarantine_rate=1.0,
+                          cpus_per_actor=max(0.5, cpus - 1))
+    s = classify.run(ccfg, progress=not args.no_progress)
+    print()
+    print(s.render())
+    truth = {f.uri: f.label for f in files}
+    verdicts = shards.read_tables(predictions, "files").to_pylist()
+    right = sum(v["label"] == truth[v["uri"]] for v in verdicts)
+    print(f"\nverdicts: {right} of {len(verdicts)} files right (the sample folders know the truth); "
+          f"per file in {storage.join(predictions, 'files')}/, per clip in {storage.join(predictions, 'clips')}/")
     return 0
 
 
@@ -325,6 +417,33 @@ def parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(c, ClassifyConfig, CLASSIFY_HELP, "classification")
     c.set_defaults(func=cmd_classify)
 
+    n = sub.add_parser("scan", help="classify only what is new or changed in an archive since the last scan",
+                       description="Nightly incremental scan: list ARCHIVE, compare it with the ledger of the last "
+                       "committed scan in OUT, classify only new or changed objects (etag/size), record deleted "
+                       "ones, and commit the run with one conditional create of OUT/runs/<run_id>/summary.json. "
+                       "A scan killed anywhere is redone by the next one without duplicates. Exit codes: 0 ok, "
+                       "4 too many quarantined, 5 refused (another scan holds OUT, or committed first).")
+    n.add_argument("archive", metavar="ARCHIVE", help="archive URI (s3://bucket/prefix, folder, file://...)")
+    n.add_argument("model", metavar="MODEL", help="model package: the OUT of `melbatch train`")
+    n.add_argument("out", metavar="OUT", help="where the ledger, runs and predictions live (the same every night)")
+    _add_run_flags(n, "'classify:' and 'scan:' sections")
+    n.add_argument("--no-progress", action="store_true", help="no progress bar")
+    n.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_dataclass_flags(n, ScanConfig, SCAN_HELP, "scan")
+    _add_dataclass_flags(n, ClassifyConfig, {k: v for k, v in CLASSIFY_HELP.items() if k != "overwrite"},
+                         "classification")
+    n.set_defaults(func=cmd_scan)
+
+    r = sub.add_parser("results", help="the current verdict for every object of a scanned archive",
+                       description="One row per live object of OUT (a `melbatch scan` output): the newest "
+                       "committed run wins; deleted objects are left out, quarantined ones have a reason.")
+    r.add_argument("out", metavar="OUT", help="a scan output")
+    r.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+                   help="table (default), csv, json (one object per line), parquet (needs --output)")
+    r.add_argument("-o", "--output", default=None, help="write to this URI instead of stdout")
+    r.add_argument("--status", choices=["classified", "quarantined"], default=None, help="only these objects")
+    r.set_defaults(func=cmd_results)
+
     s = sub.add_parser("sample-archive", help="generate a labelled sample archive (engine or voice task)",
                        description="Write a labelled sample archive DST/<label>/<file> in mixed formats, rates "
                        "and channel counts. engine: healthy vs faulty machine sound (numpy). voice: male vs "
@@ -338,7 +457,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bad", action="store_true", help="also write one broken object of every kind")
     s.set_defaults(func=cmd_sample_archive)
 
-    d = sub.add_parser("demo", help="generate a sample archive and run the pipeline on it, locally",
+    d = sub.add_parser("demo", help="sample archive -> featurize -> train a tiny model -> classify new files, locally",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--dir", default=None, help="where to put the archive and outputs (default: a temp folder)")
     d.add_argument("--kind", choices=["engine", "voice"], default="engine", help="which sample task")

@@ -348,6 +348,7 @@ class ClassifyConfig:
     keep_embeddings: bool = False
     files_per_task: int = 32
     task_mb: float = 64.0
+    inflight_mb: float = 512.0
     silence_dbfs: float = -70.0
     max_quarantine_rate: float = 0.1
     overwrite: bool = False
@@ -362,6 +363,22 @@ class ClassifyConfig:
         _require(self.cpus_per_actor > 0, "cpus_per_actor must be > 0 (fractions are fine)")
         _require(self.top_k >= 1, f"top_k={self.top_k}: at least 1")
         _require(self.files_per_task >= 1 and self.task_mb > 0, "files_per_task must be >= 1 and task_mb > 0")
+        _require(self.inflight_mb > 0, f"inflight_mb={self.inflight_mb}: give the object store budget in MB (> 0)")
         _require(self.silence_dbfs < 0, f"silence_dbfs={self.silence_dbfs}: must be negative (dB full scale)")
         _require(0 <= self.max_quarantine_rate <= 1,
                  f"max_quarantine_rate={self.max_quarantine_rate}: a fraction of the inputs, in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """A nightly scan: classify what is new or changed in ARCHIVE since the last committed scan into OUT."""
+
+    classify: ClassifyConfig
+    rescan_on_model_change: bool = False
+    retry_quarantined: bool = False
+    lease_s: float = 6 * 3600.0
+
+    def __post_init__(self) -> None:
+        _require(self.lease_s > 0, f"lease_s={self.lease_s}: the lease must last a positive number of seconds "
+                 "(longer than a scan takes; it is renewed while the scan runs)")
+        _require(not self.classify.overwrite, "scan never overwrites committed runs: drop --overwrite")

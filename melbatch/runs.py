@@ -26,6 +26,21 @@ PARTS_DIR = "_parts"
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 
 
+CRASH_ENV = "MELBATCH_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for tests: ``MELBATCH_CRASH_AT=<name>`` raises here; ``kill:<name>`` kills the
+    process outright (SIGKILL: no cleanup, no ``finally``), as a lost node or an OOM kill would."""
+    spec = os.environ.get(CRASH_ENV, "")
+    if spec == f"kill:{name}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    if spec == name:
+        raise RuntimeError(f"injected crash at {name} ({CRASH_ENV}={spec})")
+
+
 def init_ray(address: str | None) -> None:
     """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local Ray; once per process."""
     import ray

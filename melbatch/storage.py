@@ -257,6 +257,42 @@ def write_bytes(uri: URI, data: bytes) -> None:
         f.write(data)
 
 
+def create_exclusive(uri: URI, data: bytes) -> bool:
+    """Create ``uri`` with ``data`` only if nothing is there; ``False`` if something already was.
+
+    S3: one PUT with ``If-None-Match: *`` (the store decides; two writers can never both succeed).
+    Local: the data goes to a temporary file that is hard-linked into place, which fails if the
+    name exists, so readers see the whole file or none. Other stores: exists-then-write (not atomic).
+    A create whose reply is lost may have happened: callers compare content when this says ``False``.
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if fs.protocol in ("s3", "s3a") or "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else ()):
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return True
+
+
 def list_files(prefix: URI, suffix: str = "") -> list[URI]:
     """Files directly or recursively under ``prefix`` ending in ``suffix`` (empty if none)."""
     fs, path = filesystem(prefix)

@@ -92,3 +92,22 @@ FAST = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)  # small images (64 
 
 def tone(freq_hz: float, seconds: float, sr: int, amp: float = 0.3) -> np.ndarray:
     return (amp * np.sin(2 * np.pi * freq_hz * np.arange(int(seconds * sr)) / sr)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def engine_model(ray_session) -> str:
+    """A tiny model trained once per session on FAST features of an engine archive: ``s3://<bucket>``
+    holding ``train-archive/``, ``features/`` and the train OUT ``model/``. (How well training learns is
+    test_train's business; here a usable model is enough: clip accuracy >= 0.8, file verdicts do better.)"""
+    from melbatch import featurize, samples, train
+    from melbatch.config import FeaturizeConfig, TrainConfig
+
+    b = new_bucket()
+    samples.make_archive(f"{b}/train-archive", "engine", files_per_class=16, seconds=5.0, seed=11)
+    featurize.run(FeaturizeConfig(src=f"{b}/train-archive", dst=f"{b}/features", features=FAST, files_per_task=8),
+                  progress=False)
+    m = train.run(TrainConfig(shards=f"{b}/features", out=f"{b}/model", model="test_resnet", pretrained=False,
+                              epochs=6, batch_size=8, workers=1, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0,
+                              max_failures=0))
+    assert m["val_accuracy"] >= 0.8, m["epochs"]
+    return b

@@ -7,27 +7,19 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST, new_bucket
+from conftest import FAST
 
-from melbatch import classify, cli, featurize, samples, shards, storage, train
-from melbatch.config import ClassifyConfig, ConfigError, FeaturizeConfig, TrainConfig
+from melbatch import classify, cli, samples, shards, storage
+from melbatch.config import ClassifyConfig, ConfigError
 from melbatch.storage import ObjectRef
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.s3]
 
 
 @pytest.fixture(scope="module")
-def engine(request):
-    """Train a tiny model on FAST features (2 s clips, 64 mels) and make a new archive with broken files."""
-    request.getfixturevalue("ray_session")
-    b = new_bucket()
-    samples.make_archive(f"{b}/train-archive", "engine", files_per_class=16, seconds=5.0, seed=11)
-    featurize.run(FeaturizeConfig(src=f"{b}/train-archive", dst=f"{b}/features", features=FAST, files_per_task=8),
-                  progress=False)
-    m = train.run(TrainConfig(shards=f"{b}/features", out=f"{b}/model", model="test_resnet", pretrained=False,
-                              epochs=5, batch_size=8, workers=1, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0,
-                              max_failures=0))
-    assert m["val_accuracy"] >= 0.9, m["epochs"]
+def engine(engine_model):
+    """The session's tiny model (FAST features: 2 s clips, 64 mels) on a new archive with broken files."""
+    b = engine_model
     files = samples.make_archive(f"{b}/archive", "engine", files_per_class=10, seconds=5.0, seed=12, bad=True)
     cfg = ClassifyConfig(archive=f"{b}/archive", model=f"{b}/model", out=f"{b}/pred", files_per_task=6, top_k=2,
                          keep_embeddings=True, max_quarantine_rate=0.5)

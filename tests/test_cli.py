@@ -94,7 +94,8 @@ def test_demo_runs_the_pipeline_and_prints_a_summary(ray_session, tmp_path, caps
     out = capsys.readouterr().out
     assert "featurized 6 + quarantined 9" in out and "first clip:" in out
     assert shards.read_manifest(str(tmp_path / "features"))["counts"]["inputs"] == 15
-    assert "val_accuracy" in out and "model package:" in out
+    assert "val_accuracy" in out and "model package:" in out and "verdicts:" in out
+    assert "classified 6 + quarantined 9" in out
     assert (tmp_path / "model" / "model" / "model.json").exists() and (tmp_path / "model" / "metrics.json").exists()
 
 
@@ -107,6 +108,17 @@ def test_train_help_has_the_contract_options():
     job = subprocess.run([sys.executable, "jobs/train.py", "--help"], capture_output=True, text=True, cwd=ROOT,
                          timeout=120)
     assert job.returncode == 0 and "--no-pretrained" in job.stdout
+
+
+def test_classify_help_has_the_contract_options():
+    out = _run("classify", "--help")
+    assert out.returncode == 0
+    for flag in ("ARCHIVE", "MODEL", "OUT", "--batch-size", "--concurrency", "--use-gpu", "--top-k",
+                 "--keep-embeddings", "--max-quarantine-rate", "Exit code 4"):
+        assert flag in out.stdout, flag
+    job = subprocess.run([sys.executable, "jobs/classify.py", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert job.returncode == 0 and "--top-k" in job.stdout
 
 
 def test_train_refuses_a_missing_dataset_with_exit_1(tmp_path):

@@ -1,0 +1,164 @@
+"""scan: incremental, exactly once through crashes at every phase, leases, conditional commits;
+on the local S3 server and on a local folder, with a real local Ray."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+
+from melbatch import cli, samples, scan, shards, storage
+from melbatch.config import ClassifyConfig, ScanConfig
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _cfg(archive: str, model: str, out: str, **kw) -> ScanConfig:
+    return ScanConfig(classify=ClassifyConfig(archive=archive, model=model, out=out, files_per_task=2,
+                                              max_quarantine_rate=1.0), **kw)
+
+
+def _add(archive: str, n_per_class: int, seed: int) -> list[samples.SampleFile]:
+    """More engine recordings under ``archive`` (names carry the seed, so batches never collide)."""
+    files = samples.make_archive(f"{archive}-tmp{seed}", "engine", files_per_class=n_per_class, seconds=3.0,
+                                 seed=seed)
+    moved = []
+    for f in files:
+        name = f.uri.rsplit("/", 1)[-1].replace("_", f"_s{seed}_", 1)
+        dst = storage.join(archive, f.label, name)
+        storage.write_bytes(dst, storage.read_bytes(f.uri))
+        moved.append(samples.SampleFile(storage.canonical(dst), f.label, f.bad_kind))
+    return moved
+
+
+def _read_by_run(out: str, summary: scan.Summary) -> set[str]:
+    """The objects a run actually read: its attempt's classified + quarantined inputs."""
+    if summary.attempt is None:
+        return set()
+    root = storage.join(out, summary.attempt)
+    return ({r["uri"] for r in shards.read_tables(root, "files").to_pylist()}
+            | set(shards.read_quarantine(root).column("uri").to_pylist()))
+
+
+def _assert_exactly_once(out: str, live: set[str]) -> None:
+    table = scan.current(out)
+    uris = table.column("uri").to_pylist()
+    assert len(uris) == len(set(uris)) and set(uris) == live
+    assert all(p is not None for p, s in zip(table.column("probability").to_pylist(),
+                                             table.column("status").to_pylist(), strict=True) if s == "classified")
+
+
+@pytest.mark.s3
+def test_only_new_objects_are_read_results_hold_the_union_and_a_quiet_night_is_a_noop(engine_model):
+    b = engine_model
+    archive, out, model = f"{b}/scan-archive", f"{b}/scan-out", f"{b}/model"
+    first_files = _add(archive, 2, seed=1)
+    s1 = scan.run(_cfg(archive, model, out), progress=False)
+    assert s1.run_id == "000001" and s1.counts["new"] == 4 and s1.counts["classified"] == 4
+    assert _read_by_run(out, s1) == {f.uri for f in first_files}
+    more = _add(archive, 1, seed=2)
+    s2 = scan.run(_cfg(archive, model, out), progress=False)
+    assert (s2.counts["new"], s2.counts["unchanged"], s2.counts["changed"]) == (2, 4, 0)
+    assert _read_by_run(out, s2) == {f.uri for f in more}  # the unchanged four were not read
+    _assert_exactly_once(out, {f.uri for f in first_files + more})
+    s3 = scan.run(_cfg(archive, model, out), progress=False)
+    assert s3.counts["unchanged"] == 6 and s3.counts["new"] == s3.counts["classified"] == 0
+    assert s3.attempt is None and s3.ledger == s2.ledger
+    summary = json.loads(storage.read_bytes(f"{out}/runs/000003/summary.json"))
+    assert {"new", "changed", "deleted", "unchanged", "quarantined"} <= set(summary["counts"])
+    # the CLI reader: one csv row per live object with uri,label,probability; verdicts right
+    buf = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["results", out, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
+    assert {"uri", "label", "probability"} <= set(rows[0]) and len(rows) == 6
+    truth = {f.uri: f.label for f in first_files + more}
+    assert sum(r["label"] == truth[r["uri"]] for r in rows) >= 5
+
+
+def test_changed_objects_are_reclassified_and_deleted_ones_marked(engine_model, tmp_path):
+    model = f"{engine_model}/model"
+    archive, out = str(tmp_path / "archive"), str(tmp_path / "out")
+    files = _add(archive, 2, seed=3)
+    scan.run(_cfg(archive, model, out), progress=False)
+    changed, gone = files[0], files[1]
+    x = samples.engine_sound(np.random.default_rng(99), 4.0, 16000, changed.label == "faulty")
+    storage.write_bytes(changed.uri, samples.encode(x, 16000, samples.FORMATS[1]))  # same key, new bytes
+    storage.delete([gone.uri])
+    s = scan.run(_cfg(archive, model, out), progress=False)
+    assert (s.counts["changed"], s.counts["deleted"], s.counts["unchanged"], s.counts["new"]) == (1, 1, 2, 0)
+    assert _read_by_run(out, s) == {changed.uri}
+    _assert_exactly_once(out, {f.uri for f in files} - {gone.uri})
+    ledger = {r["uri"]: r for r in scan.read_ledger(out, scan.read_summary(out, s.run_id)).to_pylist()}
+    assert ledger[gone.uri]["status"] == "deleted" and ledger[changed.uri]["run_id"] == s.run_id
+    assert ledger[changed.uri]["size"] == storage.filesystem(changed.uri)[0].size(storage.filesystem(changed.uri)[1])
+
+
+PHASES = ["scan:listing", "scan:inference", "classify:batch", "scan:written", "scan:commit", "scan:committed"]
+
+
+def test_a_crash_at_any_phase_leaves_every_object_exactly_once(engine_model, tmp_path, monkeypatch):
+    """For each phase in turn: new objects arrive, a scan crashes there, the next scan completes;
+    every object is then in the results exactly once and crashed attempts are collected."""
+    model = f"{engine_model}/model"
+    archive, out = str(tmp_path / "archive"), storage.canonical(str(tmp_path / "out"))
+    live = {f.uri for f in _add(archive, 1, seed=4)}
+    scan.run(_cfg(archive, model, out), progress=False)
+    for i, phase in enumerate(PHASES):
+        live |= {f.uri for f in _add(archive, 2, seed=10 + i)}  # 4 new objects: 2 batches of 2
+        before = scan.committed_runs(out)
+        monkeypatch.setenv("MELBATCH_CRASH_AT", phase)
+        with pytest.raises(RuntimeError, match=f"injected crash at {phase}"):
+            scan.run(_cfg(archive, model, out), progress=False)
+        monkeypatch.delenv("MELBATCH_CRASH_AT")
+        after_crash = scan.committed_runs(out)
+        assert after_crash == before + ([f"{len(before) + 1:06d}"] if phase == "scan:committed" else []), phase
+        again = scan.run(_cfg(archive, model, out), progress=False)
+        assert again.run_id == f"{len(after_crash) + 1:06d}", phase
+        assert again.counts["new"] == (0 if phase == "scan:committed" else 4), phase
+        if phase == "classify:batch":
+            assert again.resumed_batches >= 1, phase  # batches written before the crash were not redone
+        _assert_exactly_once(out, live)
+        attempts = {storage.relative(u, storage.join(out, "attempts")).split("/")[0]
+                    for u in storage.list_files(storage.join(out, "attempts"))}
+        named = {scan.read_summary(out, r).get("attempt") for r in scan.committed_runs(out)} - {None}
+        assert {f"attempts/{a}" for a in attempts} == named, phase  # crashed attempts were collected
+
+
+def test_a_second_scan_is_refused_while_the_lease_lasts_and_a_dead_ones_expires(engine_model, tmp_path):
+    model = f"{engine_model}/model"
+    archive, out = str(tmp_path / "archive"), str(tmp_path / "out")
+    _add(archive, 1, seed=6)
+    other = scan.Lease(storage.canonical(out), ttl_s=600).acquire()
+    with pytest.raises(scan.ScanBusyError, match="holds"):
+        scan.run(_cfg(archive, model, out), progress=False)
+    assert cli.main(["scan", archive, model, out, "--no-progress"]) == 5
+    other.release()
+    dead = scan.Lease(storage.canonical(out), ttl_s=0.5).acquire()
+    dead._stop.set()  # a crashed scan: it never renews and never releases
+    time.sleep(0.6)
+    assert scan.run(_cfg(archive, model, out), progress=False).counts["new"] == 2
+
+
+def test_commit_is_conditional_and_a_lost_reply_is_recognised(tmp_path, bucket):
+    for out in (str(tmp_path / "out"), f"{bucket}/out"):
+        mine = scan.Summary(run_id="000007", archive="a", out=out, model_id="m", config_hash="h")
+        scan.commit(out, mine)
+        scan.commit(out, mine)  # our own create whose reply was lost: same nonce, fine
+        theirs = scan.Summary(run_id="000007", archive="a", out=out, model_id="m", config_hash="h")
+        with pytest.raises(scan.ScanBusyError, match="committed by another scan"):
+            scan.commit(out, theirs)
+        assert json.loads(storage.read_bytes(f"{out}/runs/000007/summary.json"))["nonce"] == mine.nonce
+
+
+def test_storage_create_exclusive_on_s3_and_locally(tmp_path, bucket):
+    for uri in (str(tmp_path / "x.json"), f"{bucket}/x.json"):
+        assert storage.create_exclusive(uri, b"one") is True
+        assert storage.create_exclusive(uri, b"two") is False
+        assert storage.read_bytes(uri) == b"one"
