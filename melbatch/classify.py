@@ -38,10 +38,12 @@ from melbatch.config import SCHEMA_VERSION, ClassifyConfig, ConfigError, Feature
 from melbatch.features import logmels_of_object
 from melbatch.model import ModelError, package_root, read_package_meta
 from melbatch.runs import (
+    audio_line,
     collect_garbage,
     content_id,
     crash_point,
     init_ray,
+    label_lines,
     quarantine_lines,
     quarantine_row,
     read_parts,
@@ -91,18 +93,16 @@ class Summary:
         return self.quarantined / self.inputs if self.inputs else 0.0
 
     def render(self) -> str:
-        rt = self.new_audio_s / self.elapsed_s if self.elapsed_s else 0.0
         lines = [
             f"classify {self.archive} -> {self.out}",
             f"  model        {self.model_id}  (features {self.config_hash})",
             f"  inputs       {self.inputs:>8}  = classified {self.classified} + quarantined {self.quarantined}",
             f"  clips        {self.clips:>8}",
-            f"  audio        {self.audio_s / 3600:>8.2f} h  in {self.elapsed_s:.1f} s ({rt:,.0f}x realtime)",
+            audio_line(self.audio_s, self.elapsed_s, self.new_audio_s),
         ]
         if self.resumed_batches:
             lines.append(f"  resumed      {self.resumed_batches:>8}  of {self.batches} batches were already done")
-        for label, n in sorted(self.labels.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"  label {label!s:<14} {n:>6} files")
+        lines += label_lines(self.labels, "files")
         return "\n".join(lines + quarantine_lines(storage.join(self.out, QUARANTINE), self.quarantine_kinds))
 
 

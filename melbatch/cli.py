@@ -362,6 +362,16 @@ def _add_run_flags(p: argparse.ArgumentParser, sections: str) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
+def _add_archive_model_out(p: argparse.ArgumentParser, out_help: str, sections: str) -> None:
+    """ARCHIVE MODEL OUT and the run flags of the commands that classify (classify, scan)."""
+    p.add_argument("archive", metavar="ARCHIVE", help="archive URI (s3://bucket/prefix, folder, file://...)")
+    p.add_argument("model", metavar="MODEL", help="model package: the OUT of `melbatch train` (local or s3://)")
+    p.add_argument("out", metavar="OUT", help=out_help)
+    _add_run_flags(p, sections)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="melbatch",
@@ -408,12 +418,7 @@ def parser() -> argparse.ArgumentParser:
                        "(per file: mean clip probability per label, best wins), OUT/quarantine.parquet and "
                        "OUT/_manifest.json last. Re-running resumes and never duplicates rows. Exit code 4: "
                        "finished, but more inputs were quarantined than --max-quarantine-rate allows.")
-    c.add_argument("archive", metavar="ARCHIVE", help="archive URI (s3://bucket/prefix, folder, file://...)")
-    c.add_argument("model", metavar="MODEL", help="model package: the OUT of `melbatch train` (local or s3://)")
-    c.add_argument("out", metavar="OUT", help="output URI for predictions, quarantine and manifest")
-    _add_run_flags(c, "a 'classify:' section")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_archive_model_out(c, "output URI for predictions, quarantine and manifest", "a 'classify:' section")
     _add_dataclass_flags(c, ClassifyConfig, CLASSIFY_HELP, "classification")
     c.set_defaults(func=cmd_classify)
 
@@ -423,12 +428,8 @@ def parser() -> argparse.ArgumentParser:
                        "ones, and commit the run with one conditional create of OUT/runs/<run_id>/summary.json. "
                        "A scan killed anywhere is redone by the next one without duplicates. Exit codes: 0 ok, "
                        "4 too many quarantined, 5 refused (another scan holds OUT, or committed first).")
-    n.add_argument("archive", metavar="ARCHIVE", help="archive URI (s3://bucket/prefix, folder, file://...)")
-    n.add_argument("model", metavar="MODEL", help="model package: the OUT of `melbatch train`")
-    n.add_argument("out", metavar="OUT", help="where the ledger, runs and predictions live (the same every night)")
-    _add_run_flags(n, "'classify:' and 'scan:' sections")
-    n.add_argument("--no-progress", action="store_true", help="no progress bar")
-    n.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_archive_model_out(n, "where the ledger, runs and predictions live (the same every night)",
+                           "'classify:' and 'scan:' sections")
     _add_dataclass_flags(n, ScanConfig, SCAN_HELP, "scan")
     _add_dataclass_flags(n, ClassifyConfig, {k: v for k, v in CLASSIFY_HELP.items() if k != "overwrite"},
                          "classification")

@@ -28,10 +28,12 @@ from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig, Featuriz
 from melbatch.features import logmels_of_object
 from melbatch.labels import NO_LABEL, Labeler
 from melbatch.runs import (
+    audio_line,
     chunked,
     collect_garbage,
     content_id,
     init_ray,
+    label_lines,
     quarantine_lines,
     quarantine_row,
     read_parts,
@@ -75,17 +77,15 @@ class Summary:
     decoders: dict[str, int] = field(default_factory=dict)
 
     def render(self) -> str:
-        rt = self.audio_s / self.elapsed_s if self.elapsed_s else 0.0
         lines = [
             f"featurize {self.src} -> {self.dst}",
             f"  inputs       {self.inputs:>8}  = featurized {self.featurized} + quarantined {self.quarantined}",
             f"  clips        {self.clips:>8}  in {self.shards} shard(s), config {self.config_hash}",
-            f"  audio        {self.audio_s / 3600:>8.2f} h  in {self.elapsed_s:.1f} s ({rt:,.0f}x realtime)",
+            audio_line(self.audio_s, self.elapsed_s),
         ]
         if self.resumed_batches:
             lines.append(f"  resumed      {self.resumed_batches:>8}  of {self.batches} batches were already done")
-        for label, n in sorted(self.labels.items()):
-            lines.append(f"  label {label!s:<14} {n:>6} clips")
+        lines += label_lines(self.labels, "clips")
         return "\n".join(lines + quarantine_lines(storage.join(self.dst, QUARANTINE), self.quarantine_kinds))
 
 

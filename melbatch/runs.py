@@ -105,6 +105,19 @@ def progress(total: int, enabled: bool, desc: str, unit: str = "file"):
                 mininterval=0.5 if interactive else 15.0, dynamic_ncols=interactive, ascii=not interactive)
 
 
+def audio_line(audio_s: float, elapsed_s: float, done_s: float | None = None) -> str:
+    """``audio  H h  in S s (N x realtime)`` for a run summary; the rate counts ``done_s`` seconds of
+    audio (the work this run did, without batches resumed from an earlier one) when given."""
+    rt = (audio_s if done_s is None else done_s) / elapsed_s if elapsed_s else 0.0
+    return f"  audio        {audio_s / 3600:>8.2f} h  in {elapsed_s:.1f} s ({rt:,.0f}x realtime)"
+
+
+def label_lines(labels: dict[str, int], unit: str) -> list[str]:
+    """One summary line per label, most frequent first."""
+    return [f"  label {label!s:<14} {n:>6} {unit}" for label, n in sorted(labels.items(), key=lambda kv: (-kv[1],
+                                                                                                          kv[0]))]
+
+
 def quarantine_lines(table_uri: URI, kinds: dict[str, int]) -> list[str]:
     """Summary lines for a quarantine table: where it is, then each kind with its count and meaning."""
     lines = [f"  quarantine   {table_uri}"] if kinds else []

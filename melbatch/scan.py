@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from melbatch import __version__, classify, storage
 from melbatch.config import SCHEMA_VERSION, ScanConfig
-from melbatch.runs import content_id, crash_point, quarantine_lines
+from melbatch.runs import audio_line, content_id, crash_point, label_lines, quarantine_lines
 from melbatch.shards import QUARANTINE, read_quarantine, read_tables, write_table
 
 URI = str
@@ -246,7 +246,6 @@ class Summary:
 
     def render(self) -> str:
         c = self.counts
-        rt = self.audio_s / self.duration_s if self.duration_s else 0.0
         lines = [
             f"scan {self.archive} -> {self.out}  (run {self.run_id}, model {self.model_id})",
             f"  listed       {c['listed']:>8}  = new {c['new']} + changed {c['changed']} + unchanged {c['unchanged']}"
@@ -254,12 +253,11 @@ class Summary:
             f"  deleted      {c['deleted']:>8}",
             f"  read         {c['classified'] + c['quarantined']:>8}  = classified {c['classified']} + "
             f"quarantined {c['quarantined']}",
-            f"  audio        {self.audio_s / 3600:>8.2f} h  in {self.duration_s:.1f} s ({rt:,.0f}x realtime)",
+            audio_line(self.audio_s, self.duration_s),
         ]
         if self.resumed_batches:
             lines.append(f"  resumed      {self.resumed_batches:>8}  batches an interrupted scan had finished")
-        for label, n in sorted(self.labels.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"  label {label!s:<14} {n:>6} files")
+        lines += label_lines(self.labels, "files")
         if self.attempt:
             lines += quarantine_lines(storage.join(self.out, self.attempt, QUARANTINE), self.quarantine_kinds)
         lines.append(f"  summary      {storage.join(self.out, RUNS, self.run_id, SUMMARY)}")

@@ -226,19 +226,26 @@ def exists(uri: URI) -> bool:
 
 
 @contextlib.contextmanager
+def _local_tmp(path: str) -> Iterator[str]:
+    """A temporary file name beside local ``path`` (its folder created), removed if still there after."""
+    os.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
 def atomic_open(uri: URI) -> Iterator[IO[bytes]]:
     """Open ``uri`` for writing so that it appears complete or not at all."""
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
+        with _local_tmp(path) as tmp:
             with open(tmp, "wb") as f:
                 yield f
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     else:  # object stores: the object is published when the (multipart) upload completes
         f = fs.open(path, "wb")
         try:
@@ -267,20 +274,16 @@ def create_exclusive(uri: URI, data: bytes) -> bool:
     """
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
+        with _local_tmp(path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.link(tmp, path)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
             return True
-        except FileExistsError:
-            return False
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     if fs.protocol in ("s3", "s3a") or "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else ()):
         try:
             fs.pipe_file(path, data, mode="create")

@@ -162,3 +162,31 @@ def test_storage_create_exclusive_on_s3_and_locally(tmp_path, bucket):
         assert storage.create_exclusive(uri, b"one") is True
         assert storage.create_exclusive(uri, b"two") is False
         assert storage.read_bytes(uri) == b"one"
+
+
+def test_diff_sorts_by_identity_and_rescans_only_when_asked():
+    import pyarrow as pa
+
+    ledger = pa.Table.from_pylist([
+        {"uri": "s3://a/same.wav", "etag": "e1", "size": 10, "status": "classified", "run_id": "000001",
+         "attempt": "attempts/x", "model_id": "old"},
+        {"uri": "s3://a/edited.wav", "etag": "e2", "size": 10, "status": "classified", "run_id": "000001",
+         "attempt": "attempts/x", "model_id": "old"},
+        {"uri": "s3://a/broken.wav", "etag": "e3", "size": 5, "status": "quarantined", "run_id": "000001",
+         "attempt": "attempts/x", "model_id": "old"},
+        {"uri": "s3://a/gone.wav", "etag": "e4", "size": 7, "status": "classified", "run_id": "000001",
+         "attempt": "attempts/x", "model_id": "old"},
+        {"uri": "s3://a/back.wav", "etag": "e5", "size": 7, "status": "deleted", "run_id": "000001",
+         "attempt": "attempts/x", "model_id": "old"},
+    ], schema=scan.LEDGER_SCHEMA)
+    listing = [storage.ObjectRef("s3://a/same.wav", "e1", 10), storage.ObjectRef("s3://a/edited.wav", "e2b", 10),
+               storage.ObjectRef("s3://a/broken.wav", "e3", 5), storage.ObjectRef("s3://a/back.wav", "e5", 7),
+               storage.ObjectRef("s3://a/fresh.wav", "e6", 9)]
+    d = scan.diff(listing, ledger, "new-model", rescan_on_model_change=False, retry_quarantined=False)
+    names = lambda refs: sorted(r.uri.rsplit("/", 1)[-1] for r in refs)  # noqa: E731
+    assert names(d.new) == ["back.wav", "fresh.wav"] and names(d.changed) == ["edited.wav"]
+    assert names(d.unchanged) == ["broken.wav", "same.wav"] and [r["uri"] for r in d.deleted] == ["s3://a/gone.wav"]
+    d = scan.diff(listing, ledger, "new-model", rescan_on_model_change=True, retry_quarantined=False)
+    assert names(d.rescanned) == ["same.wav"] and names(d.unchanged) == ["broken.wav"]
+    d = scan.diff(listing, ledger, "old", rescan_on_model_change=True, retry_quarantined=True)
+    assert names(d.rescanned) == ["broken.wav"] and names(d.unchanged) == ["same.wav"]
