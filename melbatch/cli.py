@@ -298,6 +298,27 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from melbatch import pictures
+    from melbatch.model import ModelError, read_package_meta
+
+    if args.shards:
+        cfg, panels = pictures.shard_panels(args.shards, args.uris or None, per_file=args.clips)
+    else:
+        if not args.uris:
+            raise ConfigError("give audio URIs to show, or --shards FEATURES to show stored clips")
+        cfg = FeatureConfig()
+        if args.model:
+            try:
+                cfg = FeatureConfig.from_dict(read_package_meta(args.model)["feature_config"])
+            except ModelError as e:
+                raise ConfigError(f"--model: {e}") from None
+        panels = [pictures.audio_panel(u, cfg, args.start, args.seconds or None) for u in args.uris]
+    out = pictures.render(panels, cfg, args.output)
+    print(f"wrote {out.uri} ({out.width}x{out.height}, {len(panels)} panel(s), features {cfg.hash()})")
+    return 0
+
+
 def cmd_sample_archive(args: argparse.Namespace) -> int:
     from melbatch import samples
 
@@ -444,6 +465,22 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", default=None, help="write to this URI instead of stdout")
     r.add_argument("--status", choices=["classified", "quarantined"], default=None, help="only these objects")
     r.set_defaults(func=cmd_results)
+
+    w = sub.add_parser("show", help="waveform + log-mel spectrogram pictures of audio files or stored clips (PNG)",
+                       description="Draw one PNG sheet: for each input its waveform above its log-mel spectrogram "
+                       "(seconds; Hz on a mel-spaced axis; a dB colour bar), side by side. Inputs are audio objects "
+                       "(any URI and format; images made as featurize makes them, with --model's feature config or "
+                       "the defaults), or with --shards the stored clips of a featurize output (source URIs, or "
+                       "none for a few clips of each label).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    w.add_argument("uris", metavar="URI", nargs="*", help="audio objects (or, with --shards, source files)")
+    w.add_argument("-o", "--output", default="melbatch-show.png", help="PNG to write (any URI)")
+    w.add_argument("--shards", default=None, help="a featurize output: show its stored clips")
+    w.add_argument("--model", default=None, help="a model package: use its feature config for audio inputs")
+    w.add_argument("--start", type=float, default=0.0, help="audio inputs: seconds to skip")
+    w.add_argument("--seconds", type=float, default=10.0, help="audio inputs: seconds to show (0: all)")
+    w.add_argument("--clips", type=int, default=1, help="--shards: clips per source file")
+    w.set_defaults(func=cmd_show)
 
     s = sub.add_parser("sample-archive", help="generate a labelled sample archive (engine or voice task)",
                        description="Write a labelled sample archive DST/<label>/<file> in mixed formats, rates "

@@ -1,0 +1,64 @@
+"""Pictures checked for content, not only for existing: a pure tone must light the right mel band."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import FAST, tone
+
+from melbatch import cli, featurize, pictures, samples, storage
+from melbatch.config import FeatureConfig, FeaturizeConfig
+
+
+def _png(uri: str) -> np.ndarray:
+    import io
+
+    import matplotlib.image
+
+    return matplotlib.image.imread(io.BytesIO(storage.read_bytes(uri)), format="png")
+
+
+def test_a_pure_tone_lights_one_band_at_its_frequency_on_the_picture(tmp_path):
+    cfg = FeatureConfig()
+    wav = tmp_path / "tone.wav"
+    storage.write_bytes(str(wav), samples.encode(tone(1000.0, 3.0, 44100), 44100, samples.FORMATS[0]))
+    panel = pictures.audio_panel(str(wav), cfg, seconds=None)
+    centers = pictures.band_centers_hz(cfg)
+    band = int(panel.mel.mean(axis=1).argmax())
+    assert abs(band - int(np.abs(centers - 1000.0).argmin())) <= 1
+    assert panel.samples is not None and len(panel.samples) == 3 * cfg.sample_rate_hz
+
+    out = pictures.render([panel], cfg, str(tmp_path / "tone.png"))
+    img = _png(out.uri)
+    assert img.shape[:2] == (out.height, out.width) and out.width >= 400
+    left, top, right, bottom = out.spectrogram_boxes[0]
+    box = img[top + 2: bottom - 2, left + 2: right - 2, :3].mean(axis=2)  # luminance inside the axes
+    brightest = int(box.mean(axis=1).argmax()) + top + 2
+    expected = bottom - (band + 0.5) / cfg.n_mels * (bottom - top)
+    assert abs(brightest - expected) <= 2 * (bottom - top) / cfg.n_mels + 2
+    # the rest of the image is dark (magma's low end): one band, not a smear
+    rows = box.mean(axis=1)
+    assert (rows > rows.max() * 0.6).sum() <= 12 * (bottom - top) / cfg.n_mels  # a few of 128 bands (window leakage)
+
+
+@pytest.mark.ray
+def test_stored_clips_side_by_side_and_the_cli(ray_session, tmp_path, capsys):
+    src, dst = tmp_path / "a", tmp_path / "f"
+    files = samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)
+    cfg, panels = pictures.shard_panels(str(dst), limit=4)
+    assert cfg == FAST and len(panels) == 4 and {p.title.split(" ")[0] for p in panels} == {"healthy", "faulty"}
+    assert all(p.samples is not None and p.mel.shape == FAST.shape for p in panels)
+    out = pictures.render(panels, cfg, str(tmp_path / "sheet.png"))
+    assert len(out.spectrogram_boxes) == 4 and out.width > 4 * 300
+    boxes = sorted(out.spectrogram_boxes)
+    assert all(a[2] <= b[0] for a, b in itertools.pairwise(boxes))  # side by side, not overlapping
+
+    one = files[0].uri
+    assert cli.main(["show", one, "-o", str(tmp_path / "one.png"), "--seconds", "2"]) == 0
+    assert cli.main(["show", "--shards", str(dst), one, "--clips", "2", "-o", str(tmp_path / "two.png")]) == 0
+    assert "2 panel(s)" in capsys.readouterr().out
+    assert _png(str(tmp_path / "two.png")).shape[1] > _png(str(tmp_path / "one.png")).shape[1]
+    assert cli.main(["show", "-o", str(tmp_path / "x.png")]) == 2
