@@ -350,11 +350,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"[{first['start_s']:.1f}-{first['end_s']:.1f} s] mel {first['mel'].shape} {first['mel'].dtype}")
     if args.epochs == 0:
         return 0
-    # a tiny timm model from random weights: the demo runs offline; real runs start from ImageNet weights
+    # A tiny timm model from random weights (the demo runs offline; real runs start from ImageNet
+    # weights), without waveform augmentation and mixup: a few epochs of 52 clips are too few for them.
     cpus = ray.cluster_resources().get("CPU", 1)
     tcfg = TrainConfig(shards=features, out=model_out, model="test_resnet", pretrained=False, epochs=args.epochs,
-                       batch_size=16, lr=3e-3, workers=1, cpus_per_worker=max(0.5, cpus - 1), mixup_alpha=0.0)
-    print(f"\n[3/{steps}] training {tcfg.model} (random init, {tcfg.epochs} epochs) into {model_out}")
+                       batch_size=8, lr=3e-3, workers=1, cpus_per_worker=max(0.5, cpus - 1), mixup_alpha=0.0,
+                       wave_augment=False)
+    print(f"\n[3/{steps}] training {tcfg.model} (random init, {tcfg.epochs} epochs, no waveform augmentation: "
+          f"too little data for it) into {model_out}")
     storage.delete(storage.list_files(model_out))  # the demo always starts afresh
     m = train.run(tcfg)
     print(f"\nval_accuracy {m['val_accuracy']:.3f}  macro_f1 {m['macro_f1']:.3f}  (best epoch {m['best_epoch']}, "
@@ -500,7 +503,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", default=None, help="where to put the archive and outputs (default: a temp folder)")
     d.add_argument("--kind", choices=["engine", "voice"], default="engine", help="which sample task")
     d.add_argument("--files-per-class", type=int, default=16, help="files per label")
-    d.add_argument("--epochs", type=int, default=4, help="training epochs (0: featurize only)")
+    d.add_argument("--epochs", type=int, default=6, help="training epochs (0: featurize only)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
     return p

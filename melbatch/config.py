@@ -282,9 +282,9 @@ class TrainConfig:
     mixup_alpha: float = 0.2
     wave_augment: bool = True
     gain_db: float = 6.0
-    noise_prob: float = 0.5
-    snr_db_min: float = 5.0
-    snr_db_max: float = 30.0
+    noise_prob: float = 0.3
+    snr_db_min: float = 10.0
+    snr_db_max: float = 40.0
     noise_dir: URI | None = None
     telephone_prob: float = 0.1
     speed_prob: float = 0.3

@@ -142,13 +142,14 @@ def shard_panels(features: URI, uris: list[URI] | None = None, per_file: int = 1
         mels = mel_array(table)
         audio = audio_array(table) if "audio" in table.column_names else None
         for i, row in enumerate(table.select(["uri", "label", "clip_index", "start_s"]).to_pylist()):
-            panels = found.setdefault(row["uri"], [])
+            panels = found.get(row["uri"], [])
             if len(panels) >= per_file:
                 continue
-            if not wanted and not panels and per_label.get(row["label"], 0) >= files_per_label:
-                continue
             if not panels:
+                if not wanted and per_label.get(row["label"], 0) >= files_per_label:
+                    continue
                 per_label[row["label"]] = per_label.get(row["label"], 0) + 1
+                found[row["uri"]] = panels
             name = row["uri"].rsplit("/", 1)[-1]
             panels.append(Panel(f"{row['label']} · {name} · clip {row['clip_index']}", mels[i].astype(np.float32),
                                 row["start_s"], None if audio is None else audio[i]))
