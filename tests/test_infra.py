@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
-MANIFESTS = sorted((ROOT / "infra" / "k8s").rglob("*.yaml"))
+CRDS = ROOT / "infra" / "k8s" / "crds"  # vendored, unmodified (see its README)
+SHARED_CRDS = ROOT.parent / "shared" / "kuberay-crds"
+MANIFESTS = sorted(p for p in (ROOT / "infra" / "k8s").rglob("*.yaml") if CRDS not in p.parents)
 KUBE_VERSION = "1.31.0"
 
 
@@ -33,7 +34,12 @@ def test_there_are_manifests_for_the_nightly_scan():
     assert {"RayJob", "RayCronJob", "CronJob", "Role", "RoleBinding", "ServiceAccount"} <= kinds
 
 
-@pytest.mark.skipif(not CRDS.exists(), reason="the KubeRay CRDs live in ../shared/kuberay-crds")
+@pytest.mark.skipif(not SHARED_CRDS.exists(), reason="no ../shared/kuberay-crds on this machine")
+def test_the_vendored_crds_are_the_shared_ones_unmodified():
+    for path in CRDS.glob("ray.io_*.yaml"):
+        assert path.read_bytes() == (SHARED_CRDS / path.name).read_bytes(), path.name
+
+
 @pytest.mark.parametrize("path_doc", _documents(), ids=lambda pd: f"{pd[0].name}:{pd[1]['kind']}")
 def test_manifest_is_valid_against_its_schema(path_doc):
     path, doc = path_doc
