@@ -56,7 +56,7 @@ def audio_panel(uri: URI, cfg: FeatureConfig, start_s: float = 0.0, seconds: flo
     from melbatch.features import logmel_tensor
 
     with storage.open_input(uri) as f:
-        _, x = decode_all(io.BytesIO(f.read()), cfg.sample_rate_hz)
+        _, x = decode_all(f, cfg.sample_rate_hz)
     a = int(start_s * cfg.sample_rate_hz)
     b = len(x) if seconds is None else min(len(x), a + int(seconds * cfg.sample_rate_hz))
     x = np.ascontiguousarray(x[a:b], dtype=np.float32)
