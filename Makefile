@@ -30,10 +30,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-system-deps:  ## Debian tools the tests and demos use: espeak-ng (voices), ffmpeg (m4a/aac via torchcodec)
-	@if ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null; then \
+system-deps:  ## Debian tools the tests and demos use: espeak-ng (voices), ffmpeg (m4a/aac), chromium (report test)
+	@if ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v chromium >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    espeak-ng ffmpeg >/dev/null; fi
+	    espeak-ng ffmpeg chromium fonts-dejavu-core >/dev/null; fi
 
 test: setup  ## the whole suite (local S3 server and local Ray are started by the fixtures)
 	$(PY) -m pytest $(PYTEST_ARGS)

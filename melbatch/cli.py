@@ -44,6 +44,23 @@ FEATURE_HELP = {
     "top_db": "floor each clip's dB values this far below its maximum",
     "mel_scale": "'slaney' (librosa's default) or 'htk'",
     "dtype": "storage dtype of the mel images: float16 (half the bytes) or float32",
+    "denoise": "spectral gating of stationary noise (hum, hiss, fans): 'subtract' the per-band noise floor "
+               "(from the clip's quietest frames) or 'gate' what is not above it",
+    "denoise_quantile": "share of each clip's quietest frames that estimates the noise floor",
+    "denoise_threshold_db": "how far above the noise floor a value must be to count as signal (dB)",
+    "denoise_reduction_db": "how much noise is lowered, at most (dB)",
+    "band_emphasis": "LO-HI:GAIN_DB, e.g. 2000-8000:+6: add GAIN_DB to the mel bands centred in LO..HI Hz "
+                     "(negative to de-emphasise); repeatable",
+    "compression": "'db' (10 log10, floored by --top-db) or 'pcen' (per-channel energy normalisation: "
+                   "an automatic gain control that brings out onsets in loud backgrounds)",
+    "pcen_time_constant_s": "PCEN smoother time constant (s)",
+    "pcen_gain": "PCEN gain (0-1: how fully the background level is divided out)",
+    "pcen_bias": "PCEN bias",
+    "pcen_power": "PCEN root compression exponent",
+    "pcen_eps": "PCEN epsilon",
+    "clip_norm": "per-clip normalisation of each image: 'peak' (maximum at 0), 'band_mean' (each band's mean "
+                 "over the clip removed: a fixed microphone/channel colouring goes), 'standardize' (zero mean, "
+                 "unit variance), 'none'",
 }
 FEATURIZE_HELP = {
     "include": "only keys (relative to SRC) matching this glob; repeatable",
@@ -302,20 +319,50 @@ def cmd_show(args: argparse.Namespace) -> int:
     from melbatch import pictures
     from melbatch.model import ModelError, read_package_meta
 
-    if args.shards:
-        cfg, panels = pictures.shard_panels(args.shards, args.uris or None, per_file=args.clips)
-    else:
-        if not args.uris:
-            raise ConfigError("give audio URIs to show, or --shards FEATURES to show stored clips")
-        cfg = FeatureConfig()
-        if args.model:
-            try:
-                cfg = FeatureConfig.from_dict(read_package_meta(args.model)["feature_config"])
-            except ModelError as e:
-                raise ConfigError(f"--model: {e}") from None
-        panels = [pictures.audio_panel(u, cfg, args.start, args.seconds or None) for u in args.uris]
+    if args.shards and args.predictions:
+        raise ConfigError("give --shards or --predictions, not both")
+    try:
+        if args.shards:
+            cfg, panels = pictures.shard_panels(args.shards, args.uris or None, per_file=args.clips)
+        elif args.predictions:
+            cfg, panels = pictures.prediction_panels(args.predictions, args.uris or None, per_file=args.clips)
+        else:
+            if not args.uris:
+                raise ConfigError("give audio URIs to show, or --shards FEATURES / --predictions OUT")
+            base: dict[str, Any] = {}
+            if args.model:
+                try:
+                    base = read_package_meta(args.model)["feature_config"]
+                except ModelError as e:
+                    raise ConfigError(f"--model: {e}") from None
+            cfg = build(FeatureConfig, merge(base, _given(args, FEATURE_HELP)), "features")
+            panels = [pictures.audio_panel(u, cfg, args.start, args.seconds or None) for u in args.uris]
+        flags = _given(args, FEATURE_HELP)
+        if flags and (args.shards or args.predictions):  # try other features on the stored/classified clips
+            if flags.get("sample_rate_hz", cfg.sample_rate_hz) != cfg.sample_rate_hz:
+                raise ConfigError(f"these clips are at {cfg.sample_rate_hz} Hz: --sample-rate-hz cannot change")
+            cfg = build(FeatureConfig, merge(cfg.to_dict(), flags), "features")
+            panels = pictures.restyle(panels, cfg)
+        if args.compare:
+            panels = pictures.before_after(panels, cfg)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
     out = pictures.render(panels, cfg, args.output)
-    print(f"wrote {out.uri} ({out.width}x{out.height}, {len(panels)} panel(s), features {cfg.hash()})")
+    print(f"wrote {out.uri} ({out.width}x{out.height}, {len(panels)} panel(s), features {cfg.hash()}: "
+          f"{pictures.describe_steps(cfg)})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from melbatch import report
+
+    try:
+        uri, kind = report.write(args.run, args.output, thumbnails=args.thumbnails)
+    except report.ReportError as e:
+        raise ConfigError(str(e)) from None
+    print(f"wrote the {kind} report of {args.run} to {uri} (self-contained HTML: open it in a browser)")
     return 0
 
 
@@ -469,21 +516,42 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--status", choices=["classified", "quarantined"], default=None, help="only these objects")
     r.set_defaults(func=cmd_results)
 
-    w = sub.add_parser("show", help="waveform + log-mel spectrogram pictures of audio files or stored clips (PNG)",
+    w = sub.add_parser("show", help="waveform + log-mel spectrogram pictures of audio files, stored or classified "
+                       "clips (PNG)",
                        description="Draw one PNG sheet: for each input its waveform above its log-mel spectrogram "
-                       "(seconds; Hz on a mel-spaced axis; a dB colour bar), side by side. Inputs are audio objects "
-                       "(any URI and format; images made as featurize makes them, with --model's feature config or "
-                       "the defaults), or with --shards the stored clips of a featurize output (source URIs, or "
-                       "none for a few clips of each label).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    w.add_argument("uris", metavar="URI", nargs="*", help="audio objects (or, with --shards, source files)")
-    w.add_argument("-o", "--output", default="melbatch-show.png", help="PNG to write (any URI)")
+                       "(seconds; Hz on a mel-spaced axis; a dB colour bar), side by side, the label or prediction "
+                       "in the title. Inputs are audio objects (any URI and format; images made as featurize makes "
+                       "them, with --model's feature config or the defaults, changed by the feature flags below), "
+                       "or with --shards the stored clips of a featurize output, or with --predictions the "
+                       "classified clips of a classify output (source URIs, or none for a few clips of each label; "
+                       "for predictions the least confident ones). --compare draws each clip twice: plain log-mel, "
+                       "then with the feature-engineering steps (try --denoise gate --compare).")
+    w.add_argument("uris", metavar="URI", nargs="*", help="audio objects (or, with --shards/--predictions, source "
+                   "files)")
+    w.add_argument("-o", "--output", default="melbatch-show.png", help="PNG to write (any URI) (default: %(default)s)")
     w.add_argument("--shards", default=None, help="a featurize output: show its stored clips")
+    w.add_argument("--predictions", default=None, help="a classify output: show classified clips with their "
+                   "predictions")
     w.add_argument("--model", default=None, help="a model package: use its feature config for audio inputs")
-    w.add_argument("--start", type=float, default=0.0, help="audio inputs: seconds to skip")
-    w.add_argument("--seconds", type=float, default=10.0, help="audio inputs: seconds to show (0: all)")
-    w.add_argument("--clips", type=int, default=1, help="--shards: clips per source file")
+    w.add_argument("--compare", action="store_true", help="each clip before and after the feature-engineering steps")
+    w.add_argument("--start", type=float, default=0.0, help="audio inputs: seconds to skip (default: %(default)s)")
+    w.add_argument("--seconds", type=float, default=10.0, help="audio inputs: seconds to show, 0 for all "
+                   "(default: %(default)s)")
+    w.add_argument("--clips", type=int, default=1, help="--shards/--predictions: clips per source file "
+                   "(default: %(default)s)")
+    _add_dataclass_flags(w, FeatureConfig, FEATURE_HELP, "features for audio inputs (over --model's or the defaults)")
     w.set_defaults(func=cmd_show)
+
+    o = sub.add_parser("report", help="a static HTML report of a featurize, train, classify or scan output",
+                       description="Write one self-contained HTML page (images embedded, no server, no network) "
+                       "about RUN: counts, label distribution and the quarantine table; for a train OUT the loss "
+                       "and accuracy curves, the confusion matrix and the most confidently wrong validation clips "
+                       "with their spectrograms; for a classify OUT the verdicts, their confidence and the least "
+                       "confident clips; for a scan OUT the trend over its runs. The kind of output is detected.")
+    o.add_argument("run", metavar="RUN", help="a featurize DST, train OUT, classify OUT or scan OUT (any URI)")
+    o.add_argument("-o", "--output", default=None, help="HTML file to write (any URI; default: RUN/report.html)")
+    o.add_argument("--thumbnails", type=int, default=8, help="spectrogram thumbnails per gallery (default: 8)")
+    o.set_defaults(func=cmd_report)
 
     s = sub.add_parser("sample-archive", help="generate a labelled sample archive (engine or voice task)",
                        description="Write a labelled sample archive DST/<label>/<file> in mixed formats, rates "

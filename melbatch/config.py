@@ -22,6 +22,9 @@ Seconds = float
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = ("float16", "float32")
 TAIL_POLICIES = ("pad", "drop")
+DENOISE_METHODS = ("none", "subtract", "gate")
+COMPRESSIONS = ("db", "pcen")
+CLIP_NORMS = ("none", "peak", "band_mean", "standardize")
 LABEL_SOURCES = ("folder", "none")
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "oga", "opus", "mp3", "m4a", "aac", "aif", "aiff")
 
@@ -42,6 +45,28 @@ class FeatureConfig:
     Its canonical JSON and :meth:`hash` travel with every shard, manifest and model package, so a
     later stage can refuse features computed differently. Defaults: 16 kHz, 5 s clips, 32 ms FFT
     (25 ms Hann window) every 10 ms, 128 slaney mel bands, dB with an 80 dB floor, stored as float16.
+
+    Feature-engineering steps, applied to each clip's mel power in this order (all off by default;
+    see :mod:`melbatch.features` for the maths):
+
+    1. ``denoise``: spectral gating. The noise floor of each mel band is its mean power over the
+       quietest ``denoise_quantile`` of the clip's frames, the threshold that floor raised by
+       ``denoise_threshold_db``; ``subtract`` removes the threshold (never going below
+       ``denoise_reduction_db`` under the original), ``gate`` lowers every value under the
+       threshold by ``denoise_reduction_db`` and keeps the rest. Stationary noise
+       (hum, hiss, fans, rain) goes; sounds that come and go stay. A sound that never stops is
+       stationary too and is removed with the noise.
+    2. ``band_emphasis``: ``(f_lo_hz, f_hi_hz, gain_db)`` triples; bands whose centre lies in
+       ``[f_lo_hz, f_hi_hz)`` get ``gain_db`` added (negative values de-emphasise).
+    3. ``compression``: ``db`` (10·log10, floored ``top_db`` under the clip's maximum) or ``pcen``
+       (per-channel energy normalisation, Wang et al. 2017: ``librosa.pcen`` of the mel power
+       scaled by 2**31, its smoother started at the first frame; ``top_db`` does not apply).
+    4. ``clip_norm``: ``peak`` shifts each clip so its maximum is 0; ``band_mean`` subtracts each
+       band's mean over the clip (removes a fixed microphone or channel colouring); ``standardize``
+       gives each clip zero mean and unit variance.
+
+    Steps at their "off" values are left out of the canonical JSON, so features made before the
+    steps existed keep their hash.
     """
 
     sample_rate_hz: int = 16_000
@@ -58,6 +83,18 @@ class FeatureConfig:
     top_db: float | None = 80.0
     mel_scale: Literal["slaney", "htk"] = "slaney"
     dtype: Literal["float16", "float32"] = "float16"
+    denoise: Literal["none", "subtract", "gate"] = "none"
+    denoise_quantile: float = 0.2
+    denoise_threshold_db: float = 6.0
+    denoise_reduction_db: float = 30.0
+    band_emphasis: tuple[tuple[float, float, float], ...] = ()
+    compression: Literal["db", "pcen"] = "db"
+    pcen_time_constant_s: float = 0.4
+    pcen_gain: float = 0.98
+    pcen_bias: float = 2.0
+    pcen_power: float = 0.5
+    pcen_eps: float = 1e-6
+    clip_norm: Literal["none", "peak", "band_mean", "standardize"] = "none"
 
     def __post_init__(self) -> None:
         sr = self.sample_rate_hz
@@ -94,6 +131,47 @@ class FeatureConfig:
         _require(self.top_db is None or self.top_db > 0, f"top_db={self.top_db}: must be > 0 or null")
         _require(self.mel_scale in ("slaney", "htk"), f"mel_scale={self.mel_scale!r}: 'slaney' or 'htk'")
         _require(self.dtype in FEATURE_DTYPES, f"dtype={self.dtype!r}: choose one of {FEATURE_DTYPES}")
+        self._check_steps()
+
+    def _check_steps(self) -> None:
+        _require(self.denoise in DENOISE_METHODS, f"denoise={self.denoise!r}: choose one of {DENOISE_METHODS}")
+        _require(0 < self.denoise_quantile <= 1, f"denoise_quantile={self.denoise_quantile}: the share of the "
+                 "quietest frames that estimates the noise floor, in (0, 1] (e.g. 0.2)")
+        _require(self.denoise_threshold_db >= 0 and self.denoise_reduction_db > 0,
+                 "denoise_threshold_db must be >= 0 and denoise_reduction_db > 0 (dB)")
+        object.__setattr__(self, "band_emphasis", tuple(_band(b) for b in self.band_emphasis))
+        for lo, hi, _ in self.band_emphasis:
+            _require(0 <= lo < hi, f"band_emphasis {lo}-{hi} Hz: give f_lo_hz < f_hi_hz, both >= 0")
+        _require(self.compression in COMPRESSIONS, f"compression={self.compression!r}: choose one of {COMPRESSIONS}")
+        if self.compression == "pcen":
+            object.__setattr__(self, "top_db", None)  # a dB floor means nothing for PCEN values
+        _require(self.pcen_time_constant_s > 0 and self.pcen_eps > 0 and self.pcen_bias > 0,
+                 "pcen_time_constant_s, pcen_eps and pcen_bias must be > 0")
+        _require(0 <= self.pcen_gain <= 1 and 0 < self.pcen_power <= 1,
+                 f"pcen_gain={self.pcen_gain} must be in [0, 1] and pcen_power={self.pcen_power} in (0, 1]")
+        _require(self.clip_norm in CLIP_NORMS, f"clip_norm={self.clip_norm!r}: choose one of {CLIP_NORMS}")
+
+    @property
+    def steps(self) -> dict[str, Any]:
+        """The feature-engineering settings in effect: ``{}`` for plain log-mel."""
+        return {k: v for k, v in self._identity().items() if k in _STEP_DEFAULTS}
+
+    def band_centers_hz(self) -> np.ndarray:
+        """The centre frequency of each mel band (Hz), bottom band first."""
+        lo, hi = _hz_to_mel(np.array([self.f_min_hz, self.f_max_hz], dtype=float), self.mel_scale)
+        return _mel_to_hz(np.linspace(lo, hi, self.n_mels + 2), self.mel_scale)[1:-1]
+
+    def without_steps(self) -> FeatureConfig:
+        """The same features with every feature-engineering step off (for before/after pictures)."""
+        plain = dataclasses.replace(self, **_STEP_DEFAULTS)
+        return dataclasses.replace(plain, top_db=self.top_db if self.compression == "db" else 80.0)
+
+    @property
+    def units(self) -> str:
+        """What the image values are, for colour bars and reports."""
+        base = "dB" if self.compression == "db" else "PCEN"
+        return {"none": base, "peak": f"{base} re clip max", "band_mean": f"{base} re band mean",
+                "standardize": "standard deviations"}[self.clip_norm]
 
     @property
     def clip_samples(self) -> int:
@@ -121,7 +199,16 @@ class FeatureConfig:
         return dataclasses.asdict(self)
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self._identity(), sort_keys=True, separators=(",", ":"))
+
+    def _identity(self) -> dict[str, Any]:
+        d = self.to_dict()
+        off = {"denoise_": self.denoise == "none", "pcen_": self.compression != "pcen"}
+        for k, default in _STEP_DEFAULTS.items():  # steps that are off do not change the identity
+            param = next((prefix for prefix in off if k.startswith(prefix)), None)
+            if off[param] if param else d[k] == default:
+                del d[k]
+        return d
 
     def hash(self) -> str:
         """Short, stable identity of these features (first 16 hex digits of SHA-256)."""
@@ -135,6 +222,23 @@ class FeatureConfig:
         """Fields whose values differ: {name: (self, other)}."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+_STEP_DEFAULTS = {f.name: f.default for f in fields(FeatureConfig)
+                  if f.name.startswith(("denoise", "band_emphasis", "compression", "pcen_", "clip_norm"))}
+
+
+def _band(b: Any) -> tuple[float, float, float]:
+    """``(lo, hi, gain_db)`` from a triple or a ``"LO-HI:GAIN"`` string such as ``"2000-8000:+6"``."""
+    try:
+        if isinstance(b, str):
+            span, gain = b.split(":")
+            lo, hi = span.split("-")
+            b = (lo, hi, gain)
+        lo, hi, gain = (float(v) for v in b)
+    except (TypeError, ValueError):
+        raise ConfigError(f"band_emphasis entry {b!r}: give f_lo_hz-f_hi_hz:gain_db, e.g. 2000-8000:+6") from None
+    return (lo, hi, gain)
 
 
 def _hz_to_mel(f: np.ndarray, scale: str) -> np.ndarray:

@@ -2,6 +2,11 @@
 
 Clips are transformed one at a time: torchaudio's STFT is fastest on one short signal (a big
 batch of clips or one long signal runs several times slower per second of audio on a CPU).
+
+The feature-engineering steps of :class:`~melbatch.config.FeatureConfig` (spectral-gating
+denoise, band emphasis, PCEN, per-clip normalisation) act on the mel power inside
+:func:`logmel_tensor`, so featurize, train (which recomputes images from augmented waveforms)
+and classify all apply exactly the same steps.
 """
 
 from __future__ import annotations
@@ -22,6 +27,16 @@ from melbatch.config import FeatureConfig
 from melbatch.shards import to_pcm16
 
 _NO_SAMPLES = np.zeros(0, np.float32)
+
+
+@lru_cache(maxsize=8)
+def _emphasis(cfg: FeatureConfig) -> torch.Tensor:
+    """Per-band power gain of ``cfg.band_emphasis``, shape (n_mels, 1)."""
+    centers = cfg.band_centers_hz()
+    gain_db = np.zeros(cfg.n_mels)
+    for lo, hi, db in cfg.band_emphasis:
+        gain_db[(centers >= lo) & (centers < hi)] += db
+    return torch.from_numpy(10.0 ** (gain_db / 10.0)).float()[:, None]
 
 
 @lru_cache(maxsize=8)
@@ -70,11 +85,75 @@ def logmel_tensor(x: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     spec = torch.stft(x, cfg.n_fft, cfg.hop_length, cfg.win_length, window.to(x.device), center=True,
                       pad_mode="reflect", return_complex=True)
     power = spec.real.square() + spec.imag.square()
-    db = (fb @ power).clamp_(min=1e-10).log10_().mul_(10.0)
-    if cfg.top_db is not None:
-        peak = db.amax(dim=(-2, -1), keepdim=True)
-        db = torch.maximum(db, peak - cfg.top_db)
-    return db
+    mel = fb @ power
+    if cfg.denoise != "none":
+        mel = spectral_gate(mel, cfg)
+    if cfg.band_emphasis:
+        mel = mel * _emphasis(cfg).to(mel.device)
+    if cfg.compression == "pcen":
+        image = pcen(mel, cfg)
+    else:
+        image = mel.clamp_(min=1e-10).log10_().mul_(10.0)
+        if cfg.top_db is not None:
+            peak = image.amax(dim=(-2, -1), keepdim=True)
+            image = torch.maximum(image, peak - cfg.top_db)
+    return clip_normalize(image, cfg.clip_norm)
+
+
+def spectral_gate(mel: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """Stationary-noise removal on mel power ``(..., n_mels, frames)``, one noise floor per clip and band.
+
+    The floor of each band is its mean power over the quietest ``cfg.denoise_quantile`` of the
+    frames (by total power; digitally silent frames, such as a padded tail, are used only when
+    there are not enough others). The threshold is the floor raised by ``denoise_threshold_db``.
+    ``subtract``: power minus the threshold (over-subtraction, which also removes the noise's own
+    fluctuations above its mean), but never below ``denoise_reduction_db`` under the original.
+    ``gate``: values below the threshold are lowered by ``denoise_reduction_db``, the rest kept.
+    """
+    frames = mel.shape[-1]
+    k = max(1, round(cfg.denoise_quantile * frames))
+    energy = mel.sum(dim=-2)
+    rank = torch.where(energy > 1e-10 * mel.shape[-2], energy, torch.full_like(energy, float("inf")))
+    quiet = rank.topk(k, dim=-1, largest=False).indices.unsqueeze(-2).expand(*mel.shape[:-1], k)
+    floor = mel.gather(-1, quiet).mean(dim=-1, keepdim=True)
+    keep = 10.0 ** (-cfg.denoise_reduction_db / 10.0)
+    threshold = floor * 10.0 ** (cfg.denoise_threshold_db / 10.0)
+    if cfg.denoise == "subtract":
+        return torch.maximum(mel - threshold, mel * keep)
+    return torch.where(mel > threshold, mel, mel * keep)
+
+
+def pcen(mel: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """Per-channel energy normalisation of mel power ``(..., n_mels, frames)``, as ``librosa.pcen``.
+
+    ``E`` is the mel power scaled by 2**31 (the scale librosa's documentation recommends for
+    audio in [-1, 1]); ``M`` is ``E`` smoothed over time by a first-order IIR filter whose time
+    constant is ``pcen_time_constant_s``, started in steady state at the first frame (librosa's
+    default starts it empty, which gives every clip a bright onset); the output is
+    ``(E / (eps + M)**gain + bias)**power - bias**power``.
+    """
+    t = cfg.pcen_time_constant_s * cfg.sample_rate_hz / cfg.hop_length
+    b = (math.sqrt(1 + 4 * t * t) - 1) / (2 * t * t)
+    e = mel.double() * 2.0**31  # float64: the IIR runs over hundreds of frames of values up to ~1e13
+    first = e[..., :1]
+    coeffs = {"a_coeffs": torch.tensor([1.0, b - 1.0], dtype=e.dtype, device=e.device),
+              "b_coeffs": torch.tensor([b, 0.0], dtype=e.dtype, device=e.device)}
+    m = torchaudio.functional.lfilter(e - first, clamp=False, **coeffs) + first
+    smooth = torch.exp(-cfg.pcen_gain * (math.log(cfg.pcen_eps) + torch.log1p(m / cfg.pcen_eps)))
+    out = cfg.pcen_bias**cfg.pcen_power * torch.expm1(cfg.pcen_power * torch.log1p(e * smooth / cfg.pcen_bias))
+    return out.to(mel.dtype)
+
+
+def clip_normalize(image: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-clip normalisation of images ``(..., n_mels, frames)``: none, peak, band_mean, standardize."""
+    if how == "peak":
+        return image - image.amax(dim=(-2, -1), keepdim=True)
+    if how == "band_mean":
+        return image - image.mean(dim=-1, keepdim=True)
+    if how == "standardize":
+        mean = image.mean(dim=(-2, -1), keepdim=True)
+        return (image - mean) / image.std(dim=(-2, -1), keepdim=True).clamp(min=1e-5)
+    return image
 
 
 def logmel_clips(clips: Iterator[Clip], cfg: FeatureConfig) -> Iterator[tuple[Clip, np.ndarray]]:

@@ -150,8 +150,9 @@ class Package:
 def normalize(x: torch.Tensor, norm: dict[str, Any]) -> torch.Tensor:
     """Images as the package's model was trained on them: dataset mean/std, or each clip on its own."""
     if norm["kind"] == "clip":
-        mean = x.mean(dim=(-2, -1), keepdim=True)
-        return (x - mean) / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+        from melbatch.features import clip_normalize
+
+        return clip_normalize(x, "standardize")
     return (x - norm["mean"]) / norm["std"]
 
 

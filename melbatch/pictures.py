@@ -16,19 +16,21 @@ import numpy as np
 
 from melbatch import storage
 from melbatch.audio import decode_all
-from melbatch.config import FeatureConfig, _hz_to_mel, _mel_to_hz
+from melbatch.config import FeatureConfig
 
 URI = str
 
 
 @dataclass
 class Panel:
-    """One column of a sheet: a title, a waveform (or ``None``) and a (n_mels, frames) dB image."""
+    """One column of a sheet: a title, a waveform (or ``None``) and a (n_mels, frames) image made
+    with ``cfg`` (``None``: the sheet's feature config)."""
 
     title: str
     mel: np.ndarray
     start_s: float = 0.0
     samples: np.ndarray | None = field(default=None, repr=False)
+    cfg: FeatureConfig | None = None
 
 
 @dataclass
@@ -41,20 +43,10 @@ class Rendered:
     spectrogram_boxes: list[tuple[int, int, int, int]]  # (left, top, right, bottom) per panel
 
 
-def band_centers_hz(cfg: FeatureConfig) -> np.ndarray:
-    """The centre frequency of each mel band of ``cfg`` (Hz), bottom band first."""
-    lo, hi = _hz_to_mel(np.array([cfg.f_min_hz, cfg.f_max_hz], dtype=float), cfg.mel_scale)
-    return _mel_to_hz(np.linspace(lo, hi, cfg.n_mels + 2), cfg.mel_scale)[1:-1]
-
-
 def audio_panel(uri: URI, cfg: FeatureConfig, start_s: float = 0.0, seconds: float | None = 10.0,
                 title: str | None = None) -> Panel:
     """An audio object's stretch ``[start_s, start_s + seconds)`` (all of it with ``None``), mono at
     ``cfg.sample_rate_hz``, with its log-mel image made as featurize makes them."""
-    import torch
-
-    from melbatch.features import logmel_tensor
-
     with storage.open_input(uri) as f:
         _, x = decode_all(f, cfg.sample_rate_hz)
     a = int(start_s * cfg.sample_rate_hz)
@@ -62,13 +54,63 @@ def audio_panel(uri: URI, cfg: FeatureConfig, start_s: float = 0.0, seconds: flo
     x = np.ascontiguousarray(x[a:b], dtype=np.float32)
     if len(x) < cfg.n_fft:
         raise ValueError(f"{uri}: less than {cfg.n_fft} samples from {start_s} s on; nothing to picture")
+    return wave_panel(x, cfg, title or uri.rsplit("/", 1)[-1], start_s)
+
+
+def wave_panel(x: np.ndarray, cfg: FeatureConfig, title: str, start_s: float = 0.0) -> Panel:
+    """A waveform at ``cfg.sample_rate_hz`` and its image, made by featurize's function."""
+    import torch
+
+    from melbatch.features import logmel_tensor
+
     with torch.inference_mode():
-        mel = logmel_tensor(torch.from_numpy(x), cfg).numpy()
-    return Panel(title or uri.rsplit("/", 1)[-1], mel, start_s, x)
+        mel = logmel_tensor(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), cfg).numpy()
+    return Panel(title, mel, start_s, x, cfg)
+
+
+def describe_steps(cfg: FeatureConfig) -> str:
+    """The feature-engineering steps of ``cfg`` in a few words ("plain log-mel" without any)."""
+    words = []
+    if cfg.denoise != "none":
+        words.append(f"denoise {cfg.denoise} {cfg.denoise_threshold_db:g}/{cfg.denoise_reduction_db:g} dB")
+    words += [f"{lo:g}-{hi:g} Hz {gain:+g} dB" for lo, hi, gain in cfg.band_emphasis]
+    if cfg.compression == "pcen":
+        words.append("PCEN")
+    if cfg.clip_norm != "none":
+        words.append(f"{cfg.clip_norm} norm")
+    return " · ".join(words) or "plain log-mel"
+
+
+def restyle(panels: list[Panel], cfg: FeatureConfig) -> list[Panel]:
+    """The same clips with images made by ``cfg`` from their waveforms (to try features before featurizing)."""
+    return [wave_panel(_waveform(p), cfg, p.title, p.start_s) for p in panels]
+
+
+def _waveform(p: Panel) -> np.ndarray:
+    if p.samples is None:
+        raise ValueError(f"{p.title}: no waveform stored (featurized with --no-keep-audio), so no other image can "
+                         "be made from it; show the source file instead")
+    return p.samples
+
+
+def before_after(panels: list[Panel], cfg: FeatureConfig) -> list[Panel]:
+    """Each panel twice: its waveform as plain log-mel (the steps off), then with ``cfg``'s steps."""
+    if not cfg.steps:
+        raise ValueError("these features have no feature-engineering steps to compare: add one, e.g. "
+                         "--denoise gate, --compression pcen, --band-emphasis 2000-8000:+6, --clip-norm band_mean")
+    plain, out = cfg.without_steps(), []
+    for p in panels:
+        before = wave_panel(_waveform(p), plain, f"before · {p.title}", p.start_s)
+        after = wave_panel(_waveform(p), cfg, f"after ({describe_steps(cfg)}) · {p.title}", p.start_s)
+        out += [before, after]
+    return out
 
 
 def render(panels: list[Panel], cfg: FeatureConfig, out: URI, dpi: int = 100) -> Rendered:
-    """Draw ``panels`` side by side (waveform above, spectrogram below) into the PNG ``out``."""
+    """Draw ``panels`` side by side (waveform above, spectrogram below) into the PNG ``out``.
+
+    Panels whose images share units (dB, PCEN, ...) share one colour scale and bar.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,33 +118,18 @@ def render(panels: list[Panel], cfg: FeatureConfig, out: URI, dpi: int = 100) ->
 
     if not panels:
         raise ValueError("nothing to draw: give at least one panel")
-    centers = band_centers_hz(cfg)
-    ticks = np.unique(np.linspace(0, cfg.n_mels - 1, 6).round().astype(int))
     fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels) + 0.8, 5.0), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 2.4]}, constrained_layout=True)
-    vmin = min(float(p.mel.min()) for p in panels)
-    vmax = max(float(p.mel.max()) for p in panels)
-    image = None
+    groups: dict[str, list[int]] = {}
     for col, p in enumerate(panels):
-        wave_ax, spec_ax = axes[0, col], axes[1, col]
-        seconds = (p.mel.shape[1] - 1) * cfg.hop_length / cfg.sample_rate_hz
-        if p.samples is not None and len(p.samples):
-            t = p.start_s + np.arange(len(p.samples)) / cfg.sample_rate_hz
-            step = max(1, len(t) // 4000)  # enough points for the eye, not millions
-            wave_ax.plot(t[::step], p.samples[::step], lw=0.5, color="#1f4e79")
-            wave_ax.set_ylim(-1.05, 1.05)
-        else:
-            wave_ax.text(0.5, 0.5, "no waveform stored", ha="center", va="center", transform=wave_ax.transAxes)
-        wave_ax.set_xlim(p.start_s, p.start_s + seconds)
-        wave_ax.set_title(p.title, fontsize=9)
-        wave_ax.set_ylabel("amplitude" if col == 0 else "")
-        image = spec_ax.imshow(p.mel, origin="lower", aspect="auto", cmap="magma", vmin=vmin, vmax=vmax,
-                               extent=(p.start_s, p.start_s + seconds, -0.5, cfg.n_mels - 0.5),
-                               interpolation="nearest")
-        spec_ax.set_yticks(ticks, [f"{centers[i]:,.0f}" for i in ticks])
-        spec_ax.set_xlabel("seconds")
-        spec_ax.set_ylabel("Hz (mel scale)" if col == 0 else "")
-    fig.colorbar(image, ax=axes[1, :].tolist(), label="dB", shrink=0.9)
+        groups.setdefault((p.cfg or cfg).units, []).append(col)
+    for units, cols in groups.items():
+        vmin = min(float(panels[c].mel.min()) for c in cols)
+        vmax = max(float(panels[c].mel.max()) for c in cols)
+        image = None
+        for col in cols:
+            image = _draw(axes[0, col], axes[1, col], panels[col], panels[col].cfg or cfg, vmin, vmax, col == 0)
+        fig.colorbar(image, ax=[axes[1, c] for c in cols], label=units, shrink=0.9)
     fig.canvas.draw()
     width, height = fig.canvas.get_width_height()
     boxes = []
@@ -118,43 +145,155 @@ def render(panels: list[Panel], cfg: FeatureConfig, out: URI, dpi: int = 100) ->
                     [tuple(round(v * scale) for v in b) for b in boxes])
 
 
+def _draw(wave_ax, spec_ax, p: Panel, cfg: FeatureConfig, vmin: float, vmax: float, first: bool):
+    seconds = (p.mel.shape[1] - 1) * cfg.hop_length / cfg.sample_rate_hz
+    if p.samples is not None and len(p.samples):
+        t = p.start_s + np.arange(len(p.samples)) / cfg.sample_rate_hz
+        step = max(1, len(t) // 4000)  # enough points for the eye, not millions
+        wave_ax.plot(t[::step], p.samples[::step], lw=0.5, color="#1f4e79")
+        wave_ax.set_ylim(-1.05, 1.05)
+    else:
+        wave_ax.text(0.5, 0.5, "no waveform stored", ha="center", va="center", transform=wave_ax.transAxes)
+    wave_ax.set_xlim(p.start_s, p.start_s + seconds)
+    wave_ax.set_title(p.title, fontsize=9)
+    wave_ax.set_ylabel("amplitude" if first else "")
+    image = spec_ax.imshow(p.mel, origin="lower", aspect="auto", cmap="magma", vmin=vmin, vmax=vmax,
+                           extent=(p.start_s, p.start_s + seconds, -0.5, cfg.n_mels - 0.5), interpolation="nearest")
+    centers = cfg.band_centers_hz()
+    ticks = np.unique(np.linspace(0, cfg.n_mels - 1, 6).round().astype(int))
+    spec_ax.set_yticks(ticks, [f"{centers[i]:,.0f}" for i in ticks])
+    spec_ax.set_xlabel("seconds")
+    spec_ax.set_ylabel("Hz (mel scale)" if first else "")
+    return image
+
+
 def shard_panels(features: URI, uris: list[URI] | None = None, per_file: int = 1,
                  limit: int = 6) -> tuple[FeatureConfig, list[Panel]]:
     """Stored clips of a featurize output: the first ``per_file`` clips of each of ``uris`` (source
     files), or, without ``uris``, of the first files of each label (at most ``limit`` panels)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from melbatch.shards import audio_array, mel_array, open_dataset, shard_uris
-
-    manifest = open_dataset(features)
-    cfg = FeatureConfig.from_dict(manifest["feature_config"])
+    manifest, cfg = _open_features(features)
     wanted = [storage.canonical(u) for u in uris] if uris else None
     files_per_label = max(1, limit // max(1, len(manifest.get("labels") or {"": 0})))
     found: dict[str, list[Panel]] = {}
     per_label: dict[str, int] = {}
-    for shard in shard_uris(features, manifest):
-        with storage.open_input(shard) as f:
-            table = pq.read_table(f)
-        if wanted:
-            table = table.filter(pc.is_in(table.column("uri"), value_set=pa.array(wanted)))
-        mels = mel_array(table)
-        audio = audio_array(table) if "audio" in table.column_names else None
-        for i, row in enumerate(table.select(["uri", "label", "clip_index", "start_s"]).to_pylist()):
-            panels = found.get(row["uri"], [])
-            if len(panels) >= per_file:
+    for row, mel, audio in _stored_rows(features, manifest, wanted):
+        panels = found.get(row["uri"], [])
+        if len(panels) >= per_file:
+            continue
+        if not panels:
+            if not wanted and per_label.get(row["label"], 0) >= files_per_label:
                 continue
-            if not panels:
-                if not wanted and per_label.get(row["label"], 0) >= files_per_label:
-                    continue
-                per_label[row["label"]] = per_label.get(row["label"], 0) + 1
-                found[row["uri"]] = panels
-            name = row["uri"].rsplit("/", 1)[-1]
-            panels.append(Panel(f"{row['label']} · {name} · clip {row['clip_index']}", mels[i].astype(np.float32),
-                                row["start_s"], None if audio is None else audio[i]))
+            per_label[row["label"]] = per_label.get(row["label"], 0) + 1
+            found[row["uri"]] = panels
+        name = row["uri"].rsplit("/", 1)[-1]
+        panels.append(Panel(f"{row['label']} · {name} · clip {row['clip_index']}", mel, row["start_s"], audio))
     order = wanted or sorted(found, key=lambda u: (found[u][0].title, u))
     missing = [u for u in (wanted or []) if not found.get(u)]
     if missing:
         raise ValueError(f"not in {features}: {missing[:3]} (give source URIs as the shards record them)")
     return cfg, [p for u in order for p in found.get(u, [])][:limit if not wanted else None]
+
+
+def stored_clips(features: URI, keys: list[tuple[URI, int]], titles: list[str]) -> tuple[FeatureConfig, list[Panel]]:
+    """The stored clips ``(source uri, clip_index)`` of a featurize output, titled ``titles``, in that order."""
+    manifest, cfg = _open_features(features)
+    at = {k: i for i, k in enumerate(keys)}
+    got: dict[int, Panel] = {}
+    for row, mel, audio in _stored_rows(features, manifest, sorted({u for u, _ in keys})):
+        i = at.get((row["uri"], row["clip_index"]))
+        if i is not None:
+            got[i] = Panel(titles[i], mel, row["start_s"], audio)
+    return cfg, [got[i] for i in sorted(got)]
+
+
+def _open_features(features: URI) -> tuple[dict, FeatureConfig]:
+    from melbatch.shards import open_dataset
+
+    manifest = open_dataset(features)
+    return manifest, FeatureConfig.from_dict(manifest["feature_config"])
+
+
+def _stored_rows(features: URI, manifest: dict, uris: list[URI] | None):
+    """(row, image as float32, waveform or None) of the stored clips, only of ``uris`` if given."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from melbatch.shards import audio_array, mel_array, shard_uris
+
+    for shard in shard_uris(features, manifest):
+        with storage.open_input(shard) as f:
+            table = pq.read_table(f)
+        if uris:
+            table = table.filter(pc.is_in(table.column("uri"), value_set=pa.array(uris)))
+        if not table.num_rows:
+            continue
+        mels = mel_array(table)
+        audio = audio_array(table) if "audio" in table.column_names else None
+        for i, row in enumerate(table.select(["uri", "label", "clip_index", "start_s"]).to_pylist()):
+            yield row, mels[i].astype(np.float32), None if audio is None else audio[i]
+
+
+def thumbnail(mel: np.ndarray, cfg: FeatureConfig, title: str = "", width_in: float = 2.6) -> bytes:
+    """A small PNG of one image on its real axes (seconds, Hz on a mel scale), for reports."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width_in, width_in * 0.62), constrained_layout=True)
+    seconds = (mel.shape[1] - 1) * cfg.hop_length / cfg.sample_rate_hz
+    ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, -0.5, cfg.n_mels - 0.5),
+              interpolation="nearest")
+    centers = cfg.band_centers_hz()
+    ticks = np.unique(np.linspace(0, cfg.n_mels - 1, 3).round().astype(int))
+    ax.set_yticks(ticks, [f"{centers[i]:,.0f}" for i in ticks], fontsize=6)
+    ax.tick_params(axis="x", labelsize=6)
+    ax.set_xlabel("s", fontsize=6, labelpad=1)
+    if title:
+        ax.set_title(title, fontsize=6)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def prediction_panels(predictions: URI, uris: list[URI] | None = None, per_file: int = 1,
+                      limit: int = 6) -> tuple[FeatureConfig, list[Panel]]:
+    """Classified clips of a classify output, redrawn from their source audio with the model's
+    features, the prediction in the title: the first ``per_file`` clips of each of ``uris``, or,
+    without ``uris``, the least confident clips of each predicted label (where mistakes hide)."""
+    from melbatch.shards import read_manifest, read_tables
+
+    manifest = read_manifest(predictions)
+    if not manifest or manifest.get("kind") != "predictions":
+        raise ValueError(f"{predictions} is not a finished classify output (no _manifest.json of kind "
+                         "'predictions'): run `melbatch classify` into it first")
+    cfg = FeatureConfig.from_dict(manifest["feature_config"])
+    rows = sorted(read_tables(predictions, "clips").select(
+        ["uri", "clip_index", "start_s", "end_s", "label", "probability"]).to_pylist(),
+        key=lambda r: (r["uri"], r["clip_index"]))
+    if uris:
+        wanted = [storage.canonical(u) for u in uris]
+        missing = [u for u in wanted if not any(r["uri"] == u for r in rows)]
+        if missing:
+            raise ValueError(f"not classified in {predictions}: {missing[:3]} (give URIs as the archive listing "
+                             "names them)")
+        chosen = [r for u in wanted for r in [r for r in rows if r["uri"] == u][:per_file]]
+    else:
+        labels = sorted({r["label"] for r in rows})
+        per_label = max(1, limit // max(1, len(labels)))
+        chosen = []
+        for label in labels:
+            seen: set[str] = set()
+            for r in sorted((r for r in rows if r["label"] == label), key=lambda r: (r["probability"], r["uri"])):
+                if r["uri"] not in seen and len(seen) < per_label:
+                    seen.add(r["uri"])
+                    chosen.append(r)
+        chosen = chosen[:limit]
+    panels = []
+    for r in chosen:
+        name = r["uri"].rsplit("/", 1)[-1]
+        title = f"predicted {r['label']} {r['probability']:.2f} · {name} · clip {r['clip_index']}"
+        panels.append(audio_panel(r["uri"], cfg, r["start_s"], r["end_s"] - r["start_s"], title))
+    return cfg, panels

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from melbatch import cli
+from melbatch import cli, config
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
 
 
@@ -20,6 +20,13 @@ from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
     ({"min_tail_s": 10.0}, "min_tail_s"),
     ({"dtype": "int8"}, "float16"),
     ({"tail": "wrap"}, "pad"),
+    ({"denoise": "wiener"}, "subtract"),
+    ({"denoise_quantile": 0.0}, "quietest frames"),
+    ({"band_emphasis": ("8000-2000:+6",)}, "f_lo_hz < f_hi_hz"),
+    ({"band_emphasis": ("loud highs",)}, "2000-8000:"),
+    ({"compression": "log"}, "pcen"),
+    ({"pcen_gain": 1.5}, "pcen_gain"),
+    ({"clip_norm": "max"}, "standardize"),
 ])
 def test_wrong_feature_settings_fail_with_a_message_naming_the_fix(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -47,8 +54,35 @@ def test_hash_is_stable_canonical_and_sensitive_to_every_field():
     narrow = FeatureConfig(n_mels=64)  # htk at 128 mels would leave empty bands at n_fft 512
     hashes = {FeatureConfig(**{"n_mels": 64, k: v}).hash() for k, v in changed.items()}
     assert len(hashes) == len(changed) and narrow.hash() not in hashes
-    assert set(changed) == set(base.to_dict())  # the test covers every field
+    assert set(changed) == set(base.to_dict()) - set(config._STEP_DEFAULTS)  # every field (steps: below)
     assert FeatureConfig(n_mels=64).diff(base) == {"n_mels": (64, 128)}
+
+
+# the hash of the default features before feature-engineering steps existed: old shards and models stay valid
+HASH_BEFORE_STEPS = "a668fe6f84971c5c"
+
+
+def test_feature_engineering_steps_change_the_hash_only_when_they_act():
+    base = FeatureConfig()
+    assert base.hash() == HASH_BEFORE_STEPS and base.steps == {}
+    on = {"denoise": "gate", "band_emphasis": ((2000.0, 8000.0, 6.0),), "compression": "pcen", "clip_norm": "peak"}
+    params = {"denoise_quantile": 0.1, "denoise_threshold_db": 3.0, "denoise_reduction_db": 12.0,
+              "pcen_time_constant_s": 0.06, "pcen_gain": 0.8, "pcen_bias": 10.0, "pcen_power": 0.25,
+              "pcen_eps": 1e-4}
+    assert set(on) | set(params) == set(config._STEP_DEFAULTS)  # the test covers every step setting
+    hashes = {FeatureConfig(**{k: v}).hash() for k, v in on.items()}
+    steps_on = FeatureConfig(**on)
+    hashes |= {FeatureConfig(**on, **{k: v}).hash() for k, v in params.items()}
+    assert len(hashes) == len(on) + len(params) and base.hash() not in hashes and steps_on.hash() not in hashes
+    # the parameters of a step that is off change nothing
+    assert {FeatureConfig(**{k: v}).hash() for k, v in params.items()} == {base.hash()}
+    assert steps_on.steps["denoise"] == "gate" and "pcen_gain" in steps_on.steps
+    # a band given as text equals the same band given as numbers; a manifest round trip keeps the identity
+    assert FeatureConfig(band_emphasis=("2000-8000:+6",)) == FeatureConfig(band_emphasis=((2000, 8000, 6),))
+    again = FeatureConfig.from_dict(json.loads(steps_on.canonical_json()))
+    assert again.hash() == steps_on.hash()
+    plain = steps_on.without_steps()
+    assert plain.steps == {} and plain.top_db == 80.0 and plain.n_mels == steps_on.n_mels
 
 
 def test_unknown_keys_are_named():

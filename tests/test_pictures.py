@@ -25,7 +25,7 @@ def test_a_pure_tone_lights_one_band_at_its_frequency_on_the_picture(tmp_path):
     wav = tmp_path / "tone.wav"
     storage.write_bytes(str(wav), samples.encode(tone(1000.0, 3.0, 44100), 44100, samples.FORMATS[0]))
     panel = pictures.audio_panel(str(wav), cfg, seconds=None)
-    centers = pictures.band_centers_hz(cfg)
+    centers = cfg.band_centers_hz()
     band = int(panel.mel.mean(axis=1).argmax())
     assert abs(band - int(np.abs(centers - 1000.0).argmin())) <= 1
     assert panel.samples is not None and len(panel.samples) == 3 * cfg.sample_rate_hz
@@ -62,3 +62,36 @@ def test_stored_clips_side_by_side_and_the_cli(ray_session, tmp_path, capsys):
     assert "2 panel(s)" in capsys.readouterr().out
     assert _png(str(tmp_path / "two.png")).shape[1] > _png(str(tmp_path / "one.png")).shape[1]
     assert cli.main(["show", "-o", str(tmp_path / "x.png")]) == 2
+    # stored clips with other features: images remade from the stored waveforms, before and after
+    assert cli.main(["show", "--shards", str(dst), one, "--band-emphasis", "2000-8000:+12", "--compare",
+                     "-o", str(tmp_path / "three.png")]) == 0
+    assert "2 panel(s)" in capsys.readouterr().out
+    [stored] = pictures.shard_panels(str(dst), [one])[1]
+    emphasised = pictures.restyle([stored], FeatureConfig(**{**FAST.to_dict(), "band_emphasis": ("2000-8000:+12",)}))
+    high = FAST.band_centers_hz() >= 2000
+    gain = emphasised[0].mel - stored.mel
+    assert np.median(gain[high]) == pytest.approx(12.0, abs=0.1) and np.median(np.abs(gain[~high])) < 0.1
+
+
+def test_compare_draws_each_clip_before_and_after_the_steps(tmp_path, capsys, rng):
+    """--compare: plain log-mel next to the denoised image; the noise is darker in the second one."""
+    sr = 16000
+    t = np.arange(4 * sr) / sr
+    x = 0.05 * np.sin(2 * np.pi * 1000 * t) * (t % 1.0 < 0.5) + 0.1 * rng.standard_normal(len(t))
+    wav = str(tmp_path / "beeps.wav")
+    storage.write_bytes(wav, samples.encode(x.astype(np.float32), sr, samples.FORMATS[0]))
+    cfg = FeatureConfig(denoise="gate")
+    panels = pictures.before_after([pictures.audio_panel(wav, cfg, seconds=None)], cfg)
+    assert [p.title.split(" ")[0] for p in panels] == ["before", "after"] and "denoise gate" in panels[1].title
+    assert np.median(panels[0].mel) - np.median(panels[1].mel) > 15  # most of the picture was noise
+    out = pictures.render(panels, cfg, str(tmp_path / "compare.png"))
+    img = _png(out.uri)[..., :3].mean(axis=2)
+    (l0, t0, r0, b0), (l1, t1, r1, b1) = out.spectrogram_boxes
+    assert img[t1 + 2:b1 - 2, l1 + 2:r1 - 2].mean() < img[t0 + 2:b0 - 2, l0 + 2:r0 - 2].mean() - 0.1
+    # the CLI: flags change the features of audio inputs; PCEN gets its own colour scale
+    assert cli.main(["show", wav, "--denoise", "gate", "--compare", "-o", str(tmp_path / "c.png")]) == 0
+    assert "2 panel(s)" in capsys.readouterr().out
+    assert cli.main(["show", wav, "--compression", "pcen", "--compare", "-o", str(tmp_path / "p.png")]) == 0
+    assert "PCEN" in capsys.readouterr().out
+    assert cli.main(["show", wav, "--compare", "-o", str(tmp_path / "n.png")]) == 2  # nothing to compare
+    assert "no feature-engineering steps" in capsys.readouterr().err

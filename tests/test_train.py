@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import FAST, new_bucket
@@ -134,6 +135,15 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_shards, monk
     val_files = {u for u, s in split if s == "val"}
     clip_files = {r["uri"] for r in shards.iter_clips(cfg.shards)}
     assert val_files < clip_files and len(val_files) == m["split"]["val_files"]
+    # every validation clip scored once by the saved package; its accuracy is the best epoch's
+    with storage.open_input(f"{cfg.out}/val_predictions.parquet") as f:
+        val = pq.read_table(f)
+    val_clips = [(r["uri"], r["clip_index"]) for r in shards.iter_clips(cfg.shards) if r["uri"] in val_files]
+    rows = val.to_pylist()
+    assert sorted((r["uri"], r["clip_index"]) for r in rows) == sorted(val_clips)
+    right = np.mean([r["predicted"] == r["label"] for r in rows])
+    assert right == pytest.approx(m["val_accuracy"], abs=1e-9)
+    assert 0.9 <= m["val_file_accuracy"] <= 1.0
 
 
 @pytest.mark.ray

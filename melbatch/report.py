@@ -1,0 +1,371 @@
+"""Run reports: one static, self-contained HTML page per featurize, train, classify or scan output.
+
+Top-down: :func:`write` finds out what kind of output RUN is (:func:`kind_of`), gathers its facts
+into :class:`Section` s (counts, label distribution, quarantine table; for training the curves,
+confusion matrix and the most confidently wrong validation clips; for scans the trend over runs)
+and renders them with :func:`page`. Charts and spectrogram thumbnails are PNGs embedded as
+``data:`` URIs and the style sheet is inline, so the file opens from disk, mails and archives
+without a server or a network. Every string that comes from data (object keys, labels, error
+messages) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from melbatch import __version__, pictures, storage
+from melbatch.config import FeatureConfig
+
+URI = str
+REPORT = "report.html"
+MAX_ROWS = 200  # table rows shown; the rest are counted, and the Parquet file is named
+KINDS = ("featurize", "train", "classify", "scan")
+
+
+class ReportError(ValueError):
+    """RUN is not an output melbatch can report on; the message says what it expects."""
+
+
+@dataclass
+class Section:
+    title: str
+    parts: list[str] = field(default_factory=list)  # HTML fragments, already escaped
+
+    def add(self, fragment: str) -> Section:
+        self.parts.append(fragment)
+        return self
+
+
+# ---------------------------------------------------------------------------------------- top level
+
+def kind_of(run: URI) -> str:
+    """'featurize', 'classify', 'train' or 'scan', from the files RUN holds."""
+    from melbatch import scan
+    from melbatch.shards import read_manifest
+
+    manifest = read_manifest(run)
+    if manifest and manifest.get("kind") == "features":
+        return "featurize"
+    if manifest and manifest.get("kind") == "predictions":
+        return "classify"
+    if storage.exists(storage.join(run, "metrics.json")):
+        return "train"
+    if scan.committed_runs(run):
+        return "scan"
+    raise ReportError(f"{run} is not a finished featurize, train, classify or scan output (no _manifest.json, "
+                      "metrics.json or runs/<run_id>/summary.json): give the DST/OUT of one of those commands")
+
+
+def write(run: URI, out: URI | None = None, thumbnails: int = 8) -> tuple[URI, str]:
+    """Write the report of ``run`` to ``out`` (default ``RUN/report.html``); returns (uri, kind)."""
+    run = storage.canonical(run)
+    kind = kind_of(run)
+    builders: dict[str, Callable[[URI, int], tuple[str, list[Section]]]] = {
+        "featurize": featurize_sections, "train": train_sections, "classify": classify_sections,
+        "scan": scan_sections}
+    title, sections = builders[kind](run, thumbnails)
+    out = out or storage.join(run, REPORT)
+    storage.write_bytes(out, page(f"melbatch {kind}: {title}", run, sections).encode())
+    return storage.canonical(out), kind
+
+
+# ------------------------------------------------------------------------------------- the sections
+
+def featurize_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
+    from melbatch.shards import read_manifest, read_quarantine
+
+    m = read_manifest(run) or {}
+    c = m["counts"]
+    cfg = FeatureConfig.from_dict(m["feature_config"])
+    overview = Section("Overview").add(facts([
+        ("source", m["src"]), ("inputs", c["inputs"]), ("featurized files", c["featurized"]),
+        ("quarantined files", c["quarantined"]), ("clips", c["clips"]), ("audio", hours(c["audio_seconds"])),
+        ("inputs = featurized + quarantined", "yes" if c["inputs"] == c["featurized"] + c["quarantined"] else "NO"),
+        ("waveforms kept", "yes" if m.get("audio", {}).get("kept") else "no"), ("made", m.get("created_at", "")),
+        ("decoders", ", ".join(f"{k}: {v}" for k, v in sorted((m.get("decoders") or {}).items())))]))
+    labels = Section("Labels").add(bar_chart(m.get("labels") or {}, "clips per label"))
+    labels.add(table(["label", "clips"], sorted((m.get("labels") or {}).items())))
+    sheet = Section("Stored clips, one file per label")
+    try:
+        _, panels = pictures.shard_panels(run, limit=thumbnails)
+        sheet.add(gallery((p.title, pictures.thumbnail(p.mel, cfg)) for p in panels))
+    except Exception as e:  # a picture that cannot be made must not cost the whole report
+        sheet.add(note(f"no thumbnails: {type(e).__name__}: {e}"))
+    return run, [overview, labels, sheet, features_section(cfg, m["config_hash"]),
+                 quarantine_section(read_quarantine(run).to_pylist(), run)]
+
+
+def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
+    import pyarrow.parquet as pq
+
+    from melbatch.model import read_package_meta
+
+    m = json.loads(storage.read_bytes(storage.join(run, "metrics.json")))
+    meta = read_package_meta(run)
+    cfg = FeatureConfig.from_dict(meta["feature_config"])
+    labels = m["labels"]
+    overview = Section("Overview").add(facts([
+        ("model", meta["model_name"]), ("model id", meta["model_id"]), ("shards", meta.get("shards", "")),
+        ("best epoch", f"{m['best_epoch']} of {len(m['epochs'])}"),
+        ("validation accuracy (clips)", f"{m['val_accuracy']:.3f}"),
+        ("validation accuracy (files)", f"{m['val_file_accuracy']:.3f}" if "val_file_accuracy" in m else "n/a"),
+        ("macro F1", f"{m['macro_f1']:.3f}"),
+        ("files", f"{m['split']['train_files']} train / {m['split']['val_files']} validation (whole files)"),
+        ("package", m["model_package"])]))
+    curves = Section("Training curves").add(curves_chart(m["epochs"]))
+    curves.add(table(["epoch", "train loss", "val loss", "val accuracy", "macro F1", "lr", "samples/s"],
+                     [(e["epoch"], f"{e['train_loss']:.4f}", f"{e['val_loss']:.4f}", f"{e['val_accuracy']:.3f}",
+                       f"{e['macro_f1']:.3f}", f"{e['lr']:.2e}", f"{e['samples_per_s']:.0f}") for e in m["epochs"]]))
+    quality = Section("Per class (validation clips, best epoch)").add(confusion(m["confusion_matrix"], labels))
+    quality.add(table(["label", "precision", "recall", "F1", "clips"],
+                      [(lab, *(f"{m['per_class'][lab][k]:.3f}" for k in ("precision", "recall", "f1")),
+                        m["per_class"][lab].get("support", "")) for lab in labels]))
+    wrong = Section("Most confidently wrong validation clips")
+    val_uri = storage.join(run, "val_predictions.parquet")
+    if not storage.exists(val_uri):
+        wrong.add(note("no val_predictions.parquet in this run (trained by an older melbatch)"))
+    else:
+        with storage.open_input(val_uri) as f:
+            val = pq.read_table(f).to_pylist()
+        bad = sorted((r for r in val if r["predicted"] != r["label"]), key=lambda r: -r["probability"])
+        wrong.add(note(f"{len(bad)} of {len(val)} validation clips are wrong; the most confident mistakes first "
+                       "(stored images, as the model saw them before normalisation)"))
+        shown = bad[:thumbnails]
+        titles = [f"true {r['label']} · predicted {r['predicted']} {r['probability']:.2f}" for r in shown]
+        try:
+            _, panels = pictures.stored_clips(meta["shards"], [(r["uri"], r["clip_index"]) for r in shown], titles)
+            wrong.add(gallery((p.title, pictures.thumbnail(p.mel, cfg)) for p in panels))
+        except Exception as e:
+            wrong.add(note(f"no thumbnails: {type(e).__name__}: {e}"))
+        wrong.add(table(["file", "clip", "start s", "true", "predicted", "probability", "p(true)"],
+                        [(r["uri"], r["clip_index"], f"{r['start_s']:.1f}", r["label"], r["predicted"],
+                          f"{r['probability']:.3f}", f"{r['label_probability']:.3f}") for r in bad], limit=MAX_ROWS))
+    return run, [overview, curves, quality, wrong, features_section(cfg, meta["config_hash"])]
+
+
+def classify_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
+    from melbatch.shards import read_manifest, read_quarantine, read_tables
+
+    m = read_manifest(run) or {}
+    c = m["counts"]
+    files = read_tables(run, "files").to_pylist()
+    overview = Section("Overview").add(facts([
+        ("archive", m["archive"]), ("model", f"{m['model_name']} ({m['model_id']})"), ("inputs", c["inputs"]),
+        ("classified files", c["classified"]), ("quarantined files", c["quarantined"]), ("clips", c["clips"]),
+        ("audio", hours(c["audio_seconds"])),
+        ("inputs = classified + quarantined", "yes" if c["inputs"] == c["classified"] + c["quarantined"] else "NO"),
+        ("verdict per file", m.get("aggregation", "")), ("made", m.get("created_at", ""))]))
+    verdicts = Section("Verdicts").add(bar_chart(m.get("label_counts") or {}, "files per predicted label"))
+    verdicts.add(histogram([f["probability"] for f in files], "verdict probability", "files"))
+    unsure = sorted(files, key=lambda f: f["probability"])
+    verdicts.add(table(["least confident files", "label", "probability", "clips", "seconds"],
+                       [(f["uri"], f["label"], f"{f['probability']:.3f}", f["clips"], f"{f['duration_s']:.1f}")
+                        for f in unsure], limit=min(MAX_ROWS, 50)))
+    sheet = Section("Least confident clips of each predicted label (redrawn from the archive)")
+    try:
+        cfg, panels = pictures.prediction_panels(run, limit=thumbnails)
+        sheet.add(gallery((p.title, pictures.thumbnail(p.mel, cfg)) for p in panels))
+    except Exception as e:
+        sheet.add(note(f"no thumbnails (is the archive still readable?): {type(e).__name__}: {e}"))
+    cfg = FeatureConfig.from_dict(m["feature_config"])
+    return run, [overview, verdicts, sheet, features_section(cfg, m["config_hash"]),
+                 quarantine_section(read_quarantine(run).to_pylist(), run)]
+
+
+def scan_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
+    from melbatch import scan
+
+    runs = [scan.read_summary(run, r) for r in scan.committed_runs(run)]
+    keys = ["listed", "new", "changed", "unchanged", "deleted", "classified", "quarantined"]
+    trend = Section(f"Trend over {len(runs)} committed scan(s)").add(trend_chart(
+        [r["run_id"] for r in runs], {k: [r["counts"].get(k, 0) for r in runs] for k in keys[1:]}))
+    trend.add(table(["run", "started", "seconds", *keys, "model"],
+                    [(r["run_id"], r.get("started_at", ""), f"{r.get('duration_s', 0):.0f}",
+                      *(r["counts"].get(k, 0) for k in keys), r.get("model_id", "")) for r in reversed(runs)],
+                    limit=MAX_ROWS))
+    now = scan.current(run).to_pylist()
+    labels: dict[str, int] = {}
+    for r in now:
+        if r["status"] == "classified":
+            labels[r["label"]] = labels.get(r["label"], 0) + 1
+    last = runs[-1]
+    overview = Section("Now").add(facts([
+        ("archive", last.get("archive", "")), ("live objects", len(now)),
+        ("classified", sum(r["status"] == "classified" for r in now)),
+        ("quarantined", sum(r["status"] == "quarantined" for r in now)),
+        ("last scan", f"{last['run_id']} ({last.get('started_at', '')})"), ("model", last.get("model_id", ""))]))
+    overview.add(bar_chart(labels, "live objects per label"))
+    unsure = sorted((r for r in now if r["status"] == "classified"), key=lambda r: r["probability"])
+    overview.add(table(["least confident objects", "label", "probability", "run"],
+                       [(r["uri"], r["label"], f"{r['probability']:.3f}", r["run_id"]) for r in unsure],
+                       limit=min(MAX_ROWS, 50)))
+    quarantined = [{"uri": r["uri"], "kind": (r["reason"] or "").split(":", 1)[0],
+                    "message": (r["reason"] or "").split(":", 1)[-1].strip()}
+                   for r in now if r["status"] == "quarantined"]
+    return run, [overview, trend, quarantine_section(quarantined, run)]
+
+
+def features_section(cfg: FeatureConfig, config_hash: str) -> Section:
+    rows = [(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in json.loads(
+        cfg.canonical_json()).items()]
+    return Section(f"Features ({config_hash}: {pictures.describe_steps(cfg)})").add(table(["setting", "value"], rows))
+
+
+def quarantine_section(rows: list[dict[str, Any]], run: URI) -> Section:
+    kinds: dict[str, int] = {}
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    s = Section(f"Quarantine ({len(rows)} file(s))")
+    if not rows:
+        return s.add(note("nothing quarantined"))
+    s.add(table(["kind", "files"], sorted(kinds.items(), key=lambda kv: -kv[1])))
+    return s.add(table(["file", "kind", "reason"], [(r["uri"], r["kind"], r["message"]) for r in rows],
+                       limit=MAX_ROWS, more=f"the rest in {storage.join(run, 'quarantine.parquet')}"))
+
+
+# ------------------------------------------------------------------------------------ HTML pieces
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def facts(pairs: Iterable[tuple[str, Any]]) -> str:
+    return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in pairs) + "</dl>"
+
+
+def table(headers: list[str], rows: Iterable[Iterable[Any]], limit: int | None = None, more: str = "") -> str:
+    rows = list(rows)
+    shown = rows if limit is None else rows[:limit]
+    body = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in r) + "</tr>" for r in shown)
+    hidden = len(rows) - len(shown)
+    tail = note(f"{hidden} more rows not shown{'; ' + more if more else ''}") if hidden else ""
+    return (f"<table><thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in headers)}</tr></thead>"
+            f"<tbody>{body}</tbody></table>{tail}")
+
+
+def note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def image(png: bytes, alt: str) -> str:
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def gallery(items: Iterable[tuple[str, bytes]]) -> str:
+    figs = "".join(f"<figure>{image(png, title)}<figcaption>{esc(title)}</figcaption></figure>" for title, png in items)
+    return f'<div class="gallery">{figs}</div>' if figs else note("no clips to show")
+
+
+def confusion(matrix: list[list[float]], labels: list[str]) -> str:
+    """The confusion matrix as a table, rows true, columns predicted, shaded by the row's share."""
+    head = "".join(f"<th>{esc(lab)}</th>" for lab in labels)
+    rows = []
+    for lab, counts in zip(labels, matrix, strict=True):
+        total = max(1.0, sum(counts))
+        cells = "".join(f'<td style="background:rgba(31,78,121,{0.85 * v / total:.2f});color:'
+                        f'{"#fff" if v / total > 0.5 else "#000"}">{int(v)}</td>' for v in counts)
+        rows.append(f"<tr><th>{esc(lab)}</th>{cells}</tr>")
+    return (f'<table class="confusion"><caption>confusion matrix: rows true label, columns predicted</caption>'
+            f"<thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h ({seconds:,.0f} s)"
+
+
+# ------------------------------------------------------------------------------------------ charts
+
+def _figure(width: float = 6.0, height: float = 2.8, ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(1, ncols, figsize=(width, height), constrained_layout=True)
+
+
+def _png(plt, fig, alt: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return image(buf.getvalue(), alt)
+
+
+def bar_chart(counts: dict[str, int], what: str) -> str:
+    if not counts:
+        return note(f"no {what}")
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:40]
+    plt, fig, ax = _figure(6.0, 0.5 + 0.28 * len(items))
+    ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#1f4e79")
+    ax.set_xlabel(what)
+    return _png(plt, fig, what)
+
+
+def histogram(values: list[float], what: str, unit: str) -> str:
+    if not values:
+        return note(f"no {what}")
+    plt, fig, ax = _figure()
+    ax.hist(values, bins=20, range=(0, 1), color="#1f4e79")
+    ax.set_xlabel(what)
+    ax.set_ylabel(unit)
+    return _png(plt, fig, f"histogram of {what}")
+
+
+def curves_chart(epochs: list[dict[str, Any]]) -> str:
+    plt, fig, (left, right) = _figure(8.0, 2.8, ncols=2)
+    x = [e["epoch"] for e in epochs]
+    left.plot(x, [e["train_loss"] for e in epochs], "o-", label="train loss")
+    left.plot(x, [e["val_loss"] for e in epochs], "o-", label="validation loss")
+    right.plot(x, [e["val_accuracy"] for e in epochs], "o-", label="validation accuracy")
+    right.plot(x, [e["macro_f1"] for e in epochs], "o-", label="macro F1")
+    right.set_ylim(0, 1.02)
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    return _png(plt, fig, "loss and accuracy per epoch")
+
+
+def trend_chart(runs: list[str], series: dict[str, list[int]]) -> str:
+    plt, fig, ax = _figure(8.0, 3.0)
+    x = np.arange(len(runs))
+    for name, values in series.items():
+        ax.plot(x, values, "o-", label=name)
+    ax.set_xticks(x, runs, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("objects")
+    ax.legend(fontsize=8, ncol=3)
+    return _png(plt, fig, "objects per scan")
+
+
+# -------------------------------------------------------------------------------------------- page
+
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#1b1b1b;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.15em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1.2em}dt{color:#555}dd{margin:0;word-break:break-all}
+table{border-collapse:collapse;margin:.8em 0;font-size:13px}td,th{border:1px solid #ddd;padding:.25em .6em;
+text-align:left;vertical-align:top;word-break:break-all}thead th{background:#f3f3f3}
+caption{caption-side:bottom;color:#555;font-size:12px;padding-top:.3em}.note{color:#555}
+.gallery{display:flex;flex-wrap:wrap;gap:.8em}figure{margin:0;max-width:280px}
+figcaption{font-size:11px;color:#333;word-break:break-all}img{max-width:100%}
+nav a{margin-right:1em}footer{margin-top:3em;color:#777;font-size:12px}
+"""
+
+
+def page(title: str, run: URI, sections: list[Section]) -> str:
+    nav = "".join(f'<a href="#s{i}">{esc(s.title)}</a>' for i, s in enumerate(sections))
+    body = "".join(f'<section id="s{i}"><h2>{esc(s.title)}</h2>{"".join(s.parts)}</section>'
+                   for i, s in enumerate(sections))
+    made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{STYLE}</style></head>'
+            f"<body><h1>{esc(title)}</h1><nav>{nav}</nav>{body}"
+            f"<footer>melbatch {esc(__version__)} · report of {esc(run)} · made {made}</footer></body></html>")
