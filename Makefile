@@ -16,7 +16,7 @@ OUT ?=
 ARGS ?=
 
 .PHONY: help setup system-deps test test-fast demo bench bench-train bench-classify figure lint format \
-        featurize train classify scan results clean
+        featurize train classify scan results report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -74,6 +74,10 @@ scan: setup  ## one incremental scan now: make scan ARCHIVE=... MODEL=... OUT=..
 results: setup  ## the current verdict per object of a scan output: make results OUT=... ARGS="--format csv"
 	@test -n "$(OUT)" || { echo "usage: make results OUT=<scan output> [ARGS=--format csv]"; exit 2; }
 	$(VENV)/bin/melbatch results $(OUT) $(ARGS)
+
+report: setup  ## HTML report of a featurize/train/classify/scan output: make report RUN=... (writes RUN/report.html)
+	@test -n "$(RUN)" || { echo "usage: make report RUN=<featurize DST | train OUT | classify OUT | scan OUT> [ARGS=...]"; exit 2; }
+	$(VENV)/bin/melbatch report $(RUN) $(ARGS)
 
 figure: demo  ## re-render the README picture from the demo's shards
 	$(PY) docs/figure.py demo-output/features docs/engine-logmel.png

@@ -424,6 +424,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     right = sum(v["label"] == truth[v["uri"]] for v in verdicts)
     print(f"\nverdicts: {right} of {len(verdicts)} files right (the sample folders know the truth); "
           f"per file in {storage.join(predictions, 'files')}/, per clip in {storage.join(predictions, 'clips')}/")
+    from melbatch import report
+
+    pages = [report.write(d)[0] for d in (features, model_out, predictions)]
+    print("reports (open in a browser):\n  " + "\n  ".join(pages))
     return 0
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from melbatch import storage
-from melbatch.audio import decode_all
+from melbatch.audio import DecodeError, decode_all
 from melbatch.config import FeatureConfig
 
 URI = str
@@ -47,8 +47,13 @@ def audio_panel(uri: URI, cfg: FeatureConfig, start_s: float = 0.0, seconds: flo
                 title: str | None = None) -> Panel:
     """An audio object's stretch ``[start_s, start_s + seconds)`` (all of it with ``None``), mono at
     ``cfg.sample_rate_hz``, with its log-mel image made as featurize makes them."""
-    with storage.open_input(uri) as f:
-        _, x = decode_all(f, cfg.sample_rate_hz)
+    try:
+        with storage.open_input(uri) as f:
+            _, x = decode_all(f, cfg.sample_rate_hz)
+    except DecodeError as e:
+        raise ValueError(f"cannot picture {uri}: {e}") from None
+    except OSError as e:
+        raise storage.StorageError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
     a = int(start_s * cfg.sample_rate_hz)
     b = len(x) if seconds is None else min(len(x), a + int(seconds * cfg.sample_rate_hz))
     x = np.ascontiguousarray(x[a:b], dtype=np.float32)

@@ -97,6 +97,8 @@ def test_demo_runs_the_pipeline_and_prints_a_summary(ray_session, tmp_path, caps
     assert "val_accuracy" in out and "model package:" in out and "verdicts:" in out
     assert "classified 6 + quarantined 9" in out
     assert (tmp_path / "model" / "model" / "model.json").exists() and (tmp_path / "model" / "metrics.json").exists()
+    assert "reports (open in a browser):" in out
+    assert all((tmp_path / d / "report.html").stat().st_size > 10_000 for d in ("features", "model", "predictions"))
 
 
 def test_train_help_has_the_contract_options():
@@ -124,3 +126,17 @@ def test_classify_help_has_the_contract_options():
 def test_train_refuses_a_missing_dataset_with_exit_1(tmp_path):
     out = _run("train", str(tmp_path / "nothing"), str(tmp_path / "out"), "--model", "test_resnet")
     assert out.returncode == 1 and "did not finish" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_look_help_names_every_option():
+    show, rep, feat = _run("show", "--help"), _run("report", "--help"), _run("featurize", "--help")
+    assert show.returncode == rep.returncode == feat.returncode == 0
+    for flag in ("--shards", "--predictions", "--model", "--compare", "--denoise", "--band-emphasis", "--compression",
+                 "--clip-norm", "--clips", "--start", "--seconds"):
+        assert flag in show.stdout, flag
+    for flag in ("RUN", "--output", "--thumbnails", "self-contained"):
+        assert flag in rep.stdout, flag
+    for flag in ("--denoise", "--denoise-quantile", "--denoise-threshold-db", "--denoise-reduction-db",
+                 "--band-emphasis", "--compression", "--pcen-time-constant-s", "--pcen-gain", "--pcen-bias",
+                 "--pcen-power", "--pcen-eps", "--clip-norm"):
+        assert flag in feat.stdout, flag

@@ -254,3 +254,35 @@ def test_keys_with_spaces_unicode_and_percent_signs(ray_session, bucket):
     assert s.featurized == 3
     got = {r["uri"]: r["label"] for r in _rows(f"{bucket}/odd-out")}
     assert got == {f"{bucket}/odd/{k}": k.split("/")[0] for k in keys}
+
+
+def test_feature_engineering_steps_are_applied_alike_by_featurize_classify_and_train(ray_session, tmp_path):
+    """The steps live in the feature config: the shards carry its hash, classify's decode stage makes
+    the same images, and train's batched recomputation from the stored waveforms agrees."""
+    import torch
+
+    from melbatch import classify
+    from melbatch.features import logmel_tensor
+
+    steps = FeatureConfig(**{**FAST.to_dict(), "denoise": "gate", "band_emphasis": ((1000.0, 4000.0, 6.0),),
+                             "compression": "pcen", "clip_norm": "band_mean"})
+    src, dst = tmp_path / "a", tmp_path / "f"
+    samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0, seed=8)
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=steps), progress=False)
+    manifest = shards.read_manifest(str(dst))
+    assert manifest["config_hash"] == steps.hash() != FAST.hash()
+    assert FeatureConfig.from_dict(manifest["feature_config"]) == steps
+    rows = _rows(str(dst))
+    plain = compute_logmel(rows[0]["audio"], FAST)
+    assert np.abs(rows[0]["mel"].astype(np.float32) - plain).mean() > 5  # the steps changed the picture
+    ref = next(r for r in storage.list_objects(str(src)) if r.uri == rows[0]["uri"])
+    table = classify.pa.table({"batch": ["b"], "refs": [json.dumps([[ref.uri, ref.etag, ref.size]])]})
+    decoded = classify.decode_batch(table, steps.canonical_json(), -70.0).to_pylist()[0]
+    mels = np.frombuffer(decoded["mel"], dtype=np.float16).reshape(-1, *steps.shape)
+    mine = sorted((r for r in rows if r["uri"] == ref.uri), key=lambda r: r["clip_index"])
+    assert all(np.array_equal(m, r["mel"]) for m, r in zip(mels, mine, strict=True))  # classify: same bytes
+    with torch.inference_mode():
+        batch = logmel_tensor(torch.from_numpy(np.stack([r["audio"] for r in rows[:4]])), steps).numpy()
+    for img, r in zip(batch, rows[:4], strict=True):  # train: from 16-bit PCM, so close, not equal
+        stored = r["mel"].astype(np.float32)
+        assert np.median(np.abs(img - stored)) < 0.05 * max(1.0, float(np.abs(stored).max()))
