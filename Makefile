@@ -16,10 +16,10 @@ OUT ?=
 ARGS ?=
 
 .PHONY: help setup system-deps test test-fast demo bench bench-train bench-classify figure lint format \
-        featurize train classify scan results report clean
+        featurize train classify scan results report image image-cuda clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z%-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## build .venv with the pinned versions (idempotent)
 
@@ -74,6 +74,20 @@ scan: setup  ## one incremental scan now: make scan ARCHIVE=... MODEL=... OUT=..
 results: setup  ## the current verdict per object of a scan output: make results OUT=... ARGS="--format csv"
 	@test -n "$(OUT)" || { echo "usage: make results OUT=<scan output> [ARGS=--format csv]"; exit 2; }
 	$(VENV)/bin/melbatch results $(OUT) $(ARGS)
+
+# On a Ray cluster: make submit-featurize RAY_ADDRESS=http://HEAD:8265 ARGS="s3://archive s3://features"
+submit-%: setup  ## run a job on a Ray cluster: make submit-<featurize|train|classify|scan> RAY_ADDRESS=... ARGS=...
+	@test -n "$(RAY_ADDRESS)" -a -n "$(ARGS)" || { \
+	  echo "usage: make submit-$* RAY_ADDRESS=http://HEAD:8265 ARGS=\"<the arguments of melbatch $*>\""; exit 2; }
+	$(VENV)/bin/melbatch submit $* --address $(RAY_ADDRESS) $(SUBMIT_ARGS) -- $(ARGS)
+
+IMAGE ?= ghcr.io/your-org/melbatch:$(shell $(PY) -c "import melbatch; print(melbatch.__version__)" 2>/dev/null || echo dev)
+image:  ## build the CPU container image (infra/docker/Dockerfile): make image IMAGE=registry/melbatch:tag
+	docker build -f infra/docker/Dockerfile -t $(IMAGE) .
+
+image-cuda:  ## build the CUDA image for GPU workers: make image-cuda IMAGE=registry/melbatch:tag (gets -cuda)
+	docker build -f infra/docker/Dockerfile --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
+	  -t $(IMAGE)-cuda .
 
 report: setup  ## HTML report of a featurize/train/classify/scan output: make report RUN=... (writes RUN/report.html)
 	@test -n "$(RUN)" || { echo "usage: make report RUN=<featurize DST | train OUT | classify OUT | scan OUT> [ARGS=...]"; exit 2; }

@@ -47,6 +47,8 @@ from melbatch.runs import (
     quarantine_lines,
     quarantine_row,
     read_parts,
+    tally,
+    this_node,
     write_part,
 )
 from melbatch.runs import progress as progress_bar
@@ -87,6 +89,7 @@ class Summary:
     labels: dict[str, int] = field(default_factory=dict)  # files per verdict
     quarantine_kinds: dict[str, int] = field(default_factory=dict)
     decoders: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> batches it decoded
 
     @property
     def quarantine_rate(self) -> float:
@@ -193,8 +196,7 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
         summary.audio_s += r["audio_s"]
         summary.new_audio_s += r["audio_s"] if bid not in resumed else 0.0
         quarantine.extend(r["quarantine"])
-        for d, key in ((summary.labels, "labels"), (summary.decoders, "decoders")):
-            d.update(Counter(d) + Counter(r[key]))
+        tally({"labels": summary.labels, "decoders": summary.decoders, "nodes": summary.nodes}, r)
         for d in PREDICTION_DIRS:
             outputs[d].extend(r["outputs"].get(d, []))
     summary.quarantined = len(quarantine)
@@ -272,6 +274,7 @@ def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], summary: Summary,
         "label_counts": dict(sorted(summary.labels.items())),
         "quarantine_kinds": summary.quarantine_kinds,
         "decoders": summary.decoders,
+        "nodes": summary.nodes,
         "elapsed_s": round(summary.elapsed_s, 3),
         "classify": settings,
     }
@@ -296,7 +299,7 @@ def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> pa
 
     torch.set_num_threads(1)  # parallelism comes from Ray tasks
     cfg = FeatureConfig.from_dict(json.loads(features_json))
-    out: dict[str, list] = {"batch": [], "files": [], "clips": [], "mel": [], "quarantine": []}
+    out: dict[str, list] = {"batch": [], "files": [], "clips": [], "mel": [], "quarantine": [], "node": []}
     for row in batch.to_pylist():
         files, clips, mels, quarantine = [], [], [], []
         for uri, etag, size in json.loads(row["refs"]):
@@ -317,6 +320,7 @@ def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> pa
         out["clips"].append(json.dumps(clips))
         out["mel"].append(np.stack(mels).tobytes() if mels else b"")
         out["quarantine"].append(json.dumps(quarantine))
+        out["node"].append(this_node())
     return pa.table({k: pa.array(v, pa.binary() if k == "mel" else pa.string()) for k, v in out.items()})
 
 
@@ -346,7 +350,8 @@ class Predictor:
             labels = Counter(file_table.column("label").to_pylist())
             result = {"batch": row["batch"], "classified": len(files), "clips": len(clips),
                       "audio_s": sum(f["duration_s"] for f in files), "quarantine": json.loads(row["quarantine"]),
-                      "labels": dict(labels), "decoders": dict(Counter(f["decoder"] for f in files))}
+                      "labels": dict(labels), "decoders": dict(Counter(f["decoder"] for f in files)),
+                      "nodes": {row["node"]: 1}}
             out["batch"].append(row["batch"])
             out["clips"].append(_ipc(clip_table))
             out["files"].append(_ipc(file_table))

@@ -366,6 +366,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from melbatch import submit
+
+    rest = args.args
+    cut = rest.index("--") if "--" in rest else 0  # submit's own options may also follow JOB, before "--"
+    if cut:
+        mini = argparse.ArgumentParser(prog=f"melbatch submit {args.job}", add_help=False)
+        _add_submit_options(mini)
+        args = mini.parse_args(rest[:cut], namespace=args)
+    job_args = rest[cut + 1:] if rest[cut:cut + 1] == ["--"] else rest[cut:]
+    return submit.submit(args.job, job_args, args.address, args.working_dir, args.runtime_env, args.submission_id,
+                         wait=not args.no_wait)
+
+
+def _add_submit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="the cluster's dashboard/job API, http://HEAD:8265 "
+                   "(default: RAY_ADDRESS)")
+    p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .)")
+    p.add_argument("--runtime-env", default=None, metavar="YAML", help="more runtime env (pip:, env_vars:, ...) for "
+                   "clusters whose image lacks melbatch's requirements")
+    p.add_argument("--submission-id", default=None, help="a fixed job id: submitting the same id twice is refused "
+                   "(a scheduler's retry cannot start a second run)")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted")
+
+
 def cmd_sample_archive(args: argparse.Namespace) -> int:
     from melbatch import samples
 
@@ -556,6 +581,20 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("-o", "--output", default=None, help="HTML file to write (any URI; default: RUN/report.html)")
     o.add_argument("--thumbnails", type=int, default=8, help="spectrogram thumbnails per gallery (default: 8)")
     o.set_defaults(func=cmd_report)
+
+    j = sub.add_parser("submit", help="run a melbatch job on a Ray cluster (Ray Job Submission), following its logs",
+                       description="Check JOB's arguments here (a wrong config fails before anything is sent), then "
+                       "submit `python jobs/JOB.py ARGS` to the cluster's job API with this checkout as the working "
+                       "directory, stream its logs and exit with the job's exit status (1 if Ray stopped or failed "
+                       "it). The non-secret S3 settings (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE) travel with the "
+                       "job; credentials never do: the cluster's nodes must have them (instance profile, workload "
+                       "identity or a Secret). Example: melbatch submit featurize --address http://HEAD:8265 -- "
+                       "s3://archive/calls s3://ml/features/calls")
+    j.add_argument("job", choices=["featurize", "train", "classify", "scan"], help="which job")
+    j.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                   help="the job's arguments, as for `melbatch JOB`")
+    _add_submit_options(j)
+    j.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("sample-archive", help="generate a labelled sample archive (engine or voice task)",
                        description="Write a labelled sample archive DST/<label>/<file> in mixed formats, rates "

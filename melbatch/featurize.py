@@ -37,6 +37,8 @@ from melbatch.runs import (
     quarantine_lines,
     quarantine_row,
     read_parts,
+    tally,
+    this_node,
     write_part,
 )
 from melbatch.runs import progress as progress_bar
@@ -75,6 +77,7 @@ class Summary:
     labels: dict[str, int] = field(default_factory=dict)
     quarantine_kinds: dict[str, int] = field(default_factory=dict)
     decoders: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> batches it featurized
 
     def render(self) -> str:
         lines = [
@@ -140,8 +143,7 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
         summary.audio_s += r["audio_s"]
         summary.task_s += r["task_s"] if r["batch"] not in resumed else 0.0
         quarantine.extend(r["quarantine"])
-        for d, key in ((summary.labels, "labels"), (summary.decoders, "decoders")):
-            d.update(Counter(d) + Counter(r[key]))
+        tally({"labels": summary.labels, "decoders": summary.decoders, "nodes": summary.nodes}, r)
     summary.quarantined = len(quarantine)
     summary.quarantine_kinds = dict(Counter(q["kind"] for q in quarantine))
     assert summary.inputs == summary.featurized + summary.quarantined, asdict(summary)
@@ -171,7 +173,8 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
     if todo:
         init_ray(cfg.address)
         inflight_max = cfg.max_inflight_tasks or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        task = ray.remote(num_cpus=1, max_retries=3)(featurize_batch)
+        # SPREAD: batches go to every node of a cluster, not first to the driver's until it is full
+        task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(featurize_batch)
         feature_json = cfg.features.canonical_json()
         pending: dict[Any, str] = {}
         queue = iter(todo)
@@ -218,6 +221,7 @@ def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results
         },
         "quarantine_kinds": summary.quarantine_kinds,
         "decoders": summary.decoders,
+        "nodes": summary.nodes,
         "featurize": settings,
     }
 
@@ -265,6 +269,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
         writer.abort()
         raise
     result["labels"], result["decoders"] = dict(result["labels"]), dict(result["decoders"])
+    result["nodes"] = {this_node(): 1}
     result["task_s"] = time.perf_counter() - t0
     write_part(dst, bid, result)
     return result

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -48,8 +49,23 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a submitted Ray job: its runtime env applies already
+        env = {}
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
              logging_level="WARNING", configure_logging=True)
+
+
+def this_node() -> str:
+    """The id of the Ray node running this code ("local" outside Ray): outputs record where work ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+def tally(into: dict[str, dict[str, int]], result: dict[str, Any]) -> None:
+    """Add a batch result's per-key counts (labels, decoders, nodes) into the summary's dicts."""
+    for key, counts in into.items():
+        counts.update(Counter(counts) + Counter(result.get(key) or {}))
 
 
 def chunked(items: list, n: int) -> Iterator[list]:

@@ -16,6 +16,10 @@ import pytest
 
 from melbatch.config import FeatureConfig
 
+# Ray's token authentication stays on in the tests too (the Makefile exports the same), also when
+# pytest is run directly: every Ray the tests start or talk to checks the token in ~/.ray/auth_token.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "melbatch-test-key",
     "AWS_SECRET_ACCESS_KEY": "melbatch-test-secret",

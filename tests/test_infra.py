@@ -29,9 +29,62 @@ def _documents() -> list[tuple[Path, dict]]:
     return [(p, d) for p in MANIFESTS for d in yaml.safe_load_all(p.read_text()) if d]
 
 
-def test_there_are_manifests_for_the_nightly_scan():
+def test_there_are_manifests_for_the_nightly_scan_every_job_and_a_cluster():
     kinds = {d["kind"] for _, d in _documents()}
-    assert {"RayJob", "RayCronJob", "CronJob", "Role", "RoleBinding", "ServiceAccount"} <= kinds
+    assert {"RayJob", "RayCronJob", "RayCluster", "CronJob", "Role", "RoleBinding", "ServiceAccount"} <= kinds
+    jobs = {d["metadata"]["labels"]["melbatch/job"]: d for _, d in _documents() if d["kind"] == "RayJob"}
+    assert set(jobs) == {"featurize", "train", "classify", "scan"}
+    for name, job in jobs.items():
+        spec = job["spec"]
+        assert f"/app/jobs/{name}.py" in spec["entrypoint"] and spec["shutdownAfterJobFinishes"] is True
+        cluster = spec["rayClusterSpec"]
+        assert cluster["authOptions"] == {"mode": "token"}
+        groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+        assert set(groups) == {"cpu", "gpu"}
+        gpu = groups["gpu"]["template"]["spec"]["containers"][0]
+        assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1" and gpu["image"].endswith("-cuda")
+
+
+def _ray_pin() -> str:
+    req = (ROOT / "requirements.txt").read_text()
+    return next(line.split("==")[1].split()[0] for line in req.splitlines() if line.startswith("ray["))
+
+
+def test_every_cluster_runs_the_ray_version_the_tests_ran():
+    """rayVersion in every manifest, and the image's Ray, are requirements.txt's pin (what CI tested)."""
+    pin = _ray_pin()
+    specs = []
+    for _, d in _documents():
+        spec = d.get("spec", {})
+        specs += [s for s in (spec, spec.get("rayClusterSpec"), spec.get("jobTemplate", {}).get("rayClusterSpec"))
+                  if isinstance(s, dict) and "rayVersion" in s]
+    assert len(specs) >= 6 and {s["rayVersion"] for s in specs} == {pin}
+    dockerfile = (ROOT / "infra/docker/Dockerfile").read_text()
+    assert "-r /app/requirements.txt" in dockerfile and "COPY requirements.txt" in dockerfile
+    assert "FROM ${PYTHON_IMAGE}" in dockerfile and "python:3.11" in dockerfile  # the Python the tests ran
+    assert "download.pytorch.org/whl/cpu" in dockerfile and "whl/cu128" in dockerfile  # CPU and CUDA variants
+    for need in ("wget", "ffmpeg"):  # KubeRay's probes; m4a/aac decoding
+        assert need in dockerfile
+    assert "ENV AWS_" not in dockerfile and "ARG AWS_" not in dockerfile  # no credentials in the image
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*") + 1:][:5] == ["!requirements.txt", "!pyproject.toml", "!README.md", "!melbatch/",
+                                                  "!jobs/"]
+
+
+def test_the_ray_up_config_passes_rays_own_validation():
+    from ray.autoscaler._private.util import validate_config
+
+    config = yaml.safe_load((ROOT / "infra/ray-cluster.yaml").read_text())
+    validate_config(config)  # what `ray up` checks first
+    assert config["docker"]["image"].endswith(":0.1.0")
+    for kind in ("head", "cpu", "gpu"):
+        node = config["available_node_types"][kind]["node_config"]
+        assert node["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")  # S3 access: the instance role
+    assert config["available_node_types"]["gpu"]["docker"]["worker_image"].endswith("-cuda")
+    text = (ROOT / "infra/ray-cluster.yaml").read_text()
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "aws_secret" not in text.lower()
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config({**config, "max_workers": "many"})
 
 
 @pytest.mark.skipif(not SHARED_CRDS.exists(), reason="no ../shared/kuberay-crds on this machine")
@@ -72,7 +125,8 @@ def test_a_broken_manifest_is_caught():
 
 
 def test_the_nightly_rayjob_has_a_fixed_name_and_submission_id_per_night():
-    docs = {d["kind"]: d for _, d in _documents()}
+    docs = {d["kind"]: d for _, d in _documents() if d.get("metadata", {}).get("labels", {}).get("melbatch/job")
+            in (None, "scan")}
     rayjob, cron = docs["RayJob"], docs["CronJob"]
     assert rayjob["metadata"]["name"] == rayjob["spec"]["jobId"] == "melbatch-scan-yyyymmdd"
     assert rayjob["spec"]["shutdownAfterJobFinishes"] is True and rayjob["spec"]["rayClusterSpec"]["rayVersion"]
@@ -93,9 +147,38 @@ def test_the_nightly_rayjob_has_a_fixed_name_and_submission_id_per_night():
 def test_no_credentials_in_any_manifest():
     text = "\n".join(p.read_text() for p in MANIFESTS).lower()
     assert "aws_secret_access_key:" not in text and "secretkey" not in text
+    for _, d in _documents():  # credentials come from the service account (workload identity) or a Secret
+        if d["kind"] in ("RayJob", "RayCluster"):
+            spec = d["spec"].get("rayClusterSpec", d["spec"])
+            pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
+                                                                  for g in spec["workerGroupSpecs"]]
+            for pod in pods:
+                assert pod["serviceAccountName"] == "melbatch-runner"
+                env = pod["containers"][0].get("env", [])
+                assert not [e for e in env if "AWS" in e["name"] and "value" in e]
 
 
 def test_the_cron_script_refuses_to_run_without_its_settings(tmp_path):
     out = subprocess.run(["bash", str(ROOT / "infra/cron/melbatch-scan.sh")], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin"}, timeout=30)
     assert out.returncode != 0 and "RAY_ADDRESS" in out.stderr
+
+
+def test_the_image_build_context_is_enough_to_install_melbatch(tmp_path):
+    """What .dockerignore lets into the build (and the Dockerfile copies) builds melbatch's wheel."""
+    import shutil
+    import sys
+    import zipfile
+
+    ctx = tmp_path / "ctx"
+    for name in ("requirements.txt", "pyproject.toml", "README.md"):
+        (ctx / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, ctx / name)
+    for folder in ("melbatch", "jobs"):
+        shutil.copytree(ROOT / folder, ctx / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path / "dist"), str(ctx)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [wheel] = (tmp_path / "dist").glob("melbatch-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"melbatch/{p.name}" for p in (ROOT / "melbatch").glob("*.py")} <= names

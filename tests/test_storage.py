@@ -100,3 +100,44 @@ def test_unreachable_endpoint_fails_fast(tmp_path):
     assert "cannot reach s3://bucket/in" in out.stderr and "AWS_ENDPOINT_URL" in out.stderr
     assert time.time() - t0 < 60
     assert "Traceback" not in out.stderr
+
+
+def test_object_store_listings_run_in_parallel_over_prefixes_and_miss_nothing(bucket):
+    """An archive laid out by day/device: the parallel listing finds exactly what one flat listing
+    finds (objects at every depth, etags, sizes), with several listings in flight at once."""
+    import threading
+
+    fs, root = storage.filesystem(f"{bucket}/archive")
+    for day in range(6):
+        for device in range(4):
+            for n in range(3):
+                fs.pipe(f"{root}/2026-11-{day:02d}/dev{device}/rec{n}.wav", b"x" * (n + 1))
+    fs.pipe(f"{root}/top.wav", b"top")
+    fs.pipe(f"{root}/2026-11-00/day-summary.wav", b"mid")
+    flat = fs.find(root, detail=True)
+    inflight, peak, lock = 0, 0, threading.Lock()
+    real_find = fs.find
+
+    def counted(path, **kw):
+        nonlocal inflight, peak
+        with lock:
+            inflight += 1
+            peak = max(peak, inflight)
+        try:
+            time.sleep(0.05)  # long enough for the others to start
+            return real_find(path, **kw)
+        finally:
+            with lock:
+                inflight -= 1
+
+    fs.find = counted
+    try:
+        found = storage.find_parallel(fs, root, parallel=8)
+    finally:
+        del fs.find
+    assert sorted(found) == sorted(flat) and len(found) == 6 * 4 * 3 + 2
+    assert {k: storage._etag(v) for k, v in found.items()} == {k: storage._etag(v) for k, v in flat.items()}
+    assert peak > 1, "the prefixes were listed one after another"
+    refs = list(storage.list_objects(f"{bucket}/archive"))
+    assert [r.uri for r in refs] == sorted(r.uri for r in refs) and len(refs) == len(flat)
+    assert storage.find_parallel(fs, root, parallel=1) == flat
