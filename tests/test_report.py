@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -133,6 +134,9 @@ def test_hostile_keys_and_labels_are_escaped_and_a_broken_image_is_caught(output
         assert "<img src=x" not in source and "<b onclick" not in source and "<script" not in source
         assert "&lt;img src=x onerror=alert(1)&gt;" in source or kind == "featurize"
         assert "&lt;b onclick=alert(2)&gt;healthy &amp; &#x27;calm&#x27;" in source or kind == "classify"
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in source  # credentials never reach a report
+        manifest = storage.read_bytes(storage.join(outputs[kind], "_manifest.json")).decode()
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in manifest and os.environ["AWS_ACCESS_KEY_ID"] not in manifest
     # the check can fail: one corrupted picture is reported broken
     page = Path(outputs["tmp"]) / "classify-escaped.html"
     source = page.read_text()

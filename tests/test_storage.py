@@ -141,3 +141,15 @@ def test_object_store_listings_run_in_parallel_over_prefixes_and_miss_nothing(bu
     refs = list(storage.list_objects(f"{bucket}/archive"))
     assert [r.uri for r in refs] == sorted(r.uri for r in refs) and len(refs) == len(flat)
     assert storage.find_parallel(fs, root, parallel=1) == flat
+
+
+def test_no_secret_reaches_the_cli_output_on_storage_errors(s3_endpoint, tmp_path):
+    """Credentials come from the environment and stay there: a failing run never prints them."""
+    secret = "melbatch-do-not-print-7f3a9c"
+    for endpoint, src in (("http://127.0.0.1:9", "s3://bucket/in"), (s3_endpoint, "s3://no-such-bucket-x/in")):
+        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+               "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+        out = subprocess.run([sys.executable, "-m", "melbatch.cli", "featurize", src, str(tmp_path / "o")],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 3, out.stderr
+        assert secret not in out.stdout + out.stderr and "AKIDEXAMPLE" not in out.stdout + out.stderr
