@@ -345,9 +345,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             panels = pictures.restyle(panels, cfg)
         if args.compare:
             panels = pictures.before_after(panels, cfg)
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
+    except ConfigError:
+        raise
+    except ValueError as e:  # what cannot be pictured (no steps to compare, no stored waveform, ...)
         raise ConfigError(str(e)) from None
     out = pictures.render(panels, cfg, args.output)
     print(f"wrote {out.uri} ({out.width}x{out.height}, {len(panels)} panel(s), features {cfg.hash()}: "

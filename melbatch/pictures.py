@@ -111,16 +111,30 @@ def before_after(panels: list[Panel], cfg: FeatureConfig) -> list[Panel]:
     return out
 
 
-def render(panels: list[Panel], cfg: FeatureConfig, out: URI, dpi: int = 100) -> Rendered:
-    """Draw ``panels`` side by side (waveform above, spectrogram below) into the PNG ``out``.
-
-    Panels whose images share units (dB, PCEN, ...) share one colour scale and bar.
-    """
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def png_bytes(fig, dpi: int = 100) -> bytes:
+    """A figure as PNG bytes; the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
+def render(panels: list[Panel], cfg: FeatureConfig, out: URI, dpi: int = 100) -> Rendered:
+    """Draw ``panels`` side by side (waveform above, spectrogram below) into the PNG ``out``.
+
+    Panels whose images share units (dB, PCEN, ...) share one colour scale and bar.
+    """
+    plt = pyplot()
     if not panels:
         raise ValueError("nothing to draw: give at least one panel")
     fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels) + 0.8, 5.0), squeeze=False,
@@ -141,10 +155,7 @@ def render(panels: list[Panel], cfg: FeatureConfig, out: URI, dpi: int = 100) ->
     for ax in axes[1, :]:
         bb = ax.get_window_extent()
         boxes.append((int(bb.x0), int(height - bb.y1), int(bb.x1), int(height - bb.y0)))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    storage.write_bytes(out, buf.getvalue())
+    storage.write_bytes(out, png_bytes(fig, dpi))
     scale = dpi / fig.dpi
     return Rendered(storage.canonical(out), round(width * scale), round(height * scale),
                     [tuple(round(v * scale) for v in b) for b in boxes])
@@ -241,11 +252,7 @@ def _stored_rows(features: URI, manifest: dict, uris: list[URI] | None):
 
 def thumbnail(mel: np.ndarray, cfg: FeatureConfig, title: str = "", width_in: float = 2.6) -> bytes:
     """A small PNG of one image on its real axes (seconds, Hz on a mel scale), for reports."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(width_in, width_in * 0.62), constrained_layout=True)
     seconds = (mel.shape[1] - 1) * cfg.hop_length / cfg.sample_rate_hz
     ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, -0.5, cfg.n_mels - 0.5),
@@ -257,10 +264,7 @@ def thumbnail(mel: np.ndarray, cfg: FeatureConfig, title: str = "", width_in: fl
     ax.set_xlabel("s", fontsize=6, labelpad=1)
     if title:
         ax.set_title(title, fontsize=6)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def prediction_panels(predictions: URI, uris: list[URI] | None = None, per_file: int = 1,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -285,43 +284,35 @@ def hours(seconds: float) -> str:
 # ------------------------------------------------------------------------------------------ charts
 
 def _figure(width: float = 6.0, height: float = 2.8, ncols: int = 1):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, *plt.subplots(1, ncols, figsize=(width, height), constrained_layout=True)
+    return pictures.pyplot().subplots(1, ncols, figsize=(width, height), constrained_layout=True)
 
 
-def _png(plt, fig, alt: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return image(buf.getvalue(), alt)
+def _png(fig, alt: str) -> str:
+    return image(pictures.png_bytes(fig), alt)
 
 
 def bar_chart(counts: dict[str, int], what: str) -> str:
     if not counts:
         return note(f"no {what}")
     items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:40]
-    plt, fig, ax = _figure(6.0, 0.5 + 0.28 * len(items))
+    fig, ax = _figure(6.0, 0.5 + 0.28 * len(items))
     ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#1f4e79")
     ax.set_xlabel(what)
-    return _png(plt, fig, what)
+    return _png(fig, what)
 
 
 def histogram(values: list[float], what: str, unit: str) -> str:
     if not values:
         return note(f"no {what}")
-    plt, fig, ax = _figure()
+    fig, ax = _figure()
     ax.hist(values, bins=20, range=(0, 1), color="#1f4e79")
     ax.set_xlabel(what)
     ax.set_ylabel(unit)
-    return _png(plt, fig, f"histogram of {what}")
+    return _png(fig, f"histogram of {what}")
 
 
 def curves_chart(epochs: list[dict[str, Any]]) -> str:
-    plt, fig, (left, right) = _figure(8.0, 2.8, ncols=2)
+    fig, (left, right) = _figure(8.0, 2.8, ncols=2)
     x = [e["epoch"] for e in epochs]
     left.plot(x, [e["train_loss"] for e in epochs], "o-", label="train loss")
     left.plot(x, [e["val_loss"] for e in epochs], "o-", label="validation loss")
@@ -331,18 +322,18 @@ def curves_chart(epochs: list[dict[str, Any]]) -> str:
     for ax in (left, right):
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
-    return _png(plt, fig, "loss and accuracy per epoch")
+    return _png(fig, "loss and accuracy per epoch")
 
 
 def trend_chart(runs: list[str], series: dict[str, list[int]]) -> str:
-    plt, fig, ax = _figure(8.0, 3.0)
+    fig, ax = _figure(8.0, 3.0)
     x = np.arange(len(runs))
     for name, values in series.items():
         ax.plot(x, values, "o-", label=name)
     ax.set_xticks(x, runs, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("objects")
     ax.legend(fontsize=8, ncol=3)
-    return _png(plt, fig, "objects per scan")
+    return _png(fig, "objects per scan")
 
 
 # -------------------------------------------------------------------------------------------- page
