@@ -47,6 +47,7 @@ from melbatch.runs import (
     quarantine_lines,
     quarantine_row,
     read_parts,
+    stopped_by_storage,
     tally,
     this_node,
     write_part,
@@ -180,11 +181,14 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     bar.update(sum(len(b) for bid, b in batches if bid in results))
     if todo:
         init_ray(cfg.address)
-        for row in pipeline(cfg, meta, out, todo).iter_rows():
-            r = json.loads(row["result"])
-            results[r["batch"]] = r
-            bar.update(r["classified"] + len(r["quarantine"]))
-            crash_point("classify:batch")
+        try:
+            for row in pipeline(cfg, meta, out, todo).iter_rows():
+                r = json.loads(row["result"])
+                results[r["batch"]] = r
+                bar.update(r["classified"] + len(r["quarantine"]))
+                crash_point("classify:batch")
+        except Exception as e:
+            raise stopped_by_storage("classify", e, len(results), len(batches)) from None
     bar.close()
 
     quarantine: list[dict[str, Any]] = []
@@ -305,7 +309,7 @@ def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> pa
         for uri, etag, size in json.loads(row["refs"]):
             ref = storage.ObjectRef(uri, etag, size)
             try:
-                info, pairs = logmels_of_object(ref, cfg, silence_dbfs)
+                info, pairs = storage.retrying(lambda r=ref: logmels_of_object(r, cfg, silence_dbfs))
             except DecodeError as e:
                 quarantine.append(quarantine_row(ref, e))
                 continue

@@ -622,7 +622,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from melbatch.shards import DatasetError
-    from melbatch.storage import StorageError
+    from melbatch.storage import StorageError, TransientStorageError
 
     args = parser().parse_args(argv)
     try:
@@ -631,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"melbatch {args.command}: configuration error: {e}", file=sys.stderr)
         return 2
     except StorageError as e:
-        print(f"melbatch {args.command}: storage error: {e}", file=sys.stderr)
+        hint = "; re-run the same command to resume" if isinstance(e, TransientStorageError) else ""
+        print(f"melbatch {args.command}: storage error: {e}{hint}", file=sys.stderr)
         return 3
     except DatasetError as e:
         print(f"melbatch {args.command}: {e}", file=sys.stderr)

@@ -172,7 +172,9 @@ def logmels_of_object(ref: storage.ObjectRef, cfg: FeatureConfig, silence_dbfs: 
     truncated, corrupt or silent at its end contributes nothing; memory is the file's mel images
     (about 90 MB per hour of audio at the defaults) and, with ``keep_audio``, its clips as 16-bit
     PCM (``Clip.samples``, 115 MB per hour at 16 kHz); otherwise ``Clip.samples`` is dropped.
-    Raises :class:`DecodeError` with the reason the file cannot be used.
+    Raises :class:`DecodeError` with the reason the file cannot be used, and
+    :class:`~melbatch.storage.TransientStorageError` when the store kept failing (the object may be
+    fine: the caller's task fails and is retried, and the object is never quarantined for it).
     """
     stream = None
     try:
@@ -196,5 +198,9 @@ def logmels_of_object(ref: storage.ObjectRef, cfg: FeatureConfig, silence_dbfs: 
     return info, out
 
 
-def _read_error(ref: storage.ObjectRef, e: BaseException) -> DecodeError:
+def _read_error(ref: storage.ObjectRef, e: BaseException) -> BaseException:
+    """A failed read as a quarantine reason (gone, access denied, changed) or, if the store itself
+    kept failing, as the storage error to raise."""
+    if isinstance(e, storage.TransientStorageError):
+        return e
     return DecodeError("read_error", f"reading {ref.uri} failed: {type(e).__name__}: {e}")

@@ -37,6 +37,7 @@ from melbatch.runs import (
     quarantine_lines,
     quarantine_row,
     read_parts,
+    stopped_by_storage,
     tally,
     this_node,
     write_part,
@@ -173,25 +174,31 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
     if todo:
         init_ray(cfg.address)
         inflight_max = cfg.max_inflight_tasks or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        # SPREAD: batches go to every node of a cluster, not first to the driver's until it is full
+        # SPREAD: batches go to every node of a cluster, not first to the driver's until it is full.
+        # A task is retried when its worker dies; bad files never fail it (see featurize_batch).
         task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(featurize_batch)
         feature_json = cfg.features.canonical_json()
         pending: dict[Any, str] = {}
         queue = iter(todo)
-        while True:
-            for bid, batch in queue:
-                ref = task.remote(bid, batch, feature_json, dst, cfg.rows_per_shard, cfg.rows_per_row_group,
-                                  cfg.silence_dbfs, cfg.keep_audio)
-                pending[ref] = bid
-                if len(pending) >= inflight_max:
+        try:
+            while True:
+                for bid, batch in queue:
+                    ref = task.remote(bid, batch, feature_json, dst, cfg.rows_per_shard, cfg.rows_per_row_group,
+                                      cfg.silence_dbfs, cfg.keep_audio)
+                    pending[ref] = bid
+                    if len(pending) >= inflight_max:
+                        break
+                if not pending:
                     break
-            if not pending:
-                break
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                result = ray.get(ref)
-                results[pending.pop(ref)] = result
-                bar.update(result["featurized"] + len(result["quarantine"]))
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    result = ray.get(ref)
+                    results[pending.pop(ref)] = result
+                    bar.update(result["featurized"] + len(result["quarantine"]))
+        except Exception as e:
+            for ref in pending:
+                ray.cancel(ref)
+            raise stopped_by_storage("featurize", e, len(results), len(batches)) from None
     bar.close()
     return [results[bid] for bid, _ in batches], resumed
 
@@ -237,8 +244,9 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
                     keep_audio: bool = False) -> dict[str, Any]:
     """One Ray task: featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
 
-    Per-file failures are caught and returned as quarantine rows; anything else (e.g. DST not
-    writable) fails the task, which Ray retries and which then fails the run with its message.
+    Per-file failures are caught and returned as quarantine rows. A store that keeps failing (after
+    :func:`~melbatch.storage.retrying`) or anything else (e.g. DST not writable) fails the task and
+    the run with its message; re-running resumes.
     """
     import torch
 
@@ -251,7 +259,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
     try:
         for ref, label in batch:
             try:
-                info, clips = logmels_of_object(ref, cfg, silence_dbfs, keep_audio)
+                info, clips = storage.retrying(lambda r=ref: logmels_of_object(r, cfg, silence_dbfs, keep_audio))
             except DecodeError as e:
                 result["quarantine"].append(quarantine_row(ref, e))
                 continue

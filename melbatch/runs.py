@@ -55,6 +55,30 @@ def init_ray(address: str | None) -> None:
              logging_level="WARNING", configure_logging=True)
 
 
+def storage_failure(e: BaseException) -> storage.StorageError | None:
+    """The storage error behind a failed Ray task or Ray Data pipeline, if that is what failed it.
+
+    Ray wraps a task's exception (``RayTaskError``, Ray Data's ``UserCodeException``) with the
+    remote traceback; the cause alone is what a user needs to read.
+    """
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, storage.StorageError) and type(e).__module__ == storage.__name__:
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+def stopped_by_storage(stage: str, e: BaseException, done: int, total: int) -> BaseException:
+    """What to raise when a run's tasks fail: a storage failure says so, with what is kept; anything
+    else is raised as it came."""
+    cause = storage_failure(e)
+    if cause is None:
+        return e
+    return type(cause)(f"{stage} stopped: {cause} ({done} of {total} batches are done and kept)")
+
+
 def this_node() -> str:
     """The id of the Ray node running this code ("local" outside Ray): outputs record where work ran."""
     import ray

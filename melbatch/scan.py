@@ -100,7 +100,9 @@ class Lease:
         return gens[-1], json.loads(storage.read_bytes(storage.join(root, f"{gens[-1]:012d}.json")))
 
     def _create(self, gen: int, state: dict[str, Any]) -> bool:
-        return storage.create_exclusive(storage.join(self.out, LEASE, f"{gen:012d}.json"), json.dumps(state).encode())
+        """Create generation ``gen``; a create whose reply was lost is ours if the content is."""
+        uri, data = storage.join(self.out, LEASE, f"{gen:012d}.json"), json.dumps(state).encode()
+        return storage.create_exclusive(uri, data) or storage.read_bytes(uri) == data
 
     def acquire(self) -> Lease:
         gen, held = self._latest()

@@ -11,27 +11,52 @@ only when its upload completes. So a reader never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
+import functools
 import io
 import os
 import posixpath
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 URI = str
+T = TypeVar("T")
 
 # Reads of audio objects: big enough blocks that a sequential decode makes few requests, small
 # enough that opening many files at once stays cheap.
 READ_BLOCK_BYTES = 8 * 1024 * 1024
-# S3 clients: botocore's adaptive retries (exponential backoff with jitter, and client-side rate
-# limiting after 503 SlowDown) for at most 5 attempts, and deadlines on connecting and reading, so
-# a stalled connection fails and is retried instead of hanging a task.
-S3_CLIENT = {"retries": {"max_attempts": 5, "mode": "adaptive"}, "connect_timeout": 5, "read_timeout": 60}
+# S3 clients, bounded in attempts and time (read from the environment when a client is made, so a
+# Ray job or cron entry can set them; the names are botocore's own where it has one):
+#   AWS_MAX_ATTEMPTS (4)      botocore attempts per request, with exponential backoff and jitter
+#   AWS_RETRY_MODE (adaptive) adaptive also slows the client down after 503 SlowDown
+#   MELBATCH_S3_CONNECT_TIMEOUT_S (5), MELBATCH_S3_READ_TIMEOUT_S (60)   deadlines per connect and per
+#                             socket read: a stalled connection fails and is retried, it never hangs a task
+# s3fs repeats a call S3FS_TRIES times at most (it covers what botocore cannot: a reply body cut off
+# mid-transfer); reading a whole object nests two such loops. So one call makes at most
+# S3FS_TRIES² x AWS_MAX_ATTEMPTS requests (16 by default), and then raises TransientStorageError
+# (see :func:`retrying` for the rounds above that); then the run fails, and re-running resumes it.
+S3_DEFAULTS = {"AWS_MAX_ATTEMPTS": "4", "AWS_RETRY_MODE": "adaptive", "MELBATCH_S3_CONNECT_TIMEOUT_S": "5",
+               "MELBATCH_S3_READ_TIMEOUT_S": "60"}
+S3FS_TRIES = 2
+# A read of an object, or a whole-object write, that still fails with TransientStorageError is made
+# again (after 1 s, then 2 s) before the task gives up: at most CALL_TRIES x 16 requests per object.
+CALL_TRIES = 3
+
+
+def s3_client_settings() -> dict[str, Any]:
+    """The botocore client config of every S3 filesystem (see :data:`S3_DEFAULTS`)."""
+    env = {k: os.environ.get(k) or v for k, v in S3_DEFAULTS.items()}
+    return {"retries": {"total_max_attempts": int(env["AWS_MAX_ATTEMPTS"]), "mode": env["AWS_RETRY_MODE"]},
+            "connect_timeout": float(env["MELBATCH_S3_CONNECT_TIMEOUT_S"]),
+            "read_timeout": float(env["MELBATCH_S3_READ_TIMEOUT_S"])}
+
 # Listing: prefixes are expanded (one delimited LIST each) until there are this many, which are
 # then listed recursively in parallel, each one a paginated listing of up to 1,000 keys a request.
 LIST_PARALLEL = 16
@@ -40,6 +65,80 @@ LIST_FANOUT_DEPTH = 3
 
 class StorageError(RuntimeError):
     """A place cannot be listed, read or written; the message says which and what to check."""
+
+
+class TransientStorageError(StorageError):
+    """The store kept failing (throttling, 5xx, resets, timeouts, replies cut off) after every retry.
+
+    Nothing is wrong with the object or the settings as far as melbatch can tell: Ray retries a task
+    that raises it, and a run that still fails can be re-run (finished work is kept).
+    """
+
+
+def translate_error(uri: URI, action: str, e: BaseException) -> BaseException:
+    """What a failed storage call means for melbatch.
+
+    ``FileNotFoundError`` stays itself (the caller knows whether absence is an error);
+    ``PermissionError`` becomes a :class:`StorageError` (fix the credentials or policy); an error of
+    the store or the network becomes :class:`TransientStorageError`; anything else (a bug) is
+    returned unchanged.
+    """
+    if isinstance(e, StorageError | FileNotFoundError):
+        return e
+    if isinstance(e, PermissionError):
+        return StorageError(f"{action} {uri}: access denied ({_one_line(e)}). {_hint(uri)}")
+    if isinstance(e, OSError) and ("://" not in uri or uri.startswith("file://") or e.errno in _PERMANENT_ERRNOS):
+        return StorageError(f"{action} {uri}: {type(e).__name__}: {_one_line(e)}. {_hint(uri)}")
+    if isinstance(e, _transient_types()):
+        return TransientStorageError(f"{action} {uri} failed after retries: {type(e).__name__}: "
+                                     f"{_one_line(e)}. The store or the network kept failing")
+    return e
+
+
+# What s3fs makes of S3 error codes that no retry mends (a bad name or request, a redirect to another
+# region, a method the store lacks); 5xx, SlowDown and timeouts keep other numbers.
+_PERMANENT_ERRNOS = {errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE, errno.EPERM, errno.ENOSYS, errno.EREMCHG,
+                     errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EEXIST}
+
+
+@functools.cache
+def _transient_types() -> tuple[type[BaseException], ...]:
+    import http.client
+
+    types: list[type[BaseException]] = [OSError, http.client.HTTPException]
+    for module, name in (("aiohttp", "ClientError"), ("botocore.exceptions", "BotoCoreError"),
+                         ("botocore.exceptions", "ClientError")):
+        with contextlib.suppress(ImportError, AttributeError):
+            types.append(getattr(__import__(module, fromlist=[name]), name))
+    return tuple(types)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def retrying(call: Callable[[], T], tries: int = CALL_TRIES, pause_s: float = 1.0) -> T:
+    """``call()``, made again after a pause (doubling) while it raises :class:`TransientStorageError`,
+    ``tries`` times in all. For idempotent work only: reading an object, writing one whole."""
+    for i in range(tries):
+        try:
+            return call()
+        except TransientStorageError:
+            if i == tries - 1:
+                raise
+            time.sleep(pause_s * 2**i)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _translated(uri: URI, action: str) -> Iterator[None]:
+    try:
+        yield
+    except BaseException as e:
+        t = translate_error(uri, action, e)
+        if t is e:
+            raise
+        raise t from None
 
 
 @dataclass(frozen=True)
@@ -62,12 +161,14 @@ def filesystem(uri: URI) -> tuple[fsspec.AbstractFileSystem, str]:
     """
     options: dict[str, Any] = {"use_listings_cache": False}
     if uri.startswith(("s3://", "s3a://")):
-        options["config_kwargs"] = S3_CLIENT
+        options["config_kwargs"] = s3_client_settings()
     try:
         fs, path = fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as e:
         raise StorageError(f"cannot open {uri!r}: {e}. Install the fsspec package for that scheme "
                            "(s3fs for s3://, gcsfs for gs://, adlfs for az://)") from None
+    if "config_kwargs" in options:
+        fs.retries = S3FS_TRIES  # s3fs's own retry loop (a class attribute there, not a constructor argument)
     return fs, path
 
 
@@ -140,7 +241,8 @@ def list_objects(src: URI, include: tuple[str, ...] = (), exclude: tuple[str, ..
     """
     fs, root = filesystem(src)
     try:
-        found = {root: fs.info(root)} if fs.isfile(root) else find_parallel(fs, root)
+        with _translated(src, "listing"):
+            found = {root: fs.info(root)} if fs.isfile(root) else find_parallel(fs, root)
     except FileNotFoundError:
         raise StorageError(f"{src} does not exist") from None
     base = root.rstrip("/")
@@ -195,12 +297,18 @@ class GuardedReader(io.RawIOBase):
     """A read-only stream that remembers the first storage error it saw.
 
     Decoders such as libsndfile call ``read`` through C callbacks that swallow Python exceptions
-    and see a short read instead; ``error`` lets the caller tell a failed read from a bad file.
+    and see a short read instead; ``error`` (already passed through :func:`translate_error`) lets
+    the caller tell a failed read from a bad file.
     """
 
-    def __init__(self, f: IO[bytes]):
+    def __init__(self, f: IO[bytes], uri: URI = ""):
         self._f = f
+        self.uri = uri
         self.error: BaseException | None = None
+
+    def _failed(self, e: BaseException) -> BaseException:
+        self.error = self.error or translate_error(self.uri, "reading", e)
+        return self.error
 
     def readable(self) -> bool:
         return True
@@ -212,8 +320,7 @@ class GuardedReader(io.RawIOBase):
         try:
             return self._f.read(n)
         except Exception as e:
-            self.error = self.error or e
-            raise
+            raise self._failed(e) from None
 
     def readinto(self, b) -> int:
         data = self.read(len(b))
@@ -224,8 +331,7 @@ class GuardedReader(io.RawIOBase):
         try:
             return self._f.seek(offset, whence)
         except Exception as e:
-            self.error = self.error or e
-            raise
+            raise self._failed(e) from None
 
     def tell(self) -> int:
         return self._f.tell()
@@ -240,19 +346,30 @@ def open_input(uri: URI, size: int | None = None) -> Iterator[GuardedReader]:
     """
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
-        with open(path, "rb") as f:
-            yield GuardedReader(f)
-    elif size is not None and size <= WHOLE_READ_BYTES:
-        yield GuardedReader(io.BytesIO(fs.cat_file(path)))
-    else:
-        with fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead") as f:
-            yield GuardedReader(f)
+        with _translated(uri, "opening"):
+            f = open(path, "rb")  # noqa: SIM115 (closed below)
+        with f:
+            yield GuardedReader(f, uri)
+        return
+    if size is not None and size <= WHOLE_READ_BYTES:
+        with _translated(uri, "reading"):
+            data = fs.cat_file(path)
+        if len(data) != size:  # replaced since it was listed (a reply cut short fails in the HTTP layer)
+            raise StorageError(f"reading {uri} returned {len(data)} bytes, not the {size} it had when listed: "
+                               "it changed meanwhile; the next run lists it again")
+        yield GuardedReader(io.BytesIO(data), uri)
+        return
+    with _translated(uri, "opening"):
+        f = fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead")
+    with f:
+        yield GuardedReader(f, uri)
 
 
 def read_bytes(uri: URI) -> bytes:
     fs, path = filesystem(uri)
     try:
-        return fs.cat_file(path)
+        with _translated(uri, "reading"):
+            return fs.cat_file(path)
     except FileNotFoundError:
         raise StorageError(f"{uri} does not exist") from None
 
@@ -263,12 +380,14 @@ def read_many(uris: list[URI]) -> dict[URI, bytes]:
         return {}
     fs, _ = filesystem(uris[0])
     paths = {filesystem(u)[1]: u for u in uris}
-    return {paths[p]: data for p, data in fs.cat(list(paths)).items()}
+    with _translated(uris[0], "reading"):
+        return {paths[p]: data for p, data in fs.cat(list(paths)).items()}
 
 
 def exists(uri: URI) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    with _translated(uri, "looking for"):
+        return fs.exists(path)
 
 
 @contextlib.contextmanager
@@ -293,7 +412,8 @@ def atomic_open(uri: URI) -> Iterator[IO[bytes]]:
                 yield f
             os.replace(tmp, path)
     else:  # object stores: the object is published when the (multipart) upload completes
-        f = fs.open(path, "wb")
+        with _translated(uri, "writing"):
+            f = fs.open(path, "wb")
         try:
             yield f
         except BaseException:
@@ -302,12 +422,18 @@ def atomic_open(uri: URI) -> Iterator[IO[bytes]]:
                 f.closed = True  # and don't let a later close() try to finish it
             raise
         else:
-            f.close()
+            with _translated(uri, "writing"):
+                f.close()
 
 
 def write_bytes(uri: URI, data: bytes) -> None:
-    with atomic_open(uri) as f:
-        f.write(data)
+    """Write a whole object atomically (made again if the store keeps failing: same name, same bytes)."""
+
+    def write() -> None:
+        with atomic_open(uri) as f:
+            f.write(data)
+
+    retrying(write)
 
 
 def create_exclusive(uri: URI, data: bytes) -> bool:
@@ -330,31 +456,34 @@ def create_exclusive(uri: URI, data: bytes) -> bool:
             except FileExistsError:
                 return False
             return True
-    if fs.protocol in ("s3", "s3a") or "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else ()):
-        try:
-            fs.pipe_file(path, data, mode="create")
-            return True
-        except FileExistsError:
+    with _translated(uri, "creating"):
+        if fs.protocol in ("s3", "s3a") or "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else ()):
+            try:
+                fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+        if fs.exists(path):
             return False
-    if fs.exists(path):
-        return False
-    fs.pipe_file(path, data)
-    return True
+        fs.pipe_file(path, data)
+        return True
 
 
 def list_files(prefix: URI, suffix: str = "") -> list[URI]:
     """Files directly or recursively under ``prefix`` ending in ``suffix`` (empty if none)."""
     fs, path = filesystem(prefix)
-    if not fs.exists(path):
-        return []
-    return sorted(_unstrip(fs, p) for p in fs.find(path) if p.endswith(suffix))
+    with _translated(prefix, "listing"):
+        if not fs.exists(path):
+            return []
+        return sorted(_unstrip(fs, p) for p in fs.find(path) if p.endswith(suffix))
 
 
 def delete(uris: list[URI]) -> None:
     if not uris:
         return
     fs, _ = filesystem(uris[0])
-    fs.rm([filesystem(u)[1] for u in uris])
+    with _translated(uris[0], "deleting"):
+        fs.rm([filesystem(u)[1] for u in uris])
 
 
 def check_readable(src: URI) -> None:

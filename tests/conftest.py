@@ -1,5 +1,6 @@
 """Shared fixtures: a real S3-compatible server on 127.0.0.1 (moto in server mode, spoken to over
-HTTP by s3fs), one local Ray for the session, and generated audio."""
+HTTP by s3fs) behind a fault-injecting proxy (faultproxy.py: passes everything through until a test
+asks for faults), one local Ray for the session, and generated audio."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -24,7 +26,10 @@ S3_ENV = {
     "AWS_ACCESS_KEY_ID": "melbatch-test-key",
     "AWS_SECRET_ACCESS_KEY": "melbatch-test-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
+    # fewer attempts per request than melbatch's default 4: fault tests that exhaust them end sooner
+    "AWS_MAX_ATTEMPTS": "3",
 }
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _free_port() -> int:
@@ -33,33 +38,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """Start ``moto_server`` as its own process on a free loopback port; point the AWS env at it."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+def _serve(args: list[str], url: str, what: str) -> subprocess.Popen:
+    """Start a server process and wait until ``url`` answers (any HTTP status)."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while True:
         try:
-            urllib.request.urlopen(url + "/", timeout=1)
-            break
+            urllib.request.urlopen(url, timeout=1)
+            return proc
+        except urllib.error.HTTPError:
+            return proc
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError("moto_server did not start: pip install 'moto[server]'") from None
+                raise RuntimeError(f"{what} did not start") from None
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """``moto_server`` and the fault proxy in front of it, each its own process on a free loopback
+    port; the AWS env points at the proxy, so every S3 request of the session (Ray workers' too)
+    passes through it."""
+    moto_url, proxy_url = (f"http://127.0.0.1:{_free_port()}" for _ in range(2))
+    moto = _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", moto_url.rsplit(":", 1)[1]],
+                  moto_url + "/", "moto_server (pip install 'moto[server]')")
+    proxy = _serve([sys.executable, os.path.join(HERE, "faultproxy.py"), "--upstream", moto_url,
+                    "--port", proxy_url.rsplit(":", 1)[1]], proxy_url + "/__faults__", "the fault proxy")
     old = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=url)
-    yield url
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=proxy_url)
+    yield proxy_url
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    proc.terminate()
-    proc.wait(10)
+    for proc in (proxy, moto):
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def faults(s3_endpoint):
+    """The proxy's fault rules for this test (none afterwards, whatever the test did)."""
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(s3_endpoint)
+    proxy.clear()
+    yield proxy
+    proxy.clear()
 
 
 def new_bucket() -> str:
@@ -112,6 +139,6 @@ def engine_model(ray_session) -> str:
                   progress=False)
     m = train.run(TrainConfig(shards=f"{b}/features", out=f"{b}/model", model="test_resnet", pretrained=False,
                               epochs=6, batch_size=8, workers=1, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0,
-                              max_failures=0))
+                              max_failures=0, wave_augment=False))  # learns surely in 6 epochs (see test_train)
     assert m["val_accuracy"] >= 0.8, m["epochs"]
     return b

@@ -1,0 +1,170 @@
+"""Storage faults: the fault proxy in front of the local S3 server throttles, fails, resets, cuts
+off, stalls and loses replies; melbatch retries within bounds, fails clearly when the faults last,
+and a run under faults, or a re-run after them, commits exactly what a fault-free run commits."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.parse
+
+import pytest
+from conftest import FAST, new_bucket
+from outputs import assert_no_garbage, classify_digest, featurize_digest
+
+from melbatch import classify, cli, featurize, samples, scan, storage
+from melbatch.config import ClassifyConfig, FeaturizeConfig, ScanConfig
+from melbatch.storage import TransientStorageError
+
+pytestmark = [pytest.mark.chaos, pytest.mark.s3]
+
+
+def _key_re(uri: str) -> str:
+    """The proxy's target pattern for requests on the objects under ``uri`` (as clients spell it)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return f"^/{bucket}/{urllib.parse.quote(key)}"
+
+
+def _list_re(uri: str) -> str:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return f"^/{bucket}\\?.*list-type=2.*prefix={urllib.parse.quote(key, safe='')}"
+
+
+@pytest.fixture(scope="module")
+def archive(ray_session):
+    """A small labelled archive with one broken object of every kind, and its fault-free featurize output."""
+    b = new_bucket()
+    files = samples.make_archive(f"{b}/archive", "engine", files_per_class=4, seconds=3.0, seed=21, bad=True)
+    clean = featurize.run(_fcfg(b, "features-clean"), progress=False)
+    assert clean.inputs == len(files) == 17
+    return b, files, featurize_digest(f"{b}/features-clean")
+
+
+def _fcfg(b: str, dst: str) -> FeaturizeConfig:
+    return FeaturizeConfig(src=f"{b}/archive", dst=f"{b}/{dst}", features=FAST, files_per_task=3)
+
+
+MIX = [  # (rule, what it stands for); every one must fire during the run. About every other read and
+    # write meets a fault; the periods differ, so no request meets a fault on all of its attempts.
+    ({"kind": "status", "code": 503, "method": "GET", "every": 5}, "503 SlowDown on reads"),
+    ({"kind": "reset", "method": "GET", "after": 1, "every": 7}, "connection reset on reads"),
+    ({"kind": "truncate", "method": "GET", "after": 2, "every": 9, "fraction": 0.4}, "read replies cut off"),
+    ({"kind": "delay", "method": "GET", "after": 3, "every": 11, "seconds": 0.5}, "slow replies"),
+    ({"kind": "status", "code": 500, "method": "PUT", "every": 5}, "500 InternalError on writes"),
+    ({"kind": "drop_reply", "method": "PUT", "after": 1, "every": 4}, "a write lands but its reply is lost"),
+]
+
+
+def _mix(prefix: str) -> list[dict]:
+    """The fault mix on requests under ``prefix`` (reads of the archive and writes of the output both)."""
+    b = prefix.removeprefix("s3://").split("/")[0]
+    return [{**rule, "target": f"^/{b}/"} for rule, _ in MIX] + [
+        {"kind": "status", "code": 503, "method": "GET", "target": f"^/{b}\\?", "every": 2, "times": 3}]
+
+
+@pytest.mark.ray
+def test_featurize_under_storage_faults_commits_what_a_fault_free_run_commits(archive, faults):
+    b, _, oracle = archive
+    faults.inject(*_mix(b))
+    summary = featurize.run(_fcfg(b, "features-faulty"), progress=False)
+    fired = faults.clear()["rules"]
+    assert all(r["fired"] > 0 for r in fired), [(r["kind"], r["method"], r["fired"]) for r in fired]
+    assert summary.inputs == summary.featurized + summary.quarantined == 17
+    assert featurize_digest(f"{b}/features-faulty") == oracle
+    assert_no_garbage(f"{b}/features-faulty", ("shards",))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_classify_under_storage_faults_commits_what_a_fault_free_run_commits(archive, engine_model, faults):
+    b, _, _ = archive
+    cfg = lambda out: ClassifyConfig(archive=f"{b}/archive", model=f"{engine_model}/model", out=f"{b}/{out}",  # noqa: E731
+                                     files_per_task=3, max_quarantine_rate=1.0)
+    classify.run(cfg("pred-clean"), progress=False)
+    faults.inject(*_mix(b), {"kind": "reset", "method": "GET", "target": f"^/{engine_model.removeprefix('s3://')}/",
+                             "every": 2, "times": 4})  # the model package is read through faults too
+    summary = classify.run(cfg("pred-faulty"), progress=False)
+    fired = faults.clear()["rules"]
+    assert all(r["fired"] > 0 for r in fired), [(r["kind"], r["method"], r["fired"]) for r in fired]
+    assert summary.inputs == summary.classified + summary.quarantined == 17
+    assert classify_digest(f"{b}/pred-faulty") == classify_digest(f"{b}/pred-clean")
+    assert_no_garbage(f"{b}/pred-faulty", ("files", "clips"))
+
+
+@pytest.mark.ray
+def test_lasting_faults_fail_the_run_clearly_within_bounds_and_a_rerun_completes_it(archive, faults, capsys):
+    """One object cannot be read at all (503 on every request for it): its batch fails after a bounded
+    number of requests, the other batches are kept, the run exits 3 saying what failed and what to do;
+    once the store is well again, the same command finishes the job and commits the oracle."""
+    b, files, oracle = archive
+    victim = next(f for f in files if f.bad_kind is None)
+    faults.inject({"kind": "status", "code": 503, "target": _key_re(victim.uri)})
+    args = ["featurize", f"{b}/archive", f"{b}/features-lasting", "--clip-s", "2", "--clip-hop-s", "2",
+            "--n-mels", "64", "--files-per-task", "3", "--no-progress"]
+    t0 = time.perf_counter()
+    assert cli.main(args) == 3
+    took = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    [rule] = faults.clear()["rules"]
+    assert "featurize stopped" in err and victim.uri in err and "Service Unavailable" in err, err
+    done = re.search(r"\((\d) of 6 batches are done and kept\)", err)
+    assert done and 1 <= int(done.group(1)) <= 5 and "re-run the same command to resume" in err, err
+    assert "Traceback" not in err
+    # bounded: 3 rounds (storage.CALL_TRIES) x 2² s3fs tries x 3 botocore attempts = 36 requests at most
+    assert 9 <= rule["matched"] <= 36, rule  # 503s are not repeated by s3fs: 3 x 3 here
+    assert took < 120, took
+    assert not storage.exists(f"{b}/features-lasting/_manifest.json")  # nothing committed
+    again = featurize.run(_fcfg(b, "features-lasting"), progress=False)
+    assert again.resumed_batches == int(done.group(1))  # the batches that had finished were not redone
+    assert featurize_digest(f"{b}/features-lasting") == oracle
+    assert_no_garbage(f"{b}/features-lasting", ("shards",))
+
+
+def test_a_stalled_reply_meets_the_read_deadline_and_is_retried(bucket, faults, monkeypatch):
+    """A reply that never comes is cut off by the read timeout and retried; one that never comes on
+    any attempt fails with TransientStorageError after a bounded time."""
+    monkeypatch.setenv("MELBATCH_S3_READ_TIMEOUT_S", "1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    uri = f"{bucket}/slow.bin"
+    storage.write_bytes(uri, b"x" * 1000)
+    faults.inject({"kind": "delay", "seconds": 3, "method": "GET", "target": _key_re(uri), "times": 1})
+    t0 = time.perf_counter()
+    assert storage.read_bytes(uri) == b"x" * 1000
+    assert 1 <= time.perf_counter() - t0 < 3  # waited one read timeout, not the whole stall
+    faults.inject({"kind": "delay", "seconds": 3, "method": "GET", "target": _key_re(uri)})
+    t0 = time.perf_counter()
+    with pytest.raises(TransientStorageError, match=r"slow\.bin failed after retries"):
+        storage.read_bytes(uri)
+    assert time.perf_counter() - t0 < 20
+    [rule] = faults.clear()["rules"]
+    assert rule["fired"] == 8  # S3FS_TRIES² (2 x 2) x 2 botocore attempts, each cut off after 1 s
+
+
+def test_errors_that_no_retry_mends_are_not_called_transient(bucket, faults):
+    uri = f"{bucket}/denied.bin"
+    storage.write_bytes(uri, b"data")
+    faults.inject({"kind": "status", "code": 403, "target": _key_re(uri)})
+    with pytest.raises(storage.StorageError, match="access denied") as e:
+        storage.read_bytes(uri)
+    assert not isinstance(e.value, TransientStorageError)
+    assert faults.clear()["rules"][0]["fired"] == 1  # asked once: a 403 is not retried
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_lost_replies_to_conditional_creates_are_recognised_by_scan(archive, engine_model, faults):
+    """The lease and the commit are conditional creates: when a create lands but its reply is lost,
+    the retry meets 'already exists', and the scan recognises its own content instead of failing."""
+    b, files, _ = archive
+    out = f"{b}/scan-out"
+    cfg = ScanConfig(classify=ClassifyConfig(archive=f"{b}/archive", model=f"{engine_model}/model", out=out,
+                                             files_per_task=6, max_quarantine_rate=1.0))
+    o = out.removeprefix("s3://")
+    faults.inject({"kind": "drop_reply", "method": "PUT", "target": f"^/{o}/_lease/", "times": 2},
+                  {"kind": "drop_reply", "method": "PUT", "target": f"^/{o}/runs/", "times": 1})
+    s = scan.run(cfg, progress=False)
+    fired = faults.clear()["rules"]
+    assert [r["fired"] for r in fired] == [2, 1]  # the lease taken and released, and the commit, lost a reply
+    assert scan.committed_runs(out) == [s.run_id] == ["000001"]
+    assert scan.read_summary(out, s.run_id)["nonce"] == s.nonce
+    assert s.counts["classified"] + s.counts["quarantined"] == len(files)
