@@ -102,6 +102,49 @@ def sniff_container(head: bytes) -> str | None:
     return None
 
 
+HEAD_BYTES = 4096  # enough for the format fields of WAV (after LIST/bext chunks), AIFF, AU and FLAC
+
+
+def declared_format(head: bytes) -> tuple[int, int] | None:
+    """(sample rate in Hz, channels) as the header of a WAV, AIFF, AU or FLAC file declares them,
+    read by melbatch itself (``None`` when the head holds no such header). Used to name a file whose
+    header declares impossible values, which the decoders only call unreadable."""
+    import struct
+
+    try:
+        if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+            i = 12
+            while i + 8 <= len(head):
+                cid, size = head[i: i + 4], struct.unpack("<I", head[i + 4: i + 8])[0]
+                if cid == b"fmt ":
+                    channels, rate = struct.unpack("<HI", head[i + 10: i + 16])
+                    return rate, channels
+                i += 8 + size + (size & 1)
+        elif head[:4] == b".snd":
+            rate, channels = struct.unpack(">II", head[16:24])
+            return rate, channels
+        elif head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+            i = 12
+            while i + 8 <= len(head):
+                cid, size = head[i: i + 4], struct.unpack(">I", head[i + 4: i + 8])[0]
+                if cid == b"COMM":
+                    channels = struct.unpack(">h", head[i + 8: i + 10])[0]
+                    exp, mant = struct.unpack(">HQ", head[i + 16: i + 26])  # 80-bit extended float
+                    rate = 0 if mant == 0 else round(mant * 2.0 ** ((exp & 0x7FFF) - 16383 - 63))
+                    return rate, channels
+                i += 8 + size + (size & 1)
+        elif head[:4] == b"fLaC" and head[4] & 0x7F == 0:  # STREAMINFO is the first metadata block
+            v = int.from_bytes(head[18:26], "big")
+            return (v >> 44) & 0xFFFFF, ((v >> 41) & 7) + 1
+    except (struct.error, OverflowError):
+        return None
+    return None
+
+
+def _impossible(rate: int, channels: int) -> bool:
+    return not (MIN_RATE_HZ <= rate <= MAX_RATE_HZ) or not (1 <= channels <= MAX_CHANNELS)
+
+
 # ---------------------------------------------------------------------------------------------
 # decoders: each returns (AudioInfo, iterator of float32 mono blocks at the source rate)
 
@@ -109,7 +152,7 @@ Blocks = Iterator[np.ndarray]
 
 
 def _check_header(rate: int, channels: int, tried: tuple[str, ...]) -> None:
-    if not (MIN_RATE_HZ <= rate <= MAX_RATE_HZ) or not (1 <= channels <= MAX_CHANNELS):
+    if _impossible(rate, channels):
         raise DecodeError("bad_header", f"header declares {rate} Hz and {channels} channels; melbatch reads "
                           f"{MIN_RATE_HZ}-{MAX_RATE_HZ} Hz and 1-{MAX_CHANNELS} channels", tried)
 
@@ -120,8 +163,14 @@ def _declared_frames_soundfile(f: sf.SoundFile) -> int | None:
     if m and f.format in ("WAV", "WAVEX", "RF64", "W64"):
         declared_bytes, actual_bytes = int(m.group(1)), int(m.group(2))
         if actual_bytes < declared_bytes:
-            return f.frames * declared_bytes // max(actual_bytes, 1)
+            if actual_bytes == 0:  # a header and no data at all
+                return declared_bytes // (f.channels * _SAMPLE_BYTES.get(f.subtype, 2))
+            return f.frames * declared_bytes // actual_bytes
     return f.frames if f.frames > 0 else None
+
+
+_SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4,
+                 "DOUBLE": 8}
 
 
 def _decode_soundfile(stream: IO[bytes], tried: tuple[str, ...]) -> tuple[AudioInfo, Blocks]:
@@ -137,6 +186,10 @@ def _decode_soundfile(stream: IO[bytes], tried: tuple[str, ...]) -> tuple[AudioI
                 try:
                     x = f.read(block, dtype="float32", always_2d=True)
                 except (sf.LibsndfileError, RuntimeError) as e:
+                    if info.declared_frames and getattr(stream, "at_end", False):
+                        # the decoder failed on the last bytes there are, short of what the header declares
+                        raise DecodeError("truncated", f"the data ends before the {info.declared_frames} frames the "
+                                          f"header declares (soundfile: {_clean(str(e))})", tried) from None
                     raise DecodeError("corrupt", f"soundfile: {_clean(str(e))} after {info.decoded_frames} frames",
                                       tried) from None
                 if len(x) == 0:
@@ -192,7 +245,7 @@ def open_audio(stream: IO[bytes]) -> tuple[AudioInfo, Blocks]:
     iterator checks samples as they pass (NaN/Inf, peak, decoded length) and raises
     :class:`DecodeError` for truncation at its end.
     """
-    head = stream.read(64)
+    head = stream.read(HEAD_BYTES)
     if not head:
         raise DecodeError("empty", "the object has zero bytes")
     container = sniff_container(head)
@@ -215,6 +268,9 @@ def open_audio(stream: IO[bytes]) -> tuple[AudioInfo, Blocks]:
         else:
             return info, _checked(info, blocks)
     detail = "; ".join(errors)
+    declared = declared_format(head)
+    if declared and _impossible(*declared):  # what the decoders could not read, its header explains
+        _check_header(*declared, tuple(tried))
     if container is None:
         raise DecodeError("not_audio", f"not a known audio format (first bytes {head[:8]!r}); {detail}", tuple(tried))
     unsupported = container == "mp4" and any("not installed" in e for e in errors)
@@ -237,11 +293,11 @@ def _checked(info: AudioInfo, blocks: Blocks) -> Blocks:
             info.peak = max(info.peak, float(np.abs(x).max()))
         yield x
     declared = info.declared_frames
-    if info.decoded_frames == 0:
-        raise DecodeError("corrupt", "the container holds no decodable samples", info.decoders_tried)
     if declared and info.decoded_frames < declared * (1 - TRUNCATION_TOLERANCE) - 0.1 * info.sample_rate_hz:
         raise DecodeError("truncated", f"decoded {info.decoded_frames} of {declared} declared frames "
                           f"({info.decoded_frames / declared:.0%})", info.decoders_tried)
+    if info.decoded_frames == 0:
+        raise DecodeError("corrupt", "the container holds no decodable samples", info.decoders_tried)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from melbatch.runs import (
     quarantine_lines,
     quarantine_row,
     read_parts,
+    skipped_lines,
     stopped_by_storage,
     tally,
     this_node,
@@ -91,6 +92,7 @@ class Summary:
     quarantine_kinds: dict[str, int] = field(default_factory=dict)
     decoders: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> batches it decoded
+    skipped: dict[str, int] = field(default_factory=dict)  # extension -> objects the filters left out
 
     @property
     def quarantine_rate(self) -> float:
@@ -101,6 +103,7 @@ class Summary:
             f"classify {self.archive} -> {self.out}",
             f"  model        {self.model_id}  (features {self.config_hash})",
             f"  inputs       {self.inputs:>8}  = classified {self.classified} + quarantined {self.quarantined}",
+            *skipped_lines(self.skipped),
             f"  clips        {self.clips:>8}",
             audio_line(self.audio_s, self.elapsed_s, self.new_audio_s),
         ]
@@ -151,27 +154,31 @@ def batch_plan(refs: list[storage.ObjectRef], files_per_task: int, task_bytes: f
 def run(cfg: ClassifyConfig, progress: bool = True) -> Summary:
     """Classify ``cfg.archive`` into ``cfg.out``; returns the summary (also in the manifest)."""
     meta = preflight(cfg)
-    refs = list_archive(cfg)
+    skipped: Counter = Counter()
+    refs = list_archive(cfg, skipped)
     if not refs:
         raise ConfigError(f"no audio objects under {cfg.archive} match extensions={list(cfg.extensions)}, "
                           f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
-    return classify_objects(cfg, meta, refs, storage.canonical(cfg.out), progress)
+    return classify_objects(cfg, meta, refs, storage.canonical(cfg.out), progress, dict(skipped))
 
 
-def list_archive(cfg: ClassifyConfig) -> list[storage.ObjectRef]:
-    """Every audio object under ARCHIVE that passes the filters, in key order (one listing)."""
-    return list(storage.list_objects(storage.canonical(cfg.archive), cfg.include, cfg.exclude, cfg.extensions))
+def list_archive(cfg: ClassifyConfig, skipped: Counter | None = None) -> list[storage.ObjectRef]:
+    """Every audio object under ARCHIVE that passes the filters, in key order (one listing); the others
+    are counted by extension into ``skipped``."""
+    return list(storage.list_objects(storage.canonical(cfg.archive), cfg.include, cfg.exclude, cfg.extensions,
+                                     skipped))
 
 
 def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[storage.ObjectRef], out: URI,
-                     progress: bool = True) -> Summary:
+                     progress: bool = True, skipped: dict[str, int] | None = None) -> Summary:
     """Classify exactly ``refs`` into ``out`` (resuming batches an earlier attempt finished)."""
     t0 = time.perf_counter()
     summary = Summary(archive=storage.canonical(cfg.archive), out=out, model_id=meta["model_id"],
-                      config_hash=meta["config_hash"], inputs=len(refs))
+                      config_hash=meta["config_hash"], inputs=len(refs), skipped=skipped or {})
     salt = f"classify {meta['model_id']} {meta['config_hash']} top{cfg.top_k} emb{int(cfg.keep_embeddings)}"
     batches = [(content_id(salt, (r.key() for r in b)), b)
                for b in batch_plan(refs, cfg.files_per_task, cfg.task_mb * 1e6)]
+    crash_point("classify:listed")
     summary.batches = len(batches)
     results = {} if cfg.overwrite else read_parts(out, {bid for bid, _ in batches})
     resumed = set(results)
@@ -207,8 +214,10 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     summary.quarantine_kinds = dict(Counter(q["kind"] for q in quarantine))
     assert summary.inputs == summary.classified + summary.quarantined, asdict(summary)
     summary.elapsed_s = time.perf_counter() - t0
+    crash_point("classify:written")
     write_quarantine(out, quarantine)
     write_manifest(out, _manifest(cfg, meta, summary, outputs))
+    crash_point("classify:manifest")
     collect_garbage(out, PREDICTION_DIRS, {p for d in PREDICTION_DIRS for p in outputs[d]},
                     {bid for bid, _ in batches})
     return summary
@@ -274,7 +283,9 @@ def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], summary: Summary,
         "aggregation": AGGREGATION,
         **{d: sorted(outputs[d]) for d in PREDICTION_DIRS},
         "counts": {"inputs": summary.inputs, "classified": summary.classified, "quarantined": summary.quarantined,
-                   "clips": summary.clips, "audio_seconds": round(summary.audio_s, 3)},
+                   "clips": summary.clips, "audio_seconds": round(summary.audio_s, 3),
+                   "skipped_by_filters": sum(summary.skipped.values())},
+        "skipped": summary.skipped,
         "label_counts": dict(sorted(summary.labels.items())),
         "quarantine_kinds": summary.quarantine_kinds,
         "decoders": summary.decoders,

@@ -480,7 +480,7 @@ class ScanConfig:
     classify: ClassifyConfig
     rescan_on_model_change: bool = False
     retry_quarantined: bool = False
-    lease_s: float = 6 * 3600.0
+    lease_s: float = 900.0  # renewed every lease_s / 3 while the scan runs; a killed scan's lapses after this
 
     def __post_init__(self) -> None:
         _require(self.lease_s > 0, f"lease_s={self.lease_s}: the lease must last a positive number of seconds "

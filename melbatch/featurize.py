@@ -32,11 +32,13 @@ from melbatch.runs import (
     chunked,
     collect_garbage,
     content_id,
+    crash_point,
     init_ray,
     label_lines,
     quarantine_lines,
     quarantine_row,
     read_parts,
+    skipped_lines,
     stopped_by_storage,
     tally,
     this_node,
@@ -79,11 +81,13 @@ class Summary:
     quarantine_kinds: dict[str, int] = field(default_factory=dict)
     decoders: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> batches it featurized
+    skipped: dict[str, int] = field(default_factory=dict)  # extension -> objects the filters left out
 
     def render(self) -> str:
         lines = [
             f"featurize {self.src} -> {self.dst}",
             f"  inputs       {self.inputs:>8}  = featurized {self.featurized} + quarantined {self.quarantined}",
+            *skipped_lines(self.skipped),
             f"  clips        {self.clips:>8}  in {self.shards} shard(s), config {self.config_hash}",
             audio_line(self.audio_s, self.elapsed_s),
         ]
@@ -116,11 +120,14 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     src, dst = storage.canonical(cfg.src), storage.canonical(cfg.dst)
     summary = Summary(src=src, dst=dst, config_hash=cfg.features.hash())
 
-    refs = list(storage.list_objects(src, cfg.include, cfg.exclude, cfg.extensions))
+    skipped: Counter = Counter()
+    refs = list(storage.list_objects(src, cfg.include, cfg.exclude, cfg.extensions, skipped))
+    summary.skipped = dict(skipped)
     if not refs:
         raise ConfigError(f"no audio objects under {src} match extensions={list(cfg.extensions)}, "
                           f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
     summary.inputs = len(refs)
+    crash_point("featurize:listed")
     quarantine: list[dict[str, Any]] = []
     work: list[tuple[storage.ObjectRef, str | None]] = []
     for ref in refs:
@@ -152,8 +159,10 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     shards = [f"{SHARD_DIR}/{name}" for r in results for name, _ in r["shards"]]
     summary.shards = len(shards)
     summary.elapsed_s = time.perf_counter() - t0
+    crash_point("featurize:written")
     write_quarantine(dst, quarantine)
     write_manifest(dst, _manifest(cfg, summary, shards, results))
+    crash_point("featurize:manifest")
     collect_garbage(dst, [SHARD_DIR], set(shards), {bid for bid, _ in batches})
     return summary
 
@@ -195,6 +204,7 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
                     result = ray.get(ref)
                     results[pending.pop(ref)] = result
                     bar.update(result["featurized"] + len(result["quarantine"]))
+                    crash_point("featurize:batch")
         except Exception as e:
             for ref in pending:
                 ray.cancel(ref)
@@ -225,7 +235,9 @@ def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results
             "quarantined": summary.quarantined,
             "clips": summary.clips,
             "audio_seconds": round(summary.audio_s, 3),
+            "skipped_by_filters": sum(summary.skipped.values()),
         },
+        "skipped": summary.skipped,
         "quarantine_kinds": summary.quarantine_kinds,
         "decoders": summary.decoders,
         "nodes": summary.nodes,

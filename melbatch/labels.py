@@ -55,7 +55,9 @@ def load_manifest(uri: URI, src: URI) -> dict[URI, str]:
         if not label:
             raise ConfigError(f"label manifest {uri}: empty label for {key!r}")
         absolute = "://" in key or key.startswith("/")
-        table[storage.canonical(key) if absolute else storage.join(src, key.lstrip("./"))] = str(label)
+        # a relative key is the object's key under SRC, byte for byte ("./" in front allowed): "../x.wav" is an
+        # object whose key holds "..", never a place outside SRC
+        table[storage.canonical(key) if absolute else storage.join(src, key.removeprefix("./"))] = str(label)
     if not table:
         raise ConfigError(f"label manifest {uri} has no rows")
     return table

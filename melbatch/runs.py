@@ -152,6 +152,15 @@ def audio_line(audio_s: float, elapsed_s: float, done_s: float | None = None) ->
     return f"  audio        {audio_s / 3600:>8.2f} h  in {elapsed_s:.1f} s ({rt:,.0f}x realtime)"
 
 
+def skipped_lines(skipped: dict[str, int]) -> list[str]:
+    """A summary line for the objects the listing filters left out (none: no line)."""
+    if not skipped:
+        return []
+    kinds = ", ".join(f"{ext} {n}" for ext, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return [f"  skipped      {sum(skipped.values()):>8}  objects the filters leave out (--extensions, --include, "
+            f"--exclude): {kinds}"]
+
+
 def label_lines(labels: dict[str, int], unit: str) -> list[str]:
     """One summary line per label, most frequent first."""
     return [f"  label {label!s:<14} {n:>6} {unit}" for label, n in sorted(labels.items(), key=lambda kv: (-kv[1],

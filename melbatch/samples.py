@@ -134,7 +134,7 @@ def write_bad_files(dst: URI, label: str, rng: np.random.Generator) -> list[Samp
         "noise_bytes.wav": (rng.bytes(4096), "not_audio"),
         "notes.mp3": (b"this is a text file, not audio\n" * 40, "not_audio"),
         "truncated.wav": (wav[: len(wav) // 3], "truncated"),
-        "truncated.flac": (flac[: len(flac) // 2], "corrupt"),
+        "truncated.flac": (flac[: len(flac) // 2], "truncated"),
         "broken_header.wav": (wav[:12] + rng.bytes(400), "corrupt"),
         "silent.flac": (encode(np.zeros(2 * sr, np.float32), sr, FORMATS[1]), "silent"),
         "too_short.wav": (encode(tone[: sr // 5], sr, FORMATS[0]), "too_short"),
@@ -145,4 +145,157 @@ def write_bad_files(dst: URI, label: str, rng: np.random.Generator) -> list[Samp
         uri = storage.join(dst, label, f"bad_{name}")
         storage.write_bytes(uri, data)
         out.append(SampleFile(uri, label, kind))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- bad corpus
+
+def _wav_bytes(pcm: bytes, rate: int = 16_000, channels: int = 1, bits: int = 16, data_len: int | None = None) -> bytes:
+    """A PCM WAV whose header fields are taken as given, however absurd (0 Hz, 65535 channels, 4 GB data)."""
+    import struct
+
+    block = channels * bits // 8
+    size = len(pcm) if data_len is None else data_len
+    return (b"RIFF" + struct.pack("<I", min(36 + size, 0xFFFFFFFF)) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, channels, rate, (rate * block) & 0xFFFFFFFF, block & 0xFFFF, bits) +
+            b"data" + struct.pack("<I", size) + pcm)
+
+
+def _au_bytes(pcm_be: bytes, rate: int, channels: int) -> bytes:
+    import struct
+
+    return b".snd" + struct.pack(">IIIII", 24, len(pcm_be), 3, rate, channels) + pcm_be
+
+
+def _aiff_zero_rate(pcm_be: bytes) -> bytes:
+    import struct
+
+    comm = struct.pack(">hIh", 1, len(pcm_be) // 2, 16) + bytes(10)  # 80-bit rate of 0
+    ssnd = struct.pack(">II", 0, 0) + pcm_be
+    body = b"AIFF" + b"COMM" + struct.pack(">I", len(comm)) + comm + b"SSND" + struct.pack(">I", len(ssnd)) + ssnd
+    return b"FORM" + struct.pack(">I", len(body)) + body
+
+
+def _flac_total_samples(flac: bytes, total: int) -> bytes:
+    """A FLAC whose STREAMINFO declares ``total`` samples."""
+    b = bytearray(flac)
+    v = int.from_bytes(b[18:26], "big")
+    b[18:26] = ((v & ~((1 << 36) - 1)) | total).to_bytes(8, "big")
+    return bytes(b)
+
+
+# Folder and file names of real archives: spaces, unicode, %, +, #, =, &, brackets, nested prefixes.
+ODD_DIRS = ["", "nested/deeper/", "with space/", "ünïcödé/ñ/", "100% done/", "a+b=c & d/", "[take 2] (final)/",
+            "#hash/"]
+
+
+def bad_corpus(seed: int = 0) -> list[tuple[str, bytes, str]]:
+    """At least 100 broken objects as ``(relative key, bytes, kind)``, ``kind`` the quarantine kind
+    melbatch must give each (every key of :data:`~melbatch.audio.ERROR_KINDS` but ``read_error`` and
+    ``unlabelled``, which come from storage and labels, not from bytes). Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    sr = 16_000
+    t = np.arange(3 * sr) / sr
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    pcm = (tone * 32767).astype("<i2").tobytes()
+    wav, flac = encode(tone, sr, FORMATS[0]), encode(tone, sr, FORMATS[1])
+    ogg, mp3 = encode(tone, sr, FORMATS[2]), encode(tone, sr, FORMATS[3])
+    items: list[tuple[str, bytes, str]] = []
+
+    def add(name: str, data: bytes, kind: str) -> None:
+        items.append((f"{ODD_DIRS[len(items) % len(ODD_DIRS)]}{kind}/{len(items):03d} {name}", data, kind))
+
+    def cut(data: bytes, lo: float, hi: float) -> bytes:
+        return data[: int(len(data) * rng.uniform(lo, hi))]
+
+    for ext in ("wav", "flac", "ogg", "mp3", "WAV", "m4a"):
+        add(f"zero bytes.{ext}", b"", "empty")
+    for i in range(12):
+        add(f"wav cut at random {i}.wav", cut(wav, 0.03, 0.9), "truncated")
+    for i in range(10):
+        add(f"flac cut at random {i}.flac", flac[: int(rng.integers(100, int(0.9 * len(flac))))], "truncated")
+    for i in range(6):
+        add(f"mp3 cut at random {i}.mp3", cut(mp3, 0.2, 0.8), "truncated")
+    add("wav header, no data.wav", wav[:44], "truncated")
+    add("wav declares 4 GB of data.wav", _wav_bytes(pcm, data_len=0xFFFFFFF0), "truncated")
+    add("flac declares 2^36 samples.flac", _flac_total_samples(flac, (1 << 36) - 1), "truncated")
+    for i in range(4):
+        add(f"ogg cut at random {i}.ogg", cut(ogg, 0.2, 0.8), "corrupt")
+    for i in range(4):
+        add(f"wav cut in its header {i}.wav", wav[: int(rng.integers(13, 40))], "corrupt")
+    for i in range(2):
+        add(f"wav cut in its magic {i}.wav", wav[: int(rng.integers(1, 11))], "not_audio")
+    magic = {"wav": lambda: b"RIFF" + rng.bytes(4) + b"WAVE", "flac": lambda: b"fLaC", "ogg": lambda: b"OggS",
+             "mp3": lambda: b"ID3", "aiff": lambda: b"FORM" + rng.bytes(4) + b"AIFF",
+             "m4a": lambda: rng.bytes(4) + b"ftyp"}
+    for i in range(14):
+        ext = list(magic)[i % len(magic)]
+        add(f"random bytes behind {ext} magic {i}.{ext}", magic[ext]() + rng.bytes(int(rng.integers(200, 6000))),
+            "corrupt")
+    add("mp3 frame sync then random.mp3", b"\xff\xfb" + rng.bytes(5000), "corrupt")
+    not_audio = [("notes.wav", b"meeting notes, not audio\n" * 50), ("page.flac", b"<!doctype html><html></html>"),
+                 ("data.mp3", b'{"samples": [1, 2, 3]}'), ("image.ogg", b"\x89PNG\r\n\x1a\n" + rng.bytes(800)),
+                 ("photo.wav", b"\xff\xd8\xff\xe0" + rng.bytes(800)), ("archive.flac", b"PK\x03\x04" + rng.bytes(300)),
+                 ("doc.mp3", b"%PDF-1.7\n" + rng.bytes(500)), ("zeros.wav", bytes(70_000)),
+                 ("script.ogg", b"#!/bin/sh\nrm -rf /\n"), ("spreadsheet.m4a", b"a,b,c\n1,2,3\n" * 20)]
+    for name, data in not_audio:
+        add(name, data, "not_audio")
+    for i in range(4):  # random bytes that start like nothing we know (a first byte of 0xFF would look like mp3)
+        add(f"noise bytes {i}.wav", bytes([int(rng.integers(0, 0xFF))]) + rng.bytes(4000), "not_audio")
+    absurd = [("0 Hz", _wav_bytes(pcm, rate=0)), ("4 GHz", _wav_bytes(pcm, rate=4_000_000_000)),
+              ("500 Hz", _wav_bytes(pcm, rate=500)), ("1 MHz", _wav_bytes(pcm, rate=1_000_000)),
+              ("65535 channels", _wav_bytes(pcm, channels=65535)), ("0 channels", _wav_bytes(pcm, channels=0)),
+              ("100 channels", _wav_bytes(pcm[: len(pcm) // 100 * 100], channels=100))]
+    for what, data in absurd:
+        add(f"wav at {what}.wav", data, "bad_header")
+    be = (tone * 32767).astype(">i2").tobytes()
+    for what, data in (("a billion channels", _au_bytes(be, sr, 10**9)), ("0 Hz", _au_bytes(be, 0, 1)),
+                       ("3 GHz", _au_bytes(be, 3_000_000_000, 1)), ("random header", b".snd" + rng.bytes(3000))):
+        add(f"au with {what}.au.wav", data, "bad_header")
+    add("aiff at 0 Hz.aiff", _aiff_zero_rate(be), "bad_header")
+    for i, (where, value) in enumerate([("start", np.nan), ("middle", np.nan), ("end", np.inf), ("middle", -np.inf)]):
+        x = tone.copy()
+        at = {"start": 0, "middle": len(x) // 2, "end": len(x) - 10}[where]
+        x[at: at + 10] = value
+        add(f"{value} at the {where} {i}.wav", encode(x, sr, ("WAV", "FLOAT", "wav")), "non_finite")
+    add("all nan, float64.wav", encode(np.full(2 * sr, np.nan), sr, ("WAV", "DOUBLE", "wav")), "non_finite")
+    stereo = np.stack([tone, tone], axis=1)
+    stereo[sr, 1] = np.nan
+    add("nan in the right channel.wav", encode(stereo, sr, ("WAV", "FLOAT", "wav")), "non_finite")
+    for ext, fmt in (("wav", FORMATS[0]), ("flac", FORMATS[1])):
+        add(f"digital silence.{ext}", encode(np.zeros(2 * sr, np.float32), sr, fmt), "silent")
+    add("hiss at -100 dBFS.wav", encode((1e-5 * rng.standard_normal(2 * sr)).astype(np.float32), sr,
+                                        ("WAV", "FLOAT", "wav")), "silent")
+    for secs in (0.01, 0.2, 0.5):
+        add(f"{secs} s blip.wav", encode(tone[: int(secs * sr)], sr, FORMATS[0]), "too_short")
+    return items
+
+
+def write_bad_corpus(dst: URI, label: str = "bad", seed: int = 0) -> list[SampleFile]:
+    """Write :func:`bad_corpus` under ``dst/<label>/`` (a label folder, so only the bytes are wrong)."""
+    out = []
+    for key, data, kind in bad_corpus(seed):
+        uri = storage.join(dst, label, key)
+        storage.write_bytes(uri, data)
+        out.append(SampleFile(storage.canonical(uri), label, kind))
+    return out
+
+
+def write_sparse_files(folder: str, gigabytes: float = 3.0) -> list[SampleFile]:
+    """Multi-GB objects that take no disk (sparse files, local folders only): zeros named .wav, a FLAC
+    magic before a hole, and a real 3 s recording with a hole after its declared data."""
+    import os
+
+    size = int(gigabytes * 2**30)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(3 * 16_000) / 16_000)).astype(np.float32)
+    spec = [("sparse zeros.wav", b"", "not_audio"), ("sparse after flac magic.flac", b"fLaC", "bad_header"),
+            ("recording then a hole.wav", encode(tone, 16_000, FORMATS[0]), None)]
+    out = []
+    for name, head, kind in spec:
+        path = os.path.join(folder, name)
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(head)
+            f.truncate(size)
+        out.append(SampleFile(storage.canonical(path), os.path.basename(folder), kind))
     return out

@@ -19,6 +19,7 @@ import os
 import posixpath
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
@@ -232,12 +233,13 @@ def _matches(rel: str, include: tuple[str, ...], exclude: tuple[str, ...], exten
 
 
 def list_objects(src: URI, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-                 extensions: tuple[str, ...] = ()) -> Iterator[ObjectRef]:
+                 extensions: tuple[str, ...] = (), skipped: Counter | None = None) -> Iterator[ObjectRef]:
     """Every object under ``src`` (recursively) that passes the filters, in key order.
 
     ``include``/``exclude`` are glob patterns on the key relative to ``src`` (``*`` also crosses
-    ``/``); ``extensions`` are lower-case, without dots. On object stores the listing runs in
-    parallel over prefixes (:func:`find_parallel`).
+    ``/``); ``extensions`` are lower-case, without dots. The objects the filters leave out are
+    counted by extension into ``skipped`` (so a run can say what it did not read). On object stores
+    the listing runs in parallel over prefixes (:func:`find_parallel`).
     """
     fs, root = filesystem(src)
     try:
@@ -253,6 +255,9 @@ def list_objects(src: URI, include: tuple[str, ...] = (), exclude: tuple[str, ..
         rel = posixpath.relpath(path, base) if path != base else posixpath.basename(path)
         if _matches(rel, include, exclude, extensions):
             yield ObjectRef(uri=_unstrip(fs, path), etag=_etag(info), size=int(info.get("size") or 0))
+        elif skipped is not None:
+            name = posixpath.basename(rel)
+            skipped["." + name.rsplit(".", 1)[-1].lower() if "." in name else "(no extension)"] += 1
 
 
 def find_parallel(fs: fsspec.AbstractFileSystem, root: str, parallel: int = LIST_PARALLEL) -> dict[str, dict]:
@@ -305,6 +310,7 @@ class GuardedReader(io.RawIOBase):
         self._f = f
         self.uri = uri
         self.error: BaseException | None = None
+        self.at_end = False  # a read came back short: the decoder has seen the end of the object
 
     def _failed(self, e: BaseException) -> BaseException:
         self.error = self.error or translate_error(self.uri, "reading", e)
@@ -318,9 +324,12 @@ class GuardedReader(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         try:
-            return self._f.read(n)
+            data = self._f.read(n)
         except Exception as e:
             raise self._failed(e) from None
+        if n is None or n < 0 or len(data) < n:
+            self.at_end = True
+        return data
 
     def readinto(self, b) -> int:
         data = self.read(len(b))

@@ -142,3 +142,50 @@ def engine_model(ray_session) -> str:
                               max_failures=0, wave_augment=False))  # learns surely in 6 epochs (see test_train)
     assert m["val_accuracy"] >= 0.8, m["epochs"]
     return b
+
+
+@pytest.fixture(scope="session")
+def small_archive(ray_session):
+    """``(bucket, files, oracle)``: a small labelled archive on S3 (8 recordings and one broken object
+    of every kind, 17 in all) and the digest of its fault-free featurize output (FAST, 3 files a
+    task: 6 batches), the oracle that runs under faults are compared with."""
+    from outputs import featurize_digest
+
+    from melbatch import featurize, samples
+
+    b = new_bucket()
+    files = samples.make_archive(f"{b}/archive", "engine", files_per_class=4, seconds=3.0, seed=21, bad=True)
+    clean = featurize.run(small_featurize(b, "features-clean"), progress=False)
+    assert clean.inputs == len(files) == 17 and clean.batches == 6
+    return b, files, featurize_digest(f"{b}/features-clean")
+
+
+def small_featurize(bucket: str, dst: str):
+    """The featurize config of ``small_archive``'s oracle, into ``bucket/dst``."""
+    from melbatch.config import FeaturizeConfig
+
+    return FeaturizeConfig(src=f"{bucket}/archive", dst=f"{bucket}/{dst}", features=FAST, files_per_task=3)
+
+
+# the same settings as small_featurize, as command-line flags
+SMALL_FEATURIZE_ARGS = ["--clip-s", "2", "--clip-hop-s", "2", "--n-mels", "64", "--files-per-task", "3"]
+
+
+def small_classify(bucket: str, model_bucket: str, out: str):
+    """The classify config that ``small_predictions``' oracle used, into ``bucket/out``."""
+    from melbatch.config import ClassifyConfig
+
+    return ClassifyConfig(archive=f"{bucket}/archive", model=f"{model_bucket}/model", out=f"{bucket}/{out}",
+                          files_per_task=3, max_quarantine_rate=1.0)
+
+
+@pytest.fixture(scope="session")
+def small_predictions(small_archive, engine_model):
+    """The digest of the fault-free classify output of ``small_archive`` with the session's model."""
+    from outputs import classify_digest
+
+    from melbatch import classify
+
+    b = small_archive[0]
+    classify.run(small_classify(b, engine_model, "pred-clean"), progress=False)
+    return classify_digest(f"{b}/pred-clean")

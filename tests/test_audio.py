@@ -109,7 +109,8 @@ def _wav_header(rate: int, channels: int, frames: int = 100) -> bytes:
 
 
 @pytest.mark.parametrize("rate,channels,kind", [(1, 1, "bad_header"), (2_000_000, 1, "bad_header"),
-                                               (16000, 1000, "bad_header"), (0, 1, "corrupt"), (16000, 0, "corrupt")])
+                                               (16000, 1000, "bad_header"), (0, 1, "bad_header"),
+                                               (16000, 0, "bad_header")])
 def test_absurd_headers_are_refused_before_reading(rate, channels, kind):
     with pytest.raises(DecodeError) as e:
         audio.decode_all(io.BytesIO(_wav_header(rate, channels)), 16_000)

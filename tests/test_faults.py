@@ -9,11 +9,11 @@ import time
 import urllib.parse
 
 import pytest
-from conftest import FAST, new_bucket
+from conftest import SMALL_FEATURIZE_ARGS, small_classify, small_featurize
 from outputs import assert_no_garbage, classify_digest, featurize_digest
 
-from melbatch import classify, cli, featurize, samples, scan, storage
-from melbatch.config import ClassifyConfig, FeaturizeConfig, ScanConfig
+from melbatch import classify, cli, featurize, scan, storage
+from melbatch.config import ClassifyConfig, ScanConfig
 from melbatch.storage import TransientStorageError
 
 pytestmark = [pytest.mark.chaos, pytest.mark.s3]
@@ -28,20 +28,6 @@ def _key_re(uri: str) -> str:
 def _list_re(uri: str) -> str:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return f"^/{bucket}\\?.*list-type=2.*prefix={urllib.parse.quote(key, safe='')}"
-
-
-@pytest.fixture(scope="module")
-def archive(ray_session):
-    """A small labelled archive with one broken object of every kind, and its fault-free featurize output."""
-    b = new_bucket()
-    files = samples.make_archive(f"{b}/archive", "engine", files_per_class=4, seconds=3.0, seed=21, bad=True)
-    clean = featurize.run(_fcfg(b, "features-clean"), progress=False)
-    assert clean.inputs == len(files) == 17
-    return b, files, featurize_digest(f"{b}/features-clean")
-
-
-def _fcfg(b: str, dst: str) -> FeaturizeConfig:
-    return FeaturizeConfig(src=f"{b}/archive", dst=f"{b}/{dst}", features=FAST, files_per_task=3)
 
 
 MIX = [  # (rule, what it stands for); every one must fire during the run. About every other read and
@@ -63,10 +49,10 @@ def _mix(prefix: str) -> list[dict]:
 
 
 @pytest.mark.ray
-def test_featurize_under_storage_faults_commits_what_a_fault_free_run_commits(archive, faults):
-    b, _, oracle = archive
+def test_featurize_under_storage_faults_commits_what_a_fault_free_run_commits(small_archive, faults):
+    b, _, oracle = small_archive
     faults.inject(*_mix(b))
-    summary = featurize.run(_fcfg(b, "features-faulty"), progress=False)
+    summary = featurize.run(small_featurize(b, "features-faulty"), progress=False)
     fired = faults.clear()["rules"]
     assert all(r["fired"] > 0 for r in fired), [(r["kind"], r["method"], r["fired"]) for r in fired]
     assert summary.inputs == summary.featurized + summary.quarantined == 17
@@ -76,31 +62,28 @@ def test_featurize_under_storage_faults_commits_what_a_fault_free_run_commits(ar
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_classify_under_storage_faults_commits_what_a_fault_free_run_commits(archive, engine_model, faults):
-    b, _, _ = archive
-    cfg = lambda out: ClassifyConfig(archive=f"{b}/archive", model=f"{engine_model}/model", out=f"{b}/{out}",  # noqa: E731
-                                     files_per_task=3, max_quarantine_rate=1.0)
-    classify.run(cfg("pred-clean"), progress=False)
+def test_classify_under_storage_faults_commits_what_a_fault_free_run_commits(small_archive, small_predictions,
+                                                                              engine_model, faults):
+    b = small_archive[0]
     faults.inject(*_mix(b), {"kind": "reset", "method": "GET", "target": f"^/{engine_model.removeprefix('s3://')}/",
                              "every": 2, "times": 4})  # the model package is read through faults too
-    summary = classify.run(cfg("pred-faulty"), progress=False)
+    summary = classify.run(small_classify(b, engine_model, "pred-faulty"), progress=False)
     fired = faults.clear()["rules"]
     assert all(r["fired"] > 0 for r in fired), [(r["kind"], r["method"], r["fired"]) for r in fired]
     assert summary.inputs == summary.classified + summary.quarantined == 17
-    assert classify_digest(f"{b}/pred-faulty") == classify_digest(f"{b}/pred-clean")
+    assert classify_digest(f"{b}/pred-faulty") == small_predictions
     assert_no_garbage(f"{b}/pred-faulty", ("files", "clips"))
 
 
 @pytest.mark.ray
-def test_lasting_faults_fail_the_run_clearly_within_bounds_and_a_rerun_completes_it(archive, faults, capsys):
+def test_lasting_faults_fail_the_run_clearly_within_bounds_and_a_rerun_completes_it(small_archive, faults, capsys):
     """One object cannot be read at all (503 on every request for it): its batch fails after a bounded
     number of requests, the other batches are kept, the run exits 3 saying what failed and what to do;
     once the store is well again, the same command finishes the job and commits the oracle."""
-    b, files, oracle = archive
+    b, files, oracle = small_archive
     victim = next(f for f in files if f.bad_kind is None)
     faults.inject({"kind": "status", "code": 503, "target": _key_re(victim.uri)})
-    args = ["featurize", f"{b}/archive", f"{b}/features-lasting", "--clip-s", "2", "--clip-hop-s", "2",
-            "--n-mels", "64", "--files-per-task", "3", "--no-progress"]
+    args = ["featurize", f"{b}/archive", f"{b}/features-lasting", *SMALL_FEATURIZE_ARGS, "--no-progress"]
     t0 = time.perf_counter()
     assert cli.main(args) == 3
     took = time.perf_counter() - t0
@@ -114,7 +97,7 @@ def test_lasting_faults_fail_the_run_clearly_within_bounds_and_a_rerun_completes
     assert 9 <= rule["matched"] <= 36, rule  # 503s are not repeated by s3fs: 3 x 3 here
     assert took < 120, took
     assert not storage.exists(f"{b}/features-lasting/_manifest.json")  # nothing committed
-    again = featurize.run(_fcfg(b, "features-lasting"), progress=False)
+    again = featurize.run(small_featurize(b, "features-lasting"), progress=False)
     assert again.resumed_batches == int(done.group(1))  # the batches that had finished were not redone
     assert featurize_digest(f"{b}/features-lasting") == oracle
     assert_no_garbage(f"{b}/features-lasting", ("shards",))
@@ -152,10 +135,10 @@ def test_errors_that_no_retry_mends_are_not_called_transient(bucket, faults):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_lost_replies_to_conditional_creates_are_recognised_by_scan(archive, engine_model, faults):
+def test_lost_replies_to_conditional_creates_are_recognised_by_scan(small_archive, engine_model, faults):
     """The lease and the commit are conditional creates: when a create lands but its reply is lost,
     the retry meets 'already exists', and the scan recognises its own content instead of failing."""
-    b, files, _ = archive
+    b, files, _ = small_archive
     out = f"{b}/scan-out"
     cfg = ScanConfig(classify=ClassifyConfig(archive=f"{b}/archive", model=f"{engine_model}/model", out=out,
                                              files_per_task=6, max_quarantine_rate=1.0))

@@ -228,7 +228,7 @@ def test_summary_counts_render(engine_on_s3):
     text = summary.render()
     assert f"inputs {summary.inputs:>12}" not in text  # rendered with the featurized/quarantined split
     assert f"featurized {summary.featurized} + quarantined {summary.quarantined}" in text
-    assert Counter(summary.quarantine_kinds)["truncated"] == 1
+    assert Counter(summary.quarantine_kinds)["truncated"] == 2  # a .wav and a .flac cut short
     json.dumps(summary.__dict__)
 
 

@@ -1,0 +1,137 @@
+"""Bad inputs are data: a corpus of more than 100 broken objects under odd keys, multi-GB sparse
+files, and keys that look like paths out of DST. Nothing crashes or swells a worker, each broken
+object is quarantined with its own kind, counts add up, and nothing is written outside DST."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import FAST
+
+from melbatch import classify, featurize, samples, shards, storage
+from melbatch.config import AUDIO_EXTENSIONS, ClassifyConfig, FeaturizeConfig
+
+pytestmark = [pytest.mark.chaos, pytest.mark.ray]
+
+# Decodes every object of a folder in one process, as classify's decode stage does, and prints the
+# process's peak memory: a crash (segfault) would end it without output, a leak would show there.
+DECODE_ALL = """
+import json, resource, sys
+from melbatch import classify, storage
+refs = [[r.uri, r.etag, r.size] for r in storage.list_objects(sys.argv[1])]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import pyarrow as pa
+out = classify.decode_batch(pa.table({"batch": ["all"], "refs": [json.dumps(refs)]}), sys.argv[2], -70.0)
+row = out.to_pylist()[0]
+print(json.dumps({"quarantined": len(json.loads(row["quarantine"])), "files": len(json.loads(row["files"])),
+                  "before_kb": before, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _decode_in_a_fresh_process(folder: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", DECODE_ALL, folder, FAST.canonical_json()], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]  # no decoder crashed the process
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_corpus_of_over_100_bad_objects_is_quarantined_kind_by_kind(bucket, tiny_model, ray_session):
+    bad = samples.write_bad_corpus(f"{bucket}/archive", seed=3)
+    good = samples.make_archive(f"{bucket}/archive", "engine", files_per_class=2, seconds=3.0, seed=4)
+    assert len(bad) >= 100 and set(Counter(f.bad_kind for f in bad)) == {
+        "empty", "truncated", "corrupt", "not_audio", "bad_header", "non_finite", "silent", "too_short"}
+    s = featurize.run(FeaturizeConfig(src=f"{bucket}/archive", dst=f"{bucket}/features", features=FAST,
+                                      files_per_task=16), progress=False)
+    # .m4a and .aiff are not among the default --extensions: counted and named as skipped, not read
+    left_out = Counter("." + f.uri.rsplit(".", 1)[1].lower() for f in bad if f.uri.lower().endswith((".m4a", ".aiff")))
+    assert s.skipped == dict(left_out) and s.inputs == len(bad) + len(good) - left_out.total()
+    assert "objects the filters leave out" in s.render()
+    s = featurize.run(FeaturizeConfig(src=f"{bucket}/archive", dst=f"{bucket}/features", features=FAST,
+                                      files_per_task=16, extensions=AUDIO_EXTENSIONS, overwrite=True), progress=False)
+    assert s.inputs == len(bad) + len(good) == s.featurized + s.quarantined and not s.skipped
+    quarantine = {q["uri"]: q for q in shards.read_quarantine(f"{bucket}/features").to_pylist()}
+    wrong = [(f.uri, f.bad_kind, quarantine.get(f.uri, {}).get("kind")) for f in bad
+             if quarantine.get(f.uri, {}).get("kind") != f.bad_kind]
+    assert not wrong, wrong
+    assert all(q["message"] for q in quarantine.values()) and len(quarantine) == len(bad)
+    assert {r["uri"] for r in shards.iter_clips(f"{bucket}/features")} == {f.uri for f in good}
+    # classify's decode stage gives every broken object the same verdict
+    p = classify.run(ClassifyConfig(archive=f"{bucket}/archive", model=tiny_model, out=f"{bucket}/pred",
+                                    files_per_task=16, max_quarantine_rate=1.0, extensions=AUDIO_EXTENSIONS),
+                     progress=False)
+    assert p.inputs == p.classified + p.quarantined and p.classified == len(good)
+    assert {q["uri"]: q["kind"] for q in shards.read_quarantine(f"{bucket}/pred").to_pylist()} == {
+        u: q["kind"] for u, q in quarantine.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """An untrained model package with FAST features (what it predicts does not matter here)."""
+    from melbatch import model
+
+    out = str(tmp_path_factory.mktemp("tiny") / "model")
+    net = model.create_model("test_resnet", 2, FAST.shape, pretrained=False)
+    model.save_package(out, net, {"model_name": "test_resnet", "labels": ["faulty", "healthy"],
+                                  "feature_config": FAST.to_dict(), "config_hash": FAST.hash(),
+                                  "normalization": {"kind": "clip"}})
+    return out
+
+
+def test_no_bad_object_crashes_or_swells_the_decoding_process(tmp_path):
+    """All of the corpus and three 3 GB sparse files through one process: it survives, and its peak
+    memory stays far below the 9 GB the sparse files alone would take if anything read them whole."""
+    folder = str(tmp_path / "archive")
+    bad = samples.write_bad_corpus(folder, seed=5) + samples.write_sparse_files(f"{folder}/sparse", gigabytes=3.0)
+    assert sum(os.path.getsize(storage.filesystem(f.uri)[1]) for f in bad) > 9 * 2**30
+    r = _decode_in_a_fresh_process(folder)
+    assert r["quarantined"] == sum(f.bad_kind is not None for f in bad) and r["files"] == 1
+    assert (r["peak_kb"] - r["before_kb"]) * 1024 < 600e6, r  # the decoding itself, in bytes
+
+
+def test_sparse_multi_gb_files_are_judged_from_their_first_bytes(tmp_path, ray_session):
+    files = samples.write_sparse_files(str(tmp_path / "archive" / "big"), gigabytes=4.0)
+    s = featurize.run(FeaturizeConfig(src=str(tmp_path / "archive"), dst=str(tmp_path / "f"), features=FAST),
+                      progress=False)
+    kinds = {q["uri"]: q["kind"] for q in shards.read_quarantine(str(tmp_path / "f")).to_pylist()}
+    assert kinds == {f.uri: f.bad_kind for f in files if f.bad_kind}
+    assert s.featurized == 1 and s.clips == 2  # the 3 s recording before the hole: 0-2 s and a padded tail
+    assert s.elapsed_s < 60
+
+
+@pytest.mark.s3
+def test_keys_that_look_like_paths_out_of_dst_are_only_data(bucket, tmp_path, ray_session, tiny_model):
+    """Object keys with ``..``, ``//``, ``%2F``, ``?``, ``#`` and backslashes are read and named as
+    they are; every output lands inside DST (a local folder), and nothing is written anywhere else."""
+    x = samples.encode(samples.engine_sound(np.random.default_rng(0), 3.0, 16000, False), 16000, samples.FORMATS[0])
+    keys = ["healthy/../../../../escape.wav", "../up.wav", "healthy/..%2F..%2Fenc.wav", "healthy/./dot.wav",
+            "healthy//double.wav", "healthy/q?x=1&y=..%2F.wav", "healthy/h#frag.wav", "healthy/ back\\slash.wav",
+            "/abs/olute.wav"]
+    for k in keys:
+        storage.write_bytes(f"{bucket}/archive/{k}", x)
+    root = tmp_path / "jail"
+    root.mkdir()
+    before = set(os.listdir(tmp_path))
+    s = featurize.run(FeaturizeConfig(src=f"{bucket}/archive", dst=str(root / "features"), features=FAST),
+                      progress=False)
+    assert s.inputs == len(keys) == s.featurized  # read under the keys as listed, none lost
+    uris = {r["uri"] for r in shards.iter_clips(str(root / "features"))}
+    assert uris == {f"{bucket}/archive/{k}" for k in keys}
+    labels = Counter(r["label"] for r in shards.iter_clips(str(root / "features")))
+    assert "" not in labels and labels[".."] > 0  # a folder called ".." is a label, not a way up
+    p = classify.run(ClassifyConfig(archive=f"{bucket}/archive", model=tiny_model, out=str(root / "pred"),
+                                    max_quarantine_rate=0.0), progress=False)
+    assert p.classified == len(keys)
+    assert set(os.listdir(tmp_path)) == before  # nothing new beside the jail
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            real = os.path.realpath(os.path.join(dirpath, n))
+            assert real.startswith(str(root.resolve()) + os.sep), real
+    assert set(os.listdir(root)) == {"features", "pred"}
