@@ -56,15 +56,47 @@ def _kill_cluster(temp_dir: str, gcs_port: int) -> None:
     psutil.wait_procs(mine, timeout=20)
 
 
-@pytest.fixture(scope="module")
-def cluster(s3_endpoint):
-    """(dashboard address, {node_id: "head"|"worker"}) of a fresh two-node cluster."""
+def _alive_nodes(address: str) -> list:
     from ray.util.state import list_nodes
 
+    return [n for n in list_nodes(address=address) if n.state == "ALIVE"]
+
+
+def _wait_for_nodes(address: str, n: int) -> list:
+    deadline, nodes, error = time.time() + 90, [], None
+    while time.time() < deadline:
+        try:
+            nodes = _alive_nodes(address)
+        except Exception as e:  # the dashboard is still starting
+            nodes, error = [], e
+        if len(nodes) == n:
+            return nodes
+        time.sleep(1)
+    raise AssertionError(f"the cluster did not come up with {n} nodes: {nodes} (last error: {error})")
+
+
+def _worker_node_processes() -> list[psutil.Process]:
+    """The worker node's raylet (it alone has the worker_node resource) and everything it started."""
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("/raylet") and any("worker_node,1" in c for c in cmd):
+            with contextlib.suppress(psutil.Error):
+                procs += [p, *p.children(recursive=True)]
+    return procs
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint):
+    """(dashboard address, {node_id: "head"|"worker"}, start_worker) of a fresh two-node cluster;
+    ``start_worker()`` adds the worker node again after a test killed it."""
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     gcs, dash, agent_head, agent_worker, client = _free_ports(5)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0",
+           # a lost node is noticed within seconds (default: about 30 s of missed health checks)
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+           "RAY_health_check_failure_threshold": "3"}
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=300000000",
               "--disable-usage-stats"]
     head = [RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -73,23 +105,22 @@ def cluster(s3_endpoint):
     worker = [RAY, "start", f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={agent_worker}",
               '--resources={"worker_node": 1}', *common]
     address = f"http://127.0.0.1:{dash}"
+
+    def start(cmd: list[str]) -> None:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def start_worker() -> None:
+        start(worker)
+        _wait_for_nodes(address, 2)
+
     try:
-        for cmd in (head, worker):
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        deadline, nodes, error = time.time() + 90, [], None
-        while time.time() < deadline:
-            try:
-                nodes = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
-            except Exception as e:  # the dashboard is still starting
-                nodes, error = [], e
-            if len(nodes) == 2:
-                break
-            time.sleep(1)
-        assert len(nodes) == 2, f"the cluster did not come up with 2 nodes: {nodes} (last error: {error})"
+        start(head)
+        start(worker)
+        nodes = _wait_for_nodes(address, 2)
         roles = {n.node_id: "head" if "head_node" in (n.resources_total or {}) else "worker" for n in nodes}
         assert sorted(roles.values()) == ["head", "worker"]
-        yield address, roles
+        yield address, roles, start_worker
     finally:
         _kill_cluster(temp_dir, gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -102,7 +133,7 @@ def _submit(address: str, job: str, args: list[str], capsys) -> tuple[int, str]:
 
 
 def test_featurize_and_classify_jobs_run_on_both_nodes(cluster, engine_model, capsys):
-    address, roles = cluster
+    address, roles, _ = cluster
     b = engine_model
     files = samples.make_archive(f"{b}/cluster-archive", "engine", files_per_class=6, seconds=3.0, seed=41, bad=True)
 
@@ -131,7 +162,7 @@ def test_featurize_and_classify_jobs_run_on_both_nodes(cluster, engine_model, ca
 def test_a_failing_job_returns_its_exit_status_and_a_wrong_config_never_reaches_the_cluster(cluster, capsys):
     from ray.job_submission import JobSubmissionClient
 
-    address, _ = cluster
+    address, _, _ = cluster
     before = len(JobSubmissionClient(address).list_jobs())
     code, _ = _submit(address, "featurize", ["s3://no-such-bucket-here/x", "s3://no-such-bucket-here/y",
                                              "--n-mels", "4000"], capsys)
@@ -142,3 +173,59 @@ def test_a_failing_job_returns_its_exit_status_and_a_wrong_config_never_reaches_
     for info in JobSubmissionClient(address).list_jobs():  # no credential travels with a job
         meta = json.dumps([info.runtime_env, info.metadata, info.entrypoint])
         assert os.environ["AWS_SECRET_ACCESS_KEY"] not in meta and "AWS_SECRET_ACCESS_KEY" not in meta
+
+
+def _submit_and_kill_the_worker_node(address: str, job: str, args: list[str], title: str, capsys) -> tuple[int, str]:
+    """Submit a job, kill the whole worker node (raylet, workers, agents) as soon as it runs ``title``
+    there, and return the job's exit status and log once it ends."""
+    import threading
+
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(code=cli.main(
+        ["submit", job, "--address", address, "--working-dir", str(ROOT), "--", *args])))
+    t.start()
+    deadline, killed = time.time() + 120, []
+    while not killed and time.time() < deadline and t.is_alive():
+        procs = _worker_node_processes()
+        if any((p.cmdline() or [""])[0].startswith(title) for p in procs if p.is_running()):
+            time.sleep(0.5)  # in the middle of its work
+            for p in _worker_node_processes():
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+                    killed.append(p.pid)
+        time.sleep(0.1)
+    t.join(300)
+    out = capsys.readouterr()
+    assert killed, "the worker node never ran " + title
+    return result.get("code", -1), out.out + out.err
+
+
+@pytest.mark.chaos
+def test_a_worker_node_lost_in_the_middle_of_featurize_and_classify(cluster, small_archive, small_predictions,
+                                                                   engine_model, faults, capsys):
+    """The worker node dies (every process of it, SIGKILL) while it runs featurize batches, and again
+    while it decodes for classify: the jobs finish on the head and commit the fault-free output."""
+    from conftest import SMALL_FEATURIZE_ARGS
+    from outputs import assert_no_garbage, classify_digest, featurize_digest
+
+    address, _, start_worker = cluster
+    b, _, oracle = small_archive
+    # slow reads keep every batch busy for a second or more, so the node dies mid-work
+    faults.inject({"kind": "delay", "seconds": 0.4, "method": "GET", "target": f"^/{b.removeprefix('s3://')}/archive/"})
+    code, out = _submit_and_kill_the_worker_node(
+        address, "featurize", [f"{b}/archive", f"{b}/features-node-lost", *SMALL_FEATURIZE_ARGS, "--no-progress"],
+        "ray::featurize_batch", capsys)
+    assert code == 0, out
+    assert featurize_digest(f"{b}/features-node-lost") == oracle
+    assert_no_garbage(f"{b}/features-node-lost", ("shards",))
+    assert len(_alive_nodes(address)) == 1
+
+    start_worker()
+    code, out = _submit_and_kill_the_worker_node(
+        address, "classify", [f"{b}/archive", f"{engine_model}/model", f"{b}/pred-node-lost", "--files-per-task", "3",
+                              "--max-quarantine-rate", "1", "--cpus-per-actor", "0.5", "--no-progress"],
+        "ray::MapBatches(decode_batch)", capsys)
+    faults.clear()
+    assert code == 0, out
+    assert classify_digest(f"{b}/pred-node-lost") == small_predictions
+    assert_no_garbage(f"{b}/pred-node-lost", ("files", "clips"))
