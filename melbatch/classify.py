@@ -8,11 +8,15 @@ Top-down:
    (:func:`batch_plan`). Batches an earlier attempt finished (their part file exists) are skipped.
 3. One Ray Data pipeline streams the remaining batches, one row per batch:
    :func:`decode_batch` (CPU tasks: read → decode → clips → log-mel, the featurize code path, with
-   the package's feature config) → :class:`Predictor` (an actor pool that loads the package once
-   per actor; GPUs with ``use_gpu``) → :func:`write_batch` (CPU tasks: ``clips/<batch>.parquet``,
-   ``files/<batch>.parquet``, then ``_parts/<batch>.json``). A batch is written whole, by one
-   task, under its own name, so retries and re-runs never duplicate rows; Ray Data's backpressure
-   keeps only a few batches in flight whatever the archive's size.
+   the package's feature config; the images leave in chunks of at most :data:`CHUNK_BYTES`) →
+   :class:`Predictor` (an actor pool that loads the package once per actor; GPUs with
+   ``use_gpu``) → :func:`write_batch` (CPU tasks: ``clips/<batch>-<chunk>.parquet``; a batch that
+   came in one chunk, the usual case, is finished there: ``files/<batch>.parquet``, then
+   ``_parts/<batch>.json``; the driver finishes a batch of several chunks once all are written,
+   :func:`finish_batch`). Outputs are named after their batch, so retries and re-runs never
+   duplicate rows; Ray Data's backpressure keeps only a few chunks in flight, and a file's clips
+   wait on local disk beyond :data:`~melbatch.features.SPILL_BYTES`, so memory is bounded whatever the archive's size or the
+   length of its recordings.
 4. The driver writes ``quarantine.parquet``, then ``_manifest.json`` last, then deletes what earlier
    attempts left that the manifest does not name.
 
@@ -26,6 +30,7 @@ import io
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,7 +40,7 @@ import pyarrow as pa
 from melbatch import __version__, storage
 from melbatch.audio import DecodeError
 from melbatch.config import SCHEMA_VERSION, ClassifyConfig, ConfigError, FeatureConfig
-from melbatch.features import logmels_of_object
+from melbatch.features import SPILL_BYTES, logmels_of_object
 from melbatch.model import ModelError, package_root, read_package_meta
 from melbatch.runs import (
     audio_line,
@@ -68,6 +73,9 @@ from melbatch.shards import (
 
 URI = str
 DECODE_WORKER_BYTES = 400e6
+# Images travel from the decoders to the model in chunks of at most this many bytes (about 10 minutes
+# of audio at the default features), so a batch of any length of audio passes in bounded memory.
+CHUNK_BYTES = 16 * 2**20
 AGGREGATION = "mean of clip probabilities per label; the highest mean is the file's label and probability"
 
 
@@ -188,9 +196,16 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     bar.update(sum(len(b) for bid, b in batches if bid in results))
     if todo:
         init_ray(cfg.address)
+        chunks: dict[str, list[dict[str, Any]]] = {}  # batches that came in several chunks, until all are in
         try:
             for row in pipeline(cfg, meta, out, todo).iter_rows():
                 r = json.loads(row["result"])
+                if "chunk" in r:
+                    parts = chunks.setdefault(r["batch"], [])
+                    parts.append(r["chunk"])
+                    if not _complete(parts):
+                        continue
+                    r = finish_batch(out, r["batch"], chunks.pop(r["batch"]), meta)
                 results[r["batch"]] = r
                 bar.update(r["classified"] + len(r["quarantine"]))
                 crash_point("classify:batch")
@@ -252,7 +267,7 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
     # fuses stages with equal resource requests), which would decode on the actors' CPUs one batch at a
     # time instead of on every CPU.
     ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
-                        memory=DECODE_WORKER_BYTES + 4 * cfg.task_mb * 1e6,
+                        memory=DECODE_WORKER_BYTES + 2 * CHUNK_BYTES + SPILL_BYTES,
                         fn_kwargs={"features_json": features_json, "silence_dbfs": cfg.silence_dbfs})
     ds = ds.map_batches(Predictor, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -262,7 +277,8 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
                                                "use_gpu": cfg.use_gpu, "threads": max(1, int(cfg.cpus_per_actor))})
     # writers are light (a fraction of a CPU) and few: each is a process that would otherwise linger
     return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                          compute=ray.data.TaskPoolStrategy(size=max(1, actors)), fn_kwargs={"out": out})
+                          compute=ray.data.TaskPoolStrategy(size=max(1, actors)), fn_kwargs={"out": out, "meta": {
+                              k: meta[k] for k in ("labels", "model_id", "config_hash")}})
 
 
 def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], summary: Summary,
@@ -308,39 +324,55 @@ def _from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
-def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> pa.Table:
-    """Stage 1 (CPU task): the batch's objects → their clips' log-mel images, or quarantine rows."""
+def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> Iterator[pa.Table]:
+    """Stage 1 (CPU task): a work batch's objects → their clips' log-mel images, in chunks.
+
+    One output row per chunk of at most :data:`CHUNK_BYTES` of images (``seq`` 0, 1, ...; the last
+    has ``last`` set and carries the batch's file details and quarantine rows), so a batch of any
+    length of audio passes through in bounded memory. A file's clips join a chunk only once the file
+    is known to be good (:class:`~melbatch.features.StagedClips`).
+    """
     import torch
 
     torch.set_num_threads(1)  # parallelism comes from Ray tasks
     cfg = FeatureConfig.from_dict(json.loads(features_json))
-    out: dict[str, list] = {"batch": [], "files": [], "clips": [], "mel": [], "quarantine": [], "node": []}
+    per_chunk = max(1, int(CHUNK_BYTES // (np.dtype(cfg.dtype).itemsize * cfg.shape[0] * cfg.shape[1])))
     for row in batch.to_pylist():
-        files, clips, mels, quarantine = [], [], [], []
+        files, quarantine, clips, seq = [], [], [], 0
+        mels = np.empty((per_chunk, *cfg.shape), cfg.dtype)  # filled in place: no list of small arrays
         for uri, etag, size in json.loads(row["refs"]):
             ref = storage.ObjectRef(uri, etag, size)
             try:
-                info, pairs = storage.retrying(lambda r=ref: logmels_of_object(r, cfg, silence_dbfs))
+                info, staged = storage.retrying(lambda r=ref: logmels_of_object(r, cfg, silence_dbfs))
             except DecodeError as e:
                 quarantine.append(quarantine_row(ref, e))
                 continue
             files.append({"uri": uri, "etag": etag, "size": size, "decoder": info.decoder,
                           "duration_s": info.decoded_frames / info.sample_rate_hz,
                           "source_sample_rate_hz": info.sample_rate_hz, "source_channels": info.channels})
-            for clip, mel in pairs:
-                clips.append([len(files) - 1, clip.index, clip.start_s, clip.end_s])
-                mels.append(mel)
-        out["batch"].append(row["batch"])
-        out["files"].append(json.dumps(files))
-        out["clips"].append(json.dumps(clips))
-        out["mel"].append(np.stack(mels).tobytes() if mels else b"")
-        out["quarantine"].append(json.dumps(quarantine))
-        out["node"].append(this_node())
-    return pa.table({k: pa.array(v, pa.binary() if k == "mel" else pa.string()) for k, v in out.items()})
+            with staged:
+                for clip, mel in staged:
+                    mels[len(clips)] = mel
+                    clips.append([uri, etag, clip.index, clip.start_s, clip.end_s])
+                    if len(clips) == per_chunk:
+                        yield _chunk_row(row["batch"], seq, False, clips, mels, [], [])
+                        clips, seq = [], seq + 1
+                        mels = np.empty_like(mels)
+        yield _chunk_row(row["batch"], seq, True, clips, mels[: len(clips)], files, quarantine)
+
+
+def _chunk_row(bid: str, seq: int, last: bool, clips: list, mels: np.ndarray, files: list,
+               quarantine: list) -> pa.Table:
+    data = pa.py_buffer(np.ascontiguousarray(mels))  # the images' bytes as they are, not copied
+    mel = pa.BinaryArray.from_buffers(pa.binary(), 1, [None, pa.py_buffer(np.array([0, data.size], np.int32)), data])
+    return pa.table({"batch": [bid], "seq": pa.array([seq], pa.int32()), "last": [last],
+                     "clips": [json.dumps(clips)], "mel": mel,
+                     "files": [json.dumps(files)], "quarantine": [json.dumps(quarantine)], "node": [this_node()]})
 
 
 class Predictor:
-    """Stage 2 (actor): loads the model package once, then turns a batch's images into predictions."""
+    """Stage 2 (actor): loads the model package once, then turns a chunk's images into predictions:
+    the chunk's clip table and, per file, the sum of its clips' probabilities and their number."""
 
     def __init__(self, model_uri: URI, batch_size: int, top_k: int, embeddings: bool, use_gpu: bool,
                  threads: int) -> None:
@@ -357,22 +389,25 @@ class Predictor:
         self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_gpu)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out: dict[str, list] = {"batch": [], "clips": [], "files": [], "result": []}
-        for row in batch.to_pylist():
-            files, clips = json.loads(row["files"]), json.loads(row["clips"])
+        rows = batch.to_pylist()
+        out: dict[str, list] = {"batch": [], "seq": [], "clips": [], "result": []}
+        for row in rows:
+            clips = json.loads(row["clips"])
             probs, emb = self._predict(row["mel"], len(clips))
-            clip_table, file_table = self._tables(files, clips, probs, emb)
-            labels = Counter(file_table.column("label").to_pylist())
-            result = {"batch": row["batch"], "classified": len(files), "clips": len(clips),
-                      "audio_s": sum(f["duration_s"] for f in files), "quarantine": json.loads(row["quarantine"]),
-                      "labels": dict(labels), "decoders": dict(Counter(f["decoder"] for f in files)),
-                      "nodes": {row["node"]: 1}}
+            sums: dict[str, list] = {}
+            for c, p in zip(clips, probs, strict=True):
+                acc = sums.setdefault(c[0], [np.zeros(len(self.labels), np.float64), 0])
+                acc[0] += p
+                acc[1] += 1
             out["batch"].append(row["batch"])
-            out["clips"].append(_ipc(clip_table))
-            out["files"].append(_ipc(file_table))
-            out["result"].append(json.dumps(result))
-        return pa.table({"batch": pa.array(out["batch"], pa.string()), "clips": pa.array(out["clips"], pa.binary()),
-                         "files": pa.array(out["files"], pa.binary()), "result": pa.array(out["result"], pa.string())})
+            out["seq"].append(row["seq"])
+            out["clips"].append(_ipc(self._clip_table(clips, probs, emb)))
+            out["result"].append(json.dumps({
+                "seq": row["seq"], "last": row["last"], "clips": len(clips), "node": row["node"],
+                "sums": {u: [a.tolist(), n] for u, (a, n) in sums.items()},
+                "files": json.loads(row["files"]), "quarantine": json.loads(row["quarantine"])}))
+        return pa.table({"batch": pa.array(out["batch"], pa.string()), "seq": pa.array(out["seq"], pa.int32()),
+                         "clips": pa.array(out["clips"], pa.binary()), "result": pa.array(out["result"], pa.string())})
 
     def _predict(self, mel_bytes: bytes, n: int) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
@@ -392,52 +427,80 @@ class Predictor:
         empty = np.zeros((0, len(self.labels)), np.float32)
         return (np.concatenate(probs) if probs else empty), (np.concatenate(embs) if embs else None)
 
-    def _tables(self, files: list[dict], clips: list[list], probs: np.ndarray,
-                emb: np.ndarray | None) -> tuple[pa.Table, pa.Table]:
+    def _clip_table(self, clips: list[list], probs: np.ndarray, emb: np.ndarray | None) -> pa.Table:
         labels = np.array(self.labels, dtype=object)
-        ident = {"model_id": self.meta["model_id"], "config_hash": self.meta["config_hash"]}
         top = np.argsort(-probs, axis=1, kind="stable")[:, : self.k]
-        file_of = np.array([c[0] for c in clips], dtype=np.int64)
-        clip_cols: dict[str, Any] = {
-            "uri": [files[c[0]]["uri"] for c in clips], "etag": [files[c[0]]["etag"] for c in clips],
-            "clip_index": [c[1] for c in clips], "start_s": [c[2] for c in clips], "end_s": [c[3] for c in clips],
+        cols: dict[str, Any] = {
+            "uri": [c[0] for c in clips], "etag": [c[1] for c in clips], "clip_index": [c[2] for c in clips],
+            "start_s": [c[3] for c in clips], "end_s": [c[4] for c in clips],
             "label": labels[top[:, 0]].tolist() if len(clips) else [],
             "probability": np.take_along_axis(probs, top[:, :1], 1)[:, 0] if len(clips) else [],
             "top_labels": labels[top].tolist(), "top_probabilities": np.take_along_axis(probs, top, 1).tolist(),
-            **{k: [v] * len(clips) for k, v in ident.items()},
+            "model_id": [self.meta["model_id"]] * len(clips), "config_hash": [self.meta["config_hash"]] * len(clips),
         }
         dim = 0
         if emb is not None:
             dim = emb.shape[1]
-            clip_cols["embedding"] = emb.tolist()
-        clip_table = pa.Table.from_pydict(clip_cols, schema=clip_prediction_schema(self.k, dim))
-        scores = np.stack([probs[file_of == i].mean(0) for i in range(len(files))]) if files else probs[:0]
-        best = scores.argmax(1) if len(files) else np.zeros(0, np.int64)
-        file_cols = {
-            **{k: [f[k] for f in files] for k in ("uri", "etag", "size", "duration_s", "decoder",
-                                                  "source_sample_rate_hz", "source_channels")},
-            "label": labels[best].tolist(), "probability": scores[np.arange(len(files)), best].tolist(),
-            "clips": np.bincount(file_of, minlength=len(files)).tolist(), "scores": scores.tolist(),
-            **{k: [v] * len(files) for k, v in ident.items()},
-        }
-        return clip_table, pa.Table.from_pydict(file_cols, schema=file_prediction_schema(self.labels))
+            cols["embedding"] = emb.tolist()
+        return pa.Table.from_pydict(cols, schema=clip_prediction_schema(self.k, dim))
 
 
-def write_batch(batch: pa.Table, out: URI) -> pa.Table:
-    """Stage 3 (CPU task): the batch's Parquet files, then its part file (which marks it done)."""
+def write_batch(batch: pa.Table, out: URI, meta: dict[str, Any]) -> pa.Table:
+    """Stage 3 (CPU task): a chunk's clip predictions as ``clips/<batch>-<seq>.parquet``. A batch that
+    came in one chunk (the usual case) is finished here: its per-file verdicts, then its part file,
+    which marks it done. The chunks of a longer batch go back to the driver, which finishes it
+    once all are written (:func:`finish_batch`)."""
     results = []
     for row in batch.to_pylist():
-        bid, result = row["batch"], json.loads(row["result"])
-        result["outputs"] = {}
-        for d in PREDICTION_DIRS:
-            table = _from_ipc(row[d])
-            if table.num_rows:
-                rel = f"{d}/{bid}.parquet"
-                write_table(storage.join(out, rel), table)
-                result["outputs"][d] = [rel]
-        write_part(out, bid, result)
-        results.append(json.dumps(result))
+        bid, chunk = row["batch"], json.loads(row["result"])
+        table = _from_ipc(row["clips"])
+        chunk["clips_file"] = None
+        if table.num_rows:
+            chunk["clips_file"] = f"clips/{bid}-{chunk['seq']:05d}.parquet"
+            write_table(storage.join(out, chunk["clips_file"]), table)
+        if chunk["seq"] == 0 and chunk["last"]:
+            results.append(json.dumps(finish_batch(out, bid, [chunk], meta)))
+        else:
+            results.append(json.dumps({"batch": bid, "chunk": chunk}))
     return pa.table({"result": pa.array(results, pa.string())})
 
 
-__all__ = ["AGGREGATION", "MANIFEST", "Predictor", "Summary", "batch_plan", "preflight", "run"]
+def _complete(chunks: list[dict[str, Any]]) -> bool:
+    """Whether every chunk of a batch is in: the last one and all before it."""
+    last = [c["seq"] for c in chunks if c["last"]]
+    return bool(last) and len(chunks) == last[0] + 1
+
+
+def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """A batch whose chunks are all written: its per-file verdicts (``files/<batch>.parquet``: the mean
+    of each file's clip probabilities, the best label wins), then its part file; returns its result."""
+    chunks = sorted(chunks, key=lambda c: c["seq"])
+    files, labels = chunks[-1]["files"], meta["labels"]
+    sums: dict[str, tuple[np.ndarray, int]] = {}
+    for c in chunks:
+        for uri, (total, n) in c["sums"].items():
+            acc, m = sums.get(uri, (np.zeros(len(labels)), 0))
+            sums[uri] = (acc + np.asarray(total), m + n)
+    scores = np.stack([sums[f["uri"]][0] / sums[f["uri"]][1] for f in files]) if files else np.zeros((0, len(labels)))
+    best = scores.argmax(1) if files else np.zeros(0, np.int64)
+    table = pa.Table.from_pydict({
+        **{k: [f[k] for f in files] for k in ("uri", "etag", "size", "duration_s", "decoder", "source_sample_rate_hz",
+                                              "source_channels")},
+        "label": [labels[i] for i in best], "probability": scores[np.arange(len(files)), best].tolist(),
+        "clips": [sums[f["uri"]][1] for f in files], "scores": scores.tolist(),
+        "model_id": [meta["model_id"]] * len(files), "config_hash": [meta["config_hash"]] * len(files),
+    }, schema=file_prediction_schema(labels))
+    outputs = {"clips": [c["clips_file"] for c in chunks if c["clips_file"]]}
+    if files:
+        outputs["files"] = [f"files/{bid}.parquet"]
+        write_table(storage.join(out, outputs["files"][0]), table)
+    result = {"batch": bid, "classified": len(files), "clips": sum(c["clips"] for c in chunks),
+              "audio_s": sum(f["duration_s"] for f in files), "quarantine": chunks[-1]["quarantine"],
+              "labels": dict(Counter(table.column("label").to_pylist())),
+              "decoders": dict(Counter(f["decoder"] for f in files)),
+              "nodes": dict(Counter(c["node"] for c in chunks if c["seq"] == 0)), "outputs": outputs}
+    write_part(out, bid, result)
+    return result
+
+
+__all__ = ["AGGREGATION", "MANIFEST", "Predictor", "Summary", "batch_plan", "finish_batch", "preflight", "run"]

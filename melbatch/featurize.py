@@ -275,9 +275,11 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
             except DecodeError as e:
                 result["quarantine"].append(quarantine_row(ref, e))
                 continue
-            writer.add([ClipRow(ref.uri, ref.etag, ref.size, label, c.index, c.start_s, c.end_s, info.decoder,
-                                info.sample_rate_hz, info.channels, mel, c.samples if keep_audio else None)
-                        for c, mel in clips])
+            with clips:  # the writer takes them a row group at a time, however long the file
+                for c, mel in clips:
+                    writer.add([ClipRow(ref.uri, ref.etag, ref.size, label, c.index, c.start_s, c.end_s,
+                                        info.decoder, info.sample_rate_hz, info.channels, mel,
+                                        c.samples if keep_audio else None)])
             result["featurized"] += 1
             result["clips"] += len(clips)
             result["audio_s"] += info.decoded_frames / info.sample_rate_hz

@@ -189,3 +189,19 @@ def small_predictions(small_archive, engine_model):
     b = small_archive[0]
     classify.run(small_classify(b, engine_model, "pred-clean"), progress=False)
     return classify_digest(f"{b}/pred-clean")
+
+
+def decode_images(refs: list, features: FeatureConfig, silence_dbfs: float = -70.0):
+    """classify's decode stage run here on ``refs``: (images of all chunks, in order, as one array;
+    the last chunk's row with the files and quarantine rows)."""
+    import json
+
+    import pyarrow as pa
+
+    from melbatch import classify
+
+    table = pa.table({"batch": ["b"], "refs": [json.dumps([[r.uri, r.etag, r.size] for r in refs])]})
+    rows = [r for t in classify.decode_batch(table, features.canonical_json(), silence_dbfs) for r in t.to_pylist()]
+    assert [r["seq"] for r in rows] == list(range(len(rows))) and rows[-1]["last"]
+    mels = [np.frombuffer(r["mel"], dtype=np.dtype(features.dtype)).reshape(-1, *features.shape) for r in rows]
+    return np.concatenate(mels), rows[-1]

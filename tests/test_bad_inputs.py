@@ -27,8 +27,8 @@ from melbatch import classify, storage
 refs = [[r.uri, r.etag, r.size] for r in storage.list_objects(sys.argv[1])]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 import pyarrow as pa
-out = classify.decode_batch(pa.table({"batch": ["all"], "refs": [json.dumps(refs)]}), sys.argv[2], -70.0)
-row = out.to_pylist()[0]
+for out in classify.decode_batch(pa.table({"batch": ["all"], "refs": [json.dumps(refs)]}), sys.argv[2], -70.0):
+    row = out.to_pylist()[0]
 print(json.dumps({"quarantined": len(json.loads(row["quarantine"])), "files": len(json.loads(row["files"])),
                   "before_kb": before, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """

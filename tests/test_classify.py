@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST
+from conftest import FAST, decode_images
 
 from melbatch import classify, cli, samples, shards, storage
 from melbatch.config import ClassifyConfig, ConfigError
@@ -78,8 +78,7 @@ def test_classify_makes_the_images_featurize_makes(engine, tmp_path):
     rows = [r for r in shards.iter_clips(f"{b}/features")]
     uri = rows[0]["uri"]
     ref = next(r for r in storage.list_objects(f"{b}/train-archive") if r.uri == uri)
-    out = classify.decode_batch(_refs_table([ref]), FAST.canonical_json(), -70.0).to_pylist()[0]
-    mels = np.frombuffer(out["mel"], dtype=np.float16).reshape(-1, *FAST.shape)
+    mels, _ = decode_images([ref], FAST)
     stored = sorted((r for r in rows if r["uri"] == uri), key=lambda r: r["clip_index"])
     assert len(mels) == len(stored) and all(np.array_equal(m, r["mel"]) for m, r in zip(mels, stored, strict=True))
 
@@ -98,7 +97,7 @@ def test_rerun_is_a_noop_and_a_lost_batch_is_redone_without_duplicates(engine):
     manifest = shards.read_manifest(cfg.out)
     lost = manifest["files"][0]
     bid = lost.split("/")[-1].removesuffix(".parquet")
-    storage.delete([storage.join(cfg.out, p) for p in (lost, f"clips/{bid}.parquet", f"_parts/{bid}.json",
+    storage.delete([storage.join(cfg.out, p) for p in (lost, f"clips/{bid}-00000.parquet", f"_parts/{bid}.json",
                                                        "_manifest.json")])
     third = classify.run(cfg, progress=False)
     assert third.resumed_batches == third.batches - 1

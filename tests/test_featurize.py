@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST, new_bucket
+from conftest import FAST, decode_images, new_bucket
 
 from melbatch import featurize, samples, shards, storage
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
@@ -261,7 +261,6 @@ def test_feature_engineering_steps_are_applied_alike_by_featurize_classify_and_t
     the same images, and train's batched recomputation from the stored waveforms agrees."""
     import torch
 
-    from melbatch import classify
     from melbatch.features import logmel_tensor
 
     steps = FeatureConfig(**{**FAST.to_dict(), "denoise": "gate", "band_emphasis": ((1000.0, 4000.0, 6.0),),
@@ -276,9 +275,7 @@ def test_feature_engineering_steps_are_applied_alike_by_featurize_classify_and_t
     plain = compute_logmel(rows[0]["audio"], FAST)
     assert np.abs(rows[0]["mel"].astype(np.float32) - plain).mean() > 5  # the steps changed the picture
     ref = next(r for r in storage.list_objects(str(src)) if r.uri == rows[0]["uri"])
-    table = classify.pa.table({"batch": ["b"], "refs": [json.dumps([[ref.uri, ref.etag, ref.size]])]})
-    decoded = classify.decode_batch(table, steps.canonical_json(), -70.0).to_pylist()[0]
-    mels = np.frombuffer(decoded["mel"], dtype=np.float16).reshape(-1, *steps.shape)
+    mels, _ = decode_images([ref], steps)
     mine = sorted((r for r in rows if r["uri"] == ref.uri), key=lambda r: r["clip_index"])
     assert all(np.array_equal(m, r["mel"]) for m, r in zip(mels, mine, strict=True))  # classify: same bytes
     with torch.inference_mode():
