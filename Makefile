@@ -15,7 +15,7 @@ MODEL ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: help setup system-deps test test-fast demo bench bench-train bench-classify figure lint format \
+.PHONY: help setup system-deps test test-fast chaos demo bench bench-train bench-classify figure lint format \
         featurize train classify scan results report image image-cuda clean
 
 help:  ## list the targets
@@ -40,6 +40,9 @@ test: setup  ## the whole suite (local S3 server and local Ray are started by th
 
 test-fast: setup  ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+chaos: setup  ## the fault-injection suite alone (also part of make test); ends with the table of faults injected
+	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
 demo: setup  ## sample archive -> featurize -> train a tiny model -> classify new recordings, locally
 	$(VENV)/bin/melbatch demo --dir demo-output

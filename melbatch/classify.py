@@ -15,8 +15,8 @@ Top-down:
    ``_parts/<batch>.json``; the driver finishes a batch of several chunks once all are written,
    :func:`finish_batch`). Outputs are named after their batch, so retries and re-runs never
    duplicate rows; Ray Data's backpressure keeps only a few chunks in flight, and a file's clips
-   wait on local disk beyond :data:`~melbatch.features.SPILL_BYTES`, so memory is bounded whatever the archive's size or the
-   length of its recordings.
+   wait on local disk beyond :data:`~melbatch.features.SPILL_BYTES`, so memory is bounded whatever
+   the archive's size or the length of its recordings.
 4. The driver writes ``quarantine.parquet``, then ``_manifest.json`` last, then deletes what earlier
    attempts left that the manifest does not name.
 

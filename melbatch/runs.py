@@ -133,7 +133,11 @@ def collect_garbage(dst: URI, folders: Iterable[str], keep: set[str], batch_ids:
     parts_root = storage.join(dst, PARTS_DIR)
     stale += [u for u in storage.list_files(parts_root)
               if storage.relative(u, parts_root).removesuffix(".json") not in batch_ids]
-    storage.delete(stale)
+    try:
+        storage.delete(stale)
+    except storage.StorageError as e:  # the output is committed already; what is left is invisible to readers
+        print(f"warning: could not delete {len(stale)} file(s) that earlier attempts left in {dst} ({e}); "
+              "readers never see them, and the next run that commits there deletes them", file=sys.stderr)
 
 
 def progress(total: int, enabled: bool, desc: str, unit: str = "file"):

@@ -17,6 +17,7 @@ import functools
 import io
 import os
 import posixpath
+import sys
 import time
 import uuid
 from collections import Counter
@@ -124,9 +125,11 @@ def retrying(call: Callable[[], T], tries: int = CALL_TRIES, pause_s: float = 1.
     for i in range(tries):
         try:
             return call()
-        except TransientStorageError:
+        except TransientStorageError as e:
             if i == tries - 1:
                 raise
+            print(f"warning: {e}; trying again in {pause_s * 2**i:g} s (round {i + 2} of {tries})", file=sys.stderr,
+                  flush=True)  # in the job's log: the store is in trouble before the run stops
             time.sleep(pause_s * 2**i)
     raise AssertionError("unreachable")
 

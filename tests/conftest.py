@@ -126,20 +126,40 @@ def tone(freq_hz: float, seconds: float, sr: int, amp: float = 0.3) -> np.ndarra
 
 
 @pytest.fixture(scope="session")
-def engine_model(ray_session) -> str:
-    """A tiny model trained once per session on FAST features of an engine archive: ``s3://<bucket>``
-    holding ``train-archive/``, ``features/`` and the train OUT ``model/``. (How well training learns is
-    test_train's business; here a usable model is enough: clip accuracy >= 0.8, file verdicts do better.)"""
+def engine_training(ray_session):
+    """``(bucket, train config, metrics, the crash's message)``: the session's one Ray Train run, on FAST
+    features of a separable engine archive (``train-archive/`` → ``features/`` → train OUT ``model/``),
+    2 workers, 6 epochs. It crashes after epoch 3 (``MELBATCH_CRASH_AT=raise:3``) and the same config
+    run again resumes it: test_train checks that it resumed and learned, the other tests use the model.
+
+    Without waveform augmentation: on this little data it slows learning enough that 6 epochs sometimes
+    end below 90% (measured: with it, 0.63-0.8 at epoch 4; without, 0.93-1.0)."""
     from melbatch import featurize, samples, train
     from melbatch.config import FeaturizeConfig, TrainConfig
 
     b = new_bucket()
-    samples.make_archive(f"{b}/train-archive", "engine", files_per_class=16, seconds=5.0, seed=11)
+    samples.make_archive(f"{b}/train-archive", "engine", files_per_class=24, seconds=5.0, seed=5)
     featurize.run(FeaturizeConfig(src=f"{b}/train-archive", dst=f"{b}/features", features=FAST, files_per_task=8),
                   progress=False)
-    m = train.run(TrainConfig(shards=f"{b}/features", out=f"{b}/model", model="test_resnet", pretrained=False,
-                              epochs=6, batch_size=8, workers=1, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0,
-                              max_failures=0, wave_augment=False))  # learns surely in 6 epochs (see test_train)
+    cfg = TrainConfig(shards=f"{b}/features", out=f"{b}/model", model="test_resnet", pretrained=False, epochs=6,
+                      batch_size=8, workers=2, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0, max_failures=0,
+                      wave_augment=False)
+    os.environ["MELBATCH_CRASH_AT"] = "raise:3"
+    try:
+        train.run(cfg)
+        crash = None
+    except Exception as e:
+        crash = str(e)
+    finally:
+        del os.environ["MELBATCH_CRASH_AT"]
+    return b, cfg, train.run(cfg), crash
+
+
+@pytest.fixture(scope="session")
+def engine_model(engine_training) -> str:
+    """``s3://<bucket>`` holding the session's trained model (``model/``), its ``features/`` and
+    ``train-archive/``. A usable model: clip accuracy >= 0.8 (test_train asks more)."""
+    b, _, m, _ = engine_training
     assert m["val_accuracy"] >= 0.8, m["epochs"]
     return b
 
@@ -205,3 +225,45 @@ def decode_images(refs: list, features: FeatureConfig, silence_dbfs: float = -70
     assert [r["seq"] for r in rows] == list(range(len(rows))) and rows[-1]["last"]
     mels = [np.frombuffer(r["mel"], dtype=np.dtype(features.dtype)).reshape(-1, *features.shape) for r in rows]
     return np.concatenate(mels), rows[-1]
+
+
+def ray_logs_dir():
+    """The log folder of the session's Ray (driver, raylet and every worker's output)."""
+    from pathlib import Path
+
+    import ray
+
+    return Path(ray._private.worker._global_node.get_logs_dir_path())
+
+
+# --------------------------------------------------------------------------------------------- chaos table
+
+_CHAOS: list[tuple[str, str, str, str]] = []
+
+
+@pytest.fixture
+def chaos_log(request):
+    """``chaos_log(fault, injected, runs, outcome)``: a row of the table of faults injected that the
+    session prints at its end (``make chaos``); the row is kept only if the test passes."""
+    rows: list[tuple[str, str, str, str]] = []
+    yield lambda fault, injected, runs, outcome: rows.append((fault, str(injected), str(runs), outcome))
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.passed:
+        _CHAOS.extend(rows)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    if rep.when == "call":
+        item.rep_call = rep
+    return rep
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _CHAOS:
+        return
+    widths = [max(len(r[i]) for r in [*_CHAOS, ("fault injected", "injected", "runs", "outcome")]) for i in range(4)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    terminalreporter.section("faults injected (tests that passed)")
+    for r in [("fault injected", "injected", "runs", "outcome"), tuple("-" * w for w in widths), *_CHAOS]:
+        terminalreporter.write_line(line(r))

@@ -43,7 +43,7 @@ def _decode_in_a_fresh_process(folder: str) -> dict:
 
 @pytest.mark.s3
 @pytest.mark.slow
-def test_a_corpus_of_over_100_bad_objects_is_quarantined_kind_by_kind(bucket, tiny_model, ray_session):
+def test_a_corpus_of_over_100_bad_objects_is_quarantined_kind_by_kind(bucket, tiny_model, ray_session, chaos_log):
     bad = samples.write_bad_corpus(f"{bucket}/archive", seed=3)
     good = samples.make_archive(f"{bucket}/archive", "engine", files_per_class=2, seconds=3.0, seed=4)
     assert len(bad) >= 100 and set(Counter(f.bad_kind for f in bad)) == {
@@ -70,6 +70,8 @@ def test_a_corpus_of_over_100_bad_objects_is_quarantined_kind_by_kind(bucket, ti
     assert p.inputs == p.classified + p.quarantined and p.classified == len(good)
     assert {q["uri"]: q["kind"] for q in shards.read_quarantine(f"{bucket}/pred").to_pylist()} == {
         u: q["kind"] for u, q in quarantine.items()}
+    chaos_log(f"bad objects under odd keys ({len(Counter(f.bad_kind for f in bad))} kinds)", len(bad), 3,
+              "each quarantined with its own kind by featurize and classify; counts add up")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def tiny_model(tmp_path_factory) -> str:
     return out
 
 
-def test_no_bad_object_crashes_or_swells_the_decoding_process(tmp_path):
+def test_no_bad_object_crashes_or_swells_the_decoding_process(tmp_path, chaos_log):
     """All of the corpus and three 3 GB sparse files through one process: it survives, and its peak
     memory stays far below the 9 GB the sparse files alone would take if anything read them whole."""
     folder = str(tmp_path / "archive")
@@ -94,9 +96,11 @@ def test_no_bad_object_crashes_or_swells_the_decoding_process(tmp_path):
     r = _decode_in_a_fresh_process(folder)
     assert r["quarantined"] == sum(f.bad_kind is not None for f in bad) and r["files"] == 1
     assert (r["peak_kb"] - r["before_kb"]) * 1024 < 600e6, r  # the decoding itself, in bytes
+    chaos_log("the corpus + three 3 GB sparse files, one process", len(bad), 1,
+              f"no crash; peak grew {(r['peak_kb'] - r['before_kb']) / 1024:.0f} MB")
 
 
-def test_sparse_multi_gb_files_are_judged_from_their_first_bytes(tmp_path, ray_session):
+def test_sparse_multi_gb_files_are_judged_from_their_first_bytes(tmp_path, ray_session, chaos_log):
     files = samples.write_sparse_files(str(tmp_path / "archive" / "big"), gigabytes=4.0)
     s = featurize.run(FeaturizeConfig(src=str(tmp_path / "archive"), dst=str(tmp_path / "f"), features=FAST),
                       progress=False)
@@ -104,10 +108,11 @@ def test_sparse_multi_gb_files_are_judged_from_their_first_bytes(tmp_path, ray_s
     assert kinds == {f.uri: f.bad_kind for f in files if f.bad_kind}
     assert s.featurized == 1 and s.clips == 2  # the 3 s recording before the hole: 0-2 s and a padded tail
     assert s.elapsed_s < 60
+    chaos_log("4 GB sparse files (featurize)", len(files), 1, f"judged from their first bytes in {s.elapsed_s:.0f} s")
 
 
 @pytest.mark.s3
-def test_keys_that_look_like_paths_out_of_dst_are_only_data(bucket, tmp_path, ray_session, tiny_model):
+def test_keys_that_look_like_paths_out_of_dst_are_only_data(bucket, tmp_path, ray_session, tiny_model, chaos_log):
     """Object keys with ``..``, ``//``, ``%2F``, ``?``, ``#`` and backslashes are read and named as
     they are; every output lands inside DST (a local folder), and nothing is written anywhere else."""
     x = samples.encode(samples.engine_sound(np.random.default_rng(0), 3.0, 16000, False), 16000, samples.FORMATS[0])
@@ -135,3 +140,5 @@ def test_keys_that_look_like_paths_out_of_dst_are_only_data(bucket, tmp_path, ra
             real = os.path.realpath(os.path.join(dirpath, n))
             assert real.startswith(str(root.resolve()) + os.sep), real
     assert set(os.listdir(root)) == {"features", "pred"}
+    chaos_log("keys with .., //, %2F, ?, #, \\ and a leading /", len(keys), 2,
+              "read as listed; outputs only inside DST")

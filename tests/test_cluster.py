@@ -202,7 +202,7 @@ def _submit_and_kill_the_worker_node(address: str, job: str, args: list[str], ti
 
 @pytest.mark.chaos
 def test_a_worker_node_lost_in_the_middle_of_featurize_and_classify(cluster, small_archive, small_predictions,
-                                                                   engine_model, faults, capsys):
+                                                                   engine_model, faults, capsys, chaos_log):
     """The worker node dies (every process of it, SIGKILL) while it runs featurize batches, and again
     while it decodes for classify: the jobs finish on the head and commit the fault-free output."""
     from conftest import SMALL_FEATURIZE_ARGS
@@ -229,3 +229,5 @@ def test_a_worker_node_lost_in_the_middle_of_featurize_and_classify(cluster, sma
     assert code == 0, out
     assert classify_digest(f"{b}/pred-node-lost") == small_predictions
     assert_no_garbage(f"{b}/pred-node-lost", ("files", "clips"))
+    chaos_log("a whole worker node SIGKILLed mid-job (featurize, then classify)", 2, 2,
+              "both jobs finished on the head; outputs == oracle")

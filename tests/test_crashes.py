@@ -43,7 +43,7 @@ def address(ray_session) -> str:
 
 
 @pytest.mark.parametrize("point", ["featurize:listed", "featurize:batch", "featurize:written", "featurize:manifest"])
-def test_featurize_driver_killed_at_each_point_converges(small_archive, address, point):
+def test_featurize_driver_killed_at_each_point_converges(small_archive, address, point, chaos_log):
     b, _, oracle = small_archive
     dst = f"{b}/features-killed-{point.split(':')[1]}"
     _plant_garbage(dst, ("shards",))
@@ -58,11 +58,13 @@ def test_featurize_driver_killed_at_each_point_converges(small_archive, address,
         assert again.resumed_batches == again.batches  # every batch was done: nothing is redone
     assert featurize_digest(dst) == oracle
     assert_no_garbage(dst, ("shards",))
+    chaos_log(f"driver SIGKILLed at {point}", 1, 2, "nothing visible until committed; re-run == oracle, "
+              "planted orphans deleted")
 
 
 @pytest.mark.parametrize("point", ["classify:listed", "classify:batch", "classify:written", "classify:manifest"])
 def test_classify_driver_killed_at_each_point_converges(small_archive, small_predictions, engine_model, address,
-                                                        point):
+                                                        point, chaos_log):
     b = small_archive[0]
     name = f"pred-killed-{point.split(':')[1]}"
     cfg = small_classify(b, engine_model, name)
@@ -79,6 +81,8 @@ def test_classify_driver_killed_at_each_point_converges(small_archive, small_pre
         assert again.resumed_batches >= 1  # what the killed driver had finished was kept
     assert classify_digest(cfg.out) == small_predictions
     assert_no_garbage(cfg.out, ("files", "clips"))
+    chaos_log(f"driver SIGKILLed at {point}", 1, 2, "nothing visible until committed; re-run == oracle, "
+              "planted orphans deleted")
 
 
 def _scan_verdicts(out: str) -> tuple[list, list]:
@@ -90,7 +94,7 @@ def _scan_verdicts(out: str) -> tuple[list, list]:
 
 @pytest.mark.parametrize("point", ["scan:commit", "scan:committed"])
 def test_scan_driver_killed_before_and_after_its_commit_converges_once_the_lease_lapses(
-        small_archive, small_predictions, engine_model, address, capsys, point):
+        small_archive, small_predictions, engine_model, address, capsys, point, chaos_log):
     """A killed scan cannot release its lease: the next scan is refused (exit 5, saying until when)
     until the lease lapses, then it commits exactly the fault-free verdicts, once."""
     b = small_archive[0]
@@ -112,6 +116,8 @@ def test_scan_driver_killed_before_and_after_its_commit_converges_once_the_lease
     attempts = {storage.relative(u, f"{c.out}/attempts").split("/")[0] for u in storage.list_files(f"{c.out}/attempts")}
     named = {scan.read_summary(c.out, r).get("attempt") for r in scan.committed_runs(c.out)} - {None}
     assert {f"attempts/{a}" for a in attempts} == named  # the killed attempt was collected or committed
+    chaos_log(f"scan driver SIGKILLed at {point} (lease 6 s)", 1, 3,
+              "next scan refused (exit 5) until the lease lapsed, then the oracle's verdicts, each once")
 
 
 class WorkerKiller:
@@ -165,7 +171,7 @@ def ray_raylet_pid() -> int:
     return ray._private.worker._global_node.all_processes["raylet"][0].process.pid
 
 
-def test_featurize_survives_workers_killed_mid_task(small_archive, faults):
+def test_featurize_survives_workers_killed_mid_task(small_archive, faults, chaos_log):
     """Two featurize workers are killed in the middle of their batches (slow reads keep them busy):
     Ray runs those batches again, and the output equals the fault-free one, every input once."""
     b, files, oracle = small_archive
@@ -177,10 +183,11 @@ def test_featurize_survives_workers_killed_mid_task(small_archive, faults):
     assert s.inputs == s.featurized + s.quarantined == len(files)
     assert featurize_digest(f"{b}/features-workers-killed") == oracle
     assert_no_garbage(f"{b}/features-workers-killed", ("shards",))
+    chaos_log("featurize workers SIGKILLed mid-task", len(killer.killed), 1, "Ray re-ran their batches; == oracle")
 
 
 def test_classify_survives_decode_workers_and_the_model_actor_killed_mid_task(small_archive, small_predictions,
-                                                                             engine_model, faults):
+                                                                             engine_model, faults, chaos_log):
     b = small_archive[0]
     faults.inject({"kind": "delay", "seconds": 0.4, "method": "GET", "target": f"^/{b.removeprefix('s3://')}/archive/"})
     with WorkerKiller(("ray::MapBatches(decode_batch)",), count=1) as k1, \
@@ -191,3 +198,5 @@ def test_classify_survives_decode_workers_and_the_model_actor_killed_mid_task(sm
     assert s.inputs == s.classified + s.quarantined == 17
     assert classify_digest(f"{b}/pred-workers-killed") == small_predictions
     assert_no_garbage(f"{b}/pred-workers-killed", ("files", "clips"))
+    chaos_log("classify decode worker and model actor SIGKILLed mid-task", 2, 1,
+              "task re-run, actor restarted; == oracle")

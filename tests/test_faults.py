@@ -38,18 +38,21 @@ MIX = [  # (rule, what it stands for); every one must fire during the run. About
     ({"kind": "delay", "method": "GET", "after": 3, "every": 11, "seconds": 0.5}, "slow replies"),
     ({"kind": "status", "code": 500, "method": "PUT", "every": 5}, "500 InternalError on writes"),
     ({"kind": "drop_reply", "method": "PUT", "after": 1, "every": 4}, "a write lands but its reply is lost"),
+    ({"kind": "status", "code": 503, "method": "HEAD", "every": 4}, "503 on existence checks"),
+    ({"kind": "reset", "method": "POST", "every": 2}, "connection reset deleting garbage (multi-object delete)"),
 ]
 
 
 def _mix(prefix: str) -> list[dict]:
     """The fault mix on requests under ``prefix`` (reads of the archive and writes of the output both)."""
     b = prefix.removeprefix("s3://").split("/")[0]
-    return [{**rule, "target": f"^/{b}/"} for rule, _ in MIX] + [
+    # objects are /bucket/key; a multi-object delete is POST /bucket?delete
+    return [{**rule, "target": f"^/{b}/?\\?delete" if rule["method"] == "POST" else f"^/{b}/"} for rule, _ in MIX] + [
         {"kind": "status", "code": 503, "method": "GET", "target": f"^/{b}\\?", "every": 2, "times": 3}]
 
 
 @pytest.mark.ray
-def test_featurize_under_storage_faults_commits_what_a_fault_free_run_commits(small_archive, faults):
+def test_featurize_under_storage_faults_commits_what_a_fault_free_run_commits(small_archive, faults, chaos_log):
     b, _, oracle = small_archive
     faults.inject(*_mix(b))
     summary = featurize.run(small_featurize(b, "features-faulty"), progress=False)
@@ -58,12 +61,15 @@ def test_featurize_under_storage_faults_commits_what_a_fault_free_run_commits(sm
     assert summary.inputs == summary.featurized + summary.quarantined == 17
     assert featurize_digest(f"{b}/features-faulty") == oracle
     assert_no_garbage(f"{b}/features-faulty", ("shards",))
+    chaos_log("S3: 503/reset/cut-off/slow GETs, 503 HEADs, 500 + lost replies on PUTs, resets on deletes, 503 LISTs "
+              "(featurize)",
+              sum(r["fired"] for r in fired), 1, "committed output == fault-free oracle")
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_classify_under_storage_faults_commits_what_a_fault_free_run_commits(small_archive, small_predictions,
-                                                                              engine_model, faults):
+                                                                              engine_model, faults, chaos_log):
     b = small_archive[0]
     faults.inject(*_mix(b), {"kind": "reset", "method": "GET", "target": f"^/{engine_model.removeprefix('s3://')}/",
                              "every": 2, "times": 4})  # the model package is read through faults too
@@ -73,10 +79,13 @@ def test_classify_under_storage_faults_commits_what_a_fault_free_run_commits(sma
     assert summary.inputs == summary.classified + summary.quarantined == 17
     assert classify_digest(f"{b}/pred-faulty") == small_predictions
     assert_no_garbage(f"{b}/pred-faulty", ("files", "clips"))
+    chaos_log("S3: the same mix + resets reading the model package (classify)", sum(r["fired"] for r in fired), 1,
+              "committed output == fault-free oracle")
 
 
 @pytest.mark.ray
-def test_lasting_faults_fail_the_run_clearly_within_bounds_and_a_rerun_completes_it(small_archive, faults, capsys):
+def test_lasting_faults_fail_the_run_clearly_within_bounds_and_a_rerun_completes_it(small_archive, faults, capsys,
+                                                                                    chaos_log):
     """One object cannot be read at all (503 on every request for it): its batch fails after a bounded
     number of requests, the other batches are kept, the run exits 3 saying what failed and what to do;
     once the store is well again, the same command finishes the job and commits the oracle."""
@@ -101,9 +110,32 @@ def test_lasting_faults_fail_the_run_clearly_within_bounds_and_a_rerun_completes
     assert again.resumed_batches == int(done.group(1))  # the batches that had finished were not redone
     assert featurize_digest(f"{b}/features-lasting") == oracle
     assert_no_garbage(f"{b}/features-lasting", ("shards",))
+    _assert_no_credentials([err], f"{b}/features-lasting")
+    chaos_log("S3: one object answers 503 to every request (featurize CLI)", rule["fired"], 2,
+              f"exit 3 in {took:.0f} s naming it, {done.group(1)}/6 batches kept; re-run == oracle; no credential "
+              "in output, Ray logs or objects")
 
 
-def test_a_stalled_reply_meets_the_read_deadline_and_is_retried(bucket, faults, monkeypatch):
+def _assert_no_credentials(texts: list[str], *outputs: str) -> None:
+    """The credentials are in this process's environment only: not in what the CLI printed, not in
+    any log of the session's Ray (workers' tracebacks of the failed reads included), not in any
+    object of the outputs."""
+    import os
+
+    from conftest import ray_logs_dir
+
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
+    logs = [p for p in ray_logs_dir().rglob("*") if p.is_file()]
+    assert logs and any("failed after retries" in p.read_text(errors="replace") for p in logs)  # the faults are there
+    for text in texts + [p.read_text(errors="replace") for p in logs]:
+        assert not any(x in text for x in secrets)
+    for out in outputs:
+        for uri in storage.list_files(out):
+            data = storage.read_bytes(uri)
+            assert not any(x.encode() in data for x in secrets), uri
+
+
+def test_a_stalled_reply_meets_the_read_deadline_and_is_retried(bucket, faults, monkeypatch, chaos_log):
     """A reply that never comes is cut off by the read timeout and retried; one that never comes on
     any attempt fails with TransientStorageError after a bounded time."""
     monkeypatch.setenv("MELBATCH_S3_READ_TIMEOUT_S", "1")
@@ -121,9 +153,11 @@ def test_a_stalled_reply_meets_the_read_deadline_and_is_retried(bucket, faults, 
     assert time.perf_counter() - t0 < 20
     [rule] = faults.clear()["rules"]
     assert rule["fired"] == 8  # S3FS_TRIES² (2 x 2) x 2 botocore attempts, each cut off after 1 s
+    chaos_log("S3: a reply stalls past the read timeout (1 s)", 1 + rule["fired"], 2,
+              "retried, right bytes; stalled every time: TransientStorageError after 8 requests")
 
 
-def test_errors_that_no_retry_mends_are_not_called_transient(bucket, faults):
+def test_errors_that_no_retry_mends_are_not_called_transient(bucket, faults, chaos_log):
     uri = f"{bucket}/denied.bin"
     storage.write_bytes(uri, b"data")
     faults.inject({"kind": "status", "code": 403, "target": _key_re(uri)})
@@ -131,11 +165,12 @@ def test_errors_that_no_retry_mends_are_not_called_transient(bucket, faults):
         storage.read_bytes(uri)
     assert not isinstance(e.value, TransientStorageError)
     assert faults.clear()["rules"][0]["fired"] == 1  # asked once: a 403 is not retried
+    chaos_log("S3: 403 AccessDenied", 1, 1, "StorageError at once ('access denied'), not retried")
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_lost_replies_to_conditional_creates_are_recognised_by_scan(small_archive, engine_model, faults):
+def test_lost_replies_to_conditional_creates_are_recognised_by_scan(small_archive, engine_model, faults, chaos_log):
     """The lease and the commit are conditional creates: when a create lands but its reply is lost,
     the retry meets 'already exists', and the scan recognises its own content instead of failing."""
     b, files, _ = small_archive
@@ -151,3 +186,5 @@ def test_lost_replies_to_conditional_creates_are_recognised_by_scan(small_archiv
     assert scan.committed_runs(out) == [s.run_id] == ["000001"]
     assert scan.read_summary(out, s.run_id)["nonce"] == s.nonce
     assert s.counts["classified"] + s.counts["quarantined"] == len(files)
+    chaos_log("S3: lost replies to conditional creates (lease x2, scan commit)", 3, 1,
+              "scan recognised its own creates; run 000001 committed once")

@@ -3,6 +3,7 @@ RayCluster and RayCronJob; kubernetes-validate for core kinds), and the nightly 
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 
@@ -17,12 +18,26 @@ MANIFESTS = sorted(p for p in (ROOT / "infra" / "k8s").rglob("*.yaml") if CRDS n
 KUBE_VERSION = "1.31.0"
 
 
+@functools.cache
+def _crds() -> dict[str, dict]:
+    """kind → CRD, parsed once (they are megabytes of YAML; libyaml's parser where there is one)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crds = (yaml.load(p.read_text(), Loader=loader) for p in CRDS.glob("ray.io_*.yaml"))
+    return {crd["spec"]["names"]["kind"]: crd for crd in crds}
+
+
 def _crd_schema(kind: str, version: str) -> dict:
-    for path in CRDS.glob("ray.io_*.yaml"):
-        crd = yaml.safe_load(path.read_text())
-        if crd["spec"]["names"]["kind"] == kind:
-            return next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version)
-    raise AssertionError(f"no CRD for {kind}")
+    if kind not in _crds():
+        raise AssertionError(f"no CRD for {kind}")
+    return next(v["schema"]["openAPIV3Schema"] for v in _crds()[kind]["spec"]["versions"] if v["name"] == version)
+
+
+@functools.cache
+def _crd_validator(kind: str, version: str) -> jsonschema.protocols.Validator:
+    schema = _crd_schema(kind, version)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def _documents() -> list[tuple[Path, dict]]:
@@ -104,7 +119,7 @@ def test_manifest_is_valid_against_its_schema(path_doc):
         return
     group, _, version = doc["apiVersion"].rpartition("/")
     if group == "ray.io":
-        jsonschema.validate(doc, _crd_schema(doc["kind"], version))
+        _crd_validator(doc["kind"], version).validate(doc)
     else:
         import kubernetes_validate
 
@@ -116,7 +131,7 @@ def test_a_broken_manifest_is_caught():
     rayjob = next(d for _, d in _documents() if d["kind"] == "RayJob")
     bad = {**rayjob, "spec": {**rayjob["spec"], "shutdownAfterJobFinishes": "yes"}}
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(bad, _crd_schema("RayJob", "v1"))
+        _crd_validator("RayJob", "v1").validate(bad)
     import kubernetes_validate
 
     cron = next(d for _, d in _documents() if d["kind"] == "CronJob")
