@@ -478,8 +478,10 @@ def parser() -> argparse.ArgumentParser:
         description="Classify large audio archives with image models on log-mel spectrograms, on Ray.",
         epilog="URIs: s3://bucket/prefix, a local path, file://..., memory://... . S3 endpoint and credentials "
                "come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_ACCESS_KEY_ID...), "
-               "never from flags. Exit codes: 0 ok, 1 run failed, 2 bad usage/config, 3 storage error, 4 classify "
-               "finished with too many inputs quarantined.",
+               "never from flags; retries and deadlines too: AWS_MAX_ATTEMPTS (4 per request), AWS_RETRY_MODE "
+               "(adaptive), MELBATCH_S3_CONNECT_TIMEOUT_S (5), MELBATCH_S3_READ_TIMEOUT_S (60). Exit codes: 0 ok, "
+               "1 run failed, 2 bad usage/config, 3 storage error (a store that kept failing: re-run to resume), "
+               "4 classify finished with too many inputs quarantined, 5 another scan holds OUT.",
     )
     p.add_argument("--version", action="version", version=f"melbatch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -586,10 +588,10 @@ def parser() -> argparse.ArgumentParser:
                        description="Check JOB's arguments here (a wrong config fails before anything is sent), then "
                        "submit `python jobs/JOB.py ARGS` to the cluster's job API with this checkout as the working "
                        "directory, stream its logs and exit with the job's exit status (1 if Ray stopped or failed "
-                       "it). The non-secret S3 settings (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE) travel with the "
-                       "job; credentials never do: the cluster's nodes must have them (instance profile, workload "
-                       "identity or a Secret). Example: melbatch submit featurize --address http://HEAD:8265 -- "
-                       "s3://archive/calls s3://ml/features/calls")
+                       "it). The non-secret S3 settings (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, retries and "
+                       "deadlines) travel with the job; credentials never do: the cluster's nodes must have them "
+                       "(instance profile, workload identity or a Secret). Example: melbatch submit featurize "
+                       "--address http://HEAD:8265 -- s3://archive/calls s3://ml/features/calls")
     j.add_argument("job", choices=["featurize", "train", "classify", "scan"], help="which job")
     j.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
                    help="the job's arguments, as for `melbatch JOB`")

@@ -24,7 +24,8 @@ from melbatch.audio import ERROR_KINDS, DecodeError
 URI = str
 PARTS_DIR = "_parts"
 # Non-secret settings a Ray worker needs to reach the same object store as the driver.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+                 *storage.S3_DEFAULTS)  # and the retry and deadline settings: workers keep the driver's bounds
 
 
 CRASH_ENV = "MELBATCH_CRASH_AT"
