@@ -113,31 +113,38 @@ def declared_format(head: bytes) -> tuple[int, int] | None:
 
     try:
         if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
-            i = 12
-            while i + 8 <= len(head):
-                cid, size = head[i: i + 4], struct.unpack("<I", head[i + 4: i + 8])[0]
-                if cid == b"fmt ":
-                    channels, rate = struct.unpack("<HI", head[i + 10: i + 16])
-                    return rate, channels
-                i += 8 + size + (size & 1)
+            i = _chunk(head, b"fmt ", "<")
+            if i is not None:
+                channels, rate = struct.unpack("<HI", head[i + 2: i + 8])
+                return rate, channels
         elif head[:4] == b".snd":
             rate, channels = struct.unpack(">II", head[16:24])
             return rate, channels
         elif head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
-            i = 12
-            while i + 8 <= len(head):
-                cid, size = head[i: i + 4], struct.unpack(">I", head[i + 4: i + 8])[0]
-                if cid == b"COMM":
-                    channels = struct.unpack(">h", head[i + 8: i + 10])[0]
-                    exp, mant = struct.unpack(">HQ", head[i + 16: i + 26])  # 80-bit extended float
-                    rate = 0 if mant == 0 else round(mant * 2.0 ** ((exp & 0x7FFF) - 16383 - 63))
-                    return rate, channels
-                i += 8 + size + (size & 1)
+            i = _chunk(head, b"COMM", ">")
+            if i is not None:
+                channels = struct.unpack(">h", head[i: i + 2])[0]
+                exp, mant = struct.unpack(">HQ", head[i + 8: i + 18])  # 80-bit extended float
+                rate = 0 if mant == 0 else round(mant * 2.0 ** ((exp & 0x7FFF) - 16383 - 63))
+                return rate, channels
         elif head[:4] == b"fLaC" and head[4] & 0x7F == 0:  # STREAMINFO is the first metadata block
             v = int.from_bytes(head[18:26], "big")
             return (v >> 44) & 0xFFFFF, ((v >> 41) & 7) + 1
     except (struct.error, OverflowError):
         return None
+    return None
+
+
+def _chunk(head: bytes, cid: bytes, endian: str) -> int | None:
+    """Where the body of chunk ``cid`` starts in a RIFF (``<``) or IFF (``>``) head, if it is there."""
+    import struct
+
+    i = 12
+    while i + 8 <= len(head):
+        size = struct.unpack(endian + "I", head[i + 4: i + 8])[0]
+        if head[i: i + 4] == cid:
+            return i + 8
+        i += 8 + size + (size & 1)
     return None
 
 

@@ -343,7 +343,7 @@ def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> It
         for uri, etag, size in json.loads(row["refs"]):
             ref = storage.ObjectRef(uri, etag, size)
             try:
-                info, staged = storage.retrying(lambda r=ref: logmels_of_object(r, cfg, silence_dbfs))
+                info, staged = logmels_of_object(ref, cfg, silence_dbfs)
             except DecodeError as e:
                 quarantine.append(quarantine_row(ref, e))
                 continue

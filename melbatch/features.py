@@ -219,10 +219,6 @@ class StagedClips:
             self._file = tempfile.TemporaryFile(prefix="melbatch-clips-")  # noqa: SIM115 (closed by close())
         pickle.dump(block, self._file, protocol=pickle.HIGHEST_PROTOCOL)
 
-    @property
-    def spilled(self) -> bool:
-        return self._file is not None
-
     def __len__(self) -> int:
         return self._n
 
@@ -272,10 +268,16 @@ def logmels_of_object(ref: storage.ObjectRef, cfg: FeatureConfig, silence_dbfs: 
     any length costs bounded memory (its images take about 90 MB per hour of audio at the
     defaults, and with ``keep_audio`` its clips as 16-bit PCM in ``Clip.samples`` 115 MB more;
     otherwise ``Clip.samples`` is dropped). Close what is returned (``with staged: ...``).
-    Raises :class:`DecodeError` with the reason the file cannot be used, and
-    :class:`~melbatch.storage.TransientStorageError` when the store kept failing (the object may be
-    fine: the caller's task fails and is retried, and the object is never quarantined for it).
+    Raises :class:`DecodeError` with the reason the file cannot be used. A read the store keeps
+    failing is made again (:func:`~melbatch.storage.retrying`), then raises
+    :class:`~melbatch.storage.TransientStorageError`: the object may be fine, so it is never
+    quarantined for that; the caller's task fails instead.
     """
+    return storage.retrying(lambda: _logmels_once(ref, cfg, silence_dbfs, keep_audio))
+
+
+def _logmels_once(ref: storage.ObjectRef, cfg: FeatureConfig, silence_dbfs: float,
+                  keep_audio: bool) -> tuple[AudioInfo, StagedClips]:
     stream = None
     out = StagedClips()
     try:
@@ -290,16 +292,12 @@ def logmels_of_object(ref: storage.ObjectRef, cfg: FeatureConfig, silence_dbfs: 
         if peak_dbfs < silence_dbfs:
             raise DecodeError("silent", f"peak level {peak_dbfs:.1f} dBFS is below silence_dbfs={silence_dbfs}",
                               info.decoders_tried)
-    except DecodeError:
+    except BaseException as e:
         out.close()
-        if stream is not None and stream.error is not None:
-            raise _read_error(ref, stream.error) from None
-        raise
-    except (OSError, storage.StorageError) as e:
-        out.close()
-        raise _read_error(ref, e) from None
-    except BaseException:
-        out.close()
+        if isinstance(e, DecodeError) and stream is not None and stream.error is not None:
+            raise _read_error(ref, stream.error) from None  # the decoder only saw a short read
+        if isinstance(e, OSError | storage.StorageError):
+            raise _read_error(ref, e) from None
         raise
     return info, out
 

@@ -257,8 +257,8 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
     """One Ray task: featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
 
     Per-file failures are caught and returned as quarantine rows. A store that keeps failing (after
-    :func:`~melbatch.storage.retrying`) or anything else (e.g. DST not writable) fails the task and
-    the run with its message; re-running resumes.
+    the retries in :func:`~melbatch.features.logmels_of_object`) or anything else (e.g. DST not
+    writable) fails the task and the run with its message; re-running resumes.
     """
     import torch
 
@@ -271,7 +271,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
     try:
         for ref, label in batch:
             try:
-                info, clips = storage.retrying(lambda r=ref: logmels_of_object(r, cfg, silence_dbfs, keep_audio))
+                info, clips = logmels_of_object(ref, cfg, silence_dbfs, keep_audio)
             except DecodeError as e:
                 result["quarantine"].append(quarantine_row(ref, e))
                 continue

@@ -72,8 +72,8 @@ class StorageError(RuntimeError):
 class TransientStorageError(StorageError):
     """The store kept failing (throttling, 5xx, resets, timeouts, replies cut off) after every retry.
 
-    Nothing is wrong with the object or the settings as far as melbatch can tell: Ray retries a task
-    that raises it, and a run that still fails can be re-run (finished work is kept).
+    Nothing is wrong with the object or the settings as far as melbatch can tell: the work is made
+    again (:func:`retrying`), and a run that still fails can be re-run (finished work is kept).
     """
 
 
