@@ -44,7 +44,7 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
     model = create_model(cfg.model, len(labels), features.shape, pretrained=False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
-    crop = max(1, round(cfg.time_crop_frac * x_all.shape[-1]))
+    shift = round(cfg.time_shift_frac * x_all.shape[-1])
     best = 0.0
     for _ in range(epochs):
         t0, seen = time.perf_counter(), 0
@@ -54,7 +54,7 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
                     x = logmel_tensor(augment.augment_waveforms(wave[idx], aug, None, gen), features).unsqueeze(1)
             else:
                 x = x_all[idx]
-            x = augment.random_time_crop((x - mean) / std, crop, gen)
+            x = augment.random_time_shift((x - mean) / std, shift, gen)
             x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, gen)
             t = augment.soft_targets(y_all[idx], len(labels), cfg.label_smoothing)
             x, t = augment.mixup(x, t, cfg.mixup_alpha, gen)

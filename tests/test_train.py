@@ -29,18 +29,73 @@ def test_split_holds_out_whole_files_stratified_and_seeded():
 def test_augmentations_keep_shapes_and_do_what_they_say():
     g = torch.Generator().manual_seed(0)
     x = torch.ones(8, 1, 64, 201)
-    assert augment.random_time_crop(x, 160, g).shape == (8, 1, 64, 160)
-    ramp = torch.arange(201.0).expand(8, 1, 64, 201)
-    crop = augment.random_time_crop(ramp, 50, g)
-    assert torch.all(crop[..., 1:] - crop[..., :-1] == 1)  # contiguous windows
+    ramp = torch.arange(1, 202.0).expand(64, 1, 8, 201)  # a clip full of sound: columns 1..201
+    moved = augment.random_time_shift(ramp, 40, g)
+    assert moved.shape == ramp.shape
+    shifts = 101 - moved[:, 0, 0, 100]  # column 100 held value 101 before
+    assert shifts.abs().max() <= 40 and (shifts < 0).any() and (shifts > 0).any()
+    expected = torch.arange(1, 202.0)[None, :] - shifts[:, None]
+    expected[(expected < 1) | (expected > 201)] = 1.0  # vacated columns are silence: the image's floor
+    assert torch.equal(moved[:, 0, 0, :], expected)
+    x[:, :, 0, 0] = -3.0  # each image's floor: masked cells become silence, not the dataset mean
     masked = augment.spec_augment(x, 2, 0.1, 2, 0.1, g)
-    zero = (masked == 0).float().mean()
-    assert 0 < zero < 0.4
+    silenced = (masked == -3.0).float().mean()
+    assert 0 < silenced < 0.4 and set(masked.unique().tolist()) == {-3.0, 1.0}
     t = augment.soft_targets(torch.tensor([0, 1]), 2, 0.1)
     assert torch.allclose(t.sum(1), torch.ones(2)) and t[0, 0] == pytest.approx(0.95)
     xm, tm = augment.mixup(torch.eye(4).view(4, 1, 2, 2), augment.soft_targets(torch.arange(4), 4, 0.0), 0.4, g)
     assert torch.allclose(tm.sum(1), torch.ones(4)) and tm.max(1).values.min() >= 0.5
     assert torch.allclose(xm.view(4, 4), tm)  # images and targets blended with the same weights
+
+
+def test_shifts_and_masks_are_sized_to_the_sound_not_the_clip():
+    g = torch.Generator().manual_seed(0)
+    word = torch.zeros(64, 1, 8, 101)
+    word[..., :30] = torch.arange(1, 31.0)  # a 0.3 s word at the start of a 1 s clip, then padding (0)
+    moved = augment.random_time_shift(word, 20, g, torch.full((64,), 30))
+    starts = (moved[:, 0, 0, :] == 1).float().argmax(1)
+    assert torch.all(moved.sum((1, 2, 3)) == word.sum((1, 2, 3)))  # the whole word, every time
+    assert starts.min() == 0 and starts.max() <= 20 and starts.unique().numel() > 5  # it moves, within the padding
+    x = torch.ones(256, 1, 8, 101)
+    x[:, :, -1, -1] = 0.0
+    masked = augment.spec_augment(x, 1, 0.5, 0, 0.0, g, torch.full((256,), 30))
+    hidden = (masked[:, 0, 0, :] == 0)
+    assert not hidden[:, 30:].any()  # masks fall on the sound, not on the padding
+    assert hidden.sum(1).max() <= 15  # at most half of the 30 sound columns, not half of 101
+    assert hidden.any()
+
+
+def test_budget_gives_small_data_enough_steps_and_leaves_large_data_alone():
+    small = train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8))
+    assert small.batch_size == 8 and small.steps_per_pass == 5  # a batch of 32 would be one step per epoch
+    assert 8 * small.steps >= 100 and small.passes == 3  # min_steps=100: each epoch passes over the data 3x
+    large = train.Budget.plan(20_000, TrainConfig(shards="s", out="o", epochs=3, workers=2))
+    assert (large.batch_size, large.passes, large.steps_per_pass) == (32, 1, 313)
+    off = train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=2, min_steps=0))
+    assert off.passes == 1 and off.steps == 5
+    assert "too few" in train.small_data_warnings(off, TrainConfig(shards="s", out="o", epochs=2, min_steps=0),
+                                                  {"a": "x", "b": "y"}, {"a"})[0]
+
+
+def test_a_loss_stuck_near_a_uniform_guess_is_reported():
+    flat = [{"train_loss": 2.4}, {"train_loss": 2.3}]
+    assert "not fitting" in train.not_fitting(flat, 12)
+    assert train.not_fitting([{"train_loss": 2.4}, {"train_loss": 0.9}], 12) is None
+    assert train.not_fitting(flat[:1], 12) is None  # judged once, after the second epoch
+
+
+def test_clips_fit_short_recordings_and_padding_is_called_out():
+    fc = FeatureConfig()
+    digits = [0.3, 0.35, 0.4, 0.42, 0.45, 0.5, 0.6, 0.62, 0.7, 0.9]
+    fitted = fc.fitted_to(digits)
+    assert (fitted.clip_s, fitted.clip_hop_s, fitted.min_tail_s) == (1.0, 1.0, 0.1)
+    calls = fc.fitted_to([1.1, 1.3, 1.4, 1.5, 1.6, 1.9, 2.2])
+    assert calls.clip_s == 2.25 and calls.hop_length == fc.hop_length
+    assert FeatureConfig(clip_s=4, clip_hop_s=2).fitted_to([1.0, 1.2, 1.3]).clip_hop_s == 0.75  # overlap kept
+    assert fc.fitted_to([3.0, 6.0, 8.0, 12.0]) == fc  # recordings as long as the clips: nothing changes
+    assert fc.fitted_to([0.4, 0.5]) == fc  # too few to judge
+    assert "--clip-s 1 --clip-hop-s 1" in train.padding_warning(np.array(digits), fc)
+    assert train.padding_warning(np.array(digits), fitted) is None
 
 
 def test_oversampling_evens_out_the_labels():

