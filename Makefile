@@ -15,7 +15,7 @@ MODEL ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: help setup system-deps test test-fast chaos demo bench bench-train bench-classify figure lint format \
+.PHONY: help setup system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify figure lint format \
         featurize train classify scan results report image image-cuda clean
 
 help:  ## list the targets
@@ -44,7 +44,7 @@ test-fast: setup  ## the suite without the slow end-to-end tests
 chaos: setup  ## the fault-injection suite alone (also part of make test); ends with the table of faults injected
 	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
-demo: setup  ## sample archive -> featurize -> train a tiny model -> classify new recordings, locally
+demo: setup  ## sample archive -> featurize -> fine-tune from ImageNet and from random init -> classify, locally
 	$(VENV)/bin/melbatch demo --dir demo-output
 
 bench: setup  ## featurize throughput against librosa and bare torchaudio, printed as a table
@@ -52,6 +52,9 @@ bench: setup  ## featurize throughput against librosa and bare torchaudio, print
 
 bench-train: setup  ## Ray Train samples/s against a bare PyTorch loop (ARGS="--weights FILE" adds transfer gain)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/train.py $(ARGS)
+
+bench-transfer: setup  ## ImageNet vs random init vs a plain script on real recordings (FSDD; ARGS="--task speaker")
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/transfer.py $(ARGS)
 
 bench-classify: setup  ## classify x realtime against bare featurize and a bare model loop; memory on 1x and 10x
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/classify.py $(ARGS)

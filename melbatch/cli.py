@@ -99,7 +99,7 @@ TRAIN_HELP = {
     "lr": "peak learning rate (AdamW) of the new head",
     "backbone_lr_scale": "the pretrained backbone learns at lr x this (1 = the same rate)",
     "weight_decay": "AdamW weight decay (not on biases and norms)",
-    "warmup_epochs": "linear warm-up, then cosine decay to zero",
+    "warmup_epochs": "linear warm-up (at most a tenth of the run's steps), then cosine decay to zero",
     "label_smoothing": "label smoothing",
     "freeze_epochs": "epochs that train only the new head (a linear probe) before full fine-tuning",
     "normalize": "'dataset': one mean/std from the training split, stored in the package; 'clip': per clip",
@@ -110,8 +110,9 @@ TRAIN_HELP = {
     "freq_masks": "SpecAugment frequency masks per clip",
     "freq_mask_frac": "widest frequency mask, as a fraction of the mel bands",
     "mixup_alpha": "mixup Beta(alpha, alpha); 0 = off",
-    "wave_augment": "no waveform augmentation (gain, noise, phone line, speed, reverb) even where the shards "
-                    "keep audio",
+    "wave_augment": "augment training waveforms (gain, noise, phone line, speed, reverb) on the training device "
+                    "and recompute their images there; off by default: on archives of a few dozen recordings per "
+                    "label it slowed fitting (README, Transfer learning); needs shards that keep audio",
     "gain_db": "random gain within +-this many dB (0 = off)",
     "noise_prob": "share of training clips that get background noise mixed in",
     "snr_db_min": "lowest signal-to-noise ratio of the mixed-in noise (dB)",
@@ -369,7 +370,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from melbatch import report
 
     try:
-        uri, kind = report.write(args.run, args.output, thumbnails=args.thumbnails)
+        uri, kind = report.write(args.run, args.output, thumbnails=args.thumbnails, baseline=args.baseline)
     except report.ReportError as e:
         raise ConfigError(str(e)) from None
     print(f"wrote the {kind} report of {args.run} to {uri} (self-contained HTML: open it in a browser)")
@@ -471,7 +472,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"per file in {storage.join(predictions, 'files')}/, per clip in {storage.join(predictions, 'clips')}/")
     from melbatch import report
 
-    pages = [report.write(d)[0] for d in (features, model_out, predictions)]
+    pages = [report.write(features)[0], report.write(model_out, baseline=random_out)[0], report.write(predictions)[0]]
     print("reports (open in a browser):\n  " + "\n  ".join(pages))
     return 0
 
@@ -602,6 +603,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("run", metavar="RUN", help="a featurize DST, train OUT, classify OUT or scan OUT (any URI)")
     o.add_argument("-o", "--output", default=None, help="HTML file to write (any URI; default: RUN/report.html)")
     o.add_argument("--thumbnails", type=int, default=8, help="spectrogram thumbnails per gallery (default: 8)")
+    o.add_argument("--baseline", default=None, metavar="TRAIN_OUT",
+                   help="for a train OUT: another train OUT to compare with, epoch by epoch (e.g. the same run "
+                        "from random init)")
     o.set_defaults(func=cmd_report)
 
     j = sub.add_parser("submit", help="run a melbatch job on a Ray cluster (Ray Job Submission), following its logs",

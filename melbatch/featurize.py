@@ -190,7 +190,7 @@ def probe_seconds(ref: storage.ObjectRef, limit_s: float) -> float | None:
                 if n > limit_s * info.sample_rate_hz:
                     break
             return n / info.sample_rate_hz
-    except (DecodeError, storage.StorageError, OSError, ValueError):
+    except Exception:  # best effort: a file that cannot be probed is judged (and quarantined) by its batch
         return None
 
 

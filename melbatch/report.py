@@ -64,14 +64,22 @@ def kind_of(run: URI) -> str:
                       "metrics.json or runs/<run_id>/summary.json): give the DST/OUT of one of those commands")
 
 
-def write(run: URI, out: URI | None = None, thumbnails: int = 8) -> tuple[URI, str]:
-    """Write the report of ``run`` to ``out`` (default ``RUN/report.html``); returns (uri, kind)."""
+def write(run: URI, out: URI | None = None, thumbnails: int = 8, baseline: URI | None = None) -> tuple[URI, str]:
+    """Write the report of ``run`` to ``out`` (default ``RUN/report.html``); returns (uri, kind).
+
+    ``baseline``: another train OUT to compare a train run with, epoch by epoch (e.g. random init).
+    """
     run = storage.canonical(run)
     kind = kind_of(run)
+    if baseline and (kind != "train" or kind_of(storage.canonical(baseline)) != "train"):
+        raise ReportError(f"--baseline compares two train OUTs; {run} is a {kind} output" if kind != "train"
+                          else f"--baseline {baseline} is not a train OUT (no metrics.json)")
     builders: dict[str, Callable[[URI, int], tuple[str, list[Section]]]] = {
         "featurize": featurize_sections, "train": train_sections, "classify": classify_sections,
         "scan": scan_sections}
     title, sections = builders[kind](run, thumbnails)
+    if baseline:
+        sections.insert(1, comparison_section(run, storage.canonical(baseline)))
     out = out or storage.join(run, REPORT)
     storage.write_bytes(out, page(f"melbatch {kind}: {title}", run, sections).encode())
     return storage.canonical(out), kind
@@ -107,7 +115,6 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     import pyarrow.parquet as pq
 
     from melbatch.model import read_package_meta
-    from melbatch.weights import Source
 
     m = json.loads(storage.read_bytes(storage.join(run, "metrics.json")))
     meta = read_package_meta(run)
@@ -115,8 +122,7 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     labels = m["labels"]
     overview = Section("Overview").add(facts([
         ("model", meta["model_name"]), ("model id", meta["model_id"]), ("shards", meta.get("shards", "")),
-        ("started from", Source.from_dict(meta["initial_weights"]).describe() if meta.get("initial_weights")
-         else "not recorded (trained by an older melbatch)"),
+        ("started from", _started_from(meta)),
         ("best epoch", f"{m['best_epoch']} of {len(m['epochs'])}"),
         ("validation accuracy (clips)", f"{m['val_accuracy']:.3f}"),
         ("validation accuracy (files)", f"{m['val_file_accuracy']:.3f}" if "val_file_accuracy" in m else "n/a"),
@@ -152,6 +158,38 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
                         [(r["uri"], r["clip_index"], f"{r['start_s']:.1f}", r["label"], r["predicted"],
                           f"{r['probability']:.3f}", f"{r['label_probability']:.3f}") for r in bad], limit=MAX_ROWS))
     return run, [overview, curves, quality, wrong, features_section(cfg, meta["config_hash"])]
+
+
+def _started_from(meta: dict[str, Any]) -> str:
+    from melbatch.weights import Source
+
+    return (Source.from_dict(meta["initial_weights"]).describe() if meta.get("initial_weights")
+            else "not recorded (trained by an older melbatch)")
+
+
+def comparison_section(run: URI, baseline: URI) -> Section:
+    """This train run next to another, epoch by epoch: the gain of one start over the other."""
+    from melbatch.model import read_package_meta
+
+    a, b = (json.loads(storage.read_bytes(storage.join(r, "metrics.json"))) for r in (run, baseline))
+    names = (f"this run ({_started_from(read_package_meta(run))})",
+             f"{baseline} ({_started_from(read_package_meta(baseline))})")
+    sec = Section("Compared with another start")
+    sec.add(facts([("this run", names[0]), ("baseline", names[1]),
+                   ("best validation accuracy", f"{a['val_accuracy']:.3f} vs {b['val_accuracy']:.3f} "
+                                                f"({a['val_accuracy'] - b['val_accuracy']:+.3f})")]))
+    fig, ax = _figure(8.0, 2.8)
+    for m, label in ((a, "this run"), (b, "baseline")):
+        ax.plot([e["epoch"] for e in m["epochs"]], [e["val_accuracy"] for e in m["epochs"]], "o-", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    sec.add(_png(fig, "validation accuracy per epoch, this run and the baseline"))
+    rows = [(e["epoch"], f"{e['val_accuracy']:.3f}", f"{f['val_accuracy']:.3f}", f"{e['train_loss']:.4f}",
+             f"{f['train_loss']:.4f}") for e, f in zip(a["epochs"], b["epochs"], strict=False)]
+    return sec.add(table(["epoch", "val accuracy", "baseline val accuracy", "train loss", "baseline train loss"],
+                         rows))
 
 
 def classify_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:

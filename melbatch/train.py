@@ -51,6 +51,7 @@ VAL_PREDICTIONS = "val_predictions.parquet"
 TRAIN_CONFIG = "train_config.json"  # model, feature hash and normalisation of the run that owns OUT
 STATE = "state.pt"
 STUCK_EPOCHS, STUCK_FRACTION = 2, 0.8  # warn when the loss is above 80% of a uniform guess after 2 epochs
+MAX_WARMUP = 0.1  # share of a run's steps the warm-up may take (3 epochs with 1 of warm-up was a third)
 FEW_STEPS = 50  # fewer optimiser steps than this in a whole run: say so before training
 
 
@@ -340,7 +341,8 @@ def train_loop(config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(param_groups(model, head, cfg), lr=cfg.lr)
     budget = Budget(**config["budget"])
     steps_per_epoch = budget.steps_per_pass * budget.passes
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(min(cfg.warmup_epochs * steps_per_epoch, MAX_WARMUP * total))  # short runs: a tenth at most
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -455,7 +457,8 @@ def not_fitting(history: list[dict[str, Any]], classes: int) -> str | None:
         return None
     return (f"the training loss is {history[-1]['train_loss']:.2f} after {len(history)} epochs, near a uniform "
             f"guess over {classes} labels ({uniform:.2f}): the model is not fitting the data. Try less augmentation "
-            "(--mixup-alpha 0, --no-wave-augment), more --min-steps, or check the labels.")
+            "(--mixup-alpha 0, no --wave-augment, fewer --time-masks/--freq-masks), more --min-steps, or check the "
+            "labels.")
 
 
 def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int, marker: URI) -> None:
@@ -498,7 +501,7 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
             raise ConfigError(f"noise_dir needs the clips' audio, and {cfg.shards} was featurized with "
                               "--no-keep-audio: featurize again without it")
         print(f"warning: {cfg.shards} holds images only (featurized with --no-keep-audio), so waveform "
-              "augmentation is off; featurize again to use it, or pass --no-wave-augment", flush=True)
+              "augmentation is off; featurize again to use it, or leave out --wave-augment", flush=True)
     if cfg.wave_augment and cfg.noise_dir and next(
             storage.list_objects(cfg.noise_dir, extensions=AUDIO_EXTENSIONS), None) is None:
         raise ConfigError(f"noise_dir {cfg.noise_dir} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")

