@@ -63,7 +63,7 @@ class Budget:
     workers: int
     batch_size: int  # per worker: cfg.batch_size, lowered so an epoch has a few steps, never below min_batch_size
     steps_per_pass: int  # one pass over the training clips
-    passes: int  # passes per epoch: more than 1 when epochs alone would make fewer than min_steps
+    passes: int  # each training clip this many times per epoch: > 1 when epochs alone make fewer than min_steps
 
     @property
     def steps(self) -> int:
@@ -81,7 +81,7 @@ class Budget:
         line = (f"{self.train_rows} training clips, batch {self.batch_size} x {self.workers} worker(s): "
                 f"{self.steps_per_pass} steps per pass over the data")
         if self.passes > 1:
-            return f"{line}; {self.passes} passes per epoch to reach {epochs * self.steps} steps in {epochs} epochs"
+            return f"{line}; each clip {self.passes}x per epoch to reach {epochs * self.steps} steps in {epochs} epochs"
         return f"{line}; {epochs * self.steps} steps in {epochs} epochs"
 
 
@@ -363,7 +363,9 @@ def train_loop(config: dict[str, Any]) -> None:
         model.train()
         frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
         shuffle = max(256, 8 * budget.batch_size)
-        for batch in _passes(ray.train.get_dataset_shard("train"), budget, shuffle, cfg.seed + epoch * 7919 + rank):
+        for batch in ray.train.get_dataset_shard("train").iter_batches(
+                batch_size=budget.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=shuffle,
+                local_shuffle_seed=cfg.seed + epoch * 7919 + rank, drop_last=False):
             x, y = _inputs(batch, label_index, norm, device, wave)
             if len(y) < 2:
                 continue
@@ -440,14 +442,6 @@ def param_groups(model: Any, head: set[str], cfg: TrainConfig) -> list[dict[str,
         groups.setdefault((n in head, p.ndim > 1), []).append(p)
     return [{"params": ps, "lr": cfg.lr * (1.0 if is_head else cfg.backbone_lr_scale),
              "weight_decay": cfg.weight_decay if decays else 0.0} for (is_head, decays), ps in sorted(groups.items())]
-
-
-def _passes(shard: Any, budget: Budget, shuffle: int, seed: int) -> Any:
-    """One epoch: ``budget.passes`` passes over this worker's part of the training data."""
-    for p in range(budget.passes):
-        yield from shard.iter_batches(batch_size=budget.batch_size, batch_format="pyarrow",
-                                      local_shuffle_buffer_size=shuffle, local_shuffle_seed=seed * 31 + p,
-                                      drop_last=False)
 
 
 def not_fitting(history: list[dict[str, Any]], classes: int) -> str | None:
@@ -555,6 +549,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     for line in small_data_warnings(budget, cfg, labels_of, val_files):
         print(f"warning: {line}", flush=True)
     wave = cfg.wave_augment and keeps_audio(manifest)
+    if budget.passes > 1:  # one streaming pass over rows repeated, not several passes (each costs a start-up)
+        repeats = {lab: budget.passes * (repeats or {}).get(lab, 1.0) for lab in labels}
     ds = datasets(uris, val_files, wave, repeats)
     if before.get("norm", {}).get("kind") == cfg.normalize:
         norm = before["norm"]  # a resumed run keeps the statistics its checkpoints were trained with

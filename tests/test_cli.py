@@ -90,6 +90,7 @@ def test_voice_archive_has_lower_pitch_for_male_voices(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two fine-tuning runs of lite0 (ImageNet and random init) on 2 CPUs
 def test_demo_runs_the_pipeline_and_prints_a_summary(ray_session, tmp_path, capsys):
     assert cli.main(["demo", "--dir", str(tmp_path), "--files-per-class", "3", "--epochs", "2",
                      "--no-progress"]) == 0
