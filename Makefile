@@ -30,18 +30,33 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-system-deps:  ## Debian tools the tests and demos use: espeak-ng (voices), ffmpeg (m4a/aac), chromium (report test)
-	@if ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v chromium >/dev/null; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    espeak-ng ffmpeg chromium fonts-dejavu-core >/dev/null; fi
+# Debian packages the tests and demos use: espeak-ng (voices), ffmpeg (m4a/aac), chromium (report tests).
+SYSTEM_TOOLS := espeak-ng ffmpeg chromium
+SYSTEM_PKGS  := espeak-ng ffmpeg chromium fonts-dejavu-core
+APT_GET ?= apt-get
+IS_ROOT ?= $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-test: setup  ## the whole suite (local S3 server and local Ray are started by the fixtures)
+system-deps:  ## install the Debian tools the tests use when missing (as root; otherwise prints the sudo line)
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ -n "$(IS_ROOT)" ]; then \
+	    echo "system-deps: installing$$missing (Debian packages: $(SYSTEM_PKGS))"; \
+	    $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends \
+	      $(SYSTEM_PKGS) >/dev/null; \
+	  else \
+	    echo "system-deps: missing$$missing. Install them, then run make again:"; \
+	    echo "  sudo apt-get install -y --no-install-recommends $(SYSTEM_PKGS)"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+test: setup system-deps  ## the whole suite (installs what it needs; local S3 server and local Ray are started by the fixtures)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup  ## the suite without the slow end-to-end tests
+test-fast: setup system-deps  ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-chaos: setup  ## the fault-injection suite alone (also part of make test); ends with the table of faults injected
+chaos: setup system-deps  ## the fault-injection suite alone (also part of make test); ends with the table of faults injected
 	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
 demo: setup  ## sample archive -> featurize -> fine-tune from ImageNet and from random init -> classify, locally

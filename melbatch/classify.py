@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ import pyarrow as pa
 from melbatch import __version__, storage
 from melbatch.audio import DecodeError
 from melbatch.config import SCHEMA_VERSION, ClassifyConfig, ConfigError, FeatureConfig
+from melbatch.console import progress as progress_bar
 from melbatch.features import SPILL_BYTES, logmels_of_object
 from melbatch.model import ModelError, package_root, read_package_meta
 from melbatch.runs import (
@@ -58,7 +60,6 @@ from melbatch.runs import (
     this_node,
     write_part,
 )
-from melbatch.runs import progress as progress_bar
 from melbatch.shards import (
     MANIFEST,
     PREDICTION_DIRS,
@@ -238,6 +239,33 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     return summary
 
 
+def size_actors(cfg: ClassifyConfig, cpus: float, gpus: float) -> tuple[int, float, str]:
+    """(model actors, CPUs per actor, the line that says so): what is not given is chosen from the cluster.
+
+    Decoding needs a whole CPU; without one the model actors wait for images forever. Chosen: one
+    actor per GPU with --use-gpu, else one per 8 CPUs; on CPU the actors share half the CPUs (at most
+    all but one), in steps of 0.05; an explicit value that leaves decoding no CPU is an error.
+    """
+    actors = cfg.concurrency or (int(gpus) if cfg.use_gpu else max(1, int(cpus // 8)))
+    chosen = cfg.concurrency == 0
+    if cfg.cpus_per_actor is not None:
+        each = cfg.cpus_per_actor
+        if cpus - actors * each < 1:
+            raise ConfigError(f"{actors} model actor(s) x {each:g} CPU leave {cpus - actors * each:g} of the cluster's "
+                              f"{cpus:g} CPUs for decoding, which needs at least 1: lower --cpus-per-actor "
+                              "(fractions are fine), leave it out to size it from the cluster, or lower --concurrency")
+    else:
+        chosen = True
+        share = 1.0 if cfg.use_gpu else min(cpus / 2, cpus - 1) / actors
+        each = math.floor(min(share, (cpus - 1) / actors) * 20) / 20
+        if each < 0.05:
+            raise ConfigError(f"the cluster has {cpus:g} CPU(s): {actors} model actor(s) and decoding's 1 CPU do not "
+                              "fit; lower --concurrency or join a bigger cluster")
+    how = f" (chosen from the cluster's {cpus:g} CPUs; --concurrency, --cpus-per-actor to choose)" if chosen else ""
+    return actors, each, (f"model actors: {actors} x {each:g} CPU{' + 1 GPU' if cfg.use_gpu else ''}, "
+                          f"decoding on the other {cpus - actors * each:g} CPU(s){how}")
+
+
 def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tuple[str, list]]) -> Any:
     """The streaming Ray Data pipeline over the work batches still to do: decode → model → write."""
     import ray
@@ -246,12 +274,8 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.use_gpu and gpus < 1:
         raise ConfigError("--use-gpu, but the Ray cluster has no GPUs: drop --use-gpu or join a GPU cluster")
-    actors = cfg.concurrency or (int(gpus) if cfg.use_gpu else 1)
-    left = cpus - actors * cfg.cpus_per_actor
-    if left < 1:  # decoding needs a whole CPU; without one the model actors wait for images forever
-        raise ConfigError(f"{actors} model actor(s) x {cfg.cpus_per_actor} CPU leave {left:g} of the cluster's "
-                          f"{cpus:g} CPUs for decoding, which needs at least 1: lower --cpus-per-actor "
-                          "(fractions are fine) or --concurrency")
+    actors, per_actor, line = size_actors(cfg, cpus, gpus)
+    print(line, flush=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # melbatch's own bar counts files
     # Bounded memory whatever the archive's size: Ray Data's default budget for blocks in flight is a
@@ -271,10 +295,10 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
                         fn_kwargs={"features_json": features_json, "silence_dbfs": cfg.silence_dbfs})
     ds = ds.map_batches(Predictor, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
+                        num_cpus=per_actor, num_gpus=1 if cfg.use_gpu else 0,
                         fn_constructor_kwargs={"model_uri": meta["root"], "batch_size": cfg.batch_size,
                                                "top_k": cfg.top_k, "embeddings": cfg.keep_embeddings,
-                                               "use_gpu": cfg.use_gpu, "threads": max(1, int(cfg.cpus_per_actor))})
+                                               "use_gpu": cfg.use_gpu, "threads": max(1, int(per_actor))})
     # writers are light (a fraction of a CPU) and few: each is a process that would otherwise linger
     return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                           compute=ray.data.TaskPoolStrategy(size=max(1, actors)), fn_kwargs={"out": out, "meta": {

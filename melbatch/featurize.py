@@ -28,6 +28,7 @@ import numpy as np
 from melbatch import __version__, storage
 from melbatch.audio import DecodeError, open_audio
 from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig, FeaturizeConfig
+from melbatch.console import progress as progress_bar
 from melbatch.features import logmels_of_object
 from melbatch.labels import NO_LABEL, Labeler
 from melbatch.runs import (
@@ -47,7 +48,6 @@ from melbatch.runs import (
     this_node,
     write_part,
 )
-from melbatch.runs import progress as progress_bar
 from melbatch.shards import (
     AUDIO_DTYPE,
     MANIFEST,
@@ -124,7 +124,7 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     """Featurize ``cfg.src`` into ``cfg.dst``; returns the summary (also written into the manifest)."""
     t0 = time.perf_counter()
     preflight(cfg)
-    labeler = Labeler(cfg.labels, cfg.src)
+    labeler = Labeler(cfg.labels, cfg.src, cfg.label_depth)
     src, dst = storage.canonical(cfg.src), storage.canonical(cfg.dst)
 
     skipped: Counter = Counter()

@@ -1,4 +1,8 @@
-"""Where labels come from: the parent folder (``class_name/file.wav``), a manifest, or nowhere.
+"""Where labels come from: a folder under SRC (``class_name/…/file.wav``), a manifest, or nowhere.
+
+Folder labels follow torchvision's ImageFolder and Keras' ``audio_dataset_from_directory``: the
+first folder under SRC names the class, whatever lies below it (``dog/2024-05-01/rec.wav`` is a
+``dog``). ``label_depth`` picks another level: 2 is the folder below that, -1 the file's own folder.
 
 A manifest is a CSV with a header (columns ``uri,label``; ``path`` is accepted for ``uri``) or JSON
 Lines with the same keys. Its URIs may be absolute (``s3://…``, ``file://…``, ``/abs``) or relative
@@ -22,8 +26,8 @@ NO_LABEL = object()  # marks an object that needs a label and has none
 class Labeler:
     """Maps an object URI to its label (``None`` for unlabelled archives, ``NO_LABEL`` if missing)."""
 
-    def __init__(self, source: str, src: URI):
-        self.source = source
+    def __init__(self, source: str, src: URI, depth: int = 1):
+        self.source, self.depth = source, depth
         self.src = storage.canonical(src)
         self.table: dict[URI, str] | None = None
         if source not in ("folder", "none"):
@@ -35,12 +39,17 @@ class Labeler:
         if self.table is not None:
             return self.table.get(uri, NO_LABEL)
         rel = storage.relative(uri, self.src) if uri != self.src else posixpath.basename(uri)
-        parent = posixpath.basename(posixpath.dirname(rel))
-        return parent or NO_LABEL
+        folders = rel.split("/")[:-1]
+        if not folders or len(folders) < abs(self.depth) or (self.depth > 0 and not folders[self.depth - 1]):
+            return NO_LABEL
+        return folders[self.depth - 1] if self.depth > 0 else folders[self.depth]
 
     def why_missing(self) -> str:
-        if self.source == "folder":
+        if self.source == "folder" and self.depth == 1:
             return "the file is not inside a class folder (SRC/<label>/<file>); move it or use --labels MANIFEST"
+        if self.source == "folder":
+            return (f"the file does not lie {abs(self.depth)} folder(s) deep under SRC (--label-depth "
+                    f"{self.depth}); move it, change --label-depth or use --labels MANIFEST")
         return f"the label manifest {self.source} has no row for this object"
 
 

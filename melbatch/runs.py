@@ -18,14 +18,15 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from melbatch import storage
+from melbatch import console, storage
 from melbatch.audio import ERROR_KINDS, DecodeError
 
 URI = str
 PARTS_DIR = "_parts"
 # Non-secret settings a Ray worker needs to reach the same object store as the driver.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-                 *storage.S3_DEFAULTS)  # and the retry and deadline settings: workers keep the driver's bounds
+                 *storage.S3_DEFAULTS,  # and the retry and deadline settings: workers keep the driver's bounds
+                 console.VERBOSE_ENV)  # and -v: a submitted job shows Ray's output too
 
 
 CRASH_ENV = "MELBATCH_CRASH_AT"
@@ -52,8 +53,14 @@ def init_ray(address: str | None) -> None:
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a submitted Ray job: its runtime env applies already
         env = {}
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
-             logging_level="WARNING", configure_logging=True)
+    import ray.data
+
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=console.verbose(),
+             logging_level="INFO" if console.verbose() else "WARNING", configure_logging=True)
+    console.quiet_ray_loggers()
+    console.quiet_raylet_messages()
+    console.quiet_native_stderr()
+    print(console.logs_line(), flush=True)
 
 
 def storage_failure(e: BaseException) -> storage.StorageError | None:
@@ -139,15 +146,6 @@ def collect_garbage(dst: URI, folders: Iterable[str], keep: set[str], batch_ids:
     except storage.StorageError as e:  # the output is committed already; what is left is invisible to readers
         print(f"warning: could not delete {len(stale)} file(s) that earlier attempts left in {dst} ({e}); "
               "readers never see them, and the next run that commits there deletes them", file=sys.stderr)
-
-
-def progress(total: int, enabled: bool, desc: str, unit: str = "file"):
-    """A tqdm bar on stderr: live on a terminal, a line every 15 s in a log (ray job logs, CI, cron)."""
-    from tqdm import tqdm
-
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, file=sys.stderr,
-                mininterval=0.5 if interactive else 15.0, dynamic_ncols=interactive, ascii=not interactive)
 
 
 def audio_line(audio_s: float, elapsed_s: float, done_s: float | None = None) -> str:

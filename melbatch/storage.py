@@ -17,6 +17,7 @@ import functools
 import io
 import os
 import posixpath
+import re
 import sys
 import time
 import uuid
@@ -173,7 +174,32 @@ def filesystem(uri: URI) -> tuple[fsspec.AbstractFileSystem, str]:
                            "(s3fs for s3://, gcsfs for gs://, adlfs for az://)") from None
     if "config_kwargs" in options:
         fs.retries = S3FS_TRIES  # s3fs's own retry loop (a class attribute there, not a constructor argument)
+    if isinstance(fs, LocalFileSystem) and "%" in path and not os.path.lexists(path):
+        real = unescape_name(path)  # an escaped name (escape_name) that is not also a literal one
+        if os.path.lexists(real):
+            path = real
     return fs, path
+
+
+def escape_name(path: str) -> str:
+    """A local path as text: the bytes of a name that is not UTF-8 (an old recorder's Latin-1 ``é``,
+    which Python reads as a lone surrogate) become ``%XX``, and ``%`` in such a name ``%25``, so
+    the URI can be written to Parquet and JSON and still leads back to the file (:func:`filesystem`).
+    A name that is valid UTF-8 is returned as it is."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        pass
+    text = os.fsencode(path).decode("utf-8", "surrogateescape")
+    return "".join("%25" if c == "%" else f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c
+                   for c in text)
+
+
+def unescape_name(path: str) -> str:
+    """The inverse of :func:`escape_name`: ``%XX`` back to bytes, decoded as the OS decodes names."""
+    raw = re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]), path.encode("utf-8"))
+    return os.fsdecode(raw)
 
 
 def arrow_filesystem(uri: URI) -> tuple[Any, str]:
@@ -257,7 +283,8 @@ def list_objects(src: URI, include: tuple[str, ...] = (), exclude: tuple[str, ..
             continue
         rel = posixpath.relpath(path, base) if path != base else posixpath.basename(path)
         if _matches(rel, include, exclude, extensions):
-            yield ObjectRef(uri=_unstrip(fs, path), etag=_etag(info), size=int(info.get("size") or 0))
+            uri = _unstrip(fs, escape_name(path) if isinstance(fs, LocalFileSystem) else path)
+            yield ObjectRef(uri=uri, etag=_etag(info), size=int(info.get("size") or 0))
         elif skipped is not None:
             name = posixpath.basename(rel)
             skipped["." + name.rsplit(".", 1)[-1].lower() if "." in name else "(no extension)"] += 1

@@ -29,7 +29,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from melbatch import augment, storage
 from melbatch.audio import DecodeError, decode_all
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
+from melbatch.console import Channel, EpochTable, Throttle
 from melbatch.model import PACKAGE_DIR, classifier_names, create_model, normalize, save_package
 from melbatch.shards import DatasetError, audio_array, feature_config_of, mel_array, open_dataset, shard_uris
 from melbatch.weights import Source, resolve
@@ -214,8 +215,9 @@ def datasets(uris: list[URI], val_files: set[str], wave: bool,
     return {"train": train, "val": _split(_images(uris, ["uri", "label", "mel"]), val_files, keep=True)}
 
 
-def load_noise_bank(uri: URI, sample_rate_hz: int, max_s: float = 600.0) -> np.ndarray:
-    """The noise recordings under ``uri`` at ``sample_rate_hz``, each scaled to unit RMS, end to end (≤ ``max_s``)."""
+def load_noise_bank(uri: URI, sample_rate_hz: int, max_s: float = 600.0, warn: Any = print) -> np.ndarray:
+    """The noise recordings under ``uri`` at ``sample_rate_hz``, each scaled to unit RMS, end to end (≤ ``max_s``);
+    ``warn`` tells of the files skipped."""
     parts, total = [], 0
     skipped: list[str] = []
     for ref in storage.list_objects(uri, extensions=AUDIO_EXTENSIONS):
@@ -232,7 +234,7 @@ def load_noise_bank(uri: URI, sample_rate_hz: int, max_s: float = 600.0) -> np.n
         if total >= max_s * sample_rate_hz:
             break
     if skipped:
-        print(f"noise_dir: skipped {len(skipped)} file(s) that do not decode, e.g. {skipped[:3]}", flush=True)
+        warn(f"noise_dir: skipped {len(skipped)} file(s) that do not decode, e.g. {skipped[:3]}")
     if not parts:
         raise ConfigError(f"noise_dir {uri} holds no decodable, non-silent audio ({', '.join(AUDIO_EXTENSIONS)})")
     return np.concatenate(parts)[: int(max_s * sample_rate_hz)]
@@ -330,9 +332,11 @@ def train_loop(config: dict[str, Any]) -> None:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     device = ray.train.torch.get_device()
     features = FeatureConfig.from_dict(config["features"])
+    channel, tick = config.get("channel") if rank == 0 else None, Throttle(0.5)
     wave = None
     if config["wave"]:
-        bank = load_noise_bank(cfg.noise_dir, features.sample_rate_hz) if cfg.noise_dir else None
+        bank = load_noise_bank(cfg.noise_dir, features.sample_rate_hz,
+                               warn=lambda t: channel and channel.send("warning", text=t)) if cfg.noise_dir else None
         wave = (features, augment.WaveAugment.of(cfg, features.sample_rate_hz),
                 None if bank is None else torch.from_numpy(bank).to(device), gen)
 
@@ -359,7 +363,7 @@ def train_loop(config: dict[str, Any]) -> None:
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp)
 
     for epoch in range(start_epoch, cfg.epochs):
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        t0, seen, loss_sum, step = time.perf_counter(), 0, 0.0, 0
         model.train()
         frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
         shuffle = max(256, 8 * budget.batch_size)
@@ -389,6 +393,10 @@ def train_loop(config: dict[str, Any]) -> None:
             sched.step()
             seen += len(y)
             loss_sum += float(loss.detach()) * len(y)
+            step += 1
+            if channel and tick():
+                channel.send("step", epoch=epoch + 1, step=step, loss=loss_sum / seen,
+                             samples_per_s=seen * world / max(1e-9, time.perf_counter() - t0))
         train_s = time.perf_counter() - t0
 
         model.eval()
@@ -412,7 +420,8 @@ def train_loop(config: dict[str, Any]) -> None:
         row = {"epoch": epoch + 1, "train_loss": float(counts[0] / max(1, counts[1])),
                "val_loss": float(val_loss[0] / max(1, val_loss[1])), "val_accuracy": m["val_accuracy"],
                "macro_f1": m["macro_f1"], "lr": sched.get_last_lr()[0], "frozen_backbone": frozen,
-               "samples_per_s": float(counts[1] / max(1e-9, counts[2] / world)), "attempt_start_epoch": start_epoch}
+               "samples_per_s": float(counts[1] / max(1e-9, counts[2] / world)), "attempt_start_epoch": start_epoch,
+               "epoch_s": time.perf_counter() - t0}
         history = [*history, row]
         report = {**row, "per_class": json.dumps(m["per_class"]), "confusion_matrix": json.dumps(m["confusion_matrix"])}
         with tempfile.TemporaryDirectory() as d:
@@ -423,13 +432,11 @@ def train_loop(config: dict[str, Any]) -> None:
                          "scheduler": sched.state_dict(), "epoch": epoch, "history": history}
                 torch.save(state, os.path.join(d, STATE))
                 ckpt = ray.train.Checkpoint.from_directory(d)
-                print(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {row['train_loss']:.3f}  val_loss "
-                      f"{row['val_loss']:.3f}  val_acc {row['val_accuracy']:.3f}  macro_f1 {row['macro_f1']:.3f}  "
-                      f"lr {row['lr']:.2e}  {row['samples_per_s']:.0f} samples/s{'  (backbone frozen)' * frozen}",
-                      flush=True)
+                if channel:  # the driver prints the row (Ray keeps a worker's own output in its log file)
+                    channel.send("epoch", row=row)
                 stuck = not_fitting(history, len(labels))
-                if stuck:
-                    print(f"warning: {stuck}", flush=True)
+                if stuck and channel:
+                    channel.send("warning", text=stuck)
             ray.train.report(report, checkpoint=ckpt)
         _maybe_crash(config.get("crash_at"), epoch + 1, rank, world, storage.join(cfg.out, "_injected_crash"))
 
@@ -502,8 +509,9 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
     return manifest, features, uris, before
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train; returns the metrics written to ``OUT/metrics.json``."""
+def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train; returns the metrics written to ``OUT/metrics.json``. Prints one table row per epoch, and
+    with ``progress`` a bar per epoch."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -526,12 +534,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"the split leaves {len(train_files)} training and {len(val_files)} validation files: "
                           "featurize more files or change --val-fraction")
     init_ray(cfg.address)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    left = cpus - cfg.workers * cfg.cpus_per_worker
-    if left < 1:  # Ray Data's read tasks need a whole CPU; without one, training waits for data forever
-        raise ConfigError(f"{cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU leave {left:g} of the cluster's "
-                          f"{cpus:g} CPUs for Ray Data, which needs at least 1: lower --cpus-per-worker "
-                          "(fractions are fine) or --workers")
+    cfg, line = size_workers(cfg, ray.cluster_resources().get("CPU", 0))
+    print(line, flush=True)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
     rows_per_label: Counter = Counter()
     for u in train_files:
@@ -565,12 +569,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
          "train": asdict(cfg)}, indent=2).encode())
 
     fs, path = storage.arrow_filesystem(cfg.out)
+    channel = Channel()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": asdict(cfg), "labels": labels, "norm": norm, "shape": list(features.shape),
                            "features": features.to_dict(), "wave": wave,
                            "budget": asdict(budget), "weights": source.to_dict(), "class_weights": class_weights,
-                           "crash_at": os.environ.get("MELBATCH_CRASH_AT")},
+                           "crash_at": os.environ.get("MELBATCH_CRASH_AT"), "channel": channel},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -581,8 +586,33 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
         datasets=ds,
     )
-    result = trainer.fit()
+    with EpochTable(channel, cfg.epochs, budget.steps, bars=progress):
+        result = trainer.fit()
     return _finish(cfg, result, labels, features, norm, uris, val_files, train_files, source)
+
+
+def size_workers(cfg: TrainConfig, cpus: float) -> tuple[TrainConfig, str]:
+    """``cfg`` with ``cpus_per_worker`` chosen when left out, and the line that says so.
+
+    Ray Data's read tasks need a whole CPU; without one, training waits for data forever. So the
+    workers share what is left after one CPU (a quarter of a big cluster) for Ray Data, in steps of
+    0.05 CPU; an explicit value that leaves less is an error that says what to change.
+    """
+    if cfg.cpus_per_worker is not None:
+        left = cpus - cfg.workers * cfg.cpus_per_worker
+        if left < 1:
+            raise ConfigError(f"{cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU leave {left:g} of the cluster's "
+                              f"{cpus:g} CPUs for Ray Data, which needs at least 1: lower --cpus-per-worker "
+                              "(fractions are fine), leave it out to size it from the cluster, or lower --workers")
+        return cfg, f"CPUs: {cfg.workers} worker(s) x {cfg.cpus_per_worker:g}, {left:g} of {cpus:g} left for Ray Data"
+    data = max(1.0, cpus // 4)
+    each = math.floor((cpus - data) / cfg.workers * 20) / 20
+    if each < 0.05:
+        raise ConfigError(f"the cluster has {cpus:g} CPU(s): {cfg.workers} worker(s) and Ray Data's 1 CPU do not fit; "
+                          "lower --workers or join a bigger cluster")
+    cfg = replace(cfg, cpus_per_worker=each)
+    return cfg, (f"CPUs: {cfg.workers} worker(s) x {each:g} (chosen from the cluster's {cpus:g}; "
+                 f"{cpus - cfg.workers * each:g} left for Ray Data; --cpus-per-worker to choose)")
 
 
 def small_data_warnings(budget: Budget, cfg: TrainConfig, labels_of: dict[str, str], val_files: set[str]) -> list[str]:
@@ -670,7 +700,8 @@ def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> 
     ds = _split(_images(uris, columns), val_files, keep=True).map_batches(
         _Scorer, fn_constructor_kwargs={"package": storage.join(cfg.out, PACKAGE_DIR), "use_gpu": cfg.use_gpu},
         batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-        num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker))
+        num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker),
+        max_restarts=0)  # a short pass (re-run to resume); restartable actors also make Ray warn on the console
     table = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()]).sort_by([("uri", "ascending"),
                                                                                    ("clip_index", "ascending")])
     buf = io.BytesIO()

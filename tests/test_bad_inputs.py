@@ -144,3 +144,36 @@ def test_keys_that_look_like_paths_out_of_dst_are_only_data(bucket, tmp_path, ra
     assert set(os.listdir(root)) == {"features", "pred"}
     chaos_log("keys with .., //, %2F, ?, #, \\ and a leading /", len(keys), 2,
               "read as listed; outputs only inside DST")
+
+
+def test_file_names_that_are_not_utf8_are_featurized_classified_and_scanned(tmp_path, ray_session, tiny_model,
+                                                                          chaos_log):
+    """An old recorder's Latin-1 names (``café.wav`` as the byte 0xE9) next to a UTF-8 ``%`` name:
+    each is read under an escaped, lossless URI, in featurize, classify, scan and its results."""
+    from melbatch import scan
+    from melbatch.config import ScanConfig
+
+    x = samples.encode(samples.engine_sound(np.random.default_rng(0), 3.0, 16000, False), 16000, samples.FORMATS[0])
+    names = [b"caf\xe9.wav", b"50%\xb0 r\xe9gime.wav", "100% ok é.wav".encode()]
+    (tmp_path / "archive" / "healthy").mkdir(parents=True)
+    for n in names:
+        with open(os.path.join(os.fsencode(tmp_path / "archive" / "healthy"), n), "wb") as f:
+            f.write(x)
+    src = storage.canonical(str(tmp_path / "archive"))
+    want = {f"{src}/healthy/caf%E9.wav", f"{src}/healthy/50%25%B0 r%E9gime.wav", f"{src}/healthy/100% ok é.wav"}
+    assert {r.uri for r in storage.list_objects(src)} == want
+    for u in want:  # each URI leads back to its own file
+        assert storage.read_bytes(u) == x and storage.escape_name(storage.unescape_name(u)) == u
+
+    s = featurize.run(FeaturizeConfig(src=src, dst=str(tmp_path / "features"), features=FAST), progress=False)
+    assert s.inputs == s.featurized == 3 and s.quarantined == 0
+    assert {r["uri"] for r in shards.iter_clips(str(tmp_path / "features"))} == want
+    p = classify.run(ClassifyConfig(archive=src, model=tiny_model, out=str(tmp_path / "pred")), progress=False)
+    assert p.inputs == p.classified == 3
+    assert {r["uri"] for r in shards.read_tables(str(tmp_path / "pred"), "files").to_pylist()} == want
+    sc = scan.run(ScanConfig(ClassifyConfig(archive=src, model=tiny_model, out=str(tmp_path / "scan"))),
+                  progress=False)
+    assert sc.counts["classified"] == 3
+    assert set(scan.current(str(tmp_path / "scan")).column("uri").to_pylist()) == want
+    chaos_log("file names that are not UTF-8 (Latin-1 bytes)", len(names), 3,
+              "read under lossless %XX-escaped URIs in featurize, classify and scan")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,13 +89,29 @@ def test_voice_archive_has_lower_pitch_for_male_voices(tmp_path):
     assert female > male
 
 
+# What Ray prints when its output reaches the terminal: none of it may on a default run
+RAY_NOISE = ("INFO", "TrainingReport", "Reporting training result", "Execution plan", "Starting execution",
+             "pid=", "(raylet)", "core_worker", "Checkpoint successfully", "Progress bars disabled", "memory=")
+
+
+def _ray_log_text(out: str) -> str:
+    """Everything in the Ray session log folder the run's one "Ray's logs:" line names."""
+    lines = re.findall(r"^Ray's logs: (\S+) \(melbatch -v or MELBATCH_VERBOSE=1 shows them here\)$", out, re.M)
+    assert lines, out
+    return "".join(p.read_text(errors="replace") for p in Path(lines[0]).rglob("*") if p.is_file())
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two fine-tuning runs of lite0 (ImageNet and random init) on 2 CPUs
-def test_demo_runs_the_pipeline_and_prints_a_summary(ray_session, tmp_path, capsys):
-    assert cli.main(["demo", "--dir", str(tmp_path), "--files-per-class", "3", "--epochs", "2",
-                     "--no-progress"]) == 0
-    out = capsys.readouterr().out
+def test_demo_runs_the_pipeline_and_prints_a_summary_without_rays_logs(tmp_path):
+    """`melbatch demo` in its own process and its own Ray, as a user runs it: featurize, train twice,
+    classify. The terminal holds melbatch's lines only, each epoch's row once; Ray's lines are in its logs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MELBATCH_VERBOSE", "RAY_ADDRESS")}
+    p = subprocess.run([sys.executable, "-m", "melbatch.cli", "demo", "--dir", str(tmp_path), "--files-per-class",
+                        "3", "--epochs", "2"], capture_output=True, text=True, timeout=860, env=env, cwd=ROOT)
+    out, terminal = p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0, terminal[-4000:]
     assert "featurized 6 + quarantined 9" in out and "first clip:" in out
     assert shards.read_manifest(str(tmp_path / "features"))["counts"]["inputs"] == 15
     assert "ImageNet vs random init, same model, data and budget" in out
@@ -104,6 +121,34 @@ def test_demo_runs_the_pipeline_and_prints_a_summary(ray_session, tmp_path, caps
     assert (tmp_path / "model" / "model" / "model.json").exists() and (tmp_path / "model" / "metrics.json").exists()
     assert "reports (open in a browser):" in out
     assert all((tmp_path / d / "report.html").stat().st_size > 10_000 for d in ("features", "model", "predictions"))
+
+    noise = [n for n in RAY_NOISE if n in terminal]
+    assert not noise, (noise, terminal[-4000:])
+    assert out.count("Ray's logs: ") == 1
+    assert "CPUs: 1 worker(s) x 1 (chosen from the cluster's 2" in out  # sized, not asked for
+    assert "model actors: 1 x 1 CPU, decoding on the other 1 CPU(s) (chosen" in out
+    rows = re.findall(r"^ +(\d)/2 +\d+\.\d{3} ", out, re.M)  # the epoch table of each run, each row once
+    assert rows == ["1", "2", "1", "2"], out
+    assert out.count("epoch  train_loss") == 2
+    assert re.search(r"epoch 2: 100%\|[#]+\| 50/50", p.stderr), p.stderr[-2000:]  # a bar per epoch: steps
+    logs = _ray_log_text(out)
+    assert "Execution plan" in logs and "(RayTrainWorker" not in logs and "Reporting training result" in logs
+
+
+@pytest.mark.ray
+def test_verbose_brings_rays_output_back(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MELBATCH_VERBOSE", "RAY_ADDRESS")}
+    args = [sys.executable, "-m", "melbatch.cli", "featurize", str(tmp_path / "in"), str(tmp_path / "out"),
+            "--no-progress", "--clip-s", "1", "--n-mels", "32"]
+    assert cli.main(["sample-archive", str(tmp_path / "in"), "--files-per-class", "2", "--seconds", "2"]) == 0
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    loud = subprocess.run([*args, "--overwrite", "-v"], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=ROOT)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "featurized 4" in quiet.stdout and "featurized 4" in loud.stdout
+    for noise in ("INFO", "Started a local Ray instance"):
+        assert noise not in quiet.stdout + quiet.stderr and noise in loud.stdout + loud.stderr, noise
+    assert "Ray's logs: " in quiet.stdout and _ray_log_text(quiet.stdout)
 
 
 def test_train_help_has_the_contract_options():

@@ -175,6 +175,15 @@ def test_a_failing_job_returns_its_exit_status_and_a_wrong_config_never_reaches_
         assert os.environ["AWS_SECRET_ACCESS_KEY"] not in meta and "AWS_SECRET_ACCESS_KEY" not in meta
 
 
+def _title(p: psutil.Process) -> str:
+    """The process title (what Ray sets, e.g. ``ray::decode_batch``), or "" for a process that ended
+    or is a zombie meanwhile."""
+    try:
+        return (p.cmdline() or [""])[0]
+    except psutil.Error:
+        return ""
+
+
 def _submit_and_kill_the_worker_node(address: str, job: str, args: list[str], title: str, capsys) -> tuple[int, str]:
     """Submit a job, kill the whole worker node (raylet, workers, agents) as soon as it runs ``title``
     there, and return the job's exit status and log once it ends."""
@@ -186,8 +195,7 @@ def _submit_and_kill_the_worker_node(address: str, job: str, args: list[str], ti
     t.start()
     deadline, killed = time.time() + 120, []
     while not killed and time.time() < deadline and t.is_alive():
-        procs = _worker_node_processes()
-        if any((p.cmdline() or [""])[0].startswith(title) for p in procs if p.is_running()):
+        if any(_title(p).startswith(title) for p in _worker_node_processes()):
             time.sleep(0.5)  # in the middle of its work
             for p in _worker_node_processes():
                 with contextlib.suppress(psutil.Error):

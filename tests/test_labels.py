@@ -5,17 +5,27 @@ from __future__ import annotations
 import pytest
 
 from melbatch import storage
-from melbatch.config import ConfigError
+from melbatch.config import ConfigError, FeaturizeConfig
 from melbatch.labels import NO_LABEL, Labeler
 
 
-def test_folder_labels_use_the_parent_folder(tmp_path):
+def test_folder_labels_use_the_first_folder_under_src_like_imagefolder(tmp_path):
     src = storage.canonical(str(tmp_path))
     lab = Labeler("folder", str(tmp_path))
     assert lab(f"{src}/dog/a.wav") == "dog"
-    assert lab(f"{src}/site1/cat/b.wav") == "cat"  # the nearest folder names the class
+    assert lab(f"{src}/dog/2024-05-01/rec.wav") == "dog"  # whatever lies below the class folder
     assert lab(f"{src}/loose.wav") is NO_LABEL
     assert "class folder" in lab.why_missing()
+
+
+def test_label_depth_chooses_another_folder(tmp_path):
+    src = storage.canonical(str(tmp_path))
+    second, own = Labeler("folder", str(tmp_path), depth=2), Labeler("folder", str(tmp_path), depth=-1)
+    assert second(f"{src}/site1/cat/2024/b.wav") == "cat" and own(f"{src}/site1/cat/2024/b.wav") == "2024"
+    assert second(f"{src}/cat/b.wav") is NO_LABEL and "--label-depth 2" in second.why_missing()
+    assert own(f"{src}/cat/b.wav") == "cat" and own(f"{src}/b.wav") is NO_LABEL
+    with pytest.raises(ConfigError, match="label_depth=0"):
+        FeaturizeConfig(src="a", dst="b", label_depth=0)
 
 
 def test_none_labels_everything_none(tmp_path):

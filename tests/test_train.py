@@ -4,6 +4,7 @@ learn, resume after a crash and survive a dying worker."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -244,3 +245,33 @@ def test_a_new_model_into_an_old_out_is_refused(tmp_path):
 def test_workers_that_leave_ray_data_no_cpu_are_refused_instead_of_hanging(engine_shards):
     with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs for Ray Data"):
         train.run(_cfg(engine_shards, "starved", workers=2, cpus_per_worker=1.0))
+
+
+def test_cpus_per_worker_is_sized_from_the_cluster_when_left_out(ray_session):
+    cpus = ray_session.cluster_resources()["CPU"]  # the session's local Ray: 2 CPUs
+    base = TrainConfig(shards="s", out="o", model="test_resnet")
+    assert base.cpus_per_worker is None
+    for workers, each in ((1, 1.0), (2, 0.5), (3, 0.3)):
+        cfg, line = train.size_workers(replace(base, workers=workers), cpus)
+        assert cfg.cpus_per_worker == each and cpus - workers * each >= 1, line
+        assert f"{workers} worker(s) x {each:g} (chosen from the cluster's 2;" in line
+    assert train.size_workers(replace(base, workers=1), 16)[0].cpus_per_worker == 12  # a quarter kept for Ray Data
+    with pytest.raises(ConfigError, match="lower --workers"):
+        train.size_workers(replace(base, workers=30), cpus)
+    with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs for Ray Data"):  # explicit: refused
+        train.size_workers(replace(base, workers=2, cpus_per_worker=1.0), cpus)
+    cfg, line = train.size_workers(replace(base, workers=2, cpus_per_worker=0.25), cpus)
+    assert cfg.cpus_per_worker == 0.25 and "chosen" not in line
+
+
+def test_classify_sizes_its_model_actors_from_the_cluster():
+    from melbatch import classify
+    from melbatch.config import ClassifyConfig
+
+    base = ClassifyConfig(archive="a", model="m", out="o")
+    assert classify.size_actors(base, 2, 0)[:2] == (1, 1.0)
+    assert classify.size_actors(base, 16, 0)[:2] == (2, 4.0)  # one actor per 8 CPUs, half the CPUs
+    assert classify.size_actors(replace(base, use_gpu=True), 16, 2)[:2] == (2, 1.0)
+    assert classify.size_actors(replace(base, concurrency=3), 2, 0)[:2] == (3, 0.3)
+    with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs for decoding"):
+        classify.size_actors(replace(base, cpus_per_actor=1.0, concurrency=2), 2, 0)

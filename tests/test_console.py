@@ -1,0 +1,48 @@
+"""The terminal holds melbatch's lines: the epoch table prints each row once, Ray's C++ log lines
+are kept off stderr while everything else (progress bars' partial lines too) passes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from melbatch import console
+
+ROW = {"epoch": 1, "train_loss": 0.5, "val_loss": 0.25, "val_accuracy": 0.875, "macro_f1": 0.8, "lr": 1e-3,
+       "epoch_s": 12.3, "frozen_backbone": False}
+
+
+def test_each_epoch_row_and_warning_is_printed_once(capsys):
+    table = console.EpochTable(channel=None, epochs=3, steps_per_epoch=10, bars=False)
+    for _ in range(2):  # a resumed attempt reports epoch 1 again
+        table.handle({"kind": "epoch", "row": ROW})
+        table.handle({"kind": "warning", "text": "the loss is stuck"})
+    table.handle({"kind": "epoch", "row": {**ROW, "epoch": 2, "frozen_backbone": True}})
+    out = capsys.readouterr().out.splitlines()
+    assert out == [console.epoch_row(ROW, 3), "warning: the loss is stuck",
+                   console.epoch_row({**ROW, "epoch": 2, "frozen_backbone": True}, 3)]
+    assert out[0].split() == ["1/3", "0.500", "0.250", "0.875", "0.800", "1.00e-03", "12s"]
+    assert out[2].endswith("(backbone frozen)")
+    assert console.table_header().split() == ["epoch", "train_loss", "val_loss", "val_acc", "macro_f1", "lr", "time"]
+
+
+NATIVE = """
+import os, sys
+from melbatch import console
+console.quiet_native_stderr()
+os.write(2, b"[2026-11-28 06:44:22,242 E 6944 6944] core_worker.cc:2465: Actor with class name: x\\n")
+sys.stderr.write("epoch 1:  50%|#####     | 5/10\\r")
+sys.stderr.flush()
+os.write(2, b"a real error\\n[2026-11-28 06:44:23,001 W 1 2] raylet_client.cc:12: noise\\n")
+print("stdout stays", flush=True)
+"""
+
+
+def test_rays_native_log_lines_are_kept_off_stderr_and_the_rest_passes():
+    p = subprocess.run([sys.executable, "-c", NATIVE], capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == b"stdout stays\n"
+    assert p.stderr == b"epoch 1:  50%|#####     | 5/10\ra real error\n", p.stderr  # bytes: \r kept as it is
+    loud = subprocess.run([sys.executable, "-c", NATIVE], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "MELBATCH_VERBOSE": "1"})
+    assert "core_worker.cc:2465" in loud.stderr and "raylet_client.cc" in loud.stderr
