@@ -39,8 +39,8 @@ class Labeler:
         if self.table is not None:
             return self.table.get(uri, NO_LABEL)
         rel = storage.relative(uri, self.src) if uri != self.src else posixpath.basename(uri)
-        folders = rel.split("/")[:-1]
-        if not folders or len(folders) < abs(self.depth) or (self.depth > 0 and not folders[self.depth - 1]):
+        folders = [f for f in rel.split("/")[:-1] if f]  # "a//b" in an object key has no empty folder
+        if len(folders) < abs(self.depth):
             return NO_LABEL
         return folders[self.depth - 1] if self.depth > 0 else folders[self.depth]
 

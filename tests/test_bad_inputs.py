@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,5 +176,9 @@ def test_file_names_that_are_not_utf8_are_featurized_classified_and_scanned(tmp_
                   progress=False)
     assert sc.counts["classified"] == 3
     assert set(scan.current(str(tmp_path / "scan")).column("uri").to_pylist()) == want
+    from melbatch import report
+
+    page, _ = report.write(str(tmp_path / "pred"))
+    assert "caf%E9.wav" in Path(page.removeprefix("file://")).read_text()  # the report names it as listed
     chaos_log("file names that are not UTF-8 (Latin-1 bytes)", len(names), 3,
               "read under lossless %XX-escaped URIs in featurize, classify and scan")

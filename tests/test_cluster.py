@@ -152,6 +152,8 @@ def test_featurize_and_classify_jobs_run_on_both_nodes(cluster, engine_model, ca
                                               "--files-per-task", "2", "--cpus-per-actor", "0.5",
                                               "--max-quarantine-rate", "1", "--no-progress"], capsys)
     assert code == 0, out
+    noise = [n for n in ("Execution plan", "Starting execution", "pid=", "core_worker") if n in out]
+    assert not noise and "Ray's logs: " in out, (noise, out)  # the job streams melbatch's lines, not Ray's
     p = shards.read_manifest(f"{b}/cluster-predictions")
     assert p["counts"]["inputs"] == len(files) == p["counts"]["classified"] + p["counts"]["quarantined"]
     assert set(p["nodes"]) == set(roles), (p["nodes"], roles)

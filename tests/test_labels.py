@@ -15,6 +15,7 @@ def test_folder_labels_use_the_first_folder_under_src_like_imagefolder(tmp_path)
     assert lab(f"{src}/dog/a.wav") == "dog"
     assert lab(f"{src}/dog/2024-05-01/rec.wav") == "dog"  # whatever lies below the class folder
     assert lab(f"{src}/loose.wav") is NO_LABEL
+    assert lab(f"{src}//abs/olute.wav") == "abs" and lab(f"{src}/dog//x.wav") == "dog"  # S3 keys may hold "//"
     assert "class folder" in lab.why_missing()
 
 
