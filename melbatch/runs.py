@@ -1,4 +1,4 @@
-"""What every batch job shares: joining Ray, content-named batches, part files, garbage, progress.
+"""What every batch job shares: joining Ray, content-named batches, part files, garbage.
 
 A job splits its inputs into batches named after their content (:func:`content_id`); a Ray task
 writes a batch's outputs under names derived from that id and then its part file
