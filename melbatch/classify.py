@@ -247,7 +247,7 @@ def size_actors(cfg: ClassifyConfig, cpus: float, gpus: float) -> tuple[int, flo
     all but one), in steps of 0.05; an explicit value that leaves decoding no CPU is an error.
     """
     actors = cfg.concurrency or (int(gpus) if cfg.use_gpu else max(1, int(cpus // 8)))
-    chosen = cfg.concurrency == 0
+    chosen = cfg.concurrency == 0 or cfg.cpus_per_actor is None
     if cfg.cpus_per_actor is not None:
         each = cfg.cpus_per_actor
         if cpus - actors * each < 1:
@@ -255,7 +255,6 @@ def size_actors(cfg: ClassifyConfig, cpus: float, gpus: float) -> tuple[int, flo
                               f"{cpus:g} CPUs for decoding, which needs at least 1: lower --cpus-per-actor "
                               "(fractions are fine), leave it out to size it from the cluster, or lower --concurrency")
     else:
-        chosen = True
         share = 1.0 if cfg.use_gpu else min(cpus / 2, cpus - 1) / actors
         each = math.floor(min(share, (cpus - 1) / actors) * 20) / 20
         if each < 0.05:

@@ -53,7 +53,7 @@ def init_ray(address: str | None) -> None:
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a submitted Ray job: its runtime env applies already
         env = {}
-    import ray.data
+    import ray.data  # Ray Data sets up its loggers when imported: quiet_ray_loggers below finds them
 
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=console.verbose(),
              logging_level="INFO" if console.verbose() else "WARNING", configure_logging=True)
