@@ -28,6 +28,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -398,6 +399,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 channel.send("step", epoch=epoch + 1, step=step, loss=loss_sum / seen,
                              samples_per_s=seen * world / max(1e-9, time.perf_counter() - t0))
         train_s = time.perf_counter() - t0
+        if channel and seen:  # the epoch's last step, whatever the throttle let through: the bar ends full
+            channel.send("step", epoch=epoch + 1, step=step, loss=loss_sum / seen,
+                         samples_per_s=seen * world / max(1e-9, train_s), final=True)
 
         model.eval()
         conf = torch.zeros(len(labels), len(labels), dtype=torch.float64)
@@ -697,11 +701,13 @@ def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> 
     import ray
 
     columns = ["uri", "clip_index", "start_s", "end_s", "label", "mel"]
-    ds = _split(_images(uris, columns), val_files, keep=True).map_batches(
-        _Scorer, fn_constructor_kwargs={"package": storage.join(cfg.out, PACKAGE_DIR), "use_gpu": cfg.use_gpu},
-        batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-        num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker),
-        max_restarts=0)  # a short pass (re-run to resume); restartable actors also make Ray warn on the console
+    with warnings.catch_warnings():  # Ray 2.60 names no parameter for max_restarts yet and warns on the console
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = _split(_images(uris, columns), val_files, keep=True).map_batches(
+            _Scorer, fn_constructor_kwargs={"package": storage.join(cfg.out, PACKAGE_DIR), "use_gpu": cfg.use_gpu},
+            batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
+            num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker),
+            max_restarts=0)  # a short pass (re-run to resume); restartable actors also make Ray warn on the console
     table = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()]).sort_by([("uri", "ascending"),
                                                                                    ("clip_index", "ascending")])
     buf = io.BytesIO()

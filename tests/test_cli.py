@@ -91,7 +91,8 @@ def test_voice_archive_has_lower_pitch_for_male_voices(tmp_path):
 
 # What Ray prints when its output reaches the terminal: none of it may on a default run
 RAY_NOISE = ("INFO", "TrainingReport", "Reporting training result", "Execution plan", "Starting execution",
-             "pid=", "(raylet)", "core_worker", "Checkpoint successfully", "Progress bars disabled", "memory=")
+             "pid=", "(raylet)", "core_worker", "Checkpoint successfully", "Progress bars disabled", "memory=",
+             "Warning:")
 
 
 def _ray_log_text(out: str) -> str:

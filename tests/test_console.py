@@ -26,6 +26,19 @@ def test_each_epoch_row_and_warning_is_printed_once(capsys):
     assert console.table_header().split() == ["epoch", "train_loss", "val_loss", "val_acc", "macro_f1", "lr", "time"]
 
 
+def test_an_epochs_bar_ends_full_in_a_log_whatever_the_throttle_let_through(capsys):
+    """In a log (stderr not a terminal) a bar draws every 15 s; the epoch's final step still draws its 100% line,
+    with the steps the epoch really had."""
+    table = console.EpochTable(channel=None, epochs=1, steps_per_epoch=32, bars=True)
+    table.handle({"kind": "step", "epoch": 1, "step": 1, "loss": 2.0, "samples_per_s": 4.0})
+    table.handle({"kind": "step", "epoch": 1, "step": 26, "loss": 1.0, "samples_per_s": 8.0})
+    assert "100%" not in capsys.readouterr().err
+    table.handle({"kind": "step", "epoch": 1, "step": 30, "loss": 0.5, "samples_per_s": 9.0, "final": True})
+    table.handle({"kind": "epoch", "row": ROW})
+    err = capsys.readouterr().err
+    assert "epoch 1: 100%" in err and "30/30" in err and "loss 0.500" in err, err
+
+
 NATIVE = """
 import os, sys
 from melbatch import console
