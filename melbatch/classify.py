@@ -37,13 +37,24 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from melbatch import __version__, storage
 from melbatch.audio import DecodeError
 from melbatch.config import SCHEMA_VERSION, ClassifyConfig, ConfigError, FeatureConfig
 from melbatch.console import progress as progress_bar
 from melbatch.features import SPILL_BYTES, logmels_of_object
-from melbatch.model import ModelError, package_root, read_package_meta
+from melbatch.model import (
+    FileSums,
+    ModelError,
+    Package,
+    aggregate_files,
+    load_package,
+    package_root,
+    predict,
+    read_package_meta,
+    verdicts,
+)
 from melbatch.runs import (
     audio_line,
     collect_garbage,
@@ -355,8 +366,6 @@ def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> It
     length of audio passes through in bounded memory. A file's clips join a chunk only once the file
     is known to be good (:class:`~melbatch.features.StagedClips`).
     """
-    import torch
-
     torch.set_num_threads(1)  # parallelism comes from Ray tasks
     cfg = FeatureConfig.from_dict(json.loads(features_json))
     per_chunk = max(1, int(CHUNK_BYTES // (np.dtype(cfg.dtype).itemsize * cfg.shape[0] * cfg.shape[1])))
@@ -399,29 +408,20 @@ class Predictor:
 
     def __init__(self, model_uri: URI, batch_size: int, top_k: int, embeddings: bool, use_gpu: bool,
                  threads: int) -> None:
-        import torch
-
-        from melbatch.model import load_package
-
         torch.set_num_threads(threads)
         pkg = load_package(model_uri)
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = pkg.model.to(self.device).eval()
+        self.pkg = Package(pkg.model.to(torch.device("cuda" if use_gpu else "cpu")).eval(), pkg.meta)
         self.labels, self.features, self.meta = pkg.labels, pkg.features, pkg.meta
         self.batch_size, self.k, self.embeddings = batch_size, min(top_k, len(pkg.labels)), embeddings
-        self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_gpu)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         out: dict[str, list] = {"batch": [], "seq": [], "clips": [], "result": []}
         for row in rows:
             clips = json.loads(row["clips"])
-            probs, emb = self._predict(row["mel"], len(clips))
-            sums: dict[str, list] = {}
-            for c, p in zip(clips, probs, strict=True):
-                acc = sums.setdefault(c[0], [np.zeros(len(self.labels), np.float64), 0])
-                acc[0] += p
-                acc[1] += 1
+            mels = np.frombuffer(row["mel"], dtype=np.dtype(self.features.dtype)).reshape(-1, *self.features.shape)
+            probs, emb = predict(self.pkg, mels, self.batch_size, self.embeddings)
+            sums = aggregate_files([c[0] for c in clips], probs)
             out["batch"].append(row["batch"])
             out["seq"].append(row["seq"])
             out["clips"].append(_ipc(self._clip_table(clips, probs, emb)))
@@ -431,24 +431,6 @@ class Predictor:
                 "files": json.loads(row["files"]), "quarantine": json.loads(row["quarantine"])}))
         return pa.table({"batch": pa.array(out["batch"], pa.string()), "seq": pa.array(out["seq"], pa.int32()),
                          "clips": pa.array(out["clips"], pa.binary()), "result": pa.array(out["result"], pa.string())})
-
-    def _predict(self, mel_bytes: bytes, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-        import torch
-
-        from melbatch.model import forward, normalize
-
-        mels = np.frombuffer(mel_bytes, dtype=np.dtype(self.features.dtype)).reshape(n, *self.features.shape)
-        probs, embs = [], []
-        with torch.inference_mode():
-            for s in range(0, n, self.batch_size):
-                x = torch.from_numpy(mels[s: s + self.batch_size].astype(np.float32)).unsqueeze(1).to(self.device)
-                with self.autocast:
-                    logits, emb = forward(self.model, normalize(x, self.meta["normalization"]), self.embeddings)
-                probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-                if emb is not None:
-                    embs.append(emb.float().cpu().numpy())
-        empty = np.zeros((0, len(self.labels)), np.float32)
-        return (np.concatenate(probs) if probs else empty), (np.concatenate(embs) if embs else None)
 
     def _clip_table(self, clips: list[list], probs: np.ndarray, emb: np.ndarray | None) -> pa.Table:
         labels = np.array(self.labels, dtype=object)
@@ -499,13 +481,12 @@ def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[st
     of each file's clip probabilities, the best label wins), then its part file; returns its result."""
     chunks = sorted(chunks, key=lambda c: c["seq"])
     files, labels = chunks[-1]["files"], meta["labels"]
-    sums: dict[str, tuple[np.ndarray, int]] = {}
+    sums: FileSums = {}
     for c in chunks:
-        for uri, (total, n) in c["sums"].items():
-            acc, m = sums.get(uri, (np.zeros(len(labels)), 0))
-            sums[uri] = (acc + np.asarray(total), m + n)
-    scores = np.stack([sums[f["uri"]][0] / sums[f["uri"]][1] for f in files]) if files else np.zeros((0, len(labels)))
-    best = scores.argmax(1) if files else np.zeros(0, np.int64)
+        parts = list(c["sums"].items())
+        sums = aggregate_files([u for u, _ in parts], np.array([t for _, (t, _) in parts]).reshape(len(parts), -1),
+                               [n for _, (_, n) in parts], into=sums)
+    scores, best = verdicts(sums, [f["uri"] for f in files], len(labels))
     table = pa.Table.from_pydict({
         **{k: [f[k] for f in files] for k in ("uri", "etag", "size", "duration_s", "decoder", "source_sample_rate_hz",
                                               "source_channels")},

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -150,6 +151,51 @@ def forward(model: torch.nn.Module, x: torch.Tensor, embeddings: bool = False) -
         return model(x), None
     feats = model.forward_features(x)
     return model.forward_head(feats), model.forward_head(feats, pre_logits=True)
+
+
+def predict(pkg: Package, images: np.ndarray, batch_size: int = 64,
+            embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The one way melbatch scores images (training's validation and classify alike): mel images
+    ``(n, n_mels, frames)`` in any float dtype, normalised as the package was trained, run through its
+    model in batches (bfloat16 autocast on a GPU) → class probabilities ``(n, labels)`` float32, and with
+    ``embeddings`` the pooled features ``(n, dim)`` (else ``None``). Runs where the model's weights are."""
+    device = next(pkg.model.parameters()).device
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    probs, embs = [], []
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.asarray(images[s: s + batch_size], np.float32)).unsqueeze(1).to(device)
+            with autocast:
+                logits, emb = forward(pkg.model, normalize(x, pkg.meta["normalization"]), embeddings)
+            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            if emb is not None:
+                embs.append(emb.float().cpu().numpy())
+    empty = np.zeros((0, len(pkg.labels)), np.float32)
+    return (np.concatenate(probs) if probs else empty), (np.concatenate(embs) if embs else None)
+
+
+FileSums = dict[str, tuple[np.ndarray, int]]
+
+
+def aggregate_files(uris: list[str], probs: np.ndarray, clips: list[int] | None = None,
+                    into: FileSums | None = None) -> FileSums:
+    """Per file, the sum of its clips' probabilities and how many clips: ``{uri: (sum, n)}``. Rows of
+    ``probs`` are one clip each, or (with ``clips``) sums already covering that many clips, so partial
+    sums from several chunks add up; ``into`` continues an earlier result. See :func:`verdicts`."""
+    sums = dict(into or {})
+    for i, (uri, p) in enumerate(zip(uris, probs, strict=True)):
+        total, n = sums.get(uri, (np.zeros(len(p), np.float64), 0))
+        sums[uri] = (total + p, n + (1 if clips is None else clips[i]))
+    return sums
+
+
+def verdicts(sums: FileSums, uris: list[str], n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-file rule: a file's scores are the mean of its clips' probabilities, the best label
+    wins → ``(scores (files, labels), best label index (files,))`` in the order of ``uris``."""
+    if not uris:
+        return np.zeros((0, n_labels)), np.zeros(0, np.int64)
+    scores = np.stack([sums[u][0] / sums[u][1] for u in uris])
+    return scores, scores.argmax(1)
 
 
 def weights_id(state: dict[str, torch.Tensor]) -> str:

@@ -42,7 +42,18 @@ from melbatch import augment, storage
 from melbatch.audio import DecodeError, decode_all
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.console import Channel, EpochTable, Throttle
-from melbatch.model import PACKAGE_DIR, classifier_names, create_model, normalize, save_package
+from melbatch.model import (
+    PACKAGE_DIR,
+    Package,
+    aggregate_files,
+    classifier_names,
+    create_model,
+    load_package,
+    normalize,
+    predict,
+    save_package,
+    verdicts,
+)
 from melbatch.shards import DatasetError, audio_array, feature_config_of, mel_array, open_dataset, shard_uris
 from melbatch.weights import Source, resolve
 
@@ -670,24 +681,19 @@ def _finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureC
 
 
 class _Scorer:
-    """Ray Data actor: the saved package's class probabilities for stored validation images."""
+    """Ray Data actor: the saved package's class probabilities for stored validation images
+    (:func:`melbatch.model.predict`, the path classify takes)."""
 
-    def __init__(self, package: URI, use_gpu: bool) -> None:
+    def __init__(self, package: URI, use_gpu: bool, batch_size: int) -> None:
         import torch
-
-        from melbatch.model import load_package
 
         pkg = load_package(package)
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model, self.meta = pkg.model.to(self.device), pkg.meta
+        self.pkg = Package(pkg.model.to(torch.device("cuda" if use_gpu else "cpu")), pkg.meta)
+        self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
-        x = torch.from_numpy(mel_array(batch).astype(np.float32)).unsqueeze(1).to(self.device)
-        with torch.inference_mode():
-            probs = torch.softmax(self.model(normalize(x, self.meta["normalization"])).float(), dim=1).cpu().numpy()
-        labels = self.meta["labels"]
+        probs, _ = predict(self.pkg, mel_array(batch), self.batch_size)
+        labels = self.pkg.labels
         truth = [labels.index(v) for v in batch.column("label").to_pylist()]
         best = probs.argmax(axis=1)
         return batch.drop_columns(["mel"]).append_column("predicted", pa.array([labels[i] for i in best])) \
@@ -704,7 +710,8 @@ def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> 
     with warnings.catch_warnings():  # Ray 2.60 names no parameter for max_restarts yet and warns on the console
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = _split(_images(uris, columns), val_files, keep=True).map_batches(
-            _Scorer, fn_constructor_kwargs={"package": storage.join(cfg.out, PACKAGE_DIR), "use_gpu": cfg.use_gpu},
+            _Scorer, fn_constructor_kwargs={"package": storage.join(cfg.out, PACKAGE_DIR), "use_gpu": cfg.use_gpu,
+                                            "batch_size": cfg.batch_size},
             batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
             num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker),
             max_restarts=0)  # a short pass (re-run to resume); restartable actors also make Ray warn on the console
@@ -717,9 +724,10 @@ def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> 
 
 
 def file_accuracy(val: pa.Table, labels: list[str]) -> float:
-    """Share of validation files whose verdict (mean of clip probabilities, as classify decides) is right."""
-    files: dict[str, tuple[str, list[list[float]]]] = {}
-    for r in val.select(["uri", "label", "probabilities"]).to_pylist():
-        files.setdefault(r["uri"], (r["label"], []))[1].append(r["probabilities"])
-    right = sum(truth == labels[int(np.mean(probs, axis=0).argmax())] for truth, probs in files.values())
-    return right / max(1, len(files))
+    """Share of validation files whose verdict (:func:`melbatch.model.verdicts`, as classify decides) is right."""
+    uris = val.column("uri").to_pylist()
+    truth = dict(zip(uris, val.column("label").to_pylist(), strict=True))
+    sums = aggregate_files(uris, np.array(val.column("probabilities").to_pylist(), np.float64).reshape(len(uris), -1))
+    files = sorted(sums)
+    _, best = verdicts(sums, files, len(labels))
+    return sum(truth[u] == labels[i] for u, i in zip(files, best, strict=True)) / max(1, len(files))

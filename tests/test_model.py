@@ -91,3 +91,33 @@ def test_package_roundtrip(tmp_path):
         assert torch.equal(pkg.model(x), m(x))
     with pytest.raises(ModelError, match="no model package"):
         mb_model.load_package(str(tmp_path / "elsewhere"))
+
+
+def test_one_prediction_path_batches_normalises_and_decides_files_the_same_way():
+    """model.predict (training's validation scoring and classify both use it) and the per-file rule."""
+    import numpy as np
+
+    fc = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0)
+    torch.manual_seed(0)
+    m = mb_model.create_model("test_convnext", 3, fc.shape, pretrained=False).eval()
+    norm = {"kind": "dataset", "mean": -40.0, "std": 20.0}
+    pkg = mb_model.Package(m, {"labels": ["a", "b", "c"], "normalization": norm})
+    images = np.random.default_rng(0).normal(-40, 20, (7, *fc.shape)).astype(np.float16)
+    probs, emb = mb_model.predict(pkg, images, batch_size=3, embeddings=True)
+    with torch.no_grad():
+        want = torch.softmax(m((torch.from_numpy(images.astype(np.float32)).unsqueeze(1) + 40.0) / 20.0), 1).numpy()
+    assert probs.shape == (7, 3) and probs.dtype == np.float32 and emb.shape[0] == 7
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+    np.testing.assert_allclose(mb_model.predict(pkg, images, batch_size=64)[0], probs, atol=1e-5)
+    assert mb_model.predict(pkg, images[:0])[0].shape == (0, 3)
+
+    uris = ["f1", "f1", "f2", "f1", "f2", "f3", "f3"]
+    whole = mb_model.aggregate_files(uris, probs)
+    first = mb_model.aggregate_files(uris[:4], probs[:4])  # chunks' partial sums add up to the whole
+    parts = mb_model.aggregate_files(list(first), np.array([first[u][0] for u in first]), [first[u][1] for u in first])
+    parts = mb_model.aggregate_files(uris[4:], probs[4:], into=parts)
+    scores, best = mb_model.verdicts(parts, ["f3", "f1", "f2"], 3)
+    assert {u: n for u, (_, n) in whole.items()} == {"f1": 3, "f2": 2, "f3": 2}
+    np.testing.assert_allclose(scores[1], probs[[0, 1, 3]].mean(0), atol=1e-6)
+    np.testing.assert_allclose(scores, mb_model.verdicts(whole, ["f3", "f1", "f2"], 3)[0], atol=1e-9)
+    assert list(best) == list(scores.argmax(1)) and mb_model.verdicts({}, [], 3)[1].shape == (0,)
