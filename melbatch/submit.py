@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from melbatch.config import ConfigError
+from melbatch.options import parse_job
 from melbatch.runs import FORWARDED_ENV
 
 JOBS = ("featurize", "train", "classify", "scan")
@@ -31,17 +32,12 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 def check_args(job: str, args: list[str]) -> None:
     """Parse and validate the job's arguments exactly as the CLI would; raise :class:`ConfigError`."""
-    from melbatch import cli
-
     if job not in JOBS:
         raise ConfigError(f"unknown job {job!r}: choose one of {JOBS}")
     try:
-        parsed = cli.parser().parse_args([job, *args])
+        parse_job(job, args)
     except SystemExit as e:  # argparse already printed what is wrong
         raise ConfigError(f"the arguments of `melbatch {job}` are wrong (see above): {shlex.join(args)}") from e
-    builders = {"featurize": cli.featurize_config, "train": cli.train_config, "classify": cli.classify_config,
-                "scan": cli.scan_config}
-    builders[job](parsed)
 
 
 def runtime_env(working_dir: str, extra: str | None = None) -> dict[str, Any]:

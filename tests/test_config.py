@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from melbatch import cli, config
+from melbatch import cli, config, options
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
 
 
@@ -96,7 +96,7 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
                    "  include: ['*/keep_*']\n")
     args = cli.parser().parse_args(["featurize", "src", "dst", "--config", str(yml), "--n-mels", "32",
                                     "--exclude", "*.tmp", "--ext", "wav,flac"])
-    cfg = cli.featurize_config(args)
+    cfg = options.featurize_config(args)
     assert cfg.features.n_mels == 32  # flag beats YAML
     assert cfg.features.clip_s == 2.0  # YAML beats default
     assert cfg.features.n_fft == 512  # default
@@ -109,4 +109,4 @@ def test_yaml_with_an_unknown_section_is_refused(tmp_path):
     yml.write_text("feature:\n  n_mels: 64\n")
     args = cli.parser().parse_args(["featurize", "src", "dst", "--config", str(yml)])
     with pytest.raises(ConfigError, match="unknown section"):
-        cli.featurize_config(args)
+        options.featurize_config(args)
