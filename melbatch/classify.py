@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from melbatch import __version__, storage
+from melbatch import URI, __version__, storage
 from melbatch.audio import DecodeError
 from melbatch.config import SCHEMA_VERSION, ClassifyConfig, ConfigError, FeatureConfig
 from melbatch.console import progress as progress_bar
@@ -83,7 +83,6 @@ from melbatch.shards import (
     write_table,
 )
 
-URI = str
 DECODE_WORKER_BYTES = 400e6
 # Images travel from the decoders to the model in chunks of at most this many bytes (about 10 minutes
 # of audio at the default features), so a batch of any length of audio passes in bounded memory.

@@ -84,9 +84,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from melbatch import scan, storage
+    from melbatch import ledger, storage
 
-    table = scan.current(args.out)
+    table = ledger.current(args.out)
     if args.status:
         table = table.filter(pc.equal(table.column("status"), args.status))
     if args.format == "parquet":

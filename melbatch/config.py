@@ -17,7 +17,8 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-URI = str
+from melbatch import URI
+
 Seconds = float
 
 SCHEMA_VERSION = 1

@@ -7,10 +7,8 @@ ImageNet-started model → the three HTML reports. What it prints is what the RE
 
 from __future__ import annotations
 
-from melbatch import classify, featurize, report, samples, shards, storage, train
+from melbatch import URI, classify, featurize, report, samples, shards, storage, train
 from melbatch.config import ClassifyConfig, FeatureConfig, FeaturizeConfig, TrainConfig
-
-URI = str
 
 
 def run(root: URI, kind: str = "engine", files_per_class: int = 16, epochs: int = 4, progress: bool = True) -> None:

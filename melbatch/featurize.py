@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from melbatch import __version__, storage
+from melbatch import URI, __version__, storage
 from melbatch.audio import DecodeError, open_audio
 from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.console import progress as progress_bar
@@ -60,7 +60,6 @@ from melbatch.shards import (
     write_quarantine,
 )
 
-URI = str
 FIT_SAMPLE = 64  # recordings probed for their duration when clips are fitted
 
 

@@ -16,10 +16,9 @@ import io
 import json
 import posixpath
 
-from melbatch import storage
+from melbatch import URI, storage
 from melbatch.config import ConfigError
 
-URI = str
 NO_LABEL = object()  # marks an object that needs a label and has none
 
 

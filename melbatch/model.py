@@ -27,11 +27,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from melbatch import __version__, storage
+from melbatch import URI, __version__, storage
 from melbatch.config import FeatureConfig
 from melbatch.weights import Source, converted_wheel_weights, fetch_weights, resolve
 
-URI = str
 PACKAGE_DIR = "model"
 WEIGHTS = "model.safetensors"
 META = "model.json"

@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from melbatch import storage
+from melbatch import URI, storage
 from melbatch.audio import DecodeError, decode_all
 from melbatch.config import FeatureConfig
-
-URI = str
 
 
 @dataclass

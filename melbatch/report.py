@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from melbatch import __version__, pictures, storage
+from melbatch import URI, __version__, ledger, pictures, storage
 from melbatch.config import FeatureConfig
+from melbatch.shards import METRICS, VAL_PREDICTIONS, read_manifest, read_quarantine, read_tables
+from melbatch.weights import Source
 
-URI = str
 REPORT = "report.html"
 MAX_ROWS = 200  # table rows shown; the rest are counted, and the Parquet file is named
 KINDS = ("featurize", "train", "classify", "scan")
@@ -48,17 +50,14 @@ class Section:
 
 def kind_of(run: URI) -> str:
     """'featurize', 'classify', 'train' or 'scan', from the files RUN holds."""
-    from melbatch import scan
-    from melbatch.shards import read_manifest
-
     manifest = read_manifest(run)
     if manifest and manifest.get("kind") == "features":
         return "featurize"
     if manifest and manifest.get("kind") == "predictions":
         return "classify"
-    if storage.exists(storage.join(run, "metrics.json")):
+    if storage.exists(storage.join(run, METRICS)):
         return "train"
-    if scan.committed_runs(run):
+    if ledger.committed_runs(run):
         return "scan"
     raise ReportError(f"{run} is not a finished featurize, train, classify or scan output (no _manifest.json, "
                       "metrics.json or runs/<run_id>/summary.json): give the DST/OUT of one of those commands")
@@ -88,8 +87,6 @@ def write(run: URI, out: URI | None = None, thumbnails: int = 8, baseline: URI |
 # ------------------------------------------------------------------------------------- the sections
 
 def featurize_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
-    from melbatch.shards import read_manifest, read_quarantine
-
     m = read_manifest(run) or {}
     c = m["counts"]
     cfg = FeatureConfig.from_dict(m["feature_config"])
@@ -112,11 +109,9 @@ def featurize_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
 
 
 def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
-    import pyarrow.parquet as pq
+    from melbatch.model import read_package_meta  # torch: imported by train and scan reports only
 
-    from melbatch.model import read_package_meta
-
-    m = json.loads(storage.read_bytes(storage.join(run, "metrics.json")))
+    m = json.loads(storage.read_bytes(storage.join(run, METRICS)))
     meta = read_package_meta(run)
     cfg = FeatureConfig.from_dict(meta["feature_config"])
     labels = m["labels"]
@@ -138,9 +133,9 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
                       [(lab, *(f"{m['per_class'][lab][k]:.3f}" for k in ("precision", "recall", "f1")),
                         m["per_class"][lab].get("support", "")) for lab in labels]))
     wrong = Section("Most confidently wrong validation clips")
-    val_uri = storage.join(run, "val_predictions.parquet")
+    val_uri = storage.join(run, VAL_PREDICTIONS)
     if not storage.exists(val_uri):
-        wrong.add(note("no val_predictions.parquet in this run (trained by an older melbatch)"))
+        wrong.add(note(f"no {VAL_PREDICTIONS} in this run (trained by an older melbatch)"))
     else:
         with storage.open_input(val_uri) as f:
             val = pq.read_table(f).to_pylist()
@@ -161,17 +156,15 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
 
 
 def _started_from(meta: dict[str, Any]) -> str:
-    from melbatch.weights import Source
-
     return (Source.from_dict(meta["initial_weights"]).describe() if meta.get("initial_weights")
             else "not recorded (trained by an older melbatch)")
 
 
 def comparison_section(run: URI, baseline: URI) -> Section:
     """This train run next to another, epoch by epoch: the gain of one start over the other."""
-    from melbatch.model import read_package_meta
+    from melbatch.model import read_package_meta  # torch: imported by train and scan reports only
 
-    a, b = (json.loads(storage.read_bytes(storage.join(r, "metrics.json"))) for r in (run, baseline))
+    a, b = (json.loads(storage.read_bytes(storage.join(r, METRICS))) for r in (run, baseline))
     names = (f"this run ({_started_from(read_package_meta(run))})",
              f"{baseline} ({_started_from(read_package_meta(baseline))})")
     sec = Section("Compared with another start")
@@ -193,8 +186,6 @@ def comparison_section(run: URI, baseline: URI) -> Section:
 
 
 def classify_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
-    from melbatch.shards import read_manifest, read_quarantine, read_tables
-
     m = read_manifest(run) or {}
     c = m["counts"]
     files = read_tables(run, "files").to_pylist()
@@ -222,9 +213,7 @@ def classify_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
 
 
 def scan_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
-    from melbatch import scan
-
-    runs = [scan.read_summary(run, r) for r in scan.committed_runs(run)]
+    runs = [ledger.read_summary(run, r) for r in ledger.committed_runs(run)]
     keys = ["listed", "new", "changed", "unchanged", "deleted", "classified", "quarantined"]
     trend = Section(f"Trend over {len(runs)} committed scan(s)").add(trend_chart(
         [r["run_id"] for r in runs], {k: [r["counts"].get(k, 0) for r in runs] for k in keys[1:]}))
@@ -232,7 +221,7 @@ def scan_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
                     [(r["run_id"], r.get("started_at", ""), f"{r.get('duration_s', 0):.0f}",
                       *(r["counts"].get(k, 0) for k in keys), r.get("model_id", "")) for r in reversed(runs)],
                     limit=MAX_ROWS))
-    now = scan.current(run).to_pylist()
+    now = ledger.current(run).to_pylist()
     labels: dict[str, int] = {}
     for r in now:
         if r["status"] == "classified":

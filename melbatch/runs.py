@@ -18,10 +18,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from melbatch import console, storage
+from melbatch import URI, console, storage
 from melbatch.audio import ERROR_KINDS, DecodeError
 
-URI = str
 PARTS_DIR = "_parts"
 # Non-secret settings a Ray worker needs to reach the same object store as the driver.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-from melbatch import storage
+from melbatch import URI, storage
 
-URI = str
 KINDS = ("engine", "voice")
 # (container, subtype, extension) and the rates/channel counts the generator rotates through
 FORMATS = [("WAV", "PCM_16", "wav"), ("FLAC", "PCM_16", "flac"), ("OGG", "VORBIS", "ogg"),

@@ -23,7 +23,7 @@ Top-down (:func:`run`):
    one write is the commit. Uncommitted attempts are deleted afterwards.
 
 Why exactly once holds: data is only ever written into an attempt folder no committed run names yet,
-and readers (:func:`current`, ``melbatch results``) start from the newest *committed* summary and
+and readers (:func:`melbatch.ledger.current`, ``melbatch results``) start from the newest *committed* summary and
 follow only what it names. A scan killed anywhere before the create leaves no summary, so the next
 scan sees the same committed state, computes the same run id and work, and redoes only what is
 missing; a scan killed after it is done. S3 has no atomic rename, but it needs none: the commit is the
@@ -44,27 +44,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from melbatch import __version__, classify, storage
+from melbatch import URI, __version__, classify, storage
 from melbatch.config import SCHEMA_VERSION, ScanConfig
+from melbatch.ledger import (
+    ATTEMPTS,
+    LEASE,
+    LEDGER,
+    LEDGER_SCHEMA,
+    RUNS,
+    SUMMARY,
+    committed_runs,
+    read_ledger,
+    read_summary,
+)
 from melbatch.runs import audio_line, content_id, crash_point, label_lines, quarantine_lines
-from melbatch.shards import QUARANTINE, read_quarantine, read_tables, write_table
-
-URI = str
-RUNS, ATTEMPTS, LEASE = "runs", "attempts", "_lease"
-SUMMARY, LEDGER = "summary.json", "ledger.parquet"
-STATUSES = ("classified", "quarantined", "deleted")
-LEDGER_SCHEMA = pa.schema([
-    pa.field("uri", pa.string(), nullable=False),
-    pa.field("etag", pa.string(), nullable=False),
-    pa.field("size", pa.int64(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),  # classified | quarantined | deleted
-    pa.field("run_id", pa.string(), nullable=False),  # the run that last changed this row
-    pa.field("attempt", pa.string()),  # where its verdict or quarantine row lives (relative to OUT)
-    pa.field("model_id", pa.string()),
-])
+from melbatch.shards import QUARANTINE, read_quarantine, write_table
 
 
 class ScanBusyError(RuntimeError):
@@ -153,24 +148,6 @@ def _iso(t: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------- state
-
-def committed_runs(out: URI) -> list[str]:
-    """Run ids with a summary (the commits), oldest first."""
-    root = storage.join(storage.canonical(out), RUNS)
-    return sorted(storage.relative(u, root).split("/")[0] for u in storage.list_files(root, f"/{SUMMARY}"))
-
-
-def read_summary(out: URI, run_id: str) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(storage.join(out, RUNS, run_id, SUMMARY)))
-
-
-def read_ledger(out: URI, summary: dict[str, Any] | None) -> pa.Table:
-    """The ledger a committed run names (every object's state after it); empty before the first run."""
-    if not summary or not summary.get("ledger"):
-        return LEDGER_SCHEMA.empty_table()
-    with storage.open_input(storage.join(out, summary["ledger"])) as f:
-        return pq.read_table(f, schema=LEDGER_SCHEMA)
-
 
 @dataclass
 class Diff:
@@ -346,40 +323,4 @@ def _collect_attempts(out: URI, keep: set[str | None]) -> None:
     storage.delete(stale)
 
 
-# --------------------------------------------------------------------------------------------- read
-
-def current(out: URI) -> pa.Table:
-    """The verdict for every live object (the newest committed run wins): one row per object that is
-    not deleted, with ``uri, etag, size, status, label, probability, clips, run_id, model_id`` (label
-    and probability empty for quarantined objects, whose ``reason`` says why)."""
-    out = storage.canonical(out)
-    runs = committed_runs(out)
-    if not runs:
-        raise storage.StorageError(f"{out} has no committed scan yet (no {RUNS}/<run_id>/{SUMMARY}): run "
-                                   "`melbatch scan` first")
-    ledger = read_ledger(out, read_summary(out, runs[-1]))
-    live = ledger.filter(pc.not_equal(ledger.column("status"), "deleted"))
-    verdicts: dict[str, dict[str, Any]] = {}
-    reasons: dict[str, str] = {}
-    for attempt in sorted(set(live.column("attempt").drop_null().to_pylist())):
-        root = storage.join(out, attempt)
-        verdicts.update({r["uri"]: r for r in read_tables(root, "files").to_pylist()})
-        reasons.update({q["uri"]: f"{q['kind']}: {q['message']}" for q in read_quarantine(root).to_pylist()})
-    rows = []
-    for r in live.to_pylist():
-        v = verdicts.get(r["uri"]) if r["status"] == "classified" else None
-        rows.append({"uri": r["uri"], "etag": r["etag"], "size": r["size"], "status": r["status"],
-                     "label": v["label"] if v else None, "probability": v["probability"] if v else None,
-                     "clips": v["clips"] if v else None, "reason": reasons.get(r["uri"]) if not v else None,
-                     "run_id": r["run_id"], "model_id": r["model_id"]})
-    return pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
-
-
-RESULTS_SCHEMA = pa.schema([
-    pa.field("uri", pa.string()), pa.field("etag", pa.string()), pa.field("size", pa.int64()),
-    pa.field("status", pa.string()), pa.field("label", pa.string()), pa.field("probability", pa.float32()),
-    pa.field("clips", pa.int32()), pa.field("reason", pa.string()), pa.field("run_id", pa.string()),
-    pa.field("model_id", pa.string()),
-])
-
-__all__ = ["Lease", "ScanBusyError", "Summary", "commit", "committed_runs", "current", "diff", "run"]
+__all__ = ["Lease", "ScanBusyError", "Summary", "commit", "diff", "run"]

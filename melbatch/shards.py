@@ -26,13 +26,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from melbatch import storage
+from melbatch import URI, storage
 from melbatch.config import SCHEMA_VERSION, FeatureConfig
 
-URI = str
 MANIFEST = "_manifest.json"
 QUARANTINE = "quarantine.parquet"
 SHARD_DIR = "shards"
+# a train OUT: melbatch.train writes these next to the model package, the report reads them
+METRICS = "metrics.json"
+VAL_PREDICTIONS = "val_predictions.parquet"
+TRAIN_CONFIG = "train_config.json"  # model, feature hash and normalisation of the run that owns OUT
+SPLIT = "split.csv"  # uri,split of every file: which were held out
 META_PREFIX = b"melbatch."
 DICTIONARY_COLUMNS = ["uri", "etag", "label", "decoder"]
 STATISTICS_COLUMNS = ["uri", "label", "clip_index", "start_s"]

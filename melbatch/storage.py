@@ -29,7 +29,8 @@ from typing import IO, Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-URI = str
+from melbatch import URI
+
 T = TypeVar("T")
 
 # Reads of audio objects: big enough blocks that a sequential decode makes few requests, small

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from melbatch import augment, storage
+from melbatch import URI, augment, storage
 from melbatch.audio import DecodeError, decode_all
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.console import Channel, EpochTable, Throttle
@@ -54,14 +54,21 @@ from melbatch.model import (
     save_package,
     verdicts,
 )
-from melbatch.shards import DatasetError, audio_array, feature_config_of, mel_array, open_dataset, shard_uris
+from melbatch.shards import (
+    METRICS,
+    SPLIT,
+    TRAIN_CONFIG,
+    VAL_PREDICTIONS,
+    DatasetError,
+    audio_array,
+    feature_config_of,
+    mel_array,
+    open_dataset,
+    shard_uris,
+)
 from melbatch.weights import Source, resolve
 
-URI = str
 RUN_NAME = "ray-train"
-METRICS = "metrics.json"
-VAL_PREDICTIONS = "val_predictions.parquet"
-TRAIN_CONFIG = "train_config.json"  # model, feature hash and normalisation of the run that owns OUT
 STATE = "state.pt"
 STUCK_EPOCHS, STUCK_FRACTION = 2, 0.8  # warn when the loss is above 80% of a uniform guess after 2 epochs
 MAX_WARMUP = 0.1  # share of a run's steps the warm-up may take (3 epochs with 1 of warm-up was a third)
@@ -676,7 +683,7 @@ def _finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureC
     w = csv.writer(buf)
     w.writerow(["uri", "split"])
     w.writerows([(u, "val") for u in sorted(val_files)] + [(u, "train") for u in sorted(train_files)])
-    storage.write_bytes(storage.join(cfg.out, "split.csv"), buf.getvalue().encode())
+    storage.write_bytes(storage.join(cfg.out, SPLIT), buf.getvalue().encode())
     return metrics
 
 

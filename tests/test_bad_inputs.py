@@ -16,6 +16,7 @@ import pytest
 from conftest import FAST
 
 from melbatch import classify, featurize, samples, shards, storage
+from melbatch import ledger as mb_ledger
 from melbatch.config import AUDIO_EXTENSIONS, ClassifyConfig, FeaturizeConfig
 
 pytestmark = [pytest.mark.chaos, pytest.mark.ray]
@@ -175,7 +176,7 @@ def test_file_names_that_are_not_utf8_are_featurized_classified_and_scanned(tmp_
     sc = scan.run(ScanConfig(ClassifyConfig(archive=src, model=tiny_model, out=str(tmp_path / "scan"))),
                   progress=False)
     assert sc.counts["classified"] == 3
-    assert set(scan.current(str(tmp_path / "scan")).column("uri").to_pylist()) == want
+    assert set(mb_ledger.current(str(tmp_path / "scan")).column("uri").to_pylist()) == want
     from melbatch import report
 
     page, _ = report.write(str(tmp_path / "pred"))

@@ -16,6 +16,7 @@ from conftest import SMALL_FEATURIZE_ARGS, small_classify, small_featurize
 from outputs import assert_no_garbage, classify_digest, featurize_digest
 
 from melbatch import classify, cli, featurize, scan, shards, storage
+from melbatch import ledger as mb_ledger
 from melbatch.config import ScanConfig
 from melbatch.shards import DatasetError
 
@@ -86,7 +87,7 @@ def test_classify_driver_killed_at_each_point_converges(small_archive, small_pre
 
 
 def _scan_verdicts(out: str) -> tuple[list, list]:
-    rows = scan.current(out).to_pylist()
+    rows = mb_ledger.current(out).to_pylist()
     return (sorted((r["uri"], r["etag"], r["label"], round(r["probability"], 5), r["clips"]) for r in rows
                    if r["status"] == "classified"),
             sorted(r["uri"] for r in rows if r["status"] == "quarantined"))
@@ -102,7 +103,7 @@ def test_scan_driver_killed_before_and_after_its_commit_converges_once_the_lease
     argv = ["scan", c.archive, c.model, c.out, "--files-per-task", "3", "--max-quarantine-rate", "1",
             "--lease-s", "6"]
     _run_killed_at(point, argv, address)
-    assert scan.committed_runs(c.out) == (["000001"] if point == "scan:committed" else [])
+    assert mb_ledger.committed_runs(c.out) == (["000001"] if point == "scan:committed" else [])
     _, held = scan.Lease(c.out, 6)._latest()
     assert not held["released"] and held["expires_at"] > time.time()  # renewed every 2 s until the kill
     assert cli.main([*argv, "--no-progress"]) == 5
@@ -114,7 +115,7 @@ def test_scan_driver_killed_before_and_after_its_commit_converges_once_the_lease
     files = [(u, e, lab, p, n) for u, e, lab, p, n in small_predictions["files"]]
     assert _scan_verdicts(c.out) == (files, sorted(u for u, _ in small_predictions["quarantine"]))
     attempts = {storage.relative(u, f"{c.out}/attempts").split("/")[0] for u in storage.list_files(f"{c.out}/attempts")}
-    named = {scan.read_summary(c.out, r).get("attempt") for r in scan.committed_runs(c.out)} - {None}
+    named = {mb_ledger.read_summary(c.out, r).get("attempt") for r in mb_ledger.committed_runs(c.out)} - {None}
     assert {f"attempts/{a}" for a in attempts} == named  # the killed attempt was collected or committed
     chaos_log(f"scan driver SIGKILLed at {point} (lease 6 s)", 1, 3,
               "next scan refused (exit 5) until the lease lapsed, then the oracle's verdicts, each once")

@@ -13,6 +13,7 @@ from conftest import SMALL_FEATURIZE_ARGS, small_classify, small_featurize
 from outputs import assert_no_garbage, classify_digest, featurize_digest
 
 from melbatch import classify, cli, featurize, scan, storage
+from melbatch import ledger as mb_ledger
 from melbatch.config import ClassifyConfig, ScanConfig
 from melbatch.storage import TransientStorageError
 
@@ -183,8 +184,8 @@ def test_lost_replies_to_conditional_creates_are_recognised_by_scan(small_archiv
     s = scan.run(cfg, progress=False)
     fired = faults.clear()["rules"]
     assert [r["fired"] for r in fired] == [2, 1]  # the lease taken and released, and the commit, lost a reply
-    assert scan.committed_runs(out) == [s.run_id] == ["000001"]
-    assert scan.read_summary(out, s.run_id)["nonce"] == s.nonce
+    assert mb_ledger.committed_runs(out) == [s.run_id] == ["000001"]
+    assert mb_ledger.read_summary(out, s.run_id)["nonce"] == s.nonce
     assert s.counts["classified"] + s.counts["quarantined"] == len(files)
     chaos_log("S3: lost replies to conditional creates (lease x2, scan commit)", 3, 1,
               "scan recognised its own creates; run 000001 committed once")

@@ -21,6 +21,7 @@ import pytest
 from conftest import FAST
 
 from melbatch import classify, cli, featurize, report, samples, scan, storage
+from melbatch import ledger as mb_ledger
 from melbatch.config import ClassifyConfig, FeaturizeConfig, ScanConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -119,7 +120,7 @@ def test_reports_render_in_chromium_with_their_images_and_tables(outputs, kind, 
     if kind == "train":
         assert "confusion matrix" in text and "validation accuracy (files)" in text
     if kind == "scan":
-        runs = tuple(scan.committed_runs(outputs["scan"]))
+        runs = tuple(mb_ledger.committed_runs(outputs["scan"]))
         trend = [line for line in text.splitlines() if line.startswith(runs) and line.count("\t") >= 9]
         assert len(trend) == 2  # one row per committed run, newest first
         assert trend[0].split("\t")[4] == "2" and trend[1].split("\t")[4] == "2"  # 2 new files each night

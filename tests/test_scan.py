@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from melbatch import cli, samples, scan, shards, storage
+from melbatch import ledger as mb_ledger
 from melbatch.config import ClassifyConfig, ScanConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -45,7 +46,7 @@ def _read_by_run(out: str, summary: scan.Summary) -> set[str]:
 
 
 def _assert_exactly_once(out: str, live: set[str]) -> None:
-    table = scan.current(out)
+    table = mb_ledger.current(out)
     uris = table.column("uri").to_pylist()
     assert len(uris) == len(set(uris)) and set(uris) == live
     assert all(p is not None for p, s in zip(table.column("probability").to_pylist(),
@@ -95,7 +96,7 @@ def test_changed_objects_are_reclassified_and_deleted_ones_marked(engine_model, 
     assert (s.counts["changed"], s.counts["deleted"], s.counts["unchanged"], s.counts["new"]) == (1, 1, 2, 0)
     assert _read_by_run(out, s) == {changed.uri}
     _assert_exactly_once(out, {f.uri for f in files} - {gone.uri})
-    ledger = {r["uri"]: r for r in scan.read_ledger(out, scan.read_summary(out, s.run_id)).to_pylist()}
+    ledger = {r["uri"]: r for r in mb_ledger.read_ledger(out, mb_ledger.read_summary(out, s.run_id)).to_pylist()}
     assert ledger[gone.uri]["status"] == "deleted" and ledger[changed.uri]["run_id"] == s.run_id
     assert ledger[changed.uri]["size"] == storage.filesystem(changed.uri)[0].size(storage.filesystem(changed.uri)[1])
 
@@ -112,12 +113,12 @@ def test_a_crash_at_any_phase_leaves_every_object_exactly_once(engine_model, tmp
     scan.run(_cfg(archive, model, out), progress=False)
     for i, phase in enumerate(PHASES):
         live |= {f.uri for f in _add(archive, 2, seed=10 + i)}  # 4 new objects: 2 batches of 2
-        before = scan.committed_runs(out)
+        before = mb_ledger.committed_runs(out)
         monkeypatch.setenv("MELBATCH_CRASH_AT", phase)
         with pytest.raises(RuntimeError, match=f"injected crash at {phase}"):
             scan.run(_cfg(archive, model, out), progress=False)
         monkeypatch.delenv("MELBATCH_CRASH_AT")
-        after_crash = scan.committed_runs(out)
+        after_crash = mb_ledger.committed_runs(out)
         assert after_crash == before + ([f"{len(before) + 1:06d}"] if phase == "scan:committed" else []), phase
         again = scan.run(_cfg(archive, model, out), progress=False)
         assert again.run_id == f"{len(after_crash) + 1:06d}", phase
@@ -127,7 +128,7 @@ def test_a_crash_at_any_phase_leaves_every_object_exactly_once(engine_model, tmp
         _assert_exactly_once(out, live)
         attempts = {storage.relative(u, storage.join(out, "attempts")).split("/")[0]
                     for u in storage.list_files(storage.join(out, "attempts"))}
-        named = {scan.read_summary(out, r).get("attempt") for r in scan.committed_runs(out)} - {None}
+        named = {mb_ledger.read_summary(out, r).get("attempt") for r in mb_ledger.committed_runs(out)} - {None}
         assert {f"attempts/{a}" for a in attempts} == named, phase  # crashed attempts were collected
 
 
@@ -178,7 +179,7 @@ def test_diff_sorts_by_identity_and_rescans_only_when_asked():
          "attempt": "attempts/x", "model_id": "old"},
         {"uri": "s3://a/back.wav", "etag": "e5", "size": 7, "status": "deleted", "run_id": "000001",
          "attempt": "attempts/x", "model_id": "old"},
-    ], schema=scan.LEDGER_SCHEMA)
+    ], schema=mb_ledger.LEDGER_SCHEMA)
     listing = [storage.ObjectRef("s3://a/same.wav", "e1", 10), storage.ObjectRef("s3://a/edited.wav", "e2b", 10),
                storage.ObjectRef("s3://a/broken.wav", "e3", 5), storage.ObjectRef("s3://a/back.wav", "e5", 7),
                storage.ObjectRef("s3://a/fresh.wav", "e6", 9)]
