@@ -483,7 +483,7 @@ def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[st
     sums: FileSums = {}
     for c in chunks:
         parts = list(c["sums"].items())
-        sums = aggregate_files([u for u, _ in parts], np.array([t for _, (t, _) in parts]).reshape(len(parts), -1),
+        sums = aggregate_files([u for u, _ in parts], [np.asarray(t) for _, (t, _) in parts],
                                [n for _, (_, n) in parts], into=sums)
     scores, best = verdicts(sums, [f["uri"] for f in files], len(labels))
     table = pa.Table.from_pydict({

@@ -176,7 +176,7 @@ def predict(pkg: Package, images: np.ndarray, batch_size: int = 64,
 FileSums = dict[str, tuple[np.ndarray, int]]
 
 
-def aggregate_files(uris: list[str], probs: np.ndarray, clips: list[int] | None = None,
+def aggregate_files(uris: list[str], probs: np.ndarray | list[np.ndarray], clips: list[int] | None = None,
                     into: FileSums | None = None) -> FileSums:
     """Per file, the sum of its clips' probabilities and how many clips: ``{uri: (sum, n)}``. Rows of
     ``probs`` are one clip each, or (with ``clips``) sums already covering that many clips, so partial

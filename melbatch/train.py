@@ -734,7 +734,7 @@ def file_accuracy(val: pa.Table, labels: list[str]) -> float:
     """Share of validation files whose verdict (:func:`melbatch.model.verdicts`, as classify decides) is right."""
     uris = val.column("uri").to_pylist()
     truth = dict(zip(uris, val.column("label").to_pylist(), strict=True))
-    sums = aggregate_files(uris, np.array(val.column("probabilities").to_pylist(), np.float64).reshape(len(uris), -1))
+    sums = aggregate_files(uris, [np.asarray(p, np.float64) for p in val.column("probabilities").to_pylist()])
     files = sorted(sums)
     _, best = verdicts(sums, files, len(labels))
     return sum(truth[u] == labels[i] for u, i in zip(files, best, strict=True)) / max(1, len(files))

@@ -121,3 +121,4 @@ def test_one_prediction_path_batches_normalises_and_decides_files_the_same_way()
     np.testing.assert_allclose(scores[1], probs[[0, 1, 3]].mean(0), atol=1e-6)
     np.testing.assert_allclose(scores, mb_model.verdicts(whole, ["f3", "f1", "f2"], 3)[0], atol=1e-9)
     assert list(best) == list(scores.argmax(1)) and mb_model.verdicts({}, [], 3)[1].shape == (0,)
+    assert mb_model.aggregate_files([], [], [], into=parts) == parts  # a chunk without clips adds nothing
