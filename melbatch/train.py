@@ -35,11 +35,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from melbatch import URI, augment, storage
-from melbatch.audio import DecodeError, decode_all
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.console import Channel, EpochTable, Throttle
 from melbatch.model import (
@@ -59,12 +57,21 @@ from melbatch.shards import (
     SPLIT,
     TRAIN_CONFIG,
     VAL_PREDICTIONS,
-    DatasetError,
     audio_array,
-    feature_config_of,
     mel_array,
-    open_dataset,
-    shard_uris,
+)
+from melbatch.trainset import (
+    dataset_stats,
+    datasets,
+    file_labels,
+    images,
+    keeps_audio,
+    load_noise_bank,
+    open_shards,
+    padding_warning,
+    read_split_manifest,
+    split,
+    split_by_file,
 )
 from melbatch.weights import Source, resolve
 
@@ -103,176 +110,6 @@ class Budget:
         if self.passes > 1:
             return f"{line}; each clip {self.passes}x per epoch to reach {epochs * self.steps} steps in {epochs} epochs"
         return f"{line}; {epochs * self.steps} steps in {epochs} epochs"
-
-
-# --------------------------------------------------------------------------------------------- data
-
-def open_shards(uri: URI) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
-    """The manifest, features and shard URIs of a complete, consistent featurize output."""
-    manifest = open_dataset(uri)
-    features = FeatureConfig.from_dict(manifest["feature_config"])
-    if features.hash() != manifest["config_hash"]:
-        raise DatasetError(f"{uri}/_manifest.json is inconsistent: its feature_config hashes to {features.hash()}, "
-                           f"not the recorded {manifest['config_hash']}; re-run featurize")
-    uris = shard_uris(uri, manifest)
-    if not uris:
-        raise DatasetError(f"{uri} holds no clips (every input was quarantined?): see its quarantine.parquet")
-    for u in uris:
-        if not storage.exists(u):
-            raise DatasetError(f"{u} is listed in the manifest but missing: re-run featurize into {uri}")
-    with storage.open_input(uris[0]) as f:
-        have = feature_config_of(pq.ParquetFile(f).schema_arrow)
-    if have.hash() != features.hash():
-        raise DatasetError(f"{uris[0]} was written with features {have.hash()} but the manifest says "
-                           f"{features.hash()}: the output mixes two featurize runs; re-run featurize with --overwrite")
-    if not manifest.get("labels"):
-        raise DatasetError(f"{uri} is unlabelled (featurized with --labels none): train needs labels")
-    return manifest, features, uris
-
-
-def file_labels(uris: list[URI]) -> tuple[dict[str, str], Counter, np.ndarray]:
-    """(uri → label, uri → clip count, seconds of sound in each clip) for every source file.
-
-    Reads four small columns, not the images.
-    """
-    labels_of: dict[str, str] = {}
-    clips_of: Counter = Counter()
-    sound: list[np.ndarray] = []
-    for u in uris:
-        with storage.open_input(u) as f:
-            t = pq.read_table(f, columns=["uri", "label", "start_s", "end_s"])
-        uris_col = t.column("uri").to_pylist()
-        labels_of.update(zip(uris_col, t.column("label").to_pylist(), strict=True))
-        clips_of.update(uris_col)
-        sound.append(np.asarray(t.column("end_s")) - np.asarray(t.column("start_s")))
-    return labels_of, clips_of, np.concatenate(sound) if sound else np.zeros(0)
-
-
-def padding_warning(sound_s: np.ndarray, features: FeatureConfig) -> str | None:
-    """A loud line with the fix when most clips are mostly padding: the recordings are much shorter
-    than ``clip_s`` and featurize was told not to fit the clips to them (the same rule decides)."""
-    fitted = features.fitted_to(sound_s.tolist())
-    if fitted == features:
-        return None
-    return (f"half the clips hold less than {np.median(sound_s):.2f} s of sound in {features.clip_s:g} s images: "
-            f"the model would mostly see padding. Featurize again without --no-fit-clips, or with --clip-s "
-            f"{fitted.clip_s:g} --clip-hop-s {fitted.clip_hop_s:g} --min-tail-s {fitted.min_tail_s:g}.")
-
-
-def split_by_file(labels_of: dict[str, str], val_fraction: float, seed: int) -> set[str]:
-    """Validation files: ``val_fraction`` of each label's files (at least one where a label has two)."""
-    rng = np.random.default_rng(seed)
-    by_label: dict[str, list[str]] = {}
-    for uri, label in sorted(labels_of.items()):
-        by_label.setdefault(label, []).append(uri)
-    val: set[str] = set()
-    for label in sorted(by_label):
-        files = by_label[label]
-        n = min(len(files) - 1, max(1 if len(files) >= 2 else 0, round(val_fraction * len(files))))
-        val.update(rng.permutation(files)[:n].tolist())
-    return val
-
-
-def read_split_manifest(uri: URI, files: set[str]) -> set[str]:
-    """Validation files from a CSV with ``uri,split`` (split ``train`` or ``val``)."""
-    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode("utf-8-sig"))))
-    if not rows or not {"uri", "split"} <= set(rows[0]):
-        raise ConfigError(f"split manifest {uri} needs a header with 'uri' and 'split' columns")
-    bad = sorted({r["split"] for r in rows} - {"train", "val"})
-    if bad:
-        raise ConfigError(f"split manifest {uri}: split must be 'train' or 'val', found {bad}")
-    val = {storage.canonical(r["uri"]) for r in rows if r["split"] == "val"}
-    missing = sorted(val - files)[:3]
-    if missing:
-        raise ConfigError(f"split manifest {uri} names files that are not in the shards, e.g. {missing}")
-    if not val:
-        raise ConfigError(f"split manifest {uri} puts no file in 'val'")
-    return val
-
-
-def _filter_files(batch: pa.Table, files: pa.Array, keep: bool) -> pa.Table:
-    mask = pc.is_in(batch.column("uri"), value_set=files)
-    return batch.filter(mask if keep else pc.invert(mask))
-
-
-def keeps_audio(manifest: dict[str, Any]) -> bool:
-    """Whether a featurize output stores each clip's waveform next to its image."""
-    return bool(manifest.get("audio", {}).get("kept"))
-
-
-def _images(uris: list[URI], columns: list[str]) -> Any:
-    import ray
-
-    fs, _ = storage.arrow_filesystem(uris[0])
-    return ray.data.read_parquet([storage.arrow_filesystem(u)[1] for u in uris], filesystem=fs, columns=columns)
-
-
-def _split(ds: Any, val_files: set[str], keep: bool) -> Any:
-    files = pa.array(sorted(val_files), pa.string())
-    return ds.map_batches(_filter_files, batch_format="pyarrow", fn_kwargs={"files": files, "keep": keep})
-
-
-def _oversample(batch: pa.Table, repeats: dict[str, float]) -> pa.Table:
-    """Repeat each row ``repeats[label]`` times on average (whole part always, fraction at random)."""
-    r = np.array([repeats[v] for v in batch.column("label").to_pylist()])
-    counts = np.floor(r).astype(int) + (np.random.default_rng().random(len(r)) < r - np.floor(r))
-    return batch.take(pa.array(np.repeat(np.arange(len(r)), counts)))
-
-
-def datasets(uris: list[URI], val_files: set[str], wave: bool,
-             repeats: dict[str, float] | None = None) -> dict[str, Any]:
-    """{"train", "val"} Ray Datasets over the shards, split by source file.
-
-    Training rows carry the waveform (``audio``) when ``wave``, else the stored image; validation
-    rows always the stored image. ``repeats`` oversamples rare labels (``balance: oversample``).
-    """
-    # blocks in a new random order every epoch, then a local shuffle buffer in each worker
-    train = _split(_images(uris, ["uri", "label", "start_s", "end_s", "audio" if wave else "mel"])
-                   .randomize_block_order(), val_files, keep=False)
-    if repeats:
-        train = train.map_batches(_oversample, batch_format="pyarrow", fn_kwargs={"repeats": repeats})
-    return {"train": train, "val": _split(_images(uris, ["uri", "label", "mel"]), val_files, keep=True)}
-
-
-def load_noise_bank(uri: URI, sample_rate_hz: int, max_s: float = 600.0, warn: Any = print) -> np.ndarray:
-    """The noise recordings under ``uri`` at ``sample_rate_hz``, each scaled to unit RMS, end to end (≤ ``max_s``);
-    ``warn`` tells of the files skipped."""
-    parts, total = [], 0
-    skipped: list[str] = []
-    for ref in storage.list_objects(uri, extensions=AUDIO_EXTENSIONS):
-        try:
-            with storage.open_input(ref.uri, ref.size) as f:
-                _, x = decode_all(f, sample_rate_hz)
-        except DecodeError as e:
-            skipped.append(f"{ref.uri} ({e.kind})")
-            continue
-        rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
-        if rms > 0:
-            parts.append((x / rms).astype(np.float32))
-            total += len(x)
-        if total >= max_s * sample_rate_hz:
-            break
-    if skipped:
-        warn(f"noise_dir: skipped {len(skipped)} file(s) that do not decode, e.g. {skipped[:3]}")
-    if not parts:
-        raise ConfigError(f"noise_dir {uri} holds no decodable, non-silent audio ({', '.join(AUDIO_EXTENSIONS)})")
-    return np.concatenate(parts)[: int(max_s * sample_rate_hz)]
-
-
-def _moments(batch: pa.Table) -> pa.Table:
-    x = mel_array(batch).astype(np.float64)
-    return pa.table({"n": [x.size], "s": [x.sum()], "ss": [np.square(x).sum()]})
-
-
-def dataset_stats(train_ds: Any) -> tuple[float, float]:
-    """Mean and standard deviation of every mel value in the training split (one streaming pass)."""
-    t = train_ds.map_batches(_moments, batch_format="pyarrow").to_arrow_refs()
-    import ray
-
-    parts = pa.concat_tables(ray.get(t))
-    n, s, ss = (pc.sum(parts.column(c)).as_py() for c in ("n", "s", "ss"))
-    mean = s / n
-    return float(mean), float(math.sqrt(max(ss / n - mean * mean, 1e-12)))
 
 
 # --------------------------------------------------------------------------------------------- worker
@@ -333,17 +170,56 @@ def _metrics(conf: np.ndarray, labels: list[str]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Worker:
+    """One Ray Train worker's run: what every step of :func:`train_loop` reads, built by :func:`_setup`."""
+
+    cfg: TrainConfig
+    labels: list[str]
+    label_index: dict[str, int]
+    norm: dict[str, Any]
+    shape: tuple[int, int]
+    features: FeatureConfig
+    budget: Budget
+    rank: int
+    world: int
+    device: Any
+    gen: Any  # the augmentation's torch.Generator
+    wave: Any  # (features, WaveAugment, noise bank, generator) with --wave-augment, else None
+    channel: Channel | None  # rank 0 only: step, epoch and warning events for the driver's console
+    model: Any
+    head: set[str]  # the new head's parameter names (the rest is the pretrained backbone)
+    opt: Any
+    sched: Any
+    class_w: Any
+    autocast: Any
+    start_epoch: int
+    history: list[dict[str, Any]]
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: set up (resuming from the latest checkpoint), then per epoch
+    train, evaluate, and report the row with a checkpoint."""
+    w = _setup(config)
+    for epoch in range(w.start_epoch, w.cfg.epochs):
+        t0 = time.perf_counter()
+        loss_sum, seen, train_s = train_epoch(w, epoch)
+        conf, val_loss = evaluate(w)
+        row, report = epoch_metrics(w, epoch, conf, val_loss, (loss_sum, seen, train_s), time.perf_counter() - t0)
+        checkpoint(w, epoch, row, report)
+        _maybe_crash(config.get("crash_at"), epoch + 1, w.rank, w.world, storage.join(w.cfg.out, "_injected_crash"))
+
+
+def _setup(config: dict[str, Any]) -> _Worker:
+    """The model (from the starting weights), AdamW and the warm-up + cosine schedule, restored from
+    the latest checkpoint when the run resumes; the noise bank and waveform augmentation if asked."""
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
     cfg = TrainConfig(**config["train"])
     labels: list[str] = config["labels"]
-    label_index = {lab: i for i, lab in enumerate(labels)}
-    norm, shape = config["norm"], tuple(config["shape"])
+    shape = tuple(config["shape"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -351,7 +227,7 @@ def train_loop(config: dict[str, Any]) -> None:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     device = ray.train.torch.get_device()
     features = FeatureConfig.from_dict(config["features"])
-    channel, tick = config.get("channel") if rank == 0 else None, Throttle(0.5)
+    channel = config.get("channel") if rank == 0 else None
     wave = None
     if config["wave"]:
         bank = load_noise_bank(cfg.noise_dir, features.sample_rate_hz,
@@ -363,104 +239,135 @@ def train_loop(config: dict[str, Any]) -> None:
     head = set(classifier_names(model))
     opt = torch.optim.AdamW(param_groups(model, head, cfg), lr=cfg.lr)
     budget = Budget(**config["budget"])
-    steps_per_epoch = budget.steps_per_pass * budget.passes
-    total = cfg.epochs * steps_per_epoch
-    warmup = int(min(cfg.warmup_epochs * steps_per_epoch, MAX_WARMUP * total))  # short runs: a tenth at most
+    total = cfg.epochs * budget.steps
+    warmup = int(min(cfg.warmup_epochs * budget.steps, MAX_WARMUP * total))  # short runs: a tenth at most
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
+    latest = ray.train.get_checkpoint()
+    if latest:
+        with latest.as_directory() as d:
             state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
-    model = ray.train.torch.prepare_model(model)
-    class_w = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
-    shift = round(cfg.time_shift_frac * shape[1])
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp)
+    return _Worker(
+        cfg=cfg, labels=labels, label_index={lab: i for i, lab in enumerate(labels)}, norm=config["norm"],
+        shape=shape, features=features, budget=budget, rank=rank, world=world, device=device, gen=gen, wave=wave,
+        channel=channel, model=ray.train.torch.prepare_model(model), head=head, opt=opt, sched=sched,
+        class_w=torch.tensor(config["class_weights"], dtype=torch.float32, device=device),
+        autocast=torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp),
+        start_epoch=start_epoch, history=history)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        t0, seen, loss_sum, step = time.perf_counter(), 0, 0.0, 0
-        model.train()
-        frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
-        shuffle = max(256, 8 * budget.batch_size)
-        for batch in ray.train.get_dataset_shard("train").iter_batches(
-                batch_size=budget.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=shuffle,
-                local_shuffle_seed=cfg.seed + epoch * 7919 + rank, drop_last=False):
-            x, y = _inputs(batch, label_index, norm, device, wave)
-            if len(y) < 2:
-                continue
-            sound = sound_frames(batch, features)
-            x = augment.random_time_shift(x, shift, gen, sound)
-            x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, gen,
-                                     sound)
-            target = augment.soft_targets(y, len(labels), cfg.label_smoothing)
-            x, target = augment.mixup(x, target, cfg.mixup_alpha, gen)
-            with autocast:
-                logits = model(x)
-            logp = torch.log_softmax(logits.float(), dim=1)
-            loss = -(target * logp * class_w).sum(1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if frozen:
-                for n, p in model.named_parameters():
-                    if n.removeprefix("module.") not in head:
-                        p.grad = None
-            opt.step()
-            sched.step()
-            seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            step += 1
-            if channel and tick():
-                channel.send("step", epoch=epoch + 1, step=step, loss=loss_sum / seen,
-                             samples_per_s=seen * world / max(1e-9, time.perf_counter() - t0))
-        train_s = time.perf_counter() - t0
-        if channel and seen:  # the epoch's last step, whatever the throttle let through: the bar ends full
-            channel.send("step", epoch=epoch + 1, step=step, loss=loss_sum / seen,
-                         samples_per_s=seen * world / max(1e-9, train_s), final=True)
 
-        model.eval()
-        conf = torch.zeros(len(labels), len(labels), dtype=torch.float64)
-        val_loss = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad():
-            for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=budget.batch_size,
-                                                                        batch_format="pyarrow"):
-                x, y = _inputs(batch, label_index, norm, device)
-                with autocast:
-                    logits = model(x).float()
-                val_loss += torch.tensor([float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")),
-                                          len(y)], dtype=torch.float64)
-                pred = logits.argmax(1).cpu()
-                conf.index_put_((y.cpu(), pred), torch.ones(len(y), dtype=torch.float64), accumulate=True)
-        counts = torch.tensor([loss_sum, seen, train_s], dtype=torch.float64)
-        if world > 1 and dist.is_initialized():
-            for t in (conf, val_loss, counts):
-                dist.all_reduce(t)
-        m = _metrics(conf.numpy(), labels)
-        row = {"epoch": epoch + 1, "train_loss": float(counts[0] / max(1, counts[1])),
-               "val_loss": float(val_loss[0] / max(1, val_loss[1])), "val_accuracy": m["val_accuracy"],
-               "macro_f1": m["macro_f1"], "lr": sched.get_last_lr()[0], "frozen_backbone": frozen,
-               "samples_per_s": float(counts[1] / max(1e-9, counts[2] / world)), "attempt_start_epoch": start_epoch,
-               "epoch_s": time.perf_counter() - t0}
-        history = [*history, row]
-        report = {**row, "per_class": json.dumps(m["per_class"]), "confusion_matrix": json.dumps(m["confusion_matrix"])}
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                state = {"model": inner.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "epoch": epoch, "history": history}
-                torch.save(state, os.path.join(d, STATE))
-                ckpt = ray.train.Checkpoint.from_directory(d)
-                if channel:  # the driver prints the row (Ray keeps a worker's own output in its log file)
-                    channel.send("epoch", row=row)
-                stuck = not_fitting(history, len(labels))
-                if stuck and channel:
-                    channel.send("warning", text=stuck)
-            ray.train.report(report, checkpoint=ckpt)
-        _maybe_crash(config.get("crash_at"), epoch + 1, rank, world, storage.join(cfg.out, "_injected_crash"))
+def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float]:
+    """One epoch of optimiser steps over this worker's shard (augmented, class-weighted, soft targets);
+    the backbone stays frozen in the first ``freeze_epochs``. Returns (loss sum, clips seen, seconds)."""
+    import ray.train
+    import torch
+
+    cfg, t0, seen, loss_sum, step = w.cfg, time.perf_counter(), 0, 0.0, 0
+    tick, shift = Throttle(0.5), round(cfg.time_shift_frac * w.shape[1])
+    frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
+    w.model.train()
+    for batch in ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=w.budget.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=max(
+                256, 8 * w.budget.batch_size), local_shuffle_seed=cfg.seed + epoch * 7919 + w.rank, drop_last=False):
+        x, y = _inputs(batch, w.label_index, w.norm, w.device, w.wave)
+        if len(y) < 2:
+            continue
+        sound = sound_frames(batch, w.features)
+        x = augment.random_time_shift(x, shift, w.gen, sound)
+        x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, w.gen,
+                                 sound)
+        target = augment.soft_targets(y, len(w.labels), cfg.label_smoothing)
+        x, target = augment.mixup(x, target, cfg.mixup_alpha, w.gen)
+        with w.autocast:
+            logits = w.model(x)
+        loss = -(target * torch.log_softmax(logits.float(), dim=1) * w.class_w).sum(1).mean()
+        w.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if frozen:
+            for n, p in w.model.named_parameters():
+                if n.removeprefix("module.") not in w.head:
+                    p.grad = None
+        w.opt.step()
+        w.sched.step()
+        seen += len(y)
+        loss_sum += float(loss.detach()) * len(y)
+        step += 1
+        if w.channel and tick():
+            w.channel.send("step", epoch=epoch + 1, step=step, loss=loss_sum / seen,
+                           samples_per_s=seen * w.world / max(1e-9, time.perf_counter() - t0))
+    train_s = time.perf_counter() - t0
+    if w.channel and seen:  # the epoch's last step, whatever the throttle let through: the bar ends full
+        w.channel.send("step", epoch=epoch + 1, step=step, loss=loss_sum / seen,
+                       samples_per_s=seen * w.world / max(1e-9, train_s), final=True)
+    return loss_sum, seen, train_s
+
+
+def evaluate(w: _Worker) -> tuple[Any, Any]:
+    """This worker's share of the validation images: (confusion matrix, [loss sum, clips])."""
+    import ray.train
+    import torch
+
+    w.model.eval()
+    conf = torch.zeros(len(w.labels), len(w.labels), dtype=torch.float64)
+    val_loss = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=w.budget.batch_size,
+                                                                    batch_format="pyarrow"):
+            x, y = _inputs(batch, w.label_index, w.norm, w.device)
+            with w.autocast:
+                logits = w.model(x).float()
+            val_loss += torch.tensor([float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")),
+                                      len(y)], dtype=torch.float64)
+            conf.index_put_((y.cpu(), logits.argmax(1).cpu()), torch.ones(len(y), dtype=torch.float64),
+                            accumulate=True)
+    return conf, val_loss
+
+
+def epoch_metrics(w: _Worker, epoch: int, conf: Any, val_loss: Any, train: tuple[float, int, float],
+              epoch_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The epoch's numbers summed over the workers: its table row, and what Ray Train records."""
+    import torch
+    import torch.distributed as dist
+
+    counts = torch.tensor(train, dtype=torch.float64)
+    if w.world > 1 and dist.is_initialized():
+        for t in (conf, val_loss, counts):
+            dist.all_reduce(t)
+    m = _metrics(conf.numpy(), w.labels)
+    row = {"epoch": epoch + 1, "train_loss": float(counts[0] / max(1, counts[1])),
+           "val_loss": float(val_loss[0] / max(1, val_loss[1])), "val_accuracy": m["val_accuracy"],
+           "macro_f1": m["macro_f1"], "lr": w.sched.get_last_lr()[0], "frozen_backbone": epoch < w.cfg.freeze_epochs,
+           "samples_per_s": float(counts[1] / max(1e-9, counts[2] / w.world)), "attempt_start_epoch": w.start_epoch,
+           "epoch_s": epoch_s}
+    return row, {**row, "per_class": json.dumps(m["per_class"]), "confusion_matrix": json.dumps(m["confusion_matrix"])}
+
+
+def checkpoint(w: _Worker, epoch: int, row: dict[str, Any], report: dict[str, Any]) -> None:
+    """Rank 0 saves model, optimizer, schedule and history; every worker reports the epoch to Ray Train.
+    The driver prints the row (Ray keeps a worker's own output in its log file), and a warning when the
+    loss stays near a uniform guess."""
+    import ray.train
+    import torch
+
+    w.history = [*w.history, row]
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if w.rank == 0:
+            inner = w.model.module if hasattr(w.model, "module") else w.model
+            torch.save({"model": inner.state_dict(), "optimizer": w.opt.state_dict(),
+                        "scheduler": w.sched.state_dict(), "epoch": epoch, "history": w.history},
+                       os.path.join(d, STATE))
+            ckpt = ray.train.Checkpoint.from_directory(d)
+            if w.channel:
+                w.channel.send("epoch", row=row)
+            stuck = not_fitting(w.history, len(w.labels))
+            if stuck and w.channel:
+                w.channel.send("warning", text=stuck)
+        ray.train.report(report, checkpoint=ckpt)
 
 
 def param_groups(model: Any, head: set[str], cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -581,7 +488,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if before.get("norm", {}).get("kind") == cfg.normalize:
         norm = before["norm"]  # a resumed run keeps the statistics its checkpoints were trained with
     elif cfg.normalize == "dataset":
-        mean, std = dataset_stats(_split(_images(uris, ["uri", "label", "mel"]), val_files, keep=False))
+        mean, std = dataset_stats(split(images(uris, ["uri", "label", "mel"]), val_files, keep=False))
         norm = {"kind": "dataset", "mean": mean, "std": std}
     else:
         norm = {"kind": "clip"}
@@ -716,7 +623,7 @@ def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> 
     columns = ["uri", "clip_index", "start_s", "end_s", "label", "mel"]
     with warnings.catch_warnings():  # Ray 2.60 names no parameter for max_restarts yet and warns on the console
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _split(_images(uris, columns), val_files, keep=True).map_batches(
+        ds = split(images(uris, columns), val_files, keep=True).map_batches(
             _Scorer, fn_constructor_kwargs={"package": storage.join(cfg.out, PACKAGE_DIR), "use_gpu": cfg.use_gpu,
                                             "batch_size": cfg.batch_size},
             batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),

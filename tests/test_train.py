@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import FAST, new_bucket
 
-from melbatch import augment, featurize, model, samples, shards, storage, train
+from melbatch import augment, featurize, model, samples, shards, storage, train, trainset
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig, TrainConfig
 from melbatch.shards import DatasetError
 
@@ -20,11 +20,11 @@ from melbatch.shards import DatasetError
 def test_split_holds_out_whole_files_stratified_and_seeded():
     labels_of = {f"s3://b/{lab}/{i}.wav": lab for lab in ("a", "b") for i in range(20)} | {"s3://b/c/0.wav": "c",
                                                                                           "s3://b/c/1.wav": "c"}
-    val = train.split_by_file(labels_of, 0.25, seed=1)
+    val = trainset.split_by_file(labels_of, 0.25, seed=1)
     assert sum(u.startswith("s3://b/a/") for u in val) == 5 and sum(u.startswith("s3://b/b/") for u in val) == 5
     assert sum(u.startswith("s3://b/c/") for u in val) == 1  # a rare label still gets one, and keeps one
-    assert val == train.split_by_file(dict(reversed(labels_of.items())), 0.25, seed=1)
-    assert val != train.split_by_file(labels_of, 0.25, seed=2)
+    assert val == trainset.split_by_file(dict(reversed(labels_of.items())), 0.25, seed=1)
+    assert val != trainset.split_by_file(labels_of, 0.25, seed=2)
 
 
 def test_augmentations_keep_shapes_and_do_what_they_say():
@@ -95,18 +95,18 @@ def test_clips_fit_short_recordings_and_padding_is_called_out():
     assert FeatureConfig(clip_s=4, clip_hop_s=2).fitted_to([1.0, 1.2, 1.3]).clip_hop_s == 0.75  # overlap kept
     assert fc.fitted_to([3.0, 6.0, 8.0, 12.0]) == fc  # recordings as long as the clips: nothing changes
     assert fc.fitted_to([0.4, 0.5]) == fc  # too few to judge
-    assert "--clip-s 1 --clip-hop-s 1" in train.padding_warning(np.array(digits), fc)
-    assert train.padding_warning(np.array(digits), fitted) is None
+    assert "--clip-s 1 --clip-hop-s 1" in trainset.padding_warning(np.array(digits), fc)
+    assert trainset.padding_warning(np.array(digits), fitted) is None
 
 
 def test_oversampling_evens_out_the_labels():
     import pyarrow as pa
 
     batch = pa.table({"label": ["a"] * 30 + ["b"] * 6, "i": list(range(36))})
-    out = train._oversample(batch, {"a": 1.0, "b": 5.0})
+    out = trainset._oversample(batch, {"a": 1.0, "b": 5.0})
     assert out.column("label").to_pylist().count("b") == 30 and out.column("label").to_pylist().count("a") == 30
     assert set(out.column("i").to_pylist()) == set(range(36))  # every row kept, rare ones repeated
-    draws = [train._oversample(batch, {"a": 1.0, "b": 2.5}).num_rows - 30 for _ in range(200)]
+    draws = [trainset._oversample(batch, {"a": 1.0, "b": 2.5}).num_rows - 30 for _ in range(200)]
     assert 14.0 < np.mean(draws) < 16.0 and min(draws) >= 12 and max(draws) <= 18  # 6 x 2.5 = 15 on average
 
 
@@ -118,18 +118,18 @@ def test_noise_bank_reads_any_format_and_rate_and_skips_what_does_not_decode(tmp
     storage.write_bytes(str(noise / "street.wav"), samples.encode(
         0.5 * rng.standard_normal((2 * 8000, 2)).astype(np.float32).clip(-1, 1), 8000, samples.FORMATS[0]))
     storage.write_bytes(str(noise / "notes.wav"), b"not audio at all")
-    bank = train.load_noise_bank(str(noise), 16000)
+    bank = trainset.load_noise_bank(str(noise), 16000)
     assert len(bank) == 16000 + 2 * 16000  # 1 s at 44.1 kHz + 2 s at 8 kHz, both at 16 kHz
     assert np.sqrt(np.mean(bank[:16000] ** 2)) == pytest.approx(1.0, rel=1e-3)  # each file at unit RMS
-    assert len(train.load_noise_bank(str(noise), 16000, max_s=1.5)) == 24000
+    assert len(trainset.load_noise_bank(str(noise), 16000, max_s=1.5)) == 24000
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no decodable"):
-        train.load_noise_bank(str(tmp_path / "empty"), 16000)
+        trainset.load_noise_bank(str(tmp_path / "empty"), 16000)
 
 
 def test_bad_shard_folders_are_refused(tmp_path, ray_session):
     with pytest.raises(DatasetError, match="did not finish"):
-        train.open_shards(str(tmp_path))
+        trainset.open_shards(str(tmp_path))
     src, dst = tmp_path / "a", tmp_path / "f"
     samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
     featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)
@@ -137,12 +137,12 @@ def test_bad_shard_folders_are_refused(tmp_path, ray_session):
     broken = {**manifest, "shards": [*manifest["shards"], "shards/missing.parquet"]}
     (dst / "_manifest.json").write_text(json.dumps(broken))
     with pytest.raises(DatasetError, match="missing"):
-        train.open_shards(str(dst))
+        trainset.open_shards(str(dst))
     other = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=32)
     (dst / "_manifest.json").write_text(json.dumps({**manifest, "feature_config": other.to_dict(),
                                                      "config_hash": other.hash()}))
     with pytest.raises(DatasetError, match="mixes two featurize runs"):
-        train.open_shards(str(dst))
+        trainset.open_shards(str(dst))
 
 
 @pytest.fixture(scope="module")
