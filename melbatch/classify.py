@@ -15,7 +15,7 @@ Top-down:
    ``_parts/<batch>.json``; the driver finishes a batch of several chunks once all are written,
    :func:`finish_batch`). Outputs are named after their batch, so retries and re-runs never
    duplicate rows; Ray Data's backpressure keeps only a few chunks in flight, and a file's clips
-   wait on local disk beyond :data:`~melbatch.features.SPILL_BYTES`, so memory is bounded whatever
+   wait on local disk beyond :data:`~melbatch.staging.SPILL_BYTES`, so memory is bounded whatever
    the archive's size or the length of its recordings.
 4. The driver writes ``quarantine.parquet``, then ``_manifest.json`` last, then deletes what earlier
    attempts left that the manifest does not name.
@@ -43,7 +43,6 @@ from melbatch import URI, __version__, storage
 from melbatch.audio import DecodeError
 from melbatch.config import SCHEMA_VERSION, ClassifyConfig, ConfigError, FeatureConfig
 from melbatch.console import progress as progress_bar
-from melbatch.features import SPILL_BYTES, logmels_of_object
 from melbatch.model import (
     FileSums,
     ModelError,
@@ -82,6 +81,7 @@ from melbatch.shards import (
     write_quarantine,
     write_table,
 )
+from melbatch.staging import SPILL_BYTES, logmels_of_object
 
 DECODE_WORKER_BYTES = 400e6
 # Images travel from the decoders to the model in chunks of at most this many bytes (about 10 minutes
@@ -363,7 +363,7 @@ def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> It
     One output row per chunk of at most :data:`CHUNK_BYTES` of images (``seq`` 0, 1, ...; the last
     has ``last`` set and carries the batch's file details and quarantine rows), so a batch of any
     length of audio passes through in bounded memory. A file's clips join a chunk only once the file
-    is known to be good (:class:`~melbatch.features.StagedClips`).
+    is known to be good (:class:`~melbatch.staging.StagedClips`).
     """
     torch.set_num_threads(1)  # parallelism comes from Ray tasks
     cfg = FeatureConfig.from_dict(json.loads(features_json))

@@ -29,7 +29,6 @@ from melbatch import URI, __version__, storage
 from melbatch.audio import DecodeError, open_audio
 from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.console import progress as progress_bar
-from melbatch.features import logmels_of_object
 from melbatch.labels import NO_LABEL, Labeler
 from melbatch.runs import (
     audio_line,
@@ -59,6 +58,7 @@ from melbatch.shards import (
     write_manifest,
     write_quarantine,
 )
+from melbatch.staging import logmels_of_object
 
 FIT_SAMPLE = 64  # recordings probed for their duration when clips are fitted
 
@@ -299,7 +299,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
     """One Ray task: featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
 
     Per-file failures are caught and returned as quarantine rows. A store that keeps failing (after
-    the retries in :func:`~melbatch.features.logmels_of_object`) or anything else (e.g. DST not
+    the retries in :func:`~melbatch.staging.logmels_of_object`) or anything else (e.g. DST not
     writable) fails the task and the run with its message; re-running resumes.
     """
     import torch

@@ -17,7 +17,7 @@ from conftest import tone
 from melbatch import audio, samples, storage
 from melbatch.audio import DecodeError
 from melbatch.config import FeatureConfig
-from melbatch.features import logmels_of_object
+from melbatch.staging import logmels_of_object
 
 CFG = FeatureConfig(clip_s=1.0, clip_hop_s=1.0, min_tail_s=0.25)
 

@@ -14,7 +14,7 @@ import soundfile as sf
 from conftest import FAST
 
 from melbatch.classify import CHUNK_BYTES
-from melbatch.features import SPILL_BYTES
+from melbatch.staging import SPILL_BYTES
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
