@@ -39,9 +39,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from melbatch import URI, __version__, storage
+from melbatch import URI, storage
 from melbatch.audio import DecodeError
-from melbatch.config import SCHEMA_VERSION, ClassifyConfig, ConfigError, FeatureConfig
+from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig
 from melbatch.console import progress as progress_bar
 from melbatch.model import (
     FileSums,
@@ -56,11 +56,12 @@ from melbatch.model import (
 )
 from melbatch.runs import (
     audio_line,
-    collect_garbage,
+    commit,
     content_id,
     crash_point,
     init_ray,
     label_lines,
+    manifest_header,
     quarantine_lines,
     quarantine_row,
     read_parts,
@@ -77,8 +78,6 @@ from melbatch.shards import (
     clip_prediction_schema,
     file_prediction_schema,
     read_manifest,
-    write_manifest,
-    write_quarantine,
     write_table,
 )
 from melbatch.staging import SPILL_BYTES, logmels_of_object
@@ -240,12 +239,8 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     summary.quarantine_kinds = dict(Counter(q["kind"] for q in quarantine))
     assert summary.inputs == summary.classified + summary.quarantined, asdict(summary)
     summary.elapsed_s = time.perf_counter() - t0
-    crash_point("classify:written")
-    write_quarantine(out, quarantine)
-    write_manifest(out, _manifest(cfg, meta, summary, outputs))
-    crash_point("classify:manifest")
-    collect_garbage(out, PREDICTION_DIRS, {p for d in PREDICTION_DIRS for p in outputs[d]},
-                    {bid for bid, _ in batches})
+    commit(out, "classify", quarantine, _manifest(cfg, meta, summary, outputs), PREDICTION_DIRS,
+           {p for d in PREDICTION_DIRS for p in outputs[d]}, {bid for bid, _ in batches})
     return summary
 
 
@@ -318,10 +313,7 @@ def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], summary: Summary,
               outputs: dict[str, list[str]]) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("address",)}
     return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "predictions",
-        "melbatch_version": __version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **manifest_header("predictions"),
         "archive": summary.archive,
         "model": meta["root"],
         "model_id": meta["model_id"],

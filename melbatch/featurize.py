@@ -25,19 +25,20 @@ from typing import Any
 
 import numpy as np
 
-from melbatch import URI, __version__, storage
+from melbatch import URI, storage
 from melbatch.audio import DecodeError, open_audio
-from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig, FeaturizeConfig
+from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.console import progress as progress_bar
 from melbatch.labels import NO_LABEL, Labeler
 from melbatch.runs import (
     audio_line,
     chunked,
-    collect_garbage,
+    commit,
     content_id,
     crash_point,
     init_ray,
     label_lines,
+    manifest_header,
     quarantine_lines,
     quarantine_row,
     read_parts,
@@ -55,8 +56,6 @@ from melbatch.shards import (
     ClipRow,
     ShardWriter,
     read_manifest,
-    write_manifest,
-    write_quarantine,
 )
 from melbatch.staging import logmels_of_object
 
@@ -168,11 +167,8 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     shards = [f"{SHARD_DIR}/{name}" for r in results for name, _ in r["shards"]]
     summary.shards = len(shards)
     summary.elapsed_s = time.perf_counter() - t0
-    crash_point("featurize:written")
-    write_quarantine(dst, quarantine)
-    write_manifest(dst, _manifest(cfg, summary, shards, results))
-    crash_point("featurize:manifest")
-    collect_garbage(dst, [SHARD_DIR], set(shards), {bid for bid, _ in batches})
+    commit(dst, "featurize", quarantine, _manifest(cfg, summary, shards, results), [SHARD_DIR], set(shards),
+           {bid for bid, _ in batches})
     return summary
 
 
@@ -258,10 +254,7 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
 def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results: list[dict]) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("features", "address")}
     return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "features",
-        "melbatch_version": __version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **manifest_header("features"),
         "src": summary.src,
         "feature_config": cfg.features.to_dict(),
         "config_hash": summary.config_hash,

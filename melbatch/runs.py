@@ -14,12 +14,15 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from melbatch import URI, console, storage
+from melbatch import URI, __version__, console, storage
 from melbatch.audio import ERROR_KINDS, DecodeError
+from melbatch.config import SCHEMA_VERSION
+from melbatch.shards import write_manifest, write_quarantine
 
 PARTS_DIR = "_parts"
 # Non-secret settings a Ray worker needs to reach the same object store as the driver.
@@ -128,6 +131,24 @@ def read_parts(dst: URI, batch_ids: set[str]) -> dict[str, dict[str, Any]]:
     wanted = [u for u in storage.list_files(root, ".json")
               if storage.relative(u, root).removesuffix(".json") in batch_ids]
     return {(r := json.loads(data))["batch"]: r for data in storage.read_many(wanted).values()}
+
+
+def commit(dst: URI, stage: str, quarantine: list[dict[str, Any]], manifest: dict[str, Any],
+           folders: Iterable[str], keep: set[str], batch_ids: set[str]) -> None:
+    """The end of a featurize or classify run, in the one order that keeps it exactly once: every
+    batch is written; then the quarantine table; then the manifest, the commit (readers see the
+    output from now on); then the garbage of earlier attempts (:func:`collect_garbage`)."""
+    crash_point(f"{stage}:written")
+    write_quarantine(dst, quarantine)
+    write_manifest(dst, manifest)
+    crash_point(f"{stage}:manifest")
+    collect_garbage(dst, folders, keep, batch_ids)
+
+
+def manifest_header(kind: str) -> dict[str, Any]:
+    """What every manifest starts with: its schema version, kind, the melbatch that wrote it, and when."""
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, "melbatch_version": __version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def collect_garbage(dst: URI, folders: Iterable[str], keep: set[str], batch_ids: set[str]) -> None:
