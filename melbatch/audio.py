@@ -6,7 +6,7 @@ fixed-length clips as the blocks arrive. Memory per file is a few blocks, whatev
 
 Decoders, in order: soundfile (libsndfile: wav, flac, ogg/vorbis/opus, mp3, aiff…), then torchcodec
 (FFmpeg: m4a/aac and the rest) when it is installed. Every failure becomes a :class:`DecodeError`
-with a ``kind`` from :data:`ERROR_KINDS`, so callers can quarantine it with its reason.
+with a ``kind`` from :data:`~melbatch.shards.QUARANTINE_KINDS`, so callers can quarantine it with its reason.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torchaudio
 
 from melbatch.config import FeatureConfig
+from melbatch.shards import QUARANTINE_KINDS
 
 BLOCK_S = 10.0  # seconds of source audio decoded per read
 MAX_CHANNELS = 64
@@ -30,26 +31,11 @@ MIN_RATE_HZ, MAX_RATE_HZ = 1000, 768_000
 # A stream is called truncated when it decodes this much less than its header declared.
 TRUNCATION_TOLERANCE = 0.01
 
-ERROR_KINDS = {
-    "empty": "the object has zero bytes",
-    "not_audio": "the bytes are not in any audio format melbatch knows",
-    "unsupported_format": "an audio container that no installed decoder reads",
-    "corrupt": "an audio container whose contents cannot be decoded",
-    "truncated": "decoding stopped well short of the length the header declares",
-    "bad_header": "the header declares impossible values (rate, channels)",
-    "non_finite": "the samples contain NaN or infinity",
-    "silent": "the whole file is below the silence threshold",
-    "too_short": "less audio than min_tail_s, so not one clip",
-    "read_error": "the object could not be read from storage",
-    "unlabelled": "no label for this object in the label manifest",
-}
-
-
 class DecodeError(Exception):
-    """A file cannot become clips; ``kind`` is a key of :data:`ERROR_KINDS`."""
+    """A file cannot become clips; ``kind`` is a key of :data:`~melbatch.shards.QUARANTINE_KINDS`."""
 
     def __init__(self, kind: str, message: str, decoders_tried: tuple[str, ...] = ()):
-        assert kind in ERROR_KINDS, kind
+        assert kind in QUARANTINE_KINDS, kind
         super().__init__(message)
         self.kind = kind
         self.message = message

@@ -20,9 +20,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from melbatch import URI, __version__, console, storage
-from melbatch.audio import ERROR_KINDS, DecodeError
+from melbatch.audio import DecodeError
 from melbatch.config import SCHEMA_VERSION
-from melbatch.shards import write_manifest, write_quarantine
+from melbatch.shards import QUARANTINE_KINDS, write_manifest, write_quarantine
 
 PARTS_DIR = "_parts"
 # Non-secret settings a Ray worker needs to reach the same object store as the driver.
@@ -194,5 +194,5 @@ def quarantine_lines(table_uri: URI, kinds: dict[str, int]) -> list[str]:
     """Summary lines for a quarantine table: where it is, then each kind with its count and meaning."""
     lines = [f"  quarantine   {table_uri}"] if kinds else []
     for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])):
-        lines.append(f"    {kind:<18} {n:>6}  {ERROR_KINDS[kind]}")
+        lines.append(f"    {kind:<18} {n:>6}  {QUARANTINE_KINDS[kind]}")
     return lines

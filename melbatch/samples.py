@@ -190,7 +190,7 @@ ODD_DIRS = ["", "nested/deeper/", "with space/", "ünïcödé/ñ/", "100% done/"
 
 def bad_corpus(seed: int = 0) -> list[tuple[str, bytes, str]]:
     """At least 100 broken objects as ``(relative key, bytes, kind)``, ``kind`` the quarantine kind
-    melbatch must give each (every key of :data:`~melbatch.audio.ERROR_KINDS` but ``read_error`` and
+    melbatch must give each (every key of :data:`~melbatch.shards.QUARANTINE_KINDS` but ``read_error`` and
     ``unlabelled``, which come from storage and labels, not from bytes). Deterministic for a seed."""
     rng = np.random.default_rng(seed)
     sr = 16_000

@@ -80,6 +80,22 @@ def clip_schema(cfg: FeatureConfig, keep_audio: bool = False) -> pa.Schema:
     )
 
 
+# the quarantine table's ``kind`` column: why a file became no clips
+QUARANTINE_KINDS = {
+    "empty": "the object has zero bytes",
+    "not_audio": "the bytes are not in any audio format melbatch knows",
+    "unsupported_format": "an audio container that no installed decoder reads",
+    "corrupt": "an audio container whose contents cannot be decoded",
+    "truncated": "decoding stopped well short of the length the header declares",
+    "bad_header": "the header declares impossible values (rate, channels)",
+    "non_finite": "the samples contain NaN or infinity",
+    "silent": "the whole file is below the silence threshold",
+    "too_short": "less audio than min_tail_s, so not one clip",
+    "read_error": "the object could not be read from storage",
+    "unlabelled": "no label for this object in the label manifest",
+}
+
+
 QUARANTINE_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),
