@@ -1,7 +1,8 @@
 """The ``melbatch`` command: parse, build config (defaults < YAML < flags), call one ``run()``.
 
-Exit codes: 0 done; 2 wrong usage or config (nothing was started); 3 storage unreachable or
-unwritable; 1 the run itself failed.
+Each command body imports its stage when it runs, so ``melbatch --help`` and a wrong flag answer
+without loading torch or Ray. Exit codes: 0 done; 2 wrong usage or config (nothing was started);
+3 storage unreachable or unwritable; 1 the run itself failed.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from melbatch import URI, __version__, storage
 from melbatch.config import FeatureConfig
+from melbatch.features import clip_normalize
 from melbatch.weights import Source, converted_wheel_weights, fetch_weights, resolve
 
 PACKAGE_DIR = "model"
@@ -138,8 +139,6 @@ class Package:
 def normalize(x: torch.Tensor, norm: dict[str, Any]) -> torch.Tensor:
     """Images as the package's model was trained on them: dataset mean/std, or each clip on its own."""
     if norm["kind"] == "clip":
-        from melbatch.features import clip_normalize
-
         return clip_normalize(x, "standardize")
     return (x - norm["mean"]) / norm["std"]
 

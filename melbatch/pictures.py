@@ -17,6 +17,8 @@ import numpy as np
 from melbatch import URI, storage
 from melbatch.audio import DecodeError, decode_all
 from melbatch.config import FeatureConfig
+from melbatch.features import logmel_tensor
+from melbatch.shards import audio_array, mel_array, open_dataset, read_manifest, read_tables, shard_uris
 
 
 @dataclass
@@ -63,8 +65,6 @@ def audio_panel(uri: URI, cfg: FeatureConfig, start_s: float = 0.0, seconds: flo
 def wave_panel(x: np.ndarray, cfg: FeatureConfig, title: str, start_s: float = 0.0) -> Panel:
     """A waveform at ``cfg.sample_rate_hz`` and its image, made by featurize's function."""
     import torch
-
-    from melbatch.features import logmel_tensor
 
     with torch.inference_mode():
         mel = logmel_tensor(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), cfg).numpy()
@@ -221,8 +221,6 @@ def stored_clips(features: URI, keys: list[tuple[URI, int]], titles: list[str]) 
 
 
 def _open_features(features: URI) -> tuple[dict, FeatureConfig]:
-    from melbatch.shards import open_dataset
-
     manifest = open_dataset(features)
     return manifest, FeatureConfig.from_dict(manifest["feature_config"])
 
@@ -232,8 +230,6 @@ def _stored_rows(features: URI, manifest: dict, uris: list[URI] | None):
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from melbatch.shards import audio_array, mel_array, shard_uris
 
     for shard in shard_uris(features, manifest):
         with storage.open_input(shard) as f:
@@ -270,8 +266,6 @@ def prediction_panels(predictions: URI, uris: list[URI] | None = None, per_file:
     """Classified clips of a classify output, redrawn from their source audio with the model's
     features, the prediction in the title: the first ``per_file`` clips of each of ``uris``, or,
     without ``uris``, the least confident clips of each predicted label (where mistakes hide)."""
-    from melbatch.shards import read_manifest, read_tables
-
     manifest = read_manifest(predictions)
     if not manifest or manifest.get("kind") != "predictions":
         raise ValueError(f"{predictions} is not a finished classify output (no _manifest.json of kind "

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from melbatch import URI, augment, storage
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.console import Channel, EpochTable, Throttle
+from melbatch.features import logmel_tensor
 from melbatch.model import (
     PACKAGE_DIR,
     Package,
@@ -52,6 +53,7 @@ from melbatch.model import (
     save_package,
     verdicts,
 )
+from melbatch.runs import init_ray
 from melbatch.shards import (
     METRICS,
     SPLIT,
@@ -125,8 +127,6 @@ def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], 
     stage would put this on CPU nodes instead; on GPU clusters that is the slower place.)
     """
     import torch
-
-    from melbatch.features import logmel_tensor
 
     if wave is not None and "audio" in batch.column_names:
         features, aug, bank, gen = wave
@@ -444,8 +444,6 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from melbatch.runs import init_ray
 
     manifest, features, uris, before = preflight(cfg)
     source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
