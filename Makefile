@@ -15,7 +15,7 @@ MODEL ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: help setup system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify figure lint format \
+.PHONY: help setup disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify figure lint format \
         featurize train classify scan results report image image-cuda clean
 
 help:  ## list the targets
@@ -23,7 +23,21 @@ help:  ## list the targets
 
 setup: $(STAMP)  ## build .venv with the pinned versions (idempotent)
 
+# A new venv needs room: PyPI's torch 2.9.1 for x86_64 brings its CUDA libraries (the venv is ~8.5 GB)
+# and pip holds the downloaded wheels (~3 GB) while it installs. Checked before anything is written.
+SETUP_GB ?= 12
+
+disk-check:  ## is there room for a new .venv (SETUP_GB, default 12 GB, free where it goes)?
+	@where="$(abspath $(dir $(VENV)))"; \
+	free=$$(df -Pk "$$where" | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(SETUP_GB) ]; then \
+	  echo "setup: $$free GB free in $$where; a new $(VENV) needs about $(SETUP_GB) GB (torch 2.9.1 with its CUDA libraries, and pip's downloads)."; \
+	  echo "  Free some space there, or put the venv on a larger disk: make setup VENV=/path/to/venv"; \
+	  exit 1; \
+	fi
+
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY) || $(MAKE) --no-print-directory disk-check
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt

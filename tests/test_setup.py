@@ -48,3 +48,19 @@ def test_nothing_is_installed_when_the_tools_are_there(tmp_path):
     p = subprocess.run(["make", "--no-print-directory", "system-deps", "APT_GET=false"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr  # CI installed them (make system-deps)
+
+
+def test_a_new_venv_stops_before_installing_when_the_disk_is_too_full(tmp_path):
+    """A full disk fails at pip's 'No space left on device' half-way through 5 GB of wheels; melbatch
+    says so first, with the free space it found and what to do."""
+    plan = subprocess.run(["make", "-n", "setup", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert plan.stdout.index("disk-check") < plan.stdout.index("-m venv"), plan.stdout
+    full = subprocess.run(["make", "--no-print-directory", "disk-check", f"VENV={tmp_path / 'venv'}",
+                           "SETUP_GB=1000000"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert full.returncode != 0
+    assert f"GB free in {tmp_path}; a new {tmp_path / 'venv'} needs about 1000000 GB" in full.stdout, full.stdout
+    assert "make setup VENV=/path/to/venv" in full.stdout
+    room = subprocess.run(["make", "--no-print-directory", "disk-check", f"VENV={tmp_path / 'venv'}", "SETUP_GB=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert room.returncode == 0 and room.stdout == "", room.stdout + room.stderr
