@@ -251,6 +251,18 @@ def chaos_log(request):
         _CHAOS.extend(rows)
 
 
+# The session's Ray Train run (engine_training: featurize, a run that crashes after epoch 3, its resume)
+# takes 5-7 minutes on 2 CPUs, inside the setup of whichever test needs it first; that test gets this
+# much instead of the default 300 s (a timeout that fires inside Ray Train is not always raised).
+SESSION_TRAINING_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "engine_training" in item.fixturenames and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SESSION_TRAINING_TIMEOUT_S))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     rep = yield
