@@ -10,13 +10,13 @@ Top-down:
    :func:`decode_batch` (CPU tasks: read → decode → clips → log-mel, the featurize code path, with
    the package's feature config; the images leave in chunks of at most :data:`CHUNK_BYTES`) →
    :class:`Predictor` (an actor pool that loads the package once per actor; GPUs with
-   ``use_gpu``) → :func:`write_batch` (CPU tasks: ``clips/<batch>-<chunk>.parquet``; a batch that
-   came in one chunk, the usual case, is finished there: ``files/<batch>.parquet``, then
-   ``_parts/<batch>.json``; the driver finishes a batch of several chunks once all are written,
-   :func:`finish_batch`). Outputs are named after their batch, so retries and re-runs never
-   duplicate rows; Ray Data's backpressure keeps only a few chunks in flight, and a file's clips
-   wait on local disk beyond :data:`~melbatch.staging.SPILL_BYTES`, so memory is bounded whatever
-   the archive's size or the length of its recordings.
+   ``use_gpu``) → :func:`write_batch` (CPU tasks: ``clips/<batch>-<chunk>.parquet``). Between the
+   stages a chunk is one row of typed, named columns (see *between stages*). The driver finishes a
+   batch once all its chunks are written, always there (:func:`finish_batch`):
+   ``files/<batch>.parquet``, then ``_parts/<batch>.json``. Outputs are named after their batch, so
+   retries and re-runs never duplicate rows; Ray Data's backpressure keeps only a few chunks in
+   flight, and a file's clips wait on local disk beyond :data:`~melbatch.staging.SPILL_BYTES`, so
+   memory is bounded whatever the archive's size or the length of its recordings.
 4. The driver writes ``quarantine.parquet``, then ``_manifest.json`` last, then deletes what earlier
    attempts left that the manifest does not name.
 
@@ -26,7 +26,6 @@ mean wins and its mean is the file's ``probability``.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -75,9 +74,12 @@ from melbatch.shards import (
     MANIFEST,
     PREDICTION_DIRS,
     QUARANTINE,
+    QUARANTINE_SCHEMA,
     clip_prediction_schema,
     file_prediction_schema,
     read_manifest,
+    tensor_array,
+    tensor_values,
     write_table,
 )
 from melbatch.staging import SPILL_BYTES, logmels_of_object
@@ -206,16 +208,14 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     bar.update(sum(len(b) for bid, b in batches if bid in results))
     if todo:
         init_ray(cfg.address)
-        chunks: dict[str, list[dict[str, Any]]] = {}  # batches that came in several chunks, until all are in
+        chunks: dict[str, list[dict[str, Any]]] = {}  # a batch's chunks, until all are in
         try:
-            for row in pipeline(cfg, meta, out, todo).iter_rows():
-                r = json.loads(row["result"])
-                if "chunk" in r:
-                    parts = chunks.setdefault(r["batch"], [])
-                    parts.append(r["chunk"])
-                    if not _complete(parts):
-                        continue
-                    r = finish_batch(out, r["batch"], chunks.pop(r["batch"]), meta)
+            for chunk in pipeline(cfg, meta, out, todo).iter_rows():
+                parts = chunks.setdefault(chunk["batch"], [])
+                parts.append(chunk)
+                if not _complete(parts):
+                    continue
+                r = finish_batch(out, chunk["batch"], chunks.pop(chunk["batch"]), meta)
                 results[r["batch"]] = r
                 bar.update(r["classified"] + len(r["quarantine"]))
                 crash_point("classify:batch")
@@ -288,8 +288,8 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=cfg.inflight_mb * 1e6)
     features_json = FeatureConfig.from_dict(meta["feature_config"]).canonical_json()
-    rows = [{"batch": bid, "refs": json.dumps([[r.uri, r.etag, r.size] for r in b])} for bid, b in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    work = work_table(todo)
+    ds = ray.data.from_arrow([work.slice(i, 1) for i in range(work.num_rows)])  # a work batch per block
     # A decode task's worker holds torch (~350 MB measured) and one work batch's images (at most about
     # 4x its input bytes). Saying so also keeps Ray Data from fusing decoding into the model actors (it
     # fuses stages with equal resource requests), which would decode on the actors' CPUs one batch at a
@@ -305,8 +305,7 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
                                                "use_gpu": cfg.use_gpu, "threads": max(1, int(per_actor))})
     # writers are light (a fraction of a CPU) and few: each is a process that would otherwise linger
     return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                          compute=ray.data.TaskPoolStrategy(size=max(1, actors)), fn_kwargs={"out": out, "meta": {
-                              k: meta[k] for k in ("labels", "model_id", "config_hash")}})
+                          compute=ray.data.TaskPoolStrategy(size=max(1, actors)), fn_kwargs={"out": out})
 
 
 def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], summary: Summary,
@@ -336,18 +335,49 @@ def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], summary: Summary,
     }
 
 
+# ------------------------------------------------------------------------------------- between stages
+
+# What travels decode -> model -> write -> driver: one row per chunk of a work batch, its fields typed
+# and named. ``batch``/``seq``/``last`` say which chunk it is (the last one of a batch carries the
+# batch's file details and quarantine rows); the clips' images ride in the shards' layout
+# (:func:`~melbatch.shards.tensor_array`), their predictions in the clip-prediction schema.
+REF = pa.struct([pa.field("uri", pa.string(), nullable=False), pa.field("etag", pa.string(), nullable=False),
+                 pa.field("size", pa.int64(), nullable=False)])
+CLIP = pa.struct([clip_prediction_schema(1).field(n) for n in ("uri", "etag", "clip_index", "start_s", "end_s")])
+FILE = pa.struct([file_prediction_schema([]).field(n) for n in (
+    "uri", "etag", "size", "decoder", "duration_s", "source_sample_rate_hz", "source_channels")])
+QUARANTINED = pa.struct(list(QUARANTINE_SCHEMA))
+SUMS = pa.struct([pa.field("uri", pa.string(), nullable=False),  # a file's clips in one chunk
+                  pa.field("probability_sum", pa.list_(pa.float64()), nullable=False),
+                  pa.field("clips", pa.int32(), nullable=False)])
+CHUNK_FIELDS = [pa.field("batch", pa.string()), pa.field("seq", pa.int32()), pa.field("last", pa.bool_()),
+                pa.field("node", pa.string()), pa.field("files", pa.list_(FILE)),
+                pa.field("quarantine", pa.list_(QUARANTINED))]
+
+
+def work_table(todo: list[tuple[str, list[storage.ObjectRef]]]) -> pa.Table:
+    """The pipeline's input: one row per work batch, its id and its objects."""
+    return pa.table({"batch": pa.array([bid for bid, _ in todo], pa.string()),
+                     "refs": pa.array([[{"uri": r.uri, "etag": r.etag, "size": r.size} for r in refs]
+                                       for _, refs in todo], pa.list_(REF))})
+
+
+def _items(row: pa.Table, column: str) -> pa.Array:
+    """The values of a one-row table's list column."""
+    return row.column(column).combine_chunks().flatten()
+
+
+def _listed(values: pa.Array) -> pa.Array:
+    """``values`` as one list value (the column of a one-row table)."""
+    return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+
+
+def chunk_images(chunk: pa.Table, cfg: FeatureConfig) -> np.ndarray:
+    """A decoded chunk's images, ``(clips, n_mels, n_frames)``, without copying."""
+    return tensor_values(_items(chunk, "mel"), cfg.shape, cfg.dtype)
+
+
 # --------------------------------------------------------------------------------------------- stages
-
-def _ipc(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue()
-
-
-def _from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(data).read_all()
-
 
 def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> Iterator[pa.Table]:
     """Stage 1 (CPU task): a work batch's objects → their clips' log-mel images, in chunks.
@@ -363,76 +393,71 @@ def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> It
     for row in batch.to_pylist():
         files, quarantine, clips, seq = [], [], [], 0
         mels = np.empty((per_chunk, *cfg.shape), cfg.dtype)  # filled in place: no list of small arrays
-        for uri, etag, size in json.loads(row["refs"]):
-            ref = storage.ObjectRef(uri, etag, size)
+        for r in row["refs"]:
+            ref = storage.ObjectRef(r["uri"], r["etag"], r["size"])
             try:
                 info, staged = logmels_of_object(ref, cfg, silence_dbfs)
             except DecodeError as e:
                 quarantine.append(quarantine_row(ref, e))
                 continue
-            files.append({"uri": uri, "etag": etag, "size": size, "decoder": info.decoder,
+            files.append({"uri": ref.uri, "etag": ref.etag, "size": ref.size, "decoder": info.decoder,
                           "duration_s": info.decoded_frames / info.sample_rate_hz,
                           "source_sample_rate_hz": info.sample_rate_hz, "source_channels": info.channels})
             with staged:
                 for clip, mel in staged:
                     mels[len(clips)] = mel
-                    clips.append([uri, etag, clip.index, clip.start_s, clip.end_s])
+                    clips.append({"uri": ref.uri, "etag": ref.etag, "clip_index": clip.index,
+                                  "start_s": clip.start_s, "end_s": clip.end_s})
                     if len(clips) == per_chunk:
-                        yield _chunk_row(row["batch"], seq, False, clips, mels, [], [])
+                        yield _chunk(row["batch"], seq, False, clips, mels, [], [])
                         clips, seq = [], seq + 1
                         mels = np.empty_like(mels)
-        yield _chunk_row(row["batch"], seq, True, clips, mels[: len(clips)], files, quarantine)
+        yield _chunk(row["batch"], seq, True, clips, mels[: len(clips)], files, quarantine)
 
 
-def _chunk_row(bid: str, seq: int, last: bool, clips: list, mels: np.ndarray, files: list,
-               quarantine: list) -> pa.Table:
-    data = pa.py_buffer(np.ascontiguousarray(mels))  # the images' bytes as they are, not copied
-    mel = pa.BinaryArray.from_buffers(pa.binary(), 1, [None, pa.py_buffer(np.array([0, data.size], np.int32)), data])
-    return pa.table({"batch": [bid], "seq": pa.array([seq], pa.int32()), "last": [last],
-                     "clips": [json.dumps(clips)], "mel": mel,
-                     "files": [json.dumps(files)], "quarantine": [json.dumps(quarantine)], "node": [this_node()]})
+def _chunk(bid: str, seq: int, last: bool, clips: list[dict], mels: np.ndarray, files: list[dict],
+           quarantine: list[dict]) -> pa.Table:
+    images = tensor_array(mels, mels.dtype.name)  # the images' bytes as they are, not copied
+    return pa.Table.from_pydict({
+        "batch": [bid], "seq": [seq], "last": [last], "node": [this_node()],
+        "files": pa.array([files], pa.list_(FILE)), "quarantine": pa.array([quarantine], pa.list_(QUARANTINED)),
+        "clips": pa.array([clips], pa.list_(CLIP)), "mel": _listed(images),
+    }, schema=pa.schema([*CHUNK_FIELDS, pa.field("clips", pa.list_(CLIP)), pa.field("mel", pa.list_(images.type))]))
 
 
 class Predictor:
-    """Stage 2 (actor): loads the model package once, then turns a chunk's images into predictions:
-    the chunk's clip table and, per file, the sum of its clips' probabilities and their number."""
+    """Stage 2 (actor): loads the model package once, then turns each chunk's images into its clip
+    predictions (``clips``) and, per file, the sum of its clips' probabilities (``sums``)."""
 
     def __init__(self, model_uri: URI, batch_size: int, top_k: int, embeddings: bool, use_gpu: bool,
                  threads: int) -> None:
         torch.set_num_threads(threads)
         pkg = load_package(model_uri)
         self.pkg = Package(pkg.model.to(torch.device("cuda" if use_gpu else "cpu")).eval(), pkg.meta)
-        self.labels, self.features, self.meta = pkg.labels, pkg.features, pkg.meta
         self.batch_size, self.k, self.embeddings = batch_size, min(top_k, len(pkg.labels)), embeddings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        out: dict[str, list] = {"batch": [], "seq": [], "clips": [], "result": []}
-        for row in rows:
-            clips = json.loads(row["clips"])
-            mels = np.frombuffer(row["mel"], dtype=np.dtype(self.features.dtype)).reshape(-1, *self.features.shape)
-            probs, emb = predict(self.pkg, mels, self.batch_size, self.embeddings)
-            sums = aggregate_files([c[0] for c in clips], probs)
-            out["batch"].append(row["batch"])
-            out["seq"].append(row["seq"])
-            out["clips"].append(_ipc(self._clip_table(clips, probs, emb)))
-            out["result"].append(json.dumps({
-                "seq": row["seq"], "last": row["last"], "clips": len(clips), "node": row["node"],
-                "sums": {u: [a.tolist(), n] for u, (a, n) in sums.items()},
-                "files": json.loads(row["files"]), "quarantine": json.loads(row["quarantine"])}))
-        return pa.table({"batch": pa.array(out["batch"], pa.string()), "seq": pa.array(out["seq"], pa.int32()),
-                         "clips": pa.array(out["clips"], pa.binary()), "result": pa.array(out["result"], pa.string())})
+        return pa.concat_tables([self._predict(batch.slice(i, 1)) for i in range(batch.num_rows)])
 
-    def _clip_table(self, clips: list[list], probs: np.ndarray, emb: np.ndarray | None) -> pa.Table:
-        labels = np.array(self.labels, dtype=object)
+    def _predict(self, chunk: pa.Table) -> pa.Table:
+        clips = pa.Table.from_struct_array(_items(chunk, "clips"))
+        probs, emb = predict(self.pkg, chunk_images(chunk, self.pkg.features), self.batch_size, self.embeddings)
+        sums = aggregate_files(clips.column("uri").to_pylist(), probs)
+        predictions = self._clip_table(clips, probs, emb).to_struct_array().combine_chunks()
+        return chunk.select([f.name for f in CHUNK_FIELDS]).append_column(
+            "clips", _listed(predictions)).append_column("sums", _listed(pa.array(
+                [{"uri": u, "probability_sum": a, "clips": n} for u, (a, n) in sums.items()], SUMS)))
+
+    def _clip_table(self, clips: pa.Table, probs: np.ndarray, emb: np.ndarray | None) -> pa.Table:
+        labels = np.array(self.pkg.labels, dtype=object)
         top = np.argsort(-probs, axis=1, kind="stable")[:, : self.k]
+        n = clips.num_rows
         cols: dict[str, Any] = {
-            "uri": [c[0] for c in clips], "etag": [c[1] for c in clips], "clip_index": [c[2] for c in clips],
-            "start_s": [c[3] for c in clips], "end_s": [c[4] for c in clips],
-            "label": labels[top[:, 0]].tolist() if len(clips) else [],
-            "probability": np.take_along_axis(probs, top[:, :1], 1)[:, 0] if len(clips) else [],
+            **{name: clips.column(name) for name in CLIP.names},
+            "label": labels[top[:, 0]].tolist() if n else [],
+            "probability": np.take_along_axis(probs, top[:, :1], 1)[:, 0] if n else [],
             "top_labels": labels[top].tolist(), "top_probabilities": np.take_along_axis(probs, top, 1).tolist(),
-            "model_id": [self.meta["model_id"]] * len(clips), "config_hash": [self.meta["config_hash"]] * len(clips),
+            "model_id": [self.pkg.meta["model_id"]] * n, "config_hash": [self.pkg.meta["config_hash"]] * n,
         }
         dim = 0
         if emb is not None:
@@ -441,24 +466,21 @@ class Predictor:
         return pa.Table.from_pydict(cols, schema=clip_prediction_schema(self.k, dim))
 
 
-def write_batch(batch: pa.Table, out: URI, meta: dict[str, Any]) -> pa.Table:
-    """Stage 3 (CPU task): a chunk's clip predictions as ``clips/<batch>-<seq>.parquet``. A batch that
-    came in one chunk (the usual case) is finished here: its per-file verdicts, then its part file,
-    which marks it done. The chunks of a longer batch go back to the driver, which finishes it
-    once all are written (:func:`finish_batch`)."""
-    results = []
-    for row in batch.to_pylist():
-        bid, chunk = row["batch"], json.loads(row["result"])
-        table = _from_ipc(row["clips"])
-        chunk["clips_file"] = None
-        if table.num_rows:
-            chunk["clips_file"] = f"clips/{bid}-{chunk['seq']:05d}.parquet"
-            write_table(storage.join(out, chunk["clips_file"]), table)
-        if chunk["seq"] == 0 and chunk["last"]:
-            results.append(json.dumps(finish_batch(out, bid, [chunk], meta)))
-        else:
-            results.append(json.dumps({"batch": bid, "chunk": chunk}))
-    return pa.table({"result": pa.array(results, pa.string())})
+def write_batch(batch: pa.Table, out: URI) -> pa.Table:
+    """Stage 3 (CPU task): each chunk's clip predictions as ``clips/<batch>-<seq>.parquet``; the chunk
+    goes on to the driver with its clip count and file name instead of its clips."""
+    written = []
+    for i in range(batch.num_rows):
+        chunk = batch.slice(i, 1)
+        clips = pa.Table.from_struct_array(_items(chunk, "clips"))
+        name = None
+        if clips.num_rows:
+            bid, seq = chunk.column("batch")[0].as_py(), chunk.column("seq")[0].as_py()
+            name = f"clips/{bid}-{seq:05d}.parquet"
+            write_table(storage.join(out, name), clips.replace_schema_metadata(clip_prediction_schema(1).metadata))
+        written.append(chunk.drop_columns(["clips"]).append_column("clips", pa.array([clips.num_rows], pa.int32()))
+                       .append_column("clips_file", pa.array([name], pa.string())))
+    return pa.concat_tables(written)
 
 
 def _complete(chunks: list[dict[str, Any]]) -> bool:
@@ -468,19 +490,18 @@ def _complete(chunks: list[dict[str, Any]]) -> bool:
 
 
 def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    """A batch whose chunks are all written: its per-file verdicts (``files/<batch>.parquet``: the mean
-    of each file's clip probabilities, the best label wins), then its part file; returns its result."""
+    """A batch whose chunks are all written (the driver's rows of :func:`write_batch`): its per-file
+    verdicts (``files/<batch>.parquet``: the mean of each file's clip probabilities, the best label
+    wins), then its part file, which marks it done; returns its result."""
     chunks = sorted(chunks, key=lambda c: c["seq"])
     files, labels = chunks[-1]["files"], meta["labels"]
     sums: FileSums = {}
     for c in chunks:
-        parts = list(c["sums"].items())
-        sums = aggregate_files([u for u, _ in parts], [np.asarray(t) for _, (t, _) in parts],
-                               [n for _, (_, n) in parts], into=sums)
+        sums = aggregate_files([s["uri"] for s in c["sums"]], [np.asarray(s["probability_sum"]) for s in c["sums"]],
+                               [s["clips"] for s in c["sums"]], into=sums)
     scores, best = verdicts(sums, [f["uri"] for f in files], len(labels))
     table = pa.Table.from_pydict({
-        **{k: [f[k] for f in files] for k in ("uri", "etag", "size", "duration_s", "decoder", "source_sample_rate_hz",
-                                              "source_channels")},
+        **{k: [f[k] for f in files] for k in FILE.names},
         "label": [labels[i] for i in best], "probability": scores[np.arange(len(files)), best].tolist(),
         "clips": [sums[f["uri"]][1] for f in files], "scores": scores.tolist(),
         "model_id": [meta["model_id"]] * len(files), "config_hash": [meta["config_hash"]] * len(files),

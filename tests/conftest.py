@@ -214,17 +214,12 @@ def small_predictions(small_archive, engine_model):
 def decode_images(refs: list, features: FeatureConfig, silence_dbfs: float = -70.0):
     """classify's decode stage run here on ``refs``: (images of all chunks, in order, as one array;
     the last chunk's row with the files and quarantine rows)."""
-    import json
-
-    import pyarrow as pa
-
     from melbatch import classify
 
-    table = pa.table({"batch": ["b"], "refs": [json.dumps([[r.uri, r.etag, r.size] for r in refs])]})
-    rows = [r for t in classify.decode_batch(table, features.canonical_json(), silence_dbfs) for r in t.to_pylist()]
+    chunks = list(classify.decode_batch(classify.work_table([("b", refs)]), features.canonical_json(), silence_dbfs))
+    rows = [c.to_pylist()[0] for c in chunks]
     assert [r["seq"] for r in rows] == list(range(len(rows))) and rows[-1]["last"]
-    mels = [np.frombuffer(r["mel"], dtype=np.dtype(features.dtype)).reshape(-1, *features.shape) for r in rows]
-    return np.concatenate(mels), rows[-1]
+    return np.concatenate([classify.chunk_images(c, features) for c in chunks]), rows[-1]
 
 
 def ray_logs_dir():

@@ -28,13 +28,11 @@ import json, sys
 from melbatch import classify, storage
 sys.path.insert(0, sys.argv[3])
 import peakmem
-refs = [[r.uri, r.etag, r.size] for r in storage.list_objects(sys.argv[1])]
+work = classify.work_table([("all", list(storage.list_objects(sys.argv[1])))])
 peakmem.start()
-import pyarrow as pa
-for out in classify.decode_batch(pa.table({"batch": ["all"], "refs": [json.dumps(refs)]}), sys.argv[2], -70.0):
+for out in classify.decode_batch(work, sys.argv[2], -70.0):
     row = out.to_pylist()[0]
-print(json.dumps({"quarantined": len(json.loads(row["quarantine"])), "files": len(json.loads(row["files"])),
-                  "grew_mb": peakmem.grown_mb()}))
+print(json.dumps({"quarantined": len(row["quarantine"]), "files": len(row["files"]), "grew_mb": peakmem.grown_mb()}))
 """
 
 

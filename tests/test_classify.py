@@ -83,12 +83,6 @@ def test_classify_makes_the_images_featurize_makes(engine, tmp_path):
     assert len(mels) == len(stored) and all(np.array_equal(m, r["mel"]) for m, r in zip(mels, stored, strict=True))
 
 
-def _refs_table(refs: list[ObjectRef]):
-    import pyarrow as pa
-
-    return pa.table({"batch": ["b"], "refs": [json.dumps([[r.uri, r.etag, r.size] for r in refs])]})
-
-
 def test_rerun_is_a_noop_and_a_lost_batch_is_redone_without_duplicates(engine):
     _, _, cfg, first = engine
     again = classify.run(cfg, progress=False)

@@ -33,12 +33,10 @@ if stage == "featurize":
     r = featurize.featurize_batch("long", [(ref, "x")], features_json, dst, 100_000, 64, -70.0, keep_audio=True)
     made = {"clips": r["clips"], "quarantine": len(r["quarantine"]), "audio_s": r["audio_s"]}
 else:
-    import pyarrow as pa
     chunks = clips = 0
-    for t in classify.decode_batch(pa.table({"batch": ["b"], "refs": [json.dumps([[ref.uri, ref.etag, ref.size]])]}),
-                                   features_json, -70.0):
+    for t in classify.decode_batch(classify.work_table([("b", [ref])]), features_json, -70.0):
         chunks += 1
-        clips += len(json.loads(t.column("clips")[0].as_py()))
+        clips += len(t.column("clips")[0])
     made = {"clips": clips, "chunks": chunks}
 print(json.dumps({**made, "grew_mb": peakmem.grown_mb()}))
 """

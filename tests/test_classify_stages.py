@@ -1,0 +1,106 @@
+"""classify's three stages run here, in one process, on local files: the typed rows they pass on, and
+the one place a batch is finished. The same batch cut into one chunk or into many ends the same."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from melbatch import classify, samples, shards, storage
+from melbatch import model as mb_model
+from melbatch.config import FeatureConfig
+from melbatch.model import predict
+
+FEATURES = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """A local archive with broken files, and a random-init package over FEATURES."""
+    root = tmp_path_factory.mktemp("stages")
+    files = samples.make_archive(str(root / "archive"), "engine", files_per_class=3, seconds=5.0, seed=5, bad=True)
+    torch.manual_seed(0)
+    m = mb_model.create_model("test_convnext", 2, FEATURES.shape, pretrained=False).eval()
+    mb_model.save_package(str(root / "train"), m, {
+        "model_name": "test_convnext", "labels": ["faulty", "healthy"], "feature_config": FEATURES.to_dict(),
+        "config_hash": FEATURES.hash(), "normalization": {"kind": "dataset", "mean": -40.0, "std": 20.0}})
+    refs = list(storage.list_objects(str(root / "archive")))
+    return root, files, refs, mb_model.load_package(str(root / "train"))
+
+
+def _same_schema(got: pa.Schema, want: pa.Schema) -> bool:
+    """Equal as written (Parquet names a list's item ``element``; nothing else may differ)."""
+    def described(schema: pa.Schema) -> list:
+        return [(f.name, str(f.type).replace("<element:", "<item:"), f.nullable, f.metadata) for f in schema]
+    return described(got) == described(want) and got.metadata == want.metadata
+
+
+def _run_stages(root, refs, pkg, out: str) -> tuple[list[dict], dict]:
+    """decode → model → write for one work batch, then the driver's finish: (the chunks the driver
+    got, the batch's result)."""
+    work = classify.work_table([("b1", refs)])
+    predictor = classify.Predictor(str(root / "train"), batch_size=4, top_k=2, embeddings=True, use_gpu=False,
+                                   threads=1)
+    chunks = []
+    for decoded in classify.decode_batch(work, FEATURES.canonical_json(), -70.0):
+        assert decoded.num_rows == 1
+        predicted = predictor(decoded)
+        # what the model stage gets and gives is typed and named, no JSON or bytes inside columns
+        assert pa.types.is_struct(predicted.schema.field("clips").type.value_type)
+        assert predicted.schema.field("sums").type.value_type == classify.SUMS
+        chunks += classify.write_batch(predicted, out).to_pylist()
+    assert classify._complete(chunks)
+    return chunks, classify.finish_batch(out, "b1", chunks, {**pkg.meta, "labels": pkg.labels})
+
+
+def test_one_chunk_or_many_the_batch_ends_the_same(setting, monkeypatch, tmp_path):
+    root, files, refs, pkg = setting
+    one, r1 = _run_stages(root, refs, pkg, str(tmp_path / "one"))
+    monkeypatch.setattr(classify, "CHUNK_BYTES", 3 * FEATURES.n_mels * FEATURES.n_frames * 2)  # 3 clips a chunk
+    many, r2 = _run_stages(root, refs, pkg, str(tmp_path / "many"))
+    assert len(one) == 1 and len(many) > 3 and [c["seq"] for c in many] == list(range(len(many)))
+    assert all(c["clips"] <= 3 for c in many) and sum(c["clips"] for c in many) == one[0]["clips"] == r1["clips"]
+
+    # every input once: classified or quarantined, with the kind the archive was broken with
+    bad = {f.uri: f.bad_kind for f in files if f.bad_kind}
+    assert {q["uri"]: q["kind"] for q in r1["quarantine"]} == bad
+    assert r1["classified"] + len(r1["quarantine"]) == len(refs) == len(files)
+    for key in ("classified", "clips", "quarantine", "labels", "decoders"):
+        assert r1[key] == r2[key], key
+    assert len(r2["outputs"]["clips"]) == len([c for c in many if c["clips"]])
+
+    v1 = pq.read_table(storage.join(str(tmp_path / "one"), r1["outputs"]["files"][0]))
+    v2 = pq.read_table(storage.join(str(tmp_path / "many"), r2["outputs"]["files"][0]))
+    assert _same_schema(v1.schema, shards.file_prediction_schema(pkg.labels))
+    assert v1.column("uri").to_pylist() == v2.column("uri").to_pylist()
+    assert v1.column("label").to_pylist() == v2.column("label").to_pylist()
+    np.testing.assert_allclose(np.array(v1.column("scores").to_pylist()), np.array(v2.column("scores").to_pylist()),
+                               atol=1e-6)
+    # the part file, written last, holds the result the driver got
+    assert json.loads(storage.read_bytes(storage.join(str(tmp_path / "one"), "_parts", "b1.json"))) == r1
+
+
+def test_clip_predictions_are_the_models_on_the_images_featurize_would_make(setting, tmp_path):
+    root, _, refs, pkg = setting
+    chunks, result = _run_stages(root, refs, pkg, str(tmp_path / "out"))
+    clips = pq.read_table(storage.join(str(tmp_path / "out"), chunks[0]["clips_file"]))
+    assert _same_schema(clips.schema, shards.clip_prediction_schema(2, clips.schema.field("embedding").type.list_size))
+    decoded = next(classify.decode_batch(classify.work_table([("b1", refs)]), FEATURES.canonical_json(), -70.0))
+    images = classify.chunk_images(decoded, FEATURES)
+    assert images.shape == (clips.num_rows, *FEATURES.shape) and images.dtype == np.dtype(FEATURES.dtype)
+    probs, _ = predict(pkg, images, batch_size=64)
+    top = np.array(clips.column("top_probabilities").to_pylist())
+    np.testing.assert_allclose(top[:, 0], probs.max(1), atol=1e-5)
+    assert clips.column("label").to_pylist() == [pkg.labels[i] for i in probs.argmax(1)]
+    # per file, the verdict is the mean of its clips' probabilities
+    verdict = pq.read_table(storage.join(str(tmp_path / "out"), result["outputs"]["files"][0])).to_pylist()
+    uris = clips.column("uri").to_pylist()
+    for v in verdict:
+        mine = probs[[i for i, u in enumerate(uris) if u == v["uri"]]]
+        assert v["clips"] == len(mine)
+        np.testing.assert_allclose(v["scores"], mine.mean(0), atol=1e-5)
