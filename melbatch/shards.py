@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ SHARD_DIR = "shards"
 # a train OUT: melbatch.train writes these next to the model package, the report reads them
 METRICS = "metrics.json"
 VAL_PREDICTIONS = "val_predictions.parquet"
+STATE = "state.pt"  # in each Ray Train checkpoint: model, optimizer, schedule, epoch, history
 TRAIN_CONFIG = "train_config.json"  # model, feature hash and normalisation of the run that owns OUT
 SPLIT = "split.csv"  # uri,split of every file: which were held out
 META_PREFIX = b"melbatch."
@@ -269,25 +270,36 @@ def rows_to_table(rows: list[ClipRow], cfg: FeatureConfig, keep_audio: bool = Fa
         arrays["audio"] = (AUDIO_DTYPE, [r.audio for r in rows])
     cols: dict[str, Any] = {name: [getattr(r, name) for r in rows] for name in schema.names if name not in arrays}
     for name, (dtype, values) in arrays.items():
-        data = np.ascontiguousarray(np.stack(values), dtype=np.dtype(dtype).newbyteorder("<"))
-        cols[name] = pa.FixedSizeBinaryArray.from_buffers(schema.field(name).type, len(rows),
-                                                          [None, pa.py_buffer(data)])
+        cols[name] = tensor_array(np.stack(values), dtype)
     return pa.Table.from_pydict(cols, schema=schema)
+
+
+def tensor_array(values: np.ndarray, dtype: str) -> pa.FixedSizeBinaryArray:
+    """The rows of ``values`` (``(rows, *shape)``) as one fixed-size binary value each: the layout of
+    the shards' ``mel`` and ``audio`` columns (C order, little-endian ``dtype``); no copy when
+    ``values`` already has that layout."""
+    data = np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<"))
+    width = data[0].nbytes if len(data) else int(np.prod(data.shape[1:])) * data.itemsize
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(data), [None, pa.py_buffer(data)])
 
 
 def tensor_column(table: pa.Table, name: str) -> np.ndarray:
     """A fixed-size binary column (``mel`` or ``audio``) as a ``(rows, *shape)`` array, without copying."""
     field_ = table.schema.field(name)
-    shape = json.loads(field_.metadata[b"shape"])
-    dtype = np.dtype(field_.metadata[b"dtype"].decode()).newbyteorder("<")
     col = table.column(name)
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return tensor_values(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col,
+                         json.loads(field_.metadata[b"shape"]), field_.metadata[b"dtype"].decode())
+
+
+def tensor_values(arr: pa.FixedSizeBinaryArray, shape: Sequence[int], dtype: str) -> np.ndarray:
+    """A fixed-size binary array in the shards' layout (:func:`tensor_array`) as ``(rows, *shape)``,
+    without copying."""
+    dt = np.dtype(dtype).newbyteorder("<")
     if arr.null_count or len(arr) == 0:
-        return np.zeros((len(arr), *shape), dtype)
-    width = field_.type.byte_width
-    buf = arr.buffers()[1]
-    flat = np.frombuffer(buf, dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
-    return flat.view(dtype).reshape(len(arr), *shape)
+        return np.zeros((len(arr), *shape), dt)
+    width = arr.type.byte_width
+    flat = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
+    return flat.view(dt).reshape(len(arr), *shape)
 
 
 def mel_array(table: pa.Table) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import FAST, new_bucket
 
-from melbatch import augment, featurize, model, samples, shards, storage, train, trainset
+from melbatch import augment, featurize, model, samples, shards, storage, train, trainloop, trainset
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig, TrainConfig
 from melbatch.shards import DatasetError
 
@@ -80,9 +80,9 @@ def test_budget_gives_small_data_enough_steps_and_leaves_large_data_alone():
 
 def test_a_loss_stuck_near_a_uniform_guess_is_reported():
     flat = [{"train_loss": 2.4}, {"train_loss": 2.3}]
-    assert "not fitting" in train.not_fitting(flat, 12)
-    assert train.not_fitting([{"train_loss": 2.4}, {"train_loss": 0.9}], 12) is None
-    assert train.not_fitting(flat[:1], 12) is None  # judged once, after the second epoch
+    assert "not fitting" in trainloop.not_fitting(flat, 12)
+    assert trainloop.not_fitting([{"train_loss": 2.4}, {"train_loss": 0.9}], 12) is None
+    assert trainloop.not_fitting(flat[:1], 12) is None  # judged once, after the second epoch
 
 
 def test_clips_fit_short_recordings_and_padding_is_called_out():

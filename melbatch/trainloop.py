@@ -1,0 +1,340 @@
+"""The worker side of train: what every Ray Train worker runs, top-down.
+
+:func:`train_loop` sets up (:func:`_setup`: the model from its starting weights, AdamW with the new
+head and the pretrained backbone at their own learning rates, warm-up + cosine schedule, restored
+from the latest checkpoint when a run resumes), then per epoch: :func:`train_epoch` (augmented,
+class-weighted steps over this worker's shard), :func:`evaluate` (its share of the validation
+images), :func:`epoch_metrics` (summed over the workers) and :func:`checkpoint` (rank 0 saves,
+every worker reports). Rank 0 also sends the driver's console its step, epoch and warning events.
+:class:`Budget` is how many clips a step takes and how many steps a run makes, decided by the
+driver before training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from melbatch import URI, augment, storage
+from melbatch.config import FeatureConfig, TrainConfig
+from melbatch.console import Channel, Throttle
+from melbatch.features import logmel_tensor
+from melbatch.model import classifier_names, create_model, normalize
+from melbatch.shards import STATE, audio_array, mel_array
+from melbatch.trainset import load_noise_bank
+from melbatch.weights import Source
+
+STUCK_EPOCHS, STUCK_FRACTION = 2, 0.8  # warn when the loss is above 80% of a uniform guess after 2 epochs
+MAX_WARMUP = 0.1  # share of a run's steps the warm-up may take (3 epochs with 1 of warm-up was a third)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many clips a step takes and how many steps the run makes (decided before training)."""
+
+    train_rows: int
+    workers: int
+    batch_size: int  # per worker: cfg.batch_size, lowered so an epoch has a few steps, never below min_batch_size
+    steps_per_pass: int  # one pass over the training clips
+    passes: int  # each training clip this many times per epoch: > 1 when epochs alone make fewer than min_steps
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_pass * self.passes
+
+    @staticmethod
+    def plan(train_rows: int, cfg: TrainConfig) -> Budget:
+        world = cfg.workers
+        batch = min(cfg.batch_size, max(cfg.min_batch_size, train_rows // (world * 8)))
+        per_pass = max(1, math.ceil(train_rows / (batch * world)))
+        passes = max(1, math.ceil(cfg.min_steps / (cfg.epochs * per_pass)))
+        return Budget(train_rows, world, batch, per_pass, passes)
+
+    def describe(self, epochs: int) -> str:
+        line = (f"{self.train_rows} training clips, batch {self.batch_size} x {self.workers} worker(s): "
+                f"{self.steps_per_pass} steps per pass over the data")
+        if self.passes > 1:
+            return f"{line}; each clip {self.passes}x per epoch to reach {epochs * self.steps} steps in {epochs} epochs"
+        return f"{line}; {epochs * self.steps} steps in {epochs} epochs"
+
+
+def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], device: Any,
+            wave: tuple[FeatureConfig, augment.WaveAugment, Any, Any] | None = None) -> tuple:
+    """A batch as normalised (N, 1, n_mels, frames) images and label indices on ``device``.
+
+    With ``wave`` = (features, augmentation, noise bank, generator) and an ``audio`` column, the
+    waveforms are augmented and turned into images here, on the training device: the images of
+    one clip differ every epoch, the work is batched tensor maths that a GPU does in a fraction of
+    a step, and no augmented audio travels through the object store. (A Ray Data ``map_batches``
+    stage would put this on CPU nodes instead; on GPU clusters that is the slower place.)
+    """
+    if wave is not None and "audio" in batch.column_names:
+        features, aug, bank, gen = wave
+        with torch.no_grad():
+            w = torch.from_numpy(audio_array(batch)).to(device, non_blocking=True)
+            x = logmel_tensor(augment.augment_waveforms(w, aug, bank, gen), features).unsqueeze(1)
+    else:
+        x = torch.from_numpy(mel_array(batch).astype(np.float32)).unsqueeze(1).to(device, non_blocking=True)
+    x = normalize(x, norm)
+    y = torch.tensor([label_index[v] for v in batch.column("label").to_pylist()], dtype=torch.long)
+    return x, y.to(device, non_blocking=True)
+
+
+def sound_frames(batch: pa.Table, features: FeatureConfig) -> Any:
+    """(n,) how many leading image columns of each clip hold audio (a short recording's clip is padded)."""
+    seconds = np.asarray(batch.column("end_s")) - np.asarray(batch.column("start_s"))
+    frames = np.ceil(seconds * features.sample_rate_hz / features.hop_length).astype(np.int64) + 1
+    return torch.from_numpy(np.minimum(frames, features.n_frames))
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _metrics(conf: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    tp = np.diag(conf).astype(float)
+    precision = np.divide(tp, conf.sum(0), out=np.zeros_like(tp), where=conf.sum(0) > 0)
+    recall = np.divide(tp, conf.sum(1), out=np.zeros_like(tp), where=conf.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    return {
+        "val_accuracy": float(tp.sum() / max(1, conf.sum())),
+        "macro_f1": float(f1.mean()),
+        "per_class": {lab: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                      for lab, p, r, f, n in zip(labels, precision, recall, f1, conf.sum(1), strict=True)},
+        "confusion_matrix": conf.astype(int).tolist(),
+    }
+
+
+@dataclass
+class _Worker:
+    """One Ray Train worker's run: what every step of :func:`train_loop` reads, built by :func:`_setup`."""
+
+    cfg: TrainConfig
+    labels: list[str]
+    label_index: dict[str, int]
+    norm: dict[str, Any]
+    shape: tuple[int, int]
+    features: FeatureConfig
+    budget: Budget
+    rank: int
+    world: int
+    device: Any
+    gen: Any  # the augmentation's torch.Generator
+    wave: Any  # (features, WaveAugment, noise bank, generator) with --wave-augment, else None
+    channel: Channel | None  # rank 0 only: step, epoch and warning events for the driver's console
+    model: Any
+    head: set[str]  # the new head's parameter names (the rest is the pretrained backbone)
+    opt: Any
+    sched: Any
+    class_w: Any
+    autocast: Any
+    start_epoch: int
+    history: list[dict[str, Any]]
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: set up (resuming from the latest checkpoint), then per epoch
+    train, evaluate, and report the row with a checkpoint."""
+    w = _setup(config)
+    for epoch in range(w.start_epoch, w.cfg.epochs):
+        t0 = time.perf_counter()
+        loss_sum, seen, train_s = train_epoch(w, epoch)
+        conf, val_loss = evaluate(w)
+        row, report = epoch_metrics(w, epoch, conf, val_loss, (loss_sum, seen, train_s), time.perf_counter() - t0)
+        checkpoint(w, epoch, row, report)
+        _maybe_crash(config.get("crash_at"), epoch + 1, w.rank, w.world, storage.join(w.cfg.out, "_injected_crash"))
+
+
+def _setup(config: dict[str, Any]) -> _Worker:
+    """The model (from the starting weights), AdamW and the warm-up + cosine schedule, restored from
+    the latest checkpoint when the run resumes; the noise bank and waveform augmentation if asked."""
+    cfg = TrainConfig(**config["train"])
+    labels: list[str] = config["labels"]
+    shape = tuple(config["shape"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed + rank)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    device = ray.train.torch.get_device()
+    features = FeatureConfig.from_dict(config["features"])
+    channel = config.get("channel") if rank == 0 else None
+    wave = None
+    if config["wave"]:
+        bank = load_noise_bank(cfg.noise_dir, features.sample_rate_hz,
+                               warn=lambda t: channel and channel.send("warning", text=t)) if cfg.noise_dir else None
+        wave = (features, augment.WaveAugment.of(cfg, features.sample_rate_hz),
+                None if bank is None else torch.from_numpy(bank).to(device), gen)
+
+    model = create_model(cfg.model, len(labels), shape, source=Source.from_dict(config["weights"]))
+    head = set(classifier_names(model))
+    opt = torch.optim.AdamW(param_groups(model, head, cfg), lr=cfg.lr)
+    budget = Budget(**config["budget"])
+    total = cfg.epochs * budget.steps
+    warmup = int(min(cfg.warmup_epochs * budget.steps, MAX_WARMUP * total))  # short runs: a tenth at most
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
+    start_epoch, history = 0, []
+    latest = ray.train.get_checkpoint()
+    if latest:
+        with latest.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+    return _Worker(
+        cfg=cfg, labels=labels, label_index={lab: i for i, lab in enumerate(labels)}, norm=config["norm"],
+        shape=shape, features=features, budget=budget, rank=rank, world=world, device=device, gen=gen, wave=wave,
+        channel=channel, model=ray.train.torch.prepare_model(model), head=head, opt=opt, sched=sched,
+        class_w=torch.tensor(config["class_weights"], dtype=torch.float32, device=device),
+        autocast=torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp),
+        start_epoch=start_epoch, history=history)
+
+
+def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float]:
+    """One epoch of optimiser steps over this worker's shard (augmented, class-weighted, soft targets);
+    the backbone stays frozen in the first ``freeze_epochs``. Returns (loss sum, clips seen, seconds)."""
+    cfg, t0, seen, loss_sum, step = w.cfg, time.perf_counter(), 0, 0.0, 0
+    tick, shift = Throttle(0.5), round(cfg.time_shift_frac * w.shape[1])
+    frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
+    w.model.train()
+    for batch in ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=w.budget.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=max(
+                256, 8 * w.budget.batch_size), local_shuffle_seed=cfg.seed + epoch * 7919 + w.rank, drop_last=False):
+        x, y = _inputs(batch, w.label_index, w.norm, w.device, w.wave)
+        if len(y) < 2:
+            continue
+        sound = sound_frames(batch, w.features)
+        x = augment.random_time_shift(x, shift, w.gen, sound)
+        x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, w.gen,
+                                 sound)
+        target = augment.soft_targets(y, len(w.labels), cfg.label_smoothing)
+        x, target = augment.mixup(x, target, cfg.mixup_alpha, w.gen)
+        with w.autocast:
+            logits = w.model(x)
+        loss = -(target * torch.log_softmax(logits.float(), dim=1) * w.class_w).sum(1).mean()
+        w.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if frozen:
+            for n, p in w.model.named_parameters():
+                if n.removeprefix("module.") not in w.head:
+                    p.grad = None
+        w.opt.step()
+        w.sched.step()
+        seen += len(y)
+        loss_sum += float(loss.detach()) * len(y)
+        step += 1
+        if w.channel and tick():
+            w.channel.send("step", epoch=epoch + 1, step=step, loss=loss_sum / seen,
+                           samples_per_s=seen * w.world / max(1e-9, time.perf_counter() - t0))
+    train_s = time.perf_counter() - t0
+    if w.channel and seen:  # the epoch's last step, whatever the throttle let through: the bar ends full
+        w.channel.send("step", epoch=epoch + 1, step=step, loss=loss_sum / seen,
+                       samples_per_s=seen * w.world / max(1e-9, train_s), final=True)
+    return loss_sum, seen, train_s
+
+
+def evaluate(w: _Worker) -> tuple[Any, Any]:
+    """This worker's share of the validation images: (confusion matrix, [loss sum, clips])."""
+    w.model.eval()
+    conf = torch.zeros(len(w.labels), len(w.labels), dtype=torch.float64)
+    val_loss = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=w.budget.batch_size,
+                                                                    batch_format="pyarrow"):
+            x, y = _inputs(batch, w.label_index, w.norm, w.device)
+            with w.autocast:
+                logits = w.model(x).float()
+            val_loss += torch.tensor([float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")),
+                                      len(y)], dtype=torch.float64)
+            conf.index_put_((y.cpu(), logits.argmax(1).cpu()), torch.ones(len(y), dtype=torch.float64),
+                            accumulate=True)
+    return conf, val_loss
+
+
+def epoch_metrics(w: _Worker, epoch: int, conf: Any, val_loss: Any, train: tuple[float, int, float],
+              epoch_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The epoch's numbers summed over the workers: its table row, and what Ray Train records."""
+    counts = torch.tensor(train, dtype=torch.float64)
+    if w.world > 1 and dist.is_initialized():
+        for t in (conf, val_loss, counts):
+            dist.all_reduce(t)
+    m = _metrics(conf.numpy(), w.labels)
+    row = {"epoch": epoch + 1, "train_loss": float(counts[0] / max(1, counts[1])),
+           "val_loss": float(val_loss[0] / max(1, val_loss[1])), "val_accuracy": m["val_accuracy"],
+           "macro_f1": m["macro_f1"], "lr": w.sched.get_last_lr()[0], "frozen_backbone": epoch < w.cfg.freeze_epochs,
+           "samples_per_s": float(counts[1] / max(1e-9, counts[2] / w.world)), "attempt_start_epoch": w.start_epoch,
+           "epoch_s": epoch_s}
+    return row, {**row, "per_class": json.dumps(m["per_class"]), "confusion_matrix": json.dumps(m["confusion_matrix"])}
+
+
+def checkpoint(w: _Worker, epoch: int, row: dict[str, Any], report: dict[str, Any]) -> None:
+    """Rank 0 saves model, optimizer, schedule and history; every worker reports the epoch to Ray Train.
+    The driver prints the row (Ray keeps a worker's own output in its log file), and a warning when the
+    loss stays near a uniform guess."""
+    w.history = [*w.history, row]
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if w.rank == 0:
+            inner = w.model.module if hasattr(w.model, "module") else w.model
+            torch.save({"model": inner.state_dict(), "optimizer": w.opt.state_dict(),
+                        "scheduler": w.sched.state_dict(), "epoch": epoch, "history": w.history},
+                       os.path.join(d, STATE))
+            ckpt = ray.train.Checkpoint.from_directory(d)
+            if w.channel:
+                w.channel.send("epoch", row=row)
+            stuck = not_fitting(w.history, len(w.labels))
+            if stuck and w.channel:
+                w.channel.send("warning", text=stuck)
+        ray.train.report(report, checkpoint=ckpt)
+
+
+def param_groups(model: Any, head: set[str], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: the new head at ``lr``, the pretrained backbone at ``lr * backbone_lr_scale``;
+    weight decay on weights only (not on biases and norms)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        groups.setdefault((n in head, p.ndim > 1), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * (1.0 if is_head else cfg.backbone_lr_scale),
+             "weight_decay": cfg.weight_decay if decays else 0.0} for (is_head, decays), ps in sorted(groups.items())]
+
+
+def not_fitting(history: list[dict[str, Any]], classes: int) -> str | None:
+    """A warning when the training loss is still near a uniform guess after the first epochs."""
+    uniform = math.log(max(2, classes))
+    if len(history) != STUCK_EPOCHS or history[-1]["train_loss"] < STUCK_FRACTION * uniform:
+        return None
+    return (f"the training loss is {history[-1]['train_loss']:.2f} after {len(history)} epochs, near a uniform "
+            f"guess over {classes} labels ({uniform:.2f}): the model is not fitting the data. Try less augmentation "
+            "(--mixup-alpha 0, no --wave-augment, fewer --time-masks/--freq-masks), more --min-steps, or check the "
+            "labels.")
+
+
+def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int, marker: URI) -> None:
+    """Fault injection for tests: ``MELBATCH_CRASH_AT=raise:2`` raises after epoch 2; ``exit:2`` kills
+    the last worker's process there (as when a node is lost). Once per OUT: a marker file records it.
+    """
+    if not spec:
+        return
+    mode, at = spec.split(":")
+    if epoch != int(at) or (mode == "exit" and rank != world - 1) or storage.exists(marker):
+        return
+    storage.write_bytes(marker, f"{spec} rank {rank}".encode())
+    if mode == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected crash after epoch {epoch} (MELBATCH_CRASH_AT={spec})")

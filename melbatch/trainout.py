@@ -1,0 +1,122 @@
+"""What a train run leaves in OUT once Ray Train is done: the best epoch (highest macro-F1) becomes
+the model package (``OUT/model/``), every validation clip is scored with it by the one prediction
+path classify takes (``OUT/val_predictions.parquet``: what the report's "most confidently wrong"
+and the per-file accuracy come from), then ``OUT/metrics.json`` and ``OUT/split.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import warnings
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from melbatch import URI, storage
+from melbatch.config import FeatureConfig, TrainConfig
+from melbatch.model import (
+    PACKAGE_DIR,
+    Package,
+    aggregate_files,
+    create_model,
+    load_package,
+    predict,
+    save_package,
+    verdicts,
+)
+from melbatch.shards import METRICS, SPLIT, STATE, VAL_PREDICTIONS, mel_array
+from melbatch.trainset import images, split
+from melbatch.weights import Source
+
+
+def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureConfig, norm: dict[str, Any],
+            uris: list[URI], val_files: set[str], train_files: set[str], source: Source) -> dict[str, Any]:
+    """The best epoch's model package, every validation clip scored with it, ``metrics.json`` and
+    ``split.csv``; returns the metrics."""
+    candidates = list(result.best_checkpoints or []) or [(result.checkpoint, result.metrics)]
+    best_ckpt, best = max(candidates, key=lambda cm: (cm[1]["macro_f1"], cm[1]["epoch"]))
+    with best_ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
+    with result.checkpoint.as_directory() as d:
+        history = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)["history"]
+    model = create_model(cfg.model, len(labels), features.shape, source=Source("none"))
+    model.load_state_dict(state["model"])
+    meta = {"model_name": cfg.model, "labels": labels, "feature_config": features.to_dict(),
+            "initial_weights": source.to_dict(),
+            "config_hash": features.hash(), "normalization": norm, "train_config": asdict(cfg),
+            "best_epoch": best["epoch"], "shards": storage.canonical(cfg.shards)}
+    save_package(cfg.out, model, meta)
+    val = score_validation(cfg, uris, val_files)
+    metrics = {
+        "val_accuracy": best["val_accuracy"], "macro_f1": best["macro_f1"], "best_epoch": best["epoch"],
+        "val_file_accuracy": file_accuracy(val, labels),
+        "labels": labels, "confusion_matrix": json.loads(best["confusion_matrix"]),
+        "per_class": json.loads(best["per_class"]), "epochs": history,
+        "split": {"train_files": len(train_files), "val_files": len(val_files)},
+        "initial_weights": source.to_dict(),
+        "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
+    }
+    storage.write_bytes(storage.join(cfg.out, METRICS), json.dumps(metrics, indent=2).encode())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["uri", "split"])
+    w.writerows([(u, "val") for u in sorted(val_files)] + [(u, "train") for u in sorted(train_files)])
+    storage.write_bytes(storage.join(cfg.out, SPLIT), buf.getvalue().encode())
+    return metrics
+
+
+class _Scorer:
+    """Ray Data actor: the saved package's class probabilities for stored validation images
+    (:func:`melbatch.model.predict`, the path classify takes)."""
+
+    def __init__(self, package: URI, use_gpu: bool, batch_size: int) -> None:
+        pkg = load_package(package)
+        self.pkg = Package(pkg.model.to(torch.device("cuda" if use_gpu else "cpu")), pkg.meta)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        probs, _ = predict(self.pkg, mel_array(batch), self.batch_size)
+        labels = self.pkg.labels
+        truth = [labels.index(v) for v in batch.column("label").to_pylist()]
+        best = probs.argmax(axis=1)
+        return batch.drop_columns(["mel"]).append_column("predicted", pa.array([labels[i] for i in best])) \
+            .append_column("probability", pa.array(probs.max(axis=1), pa.float32())) \
+            .append_column("label_probability", pa.array(probs[np.arange(len(truth)), truth], pa.float32())) \
+            .append_column("probabilities", pa.array(list(probs), pa.list_(pa.float32(), len(labels))))
+
+
+def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> pa.Table:
+    """Every validation clip scored by the saved package (the best epoch) → ``OUT/val_predictions.parquet``."""
+    columns = ["uri", "clip_index", "start_s", "end_s", "label", "mel"]
+    with warnings.catch_warnings():  # Ray 2.60 names no parameter for max_restarts yet and warns on the console
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = split(images(uris, columns), val_files, keep=True).map_batches(
+            _Scorer, fn_constructor_kwargs={"package": storage.join(cfg.out, PACKAGE_DIR), "use_gpu": cfg.use_gpu,
+                                            "batch_size": cfg.batch_size},
+            batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
+            num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker),
+            max_restarts=0)  # a short pass (re-run to resume); restartable actors also make Ray warn on the console
+    table = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()]).sort_by([("uri", "ascending"),
+                                                                                   ("clip_index", "ascending")])
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(storage.join(cfg.out, VAL_PREDICTIONS), buf.getvalue())
+    return table
+
+
+def file_accuracy(val: pa.Table, labels: list[str]) -> float:
+    """Share of validation files whose verdict (:func:`melbatch.model.verdicts`, as classify decides) is right."""
+    uris = val.column("uri").to_pylist()
+    truth = dict(zip(uris, val.column("label").to_pylist(), strict=True))
+    sums = aggregate_files(uris, [np.asarray(p, np.float64) for p in val.column("probabilities").to_pylist()])
+    files = sorted(sums)
+    _, best = verdicts(sums, files, len(labels))
+    return sum(truth[u] == labels[i] for u, i in zip(files, best, strict=True)) / max(1, len(files))
