@@ -31,8 +31,8 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -54,19 +54,15 @@ from melbatch.model import (
     verdicts,
 )
 from melbatch.runs import (
-    audio_line,
+    RunSummary,
     commit,
     content_id,
     crash_point,
     init_ray,
-    label_lines,
     manifest_header,
-    quarantine_lines,
     quarantine_row,
     read_parts,
-    skipped_lines,
     stopped_by_storage,
-    tally,
     this_node,
     write_part,
 )
@@ -91,46 +87,28 @@ CHUNK_BYTES = 16 * 2**20
 AGGREGATION = "mean of clip probabilities per label; the highest mean is the file's label and probability"
 
 
-@dataclass
-class Summary:
+@dataclass(kw_only=True)
+class Summary(RunSummary):
     """What one classify run did; ``inputs == classified + quarantined`` always."""
 
+    DONE: ClassVar[str] = "classified"
+    LABEL_UNIT: ClassVar[str] = "files"  # files per verdict
     archive: URI
     out: URI
     model_id: str
     config_hash: str
-    inputs: int = 0
     classified: int = 0
-    quarantined: int = 0
-    clips: int = 0
-    audio_s: float = 0.0
     new_audio_s: float = 0.0  # audio in batches this run did (not resumed): what the throughput counts
-    elapsed_s: float = 0.0
-    batches: int = 0
-    resumed_batches: int = 0
-    labels: dict[str, int] = field(default_factory=dict)  # files per verdict
-    quarantine_kinds: dict[str, int] = field(default_factory=dict)
-    decoders: dict[str, int] = field(default_factory=dict)
-    nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> batches it decoded
-    skipped: dict[str, int] = field(default_factory=dict)  # extension -> objects the filters left out
 
-    @property
-    def quarantine_rate(self) -> float:
-        return self.quarantined / self.inputs if self.inputs else 0.0
+    def _head(self) -> list[str]:
+        return [f"classify {self.archive} -> {self.out}",
+                f"  model        {self.model_id}  (features {self.config_hash})"]
 
-    def render(self) -> str:
-        lines = [
-            f"classify {self.archive} -> {self.out}",
-            f"  model        {self.model_id}  (features {self.config_hash})",
-            f"  inputs       {self.inputs:>8}  = classified {self.classified} + quarantined {self.quarantined}",
-            *skipped_lines(self.skipped),
-            f"  clips        {self.clips:>8}",
-            audio_line(self.audio_s, self.elapsed_s, self.new_audio_s),
-        ]
-        if self.resumed_batches:
-            lines.append(f"  resumed      {self.resumed_batches:>8}  of {self.batches} batches were already done")
-        lines += label_lines(self.labels, "files")
-        return "\n".join(lines + quarantine_lines(storage.join(self.out, QUARANTINE), self.quarantine_kinds))
+    def _rated_audio_s(self) -> float:
+        return self.new_audio_s
+
+    def _quarantine_uri(self) -> URI:
+        return storage.join(self.out, QUARANTINE)
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -227,18 +205,12 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     outputs: dict[str, list[str]] = {d: [] for d in PREDICTION_DIRS}
     for bid, _ in batches:
         r = results[bid]
-        summary.classified += r["classified"]
-        summary.clips += r["clips"]
-        summary.audio_s += r["audio_s"]
+        summary.add(r)
         summary.new_audio_s += r["audio_s"] if bid not in resumed else 0.0
         quarantine.extend(r["quarantine"])
-        tally({"labels": summary.labels, "decoders": summary.decoders, "nodes": summary.nodes}, r)
         for d in PREDICTION_DIRS:
             outputs[d].extend(r["outputs"].get(d, []))
-    summary.quarantined = len(quarantine)
-    summary.quarantine_kinds = dict(Counter(q["kind"] for q in quarantine))
-    assert summary.inputs == summary.classified + summary.quarantined, asdict(summary)
-    summary.elapsed_s = time.perf_counter() - t0
+    summary.close(quarantine, t0)
     commit(out, "classify", quarantine, _manifest(cfg, meta, summary, outputs), PREDICTION_DIRS,
            {p for d in PREDICTION_DIRS for p in outputs[d]}, {bid for bid, _ in batches})
     return summary

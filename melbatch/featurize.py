@@ -20,8 +20,8 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -31,20 +31,16 @@ from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.console import progress as progress_bar
 from melbatch.labels import NO_LABEL, Labeler
 from melbatch.runs import (
-    audio_line,
+    RunSummary,
     chunked,
     commit,
     content_id,
     crash_point,
     init_ray,
-    label_lines,
     manifest_header,
-    quarantine_lines,
     quarantine_row,
     read_parts,
-    skipped_lines,
     stopped_by_storage,
-    tally,
     this_node,
     write_part,
 )
@@ -62,41 +58,27 @@ from melbatch.staging import logmels_of_object
 FIT_SAMPLE = 64  # recordings probed for their duration when clips are fitted
 
 
-@dataclass
-class Summary:
+@dataclass(kw_only=True)
+class Summary(RunSummary):
     """What one featurize run did; ``inputs == featurized + quarantined`` always."""
 
+    DONE: ClassVar[str] = "featurized"
+    LABEL_UNIT: ClassVar[str] = "clips"
     src: URI
     dst: URI
     config_hash: str
-    inputs: int = 0
     featurized: int = 0
-    quarantined: int = 0
-    clips: int = 0
-    audio_s: float = 0.0
-    elapsed_s: float = 0.0
     task_s: float = 0.0  # wall time spent inside tasks, summed (excludes batches resumed from a previous run)
-    batches: int = 0
-    resumed_batches: int = 0
     shards: int = 0
-    labels: dict[str, int] = field(default_factory=dict)
-    quarantine_kinds: dict[str, int] = field(default_factory=dict)
-    decoders: dict[str, int] = field(default_factory=dict)
-    nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> batches it featurized
-    skipped: dict[str, int] = field(default_factory=dict)  # extension -> objects the filters left out
 
-    def render(self) -> str:
-        lines = [
-            f"featurize {self.src} -> {self.dst}",
-            f"  inputs       {self.inputs:>8}  = featurized {self.featurized} + quarantined {self.quarantined}",
-            *skipped_lines(self.skipped),
-            f"  clips        {self.clips:>8}  in {self.shards} shard(s), config {self.config_hash}",
-            audio_line(self.audio_s, self.elapsed_s),
-        ]
-        if self.resumed_batches:
-            lines.append(f"  resumed      {self.resumed_batches:>8}  of {self.batches} batches were already done")
-        lines += label_lines(self.labels, "clips")
-        return "\n".join(lines + quarantine_lines(storage.join(self.dst, QUARANTINE), self.quarantine_kinds))
+    def _head(self) -> list[str]:
+        return [f"featurize {self.src} -> {self.dst}"]
+
+    def _clips_line(self) -> str:
+        return f"  clips        {self.clips:>8}  in {self.shards} shard(s), config {self.config_hash}"
+
+    def _quarantine_uri(self) -> URI:
+        return storage.join(self.dst, QUARANTINE)
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -154,19 +136,12 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     summary.resumed_batches = len(resumed)
 
     for r in results:
-        summary.featurized += r["featurized"]
-        summary.clips += r["clips"]
-        summary.audio_s += r["audio_s"]
+        summary.add(r)
         summary.task_s += r["task_s"] if r["batch"] not in resumed else 0.0
         quarantine.extend(r["quarantine"])
-        tally({"labels": summary.labels, "decoders": summary.decoders, "nodes": summary.nodes}, r)
-    summary.quarantined = len(quarantine)
-    summary.quarantine_kinds = dict(Counter(q["kind"] for q in quarantine))
-    assert summary.inputs == summary.featurized + summary.quarantined, asdict(summary)
-
     shards = [f"{SHARD_DIR}/{name}" for r in results for name, _ in r["shards"]]
     summary.shards = len(shards)
-    summary.elapsed_s = time.perf_counter() - t0
+    summary.close(quarantine, t0)
     commit(dst, "featurize", quarantine, _manifest(cfg, summary, shards, results), [SHARD_DIR], set(shards),
            {bid for bid, _ in batches})
     return summary

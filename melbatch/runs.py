@@ -17,7 +17,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 from melbatch import URI, __version__, console, storage
 from melbatch.audio import DecodeError
@@ -94,6 +95,74 @@ def this_node() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+@dataclass(kw_only=True)
+class RunSummary:
+    """What one batch run did (featurize and classify; scan keeps classify's in its own record):
+    every input ends done (``DONE`` names the field: featurized, classified) or quarantined, once.
+    Batch results add up with :meth:`add`, :meth:`close` checks the count, :meth:`render` is the
+    console summary."""
+
+    DONE: ClassVar[str]  # the subclass's field of inputs that made output
+    LABEL_UNIT: ClassVar[str]  # what the label lines count (clips, files)
+    inputs: int = 0
+    quarantined: int = 0
+    clips: int = 0
+    audio_s: float = 0.0
+    elapsed_s: float = 0.0
+    batches: int = 0
+    resumed_batches: int = 0
+    labels: dict[str, int] = field(default_factory=dict)
+    quarantine_kinds: dict[str, int] = field(default_factory=dict)
+    decoders: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> batches it did
+    skipped: dict[str, int] = field(default_factory=dict)  # extension -> objects the filters left out
+
+    def add(self, result: dict[str, Any]) -> None:
+        """A batch's part-file result: its done count, clips, audio and per-key counts."""
+        setattr(self, self.DONE, getattr(self, self.DONE) + result[self.DONE])
+        self.clips += result["clips"]
+        self.audio_s += result["audio_s"]
+        tally({"labels": self.labels, "decoders": self.decoders, "nodes": self.nodes}, result)
+
+    def close(self, quarantine: list[dict[str, Any]], started: float) -> None:
+        """The run's quarantine rows are in: count them, check every input is accounted for once."""
+        self.quarantined = len(quarantine)
+        self.quarantine_kinds = dict(Counter(q["kind"] for q in quarantine))
+        assert self.inputs == getattr(self, self.DONE) + self.quarantined, asdict(self)
+        self.elapsed_s = time.perf_counter() - started
+
+    @property
+    def quarantine_rate(self) -> float:
+        return self.quarantined / self.inputs if self.inputs else 0.0
+
+    def render(self) -> str:
+        lines = [
+            *self._head(),
+            f"  inputs       {self.inputs:>8}  = {self.DONE} {getattr(self, self.DONE)} + "
+            f"quarantined {self.quarantined}",
+            *skipped_lines(self.skipped),
+            self._clips_line(),
+            audio_line(self.audio_s, self.elapsed_s, self._rated_audio_s()),
+        ]
+        if self.resumed_batches:
+            lines.append(f"  resumed      {self.resumed_batches:>8}  of {self.batches} batches were already done")
+        lines += label_lines(self.labels, self.LABEL_UNIT)
+        return "\n".join(lines + quarantine_lines(self._quarantine_uri(), self.quarantine_kinds))
+
+    def _head(self) -> list[str]:
+        raise NotImplementedError
+
+    def _clips_line(self) -> str:
+        return f"  clips        {self.clips:>8}"
+
+    def _rated_audio_s(self) -> float | None:
+        """The audio the x-realtime rate counts (None: all of it)."""
+        return None
+
+    def _quarantine_uri(self) -> URI:
+        raise NotImplementedError
 
 
 def tally(into: dict[str, dict[str, int]], result: dict[str, Any]) -> None:

@@ -104,3 +104,26 @@ def test_clip_predictions_are_the_models_on_the_images_featurize_would_make(sett
         mine = probs[[i for i, u in enumerate(uris) if u == v["uri"]]]
         assert v["clips"] == len(mine)
         np.testing.assert_allclose(v["scores"], mine.mean(0), atol=1e-5)
+
+
+def test_the_run_summary_adds_batch_results_and_accounts_for_every_input():
+    """featurize and classify share one summary type: the same sums, the same check, the same lines."""
+    from melbatch.featurize import Summary as FeaturizeSummary
+
+    s = classify.Summary(archive="s3://a", out="s3://o", model_id="m-1", config_hash="h", inputs=3, batches=2)
+    s.add({"classified": 1, "clips": 4, "audio_s": 8.0, "labels": {"x": 1}, "decoders": {"soundfile": 1},
+           "nodes": {"n1": 1}})
+    s.add({"classified": 1, "clips": 2, "audio_s": 4.0, "labels": {"x": 1}, "decoders": {"torchcodec": 1},
+           "nodes": {"n1": 1}})
+    s.close([{"kind": "empty"}], started=0.0)
+    assert (s.classified, s.clips, s.audio_s, s.quarantined, s.quarantine_rate) == (2, 6, 12.0, 1, 1 / 3)
+    assert s.labels == {"x": 2} and s.decoders == {"soundfile": 1, "torchcodec": 1} and s.nodes == {"n1": 2}
+    lines = s.render().splitlines()
+    assert lines[:3] == ["classify s3://a -> s3://o", "  model        m-1  (features h)",
+                         "  inputs              3  = classified 2 + quarantined 1"]
+    assert "  label x                   2 files" in lines and "  quarantine   s3://o/quarantine.parquet" in lines
+    f = FeaturizeSummary(src="s3://a", dst="s3://d", config_hash="h", inputs=2)
+    f.add({"featurized": 1, "clips": 3, "audio_s": 6.0, "labels": {"y": 3}})
+    with pytest.raises(AssertionError):  # an input neither done nor quarantined is a bug, not a count
+        f.close([], started=0.0)
+    assert "  inputs              2  = featurized 1 + quarantined 0" in f.render()
