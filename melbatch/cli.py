@@ -15,7 +15,7 @@ import tempfile
 import traceback
 from typing import Any
 
-from melbatch import __version__
+from melbatch import __version__, ledger
 from melbatch.config import ConfigError, FeatureConfig, build, merge
 from melbatch.console import set_verbose
 from melbatch.options import JOBS, add_dataclass_flags, given
@@ -81,43 +81,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
+    from melbatch import storage
 
-    from melbatch import ledger, storage
-
-    table = ledger.current(args.out)
-    if args.status:
-        table = table.filter(pc.equal(table.column("status"), args.status))
-    if args.format == "parquet":
-        if not args.output:
-            raise ConfigError("--format parquet needs -o/--output FILE (binary output does not go to a terminal)")
-        with storage.atomic_open(args.output) as f:
-            pq.write_table(table, f)
-        print(f"{table.num_rows} objects -> {args.output}", file=sys.stderr)
-        return 0
-    if args.format == "csv":
-        import io
-
-        buf = io.BytesIO()
-        pacsv.write_csv(table, buf)
-        text = buf.getvalue().decode()
-    elif args.format == "json":
-        text = "\n".join(json.dumps(r) for r in table.to_pylist()) + ("\n" if table.num_rows else "")
-    else:
-        rows = table.to_pylist()
-        w = max([len("uri"), *(len(r["uri"]) for r in rows)])
-        lines = [f"{'uri':<{w}}  {'status':<11}  {'label':<14}  {'prob':>5}  run"]
-        for r in rows:
-            prob = f"{r['probability']:.3f}" if r["probability"] is not None else ""
-            lines.append(f"{r['uri']:<{w}}  {r['status']:<11}  {r['label'] or '':<14}  {prob:>5}  {r['run_id']}")
-        text = "\n".join(lines) + "\n"
+    if args.format == "parquet" and not args.output:
+        raise ConfigError("--format parquet needs -o/--output FILE (binary output does not go to a terminal)")
+    table = ledger.current(args.out, args.status)
+    data = ledger.export(table, args.format)
     if args.output:
-        storage.write_bytes(args.output, text.encode())
+        storage.write_bytes(args.output, data)
         print(f"{table.num_rows} objects -> {args.output}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(data.decode())
     return 0
 
 
@@ -239,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
                        description="One row per live object of OUT (a `melbatch scan` output): the newest "
                        "committed run wins; deleted objects are left out, quarantined ones have a reason.")
     r.add_argument("out", metavar="OUT", help="a scan output")
-    r.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+    r.add_argument("--format", choices=ledger.RESULT_FORMATS, default="table",
                    help="table (default), csv, json (one object per line), parquet (needs --output)")
     r.add_argument("-o", "--output", default=None, help="write to this URI instead of stdout")
     r.add_argument("--status", choices=["classified", "quarantined"], default=None, help="only these objects")

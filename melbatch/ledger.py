@@ -9,11 +9,13 @@ storage and Parquet only, no Ray, no model.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from melbatch import URI, storage
@@ -32,6 +34,7 @@ LEDGER_SCHEMA = pa.schema([
     pa.field("attempt", pa.string()),  # where its verdict or quarantine row lives (relative to OUT)
     pa.field("model_id", pa.string()),
 ], metadata={META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode()})
+RESULT_FORMATS = ("table", "csv", "json", "parquet")
 RESULTS_SCHEMA = pa.schema([
     pa.field("uri", pa.string()), pa.field("etag", pa.string()), pa.field("size", pa.int64()),
     pa.field("status", pa.string()), pa.field("label", pa.string()), pa.field("probability", pa.float32()),
@@ -58,10 +61,11 @@ def read_ledger(out: URI, summary: dict[str, Any] | None) -> pa.Table:
         return pq.read_table(f, schema=LEDGER_SCHEMA)
 
 
-def current(out: URI) -> pa.Table:
+def current(out: URI, status: str | None = None) -> pa.Table:
     """The verdict for every live object (the newest committed run wins): one row per object that is
     not deleted, with ``uri, etag, size, status, label, probability, clips, run_id, model_id`` (label
-    and probability empty for quarantined objects, whose ``reason`` says why)."""
+    and probability empty for quarantined objects, whose ``reason`` says why); only those of ``status``
+    when given."""
     out = storage.canonical(out)
     runs = committed_runs(out)
     if not runs:
@@ -69,6 +73,8 @@ def current(out: URI) -> pa.Table:
                                    "`melbatch scan` first")
     ledger = read_ledger(out, read_summary(out, runs[-1]))
     live = ledger.filter(pc.not_equal(ledger.column("status"), "deleted"))
+    if status:
+        live = live.filter(pc.equal(live.column("status"), status))
     verdicts: dict[str, dict[str, Any]] = {}
     reasons: dict[str, str] = {}
     for attempt in sorted(set(live.column("attempt").drop_null().to_pylist())):
@@ -83,3 +89,27 @@ def current(out: URI) -> pa.Table:
                      "clips": v["clips"] if v else None, "reason": reasons.get(r["uri"]) if not v else None,
                      "run_id": r["run_id"], "model_id": r["model_id"]})
     return pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+
+
+def export(results: pa.Table, fmt: str) -> bytes:
+    """The results table (:func:`current`) as a file's bytes: ``table`` (aligned text for a terminal),
+    ``csv``, ``json`` (one object per line) or ``parquet``."""
+    if fmt == "parquet":
+        buf = io.BytesIO()
+        pq.write_table(results, buf)
+        return buf.getvalue()
+    if fmt == "csv":
+        buf = io.BytesIO()
+        pacsv.write_csv(results, buf)
+        return buf.getvalue()
+    rows = results.to_pylist()
+    if fmt == "json":
+        return ("\n".join(json.dumps(r) for r in rows) + ("\n" if rows else "")).encode()
+    if fmt != "table":
+        raise ValueError(f"format {fmt!r}: choose one of {RESULT_FORMATS}")
+    w = max([len("uri"), *(len(r["uri"]) for r in rows)])
+    lines = [f"{'uri':<{w}}  {'status':<11}  {'label':<14}  {'prob':>5}  run"]
+    for r in rows:
+        prob = f"{r['probability']:.3f}" if r["probability"] is not None else ""
+        lines.append(f"{r['uri']:<{w}}  {r['status']:<11}  {r['label'] or '':<14}  {prob:>5}  {r['run_id']}")
+    return ("\n".join(lines) + "\n").encode()
