@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
@@ -95,8 +96,6 @@ def declared_format(head: bytes) -> tuple[int, int] | None:
     """(sample rate in Hz, channels) as the header of a WAV, AIFF, AU or FLAC file declares them,
     read by melbatch itself (``None`` when the head holds no such header). Used to name a file whose
     header declares impossible values, which the decoders only call unreadable."""
-    import struct
-
     try:
         if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
             i = _chunk(head, b"fmt ", "<")
@@ -123,8 +122,6 @@ def declared_format(head: bytes) -> tuple[int, int] | None:
 
 def _chunk(head: bytes, cid: bytes, endian: str) -> int | None:
     """Where the body of chunk ``cid`` starts in a RIFF (``<``) or IFF (``>``) head, if it is there."""
-    import struct
-
     i = 12
     while i + 8 <= len(head):
         size = struct.unpack(endian + "I", head[i + 4: i + 8])[0]

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 
 from melbatch import URI, storage
@@ -244,8 +245,6 @@ def size_actors(cfg: ClassifyConfig, cpus: float, gpus: float) -> tuple[int, flo
 
 def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tuple[str, list]]) -> Any:
     """The streaming Ray Data pipeline over the work batches still to do: decode → model → write."""
-    import ray
-
     cpus = ray.cluster_resources().get("CPU", 0)
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.use_gpu and gpus < 1:

@@ -23,6 +23,8 @@ import threading
 import time
 from typing import Any
 
+from tqdm import tqdm
+
 VERBOSE_ENV = "MELBATCH_VERBOSE"
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
 
@@ -66,7 +68,7 @@ def quiet_raylet_messages() -> None:
     Ray prints them from a driver thread through ``ray._private.worker.print_to_stdstream`` and has
     no setting for it; without that function (another Ray version) nothing changes.
     """
-    import ray._private.worker as w
+    import ray._private.worker as w  # Ray loads with a job, not with `melbatch --help` (cli imports console)
 
     original = getattr(w, "print_to_stdstream", None)
     if verbose() or original is None or getattr(original, "melbatch", False):
@@ -138,7 +140,7 @@ def _restore_native_stderr() -> None:
 def ray_logs_dir() -> str | None:
     """The Ray session's log folder on this node (``None`` before Ray is up or when it is a client)."""
     try:
-        import ray._private.worker as w
+        import ray._private.worker as w  # as above: only once a job runs
 
         node = w.global_worker.node
         return node.get_logs_dir_path() if node is not None else None
@@ -159,7 +161,7 @@ class Channel:
     """
 
     def __init__(self) -> None:
-        from ray.util.queue import Queue
+        from ray.util.queue import Queue  # as above: only once a job runs
 
         self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
 
@@ -289,8 +291,6 @@ class Throttle:
 
 def progress(total: int, enabled: bool, desc: str, unit: str = "file", initial: int = 0):
     """A tqdm bar on stderr: live on a terminal, a line every 15 s in a log (ray job logs, CI, cron)."""
-    from tqdm import tqdm
-
     interactive = sys.stderr.isatty()
     return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, file=sys.stderr, initial=initial,
                 mininterval=0.5 if interactive else 15.0, dynamic_ncols=interactive, ascii=not interactive)

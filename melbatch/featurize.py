@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
+import ray
+import torch
 
 from melbatch import URI, storage
 from melbatch.audio import DecodeError, open_audio
@@ -186,8 +188,6 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
 
     Returns the batch results in batch order and the ids of batches resumed from part files.
     """
-    import ray
-
     results = {} if cfg.overwrite else read_parts(dst, {bid for bid, _ in batches})
     todo = [(bid, batch) for bid, batch in batches if bid not in results]
     resumed = set(results)
@@ -270,8 +270,6 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
     the retries in :func:`~melbatch.staging.logmels_of_object`) or anything else (e.g. DST not
     writable) fails the task and the run with its message; re-running resumes.
     """
-    import torch
-
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # one task per CPU: parallelism comes from Ray, not from intra-op threads
     cfg = FeatureConfig.from_dict(json.loads(feature_json))

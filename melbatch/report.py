@@ -109,7 +109,7 @@ def featurize_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
 
 
 def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
-    from melbatch.model import read_package_meta  # torch, which only train reports need
+    from melbatch.model import read_package_meta  # timm, which only train reports need
 
     m = json.loads(storage.read_bytes(storage.join(run, METRICS)))
     meta = read_package_meta(run)
@@ -162,7 +162,7 @@ def _started_from(meta: dict[str, Any]) -> str:
 
 def comparison_section(run: URI, baseline: URI) -> Section:
     """This train run next to another, epoch by epoch: the gain of one start over the other."""
-    from melbatch.model import read_package_meta  # torch, which only train reports need
+    from melbatch.model import read_package_meta  # timm, which only train reports need
 
     a, b = (json.loads(storage.read_bytes(storage.join(r, METRICS))) for r in (run, baseline))
     names = (f"this run ({_started_from(read_package_meta(run))})",

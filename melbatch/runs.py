@@ -13,12 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
+
+import ray
+import ray.data  # Ray Data sets up its loggers when imported: init_ray's quiet_ray_loggers finds them
 
 from melbatch import URI, __version__, console, storage
 from melbatch.audio import DecodeError
@@ -40,8 +44,6 @@ def crash_point(name: str) -> None:
     process outright (SIGKILL: no cleanup, no ``finally``), as a lost node or an OOM kill would."""
     spec = os.environ.get(CRASH_ENV, "")
     if spec == f"kill:{name}":
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
     if spec == name:
         raise RuntimeError(f"injected crash at {name} ({CRASH_ENV}={spec})")
@@ -49,15 +51,11 @@ def crash_point(name: str) -> None:
 
 def init_ray(address: str | None) -> None:
     """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local Ray; once per process."""
-    import ray
-
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a submitted Ray job: its runtime env applies already
         env = {}
-    import ray.data  # Ray Data sets up its loggers when imported: quiet_ray_loggers below finds them
-
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=console.verbose(),
              logging_level="INFO" if console.verbose() else "WARNING", configure_logging=True)
     console.quiet_ray_loggers()
@@ -92,8 +90,6 @@ def stopped_by_storage(stage: str, e: BaseException, done: int, total: int) -> B
 
 def this_node() -> str:
     """The id of the Ray node running this code ("local" outside Ray): outputs record where work ran."""
-    import ray
-
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 

@@ -12,7 +12,9 @@ would. ``bad=True`` adds one object of every bad-input kind melbatch quarantines
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -151,8 +153,6 @@ def write_bad_files(dst: URI, label: str, rng: np.random.Generator) -> list[Samp
 
 def _wav_bytes(pcm: bytes, rate: int = 16_000, channels: int = 1, bits: int = 16, data_len: int | None = None) -> bytes:
     """A PCM WAV whose header fields are taken as given, however absurd (0 Hz, 65535 channels, 4 GB data)."""
-    import struct
-
     block = channels * bits // 8
     size = len(pcm) if data_len is None else data_len
     return (b"RIFF" + struct.pack("<I", min(36 + size, 0xFFFFFFFF)) + b"WAVE" + b"fmt " +
@@ -161,14 +161,10 @@ def _wav_bytes(pcm: bytes, rate: int = 16_000, channels: int = 1, bits: int = 16
 
 
 def _au_bytes(pcm_be: bytes, rate: int, channels: int) -> bytes:
-    import struct
-
     return b".snd" + struct.pack(">IIIII", 24, len(pcm_be), 3, rate, channels) + pcm_be
 
 
 def _aiff_zero_rate(pcm_be: bytes) -> bytes:
-    import struct
-
     comm = struct.pack(">hIh", 1, len(pcm_be) // 2, 16) + bytes(10)  # 80-bit rate of 0
     ssnd = struct.pack(">II", 0, 0) + pcm_be
     body = b"AIFF" + b"COMM" + struct.pack(">I", len(comm)) + comm + b"SSND" + struct.pack(">I", len(ssnd)) + ssnd
@@ -283,8 +279,6 @@ def write_bad_corpus(dst: URI, label: str = "bad", seed: int = 0) -> list[Sample
 def write_sparse_files(folder: str, gigabytes: float = 3.0) -> list[SampleFile]:
     """Multi-GB objects that take no disk (sparse files, local folders only): zeros named .wav, a FLAC
     magic before a hole, and a real 3 s recording with a hole after its declared data."""
-    import os
-
     size = int(gigabytes * 2**30)
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(3 * 16_000) / 16_000)).astype(np.float32)
     spec = [("sparse zeros.wav", b"", "not_audio"), ("sparse after flac magic.flac", b"fLaC", "bad_header"),

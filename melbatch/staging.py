@@ -82,8 +82,6 @@ class StagedClips:
         return self._n
 
     def __iter__(self) -> Iterator[tuple[Clip, np.ndarray]]:
-        import pickle
-
         if self._filling is not None:
             self._seal()
         for block in self._blocks:

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fnmatch
 import functools
+import http.client
 import io
 import os
 import posixpath
@@ -23,11 +24,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from melbatch import URI
 
@@ -107,8 +110,6 @@ _PERMANENT_ERRNOS = {errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE, errno.EPE
 
 @functools.cache
 def _transient_types() -> tuple[type[BaseException], ...]:
-    import http.client
-
     types: list[type[BaseException]] = [OSError, http.client.HTTPException]
     for module, name in (("aiohttp", "ClientError"), ("botocore.exceptions", "BotoCoreError"),
                          ("botocore.exceptions", "ClientError")):
@@ -209,8 +210,6 @@ def arrow_filesystem(uri: URI) -> tuple[Any, str]:
     Local paths get ``None`` (pyarrow's own local filesystem); anything else is this module's fsspec
     filesystem wrapped for pyarrow, so endpoints and credentials resolve exactly as everywhere else.
     """
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
         return None, path
@@ -300,8 +299,6 @@ def find_parallel(fs: fsspec.AbstractFileSystem, root: str, parallel: int = LIST
     recursively (paginated, 1,000 keys a request) on a thread of its own. An archive laid out by
     date or device (``2026/11/24/…``) thus lists as fast as ``parallel`` listings in a row.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     if isinstance(fs, LocalFileSystem) or parallel <= 1:
         return fs.find(root, detail=True)
     found: dict[str, dict] = {}

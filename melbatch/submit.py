@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import yaml
+from ray.job_submission import JobSubmissionClient
 
 from melbatch.config import ConfigError
 from melbatch.options import parse_job
@@ -67,8 +68,6 @@ def runtime_env(working_dir: str, extra: str | None = None) -> dict[str, Any]:
 def submit(job: str, args: list[str], address: str | None, working_dir: str = ".", extra_env: str | None = None,
            submission_id: str | None = None, wait: bool = True, out: Any = None) -> int:
     """Submit ``melbatch <job> ARGS`` as a Ray job; with ``wait``, stream its logs and return its exit status."""
-    from ray.job_submission import JobSubmissionClient
-
     out = out or sys.stdout
 
     check_args(job, args)

