@@ -246,10 +246,10 @@ class EpochTable:
                 bar.set_postfix_str(f"loss {event['loss']:.3f}  {event['samples_per_s']:.0f} samples/s",
                                     refresh=False)
                 if event.get("final"):  # the epoch's step count, drawn now (a log gets its 100% line)
-                    bar.total = event["step"]
-                bar.update(max(0, min(event["step"], bar.total) - bar.n))  # redraws at most every mininterval
-                if event.get("final"):
+                    bar.total = bar.n = event["step"]
                     bar.refresh()
+                else:
+                    bar.update(max(0, min(event["step"], bar.total) - bar.n))  # redraws at most every mininterval
         elif kind == "epoch":
             row = event["row"]
             self._close_bar()
