@@ -31,6 +31,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -85,6 +86,9 @@ DECODE_WORKER_BYTES = 400e6
 # Images travel from the decoders to the model in chunks of at most this many bytes (about 10 minutes
 # of audio at the default features), so a batch of any length of audio passes in bounded memory.
 CHUNK_BYTES = 16 * 2**20
+# The driver finishes batches (two small writes each) in this many threads: on object storage a write
+# takes tens of ms, and a big cluster delivers many batches a second.
+FINISHERS = 8
 AGGREGATION = "mean of clip probabilities per label; the highest mean is the file's label and probability"
 
 
@@ -188,16 +192,26 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     if todo:
         init_ray(cfg.address)
         chunks: dict[str, list[dict[str, Any]]] = {}  # a batch's chunks, until all are in
-        try:
-            for chunk in pipeline(cfg, meta, out, todo).iter_rows():
-                parts = chunks.setdefault(chunk["batch"], [])
-                parts.append(chunk)
-                if not _complete(parts):
-                    continue
-                r = finish_batch(out, chunk["batch"], chunks.pop(chunk["batch"]), meta)
+        finishing: set[Future] = set()
+
+        def collect(done: set[Future]) -> None:
+            for f in done:
+                r = f.result()
                 results[r["batch"]] = r
                 bar.update(r["classified"] + len(r["quarantine"]))
                 crash_point("classify:batch")
+
+        try:
+            with ThreadPoolExecutor(FINISHERS) as pool:
+                for chunk in pipeline(cfg, meta, out, todo).iter_rows():
+                    parts = chunks.setdefault(chunk["batch"], [])
+                    parts.append(chunk)
+                    if _complete(parts):
+                        finishing.add(pool.submit(finish_batch, out, chunk["batch"], chunks.pop(chunk["batch"]), meta))
+                    done = {f for f in finishing if f.done()}
+                    finishing -= done
+                    collect(done)
+                collect(finishing)  # waits for the last ones
         except Exception as e:
             raise stopped_by_storage("classify", e, len(results), len(batches)) from None
     bar.close()
