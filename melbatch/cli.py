@@ -16,7 +16,7 @@ import traceback
 from typing import Any
 
 from melbatch import __version__, ledger
-from melbatch.config import ConfigError, FeatureConfig, build, merge
+from melbatch.config import ConfigError, FeatureConfig
 from melbatch.console import set_verbose
 from melbatch.options import JOBS, add_dataclass_flags, given
 
@@ -99,32 +99,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     from melbatch import pictures
     from melbatch.model import ModelError, read_package_meta
 
-    if args.shards and args.predictions:
-        raise ConfigError("give --shards or --predictions, not both")
+    base: dict[str, Any] = {}
+    if args.model and args.uris and not (args.shards or args.predictions):
+        try:
+            base = read_package_meta(args.model)["feature_config"]
+        except ModelError as e:
+            raise ConfigError(f"--model: {e}") from None
     try:
-        if args.shards:
-            cfg, panels = pictures.shard_panels(args.shards, args.uris or None, per_file=args.clips)
-        elif args.predictions:
-            cfg, panels = pictures.prediction_panels(args.predictions, args.uris or None, per_file=args.clips)
-        else:
-            if not args.uris:
-                raise ConfigError("give audio URIs to show, or --shards FEATURES / --predictions OUT")
-            base: dict[str, Any] = {}
-            if args.model:
-                try:
-                    base = read_package_meta(args.model)["feature_config"]
-                except ModelError as e:
-                    raise ConfigError(f"--model: {e}") from None
-            cfg = build(FeatureConfig, merge(base, given(args, FeatureConfig)), "features")
-            panels = [pictures.audio_panel(u, cfg, args.start, args.seconds or None) for u in args.uris]
-        flags = given(args, FeatureConfig)
-        if flags and (args.shards or args.predictions):  # try other features on the stored/classified clips
-            if flags.get("sample_rate_hz", cfg.sample_rate_hz) != cfg.sample_rate_hz:
-                raise ConfigError(f"these clips are at {cfg.sample_rate_hz} Hz: --sample-rate-hz cannot change")
-            cfg = build(FeatureConfig, merge(cfg.to_dict(), flags), "features")
-            panels = pictures.restyle(panels, cfg)
-        if args.compare:
-            panels = pictures.before_after(panels, cfg)
+        cfg, panels = pictures.sheet(args.uris, given(args, FeatureConfig), args.shards, args.predictions, base,
+                                     per_file=args.clips, start_s=args.start, seconds=args.seconds or None,
+                                     compare=args.compare)
     except ConfigError:
         raise
     except ValueError as e:  # what cannot be pictured (no steps to compare, no stored waveform, ...)

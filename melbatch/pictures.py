@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +21,7 @@ import torch
 
 from melbatch import URI, storage
 from melbatch.audio import DecodeError, decode_all
-from melbatch.config import FeatureConfig
+from melbatch.config import ConfigError, FeatureConfig, build, merge
 from melbatch.features import logmel_tensor
 from melbatch.shards import audio_array, mel_array, open_dataset, read_manifest, read_tables, shard_uris
 
@@ -45,6 +46,31 @@ class Rendered:
     width: int
     height: int
     spectrogram_boxes: list[tuple[int, int, int, int]]  # (left, top, right, bottom) per panel
+
+
+def sheet(uris: list[URI], flags: dict[str, Any], shards: URI | None = None, predictions: URI | None = None,
+          base: dict[str, Any] | None = None, per_file: int = 1, start_s: float = 0.0, seconds: float | None = 10.0,
+          compare: bool = False) -> tuple[FeatureConfig, list[Panel]]:
+    """What ``melbatch show`` draws: audio files (features: ``base``, e.g. a package's, under the
+    feature ``flags`` given), or the stored clips of a featurize output (``shards``) or a classify
+    output (``predictions``), optionally restyled with other feature ``flags``; with ``compare``
+    each panel before and after the feature-engineering steps."""
+    if shards and predictions:
+        raise ConfigError("give --shards or --predictions, not both")
+    if shards or predictions:
+        pick = shard_panels if shards else prediction_panels
+        cfg, panels = pick(shards or predictions, uris or None, per_file=per_file)
+        if flags:  # try other features on the stored/classified clips
+            if flags.get("sample_rate_hz", cfg.sample_rate_hz) != cfg.sample_rate_hz:
+                raise ConfigError(f"these clips are at {cfg.sample_rate_hz} Hz: --sample-rate-hz cannot change")
+            cfg = build(FeatureConfig, merge(cfg.to_dict(), flags), "features")
+            panels = restyle(panels, cfg)
+    else:
+        if not uris:
+            raise ConfigError("give audio URIs to show, or --shards FEATURES / --predictions OUT")
+        cfg = build(FeatureConfig, merge(base or {}, flags), "features")
+        panels = [audio_panel(u, cfg, start_s, seconds) for u in uris]
+    return cfg, before_after(panels, cfg) if compare else panels
 
 
 def audio_panel(uri: URI, cfg: FeatureConfig, start_s: float = 0.0, seconds: float | None = 10.0,
