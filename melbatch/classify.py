@@ -273,8 +273,10 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=cfg.inflight_mb * 1e6)
     features_json = FeatureConfig.from_dict(meta["feature_config"]).canonical_json()
-    work = work_table(todo)
-    ds = ray.data.from_arrow([work.slice(i, 1) for i in range(work.num_rows)])  # a work batch per block
+    # a work batch per block; from_items, not from_arrow of one-row tables: measured 15% faster end to end
+    # (bench/classify.py's decode-bound setting: 160 x 30 s, test_resnet, 4 files per batch)
+    rows = work_table(todo).to_pylist()
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     # A decode task's worker holds torch (~350 MB measured) and one work batch's images (at most about
     # 4x its input bytes). Saying so also keeps Ray Data from fusing decoding into the model actors (it
     # fuses stages with equal resource requests), which would decode on the actors' CPUs one batch at a
