@@ -19,12 +19,18 @@ Memory (``test_resnet``, so decoding is the bottleneck and input piles up if any
 proportional set size (PSS: shared pages counted once) of the driver and every Ray process, and
 peak object store use, sampled every 0.5 s, on an archive and one ``--scale`` times larger.
 Target: flat within ±15%.
+
+With ``--use-gpu`` the model actor and the bare model loop run on the GPU (bfloat16 autocast), and
+the GPU's utilisation is sampled during the classify runs (needs ``pynvml``, from nvidia-ml-py).
+Then the bare featurize row is per core, and classify is also compared with it times the CPUs
+left for decoding: on a GPU the CPUs are what limits. ``--memory-files 0`` skips the memory part.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import subprocess
 import sys
 import tempfile
@@ -37,15 +43,19 @@ import torch
 
 from melbatch import audio, classify, features, model, samples, storage
 from melbatch.config import ClassifyConfig, FeatureConfig
+from melbatch.shards import read_tables
 
 
-def make_archive(root: Path, n: int, seconds: float, sr: int) -> float:
-    """``n`` engine recordings (two labels); returns the seconds of audio written."""
-    rng = np.random.default_rng(0)
+def make_archive(root: Path, n: int, seconds: float, sr: int, unique: int = 0) -> float:
+    """``n`` engine recordings (two labels), the first ``unique`` of them copied round when ``unique``
+    > 0 (a big archive written in seconds); returns the seconds of audio written."""
+    rng, made = np.random.default_rng(0), []
     for i in range(n):
         label = ("healthy", "faulty")[i % 2]
-        x = samples.engine_sound(rng, seconds, sr, label == "faulty")
-        storage.write_bytes(str(root / label / f"{label}_{i:05d}.wav"), samples.encode(x, sr, samples.FORMATS[0]))
+        if unique <= 0 or i < unique:
+            made.append(samples.encode(samples.engine_sound(rng, seconds, sr, label == "faulty"), sr,
+                                       samples.FORMATS[0]))
+        storage.write_bytes(str(root / label / f"{label}_{i:05d}.wav"), made[-1] if unique <= 0 else made[i % unique])
     return n * seconds
 
 
@@ -56,9 +66,10 @@ def make_package(out: Path, name: str, cfg: FeatureConfig) -> None:
                                        "normalization": {"kind": "dataset", "mean": -40.0, "std": 20.0}})
 
 
-def bare_featurize(root: Path, cfg: FeatureConfig) -> tuple[float, np.ndarray]:
-    """(× realtime, all images) of decode + log-mel in this process, on bytes already in memory."""
-    blobs = [p.read_bytes() for p in sorted(root.rglob("*.wav"))]
+def bare_featurize(root: Path, cfg: FeatureConfig, limit: int | None = None) -> tuple[float, np.ndarray]:
+    """(× realtime, all images) of decode + log-mel in this process, on bytes already in memory
+    (of the first ``limit`` files when given)."""
+    blobs = [p.read_bytes() for p in sorted(root.rglob("*.wav"))[:limit]]
     torch.set_num_threads(1)
     t0, mels, seconds = time.perf_counter(), [], 0.0
     import io
@@ -70,17 +81,20 @@ def bare_featurize(root: Path, cfg: FeatureConfig) -> tuple[float, np.ndarray]:
     return seconds / (time.perf_counter() - t0), np.stack(mels)
 
 
-def bare_model(mels: np.ndarray, name: str, cfg: FeatureConfig, batch_size: int, threads: int) -> float:
-    """× realtime of the forward pass alone over images in memory (best of 2 passes)."""
-    net = model.create_model(name, 2, cfg.shape, pretrained=False).eval()
+def bare_model(mels: np.ndarray, name: str, cfg: FeatureConfig, batch_size: int, threads: int,
+               device: str = "cpu") -> float:
+    """× realtime of the forward pass alone over images in memory (best of 2 passes; on a GPU the
+    images are copied in per batch, under bfloat16 autocast, as classify's actor does)."""
+    net = model.create_model(name, 2, cfg.shape, pretrained=False).to(device).eval()
     torch.set_num_threads(threads)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
     best = float("inf")
-    with torch.inference_mode():
-        for _ in range(2):
+    with torch.inference_mode(), autocast:
+        for _ in range(3 if device == "cuda" else 2):  # a GPU's first pass also tunes its kernels
             t0 = time.perf_counter()
             for s in range(0, len(mels), batch_size):
-                x = torch.from_numpy(mels[s: s + batch_size].astype(np.float32)).unsqueeze(1)
-                torch.softmax(net((x + 40.0) / 20.0), 1)
+                x = torch.from_numpy(mels[s: s + batch_size].astype(np.float32)).unsqueeze(1).to(device)
+                torch.softmax(net((x + 40.0) / 20.0).float(), 1).cpu()
             best = min(best, time.perf_counter() - t0)
     return len(mels) * cfg.clip_s / best
 
@@ -90,8 +104,35 @@ def busy_decoder(root: Path, cfg: FeatureConfig) -> subprocess.Popen:
     decode tasks put beside its model actor (on small machines the cores share caches and bandwidth)."""
     code = ("import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import classify as b; "
             "from melbatch.config import FeatureConfig\n"
-            f"while True: b.bare_featurize(Path({str(root)!r}), FeatureConfig())")
+            f"while True: b.bare_featurize(Path({str(root)!r}), FeatureConfig(), 96)")
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class GpuSampler:
+    """Mean GPU utilisation (%, as nvidia-smi reports it) sampled every 0.2 s; ``None`` without pynvml."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):  # no pynvml / no NVML: no samples
+                self.samples.append(torch.cuda.utilization())
+            time.sleep(0.2)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+    def __enter__(self) -> GpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class MemorySampler:
@@ -128,15 +169,17 @@ class MemorySampler:
 
 
 def run_classify(archive: Path, pkg: Path, out: Path, batch_size: int, cpus: int, files_per_task: int = 32,
-                 sample_memory: bool = False, inflight_mb: float = 512.0) -> tuple[float, float, MemorySampler | None]:
+                 sample_memory: bool = False, inflight_mb: float = 512.0, use_gpu: bool = False,
+                 keep_embeddings: bool = False) -> tuple[float, float, MemorySampler | None]:
     """(× realtime, seconds, memory peaks) of one whole ``classify.run``.
 
     Sampling PSS reads every process's page map and costs a good part of a CPU, so throughput runs
     do not sample.
     """
     cfg = ClassifyConfig(archive=str(archive), model=str(pkg), out=str(out), batch_size=batch_size,
-                         cpus_per_actor=max(0.5, cpus - 1.0) if cpus > 1 else 0.5, overwrite=True,
-                         max_quarantine_rate=1.0, files_per_task=files_per_task, inflight_mb=inflight_mb)
+                         cpus_per_actor=1.0 if use_gpu else max(0.5, cpus - 1.0) if cpus > 1 else 0.5,
+                         overwrite=True, max_quarantine_rate=1.0, files_per_task=files_per_task,
+                         inflight_mb=inflight_mb, use_gpu=use_gpu, keep_embeddings=keep_embeddings)
     mem = MemorySampler() if sample_memory else None
     with mem or contextlib.nullcontext():
         t0 = time.perf_counter()
@@ -149,10 +192,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=96, help="files in the throughput archive")
     p.add_argument("--seconds", type=float, default=30.0, help="length of each file")
+    p.add_argument("--unique", type=int, default=0,
+                   help="write only this many different recordings and copy them round (0: all different)")
+    p.add_argument("--bare-files", type=int, default=96, help="files the bare loops run over (the first ones)")
     p.add_argument("--model", default="resnet18", help="timm model for the throughput rows")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--memory-files", type=int, default=40, help="files in the small memory archive")
+    p.add_argument("--use-gpu", action="store_true", help="the model actor and the bare model loop on the GPU")
+    p.add_argument("--memory-files", type=int, default=40, help="files in the small memory archive (0: skip)")
     p.add_argument("--scale", type=int, default=10, help="the large memory archive has this many times more")
     p.add_argument("--memory-inflight-mb", type=float, default=16.0,
                    help="classify --inflight-mb for the memory runs: below the small archive's images, so both "
@@ -165,37 +212,59 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="melbatch-bench-classify-"))
     cfg = FeatureConfig()
-    audio_s = make_archive(root / "archive", args.files, args.seconds, cfg.sample_rate_hz)
+    audio_s = make_archive(root / "archive", args.files, args.seconds, cfg.sample_rate_hz, args.unique)
     make_package(root / "pkg", args.model, cfg)
     make_package(root / "pkg-tiny", "test_resnet", cfg)
-    threads = max(1, args.cpus - 1)
-    feat_rt, mels = bare_featurize(root / "archive", cfg)
-    model_rt = bare_model(mels, args.model, cfg, args.batch_size, threads)
+    threads, device = max(1, args.cpus - 1), "cuda" if args.use_gpu else "cpu"
+    feat_rt, mels = bare_featurize(root / "archive", cfg, args.bare_files)
+    model_rt = bare_model(mels, args.model, cfg, args.batch_size, threads, device)
     busy = busy_decoder(root / "archive", cfg)
     try:
         time.sleep(3)
-        busy_rt = bare_model(mels, args.model, cfg, args.batch_size, threads)
+        busy_rt = bare_model(mels, args.model, cfg, args.batch_size, threads, device)
     finally:
         busy.kill()
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    run = functools.partial(run_classify, batch_size=args.batch_size, cpus=args.cpus, use_gpu=args.use_gpu)
     make_archive(root / "warm", 2, 5.0, cfg.sample_rate_hz)
-    run_classify(root / "warm", root / "pkg", root / "out-warm", args.batch_size, args.cpus)
-    fixed = min(run_classify(root / "warm", root / "pkg", root / f"out-warm{i}", args.batch_size, args.cpus)[1]
-                for i in range(2))
-    best = max(run_classify(root / "archive", root / "pkg", root / f"out-{i}", args.batch_size, args.cpus)[0]
-               for i in range(2))
+    run(root / "warm", root / "pkg", root / "out-warm")
+    fixed = min(run(root / "warm", root / "pkg", root / f"out-warm{i}")[1] for i in range(2))
+    with GpuSampler() if args.use_gpu else contextlib.nullcontext() as gpu:
+        best_s = min(run(root / "archive", root / "pkg", root / f"out-{i}")[1] for i in range(2))
+    best = audio_s / best_s
+    emb_s = run(root / "archive", root / "pkg", root / "out-emb", keep_embeddings=True)[1]
+
+    def clip_bytes(out: Path) -> float:
+        return sum(f.stat().st_size for f in (out / "clips").glob("*.parquet"))
     slower = min(feat_rt, model_rt)
     print(f"\n{args.files} x {args.seconds:g} s of 16 kHz WAV ({audio_s / 3600:.2f} h), model {args.model}, "
-          f"batch {args.batch_size}, {args.cpus} CPU(s)")
+          f"batch {args.batch_size}, {args.cpus} CPU(s){', model on ' + torch.cuda.get_device_name() if gpu else ''}")
     print(f"{'pipeline':<40}{'x realtime':>12}")
     print(f"{'melbatch classify (Ray Data, end to end)':<40}{best:>12,.0f}")
+    print(f"{'melbatch classify less its fixed cost':<40}{audio_s / max(1e-9, best_s - fixed):>12,.0f}")
     print(f"{'bare featurize (1 process)':<40}{feat_rt:>12,.0f}")
-    print(f"{f'bare model loop ({threads} thread(s))':<40}{model_rt:>12,.0f}")
+    print(f"{f'bare model loop ({device}, {threads} thread(s))':<40}{model_rt:>12,.0f}")
     print(f"{'bare model loop, decoding beside it':<40}{busy_rt:>12,.0f}")
     print(f"classify / slower bare loop: {best / slower:.0%}  (target >= 80%)")
     print(f"classify / bare model loop with the same decode load beside it: {best / busy_rt:.0%}")
+    if gpu:
+        decoders = args.cpus - 1  # the model actor keeps one CPU
+        steady = audio_s / max(1e-9, best_s - fixed)
+        print(f"classify less its fixed cost / (bare featurize x {decoders} decoding CPUs): "
+              f"{steady / (feat_rt * decoders):.0%}; "
+              f"GPU utilisation during classify: "
+              f"{'n/a (no pynvml)' if gpu.mean is None else f'{gpu.mean:.0f}% mean of {len(gpu.samples)} samples'}")
+        print(f"CPU cores that would keep this GPU's bare model loop busy: {model_rt / feat_rt:.0f} "
+              f"(bare model loop / bare featurize per core)")
     print(f"fixed cost of a run (2 files of 5 s: model actor start, listing, manifest): {fixed:.1f} s")
+    clips = max(1, read_tables(str(root / "out-0"), "clips").num_rows)
+    plain_b, emb_b = clip_bytes(root / "out-0"), clip_bytes(root / "out-emb")
+    print(f"with --keep-embeddings: {audio_s / emb_s:,.0f} x realtime ({best_s / emb_s:.0%} of the speed without); "
+          f"clips/ {emb_b / clips:,.0f} bytes per clip vs {plain_b / clips:,.0f} without ({emb_b / plain_b:.0f}x; "
+          f"{emb_b / (audio_s / 3600) / 1e6:,.1f} MB per hour of audio)")
+    if args.memory_files <= 0:
+        return
 
     rows = []
     for n in (args.memory_files, args.memory_files * args.scale):

@@ -9,22 +9,25 @@ warm-up are excluded) for
   bare loop        one process, the same shards already decoded in memory as one tensor, the same
                    model, batch size and augmentations, a plain forward/backward/step loop
 Target (issue #3): melbatch >= 90% of the bare loop. With --weights, also validation accuracy per
-epoch for ImageNet init vs random init on the same data and budget.
+epoch for ImageNet init vs random init on the same data and budget. With --use-gpu both loops run on
+the GPU (bfloat16 autocast, as train --use-gpu).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from melbatch import augment, featurize, samples, shards, train
+from melbatch import augment, featurize, samples, shards, storage, train
 from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig
 from melbatch.features import logmel_tensor
 from melbatch.model import create_model
+from melbatch.shards import TRAIN_CONFIG
 
 
 def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
@@ -33,22 +36,24 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
     It does the same work per batch as melbatch's workers: with ``cfg.wave_augment`` it augments
     the stored waveforms and recomputes their images, otherwise it uses the stored images.
     """
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp)
     rows = list(shards.iter_clips(feat))
     features = FeatureConfig.from_dict(shards.read_manifest(feat)["feature_config"])
     labels = sorted({r["label"] for r in rows})
-    x_all = torch.from_numpy(np.stack([r["mel"] for r in rows]).astype(np.float32)).unsqueeze(1)
+    x_all = torch.from_numpy(np.stack([r["mel"] for r in rows]).astype(np.float32)).unsqueeze(1).to(device)
     mean, std = x_all.mean(), x_all.std()
-    wave = torch.from_numpy(np.stack([r["audio"] for r in rows])) if cfg.wave_augment else None
+    wave = torch.from_numpy(np.stack([r["audio"] for r in rows])).to(device) if cfg.wave_augment else None
     aug = augment.WaveAugment.of(cfg, features.sample_rate_hz)
-    y_all = torch.tensor([labels.index(r["label"]) for r in rows])
-    model = create_model(cfg.model, len(labels), features.shape, pretrained=False)
+    y_all = torch.tensor([labels.index(r["label"]) for r in rows], device=device)
+    model = create_model(cfg.model, len(labels), features.shape, pretrained=False).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
     shift = round(cfg.time_shift_frac * x_all.shape[-1])
     best = 0.0
     for _ in range(epochs):
         t0, seen = time.perf_counter(), 0
-        for idx in torch.randperm(len(y_all), generator=gen).split(cfg.batch_size):
+        for idx in torch.randperm(len(y_all), generator=gen).to(device).split(cfg.batch_size):
             if wave is not None:
                 with torch.no_grad():
                     x = logmel_tensor(augment.augment_waveforms(wave[idx], aug, None, gen), features).unsqueeze(1)
@@ -58,11 +63,15 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
             x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, gen)
             t = augment.soft_targets(y_all[idx], len(labels), cfg.label_smoothing)
             x, t = augment.mixup(x, t, cfg.mixup_alpha, gen)
-            loss = -(t * torch.log_softmax(model(x), 1)).sum(1).mean()
+            with autocast:
+                logits = model(x)
+            loss = -(t * torch.log_softmax(logits.float(), 1)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             seen += len(idx)
+        if cfg.use_gpu:
+            torch.cuda.synchronize()
         best = max(best, seen / (time.perf_counter() - t0))
     return best
 
@@ -75,6 +84,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--weights", default=None, help="ImageNet weights file for the transfer-gain table")
+    p.add_argument("--use-gpu", action="store_true", help="both loops on the GPU (bfloat16 autocast)")
     p.add_argument("--no-wave-augment", dest="wave_augment", action="store_false",
                    help="both loops use the stored images instead of augmenting waveforms")
     args = p.parse_args()
@@ -90,15 +100,20 @@ def main() -> None:
     # one worker gets the machine but one CPU, which Ray Data keeps for reading (the bare loop gets the same)
     base = dict(shards=f"{root}/features", model=args.model, pretrained=False, epochs=args.epochs,
                 batch_size=args.batch_size, workers=1, cpus_per_worker=max(0.5, args.cpus - 1.0), max_failures=0,
-                wave_augment=args.wave_augment)
+                wave_augment=args.wave_augment, use_gpu=args.use_gpu)
     torch.set_num_threads(max(1, int(args.cpus - 1)))
     m = train.run(TrainConfig(out=f"{root}/out-ray", **base))
     ray_sps = max(e["samples_per_s"] for e in m["epochs"][1:] or m["epochs"])
     ray.shutdown()
-    bare_sps = bare_loop(f"{root}/features", TrainConfig(out=f"{root}/unused", **base), args.epochs)
+    # the same batch as melbatch's workers took (on little data the budget lowers --batch-size)
+    batch = json.loads(storage.read_bytes(f"{root}/out-ray/{TRAIN_CONFIG}"))["budget"]["batch_size"]
+    bare_sps = bare_loop(f"{root}/features", TrainConfig(out=f"{root}/unused", **{**base, "batch_size": batch}),
+                         args.epochs)
 
-    print(f"\n{n_clips} clips of {features.shape[0]}x{features.shape[1]}, model {args.model}, batch "
-          f"{args.batch_size}, {args.cpus} CPU(s), waveform augmentation {'on' if args.wave_augment else 'off'}")
+    device = f", {torch.cuda.get_device_name()}" if args.use_gpu else ""
+    print(f"\n{n_clips} clips of {features.shape[0]}x{features.shape[1]}, model {args.model}, batch {batch} (of "
+          f"--batch-size {args.batch_size}), {args.cpus} CPU(s){device}, waveform augmentation "
+          f"{'on' if args.wave_augment else 'off'}")
     print(f"{'loop':<34}{'samples/s':>12}")
     print(f"{'melbatch train (Ray Train + Data)':<34}{ray_sps:>12.1f}")
     print(f"{'bare PyTorch loop (in memory)':<34}{bare_sps:>12.1f}")
