@@ -449,7 +449,7 @@ class Predictor:
         dim = 0
         if emb is not None:
             dim = emb.shape[1]
-            cols["embedding"] = emb.tolist()
+            cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float32).ravel()), dim)
         return pa.Table.from_pydict(cols, schema=clip_prediction_schema(self.k, dim))
 
 

@@ -16,7 +16,7 @@ import traceback
 from typing import Any
 
 from melbatch import __version__, ledger
-from melbatch.config import ConfigError, FeatureConfig
+from melbatch.config import ConfigError, FeatureConfig, ReviewConfig, SimilarConfig, build
 from melbatch.console import set_verbose
 from melbatch.options import JOBS, add_dataclass_flags, given
 
@@ -127,6 +127,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     except report.ReportError as e:
         raise ConfigError(str(e)) from None
     print(f"wrote the {kind} report of {args.run} to {uri} (self-contained HTML: open it in a browser)")
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from melbatch import review
+
+    summary = review.run(build(ReviewConfig, {"out": args.out, **given(args, ReviewConfig)}, "review"))
+    print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else summary.render())
+    return 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from melbatch import similar
+
+    cfg = build(SimilarConfig, {"out": args.out, "query": args.query, **given(args, SimilarConfig)}, "similar")
+    described, matches, sheet = similar.run(cfg)
+    if args.json:
+        print(json.dumps({"query": described, "matches": [dataclasses.asdict(m) for m in matches]}, indent=2))
+    else:
+        print(similar.render_table(described, matches))
+    if sheet:
+        print(f"wrote {sheet.uri} ({sheet.width}x{sheet.height}: the query and {len(matches)} neighbour(s))",
+              file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -242,6 +265,32 @@ def parser() -> argparse.ArgumentParser:
                    help="for a train OUT: another train OUT to compare with, epoch by epoch (e.g. the same run "
                         "from random init)")
     o.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("review", help="the clips a person should check: a page to look and listen, labels.csv for "
+                       "the answers",
+                       description="From a classify or scan OUT, choose the clips most worth a person's time "
+                       "(--strategy), and write OUT/review/index.html (self-contained: each clip's spectrogram, "
+                       "an audio player for the clip, its top predictions and where it sits in its file; a box "
+                       "per clip for the true label and a button that saves labels.csv) and "
+                       "OUT/review/labels.csv (uri,clip_index,start_s,end_s,predicted,probability,label with the "
+                       "label column empty). Train on the answers with `melbatch train SHARDS OUT --extra-labels "
+                       "labels.csv`. Reads each chosen clip's audio again from the archive; no Ray.")
+    v.add_argument("out", metavar="OUT", help="a classify or scan output")
+    v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_dataclass_flags(v, ReviewConfig, "review")
+    v.set_defaults(func=cmd_review)
+
+    q = sub.add_parser("similar", help="search an archive by sound: the clips nearest a query (embeddings)",
+                       description="List the clips of OUT (a classify or scan output made with --keep-embeddings) "
+                       "that sound most like QUERY, by the cosine similarity of the model's embeddings. QUERY is "
+                       "an audio object (any URI and format: cut and imaged with the model package's features, "
+                       "its clips' embeddings averaged) or a clip of OUT written URI#CLIP_INDEX. Streams the clip "
+                       "files (memory stays flat however big the archive); no Ray.")
+    q.add_argument("out", metavar="OUT", help="a classify or scan output with embeddings")
+    q.add_argument("query", metavar="QUERY", help="an audio URI, or URI#CLIP_INDEX of a clip in OUT")
+    q.add_argument("--json", action="store_true", help="print the matches as JSON")
+    add_dataclass_flags(q, SimilarConfig, "search")
+    q.set_defaults(func=cmd_similar)
 
     j = sub.add_parser("submit", help="run a melbatch job on a Ray cluster (Ray Job Submission), following its logs",
                        description="Check JOB's arguments here (a wrong config fails before anything is sent), then "

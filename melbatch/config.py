@@ -433,6 +433,10 @@ class TrainConfig:
     seed: int = flag(0, "seed for the split, initialisation, shuffling and augmentation")
     val_fraction: float = flag(0.2, "fraction of each label's files held out for validation (whole files, never clips)")
     split_manifest: URI | None = flag(None, "CSV with uri,split (train/val) that decides the split instead")
+    extra_labels: URI | None = flag(None,
+        "a reviewed labels.csv of `melbatch review` (label column filled): the reviewer's labels win for those "
+        "clips of training files, clips of files outside SHARDS are read from the archive and added to training, "
+        "answers for validation files are left out (so the held-out accuracy stays comparable)")
     lr: float = flag(1e-3, "peak learning rate (AdamW) of the new head")
     backbone_lr_scale: float = flag(1.0, "the pretrained backbone learns at lr x this (1 = the same rate)")
     weight_decay: float = flag(0.05, "AdamW weight decay (not on biases and norms)")
@@ -534,7 +538,8 @@ class ClassifyConfig:
         "shared by the actors, decoding keeps at least one)")
     top_k: int = flag(3, "labels and probabilities kept per clip, best first")
     keep_embeddings: bool = flag(False,
-        "also store each clip's pooled penultimate features (for search and clustering)")
+        "also store each clip's pooled penultimate features, for `melbatch similar` and the report's archive map "
+        "(measured: classify ~10% slower, clip tables 5-15x bigger, about 1 MB per hour of audio)")
     files_per_task: int = flag(32, "at most this many files per decode task")
     task_mb: float = flag(64.0, "at most this many MB of input per decode task (a bigger file goes alone)")
     inflight_mb: float = flag(512.0,
@@ -576,3 +581,48 @@ class ScanConfig:
         _require(self.lease_s > 0, f"lease_s={self.lease_s}: the lease must last a positive number of seconds "
                  "(longer than a scan takes; it is renewed while the scan runs)")
         _require(not self.classify.overwrite, "scan never overwrites committed runs: drop --overwrite")
+
+
+REVIEW_STRATEGIES = ("uncertainty", "margin", "disagreement", "random")
+REVIEW_COUNT = 48  # clips a review shows by default (and the classify report's archive map rings)
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """Which clips of a classify or scan output a person should check, and where the page goes."""
+
+    out: URI
+    strategy: Literal["uncertainty", "margin", "disagreement", "random"] = flag("uncertainty",
+        "'uncertainty': lowest top probability first; 'margin': smallest gap between the top two labels; "
+        "'disagreement': clips whose label differs from their file's verdict (or, with --labels, from the "
+        "file's known label), most confident first; 'random': a seeded control sample")
+    count: int = flag(REVIEW_COUNT, "clips on the page, at most")
+    per_label: int = flag(0, "at most this many clips of each predicted label (0: no cap)")
+    labels: str | None = flag(None,
+        "known labels of the files: 'folder' (each file's parent folder) or a manifest URI (CSV uri,label or "
+        "JSON lines); 'disagreement' then compares clips with them, and the page shows them")
+    seed: int = flag(0, "seed of the random strategy")
+    dest: URI | None = flag(None, "where index.html and labels.csv go (default: OUT/review)")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.out), "give OUT: a classify or scan output")
+        _require(self.count >= 1, f"count={self.count}: at least 1 clip")
+        _require(self.per_label >= 0, f"per_label={self.per_label}: 0 (no cap) or more")
+        _require(self.strategy in REVIEW_STRATEGIES,
+                 f"strategy={self.strategy!r}: choose one of {', '.join(REVIEW_STRATEGIES)}")
+
+
+@dataclass(frozen=True)
+class SimilarConfig:
+    """Which clips of a classify or scan output sound most like a query."""
+
+    out: URI
+    query: str
+    k: int = flag(10, "how many nearest clips to list")
+    output: URI | None = flag(None, "also draw the query and its neighbours as one PNG sheet here (any URI)")
+    readers: int = flag(4, "clips files read at once (object storage: latency; memory: one file each)")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.out) and bool(self.query), "give OUT (a classify or scan output) and QUERY")
+        _require(self.k >= 1, f"k={self.k}: at least 1 neighbour")
+        _require(self.readers >= 1, f"readers={self.readers}: at least 1")

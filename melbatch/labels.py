@@ -1,4 +1,5 @@
-"""Where labels come from: a folder under SRC (``class_name/…/file.wav``), a manifest, or nowhere.
+"""Where labels come from: a folder under SRC (``class_name/…/file.wav``), a manifest, or nowhere;
+and the reviewed clips' labels (``labels.csv`` of ``melbatch review``).
 
 Folder labels follow torchvision's ImageFolder and Keras' ``audio_dataset_from_directory``: the
 first folder under SRC names the class, whatever lies below it (``dog/2024-05-01/rec.wav`` is a
@@ -15,11 +16,14 @@ import csv
 import io
 import json
 import posixpath
+from dataclasses import dataclass
 
 from melbatch import URI, storage
 from melbatch.config import ConfigError
 
 NO_LABEL = object()  # marks an object that needs a label and has none
+REVIEWED_COLUMNS = ("uri", "clip_index", "start_s", "end_s", "predicted", "probability", "label")
+SKIP = "skip"  # a reviewed row with this label (or none) is left out
 
 
 class Labeler:
@@ -92,3 +96,56 @@ def _parse_jsonl(text: str, uri: URI) -> list[tuple[str, str]]:
         except (json.JSONDecodeError, KeyError, AttributeError):
             raise ConfigError(f"label manifest {uri} line {n}: expected {{\"uri\": ..., \"label\": ...}}") from None
     return out
+
+
+@dataclass(frozen=True)
+class ReviewedClip:
+    """One answered row of a review's ``labels.csv``: this clip of this file is a ``label``."""
+
+    uri: URI
+    clip_index: int
+    start_s: float
+    end_s: float
+    label: str
+
+
+def reviewed_csv(rows: list[dict]) -> bytes:
+    """``labels.csv`` of a review: :data:`REVIEWED_COLUMNS`, the ``label`` column empty for the reviewer."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(REVIEWED_COLUMNS)
+    for r in rows:
+        w.writerow([r["uri"], r["clip_index"], f"{r['start_s']:.3f}", f"{r['end_s']:.3f}", r["label"],
+                    f"{r['probability']:.4f}", ""])
+    return buf.getvalue().encode()
+
+
+def read_reviewed(uri: URI) -> tuple[list[ReviewedClip], int]:
+    """The answered rows of a reviewed ``labels.csv`` (any URI), and how many were left out (empty or
+    ``skip``). A clip answered twice keeps its last answer. A wrong header or value is a
+    :class:`ConfigError` that names the line."""
+    try:
+        text = storage.read_bytes(uri).decode("utf-8-sig")
+    except storage.StorageError:
+        raise ConfigError(f"reviewed labels {uri} do not exist: give the labels.csv `melbatch review` wrote, "
+                          "with its label column filled") from None
+    reader = csv.DictReader(io.StringIO(text))
+    need = {"uri", "clip_index", "start_s", "end_s", "label"}
+    if not need <= set(reader.fieldnames or []):
+        raise ConfigError(f"reviewed labels {uri} need a header with {', '.join(REVIEWED_COLUMNS)} (found "
+                          f"{reader.fieldnames}): give the labels.csv `melbatch review` wrote")
+    answered: dict[tuple[str, int], ReviewedClip] = {}
+    skipped = 0
+    for n, r in enumerate(reader, 2):
+        label = (r["label"] or "").strip()
+        if not label or label.lower() == SKIP:
+            skipped += 1
+            continue
+        try:
+            clip = ReviewedClip(storage.canonical(r["uri"]), int(r["clip_index"]), float(r["start_s"]),
+                                float(r["end_s"]), label)
+        except (TypeError, ValueError):
+            raise ConfigError(f"reviewed labels {uri} line {n}: clip_index, start_s and end_s must be numbers "
+                              f"(found {r['clip_index']!r}, {r['start_s']!r}, {r['end_s']!r})") from None
+        answered[(clip.uri, clip.clip_index)] = clip
+    return list(answered.values()), skipped

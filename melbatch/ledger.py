@@ -61,17 +61,22 @@ def read_ledger(out: URI, summary: dict[str, Any] | None) -> pa.Table:
         return pq.read_table(f, schema=LEDGER_SCHEMA)
 
 
+def latest_ledger(out: URI) -> pa.Table:
+    """The ledger of the newest committed run of a scan OUT; a clear error before the first."""
+    runs = committed_runs(out)
+    if not runs:
+        raise storage.StorageError(f"{out} has no committed scan yet (no {RUNS}/<run_id>/{SUMMARY}): run "
+                                   "`melbatch scan` first")
+    return read_ledger(out, read_summary(out, runs[-1]))
+
+
 def current(out: URI, status: str | None = None) -> pa.Table:
     """The verdict for every live object (the newest committed run wins): one row per object that is
     not deleted, with ``uri, etag, size, status, label, probability, clips, run_id, model_id`` (label
     and probability empty for quarantined objects, whose ``reason`` says why); only those of ``status``
     when given."""
     out = storage.canonical(out)
-    runs = committed_runs(out)
-    if not runs:
-        raise storage.StorageError(f"{out} has no committed scan yet (no {RUNS}/<run_id>/{SUMMARY}): run "
-                                   "`melbatch scan` first")
-    ledger = read_ledger(out, read_summary(out, runs[-1]))
+    ledger = latest_ledger(out)
     live = ledger.filter(pc.not_equal(ledger.column("status"), "deleted"))
     if status:
         live = live.filter(pc.equal(live.column("status"), status))
@@ -89,6 +94,31 @@ def current(out: URI, status: str | None = None) -> pa.Table:
                      "clips": v["clips"] if v else None, "reason": reasons.get(r["uri"]) if not v else None,
                      "run_id": r["run_id"], "model_id": r["model_id"]})
     return pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+
+
+def live_attempts(out: URI) -> list[tuple[URI, pa.Array]]:
+    """Each attempt that holds current verdicts of a scan OUT (newest last), with the live classified
+    objects whose verdict it holds: where their clips and file rows are now."""
+    out = storage.canonical(out)
+    ledger = latest_ledger(out)
+    live = ledger.filter(pc.equal(ledger.column("status"), "classified"))
+    return [(storage.join(out, attempt), live.filter(pc.equal(live.column("attempt"), attempt)).column("uri")
+             .combine_chunks()) for attempt in sorted(set(live.column("attempt").drop_null().to_pylist()))]
+
+
+def live_predictions(out: URI, folder: str) -> tuple[pa.Table, list[URI]]:
+    """The ``folder`` ("clips" or "files") rows of every live classified object, each from the attempt
+    that holds its current verdict, and those attempts' roots (newest last): what a scan OUT holds now,
+    in the classify output's format."""
+    parts, roots = [], []
+    for root, uris in live_attempts(out):
+        rows = read_tables(root, folder)
+        if rows.num_rows:
+            parts.append(rows.filter(pc.is_in(rows.column("uri"), value_set=uris)))
+        roots.append(root)
+    if not parts:
+        raise storage.StorageError(f"{out}: no object is classified in its newest committed scan")
+    return pa.concat_tables(parts, promote_options="default"), roots
 
 
 def export(results: pa.Table, fmt: str) -> bytes:

@@ -155,6 +155,41 @@ def png_bytes(fig, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
+def project_2d(x: np.ndarray) -> np.ndarray:
+    """PCA to two dimensions: the rows of ``x`` (centred) on its two directions of largest variance.
+    Each axis is signed so that its largest coordinate is positive: the same rows draw the same map."""
+    c = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(0)
+    if len(c) < 2:
+        return np.zeros((len(c), 2))
+    _, _, vt = np.linalg.svd(c, full_matrices=False)
+    xy = c @ vt[:2].T
+    if xy.shape[1] < 2:
+        xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
+    return xy * np.where(xy[np.abs(xy).argmax(0), [0, 1]] < 0, -1.0, 1.0)
+
+
+def archive_map(xy: np.ndarray, labels: list[str], marked: np.ndarray, what: str) -> bytes:
+    """A scatter of clips in 2-D coloured by label, ``marked`` ones ringed in black (the review's picks)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), constrained_layout=True)
+    names = sorted(set(labels))
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    lab = np.asarray(labels, dtype=object)
+    size = max(2.0, min(18.0, 6000 / max(1, len(xy))))
+    for i, name in enumerate(names):
+        sel = lab == name
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=colours(i % colours.N), label=str(name)[:30], alpha=0.7,
+                   linewidths=0)
+    if marked.any():
+        ax.scatter(xy[marked, 0], xy[marked, 1], s=36, facecolors="none", edgecolors="black", linewidths=0.9,
+                   label="review picks")
+    ax.set_xlabel("first principal component")
+    ax.set_ylabel("second principal component")
+    ax.set_title(what, fontsize=9)
+    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    return png_bytes(fig)
+
+
 def render(panels: list[Panel], cfg: FeatureConfig, out: URI, dpi: int = 100) -> Rendered:
     """Draw ``panels`` side by side (waveform above, spectrogram below) into the PNG ``out``.
 

@@ -23,12 +23,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from melbatch import URI, __version__, ledger, pictures, storage
-from melbatch.config import FeatureConfig
-from melbatch.shards import METRICS, VAL_PREDICTIONS, read_manifest, read_quarantine, read_tables
+from melbatch.candidates import rank, select
+from melbatch.config import REVIEW_COUNT, FeatureConfig
+from melbatch.shards import METRICS, VAL_PREDICTIONS, embedding_matrix, read_manifest, read_quarantine, read_tables
 from melbatch.weights import Source
 
 REPORT = "report.html"
 MAX_ROWS = 200  # table rows shown; the rest are counted, and the Parquet file is named
+MAP_POINTS = 20_000  # clips drawn on the archive map at most (taken evenly; the review's picks always)
 KINDS = ("featurize", "train", "classify", "scan")
 
 
@@ -123,7 +125,7 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
         ("validation accuracy (files)", f"{m['val_file_accuracy']:.3f}" if "val_file_accuracy" in m else "n/a"),
         ("macro F1", f"{m['macro_f1']:.3f}"),
         ("files", f"{m['split']['train_files']} train / {m['split']['val_files']} validation (whole files)"),
-        ("package", m["model_package"])]))
+        ("reviewed labels", _reviewed(m.get("extra_labels"))), ("package", m["model_package"])]))
     curves = Section("Training curves").add(curves_chart(m["epochs"]))
     curves.add(table(["epoch", "train loss", "val loss", "val accuracy", "macro F1", "lr", "samples/s"],
                      [(e["epoch"], f"{e['train_loss']:.4f}", f"{e['val_loss']:.4f}", f"{e['val_accuracy']:.3f}",
@@ -153,6 +155,15 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
                         [(r["uri"], r["clip_index"], f"{r['start_s']:.1f}", r["label"], r["predicted"],
                           f"{r['probability']:.3f}", f"{r['label_probability']:.3f}") for r in bad], limit=MAX_ROWS))
     return run, [overview, curves, quality, wrong, features_section(cfg, meta["config_hash"])]
+
+
+def _reviewed(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "none"
+    return (f"{r['uri']}: {r['answered']} answered, {r['corrected']} corrected and {r['confirmed']} confirmed in "
+            f"training files, {r['added']} clip(s) added from outside the shards "
+            f"({', '.join(f'{k} {v}' for k, v in r['added_per_label'].items()) or 'none'}), "
+            f"{r['in_validation_not_applied']} in validation files not applied, {r['skipped']} skipped")
 
 
 def _started_from(meta: dict[str, Any]) -> str:
@@ -208,8 +219,32 @@ def classify_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     except Exception as e:
         sheet.add(note(f"no thumbnails (is the archive still readable?): {type(e).__name__}: {e}"))
     cfg = FeatureConfig.from_dict(m["feature_config"])
-    return run, [overview, verdicts, sheet, features_section(cfg, m["config_hash"]),
-                 quarantine_section(read_quarantine(run).to_pylist(), run)]
+    return run, [overview, verdicts, sheet, map_section(run, {f["uri"]: f["label"] for f in files}),
+                 features_section(cfg, m["config_hash"]), quarantine_section(read_quarantine(run).to_pylist(), run)]
+
+
+def map_section(run: URI, verdicts: dict[str, str]) -> Section:
+    """The archive map: the clip embeddings on their two principal components (PCA, on at most
+    :data:`MAP_POINTS` clips taken evenly), coloured by predicted label, with the clips ``melbatch
+    review`` would pick first (uncertainty) ringed."""
+    s = Section("Archive map (clip embeddings, PCA)")
+    clips = read_tables(run, "clips")
+    if "embedding" not in clips.column_names:
+        return s.add(note("no embeddings in this output: classify with --keep-embeddings to draw the archive map "
+                          "(and to search it with `melbatch similar`)"))
+    order, _ = rank(clips, verdicts, "uncertainty")
+    picks = select(clips.column("label").to_pylist(), order, REVIEW_COUNT, 0)
+    step = max(1, -(-clips.num_rows // MAP_POINTS))
+    rows = sorted(set(range(0, clips.num_rows, step)) | set(picks))
+    shown = clips.take(rows)
+    xy = pictures.project_2d(embedding_matrix(shown))
+    marked = np.isin(np.asarray(rows), picks)
+    s.add(image(pictures.archive_map(xy, shown.column("label").to_pylist(), marked,
+                                     f"{len(rows):,} of {clips.num_rows:,} clips"), "archive map"))
+    return s.add(note(f"Each point is a clip, placed by the two directions in which the model's embeddings of "
+                      f"the clips vary most (PCA{f', every {step}th clip' if step > 1 else ''}), coloured by its "
+                      f"predicted label. Ringed: the {len(picks)} least confident clips, what `melbatch review "
+                      f"{run}` shows first. Clips of one label far from their colour's cloud are worth a look."))
 
 
 def scan_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
@@ -381,7 +416,8 @@ nav a{margin-right:1em}footer{margin-top:3em;color:#777;font-size:12px}
 """
 
 
-def page(title: str, run: URI, sections: list[Section]) -> str:
+def page(title: str, run: URI, sections: list[Section], tail: str = "") -> str:
+    """The whole HTML page; ``tail`` (markup the caller made safe: styles, data, scripts) ends its body."""
     nav = "".join(f'<a href="#s{i}">{esc(s.title)}</a>' for i, s in enumerate(sections))
     body = "".join(f'<section id="s{i}"><h2>{esc(s.title)}</h2>{"".join(s.parts)}</section>'
                    for i, s in enumerate(sections))
@@ -389,4 +425,4 @@ def page(title: str, run: URI, sections: list[Section]) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{STYLE}</style></head>'
             f"<body><h1>{esc(title)}</h1><nav>{nav}</nav>{body}"
-            f"<footer>melbatch {esc(__version__)} · report of {esc(run)} · made {made}</footer></body></html>")
+            f"<footer>melbatch {esc(__version__)} · report of {esc(run)} · made {made}</footer>{tail}</body></html>")

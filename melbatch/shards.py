@@ -38,6 +38,8 @@ VAL_PREDICTIONS = "val_predictions.parquet"
 STATE = "state.pt"  # in each Ray Train checkpoint: model, optimizer, schedule, epoch, history
 TRAIN_CONFIG = "train_config.json"  # model, feature hash and normalisation of the run that owns OUT
 SPLIT = "split.csv"  # uri,split of every file: which were held out
+REVIEW_DIR, REVIEW_PAGE, REVIEW_LABELS = "review", "index.html", "labels.csv"  # melbatch review's OUT/review/
+REVIEWED_CLIPS = "reviewed_clips.parquet"  # in a train OUT: reviewed clips from outside the shards (clip schema)
 META_PREFIX = b"melbatch."
 DICTIONARY_COLUMNS = ["uri", "etag", "label", "decoder"]
 STATISTICS_COLUMNS = ["uri", "label", "clip_index", "start_s"]
@@ -150,6 +152,14 @@ def file_prediction_schema(labels: list[str]) -> pa.Schema:
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("config_hash", pa.string(), nullable=False),
     ], metadata={META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode()})
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column of classify clip rows as one ``(rows, dim)`` float32 array."""
+    if not table.num_rows:
+        return np.zeros((0, 0), np.float32)
+    col = table.column("embedding").combine_chunks()
+    return np.asarray(col.flatten(), np.float32).reshape(table.num_rows, -1)
 
 
 def write_table(uri: URI, table: pa.Table) -> None:

@@ -50,6 +50,7 @@ from melbatch.trainset import (
     open_shards,
     padding_warning,
     read_split_manifest,
+    reviewed,
     split,
     split_by_file,
 )
@@ -107,6 +108,15 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if not train_files or not val_files:
         raise ConfigError(f"the split leaves {len(train_files)} training and {len(val_files)} validation files: "
                           "featurize more files or change --val-fraction")
+    review = None
+    if cfg.extra_labels:
+        review = reviewed(cfg.extra_labels, features, cfg.wave_augment and keeps_audio(manifest), labels_of,
+                          clips_of, val_files, cfg.out)
+        print(review.describe(), flush=True)
+        if review.unreadable:
+            print(f"warning: {len(review.unreadable)} reviewed file(s) could not be read, their answers are left out: "
+                  f"{review.unreadable[:3]}", flush=True)
+        labels = sorted(set(labels) | review.labels())
     init_ray(cfg.address)
     cfg, line = size_workers(cfg, ray.cluster_resources().get("CPU", 0))
     print(line, flush=True)
@@ -114,6 +124,11 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     rows_per_label: Counter = Counter()
     for u in train_files:
         rows_per_label[labels_of[u]] += clips_of[u]
+    if review:
+        for old, new in review.moved:
+            rows_per_label[old] -= 1
+            rows_per_label[new] += 1
+        rows_per_label.update(review.added)
     train_rows = sum(rows_per_label.values())
     class_weights, repeats = [1.0] * len(labels), None
     if cfg.balance == "weights":
@@ -129,7 +144,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     wave = cfg.wave_augment and keeps_audio(manifest)
     if budget.passes > 1:  # one streaming pass over rows repeated, not several passes (each costs a start-up)
         repeats = {lab: budget.passes * (repeats or {}).get(lab, 1.0) for lab in labels}
-    ds = datasets(uris, val_files, wave, repeats)
+    ds = datasets(uris, val_files, wave, repeats, review)
     if before.get("norm", {}).get("kind") == cfg.normalize:
         norm = before["norm"]  # a resumed run keeps the statistics its checkpoints were trained with
     elif cfg.normalize == "dataset":
@@ -162,7 +177,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     )
     with EpochTable(channel, cfg.epochs, budget.steps, bars=progress):
         result = trainer.fit()
-    return finish(cfg, result, labels, features, norm, uris, val_files, train_files, source)
+    return finish(cfg, result, labels, features, norm, uris, val_files, train_files, source,
+                  review.record() if review else None)
 
 
 def size_workers(cfg: TrainConfig, cpus: float) -> tuple[TrainConfig, str]:

@@ -153,9 +153,10 @@ def train_loop(config: dict[str, Any]) -> None:
     w = _setup(config)
     for epoch in range(w.start_epoch, w.cfg.epochs):
         t0 = time.perf_counter()
-        loss_sum, seen, train_s = train_epoch(w, epoch)
+        loss_sum, seen, train_s, per_label = train_epoch(w, epoch)
         conf, val_loss = evaluate(w)
-        row, report = epoch_metrics(w, epoch, conf, val_loss, (loss_sum, seen, train_s), time.perf_counter() - t0)
+        row, report = epoch_metrics(w, epoch, conf, val_loss, (loss_sum, seen, train_s), per_label,
+                                    time.perf_counter() - t0)
         checkpoint(w, epoch, row, report)
         _maybe_crash(config.get("crash_at"), epoch + 1, w.rank, w.world, storage.join(w.cfg.out, "_injected_crash"))
 
@@ -206,10 +207,12 @@ def _setup(config: dict[str, Any]) -> _Worker:
         start_epoch=start_epoch, history=history)
 
 
-def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float]:
+def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
     """One epoch of optimiser steps over this worker's shard (augmented, class-weighted, soft targets);
-    the backbone stays frozen in the first ``freeze_epochs``. Returns (loss sum, clips seen, seconds)."""
+    the backbone stays frozen in the first ``freeze_epochs``. Returns (loss sum, clips seen, seconds,
+    clips seen per label)."""
     cfg, t0, seen, loss_sum, step = w.cfg, time.perf_counter(), 0, 0.0, 0
+    per_label = torch.zeros(len(w.labels), dtype=torch.float64)
     tick, shift = Throttle(0.5), round(cfg.time_shift_frac * w.shape[1])
     frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
     w.model.train()
@@ -237,6 +240,7 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float]:
         w.opt.step()
         w.sched.step()
         seen += len(y)
+        per_label += torch.bincount(y.cpu(), minlength=len(w.labels)).double()
         loss_sum += float(loss.detach()) * len(y)
         step += 1
         if w.channel and tick():
@@ -246,7 +250,7 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float]:
     if w.channel and seen:  # the epoch's last step, whatever the throttle let through: the bar ends full
         w.channel.send("step", epoch=epoch + 1, step=step, loss=loss_sum / seen,
                        samples_per_s=seen * w.world / max(1e-9, train_s), final=True)
-    return loss_sum, seen, train_s
+    return loss_sum, seen, train_s, per_label
 
 
 def evaluate(w: _Worker) -> tuple[Any, Any]:
@@ -267,20 +271,22 @@ def evaluate(w: _Worker) -> tuple[Any, Any]:
     return conf, val_loss
 
 
-def epoch_metrics(w: _Worker, epoch: int, conf: Any, val_loss: Any, train: tuple[float, int, float],
-              epoch_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def epoch_metrics(w: _Worker, epoch: int, conf: Any, val_loss: Any, train: tuple[float, int, float], per_label: Any,
+                  epoch_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """The epoch's numbers summed over the workers: its table row, and what Ray Train records."""
     counts = torch.tensor(train, dtype=torch.float64)
     if w.world > 1 and dist.is_initialized():
-        for t in (conf, val_loss, counts):
+        for t in (conf, val_loss, counts, per_label):
             dist.all_reduce(t)
     m = _metrics(conf.numpy(), w.labels)
     row = {"epoch": epoch + 1, "train_loss": float(counts[0] / max(1, counts[1])),
            "val_loss": float(val_loss[0] / max(1, val_loss[1])), "val_accuracy": m["val_accuracy"],
            "macro_f1": m["macro_f1"], "lr": w.sched.get_last_lr()[0], "frozen_backbone": epoch < w.cfg.freeze_epochs,
            "samples_per_s": float(counts[1] / max(1e-9, counts[2] / w.world)), "attempt_start_epoch": w.start_epoch,
-           "epoch_s": epoch_s}
-    return row, {**row, "per_class": json.dumps(m["per_class"]), "confusion_matrix": json.dumps(m["confusion_matrix"])}
+           "epoch_s": epoch_s,
+           "train_clips_per_label": dict(zip(w.labels, per_label.long().tolist(), strict=True))}
+    return row, {**row, "per_class": json.dumps(m["per_class"]), "confusion_matrix": json.dumps(m["confusion_matrix"]),
+                 "train_clips_per_label": json.dumps(row["train_clips_per_label"])}  # Ray Train flattens dicts
 
 
 def checkpoint(w: _Worker, epoch: int, row: dict[str, Any], report: dict[str, Any]) -> None:

@@ -38,7 +38,8 @@ from melbatch.weights import Source
 
 
 def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureConfig, norm: dict[str, Any],
-            uris: list[URI], val_files: set[str], train_files: set[str], source: Source) -> dict[str, Any]:
+            uris: list[URI], val_files: set[str], train_files: set[str], source: Source,
+            review: dict[str, Any] | None = None) -> dict[str, Any]:
     """The best epoch's model package, every validation clip scored with it, ``metrics.json`` and
     ``split.csv``; returns the metrics."""
     candidates = list(result.best_checkpoints or []) or [(result.checkpoint, result.metrics)]
@@ -52,7 +53,7 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
     meta = {"model_name": cfg.model, "labels": labels, "feature_config": features.to_dict(),
             "initial_weights": source.to_dict(),
             "config_hash": features.hash(), "normalization": norm, "train_config": asdict(cfg),
-            "best_epoch": best["epoch"], "shards": storage.canonical(cfg.shards)}
+            "best_epoch": best["epoch"], "shards": storage.canonical(cfg.shards), "extra_labels": review}
     save_package(cfg.out, model, meta)
     val = score_validation(cfg, uris, val_files)
     metrics = {
@@ -61,7 +62,7 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
         "labels": labels, "confusion_matrix": json.loads(best["confusion_matrix"]),
         "per_class": json.loads(best["per_class"]), "epochs": history,
         "split": {"train_files": len(train_files), "val_files": len(val_files)},
-        "initial_weights": source.to_dict(),
+        "initial_weights": source.to_dict(), "extra_labels": review,
         "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
     }
     storage.write_bytes(storage.join(cfg.out, METRICS), json.dumps(metrics, indent=2).encode())

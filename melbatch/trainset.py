@@ -3,7 +3,8 @@
 :func:`open_shards` checks a featurize output is complete and consistent; :func:`file_labels` reads
 each file's label from four small columns; :func:`split_by_file` (or a split manifest) holds out whole
 files; :func:`datasets` streams the training and validation images (or waveforms) as Ray Datasets;
-:func:`dataset_stats` measures the normalisation; :func:`load_noise_bank` reads ``--noise-dir``.
+:func:`dataset_stats` measures the normalisation; :func:`load_noise_bank` reads ``--noise-dir``;
+:func:`reviewed` folds a review's answered ``labels.csv`` (``--extra-labels``) into the training split.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import io
 import math
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,21 @@ import ray
 from melbatch import URI, storage
 from melbatch.audio import DecodeError, decode_all
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig
-from melbatch.shards import DatasetError, feature_config_of, mel_array, open_dataset, shard_uris
+from melbatch.labels import ReviewedClip, read_reviewed
+from melbatch.shards import (
+    REVIEWED_CLIPS,
+    ClipRow,
+    DatasetError,
+    feature_config_of,
+    mel_array,
+    open_dataset,
+    rows_to_table,
+    shard_uris,
+    write_table,
+)
+from melbatch.staging import logmels_of_object
+
+CLIP_START_TOLERANCE_S = 0.01  # a reviewed clip and the clip cut again must start within this
 
 
 def open_shards(uri: URI) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
@@ -136,16 +152,31 @@ def _oversample(batch: pa.Table, repeats: dict[str, float]) -> pa.Table:
     return batch.take(pa.array(np.repeat(np.arange(len(r)), counts)))
 
 
-def datasets(uris: list[URI], val_files: set[str], wave: bool,
-             repeats: dict[str, float] | None = None) -> dict[str, Any]:
+def _relabel(batch: pa.Table, labels: dict[str, str]) -> pa.Table:
+    """Rows whose ``uri<TAB>clip_index`` is in ``labels`` get that label (a reviewer's answer)."""
+    keys = [f"{u}\t{i}" for u, i in zip(batch.column("uri").to_pylist(), batch.column("clip_index").to_pylist(),
+                                          strict=True)]
+    new = [labels.get(k, old) for k, old in zip(keys, batch.column("label").to_pylist(), strict=True)]
+    at = batch.schema.get_field_index("label")
+    return batch.set_column(at, "label", pa.array(new, pa.string()).cast(batch.schema.field("label").type))
+
+
+def datasets(uris: list[URI], val_files: set[str], wave: bool, repeats: dict[str, float] | None = None,
+             review: Reviewed | None = None) -> dict[str, Any]:
     """{"train", "val"} Ray Datasets over the shards, split by source file.
 
     Training rows carry the waveform (``audio``) when ``wave``, else the stored image; validation
     rows always the stored image. ``repeats`` oversamples rare labels (``balance: oversample``).
+    With ``review``, training clips take the reviewer's labels and the reviewed clips of files
+    outside the shards join the training split.
     """
+    columns = ["uri", "label", "start_s", "end_s", "audio" if wave else "mel"]
+    extra = [review.added_uri] if review and review.added_uri else []
     # blocks in a new random order every epoch, then a local shuffle buffer in each worker
-    train = split(images(uris, ["uri", "label", "start_s", "end_s", "audio" if wave else "mel"])
-                   .randomize_block_order(), val_files, keep=False)
+    train = split(images(uris + extra, columns + (["clip_index"] if review and review.relabel else []))
+                  .randomize_block_order(), val_files, keep=False)
+    if review and review.relabel:
+        train = train.map_batches(_relabel, batch_format="pyarrow", fn_kwargs={"labels": review.relabel})
     if repeats:
         train = train.map_batches(_oversample, batch_format="pyarrow", fn_kwargs={"repeats": repeats})
     return {"train": train, "val": split(images(uris, ["uri", "label", "mel"]), val_files, keep=True)}
@@ -188,3 +219,108 @@ def dataset_stats(train_ds: Any) -> tuple[float, float]:
     n, s, ss = (pc.sum(parts.column(c)).as_py() for c in ("n", "s", "ss"))
     mean = s / n
     return float(mean), float(math.sqrt(max(ss / n - mean * mean, 1e-12)))
+
+
+@dataclass
+class Reviewed:
+    """What a review's answered ``labels.csv`` (``--extra-labels``) changes in a run.
+
+    Answers for clips of training files relabel them (the reviewer wins over the folder); answers for
+    clips of files outside the shards are read from the archive, cut as featurize cut, and added to
+    training (``OUT/reviewed_clips.parquet``); answers for validation files are not applied, so the
+    held-out split stays the archive's own and before/after accuracies compare.
+    """
+
+    uri: URI
+    answered: int = 0
+    skipped: int = 0  # rows left empty or "skip"
+    relabel: dict[str, str] = field(default_factory=dict)  # "uri<TAB>clip_index" -> label, training files only
+    corrected: int = 0  # of those, answers that differ from the folder's label
+    confirmed: int = 0  # answers equal to it
+    in_validation: int = 0  # answers for validation files, not applied
+    added: Counter = field(default_factory=Counter)  # label -> clips added from files outside the shards
+    added_uri: URI | None = None
+    unreadable: list[str] = field(default_factory=list)  # files of added clips that could not be read
+    moved: list[tuple[str, str]] = field(default_factory=list)  # (folder label, reviewed label) per relabelled clip
+
+    def labels(self) -> set[str]:
+        return set(self.relabel.values()) | set(self.added)
+
+    def record(self) -> dict[str, Any]:
+        return {"uri": self.uri, "answered": self.answered, "skipped": self.skipped, "corrected": self.corrected,
+                "confirmed": self.confirmed, "in_validation_not_applied": self.in_validation,
+                "added": sum(self.added.values()), "added_per_label": dict(sorted(self.added.items())),
+                "unreadable_files": self.unreadable}
+
+    def describe(self) -> str:
+        return (f"reviewed labels {self.uri}: {self.answered} answered ({self.skipped} skipped): {self.corrected} "
+                f"corrected and {self.confirmed} confirmed in training files, {sum(self.added.values())} clip(s) "
+                f"added from {len({k for k in self.added})} label(s) outside the shards, {self.in_validation} in "
+                "validation files left as they are")
+
+
+def reviewed(uri: URI, features: FeatureConfig, keep_audio: bool, labels_of: dict[str, str], clips_of: Counter,
+             val_files: set[str], out: URI) -> Reviewed:
+    """Read the answers of ``uri`` and sort them (see :class:`Reviewed`); the clips to add are read
+    from the archive here, before any cluster work, and written to ``out``."""
+    answers, skipped = read_reviewed(uri)
+    r = Reviewed(uri, answered=len(answers), skipped=skipped)
+    outside: dict[str, list[ReviewedClip]] = {}
+    for a in answers:
+        if a.uri not in labels_of:
+            outside.setdefault(a.uri, []).append(a)
+        elif a.clip_index >= clips_of[a.uri]:
+            raise ConfigError(f"reviewed labels {uri}: {a.uri} has {clips_of[a.uri]} clips in the shards, no clip "
+                              f"{a.clip_index}: was it reviewed from another featurize or classify run's clips?")
+        elif a.uri in val_files:
+            r.in_validation += 1
+        else:
+            r.relabel[f"{a.uri}\t{a.clip_index}"] = a.label
+            r.moved.append((labels_of[a.uri], a.label))
+            r.corrected += a.label != labels_of[a.uri]
+            r.confirmed += a.label == labels_of[a.uri]
+    rows: list[ClipRow] = []
+    for file_uri, wanted in sorted(outside.items()):
+        got = _read_clips(file_uri, {a.clip_index: a for a in wanted}, features, keep_audio)
+        if got is None:
+            r.unreadable.append(file_uri)
+            continue
+        rows += got
+        r.added.update(row.label for row in got)
+    if rows:
+        r.added_uri = storage.join(out, REVIEWED_CLIPS)
+        write_table(r.added_uri, rows_to_table(rows, features, keep_audio))
+    return r
+
+
+def _read_clips(uri: URI, wanted: dict[int, ReviewedClip], features: FeatureConfig,
+                keep_audio: bool) -> list[ClipRow] | None:
+    """The ``wanted`` clips of one archive file with their reviewed labels (``None``: unreadable now)."""
+    try:
+        ref = next(storage.list_objects(uri), None)
+    except storage.StorageError:
+        return None
+    if ref is None:
+        return None
+    try:
+        info, staged = logmels_of_object(ref, features, -math.inf, keep_audio)
+    except DecodeError:
+        return None
+    rows = []
+    with staged:
+        for clip, mel in staged:
+            a = wanted.get(clip.index)
+            if a is None:
+                continue
+            if abs(clip.start_s - a.start_s) > CLIP_START_TOLERANCE_S:
+                raise ConfigError(f"reviewed clip {a.clip_index} of {uri} starts at {a.start_s} s, but these shards' "
+                                  f"features cut it at {clip.start_s} s: review a classify output of a model "
+                                  "trained on these shards (same --clip-s and --clip-hop-s)")
+            rows.append(ClipRow(ref.uri, ref.etag, ref.size, a.label, clip.index, clip.start_s, clip.end_s,
+                                info.decoder, info.sample_rate_hz, info.channels, mel,
+                                clip.samples if keep_audio else None))
+    missing = sorted(set(wanted) - {row.clip_index for row in rows})
+    if missing:
+        raise ConfigError(f"reviewed labels name clip(s) {missing[:5]} of {uri}, which has {len(staged)} clips now: "
+                          "the file changed since it was reviewed; review it again")
+    return rows

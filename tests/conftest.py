@@ -211,6 +211,26 @@ def small_predictions(small_archive, engine_model):
     return classify_digest(f"{b}/pred-clean")
 
 
+HOSTILE_KEY = "<img src=x onerror=alert(1)> & \"q\" 'é' 100%.wav"
+HOSTILE_LABEL = "<b onclick=alert(2)>healthy & 'calm'"  # a folder name, so no "/"
+
+
+@pytest.fixture(scope="session")
+def review_predictions(engine_model) -> tuple[str, str, str, list]:
+    """(bucket, archive, classify OUT, the files): new engine recordings classified by the session's model
+    with embeddings; one copied under a hostile key inside a hostile label folder."""
+    from melbatch import classify, samples, storage
+    from melbatch.config import ClassifyConfig
+
+    b = engine_model
+    archive = f"{b}/review-incoming"
+    files = samples.make_archive(archive, "engine", files_per_class=3, seconds=5.0, seed=41)
+    storage.write_bytes(f"{archive}/{HOSTILE_LABEL}/{HOSTILE_KEY}", storage.read_bytes(files[1].uri))
+    classify.run(ClassifyConfig(archive=archive, model=f"{b}/model", out=f"{b}/review-pred", files_per_task=4,
+                                cpus_per_actor=0.5, max_quarantine_rate=1.0, keep_embeddings=True), progress=False)
+    return b, storage.canonical(archive), f"{b}/review-pred", files
+
+
 def decode_images(refs: list, features: FeatureConfig, silence_dbfs: float = -70.0):
     """classify's decode stage run here on ``refs``: (images of all chunks, in order, as one array;
     the last chunk's row with the files and quarantine rows)."""

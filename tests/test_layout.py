@@ -10,10 +10,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "melbatch"
 FLOORS = {
-    "face": ["cli", "options", "demo", "submit", "report"],
+    "face": ["cli", "options", "demo", "submit", "report", "review", "similar"],
     "stage": ["featurize", "train", "trainloop", "trainout", "trainset", "classify", "scan"],
     "core": ["model", "weights", "augment", "features", "staging", "labels", "pictures", "audio", "runs", "console",
-             "samples"],
+             "samples", "candidates"],
     "ground": ["shards", "ledger", "storage", "config", "__init__"],
 }
 LEVEL = {m: i for i, floor in enumerate(FLOORS.values()) for m in floor}

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FAST
+from conftest import FAST, HOSTILE_KEY, HOSTILE_LABEL
 
 from melbatch import classify, cli, featurize, report, samples, scan, storage
 from melbatch import ledger as mb_ledger
@@ -27,8 +27,6 @@ from melbatch.config import ClassifyConfig, FeaturizeConfig, ScanConfig
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-HOSTILE_KEY = "<img src=x onerror=alert(1)> & \"q\" 'é' 100%.wav"
-HOSTILE_LABEL = "<b onclick=alert(2)>healthy & 'calm'"  # a folder name, so no "/"
 CHECK_PAGE = """<!DOCTYPE html><html><body><iframe id="f" src="{src}"></iframe><script>
 document.getElementById('f').onload = () => {{
   const d = document.getElementById('f').contentDocument;
@@ -97,7 +95,7 @@ def outputs(engine_model, tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("kind,sections,min_images", [
     ("featurize", ["Overview", "Labels", "Stored clips", "Features", "Quarantine (9"], 3),
     ("train", ["Overview", "Training curves", "Per class", "Most confidently wrong", "Features"], 1),
-    ("classify", ["Overview", "Verdicts", "Least confident clips", "Features", "Quarantine (9"], 4),
+    ("classify", ["Overview", "Verdicts", "Least confident clips", "Archive map", "Features", "Quarantine (9"], 4),
     ("scan", ["Now", "Trend over 2 committed scan(s)", "Quarantine (0"], 2),
 ])
 def test_reports_render_in_chromium_with_their_images_and_tables(outputs, kind, sections, min_images):
