@@ -108,64 +108,71 @@ def busy_decoder(root: Path, cfg: FeatureConfig) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-class GpuSampler:
-    """Mean GPU utilisation (%, as nvidia-smi reports it) sampled every 0.2 s; ``None`` without pynvml."""
+class Sampler:
+    """A background thread that calls :meth:`sample` every ``every_s`` seconds inside ``with``."""
+
+    every_s = 0.5
 
     def __init__(self) -> None:
-        self.samples: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(Exception):  # no pynvml / no NVML: no samples
-                self.samples.append(torch.cuda.utilization())
-            time.sleep(0.2)
+            self.sample()
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class GpuSampler(Sampler):
+    """Mean GPU utilisation (%, as nvidia-smi reports it) sampled every 0.2 s; ``None`` without pynvml."""
+
+    every_s = 0.2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.samples: list[int] = []
+
+    def sample(self) -> None:
+        with contextlib.suppress(Exception):  # no pynvml / no NVML: no samples
+            self.samples.append(torch.cuda.utilization())
 
     @property
     def mean(self) -> float | None:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
-    def __enter__(self) -> GpuSampler:
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class MemorySampler:
+class MemorySampler(Sampler):
     """Peak PSS of this process and all its descendants (Ray's processes), and of the object store."""
 
     def __init__(self) -> None:
         import psutil
+        import ray
 
+        super().__init__()
         self.me, self.peak_pss, self.peak_store = psutil.Process(), 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.total = ray.cluster_resources().get("object_store_memory", 0)
 
-    def _run(self) -> None:
+    def sample(self) -> None:
         import psutil
         import ray
 
-        total = ray.cluster_resources().get("object_store_memory", 0)
-        while not self._stop.is_set():
-            pss = 0
-            for p in [self.me, *self.me.children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    pss += p.memory_full_info().pss
-            store = total - ray.available_resources().get("object_store_memory", total)
-            self.peak_pss, self.peak_store = max(self.peak_pss, pss), max(self.peak_store, store)
-            time.sleep(0.5)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        pss = 0
+        for p in [self.me, *self.me.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                pss += p.memory_full_info().pss
+        store = self.total - ray.available_resources().get("object_store_memory", self.total)
+        self.peak_pss, self.peak_store = max(self.peak_pss, pss), max(self.peak_store, store)
 
 
 def run_classify(archive: Path, pkg: Path, out: Path, batch_size: int, cpus: int, files_per_task: int = 32,

@@ -106,12 +106,13 @@ def live_attempts(out: URI) -> list[tuple[URI, pa.Array]]:
              .combine_chunks()) for attempt in sorted(set(live.column("attempt").drop_null().to_pylist()))]
 
 
-def live_predictions(out: URI, folder: str) -> tuple[pa.Table, list[URI]]:
+def live_predictions(out: URI, folder: str,
+                     attempts: list[tuple[URI, pa.Array]] | None = None) -> tuple[pa.Table, list[URI]]:
     """The ``folder`` ("clips" or "files") rows of every live classified object, each from the attempt
     that holds its current verdict, and those attempts' roots (newest last): what a scan OUT holds now,
-    in the classify output's format."""
+    in the classify output's format. ``attempts`` (:func:`live_attempts`) saves reading the ledger again."""
     parts, roots = [], []
-    for root, uris in live_attempts(out):
+    for root, uris in live_attempts(out) if attempts is None else attempts:
         rows = read_tables(root, folder)
         if rows.num_rows:
             parts.append(rows.filter(pc.is_in(rows.column("uri"), value_set=uris)))

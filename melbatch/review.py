@@ -111,8 +111,9 @@ def load(out: URI) -> Predictions:
         open_dataset(out)
         clips, files, newest = read_tables(out, "clips"), read_tables(out, "files"), manifest
     elif ledger.committed_runs(out):
-        clips, _ = ledger.live_predictions(out, "clips")
-        files, roots = ledger.live_predictions(out, "files")
+        attempts = ledger.live_attempts(out)  # the ledger, read once for both tables
+        clips, _ = ledger.live_predictions(out, "clips", attempts)
+        files, roots = ledger.live_predictions(out, "files", attempts)
         newest = read_manifest(roots[-1]) or {}
     else:
         raise ConfigError(f"{out} is neither a finished classify output (no _manifest.json of kind 'predictions') "

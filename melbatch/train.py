@@ -108,10 +108,10 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if not train_files or not val_files:
         raise ConfigError(f"the split leaves {len(train_files)} training and {len(val_files)} validation files: "
                           "featurize more files or change --val-fraction")
+    wave = cfg.wave_augment and keeps_audio(manifest)  # training rows carry waveforms (and so do reviewed clips)
     review = None
     if cfg.extra_labels:
-        review = reviewed(cfg.extra_labels, features, cfg.wave_augment and keeps_audio(manifest), labels_of,
-                          clips_of, val_files, cfg.out)
+        review = reviewed(cfg.extra_labels, features, wave, labels_of, clips_of, val_files, cfg.out)
         print(review.describe(), flush=True)
         if review.unreadable:
             print(f"warning: {len(review.unreadable)} reviewed file(s) could not be read, their answers are left out: "
@@ -141,7 +141,6 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     print(f"budget: {budget.describe(cfg.epochs)}", flush=True)
     for line in small_data_warnings(budget, cfg, labels_of, val_files):
         print(f"warning: {line}", flush=True)
-    wave = cfg.wave_augment and keeps_audio(manifest)
     if budget.passes > 1:  # one streaming pass over rows repeated, not several passes (each costs a start-up)
         repeats = {lab: budget.passes * (repeats or {}).get(lab, 1.0) for lab in labels}
     ds = datasets(uris, val_files, wave, repeats, review)

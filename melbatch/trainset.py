@@ -235,13 +235,20 @@ class Reviewed:
     answered: int = 0
     skipped: int = 0  # rows left empty or "skip"
     relabel: dict[str, str] = field(default_factory=dict)  # "uri<TAB>clip_index" -> label, training files only
-    corrected: int = 0  # of those, answers that differ from the folder's label
-    confirmed: int = 0  # answers equal to it
     in_validation: int = 0  # answers for validation files, not applied
     added: Counter = field(default_factory=Counter)  # label -> clips added from files outside the shards
     added_uri: URI | None = None
     unreadable: list[str] = field(default_factory=list)  # files of added clips that could not be read
     moved: list[tuple[str, str]] = field(default_factory=list)  # (folder label, reviewed label) per relabelled clip
+
+    @property
+    def corrected(self) -> int:
+        """Answers for training clips that differ from the folder's label."""
+        return sum(old != new for old, new in self.moved)
+
+    @property
+    def confirmed(self) -> int:
+        return len(self.moved) - self.corrected
 
     def labels(self) -> set[str]:
         return set(self.relabel.values()) | set(self.added)
@@ -277,8 +284,6 @@ def reviewed(uri: URI, features: FeatureConfig, keep_audio: bool, labels_of: dic
         else:
             r.relabel[f"{a.uri}\t{a.clip_index}"] = a.label
             r.moved.append((labels_of[a.uri], a.label))
-            r.corrected += a.label != labels_of[a.uri]
-            r.confirmed += a.label == labels_of[a.uri]
     rows: list[ClipRow] = []
     for file_uri, wanted in sorted(outside.items()):
         got = _read_clips(file_uri, {a.clip_index: a for a in wanted}, features, keep_audio)
