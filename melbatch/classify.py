@@ -26,6 +26,7 @@ mean wins and its mean is the file's ``probability``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -40,7 +41,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from melbatch import URI, storage
+from melbatch import URI, detections, storage
 from melbatch.audio import DecodeError
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig
 from melbatch.console import progress as progress_bar
@@ -69,6 +70,7 @@ from melbatch.runs import (
     write_part,
 )
 from melbatch.shards import (
+    DETECTION_DIR,
     MANIFEST,
     PREDICTION_DIRS,
     QUARANTINE,
@@ -103,6 +105,7 @@ class Summary(RunSummary):
     model_id: str
     config_hash: str
     classified: int = 0
+    events: dict[str, int] = dataclasses.field(default_factory=dict)  # label -> events detected
     new_audio_s: float = 0.0  # audio in batches this run did (not resumed): what the throughput counts
 
     def _head(self) -> list[str]:
@@ -111,6 +114,11 @@ class Summary(RunSummary):
 
     def _rated_audio_s(self) -> float:
         return self.new_audio_s
+
+    def _clips_line(self) -> str:
+        found = ", ".join(f"{label} {n}" for label, n in sorted(self.events.items()))
+        return (f"  clips        {self.clips:>8}\n  events       {sum(self.events.values()):>8}"
+                f"{f'  ({found}; detections/)' if found else ''}")
 
     def _quarantine_uri(self) -> URI:
         return storage.join(self.out, QUARANTINE)
@@ -124,9 +132,24 @@ def preflight_model(cfg: ClassifyConfig) -> dict[str, Any]:
         meta = {**read_package_meta(cfg.model), "root": storage.canonical(package_root(cfg.model))}
     except ModelError as e:
         raise ConfigError(f"MODEL: {e}") from None
+    detection(cfg, meta)  # a --threshold for a label the model does not have fails here
     storage.check_readable(cfg.archive)
     storage.check_writable(cfg.out)
     return meta
+
+
+def detection(cfg: ClassifyConfig, meta: dict[str, Any]) -> detections.Settings:
+    """How this run detects events: the thresholds per label (a multi-label package's own where --threshold
+    does not set them), and the clip hop (``--clip-hop-s``, else the model's)."""
+    hop = cfg.clip_hop_s or FeatureConfig.from_dict(meta["feature_config"]).clip_hop_s
+    return detections.Settings.of(cfg.threshold, meta["labels"], hop, cfg.min_event_s, cfg.gap_s,
+                                  meta.get("thresholds"))
+
+
+def decode_features(meta: dict[str, Any], detect: detections.Settings) -> FeatureConfig:
+    """The package's features, clips cut ``detect.hop_s`` apart: each image is made as in training (the
+    hop says where clips start, not what an image is), so the outputs keep the package's config hash."""
+    return dataclasses.replace(FeatureConfig.from_dict(meta["feature_config"]), clip_hop_s=detect.hop_s)
 
 
 def preflight(cfg: ClassifyConfig) -> dict[str, Any]:
@@ -178,7 +201,9 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     t0 = time.perf_counter()
     summary = Summary(archive=storage.canonical(cfg.archive), out=out, model_id=meta["model_id"],
                       config_hash=meta["config_hash"], inputs=len(refs), skipped=skipped or {})
-    salt = f"classify {meta['model_id']} {meta['config_hash']} top{cfg.top_k} emb{int(cfg.keep_embeddings)}"
+    detect = detection(cfg, meta)
+    salt = (f"classify {meta['model_id']} {meta['config_hash']} top{cfg.top_k} emb{int(cfg.keep_embeddings)} "
+            f"detect {detect}")
     batches = [(content_id(salt, (r.key() for r in b)), b)
                for b in batch_plan(refs, cfg.files_per_task, cfg.task_mb * 1e6)]
     crash_point("classify:listed")
@@ -203,11 +228,12 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
 
         try:
             with ThreadPoolExecutor(FINISHERS) as pool:
-                for chunk in pipeline(cfg, meta, out, todo).iter_rows():
+                for chunk in pipeline(cfg, meta, detect, out, todo).iter_rows():
                     parts = chunks.setdefault(chunk["batch"], [])
                     parts.append(chunk)
                     if _complete(parts):
-                        finishing.add(pool.submit(finish_batch, out, chunk["batch"], chunks.pop(chunk["batch"]), meta))
+                        finishing.add(pool.submit(finish_batch, out, chunk["batch"], chunks.pop(chunk["batch"]), meta,
+                                                  detect))
                     done = {f for f in finishing if f.done()}
                     finishing -= done
                     collect(done)
@@ -221,12 +247,14 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     for bid, _ in batches:
         r = results[bid]
         summary.add(r)
+        for label, n in r.get("events", {}).items():
+            summary.events[label] = summary.events.get(label, 0) + n
         summary.new_audio_s += r["audio_s"] if bid not in resumed else 0.0
         quarantine.extend(r["quarantine"])
         for d in PREDICTION_DIRS:
             outputs[d].extend(r["outputs"].get(d, []))
     summary.close(quarantine, t0)
-    commit(out, "classify", quarantine, _manifest(cfg, meta, summary, outputs), PREDICTION_DIRS,
+    commit(out, "classify", quarantine, _manifest(cfg, meta, detect, summary, outputs), PREDICTION_DIRS,
            {p for d in PREDICTION_DIRS for p in outputs[d]}, {bid for bid, _ in batches})
     return summary
 
@@ -257,7 +285,8 @@ def size_actors(cfg: ClassifyConfig, cpus: float, gpus: float) -> tuple[int, flo
                           f"decoding on the other {cpus - actors * each:g} CPU(s){how}")
 
 
-def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tuple[str, list]]) -> Any:
+def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Settings, out: URI,
+             todo: list[tuple[str, list]]) -> Any:
     """The streaming Ray Data pipeline over the work batches still to do: decode → model → write."""
     cpus = ray.cluster_resources().get("CPU", 0)
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -272,7 +301,7 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
     # queue up to that budget. A fixed budget makes the decoders wait for the model instead.
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=cfg.inflight_mb * 1e6)
-    features_json = FeatureConfig.from_dict(meta["feature_config"]).canonical_json()
+    features_json = decode_features(meta, detect).canonical_json()
     # a work batch per block; from_items, not from_arrow of one-row tables: measured 15% faster end to end
     # (bench/classify.py's decode-bound setting: 160 x 30 s, test_resnet, 4 files per batch)
     rows = work_table(todo).to_pylist()
@@ -289,13 +318,14 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], out: URI, todo: list[tup
                         num_cpus=per_actor, num_gpus=1 if cfg.use_gpu else 0,
                         fn_constructor_kwargs={"model_uri": meta["root"], "batch_size": cfg.batch_size,
                                                "top_k": cfg.top_k, "embeddings": cfg.keep_embeddings,
-                                               "use_gpu": cfg.use_gpu, "threads": max(1, int(per_actor))})
+                                               "use_gpu": cfg.use_gpu, "threads": max(1, int(per_actor)),
+                                               "thresholds": detect.thresholds})
     # writers are light (a fraction of a CPU) and few: each is a process that would otherwise linger
     return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                           compute=ray.data.TaskPoolStrategy(size=max(1, actors)), fn_kwargs={"out": out})
 
 
-def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], summary: Summary,
+def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Settings, summary: Summary,
               outputs: dict[str, list[str]]) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("address",)}
     return {
@@ -308,10 +338,13 @@ def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], summary: Summary,
         "feature_config": meta["feature_config"],
         "config_hash": meta["config_hash"],
         "aggregation": AGGREGATION,
+        "clip_hop_s": detect.hop_s,  # where clips start here (the package's feature_config keeps its own)
+        "detection": detect.describe(meta["labels"]),
         **{d: sorted(outputs[d]) for d in PREDICTION_DIRS},
         "counts": {"inputs": summary.inputs, "classified": summary.classified, "quarantined": summary.quarantined,
                    "clips": summary.clips, "audio_seconds": round(summary.audio_s, 3),
-                   "skipped_by_filters": sum(summary.skipped.values())},
+                   "skipped_by_filters": sum(summary.skipped.values()), "events": sum(summary.events.values())},
+        "event_counts": dict(sorted(summary.events.items())),
         "skipped": summary.skipped,
         "label_counts": dict(sorted(summary.labels.items())),
         "quarantine_kinds": summary.quarantine_kinds,
@@ -417,11 +450,12 @@ class Predictor:
     predictions (``clips``) and, per file, the sum of its clips' probabilities (``sums``)."""
 
     def __init__(self, model_uri: URI, batch_size: int, top_k: int, embeddings: bool, use_gpu: bool,
-                 threads: int) -> None:
+                 threads: int, thresholds: tuple[float, ...]) -> None:
         torch.set_num_threads(threads)
         pkg = load_package(model_uri)
         self.pkg = Package(pkg.model.to(torch.device("cuda" if use_gpu else "cpu")).eval(), pkg.meta)
         self.batch_size, self.k, self.embeddings = batch_size, min(top_k, len(pkg.labels)), embeddings
+        self.thresholds = np.asarray(thresholds, np.float64)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.concat_tables([self._predict(batch.slice(i, 1)) for i in range(batch.num_rows)])
@@ -433,7 +467,8 @@ class Predictor:
         predictions = self._clip_table(clips, probs, emb).to_struct_array().combine_chunks()
         return chunk.select([f.name for f in CHUNK_FIELDS]).append_column(
             "clips", _listed(predictions)).append_column("sums", _listed(pa.array(
-                [{"uri": u, "probability_sum": a, "clips": n} for u, (a, n) in sums.items()], SUMS)))
+                [{"uri": u, "probability_sum": a, "clips": n} for u, (a, n) in sums.items()], SUMS))).append_column(
+            "hits", _listed(detections.hits(clips, probs, self.thresholds)))
 
     def _clip_table(self, clips: pa.Table, probs: np.ndarray, emb: np.ndarray | None) -> pa.Table:
         labels = np.array(self.pkg.labels, dtype=object)
@@ -476,10 +511,12 @@ def _complete(chunks: list[dict[str, Any]]) -> bool:
     return bool(last) and len(chunks) == last[0] + 1
 
 
-def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[str, Any],
+                 detect: detections.Settings) -> dict[str, Any]:
     """A batch whose chunks are all written (the driver's rows of :func:`write_batch`): its per-file
     verdicts (``files/<batch>.parquet``: the mean of each file's clip probabilities, the best label
-    wins), then its part file, which marks it done; returns its result."""
+    wins), its events (``detections/<batch>.parquet``, when there are any), then its part file,
+    which marks it done; returns its result."""
     chunks = sorted(chunks, key=lambda c: c["seq"])
     files, labels = chunks[-1]["files"], meta["labels"]
     sums: FileSums = {}
@@ -497,10 +534,17 @@ def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[st
     if files:
         outputs["files"] = [f"files/{bid}.parquet"]
         write_table(storage.join(out, outputs["files"][0]), table)
+    hits = pa.Table.from_pylist([h for c in chunks for h in c["hits"]], pa.schema(list(detections.HIT)))
+    found = detections.events(hits, labels, {f["uri"]: f["etag"] for f in files}, detect.hop_s, detect.min_event_s,
+                              detect.gap_s, meta["model_id"])
+    if found.num_rows:
+        outputs[DETECTION_DIR] = [f"{DETECTION_DIR}/{bid}.parquet"]
+        write_table(storage.join(out, outputs[DETECTION_DIR][0]), found)
     result = {"batch": bid, "classified": len(files), "clips": sum(c["clips"] for c in chunks),
               "audio_s": sum(f["duration_s"] for f in files), "quarantine": chunks[-1]["quarantine"],
               "labels": dict(Counter(table.column("label").to_pylist())),
               "decoders": dict(Counter(f["decoder"] for f in files)),
+              "events": dict(Counter(found.column("label").to_pylist())),
               "nodes": dict(Counter(c["node"] for c in chunks if c["seq"] == 0)), "outputs": outputs}
     write_part(out, bid, result)
     return result

@@ -16,9 +16,9 @@ import traceback
 from typing import Any
 
 from melbatch import __version__, ledger
-from melbatch.config import ConfigError, FeatureConfig, ReviewConfig, SimilarConfig, build
+from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig, ReviewConfig, SimilarConfig, build
 from melbatch.console import set_verbose
-from melbatch.options import JOBS, add_dataclass_flags, given
+from melbatch.options import JOBS, add_dataclass_flags, flag_names, given
 
 EXIT_QUARANTINE = 4
 EXIT_BUSY = 5
@@ -42,8 +42,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\ntrained {cfg.model} on {cfg.shards}: best epoch {m['best_epoch']}/{cfg.epochs}  "
           f"val_accuracy {m['val_accuracy']:.3f}  macro_f1 {m['macro_f1']:.3f}  "
           f"({m['split']['train_files']} train / {m['split']['val_files']} val files)")
+    if m.get("multi_label"):
+        print(f"multi-label: macro mAP {m['val_map']:.3f}; val_accuracy is the share of clips with every label right; "
+              "each label's threshold was chosen on the validation split (best F1) and is kept in the package")
     for lab, pc in m["per_class"].items():
-        print(f"  {lab:<16} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  support {pc['support']}")
+        extra = f"  f1 {pc['f1']:.3f}  threshold {pc['threshold']:.3f}" if m.get("multi_label") else ""
+        print(f"  {lab:<16} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  support {pc['support']}{extra}")
     print(f"started from: {Source.from_dict(m['initial_weights']).describe()}")
     print(f"model package: {m['model_package']}\nmetrics: {cfg.out.rstrip('/')}/metrics.json")
     return 0
@@ -95,9 +99,47 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detections(args: argparse.Namespace) -> int:
+    from melbatch import detections, storage
+
+    if args.format in ("parquet", "raven") and not args.output:
+        raise ConfigError(f"--format {args.format} needs -o/--output "
+                          f"{'FOLDER (one selection table per source file)' if args.format == 'raven' else 'FILE'}")
+    table, manifest = detections.combined(args.out, args.label or (), args.min_probability)
+    if args.format == "raven":
+        top_hz = detections.high_freq_hz(manifest["feature_config"])
+        tables = detections.raven_tables(table, manifest["archive"], top_hz)
+        for rel, data in tables.items():
+            storage.write_bytes(storage.join(args.output, rel), data)
+        print(f"{table.num_rows} events in {len(tables)} Raven selection table(s) -> {args.output}", file=sys.stderr)
+        return 0
+    data = detections.render_text(table) if args.format == "table" else ledger.export(table, args.format)
+    if args.output:
+        storage.write_bytes(args.output, data)
+        print(f"{table.num_rows} events -> {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(data.decode())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from melbatch import portable
+    from melbatch.model import ModelError
+
+    try:
+        exported = portable.export(args.model, args.dest)
+    except ModelError as e:
+        raise ConfigError(f"MODEL: {e}") from None
+    print(exported.render())
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from melbatch import pictures
     from melbatch.model import ModelError, read_package_meta
+
+    if args.timeline:
+        return _show_timeline(args)
 
     base: dict[str, Any] = {}
     if args.model and args.uris and not (args.shards or args.predictions):
@@ -107,7 +149,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             raise ConfigError(f"--model: {e}") from None
     try:
         cfg, panels = pictures.sheet(args.uris, given(args, FeatureConfig), args.shards, args.predictions, base,
-                                     per_file=args.clips, start_s=args.start, seconds=args.seconds or None,
+                                     per_file=args.clips, start_s=args.start,
+                                     seconds=10.0 if args.seconds is None else args.seconds or None,
                                      compare=args.compare)
     except ConfigError:
         raise
@@ -116,6 +159,29 @@ def cmd_show(args: argparse.Namespace) -> int:
     out = pictures.render(panels, cfg, args.output)
     print(f"wrote {out.uri} ({out.width}x{out.height}, {len(panels)} panel(s), features {cfg.hash()}: "
           f"{pictures.describe_steps(cfg)})")
+    return 0
+
+
+def _show_timeline(args: argparse.Namespace) -> int:
+    from melbatch import timeline
+    from melbatch.model import ModelError
+
+    if not args.model or len(args.uris) != 1 or args.shards or args.predictions:
+        raise ConfigError("--timeline draws one audio URI with its --model: melbatch show URI --model MODEL --timeline")
+    changed = sorted(set(given(args, FeatureConfig)) - {"clip_hop_s"})
+    if changed:
+        raise ConfigError(f"--timeline scores with the model's own features; only --clip-hop-s may change, not "
+                          f"{', '.join('--' + c.replace('_', '-') for c in changed)}")
+    try:
+        tl = timeline.of_model(args.uris[0], args.model, args.start, args.seconds or None, tuple(args.threshold or ()),
+                               args.clip_hop_s, args.min_event_s or 0.0, args.gap_s or 0.0)
+    except ModelError as e:
+        raise ConfigError(f"--model: {e}") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    pic = timeline.draw(tl, args.output)
+    print(f"wrote {pic.uri} ({pic.width}x{pic.height}): {tl.start_s:.1f}-{tl.end_s:.1f} s, {len(tl.times)} clips, "
+          f"{len(tl.events)} events ({', '.join(sorted({e['label'] for e in tl.events})) or 'none'})")
     return 0
 
 
@@ -226,6 +292,40 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--status", choices=["classified", "quarantined"], default=None, help="only these objects")
     r.set_defaults(func=cmd_results)
 
+    e = sub.add_parser("detections", help="the events detected in long recordings: one table for the archive, or "
+                       "Raven selection tables",
+                       description="Every event of OUT (a classify or scan output; for a scan the current ones): "
+                       "runs of clips whose probability for a label reached its threshold (classify's --threshold, "
+                       "--min-event-s, --gap-s, recorded in the manifest), with uri, etag, label, start_s, end_s, "
+                       "probability_max, probability_mean, clips. --format raven writes one Raven Pro selection "
+                       "table per source file with events (tab-separated: Selection, View, Channel, Begin Time (s), "
+                       "End Time (s), Low Freq (Hz), High Freq (Hz), Annotation, Score), named after the file's "
+                       "path under the archive with .Table.1.selections.txt, as Raven, OpenSoundscape and "
+                       "BirdNET's tools read them.")
+    e.add_argument("out", metavar="OUT", help="a classify or scan output")
+    e.add_argument("--format", choices=("table", "csv", "json", "parquet", "raven"), default="table",
+                   help="table (default), csv, json (one event per line), parquet (needs --output), raven (needs "
+                        "--output FOLDER)")
+    e.add_argument("-o", "--output", default=None, help="write to this URI instead of stdout (a folder for raven)")
+    e.add_argument("--label", action="append", default=None, help="only events of this label; repeatable")
+    e.add_argument("--min-probability", type=float, default=0.0,
+                   help="only events whose peak probability is at least this (default: all)")
+    e.set_defaults(func=cmd_detections)
+
+    x = sub.add_parser("export", help="a model package as one ONNX graph: mono audio in, probabilities out, the "
+                       "log-mel inside",
+                       description="Write MODEL (a train OUT or its model/ folder) as one ONNX graph that any ONNX "
+                       "runtime runs without melbatch: input 'audio', float32 [batch, clip samples] of mono audio at "
+                       "the package's sample rate (cut your recording into clips of the package's length, as "
+                       "classify does); outputs 'probabilities' [batch, labels] and 'logmel' [batch, n_mels, "
+                       "n_frames], the image the model saw. Every feature-engineering step of the package's config "
+                       "is inside the graph. Labels, sample rate, clip length and the feature config are in the "
+                       "graph's metadata. Before writing, the graph is run with onnxruntime and compared with "
+                       "melbatch's own probabilities on check clips (at most 1e-3 apart, or nothing is written).")
+    x.add_argument("model", metavar="MODEL", help="a train OUT or its model/ folder (any URI)")
+    x.add_argument("dest", metavar="OUT.onnx", help="where the graph goes (any URI)")
+    x.set_defaults(func=cmd_export)
+
     w = sub.add_parser("show", help="waveform + log-mel spectrogram pictures of audio files, stored or classified "
                        "clips (PNG)",
                        description="Draw one PNG sheet: for each input its waveform above its log-mel spectrogram "
@@ -235,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
                        "or with --shards the stored clips of a featurize output, or with --predictions the "
                        "classified clips of a classify output (source URIs, or none for a few clips of each label; "
                        "for predictions the least confident ones). --compare draws each clip twice: plain log-mel, "
-                       "then with the feature-engineering steps (try --denoise gate --compare).")
+                       "then with the feature-engineering steps (try --denoise gate --compare). --timeline draws one "
+                       "long recording with --model's probabilities over time and its events.")
     w.add_argument("uris", metavar="URI", nargs="*", help="audio objects (or, with --shards/--predictions, source "
                    "files)")
     w.add_argument("-o", "--output", default="melbatch-show.png", help="PNG to write (any URI) (default: %(default)s)")
@@ -245,11 +346,18 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--model", default=None, help="a model package: use its feature config for audio inputs")
     w.add_argument("--compare", action="store_true", help="each clip before and after the feature-engineering steps")
     w.add_argument("--start", type=float, default=0.0, help="audio inputs: seconds to skip (default: %(default)s)")
-    w.add_argument("--seconds", type=float, default=10.0, help="audio inputs: seconds to show, 0 for all "
-                   "(default: %(default)s)")
+    w.add_argument("--seconds", type=float, default=None, help="audio inputs: seconds to show, 0 for all (default: "
+                   "10, or all of it with --timeline)")
+    w.add_argument("--timeline", action="store_true", help="one long recording on one time axis: its spectrogram "
+                   "(averaged down to fit), each label's probability over time (--model scores its clips as "
+                   "classify does; --clip-hop-s for finer steps) and the events classify would detect "
+                   "(--threshold, --min-event-s, --gap-s)")
     w.add_argument("--clips", type=int, default=1, help="--shards/--predictions: clips per source file "
                    "(default: %(default)s)")
     add_dataclass_flags(w, FeatureConfig, "features for audio inputs (over --model's or the defaults)")
+    detect = ("threshold", "min_event_s", "gap_s")
+    add_dataclass_flags(w, ClassifyConfig, "detections, with --timeline (as classify's)",
+                        exclude=[n for n in flag_names(ClassifyConfig) if n not in detect])
     w.set_defaults(func=cmd_show)
 
     o = sub.add_parser("report", help="a static HTML report of a featurize, train, classify or scan output",

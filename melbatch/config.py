@@ -325,7 +325,8 @@ class FeaturizeConfig:
         f"comma-separated file extensions to read (known: {','.join(AUDIO_EXTENSIONS)})")
     labels: str = flag("folder",
         "'folder' (SRC/<label>/.../<file>: the first folder under SRC is the label, as in torchvision's "
-        "ImageFolder), 'none', or the URI of a .csv/.jsonl manifest with uri,label")
+        "ImageFolder), 'none', or the URI of a .csv/.jsonl manifest with uri,label (several rows per file, or "
+        "start_s,end_s columns for time spans, give clips several labels: train them with --multi-label)")
     label_depth: int = flag(1,
         "with --labels folder: which folder names the label: 1 the first under SRC (dog/2024-05-01/a.wav is "
         "'dog'), 2 the one below it, -1 the file's own folder")
@@ -437,6 +438,11 @@ class TrainConfig:
         "a reviewed labels.csv of `melbatch review` (label column filled): the reviewer's labels win for those "
         "clips of training files, clips of files outside SHARDS are read from the archive and added to training, "
         "answers for validation files are left out (so the held-out accuracy stays comparable)")
+    multi_label: bool = flag(False,
+        "several labels per clip (birds over rain): sigmoid outputs and binary cross-entropy; labels from a "
+        "manifest with several rows (or labels a;b) per file or rows with start_s,end_s per time span; each label's "
+        "detection threshold is chosen on the validation split (best F1) and kept in the package; macro mAP and "
+        "per-label F1 in metrics.json")
     lr: float = flag(1e-3, "peak learning rate (AdamW) of the new head")
     backbone_lr_scale: float = flag(1.0, "the pretrained backbone learns at lr x this (1 = the same rate)")
     weight_decay: float = flag(0.05, "AdamW weight decay (not on biases and norms)")
@@ -515,6 +521,26 @@ class TrainConfig:
         _require(self.max_failures >= -1, "max_failures must be >= -1 (-1 = retry forever)")
 
 
+DEFAULT_THRESHOLD = 0.5  # a label's detection threshold when --threshold does not set it
+
+
+def parse_threshold(spec: str | float) -> tuple[str | None, float]:
+    """One ``--threshold`` value: ``P`` (every label) or ``LABEL=P``; ``LABEL=off`` is ``inf`` (never)."""
+    text = str(spec).strip()
+    label, _, value = text.rpartition("=") if "=" in text else (None, "", text)
+    if label is not None and not label:
+        raise ConfigError(f"--threshold {text!r}: write P or LABEL=P (e.g. 0.5 or engine=0.8)")
+    if label is not None and value.strip().lower() == "off":
+        return label, float("inf")
+    try:
+        p = float(value)
+    except ValueError:
+        raise ConfigError(f"--threshold {text!r}: {value!r} is not a probability; write P or LABEL=P "
+                          "(e.g. 0.5 or engine=0.8), or LABEL=off") from None
+    _require(0 < p <= 1, f"--threshold {text!r}: a probability in (0, 1]")
+    return label, p
+
+
 @dataclass(frozen=True)
 class ClassifyConfig:
     """Which archive to classify with which model package, and how to spread the work.
@@ -537,6 +563,14 @@ class ClassifyConfig:
         "CPUs reserved per model actor, the rest decode (default: chosen from the cluster: half the CPUs "
         "shared by the actors, decoding keeps at least one)")
     top_k: int = flag(3, "labels and probabilities kept per clip, best first")
+    threshold: tuple[str, ...] = flag((),
+        f"detections: P sets every label's threshold (default {DEFAULT_THRESHOLD}), LABEL=P one label's, LABEL=off "
+        "never detects LABEL; repeatable, later values win (e.g. --threshold 0.6 --threshold engine=0.8)")
+    min_event_s: float = flag(0.0, "detections: drop events shorter than this many seconds")
+    gap_s: float = flag(0.0, "detections: merge events of one label at most this many seconds apart")
+    clip_hop_s: float | None = flag(None,
+        "seconds between clip starts here (default: the model's): below its clip length for overlapping clips and "
+        "finer event times; the images stay the model's, and so does the config hash the outputs carry")
     keep_embeddings: bool = flag(False,
         "also store each clip's pooled penultimate features, for `melbatch similar` and the report's archive map "
         "(measured: classify ~10% slower, clip tables 5-15x bigger, about 1 MB per hour of audio)")
@@ -559,6 +593,13 @@ class ClassifyConfig:
         _require(self.cpus_per_actor is None or self.cpus_per_actor > 0,
                  "cpus_per_actor must be > 0 (fractions are fine), or left out to size from the cluster")
         _require(self.top_k >= 1, f"top_k={self.top_k}: at least 1")
+        object.__setattr__(self, "threshold", tuple(str(t) for t in self.threshold))
+        for t in self.threshold:
+            parse_threshold(t)
+        _require(self.min_event_s >= 0 and self.gap_s >= 0,
+                 f"min_event_s={self.min_event_s}, gap_s={self.gap_s}: seconds, 0 or more")
+        _require(self.clip_hop_s is None or self.clip_hop_s > 0,
+                 f"clip_hop_s={self.clip_hop_s}: seconds between clip starts, > 0 (or leave it out for the model's)")
         _require(self.files_per_task >= 1 and self.task_mb > 0, "files_per_task must be >= 1 and task_mb > 0")
         _require(self.inflight_mb > 0, f"inflight_mb={self.inflight_mb}: give the object store budget in MB (> 0)")
         _require(self.silence_dbfs < 0, f"silence_dbfs={self.silence_dbfs}: must be negative (dB full scale)")

@@ -68,31 +68,58 @@ def _logmel(samples: np.ndarray, cfg: FeatureConfig) -> torch.Tensor:
     return logmel_tensor(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), cfg)
 
 
-def logmel_tensor(x: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+def logmel_tensor(x: torch.Tensor, cfg: FeatureConfig, portable: bool = False) -> torch.Tensor:
     """:func:`compute_logmel` on a tensor: one clip ``(samples,)`` or a batch ``(n, samples)`` on any device.
 
     Training recomputes images from augmented waveforms with this, on the training device, so
-    the pictures a model learns from are made by the same maths as the stored ones.
+    the pictures a model learns from are made by the same maths as the stored ones. ``portable``
+    (a batch of clips of ``cfg.clip_samples``) uses only operations every ONNX runtime has: the STFT
+    as a convolution with the windowed DFT basis, PCEN's smoother as a product with its impulse
+    response (``melbatch export`` puts this function inside the graph); the same maths otherwise.
     """
     window, fb, dense = _logmel_parts(cfg)
-    if x.ndim != 1 or x.device.type != "cpu":
+    if x.ndim != 1 or x.device.type != "cpu" or portable:
         fb = dense.to(x.device)  # sparse CSR products are 2-D and CPU-only
-    spec = torch.stft(x, cfg.n_fft, cfg.hop_length, cfg.win_length, window.to(x.device), center=True,
-                      pad_mode="reflect", return_complex=True)
-    power = spec.real.square() + spec.imag.square()
+    if portable:
+        power = _power_by_convolution(x, cfg)
+    else:
+        spec = torch.stft(x, cfg.n_fft, cfg.hop_length, cfg.win_length, window.to(x.device), center=True,
+                          pad_mode="reflect", return_complex=True)
+        power = spec.real.square() + spec.imag.square()
     mel = fb @ power
     if cfg.denoise != "none":
         mel = spectral_gate(mel, cfg)
     if cfg.band_emphasis:
         mel = mel * _emphasis(cfg).to(mel.device)
     if cfg.compression == "pcen":
-        image = pcen(mel, cfg)
+        image = pcen(mel, cfg, portable)
     else:
         image = mel.clamp_(min=1e-10).log10_().mul_(10.0)
         if cfg.top_db is not None:
             peak = image.amax(dim=(-2, -1), keepdim=True)
             image = torch.maximum(image, peak - cfg.top_db)
     return clip_normalize(image, cfg.clip_norm)
+
+
+@lru_cache(maxsize=8)
+def _dft_basis(cfg: FeatureConfig) -> torch.Tensor:
+    """``(2 * n_freqs, 1, n_fft)``: the Hann window (centred in n_fft, as torch.stft pads it) times the
+    cosines, then times the sines, of each FFT bin: a convolution with it is the STFT's real and
+    imaginary parts."""
+    window = np.zeros(cfg.n_fft)
+    left = (cfg.n_fft - cfg.win_length) // 2
+    window[left: left + cfg.win_length] = torch.hann_window(cfg.win_length, dtype=torch.float64).numpy()
+    angle = 2 * np.pi * np.outer(np.arange(cfg.n_fft // 2 + 1), np.arange(cfg.n_fft)) / cfg.n_fft
+    basis = np.concatenate([np.cos(angle), -np.sin(angle)]) * window
+    return torch.from_numpy(basis).float().unsqueeze(1)
+
+
+def _power_by_convolution(x: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """The centred, reflect-padded STFT's power of clips ``(n, samples)``, as a strided convolution."""
+    padded = torch.nn.functional.pad(x.unsqueeze(1), (cfg.n_fft // 2, cfg.n_fft // 2), mode="reflect")
+    spec = torch.nn.functional.conv1d(padded, _dft_basis(cfg).to(x.device), stride=cfg.hop_length)
+    re, im = spec.split(cfg.n_fft // 2 + 1, dim=1)
+    return re.square() + im.square()
 
 
 def spectral_gate(mel: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
@@ -105,7 +132,7 @@ def spectral_gate(mel: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     fluctuations above its mean), but never below ``denoise_reduction_db`` under the original.
     ``gate``: values below the threshold are lowered by ``denoise_reduction_db``, the rest kept.
     """
-    frames = mel.shape[-1]
+    frames = int(mel.shape[-1])  # an int also while torch.onnx traces it
     k = max(1, round(cfg.denoise_quantile * frames))
     energy = mel.sum(dim=-2)
     rank = torch.where(energy > 1e-10 * mel.shape[-2], energy, torch.full_like(energy, float("inf")))
@@ -118,25 +145,45 @@ def spectral_gate(mel: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     return torch.where(mel > threshold, mel, mel * keep)
 
 
-def pcen(mel: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+def pcen(mel: torch.Tensor, cfg: FeatureConfig, portable: bool = False) -> torch.Tensor:
     """Per-channel energy normalisation of mel power ``(..., n_mels, frames)``, as ``librosa.pcen``.
 
     ``E`` is the mel power scaled by 2**31 (the scale librosa's documentation recommends for
     audio in [-1, 1]); ``M`` is ``E`` smoothed over time by a first-order IIR filter whose time
     constant is ``pcen_time_constant_s``, started in steady state at the first frame (librosa's
     default starts it empty, which gives every clip a bright onset); the output is
-    ``(E / (eps + M)**gain + bias)**power - bias**power``.
+    ``(E / (eps + M)**gain + bias)**power - bias**power``. ``portable`` runs the filter as a product
+    with its impulse response over the clip's frames (the same numbers, in operations ONNX has).
     """
-    t = cfg.pcen_time_constant_s * cfg.sample_rate_hz / cfg.hop_length
-    b = (math.sqrt(1 + 4 * t * t) - 1) / (2 * t * t)
+    b = _pcen_b(cfg)
     e = mel.double() * 2.0**31  # float64: the IIR runs over hundreds of frames of values up to ~1e13
     first = e[..., :1]
-    coeffs = {"a_coeffs": torch.tensor([1.0, b - 1.0], dtype=e.dtype, device=e.device),
-              "b_coeffs": torch.tensor([b, 0.0], dtype=e.dtype, device=e.device)}
-    m = torchaudio.functional.lfilter(e - first, clamp=False, **coeffs) + first
+    if portable:
+        m = (e - first) @ _pcen_response(cfg, int(e.shape[-1])).to(e.device) + first
+    else:
+        coeffs = {"a_coeffs": torch.tensor([1.0, b - 1.0], dtype=e.dtype, device=e.device),
+                  "b_coeffs": torch.tensor([b, 0.0], dtype=e.dtype, device=e.device)}
+        m = torchaudio.functional.lfilter(e - first, clamp=False, **coeffs) + first
     smooth = torch.exp(-cfg.pcen_gain * (math.log(cfg.pcen_eps) + torch.log1p(m / cfg.pcen_eps)))
-    out = cfg.pcen_bias**cfg.pcen_power * torch.expm1(cfg.pcen_power * torch.log1p(e * smooth / cfg.pcen_bias))
+    grown = cfg.pcen_power * torch.log1p(e * smooth / cfg.pcen_bias)
+    # ONNX has no expm1; in float64 exp(x) - 1 stays within 1e-12 of it here (outputs are O(1))
+    out = cfg.pcen_bias**cfg.pcen_power * (torch.exp(grown) - 1 if portable else torch.expm1(grown))
     return out.to(mel.dtype)
+
+
+def _pcen_b(cfg: FeatureConfig) -> float:
+    """The PCEN smoother's coefficient for its time constant (librosa's formula)."""
+    t = cfg.pcen_time_constant_s * cfg.sample_rate_hz / cfg.hop_length
+    return (math.sqrt(1 + 4 * t * t) - 1) / (2 * t * t)
+
+
+@lru_cache(maxsize=8)
+def _pcen_response(cfg: FeatureConfig, frames: int) -> torch.Tensor:
+    """``K`` with ``y = x @ K`` the smoother ``y[n] = b x[n] + (1 - b) y[n-1]`` started at rest:
+    ``K[j, n] = b (1 - b)**(n - j)`` for ``n >= j``."""
+    b = _pcen_b(cfg)
+    lag = np.arange(frames)[None, :] - np.arange(frames)[:, None]
+    return torch.from_numpy(np.where(lag >= 0, b * (1 - b) ** np.maximum(lag, 0), 0.0))
 
 
 def clip_normalize(image: torch.Tensor, how: str) -> torch.Tensor:

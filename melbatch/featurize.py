@@ -31,7 +31,7 @@ from melbatch import URI, storage
 from melbatch.audio import DecodeError, open_audio
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.console import progress as progress_bar
-from melbatch.labels import NO_LABEL, Labeler
+from melbatch.labels import NO_LABEL, Labeler, Spans, clip_label
 from melbatch.runs import (
     RunSummary,
     chunked,
@@ -121,7 +121,7 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     summary.inputs = len(refs)
     crash_point("featurize:listed")
     quarantine: list[dict[str, Any]] = []
-    work: list[tuple[storage.ObjectRef, str | None]] = []
+    work: list[tuple[storage.ObjectRef, str | Spans | None]] = []
     for ref in refs:
         label = labeler(ref.uri)
         if label is NO_LABEL:
@@ -255,13 +255,13 @@ def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results
     }
 
 
-def batch_id(features: FeatureConfig, batch: Iterable[tuple[storage.ObjectRef, str | None]],
+def batch_id(features: FeatureConfig, batch: Iterable[tuple[storage.ObjectRef, str | Spans | None]],
              keep_audio: bool = False) -> str:
     """A name derived from the batch's content: same inputs, features and layout, same name, on every attempt."""
     return content_id(features.hash() + "+audio" * keep_audio, (f"{ref.key()}\t{label}" for ref, label in batch))
 
 
-def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]], feature_json: str, dst: URI,
+def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans | None]], feature_json: str, dst: URI,
                     rows_per_shard: int, rows_per_row_group: int, silence_dbfs: float,
                     keep_audio: bool = False) -> dict[str, Any]:
     """One Ray task: featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
@@ -285,14 +285,15 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | None]],
                 continue
             with clips:  # the writer takes them a row group at a time, however long the file
                 for c, mel in clips:
-                    writer.add([ClipRow(ref.uri, ref.etag, ref.size, label, c.index, c.start_s, c.end_s,
+                    each = clip_label(label, c.start_s, c.end_s)  # a file's own, or its spans' over this clip
+                    writer.add([ClipRow(ref.uri, ref.etag, ref.size, each, c.index, c.start_s, c.end_s,
                                         info.decoder, info.sample_rate_hz, info.channels, mel,
                                         c.samples if keep_audio else None)])
+                    if each is not None:
+                        result["labels"][each] += 1
             result["featurized"] += 1
             result["clips"] += len(clips)
             result["audio_s"] += info.decoded_frames / info.sample_rate_hz
-            if label is not None:
-                result["labels"][label] += len(clips)
             result["decoders"][info.decoder] += 1
         result["shards"] = writer.close()
     except BaseException:

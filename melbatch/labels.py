@@ -7,7 +7,10 @@ first folder under SRC names the class, whatever lies below it (``dog/2024-05-01
 
 A manifest is a CSV with a header (columns ``uri,label``; ``path`` is accepted for ``uri``) or JSON
 Lines with the same keys. Its URIs may be absolute (``s3://…``, ``file://…``, ``/abs``) or relative
-to SRC.
+to SRC. Several labels at once (for ``train --multi-label``): a file may have several rows (or, in
+JSON Lines, a list of labels), and rows with ``start_s,end_s`` label a time span of the file only:
+a clip gets the labels of the spans it overlaps by at least half the shorter of the two, plus the
+file's own. Clips store their labels as one string (:mod:`melbatch.multilabel`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import posixpath
 from dataclasses import dataclass
 
-from melbatch import URI, storage
+from melbatch import URI, multilabel, storage
 from melbatch.config import ConfigError
 
 NO_LABEL = object()  # marks an object that needs a label and has none
@@ -26,17 +29,40 @@ REVIEWED_COLUMNS = ("uri", "clip_index", "start_s", "end_s", "predicted", "proba
 SKIP = "skip"  # a reviewed row with this label (or none) is left out
 
 
+@dataclass(frozen=True)
+class Spans:
+    """The labels of a file whose manifest rows name time spans: each clip gets its own label string."""
+
+    always: tuple[str, ...]  # the file's labels without a span
+    spans: tuple[tuple[float, float, str], ...]  # (start_s, end_s, label)
+
+    def of(self, start_s: float, end_s: float) -> str:
+        """The labels of the clip ``[start_s, end_s)``: the file's own, and those of the spans it overlaps
+        by at least half the shorter of the two."""
+        names = set(self.always)
+        for a, b, label in self.spans:
+            if min(end_s, b) - max(start_s, a) >= 0.5 * min(end_s - start_s, b - a):
+                names.add(label)
+        return multilabel.join(names)
+
+
+def clip_label(label: str | Spans | None, start_s: float, end_s: float) -> str | None:
+    """The label string of one clip of a file labelled ``label``."""
+    return label.of(start_s, end_s) if isinstance(label, Spans) else label
+
+
 class Labeler:
-    """Maps an object URI to its label (``None`` for unlabelled archives, ``NO_LABEL`` if missing)."""
+    """Maps an object URI to its label (``None`` for unlabelled archives, ``NO_LABEL`` if missing; a
+    :class:`Spans` when the manifest labels time spans of it)."""
 
     def __init__(self, source: str, src: URI, depth: int = 1):
         self.source, self.depth = source, depth
         self.src = storage.canonical(src)
-        self.table: dict[URI, str] | None = None
+        self.table: dict[URI, str | Spans] | None = None
         if source not in ("folder", "none"):
             self.table = load_manifest(source, self.src)
 
-    def __call__(self, uri: URI) -> str | object | None:
+    def __call__(self, uri: URI) -> str | Spans | object | None:
         if self.source == "none":
             return None
         if self.table is not None:
@@ -56,45 +82,72 @@ class Labeler:
         return f"the label manifest {self.source} has no row for this object"
 
 
-def load_manifest(uri: URI, src: URI) -> dict[URI, str]:
+Row = tuple[str, str, float | None, float | None]  # key, label, start_s, end_s (None: the whole file)
+
+
+def load_manifest(uri: URI, src: URI) -> dict[URI, str | Spans]:
     try:
         text = storage.read_bytes(uri).decode("utf-8-sig")
     except storage.StorageError:
         raise ConfigError(f"label manifest {uri} does not exist: give a .csv/.jsonl with uri,label columns") from None
     rows = _parse_jsonl(text, uri) if uri.endswith((".jsonl", ".ndjson")) else _parse_csv(text, uri)
-    table: dict[URI, str] = {}
-    for key, label in rows:
-        if not label:
+    whole: dict[URI, set[str]] = {}
+    spans: dict[URI, list[tuple[float, float, str]]] = {}
+    for key, label, start, end in rows:
+        if not multilabel.split(label):
             raise ConfigError(f"label manifest {uri}: empty label for {key!r}")
         absolute = "://" in key or key.startswith("/")
         # a relative key is the object's key under SRC, byte for byte ("./" in front allowed): "../x.wav" is an
         # object whose key holds "..", never a place outside SRC
-        table[storage.canonical(key) if absolute else storage.join(src, key.removeprefix("./"))] = str(label)
+        at = storage.canonical(key) if absolute else storage.join(src, key.removeprefix("./"))
+        if start is None:
+            whole.setdefault(at, set()).update(multilabel.split(label))
+        else:
+            spans.setdefault(at, []).extend((start, end, n) for n in multilabel.split(label))
+    table: dict[URI, str | Spans] = {u: multilabel.join(names) for u, names in whole.items()}
+    for u, found in spans.items():
+        table[u] = Spans(tuple(sorted(whole.get(u, ()))), tuple(sorted(found)))
     if not table:
         raise ConfigError(f"label manifest {uri} has no rows")
     return table
 
 
-def _parse_csv(text: str, uri: URI) -> list[tuple[str, str]]:
+def _span(key: str, start: object, end: object, where: str) -> tuple[float | None, float | None]:
+    if start in (None, "") and end in (None, ""):
+        return None, None
+    try:
+        a, b = float(start), float(end)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: start_s and end_s of {key!r} must both be numbers (seconds), or both empty for "
+                          f"the whole file; found {start!r}, {end!r}") from None
+    if not 0 <= a < b:
+        raise ConfigError(f"{where}: the span {a:g}-{b:g} s of {key!r} is empty or negative: need 0 <= start_s < end_s")
+    return a, b
+
+
+def _parse_csv(text: str, uri: URI) -> list[Row]:
     reader = csv.DictReader(io.StringIO(text))
     cols = set(reader.fieldnames or [])
     key = "uri" if "uri" in cols else "path" if "path" in cols else None
     if key is None or "label" not in cols:
         raise ConfigError(f"label manifest {uri} needs a header with 'uri' (or 'path') and 'label' columns, "
                           f"found {sorted(cols)}")
-    return [(r[key], r["label"]) for r in reader]
+    return [(r[key], r["label"], *_span(r[key], r.get("start_s"), r.get("end_s"), f"label manifest {uri} line {n}"))
+            for n, r in enumerate(reader, 2)]
 
 
-def _parse_jsonl(text: str, uri: URI) -> list[tuple[str, str]]:
-    out = []
+def _parse_jsonl(text: str, uri: URI) -> list[Row]:
+    out: list[Row] = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-            out.append((obj.get("uri") or obj["path"], obj["label"]))
+            key, label = obj.get("uri") or obj["path"], obj["label"]
         except (json.JSONDecodeError, KeyError, AttributeError):
             raise ConfigError(f"label manifest {uri} line {n}: expected {{\"uri\": ..., \"label\": ...}}") from None
+        label = multilabel.join(map(str, label)) if isinstance(label, list) else str(label) if label is not None else ""
+        out.append((key, label, *_span(key, obj.get("start_s"), obj.get("end_s"), f"label manifest {uri} line {n}")))
     return out
 
 

@@ -19,8 +19,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from melbatch import URI, storage
-from melbatch.config import SCHEMA_VERSION
-from melbatch.shards import META_PREFIX, read_quarantine, read_tables
+from melbatch.config import SCHEMA_VERSION, ConfigError
+from melbatch.shards import META_PREFIX, open_dataset, read_manifest, read_quarantine, read_tables
 
 RUNS, ATTEMPTS, LEASE = "runs", "attempts", "_lease"
 SUMMARY, LEDGER = "summary.json", "ledger.parquet"
@@ -106,20 +106,34 @@ def live_attempts(out: URI) -> list[tuple[URI, pa.Array]]:
              .combine_chunks()) for attempt in sorted(set(live.column("attempt").drop_null().to_pylist()))]
 
 
-def live_predictions(out: URI, folder: str,
-                     attempts: list[tuple[URI, pa.Array]] | None = None) -> tuple[pa.Table, list[URI]]:
-    """The ``folder`` ("clips" or "files") rows of every live classified object, each from the attempt
-    that holds its current verdict, and those attempts' roots (newest last): what a scan OUT holds now,
-    in the classify output's format. ``attempts`` (:func:`live_attempts`) saves reading the ledger again."""
-    parts, roots = [], []
-    for root, uris in live_attempts(out) if attempts is None else attempts:
+def prediction_roots(out: URI) -> list[tuple[URI, pa.Array | None]]:
+    """Where the current predictions of OUT live: a classify OUT is one root (all its rows count); a
+    scan OUT is each attempt holding current verdicts, newest last, with the live objects whose rows
+    count there (:func:`live_attempts`). A clear error for anything else."""
+    out = storage.canonical(out)
+    manifest = read_manifest(out)
+    if manifest and manifest.get("kind") == "predictions":
+        open_dataset(out)
+        return [(out, None)]
+    if committed_runs(out):
+        roots = live_attempts(out)
+        if not roots:
+            raise ConfigError(f"{out}: no object is classified in its newest committed scan")
+        return roots
+    raise ConfigError(f"{out} is neither a finished classify output (no _manifest.json of kind 'predictions') nor a "
+                      "scan output (no runs/*/summary.json): give the OUT of `melbatch classify` or `melbatch scan`")
+
+
+def predictions(roots: list[tuple[URI, pa.Array | None]], folder: str) -> pa.Table:
+    """The ``folder`` rows ("clips", "files" or "detections") of :func:`prediction_roots`, each object's
+    from the root that holds its current verdict: what OUT holds now, in the classify output's format
+    (an empty table when no root has any)."""
+    parts = []
+    for root, uris in roots:
         rows = read_tables(root, folder)
         if rows.num_rows:
-            parts.append(rows.filter(pc.is_in(rows.column("uri"), value_set=uris)))
-        roots.append(root)
-    if not parts:
-        raise storage.StorageError(f"{out}: no object is classified in its newest committed scan")
-    return pa.concat_tables(parts, promote_options="default"), roots
+            parts.append(rows if uris is None else rows.filter(pc.is_in(rows.column("uri"), value_set=uris)))
+    return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
 
 
 def export(results: pa.Table, fmt: str) -> bytes:

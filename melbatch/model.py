@@ -140,6 +140,12 @@ def normalize(x: torch.Tensor, norm: dict[str, Any]) -> torch.Tensor:
     return (x - norm["mean"]) / norm["std"]
 
 
+def probabilities(logits: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """Class probabilities from the package's logits: a softmax over the labels (one label per clip), or
+    for a multi-label package (``train --multi-label``) a sigmoid per label (any number at once)."""
+    return torch.sigmoid(logits) if meta.get("multi_label") else torch.softmax(logits, dim=1)
+
+
 def forward(model: torch.nn.Module, x: torch.Tensor, embeddings: bool = False) -> tuple[torch.Tensor, Any]:
     """Logits, and with ``embeddings`` the pooled penultimate features timm's head sees (else ``None``)."""
     if not embeddings:
@@ -162,7 +168,7 @@ def predict(pkg: Package, images: np.ndarray, batch_size: int = 64,
             x = torch.from_numpy(np.asarray(images[s: s + batch_size], np.float32)).unsqueeze(1).to(device)
             with autocast:
                 logits, emb = forward(pkg.model, normalize(x, pkg.meta["normalization"]), embeddings)
-            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            probs.append(probabilities(logits.float(), pkg.meta).cpu().numpy())
             if emb is not None:
                 embs.append(emb.float().cpu().numpy())
     empty = np.zeros((0, len(pkg.labels)), np.float32)

@@ -77,19 +77,24 @@ def audio_panel(uri: URI, cfg: FeatureConfig, start_s: float = 0.0, seconds: flo
                 title: str | None = None) -> Panel:
     """An audio object's stretch ``[start_s, start_s + seconds)`` (all of it with ``None``), mono at
     ``cfg.sample_rate_hz``, with its log-mel image made as featurize makes them."""
+    x = decode_window(uri, cfg.sample_rate_hz, start_s, seconds)
+    if len(x) < cfg.n_fft:
+        raise ValueError(f"{uri}: less than {cfg.n_fft} samples from {start_s} s on; nothing to picture")
+    return wave_panel(x, cfg, title or uri.rsplit("/", 1)[-1], start_s)
+
+
+def decode_window(uri: URI, sample_rate_hz: int, start_s: float = 0.0, seconds: float | None = None) -> np.ndarray:
+    """An audio object's ``[start_s, start_s + seconds)`` (all of it with ``None``), mono at the rate."""
     try:
         with storage.open_input(uri) as f:
-            _, x = decode_all(f, cfg.sample_rate_hz)
+            _, x = decode_all(f, sample_rate_hz)
     except DecodeError as e:
         raise ValueError(f"cannot picture {uri}: {e}") from None
     except OSError as e:
         raise storage.StorageError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
-    a = int(start_s * cfg.sample_rate_hz)
-    b = len(x) if seconds is None else min(len(x), a + int(seconds * cfg.sample_rate_hz))
-    x = np.ascontiguousarray(x[a:b], dtype=np.float32)
-    if len(x) < cfg.n_fft:
-        raise ValueError(f"{uri}: less than {cfg.n_fft} samples from {start_s} s on; nothing to picture")
-    return wave_panel(x, cfg, title or uri.rsplit("/", 1)[-1], start_s)
+    a = int(start_s * sample_rate_hz)
+    b = len(x) if seconds is None else min(len(x), a + int(seconds * sample_rate_hz))
+    return np.ascontiguousarray(x[a:b], dtype=np.float32)
 
 
 def wave_panel(x: np.ndarray, cfg: FeatureConfig, title: str, start_s: float = 0.0) -> Panel:

@@ -15,14 +15,16 @@ import base64
 import html
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from melbatch import URI, __version__, ledger, pictures, storage
+from melbatch import URI, __version__, ledger, multilabel, pictures, storage, timeline
 from melbatch.candidates import rank, select
 from melbatch.config import REVIEW_COUNT, FeatureConfig
 from melbatch.shards import METRICS, VAL_PREDICTIONS, embedding_matrix, read_manifest, read_quarantine, read_tables
@@ -31,6 +33,8 @@ from melbatch.weights import Source
 REPORT = "report.html"
 MAX_ROWS = 200  # table rows shown; the rest are counted, and the Parquet file is named
 MAP_POINTS = 20_000  # clips drawn on the archive map at most (taken evenly; the review's picks always)
+TIMELINES = 3  # files a classify report draws on a timeline
+TIMELINE_MIN_CLIPS = 6  # shorter files are not worth one
 KINDS = ("featurize", "train", "classify", "scan")
 
 
@@ -124,16 +128,26 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
         ("validation accuracy (clips)", f"{m['val_accuracy']:.3f}"),
         ("validation accuracy (files)", f"{m['val_file_accuracy']:.3f}" if "val_file_accuracy" in m else "n/a"),
         ("macro F1", f"{m['macro_f1']:.3f}"),
+        *([("multi-label: macro mAP", f"{m['val_map']:.3f} (accuracy: clips with every label right)")]
+          if m.get("multi_label") else []),
         ("files", f"{m['split']['train_files']} train / {m['split']['val_files']} validation (whole files)"),
         ("reviewed labels", _reviewed(m.get("extra_labels"))), ("package", m["model_package"])]))
     curves = Section("Training curves").add(curves_chart(m["epochs"]))
     curves.add(table(["epoch", "train loss", "val loss", "val accuracy", "macro F1", "lr", "samples/s"],
                      [(e["epoch"], f"{e['train_loss']:.4f}", f"{e['val_loss']:.4f}", f"{e['val_accuracy']:.3f}",
                        f"{e['macro_f1']:.3f}", f"{e['lr']:.2e}", f"{e['samples_per_s']:.0f}") for e in m["epochs"]]))
-    quality = Section("Per class (validation clips, best epoch)").add(confusion(m["confusion_matrix"], labels))
-    quality.add(table(["label", "precision", "recall", "F1", "clips"],
-                      [(lab, *(f"{m['per_class'][lab][k]:.3f}" for k in ("precision", "recall", "f1")),
-                        m["per_class"][lab].get("support", "")) for lab in labels]))
+    quality = Section("Per class (validation clips, best epoch)")
+    if m.get("multi_label"):  # no confusion matrix: each label is its own yes/no, at its own threshold
+        pc = m["per_class"]
+        quality.add(table(["label", "AP", "threshold", "precision", "recall", "F1", "clips"],
+                          [(lab, "n/a" if pc[lab]["ap"] is None else f"{pc[lab]['ap']:.3f}",
+                            *(f"{pc[lab][k]:.3f}" for k in ("threshold", "precision", "recall", "f1")),
+                            pc[lab]["support"]) for lab in labels]))
+    else:
+        quality.add(confusion(m["confusion_matrix"], labels))
+        quality.add(table(["label", "precision", "recall", "F1", "clips"],
+                          [(lab, *(f"{m['per_class'][lab][k]:.3f}" for k in ("precision", "recall", "f1")),
+                            m["per_class"][lab].get("support", "")) for lab in labels]))
     wrong = Section("Most confidently wrong validation clips")
     val_uri = storage.join(run, VAL_PREDICTIONS)
     if not storage.exists(val_uri):
@@ -141,7 +155,9 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     else:
         with storage.open_input(val_uri) as f:
             val = pq.read_table(f).to_pylist()
-        bad = sorted((r for r in val if r["predicted"] != r["label"]), key=lambda r: -r["probability"])
+        # wrong: the top label is not (one of) the clip's label(s)
+        bad = sorted((r for r in val if r["predicted"] not in multilabel.split(r["label"])),
+                     key=lambda r: -r["probability"])
         wrong.add(note(f"{len(bad)} of {len(val)} validation clips are wrong; the most confident mistakes first "
                        "(stored images, as the model saw them before normalisation)"))
         shown = bad[:thumbnails]
@@ -153,7 +169,8 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
             wrong.add(note(f"no thumbnails: {type(e).__name__}: {e}"))
         wrong.add(table(["file", "clip", "start s", "true", "predicted", "probability", "p(true)"],
                         [(r["uri"], r["clip_index"], f"{r['start_s']:.1f}", r["label"], r["predicted"],
-                          f"{r['probability']:.3f}", f"{r['label_probability']:.3f}") for r in bad], limit=MAX_ROWS))
+                          f"{r['probability']:.3f}", f"{r['label_probability']:.3f}")
+                         for r in bad], limit=MAX_ROWS))
     return run, [overview, curves, quality, wrong, features_section(cfg, meta["config_hash"])]
 
 
@@ -219,16 +236,38 @@ def classify_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     except Exception as e:
         sheet.add(note(f"no thumbnails (is the archive still readable?): {type(e).__name__}: {e}"))
     cfg = FeatureConfig.from_dict(m["feature_config"])
-    return run, [overview, verdicts, sheet, map_section(run, {f["uri"]: f["label"] for f in files}),
+    clips = read_tables(run, "clips")
+    return run, [overview, verdicts, sheet, timeline_section(run, m, files, clips),
+                 map_section(run, clips, {f["uri"]: f["label"] for f in files}),
                  features_section(cfg, m["config_hash"]), quarantine_section(read_quarantine(run).to_pylist(), run)]
 
 
-def map_section(run: URI, verdicts: dict[str, str]) -> Section:
+def timeline_section(run: URI, m: dict[str, Any], files: list[dict[str, Any]], clips: pa.Table) -> Section:
+    """The :data:`TIMELINES` most eventful files (then the longest) of at least :data:`TIMELINE_MIN_CLIPS`
+    clips, each on one time axis: spectrogram, probabilities, events (redrawn from the archive)."""
+    s = Section("Timelines of the most eventful and longest files")
+    events = read_tables(run, "detections")
+    per_file = Counter(events.column("uri").to_pylist()) if events.num_rows else Counter()
+    long_enough = [f for f in files if f["clips"] >= TIMELINE_MIN_CLIPS]
+    chosen = sorted(long_enough, key=lambda f: (-per_file[f["uri"]], -f["duration_s"], f["uri"]))[:TIMELINES]
+    if not chosen:
+        return s.add(note(f"no file has {TIMELINE_MIN_CLIPS} clips or more: timelines are for long recordings"))
+    for f in chosen:
+        try:
+            tl = timeline.of_outputs(clips, events, m, f["uri"])
+            s.add(image(timeline.draw(tl).png, f"timeline of {f['uri']}"))
+        except Exception as e:
+            s.add(note(f"{f['uri']}: no timeline (is the archive still readable?): {type(e).__name__}: {e}"))
+    return s.add(note(f"{sum(per_file.values())} events in {len(per_file)} file(s) in all: `melbatch detections {run}` "
+                      "lists them (--format raven for Raven selection tables). Curves: each clip's stored top-k "
+                      "probabilities; dashed: the thresholds."))
+
+
+def map_section(run: URI, clips: pa.Table, verdicts: dict[str, str]) -> Section:
     """The archive map: the clip embeddings on their two principal components (PCA, on at most
     :data:`MAP_POINTS` clips taken evenly), coloured by predicted label, with the clips ``melbatch
     review`` would pick first (uncertainty) ringed."""
     s = Section("Archive map (clip embeddings, PCA)")
-    clips = read_tables(run, "clips")
     if "embedding" not in clips.column_names:
         return s.add(note("no embeddings in this output: classify with --keep-embeddings to draw the archive map "
                           "(and to search it with `melbatch similar`)"))

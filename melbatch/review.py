@@ -37,7 +37,7 @@ from melbatch.labels import NO_LABEL, REVIEWED_COLUMNS, SKIP, Labeler, reviewed_
 from melbatch.pictures import thumbnail
 from melbatch.report import Section, esc, facts, note, page
 from melbatch.samples import encode
-from melbatch.shards import REVIEW_DIR, REVIEW_LABELS, REVIEW_PAGE, open_dataset, read_manifest, read_tables
+from melbatch.shards import REVIEW_DIR, REVIEW_LABELS, REVIEW_PAGE, read_manifest
 
 READERS = 8  # files read at once (object storage: latency, not bandwidth)
 FLAC = ("FLAC", "PCM_16", "flac")
@@ -106,19 +106,9 @@ def run(cfg: ReviewConfig) -> Summary:
 
 def load(out: URI) -> Predictions:
     """The predictions of a classify OUT (``_manifest.json`` of kind predictions) or a scan OUT."""
-    manifest = read_manifest(out)
-    if manifest and manifest.get("kind") == "predictions":
-        open_dataset(out)
-        clips, files, newest = read_tables(out, "clips"), read_tables(out, "files"), manifest
-    elif ledger.committed_runs(out):
-        attempts = ledger.live_attempts(out)  # the ledger, read once for both tables
-        clips, _ = ledger.live_predictions(out, "clips", attempts)
-        files, roots = ledger.live_predictions(out, "files", attempts)
-        newest = read_manifest(roots[-1]) or {}
-    else:
-        raise ConfigError(f"{out} is neither a finished classify output (no _manifest.json of kind 'predictions') "
-                          "nor a scan output (no runs/*/summary.json): give the OUT of `melbatch classify` or "
-                          "`melbatch scan`")
+    roots = ledger.prediction_roots(out)
+    clips, files = ledger.predictions(roots, "clips"), ledger.predictions(roots, "files")
+    newest = read_manifest(roots[-1][0]) or {}
     if not clips.num_rows:
         raise ConfigError(f"{out} holds no classified clips: nothing to review")
     labels = json.loads(files.schema.field("scores").metadata[b"labels"])

@@ -122,6 +122,72 @@ def make_archive(dst: URI, kind: str = "engine", files_per_class: int = 12, seco
     return out
 
 
+MIXTURE_SOURCES = ("beep", "hiss", "hum")  # what a mixture archive's files hold, several at once
+MIXTURE_MANIFEST = "labels.csv"
+
+
+def mixture_sound(rng: np.random.Generator, seconds: float, sr: int, sources: set[str],
+                  spans: dict[str, tuple[float, float]] | None = None) -> np.ndarray:
+    """Several sources at once over a faint noise floor: ``hum`` (a 50-120 Hz hum and its harmonics),
+    ``beep`` (1-1.5 kHz tone pips, 0.1 s on and 0.2 s off), ``hiss`` (noise in 4.5-7 kHz). A source
+    in ``spans`` sounds only from its start to its end (seconds)."""
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.01 * rng.standard_normal(len(t))
+    for name in sorted(sources):
+        if name == "hum":
+            f0 = rng.uniform(50, 120)
+            part = sum(rng.uniform(0.3, 1.0) / k * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.3))
+                       for k in range(1, 6))
+        elif name == "beep":
+            part = np.sin(2 * np.pi * rng.uniform(1000, 1500) * t) * ((t % 0.3) < 0.1)
+        else:
+            spec = np.fft.rfft(rng.standard_normal(len(t)))
+            f = np.fft.rfftfreq(len(t), 1 / sr)
+            spec[(f < 4500) | (f > min(7000, 0.45 * sr))] = 0
+            part = np.fft.irfft(spec, len(t))
+            part /= np.abs(part).max() + 1e-9
+        if spans and name in spans:
+            a, b = spans[name]
+            part = part * ((t >= a) & (t < b))
+        x = x + rng.uniform(0.5, 1.0) * part / (np.abs(part).max() + 1e-9)
+    return (0.5 * x / np.abs(x).max()).astype(np.float32)
+
+
+def make_mixture_archive(dst: URI, files_per_set: int = 4, seconds: float = 4.0, seed: int = 0,
+                         spans: int = 0) -> tuple[list[SampleFile], URI]:
+    """A multi-label archive: files ``dst/mix_NNNN.wav`` (16 kHz) each holding one of the seven non-empty
+    sets of :data:`MIXTURE_SOURCES` (``files_per_set`` of each), and ``dst/labels.csv`` with a row per
+    file and label. With ``spans``, that many more files hold a hum throughout and a beep only in their
+    first 2 seconds, labelled with a ``start_s,end_s`` row for the beep. Returns the files (label: their
+    label string) and the manifest's URI."""
+    import csv
+    import itertools
+
+    dst = storage.canonical(dst)
+    rng = np.random.default_rng(seed)
+    sets = [set(c) for k in (1, 2, 3) for c in itertools.combinations(MIXTURE_SOURCES, k)]
+    out: list[SampleFile] = []
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["uri", "label", "start_s", "end_s"])
+    for i in range(files_per_set * len(sets) + spans):
+        name = f"mix_{i:04d}.wav"
+        if i < files_per_set * len(sets):
+            sources = sets[i % len(sets)]
+            x = mixture_sound(rng, seconds, 16_000, sources)
+            w.writerows([name, s, "", ""] for s in sorted(sources))
+        else:
+            sources = {"hum", "beep"}
+            x = mixture_sound(rng, seconds, 16_000, sources, {"beep": (0.0, 2.0)})
+            w.writerows([[name, "hum", "", ""], [name, "beep", "0", "2"]])
+        uri = storage.join(dst, name)
+        storage.write_bytes(uri, encode(x, 16_000, FORMATS[0]))
+        out.append(SampleFile(uri, ";".join(sorted(sources))))
+    manifest = storage.join(dst, MIXTURE_MANIFEST)
+    storage.write_bytes(manifest, buf.getvalue().encode())
+    return out, manifest
+
+
 def write_bad_files(dst: URI, label: str, rng: np.random.Generator) -> list[SampleFile]:
     """One object of each bad kind, inside a class folder so that only its content is wrong."""
     sr = 16_000

@@ -209,6 +209,7 @@ class Summary:
     config_hash: str
     counts: dict[str, int] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)  # label -> events detected in what this scan read
     quarantine_kinds: dict[str, int] = field(default_factory=dict)
     audio_s: float = 0.0
     started_at: str = ""
@@ -237,6 +238,9 @@ class Summary:
         if self.resumed_batches:
             lines.append(f"  resumed      {self.resumed_batches:>8}  batches an interrupted scan had finished")
         lines += label_lines(self.labels, "files")
+        if self.events:
+            lines.append(f"  events       {sum(self.events.values()):>8}  ("
+                         f"{', '.join(f'{k} {v}' for k, v in sorted(self.events.items()))}; melbatch detections OUT)")
         if self.attempt:
             lines += quarantine_lines(storage.join(self.out, self.attempt, QUARANTINE), self.quarantine_kinds)
         lines.append(f"  summary      {storage.join(self.out, RUNS, self.run_id, SUMMARY)}")
@@ -273,6 +277,7 @@ def run(cfg: ScanConfig, progress: bool = True) -> Summary:
             crash_point("scan:inference")
             result = classify.classify_objects(cfg.classify, meta, d.todo, storage.join(out, attempt), progress)
             summary.labels, summary.quarantine_kinds = result.labels, result.quarantine_kinds
+            summary.events = result.events
             summary.audio_s, summary.resumed_batches = result.audio_s, result.resumed_batches
         crash_point("scan:written")
         if d.todo or d.deleted:

@@ -112,7 +112,19 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
-PREDICTION_DIRS = ("clips", "files")
+PREDICTION_DIRS = ("clips", "files", "detections")
+DETECTION_DIR = "detections"
+DETECTION_SCHEMA = pa.schema([  # ``classify`` output, one row per detected event (melbatch.detections)
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("etag", pa.string(), nullable=False),
+    pa.field("label", pa.string(), nullable=False),
+    pa.field("start_s", pa.float64(), nullable=False),
+    pa.field("end_s", pa.float64(), nullable=False),
+    pa.field("probability_max", pa.float32(), nullable=False),
+    pa.field("probability_mean", pa.float32(), nullable=False),
+    pa.field("clips", pa.int32(), nullable=False),
+    pa.field("model_id", pa.string(), nullable=False),
+], metadata={META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode()})
 
 
 def clip_prediction_schema(top_k: int, embedding_dim: int = 0) -> pa.Schema:
@@ -170,10 +182,11 @@ def write_table(uri: URI, table: pa.Table) -> None:
 
 
 def read_tables(dst: URI, folder: str) -> pa.Table:
-    """Every Parquet file a complete output's manifest lists under ``folder`` (``clips`` or ``files``), as one table."""
+    """Every Parquet file a complete output's manifest lists under ``folder`` (``clips``, ``files`` or
+    ``detections``; outputs made before a folder existed list none), as one table."""
     manifest = open_dataset(dst)
     tables = []
-    for rel in manifest[folder]:
+    for rel in manifest.get(folder, []):
         with storage.open_input(storage.join(dst, rel)) as f:
             tables.append(pq.read_table(f))
     return pa.concat_tables(tables) if tables else pa.table({})

@@ -33,7 +33,7 @@ from melbatch.config import ConfigError, FeatureConfig, SimilarConfig
 from melbatch.features import logmel_clips
 from melbatch.model import load_package, predict
 from melbatch.pictures import Rendered, audio_panel, render
-from melbatch.shards import embedding_matrix, open_dataset, read_manifest
+from melbatch.shards import embedding_matrix, read_manifest
 
 COLUMNS = ["uri", "clip_index", "start_s", "end_s", "label", "probability", "embedding"]
 CLIP_REF = re.compile(r"^(?P<uri>.+)#(?P<index>\d+)$")
@@ -71,19 +71,10 @@ def run(cfg: SimilarConfig) -> tuple[str, list[Match], Rendered | None]:
 
 def sources(out: URI) -> tuple[list[Source], URI, FeatureConfig]:
     """The clip files of a classify or scan OUT, the model package that made them, and its features."""
-    manifest = read_manifest(out)
-    if manifest and manifest.get("kind") == "predictions":
-        open_dataset(out)
-        files = [Source(storage.join(out, rel)) for rel in manifest["clips"]]
-    elif ledger.committed_runs(out):
-        files = []
-        for root, live in ledger.live_attempts(out):
-            manifest = read_manifest(root) or {}
-            files += [Source(storage.join(root, rel), live) for rel in manifest.get("clips", [])]
-    else:
-        raise ConfigError(f"{out} is neither a finished classify output (no _manifest.json of kind 'predictions') "
-                          "nor a scan output (no runs/*/summary.json): give the OUT of `melbatch classify` or "
-                          "`melbatch scan`")
+    files, manifest = [], {}
+    for root, live in ledger.prediction_roots(out):
+        manifest = read_manifest(root) or {}
+        files += [Source(storage.join(root, rel), live) for rel in manifest.get("clips", [])]
     if not files:
         raise ConfigError(f"{out} holds no classified clips: nothing to search")
     with storage.open_input(files[0].uri) as f:

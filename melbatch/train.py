@@ -33,7 +33,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from melbatch import URI, storage
+from melbatch import URI, multilabel, storage
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.console import Channel, EpochTable
 from melbatch.model import create_model
@@ -96,7 +96,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     manifest, features, uris, before = preflight(cfg)
     source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
     print(f"model {cfg.model}, starting from {source.describe()}", flush=True)
-    labels = sorted(manifest["labels"])
+    labels = label_names(manifest["labels"], cfg.multi_label, cfg.shards)
     labels_of, clips_of, sound_s = file_labels(uris)
     padding = padding_warning(sound_s, features)
     if padding:
@@ -131,7 +131,13 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         rows_per_label.update(review.added)
     train_rows = sum(rows_per_label.values())
     class_weights, repeats = [1.0] * len(labels), None
-    if cfg.balance == "weights":
+    row_keys = labels  # what a training row's label column holds (multi-label: label strings such as "a;b")
+    if cfg.multi_label:
+        row_keys = sorted(set(manifest["labels"]) | (review.labels() if review else set()))
+        if cfg.balance != "none":
+            print(f"balance {cfg.balance}: not applied with --multi-label (each label's threshold is chosen on the "
+                  "validation split instead)", flush=True)
+    elif cfg.balance == "weights":
         class_weights = [train_rows / (len(labels) * max(1, rows_per_label[lab])) for lab in labels]
     elif cfg.balance == "oversample":
         most = max(rows_per_label.values())
@@ -142,7 +148,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     for line in small_data_warnings(budget, cfg, labels_of, val_files):
         print(f"warning: {line}", flush=True)
     if budget.passes > 1:  # one streaming pass over rows repeated, not several passes (each costs a start-up)
-        repeats = {lab: budget.passes * (repeats or {}).get(lab, 1.0) for lab in labels}
+        repeats = {lab: budget.passes * (repeats or {}).get(lab, 1.0) for lab in row_keys}
     ds = datasets(uris, val_files, wave, repeats, review)
     if before.get("norm", {}).get("kind") == cfg.normalize:
         norm = before["norm"]  # a resumed run keeps the statistics its checkpoints were trained with
@@ -178,6 +184,21 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         result = trainer.fit()
     return finish(cfg, result, labels, features, norm, uris, val_files, train_files, source,
                   review.record() if review else None)
+
+
+def label_names(counts: dict[str, int], multi_label: bool, shards: URI) -> list[str]:
+    """The model's labels from the featurize manifest's label counts: each label string, or with
+    ``multi_label`` every name the strings hold (``a;b`` is a clip with both)."""
+    if multi_label:
+        names = multilabel.vocabulary(counts)
+        if len(names) < 2:
+            raise ConfigError(f"{shards} names {len(names)} label(s) ({names}): --multi-label needs at least two")
+        return names
+    several = sorted(k for k in counts if multilabel.SEP in k or not k)
+    if several:
+        raise ConfigError(f"{shards} holds clips with several labels or none ({several[:3]}, from a manifest with "
+                          "several rows or time spans per file): train them with --multi-label")
+    return sorted(counts)
 
 
 def size_workers(cfg: TrainConfig, cpus: float) -> tuple[TrainConfig, str]:

@@ -27,7 +27,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from melbatch import URI, augment, storage
+from melbatch import URI, augment, multilabel, storage
 from melbatch.config import FeatureConfig, TrainConfig
 from melbatch.console import Channel, Throttle
 from melbatch.features import logmel_tensor
@@ -71,8 +71,9 @@ class Budget:
 
 
 def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], device: Any,
-            wave: tuple[FeatureConfig, augment.WaveAugment, Any, Any] | None = None) -> tuple:
-    """A batch as normalised (N, 1, n_mels, frames) images and label indices on ``device``.
+            wave: tuple[FeatureConfig, augment.WaveAugment, Any, Any] | None = None, multi: bool = False) -> tuple:
+    """A batch as normalised (N, 1, n_mels, frames) images and label indices on ``device`` (``multi``:
+    (N, labels) multi-hot float targets).
 
     With ``wave`` = (features, augmentation, noise bank, generator) and an ``audio`` column, the
     waveforms are augmented and turned into images here, on the training device: the images of
@@ -88,7 +89,10 @@ def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], 
     else:
         x = torch.from_numpy(mel_array(batch).astype(np.float32)).unsqueeze(1).to(device, non_blocking=True)
     x = normalize(x, norm)
-    y = torch.tensor([label_index[v] for v in batch.column("label").to_pylist()], dtype=torch.long)
+    if multi:
+        y = torch.from_numpy(multilabel.targets(batch.column("label").to_pylist(), label_index))
+    else:
+        y = torch.tensor([label_index[v] for v in batch.column("label").to_pylist()], dtype=torch.long)
     return x, y.to(device, non_blocking=True)
 
 
@@ -219,18 +223,24 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
     for batch in ray.train.get_dataset_shard("train").iter_batches(
             batch_size=w.budget.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=max(
                 256, 8 * w.budget.batch_size), local_shuffle_seed=cfg.seed + epoch * 7919 + w.rank, drop_last=False):
-        x, y = _inputs(batch, w.label_index, w.norm, w.device, w.wave)
+        x, y = _inputs(batch, w.label_index, w.norm, w.device, w.wave, cfg.multi_label)
         if len(y) < 2:
             continue
         sound = sound_frames(batch, w.features)
         x = augment.random_time_shift(x, shift, w.gen, sound)
         x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, w.gen,
                                  sound)
-        target = augment.soft_targets(y, len(w.labels), cfg.label_smoothing)
+        if cfg.multi_label:  # each label its own yes/no: smoothing moves targets towards 1/2
+            target = y * (1 - cfg.label_smoothing) + cfg.label_smoothing / 2
+        else:
+            target = augment.soft_targets(y, len(w.labels), cfg.label_smoothing)
         x, target = augment.mixup(x, target, cfg.mixup_alpha, w.gen)
         with w.autocast:
             logits = w.model(x)
-        loss = -(target * torch.log_softmax(logits.float(), dim=1) * w.class_w).sum(1).mean()
+        if cfg.multi_label:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
+        else:
+            loss = -(target * torch.log_softmax(logits.float(), dim=1) * w.class_w).sum(1).mean()
         w.opt.zero_grad(set_to_none=True)
         loss.backward()
         if frozen:
@@ -240,7 +250,7 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
         w.opt.step()
         w.sched.step()
         seen += len(y)
-        per_label += torch.bincount(y.cpu(), minlength=len(w.labels)).double()
+        per_label += (y.sum(0) if cfg.multi_label else torch.bincount(y, minlength=len(w.labels))).cpu().double()
         loss_sum += float(loss.detach()) * len(y)
         step += 1
         if w.channel and tick():
@@ -254,20 +264,31 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
 
 
 def evaluate(w: _Worker) -> tuple[Any, Any]:
-    """This worker's share of the validation images: (confusion matrix, [loss sum, clips])."""
+    """This worker's share of the validation images: (confusion matrix, [loss sum, clips]); with
+    ``multi_label`` the matrix is instead (the clips' label probabilities, their multi-hot truth)."""
     w.model.eval()
-    conf = torch.zeros(len(w.labels), len(w.labels), dtype=torch.float64)
+    multi = w.cfg.multi_label
+    conf: Any = torch.zeros(len(w.labels), len(w.labels), dtype=torch.float64)
+    scored: list[tuple[np.ndarray, np.ndarray]] = []
     val_loss = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=w.budget.batch_size,
                                                                     batch_format="pyarrow"):
-            x, y = _inputs(batch, w.label_index, w.norm, w.device)
+            x, y = _inputs(batch, w.label_index, w.norm, w.device, multi=multi)
             with w.autocast:
                 logits = w.model(x).float()
-            val_loss += torch.tensor([float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")),
-                                      len(y)], dtype=torch.float64)
-            conf.index_put_((y.cpu(), logits.argmax(1).cpu()), torch.ones(len(y), dtype=torch.float64),
-                            accumulate=True)
+            if multi:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / len(w.labels)
+                scored.append((torch.sigmoid(logits).cpu().numpy(), y.cpu().numpy()))
+            else:
+                loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+                conf.index_put_((y.cpu(), logits.argmax(1).cpu()), torch.ones(len(y), dtype=torch.float64),
+                                accumulate=True)
+            val_loss += torch.tensor([float(loss), len(y)], dtype=torch.float64)
+    if multi:
+        empty = np.zeros((0, len(w.labels)), np.float32)
+        conf = (np.concatenate([p for p, _ in scored]) if scored else empty,
+                np.concatenate([t for _, t in scored]) if scored else empty)
     return conf, val_loss
 
 
@@ -276,16 +297,24 @@ def epoch_metrics(w: _Worker, epoch: int, conf: Any, val_loss: Any, train: tuple
     """The epoch's numbers summed over the workers: its table row, and what Ray Train records."""
     counts = torch.tensor(train, dtype=torch.float64)
     if w.world > 1 and dist.is_initialized():
-        for t in (conf, val_loss, counts, per_label):
+        for t in (val_loss, counts, per_label, *(() if w.cfg.multi_label else (conf,))):
             dist.all_reduce(t)
-    m = _metrics(conf.numpy(), w.labels)
+        if w.cfg.multi_label:  # average precision needs every clip's score, not sums: gather them
+            parts: list[Any] = [None] * w.world
+            dist.all_gather_object(parts, conf)
+            conf = (np.concatenate([p for p, _ in parts]), np.concatenate([t for _, t in parts]))
+    m = multilabel.scores(*conf, w.labels) if w.cfg.multi_label else _metrics(conf.numpy(), w.labels)
     row = {"epoch": epoch + 1, "train_loss": float(counts[0] / max(1, counts[1])),
            "val_loss": float(val_loss[0] / max(1, val_loss[1])), "val_accuracy": m["val_accuracy"],
            "macro_f1": m["macro_f1"], "lr": w.sched.get_last_lr()[0], "frozen_backbone": epoch < w.cfg.freeze_epochs,
            "samples_per_s": float(counts[1] / max(1e-9, counts[2] / w.world)), "attempt_start_epoch": w.start_epoch,
            "epoch_s": epoch_s,
            "train_clips_per_label": dict(zip(w.labels, per_label.long().tolist(), strict=True))}
-    return row, {**row, "per_class": json.dumps(m["per_class"]), "confusion_matrix": json.dumps(m["confusion_matrix"]),
+    if w.cfg.multi_label:
+        row["val_map"] = m["val_map"]
+    extra = {"thresholds": json.dumps(m["thresholds"])} if w.cfg.multi_label else {
+        "confusion_matrix": json.dumps(m["confusion_matrix"])}
+    return row, {**row, "per_class": json.dumps(m["per_class"]), **extra,
                  "train_clips_per_label": json.dumps(row["train_clips_per_label"])}  # Ray Train flattens dicts
 
 
@@ -304,7 +333,7 @@ def checkpoint(w: _Worker, epoch: int, row: dict[str, Any], report: dict[str, An
             ckpt = ray.train.Checkpoint.from_directory(d)
             if w.channel:
                 w.channel.send("epoch", row=row)
-            stuck = not_fitting(w.history, len(w.labels))
+            stuck = not_fitting(w.history, 2 if w.cfg.multi_label else len(w.labels))  # BCE: a yes/no per label
             if stuck and w.channel:
                 w.channel.send("warning", text=stuck)
         ray.train.report(report, checkpoint=ckpt)

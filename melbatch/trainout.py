@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from melbatch import URI, storage
+from melbatch import URI, multilabel, storage
 from melbatch.config import FeatureConfig, TrainConfig
 from melbatch.model import (
     PACKAGE_DIR,
@@ -54,12 +54,16 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
             "initial_weights": source.to_dict(),
             "config_hash": features.hash(), "normalization": norm, "train_config": asdict(cfg),
             "best_epoch": best["epoch"], "shards": storage.canonical(cfg.shards), "extra_labels": review}
-    save_package(cfg.out, model, meta)
+    multi = {}
+    if cfg.multi_label:  # the thresholds chosen on the validation split at the best epoch go with the model
+        multi = {"multi_label": True, "thresholds": json.loads(best["thresholds"])}
+    save_package(cfg.out, model, {**meta, **multi})
     val = score_validation(cfg, uris, val_files)
     metrics = {
         "val_accuracy": best["val_accuracy"], "macro_f1": best["macro_f1"], "best_epoch": best["epoch"],
-        "val_file_accuracy": file_accuracy(val, labels),
-        "labels": labels, "confusion_matrix": json.loads(best["confusion_matrix"]),
+        "val_file_accuracy": file_accuracy(val, labels, multi.get("thresholds")),
+        "labels": labels, **({"val_map": best["val_map"], **multi} if multi else {
+            "confusion_matrix": json.loads(best["confusion_matrix"])}),
         "per_class": json.loads(best["per_class"]), "epochs": history,
         "split": {"train_files": len(train_files), "val_files": len(val_files)},
         "initial_weights": source.to_dict(), "extra_labels": review,
@@ -86,11 +90,15 @@ class _Scorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         probs, _ = predict(self.pkg, mel_array(batch), self.batch_size)
         labels = self.pkg.labels
-        truth = [labels.index(v) for v in batch.column("label").to_pylist()]
+        index = {lab: i for i, lab in enumerate(labels)}
+        # the probability of the (best-scored) true label; multi-label clips with none of the labels: NaN
+        truth = multilabel.targets(batch.column("label").to_pylist(), index) if self.pkg.meta.get("multi_label") \
+            else np.eye(len(labels), dtype=np.float32)[[index[v] for v in batch.column("label").to_pylist()]]
+        mine = np.where(truth > 0, probs, -1.0).max(axis=1)
         best = probs.argmax(axis=1)
         return batch.drop_columns(["mel"]).append_column("predicted", pa.array([labels[i] for i in best])) \
             .append_column("probability", pa.array(probs.max(axis=1), pa.float32())) \
-            .append_column("label_probability", pa.array(probs[np.arange(len(truth)), truth], pa.float32())) \
+            .append_column("label_probability", pa.array(np.where(mine < 0, np.nan, mine), pa.float32())) \
             .append_column("probabilities", pa.array(list(probs), pa.list_(pa.float32(), len(labels))))
 
 
@@ -113,11 +121,20 @@ def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> 
     return table
 
 
-def file_accuracy(val: pa.Table, labels: list[str]) -> float:
-    """Share of validation files whose verdict (:func:`melbatch.model.verdicts`, as classify decides) is right."""
+def file_accuracy(val: pa.Table, labels: list[str], thresholds: dict[str, float] | None = None) -> float:
+    """Share of validation files whose verdict (:func:`melbatch.model.verdicts`, as classify decides) is
+    right. Multi-label (``thresholds``): a file's verdict is every label whose mean clip probability
+    reaches its threshold, right when it is the file's whole label set (the union of its clips')."""
     uris = val.column("uri").to_pylist()
-    truth = dict(zip(uris, val.column("label").to_pylist(), strict=True))
     sums = aggregate_files(uris, [np.asarray(p, np.float64) for p in val.column("probabilities").to_pylist()])
     files = sorted(sums)
-    _, best = verdicts(sums, files, len(labels))
-    return sum(truth[u] == labels[i] for u, i in zip(files, best, strict=True)) / max(1, len(files))
+    scores, best = verdicts(sums, files, len(labels))
+    if thresholds is None:
+        truth = dict(zip(uris, val.column("label").to_pylist(), strict=True))
+        return sum(truth[u] == labels[i] for u, i in zip(files, best, strict=True)) / max(1, len(files))
+    sets: dict[str, set[str]] = {}
+    for u, lab in zip(uris, val.column("label").to_pylist(), strict=True):
+        sets.setdefault(u, set()).update(multilabel.split(lab))
+    cut = np.array([thresholds[lab] for lab in labels])
+    said = [{labels[j] for j in np.flatnonzero(row >= cut)} for row in scores]
+    return sum(sets[u] == s for u, s in zip(files, said, strict=True)) / max(1, len(files))

@@ -11,12 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from melbatch import classify, samples, shards, storage
+from melbatch import classify, detections, samples, shards, storage
 from melbatch import model as mb_model
 from melbatch.config import FeatureConfig
 from melbatch.model import predict
 
 FEATURES = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0)
+# a random-init model's probabilities sit near 0.5: this threshold detects some clips and not others
+DETECT = detections.Settings.of(["0.5"], ["faulty", "healthy"], FEATURES.clip_hop_s)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def _run_stages(root, refs, pkg, out: str) -> tuple[list[dict], dict]:
     got, the batch's result)."""
     work = classify.work_table([("b1", refs)])
     predictor = classify.Predictor(str(root / "train"), batch_size=4, top_k=2, embeddings=True, use_gpu=False,
-                                   threads=1)
+                                   threads=1, thresholds=DETECT.thresholds)
     chunks = []
     for decoded in classify.decode_batch(work, FEATURES.canonical_json(), -70.0):
         assert decoded.num_rows == 1
@@ -55,7 +57,7 @@ def _run_stages(root, refs, pkg, out: str) -> tuple[list[dict], dict]:
         assert predicted.schema.field("sums").type.value_type == classify.SUMS
         chunks += classify.write_batch(predicted, out).to_pylist()
     assert classify._complete(chunks)
-    return chunks, classify.finish_batch(out, "b1", chunks, {**pkg.meta, "labels": pkg.labels})
+    return chunks, classify.finish_batch(out, "b1", chunks, {**pkg.meta, "labels": pkg.labels}, DETECT)
 
 
 def test_one_chunk_or_many_the_batch_ends_the_same(setting, monkeypatch, tmp_path):
@@ -70,8 +72,12 @@ def test_one_chunk_or_many_the_batch_ends_the_same(setting, monkeypatch, tmp_pat
     bad = {f.uri: f.bad_kind for f in files if f.bad_kind}
     assert {q["uri"]: q["kind"] for q in r1["quarantine"]} == bad
     assert r1["classified"] + len(r1["quarantine"]) == len(refs) == len(files)
-    for key in ("classified", "clips", "quarantine", "labels", "decoders"):
+    for key in ("classified", "clips", "quarantine", "labels", "decoders", "events"):
         assert r1[key] == r2[key], key
+    # events that cross chunk boundaries are merged by the driver: the same events either way
+    e1, e2 = (pq.read_table(storage.join(str(tmp_path / d), r["outputs"]["detections"][0])).to_pylist()
+              for d, r in (("one", r1), ("many", r2)))
+    assert sum(r1["events"].values()) == len(e1) > 0 and e1 == e2
     assert len(r2["outputs"]["clips"]) == len([c for c in many if c["clips"]])
 
     v1 = pq.read_table(storage.join(str(tmp_path / "one"), r1["outputs"]["files"][0]))

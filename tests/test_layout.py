@@ -13,7 +13,8 @@ FLOORS = {
     "face": ["cli", "options", "demo", "submit", "report", "review", "similar"],
     "stage": ["featurize", "train", "trainloop", "trainout", "trainset", "classify", "scan"],
     "core": ["model", "weights", "augment", "features", "staging", "labels", "pictures", "audio", "runs", "console",
-             "samples", "candidates"],
+             "samples", "candidates", "detections", "portable", "timeline",
+             "multilabel"],
     "ground": ["shards", "ledger", "storage", "config", "__init__"],
 }
 LEVEL = {m: i for i, floor in enumerate(FLOORS.values()) for m in floor}

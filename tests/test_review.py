@@ -23,7 +23,7 @@ import pytest
 from conftest import HOSTILE_KEY, HOSTILE_LABEL
 from test_report import CHROMIUM, open_in_chromium
 
-from melbatch import cli, pictures, report, review, samples, scan, similar, storage, train
+from melbatch import cli, detections, pictures, report, review, samples, scan, similar, storage, train
 from melbatch import ledger as mb_ledger
 from melbatch.audio import decode_all
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig, ReviewConfig, ScanConfig, SimilarConfig
@@ -328,9 +328,13 @@ def test_review_and_search_read_what_a_scan_output_holds_now(engine_model, tmp_p
     dest = tmp_path / "review"
     summary = review.run(ReviewConfig(out=f"{b}/review-scan", count=100, dest=str(dest)))
     got = chosen(dest)
-    clips, _ = mb_ledger.live_predictions(f"{b}/review-scan", "clips")
+    clips = mb_ledger.predictions(mb_ledger.prediction_roots(f"{b}/review-scan"), "clips")
     assert summary.chosen == clips.num_rows == len(got) and {u for u, _ in got} == live
     uri, index = got[0]
     _, matches, _ = similar.run(SimilarConfig(out=f"{b}/review-scan", query=f"{uri}#{index}", k=3))
     assert (matches[0].uri, matches[0].clip_index) == (uri, index) and matches[0].similarity > 0.9999
     assert {m.uri for m in matches} <= live
+    # scans write detections too: the current events are those of the live objects, from their attempts
+    events, newest = detections.combined(f"{b}/review-scan")
+    assert events.num_rows and set(events.column("uri").to_pylist()) == live
+    assert newest["detection"]["thresholds"] == {"faulty": 0.5, "healthy": 0.5}
