@@ -71,7 +71,10 @@ def test_the_graph_gives_melbatchs_probabilities_and_images(tmp_path, cfg, norm)
     assert want.max(1).min() < 0.99 and np.ptp(want[:, 0]) > 0.05  # informative probabilities, not saturated
     # the image inside the graph is the one featurize and classify make (float16 storage rounding)
     stored = np.stack([compute_logmel(c, cfg) for c in clips]).astype(cfg.dtype).astype(np.float32)
-    assert np.abs(images - stored).max() <= 0.05 * max(1.0, float(np.abs(stored).max()) / 60)
+    # at most one float16 step at each value (the graph's float32 sums round the other way at times); near
+    # zero, where a band-mean normalised image has values of 1e-4, float32 arithmetic itself (measured 2e-6)
+    step = np.maximum(np.spacing(np.abs(stored).astype(np.float16)).astype(np.float32), 1e-5)
+    assert np.all(np.abs(images - stored) <= step)
 
 
 def test_the_readme_example_runs_the_graph_on_a_recording(tmp_path):
