@@ -83,6 +83,7 @@ def _f1(said: set, truth: set, label: str) -> tuple[int, int, int]:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # featurize, a Ray Train run of 8 epochs and classify on 2 CPUs: about 4 minutes
 def test_overlapping_sources_are_learned_with_per_label_f1_over_0_9_on_held_out_files(ray_session, tmp_path):
     from conftest import FAST
 
