@@ -29,15 +29,18 @@ def featurize_digest(dst: str) -> dict[str, Any]:
 
 
 def classify_digest(out: str) -> dict[str, Any]:
-    """Every verdict, every clip prediction (probabilities to 1e-5), every quarantine row, the counts."""
+    """Every verdict, every clip prediction (probabilities to 1e-5), every event, every quarantine row,
+    the counts."""
     m = shards.open_dataset(out)
     files = sorted((r["uri"], r["etag"], r["label"], round(r["probability"], 5), r["clips"])
                    for r in shards.read_tables(out, "files").to_pylist())
     clips = sorted((r["uri"], r["clip_index"], r["label"], round(r["probability"], 5))
                    for r in shards.read_tables(out, "clips").to_pylist())
+    events = sorted((r["uri"], r["label"], round(r["start_s"], 3), round(r["end_s"], 3), r["clips"])
+                    for r in shards.read_tables(out, shards.DETECTION_DIR).to_pylist())
     quarantine = sorted((q["uri"], q["kind"]) for q in shards.read_quarantine(out).to_pylist())
-    return {"files": files, "clips": clips, "quarantine": quarantine, "counts": m["counts"],
-            "outputs": sorted(m["files"] + m["clips"])}
+    return {"files": files, "clips": clips, "events": events, "quarantine": quarantine, "counts": m["counts"],
+            "outputs": sorted(p for d in shards.PREDICTION_DIRS for p in m.get(d, []))}
 
 
 def assert_no_garbage(dst: str, folders: tuple[str, ...]) -> None:
@@ -45,7 +48,7 @@ def assert_no_garbage(dst: str, folders: tuple[str, ...]) -> None:
     manifest names: nothing an interrupted attempt left behind."""
     dst = storage.canonical(dst)
     m = shards.open_dataset(dst)
-    named = {p for f in folders for p in m[f]}
+    named = {p for f in folders for p in m.get(f, [])}
     for uri in storage.list_files(dst):
         rel = storage.relative(uri, dst)
         top = rel.split("/")[0]

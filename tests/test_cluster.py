@@ -238,6 +238,6 @@ def test_a_worker_node_lost_in_the_middle_of_featurize_and_classify(cluster, sma
     faults.clear()
     assert code == 0, out
     assert classify_digest(f"{b}/pred-node-lost") == small_predictions
-    assert_no_garbage(f"{b}/pred-node-lost", ("files", "clips"))
+    assert_no_garbage(f"{b}/pred-node-lost", shards.PREDICTION_DIRS)
     chaos_log("a whole worker node SIGKILLed mid-job (featurize, then classify)", 2, 2,
               "both jobs finished on the head; outputs == oracle")

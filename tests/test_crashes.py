@@ -69,7 +69,7 @@ def test_classify_driver_killed_at_each_point_converges(small_archive, small_pre
     b = small_archive[0]
     name = f"pred-killed-{point.split(':')[1]}"
     cfg = small_classify(b, engine_model, name)
-    _plant_garbage(cfg.out, ("files", "clips"))
+    _plant_garbage(cfg.out, shards.PREDICTION_DIRS)
     _run_killed_at(point, ["classify", cfg.archive, cfg.model, cfg.out, "--files-per-task", "3",
                            "--max-quarantine-rate", "1"], address)
     if point == "classify:manifest":
@@ -81,7 +81,7 @@ def test_classify_driver_killed_at_each_point_converges(small_archive, small_pre
     if point == "classify:batch":
         assert again.resumed_batches >= 1  # what the killed driver had finished was kept
     assert classify_digest(cfg.out) == small_predictions
-    assert_no_garbage(cfg.out, ("files", "clips"))
+    assert_no_garbage(cfg.out, shards.PREDICTION_DIRS)
     chaos_log(f"driver SIGKILLed at {point}", 1, 2, "nothing visible until committed; re-run == oracle, "
               "planted orphans deleted")
 
@@ -198,6 +198,6 @@ def test_classify_survives_decode_workers_and_the_model_actor_killed_mid_task(sm
     assert len(k1.killed) == len(k2.killed) == 1, (k1.killed, k2.killed)
     assert s.inputs == s.classified + s.quarantined == 17
     assert classify_digest(f"{b}/pred-workers-killed") == small_predictions
-    assert_no_garbage(f"{b}/pred-workers-killed", ("files", "clips"))
+    assert_no_garbage(f"{b}/pred-workers-killed", shards.PREDICTION_DIRS)
     chaos_log("classify decode worker and model actor SIGKILLed mid-task", 2, 1,
               "task re-run, actor restarted; == oracle")

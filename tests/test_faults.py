@@ -12,7 +12,7 @@ import pytest
 from conftest import SMALL_FEATURIZE_ARGS, small_classify, small_featurize
 from outputs import assert_no_garbage, classify_digest, featurize_digest
 
-from melbatch import classify, cli, featurize, scan, storage
+from melbatch import classify, cli, featurize, scan, shards, storage
 from melbatch import ledger as mb_ledger
 from melbatch.config import ClassifyConfig, ScanConfig
 from melbatch.storage import TransientStorageError
@@ -79,7 +79,7 @@ def test_classify_under_storage_faults_commits_what_a_fault_free_run_commits(sma
     assert all(r["fired"] > 0 for r in fired), [(r["kind"], r["method"], r["fired"]) for r in fired]
     assert summary.inputs == summary.classified + summary.quarantined == 17
     assert classify_digest(f"{b}/pred-faulty") == small_predictions
-    assert_no_garbage(f"{b}/pred-faulty", ("files", "clips"))
+    assert_no_garbage(f"{b}/pred-faulty", shards.PREDICTION_DIRS)
     chaos_log("S3: the same mix + resets reading the model package (classify)", sum(r["fired"] for r in fired), 1,
               "committed output == fault-free oracle")
 

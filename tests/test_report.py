@@ -95,7 +95,8 @@ def outputs(engine_model, tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("kind,sections,min_images", [
     ("featurize", ["Overview", "Labels", "Stored clips", "Features", "Quarantine (9"], 3),
     ("train", ["Overview", "Training curves", "Per class", "Most confidently wrong", "Features"], 1),
-    ("classify", ["Overview", "Verdicts", "Least confident clips", "Archive map", "Features", "Quarantine (9"], 4),
+    ("classify", ["Overview", "Verdicts", "Least confident clips", "Timelines", "Archive map", "Features",
+                  "Quarantine (9"], 4),
     ("scan", ["Now", "Trend over 2 committed scan(s)", "Quarantine (0"], 2),
 ])
 def test_reports_render_in_chromium_with_their_images_and_tables(outputs, kind, sections, min_images):
