@@ -85,15 +85,19 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from melbatch import storage
-
     if args.format == "parquet" and not args.output:
         raise ConfigError("--format parquet needs -o/--output FILE (binary output does not go to a terminal)")
     table = ledger.current(args.out, args.status)
-    data = ledger.export(table, args.format)
-    if args.output:
-        storage.write_bytes(args.output, data)
-        print(f"{table.num_rows} objects -> {args.output}", file=sys.stderr)
+    return _emit(ledger.export(table, args.format), args.output, f"{table.num_rows} objects")
+
+
+def _emit(data: bytes, output: str | None, what: str) -> int:
+    """A table's bytes to ``output`` (any URI, saying so on stderr), else to stdout."""
+    from melbatch import storage
+
+    if output:
+        storage.write_bytes(output, data)
+        print(f"{what} -> {output}", file=sys.stderr)
     else:
         sys.stdout.write(data.decode())
     return 0
@@ -114,12 +118,7 @@ def cmd_detections(args: argparse.Namespace) -> int:
         print(f"{table.num_rows} events in {len(tables)} Raven selection table(s) -> {args.output}", file=sys.stderr)
         return 0
     data = detections.render_text(table) if args.format == "table" else ledger.export(table, args.format)
-    if args.output:
-        storage.write_bytes(args.output, data)
-        print(f"{table.num_rows} events -> {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(data.decode())
-    return 0
+    return _emit(data, args.output, f"{table.num_rows} events")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
