@@ -43,7 +43,7 @@ import torch
 
 from melbatch import audio, classify, features, model, samples, storage
 from melbatch.config import ClassifyConfig, FeatureConfig
-from melbatch.shards import read_tables
+from melbatch.shards import read_tables, to_pcm16
 
 
 def make_archive(root: Path, n: int, seconds: float, sr: int, unique: int = 0) -> float:
@@ -59,6 +59,12 @@ def make_archive(root: Path, n: int, seconds: float, sr: int, unique: int = 0) -
     return n * seconds
 
 
+# What one GPU's model does, to size its CPU feeders: classify's predict on an H200 at melbatch's default
+# images (128 x 501, batch 256, bfloat16), measured with bench/gpu.py (README, Performance at GPU scale)
+GPU_IMAGES_PER_S = {"resnet18": 12_693, "tf_efficientnet_lite0": 7_493}
+GPU_SOURCE = "measured on an H200 by bench/gpu.py"
+
+
 def make_package(out: Path, name: str, cfg: FeatureConfig) -> None:
     net = model.create_model(name, 2, cfg.shape, pretrained=False)
     model.save_package(str(out), net, {"model_name": name, "labels": ["faulty", "healthy"],
@@ -66,19 +72,21 @@ def make_package(out: Path, name: str, cfg: FeatureConfig) -> None:
                                        "normalization": {"kind": "dataset", "mean": -40.0, "std": 20.0}})
 
 
-def bare_featurize(root: Path, cfg: FeatureConfig, limit: int | None = None) -> tuple[float, np.ndarray]:
+def bare_featurize(root: Path, cfg: FeatureConfig, limit: int | None = None,
+                   images: bool = True) -> tuple[float, np.ndarray]:
     """(× realtime, all images) of decode + log-mel in this process, on bytes already in memory
-    (of the first ``limit`` files when given)."""
+    (of the first ``limit`` files when given); without ``images`` decode and cut only (what the CPU
+    stage does with ``--mel-on model``), returning the clips as 16-bit PCM."""
     blobs = [p.read_bytes() for p in sorted(root.rglob("*.wav"))[:limit]]
     torch.set_num_threads(1)
-    t0, mels, seconds = time.perf_counter(), [], 0.0
+    t0, out, seconds = time.perf_counter(), [], 0.0
     import io
 
     for b in blobs:
         info, clips = audio.decode_clips(io.BytesIO(b), cfg)
-        mels += [m for _, m in features.logmel_clips(clips, cfg)]
+        out += [m for _, m in features.logmel_clips(clips, cfg)] if images else [to_pcm16(c.samples) for c in clips]
         seconds += info.decoded_frames / info.sample_rate_hz
-    return seconds / (time.perf_counter() - t0), np.stack(mels)
+    return seconds / (time.perf_counter() - t0), np.stack(out)
 
 
 def bare_model(mels: np.ndarray, name: str, cfg: FeatureConfig, batch_size: int, threads: int,
@@ -177,7 +185,7 @@ class MemorySampler(Sampler):
 
 def run_classify(archive: Path, pkg: Path, out: Path, batch_size: int, cpus: int, files_per_task: int = 32,
                  sample_memory: bool = False, inflight_mb: float = 512.0, use_gpu: bool = False,
-                 keep_embeddings: bool = False) -> tuple[float, float, MemorySampler | None]:
+                 keep_embeddings: bool = False, mel_on: str = "auto") -> tuple[float, float, MemorySampler | None]:
     """(× realtime, seconds, memory peaks) of one whole ``classify.run``.
 
     Sampling PSS reads every process's page map and costs a good part of a CPU, so throughput runs
@@ -186,7 +194,7 @@ def run_classify(archive: Path, pkg: Path, out: Path, batch_size: int, cpus: int
     cfg = ClassifyConfig(archive=str(archive), model=str(pkg), out=str(out), batch_size=batch_size,
                          cpus_per_actor=1.0 if use_gpu else max(0.5, cpus - 1.0) if cpus > 1 else 0.5,
                          overwrite=True, max_quarantine_rate=1.0, files_per_task=files_per_task,
-                         inflight_mb=inflight_mb, use_gpu=use_gpu, keep_embeddings=keep_embeddings)
+                         inflight_mb=inflight_mb, use_gpu=use_gpu, keep_embeddings=keep_embeddings, mel_on=mel_on)
     mem = MemorySampler() if sample_memory else None
     with mem or contextlib.nullcontext():
         t0 = time.perf_counter()
@@ -224,6 +232,7 @@ def main() -> None:
     make_package(root / "pkg-tiny", "test_resnet", cfg)
     threads, device = max(1, args.cpus - 1), "cuda" if args.use_gpu else "cpu"
     feat_rt, mels = bare_featurize(root / "archive", cfg, args.bare_files)
+    decode_rt, _ = bare_featurize(root / "archive", cfg, args.bare_files, images=False)
     model_rt = bare_model(mels, args.model, cfg, args.batch_size, threads, device)
     busy = busy_decoder(root / "archive", cfg)
     try:
@@ -240,6 +249,9 @@ def main() -> None:
     with GpuSampler() if args.use_gpu else contextlib.nullcontext() as gpu:
         best_s = min(run(root / "archive", root / "pkg", root / f"out-{i}")[1] for i in range(2))
     best = audio_s / best_s
+    other = "decoder" if classify.mel_on_model(ClassifyConfig(archive="a", model="m", out="o",
+                                                               use_gpu=args.use_gpu)) else "model"
+    other_s = min(run(root / "archive", root / "pkg", root / f"out-mel-{i}", mel_on=other)[1] for i in range(2))
     emb_s = run(root / "archive", root / "pkg", root / "out-emb", keep_embeddings=True)[1]
 
     def clip_bytes(out: Path) -> float:
@@ -250,7 +262,9 @@ def main() -> None:
     print(f"{'pipeline':<40}{'x realtime':>12}")
     print(f"{'melbatch classify (Ray Data, end to end)':<40}{best:>12,.0f}")
     print(f"{'melbatch classify less its fixed cost':<40}{audio_s / max(1e-9, best_s - fixed):>12,.0f}")
+    print(f"{f'melbatch classify --mel-on {other}':<40}{audio_s / other_s:>12,.0f}")
     print(f"{'bare featurize (1 process)':<40}{feat_rt:>12,.0f}")
+    print(f"{'bare decode + cut, no mel (1 process)':<40}{decode_rt:>12,.0f}")
     print(f"{f'bare model loop ({device}, {threads} thread(s))':<40}{model_rt:>12,.0f}")
     print(f"{'bare model loop, decoding beside it':<40}{busy_rt:>12,.0f}")
     print(f"classify / slower bare loop: {best / slower:.0%}  (target >= 80%)")
@@ -265,6 +279,12 @@ def main() -> None:
         print(f"CPU cores that would keep this GPU's bare model loop busy: {model_rt / feat_rt:.0f} "
               f"(bare model loop / bare featurize per core)")
     print(f"fixed cost of a run (2 files of 5 s: model actor start, listing, manifest): {fixed:.1f} s")
+    print(f"the CPU stage per core: decode + log-mel {feat_rt:,.0f} x realtime, decode only {decode_rt:,.0f} "
+          f"({decode_rt / feat_rt:.1f}x)")
+    clips_per_core = {"mel on the CPUs": feat_rt / cfg.clip_s, "mel on the GPU": decode_rt / cfg.clip_s}
+    for name, images_per_s in GPU_IMAGES_PER_S.items():
+        need = ", ".join(f"{where}: {images_per_s / rate:,.0f}" for where, rate in clips_per_core.items())
+        print(f"CPU cores one GPU needs for {name} at {images_per_s:,} images/s ({GPU_SOURCE}): {need}")
     clips = max(1, read_tables(str(root / "out-0"), "clips").num_rows)
     plain_b, emb_b = clip_bytes(root / "out-0"), clip_bytes(root / "out-emb")
     print(f"with --keep-embeddings: {audio_s / emb_s:,.0f} x realtime ({best_s / emb_s:.0%} of the speed without); "

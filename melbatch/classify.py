@@ -45,6 +45,7 @@ from melbatch import URI, detections, storage
 from melbatch.audio import DecodeError
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig
 from melbatch.console import progress as progress_bar
+from melbatch.features import logmel_tensor
 from melbatch.model import (
     FileSums,
     ModelError,
@@ -70,6 +71,7 @@ from melbatch.runs import (
     write_part,
 )
 from melbatch.shards import (
+    AUDIO_DTYPE,
     DETECTION_DIR,
     MANIFEST,
     PREDICTION_DIRS,
@@ -144,6 +146,11 @@ def detection(cfg: ClassifyConfig, meta: dict[str, Any]) -> detections.Settings:
     hop = cfg.clip_hop_s or FeatureConfig.from_dict(meta["feature_config"]).clip_hop_s
     return detections.Settings.of(cfg.threshold, meta["labels"], hop, cfg.min_event_s, cfg.gap_s,
                                   meta.get("thresholds"))
+
+
+def mel_on_model(cfg: ClassifyConfig) -> bool:
+    """Whether the model actors make the images (``--mel-on``; ``auto``: with GPUs)."""
+    return cfg.mel_on == "model" or (cfg.mel_on == "auto" and cfg.use_gpu)
 
 
 def decode_features(meta: dict[str, Any], detect: detections.Settings) -> FeatureConfig:
@@ -310,9 +317,13 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Setti
     # 4x its input bytes). Saying so also keeps Ray Data from fusing decoding into the model actors (it
     # fuses stages with equal resource requests), which would decode on the actors' CPUs one batch at a
     # time instead of on every CPU.
+    images_here = not mel_on_model(cfg)
+    print(f"log-mel images: made {'by the decoding CPU tasks' if images_here else 'by the model actors'} "
+          f"(--mel-on {cfg.mel_on})", flush=True)
     ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
                         memory=DECODE_WORKER_BYTES + 2 * CHUNK_BYTES + SPILL_BYTES,
-                        fn_kwargs={"features_json": features_json, "silence_dbfs": cfg.silence_dbfs})
+                        fn_kwargs={"features_json": features_json, "silence_dbfs": cfg.silence_dbfs,
+                                   "images": images_here})
     ds = ds.map_batches(Predictor, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=per_actor, num_gpus=1 if cfg.use_gpu else 0,
@@ -397,26 +408,33 @@ def chunk_images(chunk: pa.Table, cfg: FeatureConfig) -> np.ndarray:
     return tensor_values(_items(chunk, "mel"), cfg.shape, cfg.dtype)
 
 
+def chunk_audio(chunk: pa.Table, cfg: FeatureConfig) -> np.ndarray:
+    """A chunk decoded without images: its clips as 16-bit PCM, ``(clips, clip_samples)``, without copying."""
+    return tensor_values(_items(chunk, "audio"), (cfg.clip_samples,), AUDIO_DTYPE)
+
+
 # --------------------------------------------------------------------------------------------- stages
 
-def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> Iterator[pa.Table]:
-    """Stage 1 (CPU task): a work batch's objects → their clips' log-mel images, in chunks.
+def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float, images: bool = True) -> Iterator[pa.Table]:
+    """Stage 1 (CPU task): a work batch's objects → their clips' log-mel images, in chunks; without
+    ``images``, their clips as 16-bit PCM (the model actor makes the images on its device).
 
-    One output row per chunk of at most :data:`CHUNK_BYTES` of images (``seq`` 0, 1, ...; the last
-    has ``last`` set and carries the batch's file details and quarantine rows), so a batch of any
-    length of audio passes through in bounded memory. A file's clips join a chunk only once the file
-    is known to be good (:class:`~melbatch.staging.StagedClips`).
+    One output row per chunk of at most :data:`CHUNK_BYTES` of images or audio (``seq`` 0, 1, ...;
+    the last has ``last`` set and carries the batch's file details and quarantine rows), so a batch
+    of any length of audio passes through in bounded memory. A file's clips join a chunk only once
+    the file is known to be good (:class:`~melbatch.staging.StagedClips`).
     """
     torch.set_num_threads(1)  # parallelism comes from Ray tasks
     cfg = FeatureConfig.from_dict(json.loads(features_json))
-    per_chunk = max(1, int(CHUNK_BYTES // (np.dtype(cfg.dtype).itemsize * cfg.shape[0] * cfg.shape[1])))
+    shape, dtype = (cfg.shape, cfg.dtype) if images else ((cfg.clip_samples,), AUDIO_DTYPE)
+    per_chunk = max(1, int(CHUNK_BYTES // (np.dtype(dtype).itemsize * math.prod(shape))))
     for row in batch.to_pylist():
         files, quarantine, clips, seq = [], [], [], 0
-        mels = np.empty((per_chunk, *cfg.shape), cfg.dtype)  # filled in place: no list of small arrays
+        mels = np.empty((per_chunk, *shape), dtype)  # filled in place: no list of small arrays
         for r in row["refs"]:
             ref = storage.ObjectRef(r["uri"], r["etag"], r["size"])
             try:
-                info, staged = logmels_of_object(ref, cfg, silence_dbfs)
+                info, staged = logmels_of_object(ref, cfg, silence_dbfs, images=images)
             except DecodeError as e:
                 quarantine.append(quarantine_row(ref, e))
                 continue
@@ -425,24 +443,25 @@ def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float) -> It
                           "source_sample_rate_hz": info.sample_rate_hz, "source_channels": info.channels})
             with staged:
                 for clip, mel in staged:
-                    mels[len(clips)] = mel
+                    mels[len(clips)] = mel if images else clip.samples
                     clips.append({"uri": ref.uri, "etag": ref.etag, "clip_index": clip.index,
                                   "start_s": clip.start_s, "end_s": clip.end_s})
                     if len(clips) == per_chunk:
-                        yield _chunk(row["batch"], seq, False, clips, mels, [], [])
+                        yield _chunk(row["batch"], seq, False, clips, mels, [], [], images)
                         clips, seq = [], seq + 1
                         mels = np.empty_like(mels)
-        yield _chunk(row["batch"], seq, True, clips, mels[: len(clips)], files, quarantine)
+        yield _chunk(row["batch"], seq, True, clips, mels[: len(clips)], files, quarantine, images)
 
 
-def _chunk(bid: str, seq: int, last: bool, clips: list[dict], mels: np.ndarray, files: list[dict],
-           quarantine: list[dict]) -> pa.Table:
-    images = tensor_array(mels, mels.dtype.name)  # the images' bytes as they are, not copied
+def _chunk(bid: str, seq: int, last: bool, clips: list[dict], values: np.ndarray, files: list[dict],
+           quarantine: list[dict], images: bool = True) -> pa.Table:
+    column = "mel" if images else "audio"  # images, or the clips' PCM for the model actor to image
+    data = tensor_array(values, values.dtype.name)  # the bytes as they are, not copied
     return pa.Table.from_pydict({
         "batch": [bid], "seq": [seq], "last": [last], "node": [this_node()],
         "files": pa.array([files], pa.list_(FILE)), "quarantine": pa.array([quarantine], pa.list_(QUARANTINED)),
-        "clips": pa.array([clips], pa.list_(CLIP)), "mel": _listed(images),
-    }, schema=pa.schema([*CHUNK_FIELDS, pa.field("clips", pa.list_(CLIP)), pa.field("mel", pa.list_(images.type))]))
+        "clips": pa.array([clips], pa.list_(CLIP)), column: _listed(data),
+    }, schema=pa.schema([*CHUNK_FIELDS, pa.field("clips", pa.list_(CLIP)), pa.field(column, pa.list_(data.type))]))
 
 
 class Predictor:
@@ -462,7 +481,13 @@ class Predictor:
 
     def _predict(self, chunk: pa.Table) -> pa.Table:
         clips = pa.Table.from_struct_array(_items(chunk, "clips"))
-        probs, emb = predict(self.pkg, chunk_images(chunk, self.pkg.features), self.batch_size, self.embeddings)
+        cfg = self.pkg.features
+        if "audio" in chunk.column_names:  # decoded without images: make them here, on the model's device
+            images = clip_images(chunk_audio(chunk, cfg), cfg, next(self.pkg.model.parameters()).device,
+                                 self.batch_size)
+        else:
+            images = chunk_images(chunk, cfg)
+        probs, emb = predict(self.pkg, images, self.batch_size, self.embeddings)
         sums = aggregate_files(clips.column("uri").to_pylist(), probs)
         predictions = self._clip_table(clips, probs, emb).to_struct_array().combine_chunks()
         return chunk.select([f.name for f in CHUNK_FIELDS]).append_column(
@@ -486,6 +511,19 @@ class Predictor:
             dim = emb.shape[1]
             cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float32).ravel()), dim)
         return pa.Table.from_pydict(cols, schema=clip_prediction_schema(self.k, dim))
+
+
+def clip_images(pcm: np.ndarray, cfg: FeatureConfig, device: torch.device, batch_size: int) -> torch.Tensor:
+    """16-bit PCM clips ``(n, clip_samples)`` → their log-mel images on ``device``, in the storage dtype:
+    the function featurize and training use (:func:`~melbatch.features.logmel_tensor`, every step),
+    batched on the device; the images featurize would store for the same clips (the PCM's quantisation
+    apart, as training's images from the shards' audio)."""
+    out = torch.empty((len(pcm), *cfg.shape), dtype=getattr(torch, cfg.dtype), device=device)
+    with torch.inference_mode():
+        for s in range(0, len(pcm), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(pcm[s: s + batch_size])).to(device).float() / 32768.0
+            out[s: s + len(x)] = logmel_tensor(x, cfg)
+    return out
 
 
 def write_batch(batch: pa.Table, out: URI) -> pa.Table:

@@ -559,6 +559,10 @@ class ClassifyConfig:
     batch_size: int = flag(64, "clips per model call")
     concurrency: int = flag(0, "model actors (0: one per GPU with --use-gpu, else one per 8 CPUs)")
     use_gpu: bool = flag(False, "run the model on GPUs (one per actor, bfloat16 autocast)")
+    mel_on: Literal["auto", "decoder", "model"] = flag("auto",
+        "where clips become log-mel images: 'decoder' (the CPU tasks), 'model' (the model actor, on its device: the "
+        "CPU tasks only read, decode, resample and cut, and clips travel as 16-bit PCM), 'auto' ('model' with "
+        "--use-gpu, where a GPU makes images at over 10^6 x realtime, else 'decoder')")
     cpus_per_actor: float | None = flag(None,  # None: chosen from the cluster (classify.size_actors)
         "CPUs reserved per model actor, the rest decode (default: chosen from the cluster: half the CPUs "
         "shared by the actors, decoding keeps at least one)")

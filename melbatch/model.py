@@ -154,18 +154,21 @@ def forward(model: torch.nn.Module, x: torch.Tensor, embeddings: bool = False) -
     return model.forward_head(feats), model.forward_head(feats, pre_logits=True)
 
 
-def predict(pkg: Package, images: np.ndarray, batch_size: int = 64,
+def predict(pkg: Package, images: np.ndarray | torch.Tensor, batch_size: int = 64,
             embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """The one way melbatch scores images (training's validation and classify alike): mel images
-    ``(n, n_mels, frames)`` in any float dtype, normalised as the package was trained, run through its
-    model in batches (bfloat16 autocast on a GPU) → class probabilities ``(n, labels)`` float32, and with
-    ``embeddings`` the pooled features ``(n, dim)`` (else ``None``). Runs where the model's weights are."""
+    ``(n, n_mels, frames)`` in any float dtype (an array, or a tensor already on the model's device),
+    normalised as the package was trained, run through its model in batches (bfloat16 autocast on a
+    GPU) → class probabilities ``(n, labels)`` float32, and with ``embeddings`` the pooled features
+    ``(n, dim)`` (else ``None``). Runs where the model's weights are."""
     device = next(pkg.model.parameters()).device
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     probs, embs = [], []
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.asarray(images[s: s + batch_size], np.float32)).unsqueeze(1).to(device)
+            part = images[s: s + batch_size]
+            x = (part.float() if isinstance(part, torch.Tensor) else
+                 torch.from_numpy(np.asarray(part, np.float32))).unsqueeze(1).to(device)
             with autocast:
                 logits, emb = forward(pkg.model, normalize(x, pkg.meta["normalization"]), embeddings)
             probs.append(probabilities(logits.float(), pkg.meta).cpu().numpy())

@@ -24,6 +24,7 @@ from melbatch.features import logmel_clips
 from melbatch.shards import to_pcm16
 
 _NO_SAMPLES = np.zeros(0, np.float32)
+_NO_IMAGE = np.zeros(0, np.float16)  # a clip staged without its image (the model makes it)
 
 
 # One file's clips wait, until the file is known to be good, in memory up to this many bytes and
@@ -116,7 +117,7 @@ def _unblock(block: tuple[list, np.ndarray, np.ndarray | None]) -> Iterator[tupl
 
 
 def logmels_of_object(ref: storage.ObjectRef, cfg: FeatureConfig, silence_dbfs: float,
-                      keep_audio: bool = False) -> tuple[AudioInfo, StagedClips]:
+                      keep_audio: bool = False, images: bool = True) -> tuple[AudioInfo, StagedClips]:
     """Read one object and return all its clips with their log-mel images, staged.
 
     The clips of one file are gathered before they are returned, so a file that turns out to be
@@ -128,19 +129,21 @@ def logmels_of_object(ref: storage.ObjectRef, cfg: FeatureConfig, silence_dbfs: 
     Raises :class:`DecodeError` with the reason the file cannot be used. A read the store keeps
     failing is made again (:func:`~melbatch.storage.retrying`), then raises
     :class:`~melbatch.storage.TransientStorageError`: the object may be fine, so it is never
-    quarantined for that; the caller's task fails instead.
+    quarantined for that; the caller's task fails instead. Without ``images`` the clips are only
+    cut, and kept as 16-bit PCM for whoever makes their images (classify's model actor, on its GPU).
     """
-    return storage.retrying(lambda: _logmels_once(ref, cfg, silence_dbfs, keep_audio))
+    return storage.retrying(lambda: _logmels_once(ref, cfg, silence_dbfs, keep_audio or not images, images))
 
 
 def _logmels_once(ref: storage.ObjectRef, cfg: FeatureConfig, silence_dbfs: float,
-                  keep_audio: bool) -> tuple[AudioInfo, StagedClips]:
+                  keep_audio: bool, images: bool) -> tuple[AudioInfo, StagedClips]:
     stream = None
     out = StagedClips()
     try:
         with storage.open_input(ref.uri, ref.size) as stream:
             info, clips = decode_clips(stream, cfg)
-            for c, mel in logmel_clips(clips, cfg):
+            pairs = logmel_clips(clips, cfg) if images else ((c, _NO_IMAGE) for c in clips)
+            for c, mel in pairs:
                 out.add(replace(c, samples=to_pcm16(c.samples) if keep_audio else _NO_SAMPLES), mel)
         if not len(out):
             raise DecodeError("too_short", f"{info.decoded_frames / info.sample_rate_hz:.3f} s of audio is less "

@@ -83,6 +83,23 @@ def test_classify_makes_the_images_featurize_makes(engine, tmp_path):
     assert len(mels) == len(stored) and all(np.array_equal(m, r["mel"]) for m, r in zip(mels, stored, strict=True))
 
 
+def test_with_the_mel_on_the_model_actors_the_verdicts_are_the_same(engine, tmp_path, capsys):
+    """--mel-on model (what --use-gpu chooses): decoders send 16-bit PCM, the model actors make the
+    images; every input ends the same way and each file's scores agree within 2e-3."""
+    _, files, cfg, _ = engine
+    other = ClassifyConfig(**{**cfg.__dict__, "out": str(tmp_path / "pred"), "mel_on": "model"})
+    summary = classify.run(other, progress=False)
+    assert "log-mel images: made by the model actors (--mel-on model)" in capsys.readouterr().out
+    assert shards.read_manifest(other.out)["classify"]["mel_on"] == "model"
+    a = {v["uri"]: v for v in shards.read_tables(cfg.out, "files").to_pylist()}
+    b = {v["uri"]: v for v in shards.read_tables(other.out, "files").to_pylist()}
+    assert set(a) == set(b) and summary.quarantined == 9
+    assert {q["uri"] for q in shards.read_quarantine(other.out).to_pylist()} == {f.uri for f in files if f.bad_kind}
+    for uri, v in a.items():
+        assert v["label"] == b[uri]["label"] and v["clips"] == b[uri]["clips"]
+        np.testing.assert_allclose(v["scores"], b[uri]["scores"], atol=2e-3)
+
+
 def test_rerun_is_a_noop_and_a_lost_batch_is_redone_without_duplicates(engine):
     _, _, cfg, first = engine
     again = classify.run(cfg, progress=False)

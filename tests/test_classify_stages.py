@@ -42,14 +42,15 @@ def _same_schema(got: pa.Schema, want: pa.Schema) -> bool:
     return described(got) == described(want) and got.metadata == want.metadata
 
 
-def _run_stages(root, refs, pkg, out: str) -> tuple[list[dict], dict]:
+def _run_stages(root, refs, pkg, out: str, images: bool = True) -> tuple[list[dict], dict]:
     """decode → model → write for one work batch, then the driver's finish: (the chunks the driver
-    got, the batch's result)."""
+    got, the batch's result). Without ``images`` the model stage makes them from the clips' PCM."""
     work = classify.work_table([("b1", refs)])
     predictor = classify.Predictor(str(root / "train"), batch_size=4, top_k=2, embeddings=True, use_gpu=False,
                                    threads=1, thresholds=DETECT.thresholds)
     chunks = []
-    for decoded in classify.decode_batch(work, FEATURES.canonical_json(), -70.0):
+    for decoded in classify.decode_batch(work, FEATURES.canonical_json(), -70.0, images=images):
+        assert ("mel" in decoded.column_names) == images and ("audio" in decoded.column_names) != images
         assert decoded.num_rows == 1
         predicted = predictor(decoded)
         # what the model stage gets and gives is typed and named, no JSON or bytes inside columns
@@ -110,6 +111,32 @@ def test_clip_predictions_are_the_models_on_the_images_featurize_would_make(sett
         mine = probs[[i for i, u in enumerate(uris) if u == v["uri"]]]
         assert v["clips"] == len(mine)
         np.testing.assert_allclose(v["scores"], mine.mean(0), atol=1e-5)
+
+
+def test_with_the_mel_on_the_model_the_decoders_send_pcm_and_the_model_makes_the_same_images(setting, tmp_path):
+    """--mel-on model: the decode stage only cuts clips (16-bit PCM), the model actor makes the images on
+    its device with featurize's function; they are featurize's images to the tolerance the shards' own
+    audio gives (16-bit PCM vs float, stored as float16), and the batch ends the same."""
+    root, _, refs, pkg = setting
+    work = classify.work_table([("b1", refs)])
+    with_mel = next(classify.decode_batch(work, FEATURES.canonical_json(), -70.0))
+    pcm = next(classify.decode_batch(work, FEATURES.canonical_json(), -70.0, images=False))
+    audio = classify.chunk_audio(pcm, FEATURES)
+    assert audio.dtype == np.int16 and audio.shape == (len(classify.chunk_images(with_mel, FEATURES)),
+                                                       FEATURES.clip_samples)
+    made = classify.clip_images(audio, FEATURES, torch.device("cpu"), 8).float().numpy()
+    stored = classify.chunk_images(with_mel, FEATURES).astype(np.float32)
+    loud = stored > stored.max(axis=(1, 2), keepdims=True) - 60
+    assert made.shape == stored.shape and np.abs(made - stored)[loud].max() < 0.25
+
+    _, ra = _run_stages(root, refs, pkg, str(tmp_path / "cpu"))
+    _, rb = _run_stages(root, refs, pkg, str(tmp_path / "model"), images=False)
+    for key in ("classified", "clips", "quarantine", "labels"):
+        assert ra[key] == rb[key], key
+    va = pq.read_table(storage.join(str(tmp_path / "cpu"), ra["outputs"]["files"][0]))
+    vb = pq.read_table(storage.join(str(tmp_path / "model"), rb["outputs"]["files"][0]))
+    np.testing.assert_allclose(np.array(va.column("scores").to_pylist()), np.array(vb.column("scores").to_pylist()),
+                               atol=2e-3)
 
 
 def test_the_run_summary_adds_batch_results_and_accounts_for_every_input():
