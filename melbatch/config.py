@@ -35,6 +35,11 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message says which one and what to change."""
 
 
+# featurize --runner auto runs work this small in the driver's process: one core decodes it in about the
+# time starting Ray and its workers takes (a few seconds), so a small nightly increment skips that cost.
+LOCAL_WORK_BYTES = 32 * 2**20
+
+
 def flag(default: Any, help: str) -> Any:
     """A field the command line sets: ``melbatch.options`` makes its ``--flag`` (typed and defaulted from
     the field) with this help, so a field and its documentation live together. Fields without it
@@ -336,6 +341,10 @@ class FeaturizeConfig:
     silence_dbfs: float = flag(-70.0,
         "files whose peak stays below this level (dB full scale) are quarantined as silent")
     max_inflight_tasks: int = flag(0, "Ray tasks in flight at once (0: twice the cluster's CPUs)")
+    runner: Literal["auto", "local", "ray"] = flag("auto",
+        "where batches run: 'ray' (Ray tasks on every CPU of the cluster), 'local' (one after another in this "
+        "process, without starting Ray: no start-up cost), 'auto' ('local' when no cluster address is given and "
+        f"the work is one batch or under {LOCAL_WORK_BYTES // 2**20} MB of input, else 'ray')")
     keep_audio: bool = flag(True,
         "do not store each clip's waveform (16-bit PCM) next to its image; train then cannot augment "
         "waveforms (shards are about 2.2x smaller)")
@@ -361,6 +370,7 @@ class FeaturizeConfig:
                  "a shard holds whole row groups")
         _require(self.silence_dbfs < 0, f"silence_dbfs={self.silence_dbfs}: must be negative (dB full scale)")
         _require(self.max_inflight_tasks >= 0, "max_inflight_tasks must be >= 0 (0 = twice the cluster's CPUs)")
+        _require(self.runner in ("auto", "local", "ray"), f"runner={self.runner!r}: 'auto', 'local' or 'ray'")
 
 
 def build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -597,6 +607,7 @@ class ClassifyConfig:
         _require(self.cpus_per_actor is None or self.cpus_per_actor > 0,
                  "cpus_per_actor must be > 0 (fractions are fine), or left out to size from the cluster")
         _require(self.top_k >= 1, f"top_k={self.top_k}: at least 1")
+        _require(self.mel_on in ("auto", "decoder", "model"), f"mel_on={self.mel_on!r}: 'auto', 'decoder' or 'model'")
         object.__setattr__(self, "threshold", tuple(str(t) for t in self.threshold))
         for t in self.threshold:
             parse_threshold(t)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -24,12 +26,11 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
-import ray
 import torch
 
 from melbatch import URI, storage
 from melbatch.audio import DecodeError, open_audio
-from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
+from melbatch.config import LOCAL_WORK_BYTES, ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.console import progress as progress_bar
 from melbatch.labels import NO_LABEL, Labeler, Spans, clip_label
 from melbatch.runs import (
@@ -182,9 +183,23 @@ def fit_clips(cfg: FeaturizeConfig, refs: list[storage.ObjectRef]) -> FeaturizeC
     return replace(cfg, features=fitted)
 
 
+def runs_locally(cfg: FeaturizeConfig, todo: list[tuple[str, list]]) -> bool:
+    """Whether the batches to do run in this process (``--runner``; ``auto``: without a cluster to join,
+    when the work is one batch or small, which one core finishes before Ray would have started)."""
+    if cfg.runner != "auto":
+        return cfg.runner == "local"
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # a caller started Ray (a library user, a bench): use it
+        return False
+    if cfg.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return False
+    return len(todo) <= 1 or sum(ref.size for _, batch in todo for ref, _ in batch) <= LOCAL_WORK_BYTES
+
+
 def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]],
                  progress: bool) -> tuple[list[dict[str, Any]], set[str]]:
-    """Run every batch as a Ray task (at most ``max_inflight`` at once); reuse finished ones.
+    """Run every batch, as Ray tasks (at most ``max_inflight`` at once) or in this process
+    (:func:`runs_locally`); reuse finished ones.
 
     Returns the batch results in batch order and the ids of batches resumed from part files.
     """
@@ -193,13 +208,29 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
     resumed = set(results)
     bar = progress_bar(sum(len(b) for _, b in batches), progress, "featurize")
     bar.update(sum(len(b) for bid, b in batches if bid in results))
-    if todo:
+    feature_json = cfg.features.canonical_json()
+    if todo and runs_locally(cfg, todo):
+        threads = torch.get_num_threads()
+        try:
+            for bid, batch in todo:
+                try:
+                    result = featurize_batch(bid, batch, feature_json, dst, cfg.rows_per_shard,
+                                             cfg.rows_per_row_group, cfg.silence_dbfs, cfg.keep_audio)
+                except Exception as e:
+                    raise stopped_by_storage("featurize", e, len(results), len(batches)) from None
+                results[bid] = result
+                bar.update(result["featurized"] + len(result["quarantine"]))
+                crash_point("featurize:batch")
+        finally:
+            torch.set_num_threads(threads)  # featurize_batch sets one thread, as a Ray task
+    elif todo:
+        import ray  # only now: a local run never pays for importing it
+
         init_ray(cfg.address)
         inflight_max = cfg.max_inflight_tasks or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         # SPREAD: batches go to every node of a cluster, not first to the driver's until it is full.
         # A task is retried when its worker dies; bad files never fail it (see featurize_batch).
         task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(featurize_batch)
-        feature_json = cfg.features.canonical_json()
         pending: dict[Any, str] = {}
         queue = iter(todo)
         try:
@@ -264,7 +295,7 @@ def batch_id(features: FeatureConfig, batch: Iterable[tuple[storage.ObjectRef, s
 def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans | None]], feature_json: str, dst: URI,
                     rows_per_shard: int, rows_per_row_group: int, silence_dbfs: float,
                     keep_audio: bool = False) -> dict[str, Any]:
-    """One Ray task: featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
+    """One Ray task (or a step of a local run): featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
 
     Per-file failures are caught and returned as quarantine rows. A store that keeps failing (after
     the retries in :func:`~melbatch.staging.logmels_of_object`) or anything else (e.g. DST not

@@ -21,9 +21,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-import ray
-import ray.data  # Ray Data sets up its loggers when imported: init_ray's quiet_ray_loggers finds them
-
 from melbatch import URI, __version__, console, storage
 from melbatch.audio import DecodeError
 from melbatch.config import SCHEMA_VERSION
@@ -50,7 +47,12 @@ def crash_point(name: str) -> None:
 
 
 def init_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local Ray; once per process."""
+    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local Ray; once per process.
+
+    Ray is imported here, not with the module (~2 s): a run that needs no cluster never pays for it."""
+    import ray
+    import ray.data  # Ray Data sets up its loggers when imported: quiet_ray_loggers finds them
+
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
@@ -90,7 +92,8 @@ def stopped_by_storage(stage: str, e: BaseException, done: int, total: int) -> B
 
 def this_node() -> str:
     """The id of the Ray node running this code ("local" outside Ray): outputs record where work ran."""
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    ray = sys.modules.get("ray")  # not imported: certainly not inside Ray
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
 
 
 @dataclass(kw_only=True)

@@ -137,19 +137,37 @@ def test_demo_runs_the_pipeline_and_prints_a_summary_without_rays_logs(tmp_path)
 
 
 @pytest.mark.ray
-def test_verbose_brings_rays_output_back(tmp_path):
+def test_small_work_runs_without_ray_and_verbose_brings_rays_output_back(tmp_path):
+    """A small featurize runs in its own process without starting Ray (no fixed cost of a cluster) and
+    makes the very shards Ray's tasks make; on Ray, -v brings Ray's output back to the terminal."""
     env = {k: v for k, v in os.environ.items() if k not in ("MELBATCH_VERBOSE", "RAY_ADDRESS")}
-    args = [sys.executable, "-m", "melbatch.cli", "featurize", str(tmp_path / "in"), str(tmp_path / "out"),
-            "--no-progress", "--clip-s", "1", "--n-mels", "32"]
-    assert cli.main(["sample-archive", str(tmp_path / "in"), "--files-per-class", "2", "--seconds", "2"]) == 0
-    quiet = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    loud = subprocess.run([*args, "--overwrite", "-v"], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=ROOT)
-    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
-    assert "featurized 4" in quiet.stdout and "featurized 4" in loud.stdout
+    args = [sys.executable, "-m", "melbatch.cli", "featurize", str(tmp_path / "in"), "--no-progress", "--clip-s", "1",
+            "--n-mels", "32", "--files-per-task", "2"]
+    assert cli.main(["sample-archive", str(tmp_path / "in"), "--files-per-class", "2", "--seconds", "2", "--bad"]) == 0
+    local = subprocess.run([*args, str(tmp_path / "local")], capture_output=True, text=True, timeout=300, env=env,
+                           cwd=ROOT)
+    quiet = subprocess.run([*args, str(tmp_path / "out"), "--runner", "ray"], capture_output=True, text=True,
+                           timeout=300, env=env, cwd=ROOT)
+    loud = subprocess.run([*args, str(tmp_path / "out"), "--runner", "ray", "--overwrite", "-v"], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=ROOT)
+    assert local.returncode == quiet.returncode == loud.returncode == 0, local.stderr + quiet.stderr + loud.stderr
+    assert all("featurized 4" in p.stdout for p in (local, quiet, loud))
     for noise in ("INFO", "Started a local Ray instance"):
         assert noise not in quiet.stdout + quiet.stderr and noise in loud.stdout + loud.stderr, noise
     assert "Ray's logs: " in quiet.stdout and _ray_log_text(quiet.stdout)
+
+    assert "Ray's logs" not in local.stdout + local.stderr  # Ray was never started
+    by_local, by_ray = shards.read_manifest(str(tmp_path / "local")), shards.read_manifest(str(tmp_path / "out"))
+    assert set(by_local["nodes"]) == {"local"} and "local" not in by_ray["nodes"]
+    assert by_local["counts"] == by_ray["counts"] and sum(by_local["nodes"].values()) >= 2  # batches, in turn
+
+    def clips(out: str) -> dict:
+        return {(r["uri"], r["clip_index"]): (r["label"], r["mel"].tobytes(), r["audio"].tobytes())
+                for r in shards.iter_clips(out)}
+
+    assert clips(str(tmp_path / "local")) == clips(str(tmp_path / "out")) != {}
+    assert (shards.read_quarantine(str(tmp_path / "local")).sort_by("uri").select(["uri", "kind"]) ==
+            shards.read_quarantine(str(tmp_path / "out")).sort_by("uri").select(["uri", "kind"]))
 
 
 def test_train_help_has_the_contract_options():
