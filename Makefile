@@ -15,7 +15,7 @@ MODEL ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: help setup disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-review bench-gpu figure lint format \
+.PHONY: help setup disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-gpu figure lint format \
         featurize train classify scan results report image image-cuda clean
 
 help:  ## list the targets
@@ -87,6 +87,9 @@ bench-transfer: setup  ## ImageNet vs random init vs a plain script on real reco
 
 bench-classify: setup  ## classify x realtime against bare featurize and a bare model loop; memory on 1x and 10x
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/classify.py $(ARGS)
+
+bench-scan: setup  ## a scan's driver (listing, diff, ledger) and `results` at 10k / 100k / 1M objects
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/scan.py $(ARGS)
 
 bench-review: setup  ## one review round: held-out accuracy before/after N reviewed clips (ARGS="--fsdd DIR")
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/review.py $(ARGS)

@@ -189,18 +189,17 @@ def run(cfg: ClassifyConfig, progress: bool = True) -> Summary:
     """Classify ``cfg.archive`` into ``cfg.out``; returns the summary (also in the manifest)."""
     meta = preflight(cfg)
     skipped: Counter = Counter()
-    refs = list_archive(cfg, skipped)
+    refs = storage.refs_of(list_archive(cfg, skipped))
     if not refs:
         raise ConfigError(f"no audio objects under {cfg.archive} match extensions={list(cfg.extensions)}, "
                           f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
     return classify_objects(cfg, meta, refs, storage.canonical(cfg.out), progress, dict(skipped))
 
 
-def list_archive(cfg: ClassifyConfig, skipped: Counter | None = None) -> list[storage.ObjectRef]:
-    """Every audio object under ARCHIVE that passes the filters, in key order (one listing); the others
-    are counted by extension into ``skipped``."""
-    return list(storage.list_objects(storage.canonical(cfg.archive), cfg.include, cfg.exclude, cfg.extensions,
-                                     skipped))
+def list_archive(cfg: ClassifyConfig, skipped: Counter | None = None) -> pa.Table:
+    """Every audio object under ARCHIVE that passes the filters, in key order (one listing, as a
+    :data:`~melbatch.storage.LISTING_SCHEMA` table); the others are counted by extension into ``skipped``."""
+    return storage.list_table(storage.canonical(cfg.archive), cfg.include, cfg.exclude, cfg.extensions, skipped)
 
 
 def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[storage.ObjectRef], out: URI,

@@ -33,7 +33,16 @@ LEDGER_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),  # the run that last changed this row
     pa.field("attempt", pa.string()),  # where its verdict or quarantine row lives (relative to OUT)
     pa.field("model_id", pa.string()),
+    # the verdict, kept here so that `melbatch results` reads one file, not every attempt's files/*.parquet
+    # (one per work batch): label, probability, clips of a classified object, reason ("kind: message") of a
+    # quarantined one. Ledgers written before these columns read them as nulls (see `current`).
+    pa.field("label", pa.string()),
+    pa.field("probability", pa.float32()),
+    pa.field("clips", pa.int32()),
+    pa.field("reason", pa.string()),
 ], metadata={META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode()})
+VERDICT_SCHEMA = pa.schema([pa.field("uri", pa.string()), *(LEDGER_SCHEMA.field(n) for n in
+                                                            ("label", "probability", "clips", "reason"))])
 RESULT_FORMATS = ("table", "csv", "json", "parquet")
 RESULTS_SCHEMA = pa.schema([
     pa.field("uri", pa.string()), pa.field("etag", pa.string()), pa.field("size", pa.int64()),
@@ -74,26 +83,66 @@ def current(out: URI, status: str | None = None) -> pa.Table:
     """The verdict for every live object (the newest committed run wins): one row per object that is
     not deleted, with ``uri, etag, size, status, label, probability, clips, run_id, model_id`` (label
     and probability empty for quarantined objects, whose ``reason`` says why); only those of ``status``
-    when given."""
+    when given.
+
+    The newest ledger holds the verdicts: one file, read as columns. Only rows of a ledger written
+    before it held them are looked up in the attempts that hold them."""
     out = storage.canonical(out)
     ledger = latest_ledger(out)
     live = ledger.filter(pc.not_equal(ledger.column("status"), "deleted"))
     if status:
         live = live.filter(pc.equal(live.column("status"), status))
-    verdicts: dict[str, dict[str, Any]] = {}
-    reasons: dict[str, str] = {}
-    for attempt in sorted(set(live.column("attempt").drop_null().to_pylist())):
-        root = storage.join(out, attempt)
-        verdicts.update({r["uri"]: r for r in read_tables(root, "files").to_pylist()})
-        reasons.update({q["uri"]: f"{q['kind']}: {q['message']}" for q in read_quarantine(root).to_pylist()})
-    rows = []
-    for r in live.to_pylist():
-        v = verdicts.get(r["uri"]) if r["status"] == "classified" else None
-        rows.append({"uri": r["uri"], "etag": r["etag"], "size": r["size"], "status": r["status"],
-                     "label": v["label"] if v else None, "probability": v["probability"] if v else None,
-                     "clips": v["clips"] if v else None, "reason": reasons.get(r["uri"]) if not v else None,
-                     "run_id": r["run_id"], "model_id": r["model_id"]})
-    return pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+    classified = pc.equal(live.column("status"), "classified")
+    missing = pc.if_else(classified, pc.is_null(live.column("clips")), pc.is_null(live.column("reason")))
+    older = live.filter(missing).column("attempt").drop_null().unique().to_pylist()
+    v = _looked_up([_keyed(attempt_verdicts(storage.join(out, a)), a) for a in sorted(older)], _key(live))
+
+    def verdict(name: str) -> pa.ChunkedArray:
+        return pc.coalesce(live.column(name), v[name])
+
+    def where(mask: Any, name: str) -> pa.ChunkedArray:
+        return pc.if_else(mask, verdict(name), pa.scalar(None, VERDICT_SCHEMA.field(name).type))
+
+    return pa.table({
+        "uri": live.column("uri"), "etag": live.column("etag"), "size": live.column("size"),
+        "status": live.column("status"), **{n: where(classified, n) for n in ("label", "probability", "clips")},
+        "reason": where(pc.invert(classified), "reason"),
+        "run_id": live.column("run_id"), "model_id": live.column("model_id"),
+    }, schema=RESULTS_SCHEMA)
+
+
+def attempt_verdicts(root: URI) -> pa.Table:
+    """The verdicts of the objects an attempt (a classify output) read (:data:`VERDICT_SCHEMA`): label,
+    probability and clips from its ``files/`` rows, the reason ("kind: message") from its quarantine."""
+    files = read_tables(root, "files", ["uri", "label", "probability", "clips"])
+    quarantine = read_quarantine(root)
+    parts = [VERDICT_SCHEMA.empty_table()]
+    if files.num_rows:
+        parts.append(files.append_column("reason", pa.nulls(files.num_rows, pa.string())).cast(VERDICT_SCHEMA))
+    if quarantine.num_rows:
+        n = quarantine.num_rows
+        parts.append(pa.table({"uri": quarantine.column("uri"), "label": pa.nulls(n, pa.string()),
+                               "probability": pa.nulls(n, pa.float32()), "clips": pa.nulls(n, pa.int32()),
+                               "reason": pc.binary_join_element_wise(quarantine.column("kind"),
+                                                                     quarantine.column("message"), ": ")},
+                              schema=VERDICT_SCHEMA))
+    return pa.concat_tables(parts)
+
+
+def _key(table: pa.Table) -> pa.ChunkedArray:
+    """Each row's uri and the attempt holding its verdict, as one string."""
+    return pc.binary_join_element_wise(table.column("uri"), pc.fill_null(table.column("attempt"), ""), "\n")
+
+
+def _keyed(verdicts: pa.Table, attempt: str) -> pa.Table:
+    return verdicts.append_column("attempt", pa.repeat(pa.scalar(attempt), verdicts.num_rows))
+
+
+def _looked_up(tables: list[pa.Table], key: pa.ChunkedArray) -> dict[str, pa.ChunkedArray]:
+    """The verdict columns of the ``tables``' rows whose key matches each of ``key`` (null where none)."""
+    both = pa.concat_tables([_keyed(VERDICT_SCHEMA.empty_table(), ""), *tables])
+    at = pc.index_in(key, value_set=_key(both).combine_chunks())
+    return {n: both.column(n).take(at) for n in VERDICT_SCHEMA.names[1:]}
 
 
 def live_attempts(out: URI) -> list[tuple[URI, pa.Array]]:

@@ -41,9 +41,11 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from melbatch import URI, __version__, classify, storage
 from melbatch.config import SCHEMA_VERSION, ScanConfig
@@ -54,12 +56,14 @@ from melbatch.ledger import (
     LEDGER_SCHEMA,
     RUNS,
     SUMMARY,
+    VERDICT_SCHEMA,
+    attempt_verdicts,
     committed_runs,
     read_ledger,
     read_summary,
 )
 from melbatch.runs import audio_line, content_id, crash_point, label_lines, quarantine_lines
-from melbatch.shards import QUARANTINE, read_quarantine, write_table
+from melbatch.shards import QUARANTINE, write_table
 
 
 class ScanBusyError(RuntimeError):
@@ -149,51 +153,77 @@ def _iso(t: float) -> str:
 
 # --------------------------------------------------------------------------------------------- state
 
-@dataclass
+@dataclass(frozen=True)
 class Diff:
-    new: list[storage.ObjectRef] = field(default_factory=list)
-    changed: list[storage.ObjectRef] = field(default_factory=list)
-    unchanged: list[storage.ObjectRef] = field(default_factory=list)
-    rescanned: list[storage.ObjectRef] = field(default_factory=list)  # unchanged, but a new model / a retry
-    deleted: list[dict[str, Any]] = field(default_factory=list)  # ledger rows of objects that are gone
+    """A listing sorted against the ledger, as tables (an archive of millions of objects stays columns:
+    only the objects to read become Python objects, in :attr:`todo`)."""
 
-    @property
+    new: pa.Table  # listing rows (storage.LISTING_SCHEMA)
+    changed: pa.Table
+    unchanged: pa.Table
+    rescanned: pa.Table  # unchanged, but a new model / a retry
+    deleted: pa.Table  # ledger rows of objects that are gone
+
+    @cached_property
+    def todo_table(self) -> pa.Table:
+        return pa.concat_tables([self.new, self.changed, self.rescanned]).sort_by("uri")
+
+    @cached_property
     def todo(self) -> list[storage.ObjectRef]:
-        return sorted(self.new + self.changed + self.rescanned, key=lambda r: r.uri)
+        return storage.refs_of(self.todo_table)
 
 
-def diff(listing: list[storage.ObjectRef], ledger: pa.Table, model_id: str, rescan_on_model_change: bool,
+def diff(listing: pa.Table, ledger: pa.Table, model_id: str, rescan_on_model_change: bool,
          retry_quarantined: bool) -> Diff:
-    """Sort the listing against the ledger: only identity (uri, etag, size) decides, never content."""
-    known = {r["uri"]: r for r in ledger.to_pylist() if r["status"] != "deleted"}
-    d = Diff()
-    for ref in listing:
-        row = known.pop(ref.uri, None)
-        if row is None:
-            d.new.append(ref)
-        elif (row["etag"], row["size"]) != (ref.etag, ref.size):
-            d.changed.append(ref)
-        elif (rescan_on_model_change and row["status"] == "classified" and row["model_id"] != model_id) or (
-                retry_quarantined and row["status"] == "quarantined"):
-            d.rescanned.append(ref)
-        else:
-            d.unchanged.append(ref)
-    d.deleted = sorted(known.values(), key=lambda r: r["uri"])
-    return d
+    """Sort the listing (a :data:`~melbatch.storage.LISTING_SCHEMA` table) against the ledger: only
+    identity (uri, etag, size) decides, never content. Column operations throughout: a hash lookup of
+    each listed uri among the ledger's live rows, then masks."""
+    live = ledger.filter(pc.not_equal(ledger["status"], "deleted"))
+    at = pc.index_in(listing["uri"], value_set=live["uri"].combine_chunks())  # its row in `live`; null: new
+    known = pc.is_valid(at)
+
+    def was(column: str) -> pa.ChunkedArray:
+        return live[column].take(at)
+
+    changed = pc.fill_null(pc.and_(known, pc.or_(pc.not_equal(was("etag"), listing["etag"]),
+                                                 pc.not_equal(was("size"), listing["size"]))), False)
+    same = pc.and_(known, pc.invert(changed))
+    again = pc.and_(pc.equal(was("status"), "quarantined"), pa.scalar(retry_quarantined))
+    if rescan_on_model_change:
+        other_model = pc.and_(pc.equal(was("status"), "classified"), pc.not_equal(was("model_id"), model_id))
+        again = pc.or_(again, other_model)
+    rescanned = pc.and_(same, pc.fill_null(again, False))
+    gone = pc.invert(pc.is_in(live["uri"], value_set=listing["uri"].combine_chunks()))
+    return Diff(new=listing.filter(pc.invert(known)), changed=listing.filter(changed),
+                unchanged=listing.filter(pc.and_(same, pc.invert(rescanned))), rescanned=listing.filter(rescanned),
+                deleted=live.filter(gone).sort_by("uri"))
 
 
 def next_ledger(ledger: pa.Table, d: Diff, run_id: str, attempt: URI, out: URI, model_id: str) -> pa.Table:
     """The state after this run: earlier rows, with the objects this run classified, quarantined or
-    saw deleted replaced."""
-    rows = {r["uri"]: r for r in ledger.to_pylist()}
-    quarantined = set(read_quarantine(storage.join(out, attempt)).column("uri").to_pylist()) if d.todo else set()
-    for ref in d.todo:
-        bad = ref.uri in quarantined
-        rows[ref.uri] = {"uri": ref.uri, "etag": ref.etag, "size": ref.size, "run_id": run_id, "attempt": attempt,
-                         "status": "quarantined" if bad else "classified", "model_id": model_id}
-    for row in d.deleted:
-        rows[row["uri"]] = {**row, "status": "deleted", "run_id": run_id}
-    return pa.Table.from_pylist([rows[u] for u in sorted(rows)], schema=LEDGER_SCHEMA)
+    saw deleted replaced (with their verdicts); sorted by uri. Column operations: no Python object
+    per row."""
+    todo = d.todo_table
+    n = todo.num_rows
+    verdicts = attempt_verdicts(storage.join(out, attempt)) if n else VERDICT_SCHEMA.empty_table()
+    at = pc.index_in(todo["uri"], value_set=verdicts["uri"].combine_chunks())
+
+    def same(value: str) -> pa.Array:
+        return pa.repeat(pa.scalar(value, pa.string()), n)
+
+    bad = pc.fill_null(pc.is_valid(verdicts["reason"].take(at)), False)
+    read = pa.table({"uri": todo["uri"], "etag": todo["etag"], "size": todo["size"],
+                     "status": pc.if_else(bad, "quarantined", "classified"),
+                     "run_id": same(run_id), "attempt": same(attempt), "model_id": same(model_id),
+                     **{name: verdicts[name].take(at) for name in VERDICT_SCHEMA.names[1:]}})
+    gone = d.deleted.set_column(d.deleted.schema.get_field_index("status"), "status",
+                                pa.repeat(pa.scalar("deleted"), d.deleted.num_rows))
+    gone = gone.set_column(gone.schema.get_field_index("run_id"), "run_id",
+                           pa.repeat(pa.scalar(run_id), gone.num_rows))
+    replaced = pa.concat_arrays([c for t in (todo, d.deleted) for c in t["uri"].chunks] or [pa.array([], pa.string())])
+    kept = ledger.filter(pc.invert(pc.is_in(ledger["uri"], value_set=replaced)))
+    parts = [t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA) for t in (kept, read, gone)]
+    return pa.concat_tables(parts).sort_by("uri")
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -269,7 +299,7 @@ def run(cfg: ScanConfig, progress: bool = True) -> Summary:
         summary = Summary(run_id=run_id, archive=storage.canonical(cfg.classify.archive), out=out,
                           model_id=meta["model_id"], config_hash=meta["config_hash"],
                           started_at=_iso(time.time()))
-        work = [f"todo\t{r.key()}" for r in d.todo] + [f"deleted\t{r['uri']}" for r in d.deleted]
+        work = [f"todo\t{r.key()}" for r in d.todo] + [f"deleted\t{u}" for u in d.deleted["uri"].to_pylist()]
         key = content_id(f"scan {run_id} {meta['model_id']}", work)[:16]
         attempt = f"{ATTEMPTS}/{run_id}-{key}"
         result = None
@@ -280,7 +310,7 @@ def run(cfg: ScanConfig, progress: bool = True) -> Summary:
             summary.events = result.events
             summary.audio_s, summary.resumed_batches = result.audio_s, result.resumed_batches
         crash_point("scan:written")
-        if d.todo or d.deleted:
+        if d.todo or d.deleted.num_rows:
             write_table(storage.join(out, attempt, LEDGER),
                         next_ledger(ledger, d, run_id, attempt, out, meta["model_id"]))
             summary.ledger = f"{attempt}/{LEDGER}"
@@ -297,7 +327,7 @@ def run(cfg: ScanConfig, progress: bool = True) -> Summary:
         lease.check()
         commit(out, summary)
         crash_point("scan:committed")
-        _collect_attempts(out, {summary.attempt, *(_attempt_of(out, r) for r in runs)})
+        _collect_attempts(out, [*runs, run_id])
     finally:
         lease.release()
     return summary
@@ -316,16 +346,20 @@ def commit(out: URI, summary: Summary) -> None:
                        "scan's work is not committed (the next scan starts from that run)")
 
 
-def _attempt_of(out: URI, run_id: str) -> str | None:
-    return read_summary(out, run_id).get("attempt")
+def _collect_attempts(out: URI, runs: list[str]) -> None:
+    """Delete the attempt folders no committed run names (crashed or superseded tries).
 
-
-def _collect_attempts(out: URI, keep: set[str | None]) -> None:
-    """Delete attempt folders no committed run names (crashed or superseded tries)."""
+    One delimited listing of ``attempts/`` (not of every file in it), and only the summaries of the
+    committed runs an attempt folder claims (``<run_id>-<key>``) are read, in parallel."""
     root = storage.join(out, ATTEMPTS)
-    stale = [u for u in storage.list_files(root)
-             if f"{ATTEMPTS}/{storage.relative(u, root).split('/')[0]}" not in keep]
-    storage.delete(stale)
+    names = storage.list_names(root)
+    committed = set(runs)
+    claimed = sorted({n.split("-", 1)[0] for n in names} & committed)
+    summaries = storage.read_many([storage.join(out, RUNS, r, SUMMARY) for r in claimed])
+    keep = {json.loads(data).get("attempt") for data in summaries.values()}
+    for name in names:
+        if f"{ATTEMPTS}/{name}" not in keep:
+            storage.delete_tree(storage.join(root, name))
 
 
 __all__ = ["Lease", "ScanBusyError", "Summary", "commit", "diff", "run"]

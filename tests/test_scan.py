@@ -51,6 +51,11 @@ def _assert_exactly_once(out: str, live: set[str]) -> None:
     assert len(uris) == len(set(uris)) and set(uris) == live
     assert all(p is not None for p, s in zip(table.column("probability").to_pylist(),
                                              table.column("status").to_pylist(), strict=True) if s == "classified")
+    # the newest ledger itself holds each verdict: results read that one file, not the attempts' files/
+    held = {r["uri"]: r for r in mb_ledger.latest_ledger(out).to_pylist()}
+    for r in table.to_pylist():
+        assert (held[r["uri"]]["label"], held[r["uri"]]["reason"]) == (r["label"], r["reason"])
+        assert (r["label"] is None) == (r["status"] != "classified") and held[r["uri"]]["clips"] == r["clips"]
 
 
 @pytest.mark.s3
@@ -180,14 +185,51 @@ def test_diff_sorts_by_identity_and_rescans_only_when_asked():
         {"uri": "s3://a/back.wav", "etag": "e5", "size": 7, "status": "deleted", "run_id": "000001",
          "attempt": "attempts/x", "model_id": "old"},
     ], schema=mb_ledger.LEDGER_SCHEMA)
-    listing = [storage.ObjectRef("s3://a/same.wav", "e1", 10), storage.ObjectRef("s3://a/edited.wav", "e2b", 10),
-               storage.ObjectRef("s3://a/broken.wav", "e3", 5), storage.ObjectRef("s3://a/back.wav", "e5", 7),
-               storage.ObjectRef("s3://a/fresh.wav", "e6", 9)]
+    listing = pa.Table.from_pylist([
+        {"uri": "s3://a/same.wav", "etag": "e1", "size": 10}, {"uri": "s3://a/edited.wav", "etag": "e2b", "size": 10},
+        {"uri": "s3://a/broken.wav", "etag": "e3", "size": 5}, {"uri": "s3://a/back.wav", "etag": "e5", "size": 7},
+        {"uri": "s3://a/fresh.wav", "etag": "e6", "size": 9}], schema=storage.LISTING_SCHEMA)
     d = scan.diff(listing, ledger, "new-model", rescan_on_model_change=False, retry_quarantined=False)
-    names = lambda refs: sorted(r.uri.rsplit("/", 1)[-1] for r in refs)  # noqa: E731
+    names = lambda t: sorted(u.rsplit("/", 1)[-1] for u in t.column("uri").to_pylist())  # noqa: E731
     assert names(d.new) == ["back.wav", "fresh.wav"] and names(d.changed) == ["edited.wav"]
-    assert names(d.unchanged) == ["broken.wav", "same.wav"] and [r["uri"] for r in d.deleted] == ["s3://a/gone.wav"]
+    assert names(d.unchanged) == ["broken.wav", "same.wav"] and d.deleted.column("uri").to_pylist() == ["s3://a/gone.wav"]
+    assert [r.uri for r in d.todo] == ["s3://a/back.wav", "s3://a/edited.wav", "s3://a/fresh.wav"]  # in key order
+    assert d.todo[1] == storage.ObjectRef("s3://a/edited.wav", "e2b", 10)
     d = scan.diff(listing, ledger, "new-model", rescan_on_model_change=True, retry_quarantined=False)
     assert names(d.rescanned) == ["same.wav"] and names(d.unchanged) == ["broken.wav"]
     d = scan.diff(listing, ledger, "old", rescan_on_model_change=True, retry_quarantined=True)
     assert names(d.rescanned) == ["broken.wav"] and names(d.unchanged) == ["same.wav"]
+
+
+def test_next_ledger_replaces_what_the_run_read_or_saw_deleted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = {"etag": "e", "size": 1, "status": "classified", "run_id": "000001", "attempt": "attempts/x", "model_id": "m"}
+    ledger = pa.Table.from_pylist([{**row, "uri": f"s3://a/{n}.wav"} for n in ("b", "d", "g", "k")] +
+                                  [{**row, "uri": "s3://a/z.wav", "status": "deleted"}], schema=mb_ledger.LEDGER_SCHEMA)
+    listing = pa.Table.from_pylist([{"uri": f"s3://a/{n}.wav", "etag": "e2" if n == "d" else "e", "size": 1}
+                                    for n in ("a", "b", "c", "d", "k")], schema=storage.LISTING_SCHEMA)
+    d = scan.diff(listing, ledger, "m2", rescan_on_model_change=False, retry_quarantined=False)
+    y = tmp_path / "attempts" / "y"
+    (y / "files").mkdir(parents=True)
+    pq.write_table(pa.table({"uri": ["s3://a/c.wav"], "kind": ["corrupt"], "message": ["no header"]}),
+                   y / "quarantine.parquet")
+    pq.write_table(pa.table({"uri": ["s3://a/a.wav", "s3://a/d.wav"], "label": ["x", "y"],
+                             "probability": pa.array([0.75, 0.5], pa.float32()),
+                             "clips": pa.array([3, 4], pa.int32())}), y / "files" / "b.parquet")
+    (y / "_manifest.json").write_text(json.dumps({"kind": "predictions", "files": ["files/b.parquet"]}))
+    after = scan.next_ledger(ledger, d, "000002", "attempts/y", str(tmp_path), "m2").to_pylist()
+    verdicts = {r["uri"][-5:]: (r["label"], r["probability"], r["clips"], r["reason"]) for r in after}
+    assert verdicts["a.wav"] == ("x", 0.75, 3, None) and verdicts["d.wav"] == ("y", 0.5, 4, None)
+    assert verdicts["c.wav"] == (None, None, None, "corrupt: no header")
+    assert verdicts["b.wav"] == (None, None, None, None)  # not read by this run: as the ledger had it
+    assert [(r["uri"][-5:], r["status"], r["run_id"], r["model_id"], r["etag"]) for r in after] == [
+        ("a.wav", "classified", "000002", "m2", "e"),  # new
+        ("b.wav", "classified", "000001", "m", "e"),  # unchanged: kept as it was
+        ("c.wav", "quarantined", "000002", "m2", "e"),  # new, and quarantined by this run
+        ("d.wav", "classified", "000002", "m2", "e2"),  # changed
+        ("g.wav", "deleted", "000002", "m", "e"),  # gone since
+        ("k.wav", "classified", "000001", "m", "e"),
+        ("z.wav", "deleted", "000001", "m", "e")]  # deleted before: stays as it was
+    assert all(r["attempt"] == "attempts/y" for r in after if r["run_id"] == "000002" and r["status"] != "deleted")

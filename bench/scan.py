@@ -1,0 +1,192 @@
+"""A scan's driver at 10k / 100k / 1M objects: time and memory per object for listing, the ledger diff
+and the next ledger, and for `melbatch results`, each size in a fresh process.
+
+    python bench/scan.py                              # 10k, 100k, 1M local files under a temp folder
+    python bench/scan.py --sizes 10000,100000 --dir /data/bench-scan
+
+The archive is N empty-ish local files in folders of 1,000 (made once, kept with ``--dir``). The
+ledger holds every object but the last ``--new`` (the state after yesterday's scan), so the diff finds
+``--new`` new objects, as a nightly scan of a growing archive does. Steps, as ``scan.run`` does them:
+  list     storage.list_table (the archive's listing as columns)
+  diff     scan.diff and the objects to read (Diff.todo)
+  ledger   scan.next_ledger and writing it as Parquet
+Memory is the process's peak RSS above what it held after its imports (ru_maxrss), per object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def make_archive(root: Path, n: int) -> None:
+    if (root / ".complete").exists():
+        return
+    for i in range(n):
+        d = root / f"site{i // 1000:04d}"
+        if i % 1000 == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:08d}.wav").write_bytes(b"x" * (i % 7 + 1))
+    (root / ".complete").write_text("")
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_attempt(root: Path, listing: pa.Table, per_file: int = 32) -> list[str]:
+    """A classify output for the objects of ``listing`` as a scan's attempt holds it: a ``files/*.parquet``
+    per work batch of ``per_file`` objects, an empty quarantine, the manifest naming them."""
+    import json
+
+    from melbatch.shards import file_prediction_schema
+
+    (root / "files").mkdir(parents=True, exist_ok=True)
+    schema = file_prediction_schema(["healthy", "faulty"])
+    names = []
+    for b in range(0, listing.num_rows, per_file):
+        part = listing.slice(b, per_file)
+        k = part.num_rows
+        table = pa.table({"uri": part["uri"], "etag": part["etag"], "size": part["size"], "label": ["faulty"] * k,
+                          "probability": [0.9] * k, "clips": [6] * k, "scores": [[0.1, 0.9]] * k,
+                          "duration_s": [30.0] * k, "decoder": ["soundfile"] * k, "source_sample_rate_hz": [16000] * k,
+                          "source_channels": [1] * k, "model_id": ["m"] * k, "config_hash": ["h"] * k}, schema=schema)
+        names.append(f"files/b{b:09d}.parquet")
+        pq.write_table(table, root / names[-1])
+    pq.write_table(pa.table({"uri": pa.array([], pa.string()), "kind": pa.array([], pa.string()),
+                             "message": pa.array([], pa.string())}), root / "quarantine.parquet")
+    (root / "_manifest.json").write_text(json.dumps({"kind": "predictions", "files": names}))
+    return names
+
+
+def one(root: Path, n: int, new: int, work: Path) -> None:
+    """One size, in this (fresh) process: prints one line of numbers."""
+    from melbatch import scan, storage
+    from melbatch.ledger import LEDGER_SCHEMA
+    from melbatch.shards import write_table
+
+    base = peak_mb()
+    t0 = time.perf_counter()
+    listing = storage.list_table(str(root), extensions=("wav",))
+    t_list, m_list = time.perf_counter() - t0, peak_mb() - base
+    write_attempt(work / "attempts" / "x", listing.slice(listing.num_rows - new))  # what classify made of them
+    old = listing.slice(0, listing.num_rows - new)
+    k = old.num_rows
+    ledger = pa.table({"uri": old["uri"], "etag": old["etag"], "size": old["size"],
+                       "status": pa.repeat(pa.scalar("classified"), k), "run_id": pa.repeat(pa.scalar("000001"), k),
+                       "attempt": pa.repeat(pa.scalar("attempts/w"), k), "model_id": pa.repeat(pa.scalar("m"), k),
+                       "label": pa.repeat(pa.scalar("faulty"), k), "probability": pa.repeat(pa.scalar(0.9), k),
+                       "clips": pa.repeat(pa.scalar(6), k), "reason": pa.nulls(k, pa.string())}).cast(LEDGER_SCHEMA)
+    t0 = time.perf_counter()
+    d = scan.diff(listing, ledger, "m", rescan_on_model_change=False, retry_quarantined=False)
+    todo = d.todo
+    t_diff = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    write_table(str(work / "ledger.parquet"), scan.next_ledger(ledger, d, "000002", "attempts/x", str(work), "m"))
+    t_ledger, m_ledger = time.perf_counter() - t0, peak_mb() - base
+    assert len(todo) == new and d.unchanged.num_rows == n - new, (len(todo), d.unchanged.num_rows)
+    per = 2**20 / n
+    print(f"{n:>10,}{t_list:>8.2f}{t_list / n * 1e6:>7.1f}{m_list * per:>8.0f}"
+          f"{t_diff:>8.2f}{t_ledger:>8.2f}{(t_diff + t_ledger) / n * 1e6:>7.1f}{m_ledger:>9.0f}{m_ledger * per:>8.0f}",
+          flush=True)
+
+
+def make_scan_out(out: Path, n: int, per_file: int = 32) -> None:
+    """A scan OUT as ``melbatch scan`` leaves it after one run over ``n`` objects: one attempt with a
+    ``files/*.parquet`` per batch of ``per_file`` objects, its quarantine, its ledger and the summary."""
+    import json
+
+    from melbatch.ledger import LEDGER_SCHEMA
+
+    if (out / ".complete").exists():
+        return
+    attempt = "attempts/000001-bench"
+    uris = [f"s3://archive/site{i // 1000:04d}/{i:08d}.wav" for i in range(n)]
+    etags = [f"e{i - i % per_file}" for i in range(n)]
+    write_attempt(out / attempt, pa.table({"uri": uris, "etag": etags, "size": [1000] * n}), per_file)
+    pq.write_table(pa.table({"uri": uris, "etag": etags, "size": [1000] * n,
+                             "status": ["classified"] * n, "run_id": ["000001"] * n, "attempt": [attempt] * n,
+                             "model_id": ["m"] * n, "label": ["faulty"] * n, "probability": [0.9] * n,
+                             "clips": [6] * n, "reason": [None] * n}, schema=LEDGER_SCHEMA),
+                   out / attempt / "ledger.parquet")
+    (out / "runs" / "000001").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / "000001" / "summary.json").write_text(json.dumps({"ledger": f"{attempt}/ledger.parquet",
+                                                                       "attempt": attempt}))
+    (out / ".complete").write_text("")
+
+
+def one_results(out: Path, n: int) -> None:
+    """``melbatch results OUT --format csv`` in this (fresh) process, and the baseline beside it: every
+    ``files/*.parquet`` read one after another, as results read them before."""
+    import json
+
+    from melbatch import ledger
+
+    manifest = json.loads((out / "attempts" / "000001-bench" / "_manifest.json").read_text())
+    t0 = time.perf_counter()
+    for rel in manifest["files"]:
+        pq.read_table(out / "attempts" / "000001-bench" / rel)
+    t_seq = time.perf_counter() - t0
+    base = peak_mb()
+    t0 = time.perf_counter()
+    table = ledger.current(str(out))
+    data = ledger.export(table, "csv")
+    t = time.perf_counter() - t0
+    m = peak_mb() - base
+    assert table.num_rows == n and data.count(b"\n") == n + 1
+    print(f"{n:>10,}{len(manifest['files']):>8,}{t:>11.2f}{t / n * 1e6:>7.1f}{m:>9.0f}{m * 2**20 / n:>8.0f}"
+          f"{t_seq:>14.2f}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated object counts")
+    p.add_argument("--new", type=int, default=1000, help="objects the ledger does not know yet")
+    p.add_argument("--dir", default=None, help="where the archives are made (kept; default: a temp folder)")
+    p.add_argument("--results-sizes", default="10000,100000,1000000",
+                   help="comma-separated object counts of the scan OUTs `melbatch results` reads ('' skips them)")
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: one size
+    p.add_argument("--one-results", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    root = Path(args.dir or tempfile.mkdtemp(prefix="melbatch-bench-scan-"))
+    if args.one is not None:
+        one(root / f"a{args.one}", args.one, args.new, Path(tempfile.mkdtemp(prefix="melbatch-scan-out-")))
+        return
+    if args.one_results is not None:
+        one_results(root / f"out{args.one_results}", args.one_results)
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for n in sizes:
+        make_archive(root / f"a{n}", n)
+    print(f"scan's driver: listing {args.new} new objects among N local files, diff against a ledger of the rest, "
+          f"next ledger; a fresh process per size; {os.cpu_count()} CPU(s)")
+    print(f"{'objects':>10}{'list s':>8}{'us/obj':>7}{'B/obj':>8}{'diff s':>8}{'ledger s':>8}{'us/obj':>7}"
+          f"{'peak MB':>9}{'B/obj':>8}")
+    for n in sizes:
+        subprocess.run([sys.executable, __file__, "--dir", str(root), "--new", str(args.new), "--one", str(n)],
+                       check=True)
+    print("list: listing time and peak memory over the imports; diff + ledger: their time per object; "
+          "peak MB / B/obj: the whole driver's peak above its imports after the ledger is written")
+    sizes = [int(s) for s in args.results_sizes.split(",") if s]
+    if not sizes:
+        return
+    for n in sizes:
+        make_scan_out(root / f"out{n}", n)
+    print("\nmelbatch results OUT --format csv (ledger.current + export) on a scan OUT of N objects, 32 per "
+          "files/*.parquet, local files; baseline: the same files read one after another")
+    print(f"{'objects':>10}{'files':>8}{'results s':>11}{'us/obj':>7}{'peak MB':>9}{'B/obj':>8}{'one by one s':>14}")
+    for n in sizes:
+        subprocess.run([sys.executable, __file__, "--dir", str(root), "--one-results", str(n)], check=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
