@@ -4,6 +4,8 @@
     py-spy record --pid $(pgrep -f RayTrainWorker | head -1) --format raw -o train.raw -r 50 -d 240 --nonblocking
     python bench/spy.py train.raw
 
+py-spy is not one of melbatch's requirements: ``pip install py-spy`` where you profile.
+
 Each sample of the training thread (the stacks through ``melbatch/trainloop.py:train_loop``) is put in
 the category of its innermost frame that names one: forward, backward, optimizer step, waveform
 augmentation + log-mel, waiting for Ray Data's next batch, checkpoint and package writes, melbatch's
