@@ -95,7 +95,7 @@ def current(out: URI, status: str | None = None) -> pa.Table:
     classified = pc.equal(live.column("status"), "classified")
     missing = pc.if_else(classified, pc.is_null(live.column("clips")), pc.is_null(live.column("reason")))
     older = live.filter(missing).column("attempt").drop_null().unique().to_pylist()
-    v = _looked_up([_keyed(attempt_verdicts(storage.join(out, a)), a) for a in sorted(older)], _key(live))
+    v = _looked_up([_keyed(attempt_verdicts(storage.join(out, a)), a) for a in sorted(older)], live)
 
     def verdict(name: str) -> pa.ChunkedArray:
         return pc.coalesce(live.column(name), v[name])
@@ -138,10 +138,14 @@ def _keyed(verdicts: pa.Table, attempt: str) -> pa.Table:
     return verdicts.append_column("attempt", pa.repeat(pa.scalar(attempt), verdicts.num_rows))
 
 
-def _looked_up(tables: list[pa.Table], key: pa.ChunkedArray) -> dict[str, pa.ChunkedArray]:
-    """The verdict columns of the ``tables``' rows whose key matches each of ``key`` (null where none)."""
-    both = pa.concat_tables([_keyed(VERDICT_SCHEMA.empty_table(), ""), *tables])
-    at = pc.index_in(key, value_set=_key(both).combine_chunks())
+def _looked_up(tables: list[pa.Table], live: pa.Table) -> dict[str, pa.ChunkedArray]:
+    """The verdict columns of the ``tables``' rows for each row of ``live`` (same uri and attempt; null
+    where none). Without tables (every verdict is in the ledger) no key is built: all nulls."""
+    if not tables:
+        return {n: pa.chunked_array([pa.nulls(live.num_rows, VERDICT_SCHEMA.field(n).type)])
+                for n in VERDICT_SCHEMA.names[1:]}
+    both = pa.concat_tables(tables)
+    at = pc.index_in(_key(live), value_set=_key(both).combine_chunks())
     return {n: both.column(n).take(at) for n in VERDICT_SCHEMA.names[1:]}
 
 
