@@ -487,6 +487,10 @@ class TrainConfig:
     balance: Literal["weights", "oversample", "none"] = flag("weights",
         "'weights': class-weighted loss; 'oversample': repeat rare labels' clips each epoch until every label"
         " has as many as the largest; 'none'")
+    hold_mb: int = flag(2048,
+        "MB of its share of the data (training and validation clips) a worker may keep in memory after the first "
+        "epoch, so later epochs read no shards and leave the CPUs to training; a bigger share is read again each "
+        "epoch (0: always read)")
     keep_checkpoints: int = flag(2,
         "best checkpoints kept (by validation macro-F1; the latest is always kept for resume)")
     max_failures: int = flag(2, "restarts from the latest checkpoint when a worker dies (-1: forever)")
@@ -527,6 +531,7 @@ class TrainConfig:
                  f"snr_db_min={self.snr_db_min} is above snr_db_max={self.snr_db_max}")
         _require(0 <= self.speed_max < 0.5, f"speed_max={self.speed_max}: use a fraction below 0.5 (0.1 = ±10%)")
         _require(self.balance in BALANCING, f"balance={self.balance!r}: choose one of {BALANCING}")
+        _require(self.hold_mb >= 0, f"hold_mb={self.hold_mb}: MB per worker, 0 (read the shards every epoch) or more")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _require(self.max_failures >= -1, "max_failures must be >= -1 (-1 = retry forever)")
 

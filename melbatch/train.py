@@ -150,6 +150,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if budget.passes > 1:  # one streaming pass over rows repeated, not several passes (each costs a start-up)
         repeats = {lab: budget.passes * (repeats or {}).get(lab, 1.0) for lab in row_keys}
     ds = datasets(uris, val_files, wave, repeats, review)
+    hold, line = hold_plan(cfg, budget, sum(clips_of[u] for u in val_files), features, wave)
+    print(line, flush=True)
     if before.get("norm", {}).get("kind") == cfg.normalize:
         norm = before["norm"]  # a resumed run keeps the statistics its checkpoints were trained with
     elif cfg.normalize == "dataset":
@@ -169,6 +171,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         train_loop_config={"train": asdict(cfg), "labels": labels, "norm": norm, "shape": list(features.shape),
                            "features": features.to_dict(), "wave": wave,
                            "budget": asdict(budget), "weights": source.to_dict(), "class_weights": class_weights,
+                           "hold": hold,
                            "crash_at": os.environ.get("MELBATCH_CRASH_AT"), "channel": channel},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -223,6 +226,21 @@ def size_workers(cfg: TrainConfig, cpus: float) -> tuple[TrainConfig, str]:
     cfg = replace(cfg, cpus_per_worker=each)
     return cfg, (f"CPUs: {cfg.workers} worker(s) x {each:g} (chosen from the cluster's {cpus:g}; "
                  f"{cpus - cfg.workers * each:g} left for Ray Data; --cpus-per-worker to choose)")
+
+
+def hold_plan(cfg: TrainConfig, budget: Budget, val_rows: int, features: FeatureConfig, wave: bool) -> tuple[bool, str]:
+    """Whether each worker keeps its share of the clips in memory after the first epoch (``--hold-mb``),
+    and the line that says so: a training row is its waveform (16-bit) or its image, a validation
+    row its image, each epoch's training rows with their repeats."""
+    image = math.prod(features.shape) * {"float16": 2, "float32": 4}[features.dtype]
+    row = 2 * features.clip_samples if wave else image
+    share = math.ceil((budget.train_rows * budget.passes * row + val_rows * image) / budget.workers)
+    mb = share / 2**20
+    if share <= cfg.hold_mb * 2**20:
+        return True, (f"data: each worker reads its share of the shards once and holds it in memory ({mb:,.0f} MB of "
+                      f"--hold-mb {cfg.hold_mb}); later epochs read nothing")
+    return False, (f"data: each worker reads its share of the shards every epoch ({mb:,.0f} MB is over --hold-mb "
+                   f"{cfg.hold_mb})")
 
 
 def small_data_warnings(budget: Budget, cfg: TrainConfig, labels_of: dict[str, str], val_files: set[str]) -> list[str]:

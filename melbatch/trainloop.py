@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,43 @@ def _metrics(conf: np.ndarray, labels: list[str]) -> dict[str, Any]:
     }
 
 
+class HeldShard:
+    """One of this worker's dataset shards (``train`` or ``val``), read through Ray Data in the first
+    epoch and, when ``hold``, kept in this process's memory (as one Arrow table) for the later epochs.
+
+    Reading a shard each epoch costs little CPU, but on a small machine Ray Data's readers, its
+    prefetch thread and the split coordinator take turns with the training thread on the same cores
+    (measured: 82-87% of a bare loop on 2 CPUs streaming, see bench/train.py). A small archive's
+    clips fit in memory many times over, so after one pass each later epoch only takes rows of the
+    held table, in a new random order per epoch. The rows are those the first epoch delivered,
+    with their repeats (``min_steps`` passes, ``balance: oversample``); the waveform augmentation
+    still differs every epoch. After a restart the first epoch of the new attempt reads it again.
+    """
+
+    def __init__(self, name: str, hold: bool) -> None:
+        self.name, self.hold = name, hold
+        self.table: pa.Table | None = None
+
+    def batches(self, batch_size: int, seed: int | None = None, **stream: Any) -> Iterator[pa.Table]:
+        """Batches of ``batch_size`` rows (the last may be smaller); ``seed`` shuffles (None: in order).
+        ``stream`` are Ray Data's ``iter_batches`` arguments for the epochs that read the shard."""
+        if self.table is not None:
+            n = self.table.num_rows
+            order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+            for i in range(0, n, batch_size):
+                yield self.table.take(pa.array(order[i: i + batch_size]))
+            return
+        kept: list[pa.Table] = []
+        for batch in ray.train.get_dataset_shard(self.name).iter_batches(
+                batch_size=batch_size, batch_format="pyarrow", **stream):
+            if self.hold:
+                kept.append(batch)
+            yield batch
+        if self.hold and kept:  # a copy (take) in this process's heap: nothing stays pinned in the object store
+            rows = pa.concat_tables(kept)
+            self.table = rows.take(pa.array(np.arange(rows.num_rows)))
+
+
 @dataclass
 class _Worker:
     """One Ray Train worker's run: what every step of :func:`train_loop` reads, built by :func:`_setup`."""
@@ -149,6 +187,8 @@ class _Worker:
     autocast: Any
     start_epoch: int
     history: list[dict[str, Any]]
+    train_shard: HeldShard
+    val_shard: HeldShard
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -208,7 +248,8 @@ def _setup(config: dict[str, Any]) -> _Worker:
         channel=channel, model=ray.train.torch.prepare_model(model), head=head, opt=opt, sched=sched,
         class_w=torch.tensor(config["class_weights"], dtype=torch.float32, device=device),
         autocast=torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp),
-        start_epoch=start_epoch, history=history)
+        start_epoch=start_epoch, history=history,
+        train_shard=HeldShard("train", config["hold"]), val_shard=HeldShard("val", config["hold"]))
 
 
 def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
@@ -220,9 +261,9 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
     tick, shift = Throttle(0.5), round(cfg.time_shift_frac * w.shape[1])
     frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
     w.model.train()
-    for batch in ray.train.get_dataset_shard("train").iter_batches(
-            batch_size=w.budget.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=max(
-                256, 8 * w.budget.batch_size), local_shuffle_seed=cfg.seed + epoch * 7919 + w.rank, drop_last=False):
+    for batch in w.train_shard.batches(w.budget.batch_size, seed=cfg.seed + epoch * 7919 + w.rank,
+                                       local_shuffle_buffer_size=max(256, 8 * w.budget.batch_size),
+                                       local_shuffle_seed=cfg.seed + epoch * 7919 + w.rank, drop_last=False):
         x, y = _inputs(batch, w.label_index, w.norm, w.device, w.wave, cfg.multi_label)
         if len(y) < 2:
             continue
@@ -272,8 +313,7 @@ def evaluate(w: _Worker) -> tuple[Any, Any]:
     scored: list[tuple[np.ndarray, np.ndarray]] = []
     val_loss = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
-        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=w.budget.batch_size,
-                                                                    batch_format="pyarrow"):
+        for batch in w.val_shard.batches(w.budget.batch_size):
             x, y = _inputs(batch, w.label_index, w.norm, w.device, multi=multi)
             with w.autocast:
                 logits = w.model(x).float()

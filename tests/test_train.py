@@ -78,6 +78,22 @@ def test_budget_gives_small_data_enough_steps_and_leaves_large_data_alone():
                                                   {"a": "x", "b": "y"}, {"a"})[0]
 
 
+def test_workers_hold_a_share_that_fits_and_read_a_bigger_one_every_epoch():
+    """--hold-mb sizes the share of one worker: each epoch's training rows (with their repeats; waveforms
+    when they are augmented, else images) and the validation images, split over the workers."""
+    f = FeatureConfig()  # 128 x 501 float16 images (128 KB), 5 s of 16-bit audio (160 KB)
+    budget = train.Budget(train_rows=1000, workers=2, batch_size=32, steps_per_pass=16, passes=3)
+    cfg = TrainConfig(shards="s", out="o", hold_mb=210)
+    image, wave = 128 * 501 * 2, 2 * 80_000
+    hold, line = train.hold_plan(cfg, budget, 400, f, wave=False)
+    assert hold and f"({(3000 * image + 400 * image) / 2 / 2**20:,.0f} MB of --hold-mb 210)" in line  # 208 MB
+    hold, line = train.hold_plan(cfg, budget, 400, f, wave=True)
+    assert not hold and f"{(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB is over --hold-mb 210" in line  # 253
+    assert train.hold_plan(replace(cfg, hold_mb=0), replace(budget, train_rows=1), 1, f, wave=False)[0] is False
+    with pytest.raises(ConfigError, match="hold_mb"):
+        TrainConfig(shards="s", out="o", hold_mb=-1)
+
+
 def test_a_loss_stuck_near_a_uniform_guess_is_reported():
     flat = [{"train_loss": 2.4}, {"train_loss": 2.3}]
     assert "not fitting" in trainloop.not_fitting(flat, 12)
@@ -167,6 +183,11 @@ def _cfg(bucket: str, out: str, **kw) -> TrainConfig:
 @pytest.mark.ray
 @pytest.mark.s3
 @pytest.mark.slow
+def _val_files(cfg: TrainConfig) -> set[str]:
+    rows = storage.read_bytes(f"{cfg.out}/split.csv").decode().splitlines()[1:]
+    return {u for u, part in (r.rsplit(",", 1) for r in rows) if part == "val"}
+
+
 def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
     """The session's training run crashed after epoch 3; the same command run again continued at
     epoch 4 and still learned (≥ 90%)."""
@@ -174,6 +195,11 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
     assert crash is not None and "injected crash" in crash
     epochs = m["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5, 6]
+    # every epoch trained on each training clip once: those that read the shards (1, and 4 after the
+    # restart) and those that took them from the workers' memory (--hold-mb)
+    train_clips = sum(1 for r in shards.iter_clips(cfg.shards) if r["uri"] not in _val_files(cfg))
+    assert all(sum(e["train_clips_per_label"].values()) == train_clips for e in epochs), epochs
+    assert all(e["train_clips_per_label"] == epochs[0]["train_clips_per_label"] for e in epochs)
     assert [e["attempt_start_epoch"] for e in epochs] == [0, 0, 0, 3, 3, 3]  # 4-6 ran in the resumed attempt
     assert m["val_accuracy"] >= 0.9, epochs
     assert {"val_accuracy", "macro_f1", "labels", "confusion_matrix", "epochs"} <= set(m)
@@ -209,7 +235,7 @@ def test_a_dying_worker_is_survived_with_failure_config(engine_shards, monkeypat
     # the restarted workers also load a noise folder from S3 and oversample: those paths run on real workers
     samples.make_archive(f"{engine_shards}/noise", "engine", files_per_class=1, seconds=2.0, seed=9)
     cfg = _cfg(engine_shards, "run2", epochs=2, max_failures=1, noise_dir=f"{engine_shards}/noise",
-               noise_prob=1.0, balance="oversample", wave_augment=True)
+               noise_prob=1.0, balance="oversample", wave_augment=True, hold_mb=0)  # read the shards every epoch
     m = train.run(cfg)
     assert json.loads(storage.read_bytes(f"{cfg.out}/train_config.json"))["wave_augment"] is True
     assert storage.exists(f"{cfg.out}/_injected_crash")  # the worker really died
