@@ -197,10 +197,12 @@ def train_loop(config: dict[str, Any]) -> None:
     w = _setup(config)
     for epoch in range(w.start_epoch, w.cfg.epochs):
         t0 = time.perf_counter()
+        rows_from = "memory" if w.train_shard.table is not None else "shards"
         loss_sum, seen, train_s, per_label = train_epoch(w, epoch)
         conf, val_loss = evaluate(w)
         row, report = epoch_metrics(w, epoch, conf, val_loss, (loss_sum, seen, train_s), per_label,
                                     time.perf_counter() - t0)
+        row["rows_from"] = report["rows_from"] = rows_from  # rank 0's: every worker holds, or none does
         checkpoint(w, epoch, row, report)
         _maybe_crash(config.get("crash_at"), epoch + 1, w.rank, w.world, storage.join(w.cfg.out, "_injected_crash"))
 

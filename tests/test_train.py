@@ -195,11 +195,13 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
     assert crash is not None and "injected crash" in crash
     epochs = m["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5, 6]
-    # every epoch trained on each training clip once: those that read the shards (1, and 4 after the
-    # restart) and those that took them from the workers' memory (--hold-mb)
+    # the first epoch of each attempt read the shards, the later ones took the rows the workers held
+    # (--hold-mb); every epoch trained on all the training clips, less a last batch of one clip per
+    # worker (skipped: batch norm needs two), however the rows came
+    assert [e["rows_from"] for e in epochs] == ["shards", "memory", "memory"] * 2
     train_clips = sum(1 for r in shards.iter_clips(cfg.shards) if r["uri"] not in _val_files(cfg))
-    assert all(sum(e["train_clips_per_label"].values()) == train_clips for e in epochs), epochs
-    assert all(e["train_clips_per_label"] == epochs[0]["train_clips_per_label"] for e in epochs)
+    seen = [sum(e["train_clips_per_label"].values()) for e in epochs]
+    assert all(train_clips - cfg.workers <= n <= train_clips for n in seen), (train_clips, seen)
     assert [e["attempt_start_epoch"] for e in epochs] == [0, 0, 0, 3, 3, 3]  # 4-6 ran in the resumed attempt
     assert m["val_accuracy"] >= 0.9, epochs
     assert {"val_accuracy", "macro_f1", "labels", "confusion_matrix", "epochs"} <= set(m)
