@@ -38,7 +38,7 @@ from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainC
 from melbatch.console import Channel, EpochTable
 from melbatch.model import create_model
 from melbatch.runs import init_ray
-from melbatch.shards import TRAIN_CONFIG
+from melbatch.shards import TRAIN_CONFIG, clip_schema
 from melbatch.trainloop import Budget, train_loop
 from melbatch.trainout import finish
 from melbatch.trainset import (
@@ -232,8 +232,9 @@ def hold_plan(cfg: TrainConfig, budget: Budget, val_rows: int, features: Feature
     """Whether each worker keeps its share of the clips in memory after the first epoch (``--hold-mb``),
     and the line that says so: a training row is its waveform (16-bit) or its image, a validation
     row its image, each epoch's training rows with their repeats."""
-    image = math.prod(features.shape) * {"float16": 2, "float32": 4}[features.dtype]
-    row = 2 * features.clip_samples if wave else image
+    schema = clip_schema(features, keep_audio=True)  # the shards' row widths, from the format's one definition
+    image, audio = schema.field("mel").type.byte_width, schema.field("audio").type.byte_width
+    row = audio if wave else image
     share = math.ceil((budget.train_rows * budget.passes * row + val_rows * image) / budget.workers)
     mb = share / 2**20
     if share <= cfg.hold_mb * 2**20:

@@ -263,9 +263,10 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
     tick, shift = Throttle(0.5), round(cfg.time_shift_frac * w.shape[1])
     frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
     w.model.train()
-    for batch in w.train_shard.batches(w.budget.batch_size, seed=cfg.seed + epoch * 7919 + w.rank,
+    seed = cfg.seed + epoch * 7919 + w.rank  # this epoch's order, held or read
+    for batch in w.train_shard.batches(w.budget.batch_size, seed=seed,
                                        local_shuffle_buffer_size=max(256, 8 * w.budget.batch_size),
-                                       local_shuffle_seed=cfg.seed + epoch * 7919 + w.rank, drop_last=False):
+                                       local_shuffle_seed=seed, drop_last=False):
         x, y = _inputs(batch, w.label_index, w.norm, w.device, w.wave, cfg.multi_label)
         if len(y) < 2:
             continue
