@@ -8,7 +8,10 @@ without loading torch or Ray. Exit codes: 0 done; 2 wrong usage or config (nothi
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import dataclasses
+import io
 import json
 import sys
 import tempfile
@@ -85,10 +88,31 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    from melbatch import storage
+
     if args.format == "parquet" and not args.output:
         raise ConfigError("--format parquet needs -o/--output FILE (binary output does not go to a terminal)")
-    table = ledger.current(args.out, args.status)
-    return _emit(ledger.export(table, args.format), args.output, f"{table.num_rows} objects")
+    found = ledger.results(args.out, args.status)
+    with storage.atomic_open(args.output) if args.output else contextlib.nullcontext(_Stdout()) as sink:
+        ledger.write_rows(found.batches(), ledger.RESULTS_SCHEMA, args.format, sink, found.uri_width)
+    if args.output:
+        print(f"{found.rows} objects -> {args.output}", file=sys.stderr)
+    return 0
+
+
+class _Stdout(io.RawIOBase):
+    """A binary file whose UTF-8 text goes to whatever ``sys.stdout`` is now (a terminal, a pipe, a
+    test's buffer), decoded incrementally: a writer may cut a character between two writes."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        sys.stdout.write(self._decoder.decode(bytes(data)))
+        return len(data)
 
 
 def _emit(data: bytes, output: str | None, what: str) -> int:

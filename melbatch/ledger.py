@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,7 +22,7 @@ import pyarrow.parquet as pq
 
 from melbatch import URI, storage
 from melbatch.config import SCHEMA_VERSION, ConfigError
-from melbatch.shards import META_PREFIX, open_dataset, read_manifest, read_quarantine, read_tables
+from melbatch.shards import META_PREFIX, open_dataset, read_manifest, read_quarantine, read_tables, write_table
 
 RUNS, ATTEMPTS, LEASE = "runs", "attempts", "_lease"
 SUMMARY, LEDGER = "summary.json", "ledger.parquet"
@@ -43,6 +45,9 @@ LEDGER_SCHEMA = pa.schema([
 ], metadata={META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode()})
 VERDICT_SCHEMA = pa.schema([pa.field("uri", pa.string()), *(LEDGER_SCHEMA.field(n) for n in
                                                             ("label", "probability", "clips", "reason"))])
+# a ledger is written and read in row groups of this many objects: `melbatch results` streams it one
+# row group at a time, so its memory does not grow with the archive
+LEDGER_ROW_GROUP_ROWS = 65_536
 RESULT_FORMATS = ("table", "csv", "json", "parquet")
 RESULTS_SCHEMA = pa.schema([
     pa.field("uri", pa.string()), pa.field("etag", pa.string()), pa.field("size", pa.int64()),
@@ -70,32 +75,107 @@ def read_ledger(out: URI, summary: dict[str, Any] | None) -> pa.Table:
         return pq.read_table(f, schema=LEDGER_SCHEMA)
 
 
-def latest_ledger(out: URI) -> pa.Table:
-    """The ledger of the newest committed run of a scan OUT; a clear error before the first."""
+def write_ledger(uri: URI, ledger: pa.Table) -> None:
+    """A ledger as one Parquet file in row groups of :data:`LEDGER_ROW_GROUP_ROWS`, published atomically."""
+    write_table(uri, ledger.cast(LEDGER_SCHEMA), row_group_rows=LEDGER_ROW_GROUP_ROWS)
+
+
+def _latest_ledger_uri(out: URI) -> URI | None:
+    """Where the newest committed run's ledger is (``None``: that run changed nothing yet); a clear
+    error before the first run."""
     runs = committed_runs(out)
     if not runs:
         raise storage.StorageError(f"{out} has no committed scan yet (no {RUNS}/<run_id>/{SUMMARY}): run "
                                    "`melbatch scan` first")
+    summary = read_summary(out, runs[-1])
+    return storage.join(out, summary["ledger"]) if summary.get("ledger") else None
+
+
+def latest_ledger(out: URI) -> pa.Table:
+    """The ledger of the newest committed run of a scan OUT; a clear error before the first."""
+    runs = committed_runs(out)
+    if not runs:
+        _latest_ledger_uri(out)  # the error
     return read_ledger(out, read_summary(out, runs[-1]))
 
 
-def current(out: URI, status: str | None = None) -> pa.Table:
+def _ledger_batches(uri: URI | None, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The ledger at ``uri`` a row group at a time, as :data:`LEDGER_SCHEMA` (only ``columns`` when
+    given; columns a ledger written before them lacks read as nulls)."""
+    if uri is None:
+        return
+    names = columns or LEDGER_SCHEMA.names
+    with storage.open_input(uri) as f:
+        pf = pq.ParquetFile(f)
+        have = [n for n in names if n in pf.schema_arrow.names]
+        for batch in pf.iter_batches(columns=have, batch_size=LEDGER_ROW_GROUP_ROWS):
+            yield pa.table([batch.column(n) if n in have else pa.nulls(batch.num_rows, LEDGER_SCHEMA.field(n).type)
+                            for n in names], schema=pa.schema([LEDGER_SCHEMA.field(n) for n in names]))
+
+
+def _live(ledger: pa.Table, status: str | None) -> pa.Table:
+    """The rows of objects that are not deleted (and are of ``status`` when given)."""
+    if status:
+        return ledger.filter(pc.equal(ledger.column("status"), status))
+    return ledger.filter(pc.not_equal(ledger.column("status"), "deleted"))
+
+
+def _without_verdict(live: pa.Table) -> pa.ChunkedArray:
+    """Rows whose verdict the ledger lacks (written before it held verdicts): to look up in their attempt."""
+    classified = pc.equal(live.column("status"), "classified")
+    return pc.if_else(classified, pc.is_null(live.column("clips")), pc.is_null(live.column("reason")))
+
+
+@dataclass(frozen=True)
+class Results:
+    """The verdict of every live object of a scan OUT (:func:`results`): ``rows`` objects, streamed a
+    ledger row group at a time by :meth:`batches` as :data:`RESULTS_SCHEMA` tables."""
+
+    ledger_uri: URI | None
+    status: str | None
+    rows: int
+    uri_width: int  # the longest uri, for aligned text
+    older: pa.Table | None = field(repr=False)  # verdicts only attempts hold (ledgers written before)
+
+    def batches(self) -> Iterator[pa.Table]:
+        for part in _ledger_batches(self.ledger_uri):
+            live = _live(part, self.status)
+            if live.num_rows:
+                yield _verdicts(live, self.older)
+
+
+def results(out: URI, status: str | None = None) -> Results:
     """The verdict for every live object (the newest committed run wins): one row per object that is
     not deleted, with ``uri, etag, size, status, label, probability, clips, run_id, model_id`` (label
     and probability empty for quarantined objects, whose ``reason`` says why); only those of ``status``
     when given.
 
-    The newest ledger holds the verdicts: one file, read as columns. Only rows of a ledger written
-    before it held them are looked up in the attempts that hold them."""
+    The newest ledger holds the verdicts: one file, read as columns a row group at a time. A first
+    pass over four of its columns counts the rows and finds rows of a ledger written before it held
+    verdicts; only those are looked up in the attempts that hold them."""
     out = storage.canonical(out)
-    ledger = latest_ledger(out)
-    live = ledger.filter(pc.not_equal(ledger.column("status"), "deleted"))
-    if status:
-        live = live.filter(pc.equal(live.column("status"), status))
+    uri = _latest_ledger_uri(out)
+    rows, width, older = 0, 0, set()
+    for part in _ledger_batches(uri, ["uri", "status", "attempt", "clips", "reason"]):
+        live = _live(part, status)
+        if not live.num_rows:
+            continue
+        rows += live.num_rows
+        width = max(width, pc.max(pc.utf8_length(live.column("uri"))).as_py())
+        older.update(live.filter(_without_verdict(live)).column("attempt").drop_null().unique().to_pylist())
+    held = [_keyed(attempt_verdicts(storage.join(out, a)), a) for a in sorted(older)]
+    return Results(uri, status, rows, width, pa.concat_tables(held) if held else None)
+
+
+def current(out: URI, status: str | None = None) -> pa.Table:
+    """:func:`results` as one table (for reports and checks; `melbatch results` streams them)."""
+    return pa.concat_tables([RESULTS_SCHEMA.empty_table(), *results(out, status).batches()])
+
+
+def _verdicts(live: pa.Table, older: pa.Table | None) -> pa.Table:
+    """Ledger rows of live objects as :data:`RESULTS_SCHEMA`: the verdict from the ledger, else from ``older``."""
     classified = pc.equal(live.column("status"), "classified")
-    missing = pc.if_else(classified, pc.is_null(live.column("clips")), pc.is_null(live.column("reason")))
-    older = live.filter(missing).column("attempt").drop_null().unique().to_pylist()
-    v = _looked_up([_keyed(attempt_verdicts(storage.join(out, a)), a) for a in sorted(older)], live)
+    v = _looked_up(older, live)
 
     def verdict(name: str) -> pa.ChunkedArray:
         return pc.coalesce(live.column(name), v[name])
@@ -138,15 +218,14 @@ def _keyed(verdicts: pa.Table, attempt: str) -> pa.Table:
     return verdicts.append_column("attempt", pa.repeat(pa.scalar(attempt), verdicts.num_rows))
 
 
-def _looked_up(tables: list[pa.Table], live: pa.Table) -> dict[str, pa.ChunkedArray]:
-    """The verdict columns of the ``tables``' rows for each row of ``live`` (same uri and attempt; null
-    where none). Without tables (every verdict is in the ledger) no key is built: all nulls."""
-    if not tables:
+def _looked_up(held: pa.Table | None, live: pa.Table) -> dict[str, pa.ChunkedArray]:
+    """The verdict columns of ``held``'s rows (:func:`_keyed` verdicts) for each row of ``live`` (same
+    uri and attempt; null where none). Without them (every verdict is in the ledger) no key is built."""
+    if held is None:
         return {n: pa.chunked_array([pa.nulls(live.num_rows, VERDICT_SCHEMA.field(n).type)])
                 for n in VERDICT_SCHEMA.names[1:]}
-    both = pa.concat_tables(tables)
-    at = pc.index_in(_key(live), value_set=_key(both).combine_chunks())
-    return {n: both.column(n).take(at) for n in VERDICT_SCHEMA.names[1:]}
+    at = pc.index_in(_key(live), value_set=_key(held).combine_chunks())
+    return {n: held.column(n).take(at) for n in VERDICT_SCHEMA.names[1:]}
 
 
 def live_attempts(out: URI) -> list[tuple[URI, pa.Array]]:
@@ -189,25 +268,47 @@ def predictions(roots: list[tuple[URI, pa.Array | None]], folder: str) -> pa.Tab
     return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
 
 
-def export(results: pa.Table, fmt: str) -> bytes:
-    """The results table (:func:`current`) as a file's bytes: ``table`` (aligned text for a terminal),
-    ``csv``, ``json`` (one object per line) or ``parquet``."""
-    if fmt == "parquet":
-        buf = io.BytesIO()
-        pq.write_table(results, buf)
-        return buf.getvalue()
-    if fmt == "csv":
-        buf = io.BytesIO()
-        pacsv.write_csv(results, buf)
-        return buf.getvalue()
-    rows = results.to_pylist()
-    if fmt == "json":
-        return ("\n".join(json.dumps(r) for r in rows) + ("\n" if rows else "")).encode()
-    if fmt != "table":
+def export(table: pa.Table, fmt: str) -> bytes:
+    """A table (:func:`current`, or any other) as a file's bytes in ``fmt`` (:func:`write_rows`)."""
+    buf = io.BytesIO()
+    width = 0
+    if fmt == "table" and table.num_rows:
+        width = pc.max(pc.utf8_length(table.column("uri"))).as_py()
+    write_rows([table], table.schema, fmt, buf, width)
+    return buf.getvalue()
+
+
+def write_rows(batches: Iterable[pa.Table], schema: pa.Schema, fmt: str, sink: IO[bytes], uri_width: int = 0) -> int:
+    """Write tables of ``schema`` to ``sink`` one after another, as one file: ``table`` (aligned text
+    for a terminal; the uri column ``uri_width`` wide), ``csv``, ``json`` (one object per line) or
+    ``parquet``. Only one table is in memory at a time; returns the rows written."""
+    if fmt not in RESULT_FORMATS:
         raise ValueError(f"format {fmt!r}: choose one of {RESULT_FORMATS}")
-    w = max([len("uri"), *(len(r["uri"]) for r in rows)])
-    lines = [f"{'uri':<{w}}  {'status':<11}  {'label':<14}  {'prob':>5}  run"]
-    for r in rows:
-        prob = f"{r['probability']:.3f}" if r["probability"] is not None else ""
-        lines.append(f"{r['uri']:<{w}}  {r['status']:<11}  {r['label'] or '':<14}  {prob:>5}  {r['run_id']}")
-    return ("\n".join(lines) + "\n").encode()
+    rows = 0
+    if fmt == "parquet":
+        with pq.ParquetWriter(sink, schema) as parquet:
+            for t in batches:
+                parquet.write_table(t.cast(schema))
+                rows += t.num_rows
+        return rows
+    if fmt == "csv":
+        with pacsv.CSVWriter(sink, schema) as csv:
+            for t in batches:
+                csv.write_table(t.cast(schema))
+                rows += t.num_rows
+        return rows
+    w = max(len("uri"), uri_width)
+    if fmt == "table":
+        sink.write(f"{'uri':<{w}}  {'status':<11}  {'label':<14}  {'prob':>5}  run\n".encode())
+    for t in batches:
+        lines = []
+        for r in t.to_pylist():
+            if fmt == "json":
+                lines.append(json.dumps(r))
+                continue
+            prob = f"{r['probability']:.3f}" if r["probability"] is not None else ""
+            lines.append(f"{r['uri']:<{w}}  {r['status']:<11}  {r['label'] or '':<14}  {prob:>5}  {r['run_id']}")
+        if lines:
+            sink.write(("\n".join(lines) + "\n").encode())
+        rows += t.num_rows
+    return rows

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from melbatch import URI, __version__, ledger, multilabel, pictures, storage, timeline
@@ -286,6 +287,38 @@ def map_section(run: URI, clips: pa.Table, verdicts: dict[str, str]) -> Section:
                       f"{run}` shows first. Clips of one label far from their colour's cloud are worth a look."))
 
 
+@dataclass
+class LiveNow:
+    """What a scan OUT holds now, folded from its streamed results (:func:`live_now`)."""
+
+    objects: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    labels: Counter[str] = field(default_factory=Counter)  # classified objects per label
+    least_sure: list[dict[str, Any]] = field(default_factory=list)  # classified, least probable first
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+
+
+def live_now(found: ledger.Results, least: int) -> LiveNow:
+    """Counts, the ``least`` least confident classified objects and the quarantined ones, a ledger row
+    group at a time: no Python object per classified object of the archive."""
+    now = LiveNow()
+    unsure = ledger.RESULTS_SCHEMA.empty_table()
+    for part in found.batches():
+        now.objects += part.num_rows
+        now.statuses.update(_counts(part.column("status")))
+        ok = part.filter(pc.equal(part.column("status"), "classified"))
+        now.labels.update(_counts(ok.column("label")))
+        unsure = pa.concat_tables([unsure, ok]).sort_by([("probability", "ascending"), ("uri", "ascending")])
+        unsure = unsure.slice(0, least)
+        now.quarantined += part.filter(pc.equal(part.column("status"), "quarantined")).to_pylist()
+    now.least_sure = unsure.to_pylist()
+    return now
+
+
+def _counts(values: pa.ChunkedArray) -> dict[str, int]:
+    return {v["values"]: v["counts"] for v in pc.value_counts(values).to_pylist()}
+
+
 def scan_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     runs = [ledger.read_summary(run, r) for r in ledger.committed_runs(run)]
     keys = ["listed", "new", "changed", "unchanged", "deleted", "classified", "quarantined"]
@@ -295,25 +328,20 @@ def scan_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
                     [(r["run_id"], r.get("started_at", ""), f"{r.get('duration_s', 0):.0f}",
                       *(r["counts"].get(k, 0) for k in keys), r.get("model_id", "")) for r in reversed(runs)],
                     limit=MAX_ROWS))
-    now = ledger.current(run).to_pylist()
-    labels: dict[str, int] = {}
-    for r in now:
-        if r["status"] == "classified":
-            labels[r["label"]] = labels.get(r["label"], 0) + 1
+    now = live_now(ledger.results(run), least=min(MAX_ROWS, 50))
     last = runs[-1]
     overview = Section("Now").add(facts([
-        ("archive", last.get("archive", "")), ("live objects", len(now)),
-        ("classified", sum(r["status"] == "classified" for r in now)),
-        ("quarantined", sum(r["status"] == "quarantined" for r in now)),
+        ("archive", last.get("archive", "")), ("live objects", now.objects),
+        ("classified", now.statuses["classified"]), ("quarantined", now.statuses["quarantined"]),
         ("last scan", f"{last['run_id']} ({last.get('started_at', '')})"), ("model", last.get("model_id", ""))]))
-    overview.add(bar_chart(labels, "live objects per label"))
-    unsure = sorted((r for r in now if r["status"] == "classified"), key=lambda r: r["probability"])
+    overview.add(bar_chart(dict(now.labels), "live objects per label"))
     overview.add(table(["least confident objects", "label", "probability", "run"],
-                       [(r["uri"], r["label"], f"{r['probability']:.3f}", r["run_id"]) for r in unsure],
-                       limit=min(MAX_ROWS, 50)))
+                       [(r["uri"], r["label"], f"{r['probability']:.3f}", r["run_id"]) for r in now.least_sure]))
+    if now.statuses["classified"] > len(now.least_sure):
+        overview.add(note(f"{now.statuses['classified'] - len(now.least_sure)} more rows not shown; all of them: "
+                          f"`melbatch results {run}`"))
     quarantined = [{"uri": r["uri"], "kind": (r["reason"] or "").split(":", 1)[0],
-                    "message": (r["reason"] or "").split(":", 1)[-1].strip()}
-                   for r in now if r["status"] == "quarantined"]
+                    "message": (r["reason"] or "").split(":", 1)[-1].strip()} for r in now.quarantined]
     return run, [overview, trend, quarantine_section(quarantined, run)]
 
 

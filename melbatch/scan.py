@@ -61,9 +61,10 @@ from melbatch.ledger import (
     committed_runs,
     read_ledger,
     read_summary,
+    write_ledger,
 )
 from melbatch.runs import audio_line, content_id, crash_point, label_lines, quarantine_lines
-from melbatch.shards import QUARANTINE, write_table
+from melbatch.shards import QUARANTINE
 
 
 class ScanBusyError(RuntimeError):
@@ -311,8 +312,8 @@ def run(cfg: ScanConfig, progress: bool = True) -> Summary:
             summary.audio_s, summary.resumed_batches = result.audio_s, result.resumed_batches
         crash_point("scan:written")
         if d.todo or d.deleted.num_rows:
-            write_table(storage.join(out, attempt, LEDGER),
-                        next_ledger(ledger, d, run_id, attempt, out, meta["model_id"]))
+            write_ledger(storage.join(out, attempt, LEDGER), next_ledger(ledger, d, run_id, attempt, out,
+                                                                         meta["model_id"]))
             summary.ledger = f"{attempt}/{LEDGER}"
         else:
             summary.ledger = before.get("ledger") if before else None

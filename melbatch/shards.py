@@ -176,10 +176,10 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     return np.asarray(col.flatten(), np.float32).reshape(table.num_rows, -1)
 
 
-def write_table(uri: URI, table: pa.Table) -> None:
-    """One small Parquet file, published atomically."""
+def write_table(uri: URI, table: pa.Table, row_group_rows: int | None = None) -> None:
+    """One small Parquet file, published atomically (in row groups of ``row_group_rows`` when given)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows)
     storage.write_bytes(uri, buf.getvalue())
 
 
