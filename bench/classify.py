@@ -203,6 +203,34 @@ def run_classify(archive: Path, pkg: Path, out: Path, batch_size: int, cpus: int
     return s.audio_s / elapsed, elapsed, mem
 
 
+def many_batches(root: Path, files: int, cpus: int, batch_size: int, repeat: int = 2) -> None:
+    """classify of ``files`` 1-s recordings, one per work batch, with up to 16 batches in an input block
+    (the default) and with one (as before): what Ray Data's cost per block is in a run of many batches."""
+    cfg = FeatureConfig()
+    arch = root / f"many-{files}"
+    secs = make_archive(arch, files, 1.0, cfg.sample_rate_hz)
+    default = classify.BATCHES_PER_BLOCK
+    took = {}
+    for i in range(repeat):
+        for per_block in (1, default):
+            classify.BATCHES_PER_BLOCK = per_block
+            try:
+                s = run_classify(arch, root / "pkg-tiny", root / f"out-many-{per_block}-{i}", batch_size, cpus,
+                                 files_per_task=1)[1]
+            finally:
+                classify.BATCHES_PER_BLOCK = default
+            took[per_block] = min(took.get(per_block, float("inf")), s)
+    print(f"\n{files} files of 1 s, one per work batch ({files} batches), test_resnet, {cpus} CPU(s), "
+          f"best of {repeat}:")
+    print(f"{'input blocks':<44}{'seconds':>9}{'files/s':>9}")
+    for per_block, s in took.items():
+        name = (f"up to {per_block} batches a block (the default)" if per_block == default
+                else "one batch a block (before)")
+        print(f"{name:<44}{s:>9.1f}{files / s:>9.1f}")
+    print(f"blocks of up to {default} / one a block: {took[1] / took[default]:.2f}x the speed "
+          f"({secs / took[default]:,.0f} vs {secs / took[1]:,.0f} x realtime)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=96, help="files in the throughput archive")
@@ -219,6 +247,8 @@ def main() -> None:
     p.add_argument("--memory-inflight-mb", type=float, default=16.0,
                    help="classify --inflight-mb for the memory runs: below the small archive's images, so both "
                    "runs reach the steady state the budget sets")
+    p.add_argument("--many-files", type=int, default=480,
+                   help="1-s files, one per work batch, for the input-block rows (0: skip)")
     p.add_argument("--memory-files-per-task", type=int, default=4,
                    help="files per work batch in the memory runs (many batches: a steady state to measure)")
     args = p.parse_args()
@@ -290,6 +320,8 @@ def main() -> None:
     print(f"with --keep-embeddings: {audio_s / emb_s:,.0f} x realtime ({best_s / emb_s:.0%} of the speed without); "
           f"clips/ {emb_b / clips:,.0f} bytes per clip vs {plain_b / clips:,.0f} without ({emb_b / plain_b:.0f}x; "
           f"{emb_b / (audio_s / 3600) / 1e6:,.1f} MB per hour of audio)")
+    if args.many_files > 0:
+        many_batches(root, args.many_files, args.cpus, args.batch_size)
     if args.memory_files <= 0:
         return
 

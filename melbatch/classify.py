@@ -94,6 +94,8 @@ CHUNK_BYTES = 16 * 2**20
 # The driver finishes batches (two small writes each) in this many threads: on object storage a write
 # takes tens of ms, and a big cluster delivers many batches a second.
 FINISHERS = 8
+BATCHES_PER_BLOCK = 16  # most work batches in one input block (one decode task)
+BLOCKS_PER_CPU = 8  # fewest input blocks per decoding CPU
 AGGREGATION = "mean of clip probabilities per label; the highest mean is the file's label and probability"
 
 
@@ -309,10 +311,10 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Setti
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=cfg.inflight_mb * 1e6)
     features_json = decode_features(meta, detect).canonical_json()
-    # a work batch per block; from_items, not from_arrow of one-row tables: measured 15% faster end to end
-    # (bench/classify.py's decode-bound setting: 160 x 30 s, test_resnet, 4 files per batch)
+    # from_items, not from_arrow of one-row tables: measured 15% faster end to end (bench/classify.py's
+    # decode-bound setting: 160 x 30 s, test_resnet, 4 files per batch)
     rows = work_table(todo).to_pylist()
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ray.data.from_items(rows, override_num_blocks=input_blocks(len(rows), cpus - actors * per_actor))
     # A decode task's worker holds torch (~350 MB measured) and one work batch's images (at most about
     # 4x its input bytes). Saying so also keeps Ray Data from fusing decoding into the model actors (it
     # fuses stages with equal resource requests), which would decode on the actors' CPUs one batch at a
@@ -334,6 +336,16 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Setti
     # writers are light (a fraction of a CPU) and few: each is a process that would otherwise linger
     return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                           compute=ray.data.TaskPoolStrategy(size=max(1, actors)), fn_kwargs={"out": out})
+
+
+def input_blocks(batches: int, decode_cpus: float) -> int:
+    """How many blocks the work batches go in. Ray Data pays per block (a put in the driver, a task:
+    ~21 ms per one-batch block measured on 2 CPUs, ~2.4 ms per batch with 16 to a block), so a big run
+    puts up to :data:`BATCHES_PER_BLOCK` batches in a block, while every run keeps at least
+    :data:`BLOCKS_PER_CPU` blocks per decoding CPU, so the work stays spread to its end. A decode task
+    still writes nothing and yields each batch's chunks as it goes: resuming is per batch as before."""
+    per_block = max(1, min(BATCHES_PER_BLOCK, int(batches // (BLOCKS_PER_CPU * max(1.0, decode_cpus)))))
+    return math.ceil(batches / per_block) if batches else 0
 
 
 def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Settings, summary: Summary,

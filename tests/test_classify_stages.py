@@ -160,3 +160,17 @@ def test_the_run_summary_adds_batch_results_and_accounts_for_every_input():
     with pytest.raises(AssertionError):  # an input neither done nor quarantined is a bug, not a count
         f.close([], started=0.0)
     assert "  inputs              2  = featurized 1 + quarantined 0" in f.render()
+
+
+def test_big_runs_put_up_to_16_batches_in_an_input_block_and_keep_8_blocks_per_decoding_cpu():
+    """Ray Data pays per input block; a run of many work batches groups them, a small one does not."""
+    assert classify.input_blocks(0, 1) == 0 and classify.input_blocks(10, 1) == 10  # small: a batch a block
+    assert classify.input_blocks(1000, 1) == 63  # 16 a block (62 full, 1 of 8)
+    assert classify.input_blocks(1000, 14) == 125  # 8 a block: 8 blocks for each of 14 decoding CPUs
+    assert classify.input_blocks(1000, 0.5) == 63  # a fraction of a CPU counts as one
+    for batches in (1, 7, 40, 129, 5000, 123_457):
+        for cpus in (1, 3, 64):
+            blocks = classify.input_blocks(batches, cpus)
+            per_block = -(-batches // blocks)
+            assert 1 <= per_block <= classify.BATCHES_PER_BLOCK
+            assert blocks >= min(batches, classify.BLOCKS_PER_CPU * cpus)
