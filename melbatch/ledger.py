@@ -80,23 +80,24 @@ def write_ledger(uri: URI, ledger: pa.Table) -> None:
     write_table(uri, ledger.cast(LEDGER_SCHEMA), row_group_rows=LEDGER_ROW_GROUP_ROWS)
 
 
-def _latest_ledger_uri(out: URI) -> URI | None:
-    """Where the newest committed run's ledger is (``None``: that run changed nothing yet); a clear
-    error before the first run."""
+def _newest_summary(out: URI) -> dict[str, Any]:
+    """The summary of the newest committed run of a scan OUT; a clear error before the first."""
     runs = committed_runs(out)
     if not runs:
         raise storage.StorageError(f"{out} has no committed scan yet (no {RUNS}/<run_id>/{SUMMARY}): run "
                                    "`melbatch scan` first")
-    summary = read_summary(out, runs[-1])
-    return storage.join(out, summary["ledger"]) if summary.get("ledger") else None
+    return read_summary(out, runs[-1])
 
 
 def latest_ledger(out: URI) -> pa.Table:
     """The ledger of the newest committed run of a scan OUT; a clear error before the first."""
-    runs = committed_runs(out)
-    if not runs:
-        _latest_ledger_uri(out)  # the error
-    return read_ledger(out, read_summary(out, runs[-1]))
+    return read_ledger(out, _newest_summary(out))
+
+
+def _latest_ledger_uri(out: URI) -> URI | None:
+    """Where the newest committed run's ledger is (``None``: no run has changed anything yet)."""
+    summary = _newest_summary(out)
+    return storage.join(out, summary["ledger"]) if summary.get("ledger") else None
 
 
 def _ledger_batches(uri: URI | None, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -285,16 +286,10 @@ def write_rows(batches: Iterable[pa.Table], schema: pa.Schema, fmt: str, sink: I
     if fmt not in RESULT_FORMATS:
         raise ValueError(f"format {fmt!r}: choose one of {RESULT_FORMATS}")
     rows = 0
-    if fmt == "parquet":
-        with pq.ParquetWriter(sink, schema) as parquet:
+    if fmt in ("parquet", "csv"):
+        with pq.ParquetWriter(sink, schema) if fmt == "parquet" else pacsv.CSVWriter(sink, schema) as writer:
             for t in batches:
-                parquet.write_table(t.cast(schema))
-                rows += t.num_rows
-        return rows
-    if fmt == "csv":
-        with pacsv.CSVWriter(sink, schema) as csv:
-            for t in batches:
-                csv.write_table(t.cast(schema))
+                writer.write_table(t.cast(schema))
                 rows += t.num_rows
         return rows
     w = max(len("uri"), uri_width)
