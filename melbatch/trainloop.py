@@ -404,14 +404,19 @@ def not_fitting(history: list[dict[str, Any]], classes: int) -> str | None:
 
 
 def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int, marker: URI) -> None:
-    """Fault injection for tests: ``MELBATCH_CRASH_AT=raise:2`` raises after epoch 2; ``exit:2`` kills
-    the last worker's process there (as when a node is lost). Once per OUT: a marker file records it.
+    """Fault injection for tests: ``MELBATCH_CRASH_AT=raise:2`` raises after epoch 2 (its checkpoint
+    committed); ``exit:2`` kills the last worker's process there (as when a node is lost). Once per
+    OUT: a marker file records it.
     """
     if not spec:
         return
     mode, at = spec.split(":")
     if epoch != int(at) or (mode == "exit" and rank != world - 1) or storage.exists(marker):
         return
+    # Ray Train registers a report when its controller next polls the workers (about every 2 s): wait
+    # for it, so that the crash comes after this epoch's checkpoint is committed, every time
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                           timeout_s=120)
     storage.write_bytes(marker, f"{spec} rank {rank}".encode())
     if mode == "exit":
         os._exit(1)
