@@ -248,7 +248,7 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
                     collect(done)
                 collect(finishing)  # waits for the last ones
         except Exception as e:
-            raise stopped_by_storage("classify", e, len(results), len(batches)) from None
+            raise stopped_by_storage("classify", e, out, {bid for bid, _ in batches}) from None
     bar.close()
 
     quarantine: list[dict[str, Any]] = []

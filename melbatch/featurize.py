@@ -59,6 +59,7 @@ from melbatch.shards import (
 from melbatch.staging import logmels_of_object
 
 FIT_SAMPLE = 64  # recordings probed for their duration when clips are fitted
+SETTLE_S = 30.0  # how long a failed run waits for its cancelled tasks before counting what is kept
 
 
 @dataclass(kw_only=True)
@@ -217,7 +218,7 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
                     result = featurize_batch(bid, batch, feature_json, dst, cfg.rows_per_shard,
                                              cfg.rows_per_row_group, cfg.silence_dbfs, cfg.keep_audio)
                 except Exception as e:
-                    raise stopped_by_storage("featurize", e, len(results), len(batches)) from None
+                    raise stopped_by_storage("featurize", e, dst, {bid for bid, _ in batches}) from None
                 results[bid] = result
                 bar.update(result["featurized"] + len(result["quarantine"]))
                 crash_point("featurize:batch")
@@ -252,7 +253,8 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
         except Exception as e:
             for ref in pending:
                 ray.cancel(ref)
-            raise stopped_by_storage("featurize", e, len(results), len(batches)) from None
+            ray.wait(list(pending), num_returns=len(pending), timeout=SETTLE_S)  # then count what they kept
+            raise stopped_by_storage("featurize", e, dst, {bid for bid, _ in batches}) from None
     bar.close()
     return [results[bid] for bid, _ in batches], resumed
 

@@ -81,13 +81,21 @@ def storage_failure(e: BaseException) -> storage.StorageError | None:
     return None
 
 
-def stopped_by_storage(stage: str, e: BaseException, done: int, total: int) -> BaseException:
+def stopped_by_storage(stage: str, e: BaseException, dst: URI, batch_ids: set[str]) -> BaseException:
     """What to raise when a run's tasks fail: a storage failure says so, with what is kept; anything
-    else is raised as it came."""
+    else is raised as it came.
+
+    What is kept is counted from the part files, which a re-run resumes from, once the run's in-flight
+    work has settled: a batch that finished after the failure is kept too. Where the store cannot be
+    listed either, the message says so rather than give a number."""
     cause = storage_failure(e)
     if cause is None:
         return e
-    return type(cause)(f"{stage} stopped: {cause} ({done} of {total} batches are done and kept)")
+    try:
+        done = f"{len(_part_ids(dst) & batch_ids)} of {len(batch_ids)} batches are done and kept"
+    except storage.StorageError:
+        done = f"how many of {len(batch_ids)} batches are done and kept could not be listed"
+    return type(cause)(f"{stage} stopped: {cause} ({done})")
 
 
 def this_node() -> str:
@@ -196,9 +204,14 @@ def write_part(dst: URI, bid: str, result: dict[str, Any]) -> None:
 def read_parts(dst: URI, batch_ids: set[str]) -> dict[str, dict[str, Any]]:
     """Results of this run's batches that an earlier attempt finished: one listing, one concurrent read."""
     root = storage.join(dst, PARTS_DIR)
-    wanted = [u for u in storage.list_files(root, ".json")
-              if storage.relative(u, root).removesuffix(".json") in batch_ids]
+    wanted = [storage.join(root, f"{bid}.json") for bid in sorted(_part_ids(dst) & batch_ids)]
     return {(r := json.loads(data))["batch"]: r for data in storage.read_many(wanted).values()}
+
+
+def _part_ids(dst: URI) -> set[str]:
+    """The batch ids with a part file under ``dst``: one listing."""
+    root = storage.join(dst, PARTS_DIR)
+    return {storage.relative(u, root).removesuffix(".json") for u in storage.list_files(root, ".json")}
 
 
 def commit(dst: URI, stage: str, quarantine: list[dict[str, Any]], manifest: dict[str, Any],

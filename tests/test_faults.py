@@ -102,7 +102,8 @@ def test_lasting_faults_fail_the_run_clearly_within_bounds_and_a_rerun_completes
     assert "featurize stopped" in err and victim.uri in err and "Service Unavailable" in err, err
     done = re.search(r"\((\d) of 6 batches are done and kept\)", err)
     # how many other batches finish before the victim's gives up depends on scheduling (a CI run saw 0 when
-    # the victim's batch went first); that those are kept, and not redone, is asserted after the re-run below
+    # the victim's batch went first); the count is of part files once in-flight tasks settle, and that those
+    # are kept, and not redone, is asserted after the re-run below
     assert done and 0 <= int(done.group(1)) <= 5 and "re-run the same command to resume" in err, err
     assert "Traceback" not in err
     # bounded: 3 rounds (storage.CALL_TRIES) x 2² s3fs tries x 3 botocore attempts = 36 requests at most

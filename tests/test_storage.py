@@ -153,3 +153,29 @@ def test_no_secret_reaches_the_cli_output_on_storage_errors(s3_endpoint, tmp_pat
                              env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 3, out.stderr
         assert secret not in out.stdout + out.stderr and "AKIDEXAMPLE" not in out.stdout + out.stderr
+
+
+def test_a_run_stopped_by_storage_counts_the_batches_kept_from_their_part_files(tmp_path, monkeypatch):
+    """The count a stopped run prints is what a re-run resumes: the part files (a batch that finished
+    after the failure counts), not the results the driver happened to collect; other errors pass as
+    they came, and a store that cannot be listed gives no number rather than a wrong one."""
+    from melbatch import runs
+
+    dst = storage.canonical(str(tmp_path / "out"))  # as a run's destination is
+    for bid in ("a", "b", "stale"):  # "stale": an earlier run's batch, not this run's
+        runs.write_part(dst, bid, {"batch": bid})
+    cause = storage.TransientStorageError("s3://bucket/x.flac: reading failed: Service Unavailable")
+    wrapped = RuntimeError("task failed")
+    wrapped.__cause__ = cause
+    err = runs.stopped_by_storage("featurize", wrapped, dst, {"a", "b", "c", "d"})
+    assert isinstance(err, storage.TransientStorageError)
+    assert str(err) == f"featurize stopped: {cause} (2 of 4 batches are done and kept)"
+    other = ValueError("a bug")
+    assert runs.stopped_by_storage("featurize", other, dst, {"a"}) is other
+
+    def unlistable(prefix, suffix=""):
+        raise storage.StorageError(f"{prefix}: listing failed: Service Unavailable")
+
+    monkeypatch.setattr(storage, "list_files", unlistable)  # the store fails the count as well
+    err = runs.stopped_by_storage("classify", wrapped, dst, {"a", "b"})
+    assert str(err).endswith("(how many of 2 batches are done and kept could not be listed)"), str(err)
