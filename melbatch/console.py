@@ -57,6 +57,19 @@ def quiet_ray_loggers() -> None:
         lg.propagate = False
 
 
+# Ray's loggers that speak while ray.init starts or joins a cluster, about Ray's own settings: with
+# RAY_AUTH_MODE unset, "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled
+# to opt out" (melbatch keeps token authentication on; the README says so)
+RAY_STARTUP_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+
+
+def quiet_ray_startup() -> None:
+    """Before ``ray.init``: Ray's warnings about its own start-up settings stay off the console, unless verbose."""
+    if not verbose():
+        for name in RAY_STARTUP_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 # What Ray's raylet tells every driver that is about Ray's own housekeeping, not the user's run
 RAYLET_NOISE = ("PYTHON worker processes have been started",)
 

@@ -55,6 +55,7 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    console.quiet_ray_startup()
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a submitted Ray job: its runtime env applies already
         env = {}

@@ -33,7 +33,7 @@ from melbatch.model import (
     verdicts,
 )
 from melbatch.shards import METRICS, SPLIT, STATE, VAL_PREDICTIONS, mel_array
-from melbatch.trainset import images, split
+from melbatch.trainset import collect, images, split
 from melbatch.weights import Source
 
 
@@ -113,8 +113,7 @@ def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> 
             batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
             num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker),
             max_restarts=0)  # a short pass (re-run to resume); restartable actors also make Ray warn on the console
-    table = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()]).sort_by([("uri", "ascending"),
-                                                                                   ("clip_index", "ascending")])
+    table = collect(ds).sort_by([("uri", "ascending"), ("clip_index", "ascending")])
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(storage.join(cfg.out, VAL_PREDICTIONS), buf.getvalue())

@@ -92,7 +92,7 @@ def test_voice_archive_has_lower_pitch_for_male_voices(tmp_path):
 # What Ray prints when its output reaches the terminal: none of it may on a default run
 RAY_NOISE = ("INFO", "TrainingReport", "Reporting training result", "Execution plan", "Starting execution",
              "pid=", "(raylet)", "core_worker", "Checkpoint successfully", "Progress bars disabled", "memory=",
-             "Warning:")
+             "Warning:", "WARNING", "Token authentication")
 
 
 def _ray_log_text(out: str) -> str:
@@ -108,7 +108,7 @@ def _ray_log_text(out: str) -> str:
 def test_demo_runs_the_pipeline_and_prints_a_summary_without_rays_logs(tmp_path):
     """`melbatch demo` in its own process and its own Ray, as a user runs it: featurize, train twice,
     classify. The terminal holds melbatch's lines only, each epoch's row once; Ray's lines are in its logs."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MELBATCH_VERBOSE", "RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MELBATCH_VERBOSE", "RAY_ADDRESS", "RAY_AUTH_MODE")}
     p = subprocess.run([sys.executable, "-m", "melbatch.cli", "demo", "--dir", str(tmp_path), "--files-per-class",
                         "3", "--epochs", "2"], capture_output=True, text=True, timeout=860, env=env, cwd=ROOT)
     out, terminal = p.stdout, p.stdout + p.stderr
@@ -140,7 +140,7 @@ def test_demo_runs_the_pipeline_and_prints_a_summary_without_rays_logs(tmp_path)
 def test_small_work_runs_without_ray_and_verbose_brings_rays_output_back(tmp_path):
     """A small featurize runs in its own process without starting Ray (no fixed cost of a cluster) and
     makes the very shards Ray's tasks make; on Ray, -v brings Ray's output back to the terminal."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MELBATCH_VERBOSE", "RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MELBATCH_VERBOSE", "RAY_ADDRESS", "RAY_AUTH_MODE")}
     args = [sys.executable, "-m", "melbatch.cli", "featurize", str(tmp_path / "in"), "--no-progress", "--clip-s", "1",
             "--n-mels", "32", "--files-per-task", "2"]
     assert cli.main(["sample-archive", str(tmp_path / "in"), "--files-per-class", "2", "--seconds", "2", "--bad"]) == 0
