@@ -192,7 +192,12 @@ def read_tables(dst: URI, folder: str, columns: list[str] | None = None) -> pa.T
     threads (Arrow lets go of the GIL): a scan OUT holds one small file per work batch, thousands of
     them, which one at a time cost a round trip and ~1.5 ms of decoding each."""
     manifest = open_dataset(dst)
-    uris = [storage.join(dst, rel) for rel in manifest.get(folder, [])]
+    return read_files([storage.join(dst, rel) for rel in manifest.get(folder, [])], columns)
+
+
+def read_files(uris: list[URI], columns: list[str] | None = None) -> pa.Table:
+    """Parquet files of one schema as one table (only ``columns`` when given), in the order given:
+    fetched together, decoded on threads."""
     blobs = storage.read_many(uris)
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         tables = list(pool.map(lambda u: pq.read_table(pa.BufferReader(blobs.pop(u)), columns=columns), uris))

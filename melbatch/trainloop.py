@@ -34,7 +34,7 @@ from melbatch.console import Channel, Throttle
 from melbatch.features import logmel_tensor
 from melbatch.model import classifier_names, create_model, normalize
 from melbatch.shards import STATE, audio_array, mel_array
-from melbatch.trainset import load_noise_bank
+from melbatch.trainset import load_noise_bank, share
 from melbatch.weights import Source
 
 STUCK_EPOCHS, STUCK_FRACTION = 2, 0.8  # warn when the loss is above 80% of a uniform guess after 2 epochs
@@ -127,7 +127,9 @@ def _metrics(conf: np.ndarray, labels: list[str]) -> dict[str, Any]:
 
 class HeldShard:
     """One of this worker's dataset shards (``train`` or ``val``), read through Ray Data in the first
-    epoch and, when ``hold``, kept in this process's memory (as one Arrow table) for the later epochs.
+    epoch and, when ``hold``, kept in this process's memory (as one Arrow table) for the later epochs;
+    a small split is read whole by the worker itself before the first epoch (``direct``, see
+    :func:`melbatch.train.hold_plan`), and every epoch takes rows of the table.
 
     Reading a shard each epoch costs little CPU, but on a small machine Ray Data's readers, its
     prefetch thread and the split coordinator take turns with the training thread on the same cores
@@ -244,7 +246,7 @@ def _setup(config: dict[str, Any]) -> _Worker:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
-    return _Worker(
+    w = _Worker(
         cfg=cfg, labels=labels, label_index={lab: i for i, lab in enumerate(labels)}, norm=config["norm"],
         shape=shape, features=features, budget=budget, rank=rank, world=world, device=device, gen=gen, wave=wave,
         channel=channel, model=ray.train.torch.prepare_model(model), head=head, opt=opt, sched=sched,
@@ -252,6 +254,11 @@ def _setup(config: dict[str, Any]) -> _Worker:
         autocast=torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp),
         start_epoch=start_epoch, history=history,
         train_shard=HeldShard("train", config["hold"]), val_shard=HeldShard("val", config["hold"]))
+    if config["direct"]:  # a small split: this worker reads it whole and keeps its share (see train.hold_plan)
+        rows = config["direct"]
+        w.train_shard.table = share(rows["train"].table(seed=cfg.seed), rank, world, cfg.seed, equal=True)
+        w.val_shard.table = share(rows["val"].table(), rank, world, cfg.seed, equal=False)
+    return w
 
 
 def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:

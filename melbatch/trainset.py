@@ -2,7 +2,8 @@
 
 :func:`open_shards` checks a featurize output is complete and consistent; :func:`file_labels` reads
 each file's label from four small columns; :func:`split_by_file` (or a split manifest) holds out whole
-files; :func:`datasets` streams the training and validation images (or waveforms) as Ray Datasets;
+files; :func:`splits` says what the training and validation rows are (images or waveforms), read as
+Ray Datasets or, when small, whole by each worker (:func:`share` deals them out);
 :func:`dataset_stats` measures the normalisation; :func:`load_noise_bank` reads ``--noise-dir``;
 :func:`reviewed` folds a review's answered ``labels.csv`` (``--extra-labels``) into the training split.
 """
@@ -33,6 +34,7 @@ from melbatch.shards import (
     feature_config_of,
     mel_array,
     open_dataset,
+    read_files,
     rows_to_table,
     shard_uris,
     write_table,
@@ -156,10 +158,10 @@ def split(ds: Any, val_files: set[str], keep: bool) -> Any:
     return ds.map_batches(_filter_files, batch_format="pyarrow", fn_kwargs={"files": files, "keep": keep})
 
 
-def _oversample(batch: pa.Table, repeats: dict[str, float]) -> pa.Table:
+def _oversample(batch: pa.Table, repeats: dict[str, float], seed: int | None = None) -> pa.Table:
     """Repeat each row ``repeats[label]`` times on average (whole part always, fraction at random)."""
     r = np.array([repeats[v] for v in batch.column("label").to_pylist()])
-    counts = np.floor(r).astype(int) + (np.random.default_rng().random(len(r)) < r - np.floor(r))
+    counts = np.floor(r).astype(int) + (np.random.default_rng(seed).random(len(r)) < r - np.floor(r))
     return batch.take(pa.array(np.repeat(np.arange(len(r)), counts)))
 
 
@@ -172,25 +174,64 @@ def _relabel(batch: pa.Table, labels: dict[str, str]) -> pa.Table:
     return batch.set_column(at, "label", pa.array(new, pa.string()).cast(batch.schema.field("label").type))
 
 
-def datasets(uris: list[URI], val_files: set[str], wave: bool, repeats: dict[str, float] | None = None,
-             review: Reviewed | None = None) -> dict[str, Any]:
-    """{"train", "val"} Ray Datasets over the shards, split by source file.
+@dataclass(frozen=True)
+class Split:
+    """One side of the split by file: which shard columns to read and what becomes of the rows (the
+    source files kept or left out, a reviewer's labels, oversampling). Read by Ray Data as a stream
+    (:meth:`dataset`), or whole in one process (:meth:`table`), with the same steps."""
+
+    uris: tuple[URI, ...]
+    columns: tuple[str, ...]
+    val_files: frozenset[str]
+    keep: bool  # the validation files' rows (True) or every other row (False)
+    relabel: dict[str, str] | None = None  # "uri<TAB>clip_index" -> a reviewer's label
+    repeats: dict[str, float] | None = None  # label -> times each row is taken on average
+
+    def dataset(self) -> Any:
+        ds = images(list(self.uris), list(self.columns))
+        if not self.keep:
+            ds = ds.randomize_block_order()  # training: blocks in a new order every epoch (workers shuffle rows)
+        ds = split(ds, self.val_files, self.keep)
+        if self.relabel:
+            ds = ds.map_batches(_relabel, batch_format="pyarrow", fn_kwargs={"labels": self.relabel})
+        if self.repeats:
+            ds = ds.map_batches(_oversample, batch_format="pyarrow", fn_kwargs={"repeats": self.repeats})
+        return ds
+
+    def table(self, seed: int = 0) -> pa.Table:
+        """Every row, here; ``seed`` draws the oversampling's fractions (the same seed, the same rows)."""
+        rows = _filter_files(read_files(list(self.uris), list(self.columns)),
+                             pa.array(sorted(self.val_files), pa.string()), self.keep)
+        if self.relabel:
+            rows = _relabel(rows, self.relabel)
+        return _oversample(rows, self.repeats, seed) if self.repeats else rows
+
+
+def splits(uris: list[URI], val_files: set[str], wave: bool, repeats: dict[str, float] | None = None,
+           review: Reviewed | None = None) -> dict[str, Split]:
+    """{"train", "val"}: the two sides of the split by source file.
 
     Training rows carry the waveform (``audio``) when ``wave``, else the stored image; validation
     rows always the stored image. ``repeats`` oversamples rare labels (``balance: oversample``).
     With ``review``, training clips take the reviewer's labels and the reviewed clips of files
     outside the shards join the training split.
     """
-    columns = ["uri", "label", "start_s", "end_s", "audio" if wave else "mel"]
-    extra = [review.added_uri] if review and review.added_uri else []
-    # blocks in a new random order every epoch, then a local shuffle buffer in each worker
-    train = split(images(uris + extra, columns + (["clip_index"] if review and review.relabel else []))
-                  .randomize_block_order(), val_files, keep=False)
-    if review and review.relabel:
-        train = train.map_batches(_relabel, batch_format="pyarrow", fn_kwargs={"labels": review.relabel})
-    if repeats:
-        train = train.map_batches(_oversample, batch_format="pyarrow", fn_kwargs={"repeats": repeats})
-    return {"train": train, "val": split(images(uris, ["uri", "label", "mel"]), val_files, keep=True)}
+    relabel = review.relabel if review and review.relabel else None
+    extra = (review.added_uri,) if review and review.added_uri else ()
+    columns = ("uri", "label", "start_s", "end_s", "audio" if wave else "mel", *(("clip_index",) if relabel else ()))
+    held_out = frozenset(val_files)
+    return {"train": Split((*uris, *extra), columns, held_out, keep=False, relabel=relabel, repeats=repeats),
+            "val": Split(tuple(uris), ("uri", "label", "mel"), held_out, keep=True)}
+
+
+def share(rows: pa.Table, rank: int, world: int, seed: int, equal: bool) -> pa.Table:
+    """Worker ``rank``'s rows of a table every worker read whole: one permutation (from ``seed``, so the
+    same in every worker) dealt out in turn. ``equal``: every worker gets as many rows (the first ones
+    again where they do not divide), as data-parallel steps need; validation shares need not be."""
+    order = np.random.default_rng(seed).permutation(rows.num_rows)
+    if equal and world > 1:
+        order = np.resize(order, -(-len(order) // world) * world)
+    return rows.take(pa.array(order[rank::world]))
 
 
 def load_noise_bank(uri: URI, sample_rate_hz: int, max_s: float = 600.0, warn: Any = print) -> np.ndarray:
@@ -229,9 +270,11 @@ def collect(ds: Any) -> pa.Table:
     return pa.concat_tables([t for t in ray.get(ds.to_arrow_refs()) if t.num_rows])
 
 
-def dataset_stats(train_ds: Any) -> tuple[float, float]:
-    """Mean and standard deviation of every mel value in the training split (one streaming pass)."""
-    parts = collect(train_ds.map_batches(_moments, batch_format="pyarrow"))
+def dataset_stats(uris: list[URI], val_files: set[str], here: bool) -> tuple[float, float]:
+    """Mean and standard deviation of every mel value in the shards' training split: one streaming
+    pass of Ray Data, or ``here`` (a small split) reading it whole in this process."""
+    rows = Split(tuple(uris), ("uri", "label", "mel"), frozenset(val_files), keep=False)
+    parts = _moments(rows.table()) if here else collect(rows.dataset().map_batches(_moments, batch_format="pyarrow"))
     n, s, ss = (pc.sum(parts.column(c)).as_py() for c in ("n", "s", "ss"))
     mean = s / n
     return float(mean), float(math.sqrt(max(ss / n - mean * mean, 1e-12)))

@@ -4,6 +4,7 @@ learn, resume after a crash and survive a dying worker."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -80,16 +81,21 @@ def test_budget_gives_small_data_enough_steps_and_leaves_large_data_alone():
 
 def test_workers_hold_a_share_that_fits_and_read_a_bigger_one_every_epoch():
     """--hold-mb sizes the share of one worker: each epoch's training rows (with their repeats; waveforms
-    when they are augmented, else images) and the validation images, split over the workers."""
+    when they are augmented, else images) and the validation images, split over the workers. All of
+    it small enough for one worker (and DIRECT_READ_MB): each worker reads it itself, Ray Data idle."""
     f = FeatureConfig()  # 128 x 501 float16 images (128 KB), 5 s of 16-bit audio (160 KB)
     budget = train.Budget(train_rows=1000, workers=2, batch_size=32, steps_per_pass=16, passes=3)
     cfg = TrainConfig(shards="s", out="o", hold_mb=210)
     image, wave = 128 * 501 * 2, 2 * 80_000
-    hold, line = train.hold_plan(cfg, budget, 400, f, wave=False)
-    assert hold and f"({(3000 * image + 400 * image) / 2 / 2**20:,.0f} MB of --hold-mb 210)" in line  # 208 MB
-    hold, line = train.hold_plan(cfg, budget, 400, f, wave=True)
-    assert not hold and f"{(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB is over --hold-mb 210" in line  # 253
-    assert train.hold_plan(replace(cfg, hold_mb=0), replace(budget, train_rows=1), 1, f, wave=False)[0] is False
+    mode, line = train.hold_plan(cfg, budget, 400, f, wave=False)
+    assert mode == "hold" and f"({(3000 * image + 400 * image) / 2 / 2**20:,.0f} MB of --hold-mb 210)" in line  # 208
+    mode, line = train.hold_plan(cfg, budget, 400, f, wave=True)
+    assert mode == "stream" and f"{(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB is over --hold-mb 210" in line
+    assert train.hold_plan(replace(cfg, hold_mb=0), replace(budget, train_rows=1), 1, f, wave=False)[0] == "stream"
+    mode, line = train.hold_plan(replace(cfg, hold_mb=416), budget, 400, f, wave=False)  # all 416 MB fit one worker
+    assert mode == "direct" and "each worker reads the shards itself" in line and "(208 MB of --hold-mb 416)" in line
+    big = replace(budget, train_rows=2000)  # 2 x 3000 images + 400 = 783 MB: over DIRECT_READ_MB, Ray Data reads
+    assert train.DIRECT_READ_MB == 512 and train.hold_plan(replace(cfg, hold_mb=2048), big, 400, f, False)[0] == "hold"
     with pytest.raises(ConfigError, match="hold_mb"):
         TrainConfig(shards="s", out="o", hold_mb=-1)
 
@@ -262,6 +268,59 @@ def test_a_new_model_into_an_old_out_is_refused(tmp_path):
     shards_dir.mkdir()
     with pytest.raises(ConfigError, match="holds a run of resnet18, not test_convnext"):
         train.preflight(TrainConfig(shards=str(shards_dir), out=str(out), model="test_convnext"))
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_a_split_read_whole_holds_the_rows_ray_data_streams_and_shares_deal_them_out(engine_shards):
+    """The two ways a split's rows reach the workers are one: read whole in a process (a small split)
+    or streamed by Ray Data, the same rows; shares of it give every row to one worker (validation),
+    or the same count to each, every row at least once (training)."""
+    uris = trainset.open_shards(f"{engine_shards}/features")[2]
+    files = {r["uri"] for r in shards.iter_clips(f"{engine_shards}/features")}
+    val = set(sorted(files)[::4])
+    relabel = {f"{sorted(files)[1]}\t0": "faulty"}
+    rows = trainset.splits(uris, val, wave=True, repeats={"faulty": 2.0, "healthy": 1.0})
+    rows["train"] = replace(rows["train"], relabel=relabel, columns=(*rows["train"].columns, "clip_index"))
+
+    def keys(t, columns=("uri", "clip_index", "label", "audio")):
+        return sorted(zip(*(t.column(c).to_pylist() for c in columns), strict=True))
+
+    for name, split in rows.items():
+        split = replace(split, columns=(*dict.fromkeys((*split.columns, "clip_index", "audio")),))
+        whole, streamed = split.table(seed=3), trainset.collect(split.dataset())
+        assert whole.num_rows > 0 and keys(whole) == keys(streamed), name
+        assert split.table(seed=3).equals(whole)  # the same seed, the same rows: every worker reads the same table
+    train_rows = rows["train"].table(seed=3)
+    assert {u for u in train_rows.column("uri").to_pylist()}.isdisjoint(val)
+    assert ("faulty" in [r["label"] for r in train_rows.to_pylist() if f"{r['uri']}\t{r['clip_index']}" in relabel])
+    n = train_rows.num_rows
+    parts = [trainset.share(train_rows, r, 3, seed=7, equal=True) for r in range(3)]
+    assert [p.num_rows for p in parts] == [-(-n // 3)] * 3
+    assert {k for p in parts for k in keys(p, ("uri", "clip_index"))} == set(keys(train_rows, ("uri", "clip_index")))
+    val_rows = rows["val"].table()
+    parts = [trainset.share(val_rows, r, 3, seed=7, equal=False) for r in range(3)]
+    assert sorted(k for p in parts for k in keys(p, ("uri", "mel"))) == keys(val_rows, ("uri", "mel"))  # once each
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_two_workers_read_a_small_split_themselves_and_train_on_all_of_it(engine_shards, capsys):
+    """A small archive starts no Ray Data pipeline: each worker reads the shards before the first
+    epoch and every epoch trains on its share, all the training clips between them."""
+    cfg = _cfg(engine_shards, "direct", epochs=2, balance="oversample")
+    m = train.run(cfg, progress=False)
+    assert "each worker reads the shards itself before the first epoch" in capsys.readouterr().out
+    assert [e["rows_from"] for e in m["epochs"]] == ["memory", "memory"]
+    split_rows = storage.read_bytes(f"{cfg.out}/split.csv").decode().splitlines()[1:]
+    val = {u for u, s in (r.rsplit(",", 1) for r in split_rows) if s == "val"}
+    per_label = Counter(r["label"] for r in shards.iter_clips(cfg.shards) if r["uri"] not in val)
+    oversampled = max(per_label.values()) * len(per_label)  # balance: the rarer label repeated up to the commoner
+    for e in m["epochs"]:  # (a fractional repeat is drawn per row: about, not exactly)
+        seen = e["train_clips_per_label"]
+        assert abs(sum(seen.values()) - oversampled) <= max(4, 0.15 * oversampled), (seen, oversampled)
+        assert min(seen.values()) >= 0.7 * max(seen.values()), seen
+    assert m["val_accuracy"] > 0 and len(m["epochs"]) == 2
 
 
 @pytest.mark.ray
