@@ -185,7 +185,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     with EpochTable(channel, cfg.epochs, budget.steps, bars=progress):
         result = trainer.fit()
     return finish(cfg, result, labels, features, norm, uris, val_files, train_files, source,
-                  review.record() if review else None)
+                  review.record() if review else None, here=mode == "direct")
 
 
 def label_names(counts: dict[str, int], multi_label: bool, shards: URI) -> list[str]:

@@ -33,15 +33,15 @@ from melbatch.model import (
     verdicts,
 )
 from melbatch.shards import METRICS, SPLIT, STATE, VAL_PREDICTIONS, mel_array
-from melbatch.trainset import collect, images, split
+from melbatch.trainset import Split, collect
 from melbatch.weights import Source
 
 
 def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureConfig, norm: dict[str, Any],
             uris: list[URI], val_files: set[str], train_files: set[str], source: Source,
-            review: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The best epoch's model package, every validation clip scored with it, ``metrics.json`` and
-    ``split.csv``; returns the metrics."""
+            review: dict[str, Any] | None = None, here: bool = False) -> dict[str, Any]:
+    """The best epoch's model package, every validation clip scored with it (``here``: in this process),
+    ``metrics.json`` and ``split.csv``; returns the metrics."""
     candidates = list(result.best_checkpoints or []) or [(result.checkpoint, result.metrics)]
     best_ckpt, best = max(candidates, key=lambda cm: (cm[1]["macro_f1"], cm[1]["epoch"]))
     with best_ckpt.as_directory() as d:
@@ -58,7 +58,7 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
     if cfg.multi_label:  # the thresholds chosen on the validation split at the best epoch go with the model
         multi = {"multi_label": True, "thresholds": json.loads(best["thresholds"])}
     save_package(cfg.out, model, {**meta, **multi})
-    val = score_validation(cfg, uris, val_files)
+    val = score_validation(cfg, uris, val_files, here)
     metrics = {
         "val_accuracy": best["val_accuracy"], "macro_f1": best["macro_f1"], "best_epoch": best["epoch"],
         "val_file_accuracy": file_accuracy(val, labels, multi.get("thresholds")),
@@ -102,18 +102,27 @@ class _Scorer:
             .append_column("probabilities", pa.array(list(probs), pa.list_(pa.float32(), len(labels))))
 
 
-def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str]) -> pa.Table:
-    """Every validation clip scored by the saved package (the best epoch) → ``OUT/val_predictions.parquet``."""
-    columns = ["uri", "clip_index", "start_s", "end_s", "label", "mel"]
+def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str], here: bool) -> pa.Table:
+    """Every validation clip scored by the saved package (the best epoch) → ``OUT/val_predictions.parquet``:
+    by a Ray Data actor, or ``here`` (a small split, see :func:`melbatch.train.hold_plan`) in this process."""
+    columns = ("uri", "clip_index", "start_s", "end_s", "label", "mel")
+    rows = Split(tuple(uris), columns, frozenset(val_files), keep=True)
+    if here:
+        scorer = _Scorer(storage.join(cfg.out, PACKAGE_DIR), use_gpu=False, batch_size=cfg.batch_size)
+        return _write_val_predictions(cfg, scorer(rows.table()))
     with warnings.catch_warnings():  # Ray 2.60 names no parameter for max_restarts yet and warns on the console
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = split(images(uris, columns), val_files, keep=True).map_batches(
+        ds = rows.dataset().map_batches(
             _Scorer, fn_constructor_kwargs={"package": storage.join(cfg.out, PACKAGE_DIR), "use_gpu": cfg.use_gpu,
                                             "batch_size": cfg.batch_size},
             batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
             num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker),
             max_restarts=0)  # a short pass (re-run to resume); restartable actors also make Ray warn on the console
-    table = collect(ds).sort_by([("uri", "ascending"), ("clip_index", "ascending")])
+    return _write_val_predictions(cfg, collect(ds))
+
+
+def _write_val_predictions(cfg: TrainConfig, scored: pa.Table) -> pa.Table:
+    table = scored.sort_by([("uri", "ascending"), ("clip_index", "ascending")])
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(storage.join(cfg.out, VAL_PREDICTIONS), buf.getvalue())
