@@ -92,6 +92,10 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
 def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train; returns the metrics written to ``OUT/metrics.json``. Prints one table row per epoch, and
     with ``progress`` a bar per epoch."""
+    # Places in their one spelling (file:///abs for a local path): Ray Train runs the workers in a folder
+    # of its own, where the shards, OUT and a noise folder given relative to here are not found
+    cfg = replace(cfg, shards=storage.canonical(cfg.shards), out=storage.canonical(cfg.out),
+                  noise_dir=cfg.noise_dir and storage.canonical(cfg.noise_dir))
     manifest, features, uris, before = preflight(cfg)
     source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
     print(f"model {cfg.model}, starting from {source.describe()}", flush=True)

@@ -329,6 +329,24 @@ def test_two_workers_read_a_small_split_themselves_and_train_on_all_of_it(engine
 
 
 @pytest.mark.ray
+def test_places_given_relative_to_the_working_folder_reach_the_workers(tmp_path, ray_session, monkeypatch):
+    """`make demo` passes demo-output/...: Ray Train runs its workers in a folder of its own, so the
+    shards, OUT and --noise-dir are spelled out whole before they go there (a worker reading the
+    shards itself, and loading the noise bank, is where a relative path broke)."""
+    monkeypatch.chdir(tmp_path)
+    samples.make_archive("archive", "engine", files_per_class=3, seconds=3.0, seed=2)
+    samples.make_archive("noise", "engine", files_per_class=1, seconds=2.0, seed=9)
+    featurize.run(FeaturizeConfig(src="archive", dst="features", features=FAST, runner="local"), progress=False)
+    cfg = TrainConfig(shards="features", out="out", model="test_resnet", pretrained=False, epochs=1, workers=1,
+                      cpus_per_worker=0.5, min_steps=0, wave_augment=True, noise_dir="noise", noise_prob=1.0)
+    m = train.run(cfg, progress=False)
+    assert [e["rows_from"] for e in m["epochs"]] == ["memory"]
+    assert (tmp_path / "out" / "model" / "model.json").exists() and (tmp_path / "out" / "metrics.json").exists()
+    saved = json.loads((tmp_path / "out" / "train_config.json").read_text())["train"]
+    assert saved["shards"] == f"file://{tmp_path}/features" and saved["noise_dir"] == f"file://{tmp_path}/noise"
+
+
+@pytest.mark.ray
 def test_workers_that_leave_ray_data_no_cpu_are_refused_instead_of_hanging(engine_shards):
     with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs for Ray Data"):
         train.run(_cfg(engine_shards, "starved", workers=2, cpus_per_worker=1.0))
