@@ -303,10 +303,33 @@ def rows_to_table(rows: list[ClipRow], cfg: FeatureConfig, keep_audio: bool = Fa
     arrays = {"mel": (cfg.dtype, [r.mel for r in rows])}
     if keep_audio:
         arrays["audio"] = (AUDIO_DTYPE, [r.audio for r in rows])
-    cols: dict[str, Any] = {name: [getattr(r, name) for r in rows] for name in schema.names if name not in arrays}
+    cols: dict[str, Any] = {f.name: plain_array([getattr(r, f.name) for r in rows], f.type)
+                            for f in schema if f.name not in arrays}
     for name, (dtype, values) in arrays.items():
         cols[name] = tensor_array(np.stack(values), dtype)
-    return pa.Table.from_pydict(cols, schema=schema)
+    return pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema)
+
+
+_NUMPY_OF = {pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64, pa.float64(): np.float64}
+
+
+def plain_array(values: list[Any], type_: pa.DataType) -> pa.Array:
+    """Python values (strings, or numbers of ``_NUMPY_OF``'s types; None for null strings) as an Arrow
+    array, built from its buffers. ``pa.array`` would do, but its first call in a process imports pandas
+    to ask whether the values are a pandas object (~0.3 s, a tenth of a small featurize run's cost)."""
+    n = len(values)
+    if type_ in _NUMPY_OF:
+        return pa.Array.from_buffers(type_, n, [None, pa.py_buffer(np.asarray(values, _NUMPY_OF[type_]))])
+    if type_ != pa.string():
+        raise TypeError(f"plain_array: {type_} is not one of {[*_NUMPY_OF, pa.string()]}")
+    data = [b"" if v is None else v.encode("utf-8") for v in values]
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum([len(b) for b in data], out=offsets[1:])
+    valid = np.array([v is not None for v in values], bool)
+    nulls = n - int(valid.sum())
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    return pa.Array.from_buffers(pa.string(), n, [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))],
+                                 null_count=nulls)
 
 
 def tensor_array(values: np.ndarray, dtype: str) -> pa.FixedSizeBinaryArray:
@@ -354,8 +377,10 @@ def to_pcm16(samples: np.ndarray) -> np.ndarray:
 
 def write_quarantine(dst: URI, rows: list[dict[str, Any]]) -> None:
     """``DST/quarantine.parquet``: always written, possibly empty."""
-    write_table(storage.join(dst, QUARANTINE),
-                pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=QUARANTINE_SCHEMA))
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=QUARANTINE_SCHEMA) if rows \
+        else pa.Table.from_arrays([pa.nulls(0, f.type) for f in QUARANTINE_SCHEMA], schema=QUARANTINE_SCHEMA)
+    # (empty_table() and from_pylist call pa.array, which imports pandas: see plain_array)
+    write_table(storage.join(dst, QUARANTINE), table)
 
 
 def write_manifest(dst: URI, manifest: dict[str, Any]) -> None:

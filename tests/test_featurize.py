@@ -283,3 +283,29 @@ def test_feature_engineering_steps_are_applied_alike_by_featurize_classify_and_t
     for img, r in zip(batch, rows[:4], strict=True):  # train: from 16-bit PCM, so close, not equal
         stored = r["mel"].astype(np.float32)
         assert np.median(np.abs(img - stored)) < 0.05 * max(1.0, float(np.abs(stored).max()))
+
+
+def test_shard_columns_are_built_as_pa_array_builds_them_and_a_small_run_never_imports_pandas(tmp_path):
+    """The shards' plain columns are built from their buffers, equal to what ``pa.array`` makes (nulls,
+    non-ASCII, empty); so a small local featurize (the fixed cost of a nightly increment) never pays
+    for importing pandas, which the first ``pa.array`` call in a process does (~0.3 s)."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    cases = [(["a", None, "é/ß ✓", ""], pa.string()), ([None, None], pa.string()), ([], pa.string()),
+             ([1, -2, 3], pa.int16()), ([7, 8], pa.int32()), ([2**40], pa.int64()), ([0.5, -1.25], pa.float64())]
+    for values, type_ in cases:
+        built = shards.plain_array(values, type_)
+        built.validate(full=True)
+        assert built.equals(pa.array(values, type_)), (values, type_)
+    with pytest.raises(TypeError, match="is not one of"):
+        shards.plain_array([True], pa.bool_())
+    samples.make_archive(str(tmp_path / "in"), "engine", files_per_class=1, seconds=2.0)
+    code = ("import sys; from melbatch import cli; rc = cli.main(['featurize', *sys.argv[1:], '--no-progress']);"
+            "print('pandas' in sys.modules); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip().endswith("False"), p.stdout + p.stderr
+    assert shards.read_manifest(str(tmp_path / "out"))["counts"]["inputs"] == 2
