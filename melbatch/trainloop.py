@@ -34,7 +34,7 @@ from melbatch.console import Channel, Throttle
 from melbatch.features import logmel_tensor
 from melbatch.model import classifier_names, create_model, normalize
 from melbatch.shards import STATE, audio_array, mel_array
-from melbatch.trainset import load_noise_bank, share
+from melbatch.trainset import load_noise_bank, read_sides, share
 from melbatch.weights import Source
 
 STUCK_EPOCHS, STUCK_FRACTION = 2, 0.8  # warn when the loss is above 80% of a uniform guess after 2 epochs
@@ -255,9 +255,9 @@ def _setup(config: dict[str, Any]) -> _Worker:
         start_epoch=start_epoch, history=history,
         train_shard=HeldShard("train", config["hold"]), val_shard=HeldShard("val", config["hold"]))
     if config["direct"]:  # a small split: this worker reads it whole and keeps its share (see train.hold_plan)
-        rows = config["direct"]
-        w.train_shard.table = share(rows["train"].table(seed=cfg.seed), rank, world, cfg.seed, equal=True)
-        w.val_shard.table = share(rows["val"].table(), rank, world, cfg.seed, equal=False)
+        rows = read_sides(config["direct"], cfg.seed)
+        w.train_shard.table = share(rows["train"], rank, world, cfg.seed, equal=True)
+        w.val_shard.table = share(rows["val"], rank, world, cfg.seed, equal=False)
     return w
 
 

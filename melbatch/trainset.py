@@ -198,10 +198,12 @@ class Split:
             ds = ds.map_batches(_oversample, batch_format="pyarrow", fn_kwargs={"repeats": self.repeats})
         return ds
 
-    def table(self, seed: int = 0) -> pa.Table:
-        """Every row, here; ``seed`` draws the oversampling's fractions (the same seed, the same rows)."""
-        rows = _filter_files(read_files(list(self.uris), list(self.columns)),
-                             pa.array(sorted(self.val_files), pa.string()), self.keep)
+    def table(self, seed: int = 0, shards: pa.Table | None = None) -> pa.Table:
+        """Every row, here; ``seed`` draws the oversampling's fractions (the same seed, the same rows).
+        ``shards``: the rows of ``uris`` read already (with these columns at least), not read again."""
+        read = shards.select(list(self.columns)) if shards is not None else read_files(list(self.uris),
+                                                                                       list(self.columns))
+        rows = _filter_files(read, pa.array(sorted(self.val_files), pa.string()), self.keep)
         if self.relabel:
             rows = _relabel(rows, self.relabel)
         return _oversample(rows, self.repeats, seed) if self.repeats else rows
@@ -222,6 +224,15 @@ def splits(uris: list[URI], val_files: set[str], wave: bool, repeats: dict[str, 
     held_out = frozenset(val_files)
     return {"train": Split((*uris, *extra), columns, held_out, keep=False, relabel=relabel, repeats=repeats),
             "val": Split(tuple(uris), ("uri", "label", "mel"), held_out, keep=True)}
+
+
+def read_sides(sides: dict[str, Split], seed: int) -> dict[str, pa.Table]:
+    """Every side's rows (:meth:`Split.table` with ``seed``), the shards read once for all of them: every
+    side's files with the columns any side needs. (The training side also reads a review's added clips;
+    they are of files outside the shards, so never the validation side's.)"""
+    uris = list(dict.fromkeys(u for side in sides.values() for u in side.uris))
+    shards = read_files(uris, list(dict.fromkeys(c for side in sides.values() for c in side.columns)))
+    return {name: side.table(seed, shards) for name, side in sides.items()}
 
 
 def share(rows: pa.Table, rank: int, world: int, seed: int, equal: bool) -> pa.Table:
