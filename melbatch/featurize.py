@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from melbatch import URI, storage
+from melbatch import URI, cpu, storage
 from melbatch.audio import DecodeError, open_audio
 from melbatch.config import LOCAL_WORK_BYTES, ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.console import progress as progress_bar
@@ -304,7 +304,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans |
     writable) fails the task and the run with its message; re-running resumes.
     """
     t0 = time.perf_counter()
-    torch.set_num_threads(1)  # one task per CPU: parallelism comes from Ray, not from intra-op threads
+    cpu.prepare_worker(1)  # one task per CPU: parallelism comes from Ray, not from intra-op threads
     cfg = FeatureConfig.from_dict(json.loads(feature_json))
     writer = ShardWriter(storage.join(dst, SHARD_DIR), bid, cfg, rows_per_shard, rows_per_row_group, keep_audio)
     result: dict[str, Any] = {"batch": bid, "featurized": 0, "clips": 0, "audio_s": 0.0, "quarantine": [],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import librosa
@@ -226,3 +228,38 @@ def test_steps_apply_the_same_to_a_batch_on_the_training_path(rng):
         batch = logmel_tensor(torch.from_numpy(xs), cfg).numpy()
     for i in range(3):
         np.testing.assert_allclose(batch[i], compute_logmel(xs[i], cfg), atol=1e-3)
+
+
+_FAULTS_PER_CLIP = """
+import resource, sys
+import numpy as np, torch
+from melbatch import cpu
+from melbatch.config import FeatureConfig
+from melbatch.features import logmel_clips
+from melbatch.audio import Clip
+if sys.argv[1] == "prepared":
+    cpu.prepare_worker(1)
+    print(cpu.keep_freed_memory(), end=" ")
+cfg = FeatureConfig()
+rng = np.random.default_rng(0)
+clips = [Clip(i, 5.0 * i, 5.0 * (i + 1), (0.1 * rng.standard_normal(cfg.clip_samples)).astype(np.float32))
+         for i in range(60)]
+for _ in logmel_clips(iter(clips[:10]), cfg):  # warm: the first calls map what a process keeps for good
+    pass
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in logmel_clips(iter(clips), cfg):
+    pass
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / len(clips))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_a_prepared_worker_reuses_its_image_buffers_instead_of_faulting_them_in_each_clip():
+    """Each clip's buffers (0.3-1 MB) are freed and made again; with glibc's defaults that costs
+    hundreds of page faults per clip in a fresh process (measured 281-541 in 4 of 6 runs, 6 in the
+    others). A worker made ready keeps them mapped: 2-4."""
+    for _ in range(2):  # without the settings, a fresh process faults hundreds of times per clip in ~2 of 3 runs
+        took, faults = subprocess.run([sys.executable, "-c", _FAULTS_PER_CLIP, "prepared"], capture_output=True,
+                                      text=True, check=True).stdout.split()
+        assert took == "True"
+        assert float(faults) < 20, f"{faults} page faults per clip"
