@@ -14,7 +14,7 @@ FLOORS = {
     "stage": ["featurize", "train", "trainloop", "trainout", "trainset", "classify", "scan"],
     "core": ["model", "weights", "augment", "features", "staging", "labels", "pictures", "audio", "runs", "console",
              "samples", "candidates", "detections", "portable", "timeline",
-             "multilabel"],
+             "multilabel", "cpu"],
     "ground": ["shards", "ledger", "storage", "config", "__init__"],
 }
 LEVEL = {m: i for i, floor in enumerate(FLOORS.values()) for m in floor}
