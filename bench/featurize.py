@@ -10,6 +10,9 @@ Rows (all on the same generated 16 kHz WAV files, with melbatch's default featur
   in-memory decode+mel melbatch's decode + clips + log-mel on bytes already in memory, one thread;
                        then the same with one process per core at once (cores share caches and
                        memory bandwidth, so a busy core gives less than a lone one)
+  one task, shards    melbatch's task (featurize_batch) in this process on the same files, its shards
+    in memory        (mel and audio, zstd) written to memory://: the job's work per core without Ray,
+                     listing or the local disk; beside in-memory decode+mel it shows what writing costs
   torchaudio module    torchaudio MelSpectrogram + AmplitudeToDB per clip on decoded audio, one thread
 Targets (issue #2): melbatch ≥ 1000× per core (stretch 2000×), ≥ 1.5× librosa, ≥ 70% of in-memory.
 
@@ -38,7 +41,7 @@ import torch
 import torchaudio
 from threadpoolctl import threadpool_limits
 
-from melbatch import audio, features, featurize
+from melbatch import audio, features, featurize, storage
 from melbatch.config import FeatureConfig, FeaturizeConfig
 
 
@@ -133,6 +136,18 @@ def bench_in_memory(blobs: list[bytes], cfg: FeatureConfig) -> tuple[float, floa
     return total, time.perf_counter() - t0
 
 
+def bench_one_task(paths: list[Path], cfg: FeatureConfig) -> tuple[float, float]:
+    """melbatch's featurize task on ``paths`` in this process, its shards written into memory."""
+    fc = FeaturizeConfig(src=str(paths[0].parent), dst="memory://unused", features=cfg)
+    batch = [(storage.ObjectRef(str(p), "", p.stat().st_size), "a") for p in paths]
+    t0 = time.perf_counter()
+    r = featurize.featurize_batch("bench", batch, cfg.canonical_json(), "memory://melbatch-bench", fc.rows_per_shard,
+                                  fc.rows_per_row_group, fc.silence_dbfs, fc.keep_audio)
+    seconds = time.perf_counter() - t0
+    storage.filesystem("memory://melbatch-bench")[0].rm("/melbatch-bench", recursive=True)
+    return r["audio_s"], seconds
+
+
 def _in_memory_worker(blobs: list[bytes]) -> float:
     torch.set_num_threads(1)
     return bench_in_memory(blobs, FeatureConfig())[0]
@@ -201,6 +216,8 @@ def main() -> None:
     rows.append(("in-memory decode + log-mel", a / t, a / t, 1))
     a, t = best_of(args.repeat, on_every_core, _in_memory_worker, blobs, args.cpus)
     rows.append((f"in-memory decode + log-mel, {args.cpus} procs", a / t / args.cpus, a / t, args.cpus))
+    a, t = best_of(args.repeat, bench_one_task, sub, cfg)
+    rows.append(("one task in process, shards in memory", a / t, a / t, 1))
     a, t = best_of(args.repeat, bench_torchaudio, signals, cfg)
     rows.append(("torchaudio MelSpectrogram module", a / t, a / t, 1))
     a, t = bench_melbatch(root / "archive", root / "features", cfg, args.cpus, args.repeat)
@@ -215,6 +232,9 @@ def main() -> None:
     print(f"melbatch / in-memory decode+mel          {ours / in_mem:6.0%}    (target >= 70%; one process alone)")
     print(f"melbatch / in-memory, all cores busy     {ours / in_mem_par:6.0%}    (same parallelism as the job)")
     print(f"melbatch per core                        {ours:6,.0f}x   (target >= 1000, stretch 2000)")
+    one_task = next(r[1] for r in rows if r[0].startswith("one task"))
+    print(f"one task in process / in-memory          {one_task / in_mem:6.0%}    (the rest: reading files, Arrow, "
+          "Parquet + zstd)")
     bench_fixed_cost(root, cfg, args.repeat)
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
