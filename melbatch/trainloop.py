@@ -53,14 +53,19 @@ class Budget:
 
     @property
     def steps(self) -> int:
-        return self.steps_per_pass * self.passes
+        """Optimiser steps per epoch. The ``passes`` are one stream of repeated rows, dealt out in equal
+        shares and batched through, not separate passes that each end in a short batch."""
+        return max(1, math.ceil(self.train_rows * self.passes / (self.batch_size * self.workers)))
 
     @staticmethod
     def plan(train_rows: int, cfg: TrainConfig) -> Budget:
         world = cfg.workers
         batch = min(cfg.batch_size, max(cfg.min_batch_size, train_rows // (world * 8)))
         per_pass = max(1, math.ceil(train_rows / (batch * world)))
-        passes = max(1, math.ceil(cfg.min_steps / (cfg.epochs * per_pass)))
+        passes = 1
+        if cfg.epochs * per_pass < cfg.min_steps:  # the fewest repeats that make min_steps steps in all
+            need = math.ceil(cfg.min_steps / cfg.epochs)  # steps per epoch
+            passes = (need - 1) * batch * world // max(1, train_rows) + 1
         return Budget(train_rows, world, batch, per_pass, passes)
 
     def describe(self, epochs: int) -> str:

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -77,6 +78,24 @@ def test_budget_gives_small_data_enough_steps_and_leaves_large_data_alone():
     assert off.passes == 1 and off.steps == 5
     assert "too few" in train.small_data_warnings(off, TrainConfig(shards="s", out="o", epochs=2, min_steps=0),
                                                   {"a": "x", "b": "y"}, {"a"})[0]
+
+
+@pytest.mark.parametrize(("rows", "workers", "epochs"), [(20, 1, 1), (35, 1, 8), (65, 1, 3), (17, 2, 3), (9, 1, 50),
+                                                     (1000, 2, 3)])
+def test_the_budget_counts_the_steps_an_epoch_makes(rows, workers, epochs):
+    """The learning-rate schedule ends after epochs x budget.steps steps, and the bar counts to budget.steps:
+    both must be the batches a worker's epoch yields, with the rows repeated to reach min_steps (20 clips:
+    34 passes planned 102 steps where the epoch made 85, so the schedule stopped short of its end)."""
+    cfg = TrainConfig(shards="s", out="o", epochs=epochs, workers=workers)
+    budget = train.Budget.plan(rows, cfg)
+    table = pa.table({"label": ["a"] * rows, "i": list(range(rows))})
+    repeated = trainset._oversample(table, {"a": float(budget.passes)})
+    for rank in range(workers):
+        mine = trainloop.HeldShard("train", hold=False)
+        mine.table = trainset.share(repeated, rank, workers, seed=0, equal=True)
+        assert len(list(mine.batches(budget.batch_size, seed=1))) == budget.steps
+    assert epochs * budget.steps >= cfg.min_steps or budget.passes == 1
+    assert budget.passes == 1 or epochs * replace(budget, passes=budget.passes - 1).steps < cfg.min_steps  # fewest
 
 
 def test_workers_hold_a_share_that_fits_and_read_a_bigger_one_every_epoch():
