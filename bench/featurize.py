@@ -138,13 +138,13 @@ def bench_in_memory(blobs: list[bytes], cfg: FeatureConfig) -> tuple[float, floa
 
 def bench_one_task(paths: list[Path], cfg: FeatureConfig) -> tuple[float, float]:
     """melbatch's featurize task on ``paths`` in this process, its shards written into memory."""
-    fc = FeaturizeConfig(src=str(paths[0].parent), dst="memory://unused", features=cfg)
+    fc = FeaturizeConfig(src=str(paths[0].parent), dst="memory://melbatch-bench", features=cfg)  # the defaults
     batch = [(storage.ObjectRef(str(p), "", p.stat().st_size), "a") for p in paths]
     t0 = time.perf_counter()
-    r = featurize.featurize_batch("bench", batch, cfg.canonical_json(), "memory://melbatch-bench", fc.rows_per_shard,
+    r = featurize.featurize_batch("bench", batch, cfg.canonical_json(), fc.dst, fc.rows_per_shard,
                                   fc.rows_per_row_group, fc.silence_dbfs, fc.keep_audio)
     seconds = time.perf_counter() - t0
-    storage.filesystem("memory://melbatch-bench")[0].rm("/melbatch-bench", recursive=True)
+    storage.delete_tree(fc.dst)
     return r["audio_s"], seconds
 
 
