@@ -15,6 +15,7 @@ from melbatch import pictures
 
 def main(features: str, out: str) -> None:
     cfg, panels = pictures.shard_panels(features, limit=2)
+    panels = pictures.with_waveforms(panels, cfg)  # the demo's shards hold images; its archive, the clips
     rendered = pictures.render(panels, cfg, out, dpi=110)
     print(f"wrote {rendered.uri}")
 

@@ -2,15 +2,17 @@
 
 A :class:`Panel` is one thing to show — an audio file (any URI, any format melbatch decodes, turned
 into an image with the same function featurize uses) or a stored clip of a featurize output (its
-stored image, and its waveform where the shards keep audio). :func:`render` draws panels as one PNG
+stored image, and its waveform: stored with it when featurized with ``--keep-audio``, else read
+again from the archive). :func:`render` draws panels as one PNG
 sheet: seconds on x, Hz on a mel-spaced y axis, a dB colour bar, the label or prediction in the
 title.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,13 +31,25 @@ from melbatch.shards import audio_array, mel_array, open_dataset, read_manifest,
 @dataclass
 class Panel:
     """One column of a sheet: a title, a waveform (or ``None``) and a (n_mels, frames) image made
-    with ``cfg`` (``None``: the sheet's feature config)."""
+    with ``cfg`` (``None``: the sheet's feature config). A stored clip without its waveform names
+    where it was cut from (``source``), to be read again when it is restyled."""
 
     title: str
     mel: np.ndarray
     start_s: float = 0.0
     samples: np.ndarray | None = field(default=None, repr=False)
     cfg: FeatureConfig | None = None
+    source: Cut | None = None
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where a stored clip was cut from: ``[start_s, end_s)`` of ``uri``, zero-padded to ``samples``."""
+
+    uri: URI
+    start_s: float
+    end_s: float
+    samples: int
 
 
 @dataclass
@@ -60,6 +74,7 @@ def sheet(uris: list[URI], flags: dict[str, Any], shards: URI | None = None, pre
     if shards or predictions:
         pick = shard_panels if shards else prediction_panels
         cfg, panels = pick(shards or predictions, uris or None, per_file=per_file)
+        panels = with_waveforms(panels, cfg)
         if flags:  # try other features on the stored/classified clips
             if flags.get("sample_rate_hz", cfg.sample_rate_hz) != cfg.sample_rate_hz:
                 raise ConfigError(f"these clips are at {cfg.sample_rate_hz} Hz: --sample-rate-hz cannot change")
@@ -119,14 +134,34 @@ def describe_steps(cfg: FeatureConfig) -> str:
 
 def restyle(panels: list[Panel], cfg: FeatureConfig) -> list[Panel]:
     """The same clips with images made by ``cfg`` from their waveforms (to try features before featurizing)."""
-    return [wave_panel(_waveform(p), cfg, p.title, p.start_s) for p in panels]
+    return [wave_panel(_waveform(p, cfg), cfg, p.title, p.start_s) for p in panels]
 
 
-def _waveform(p: Panel) -> np.ndarray:
-    if p.samples is None:
-        raise ValueError(f"{p.title}: no waveform stored (featurized with --no-keep-audio), so no other image can "
-                         "be made from it; show the source file instead")
-    return p.samples
+def with_waveforms(panels: list[Panel], cfg: FeatureConfig) -> list[Panel]:
+    """Stored clips with their waveforms, to draw: those the shards hold, else read again from the
+    archive where that still can be done (else left without one)."""
+    out = []
+    for p in panels:
+        if p.samples is None and p.source is not None:
+            with contextlib.suppress(ValueError):
+                p = replace(p, samples=_waveform(p, cfg))
+        out.append(p)
+    return out
+
+
+def _waveform(p: Panel, cfg: FeatureConfig) -> np.ndarray:
+    """The panel's clip: stored with it, else read again from where it was cut."""
+    if p.samples is not None:
+        return p.samples
+    cut = p.source
+    if cut is None:
+        raise ValueError(f"{p.title}: no waveform to make another image from")
+    try:
+        x = decode_window(cut.uri, cfg.sample_rate_hz, cut.start_s, cut.end_s - cut.start_s)
+    except (ValueError, storage.StorageError) as e:
+        raise ValueError(f"{p.title}: the shards hold its image only, and reading it again failed ({e}); "
+                         "featurize with --keep-audio to store the clips' waveforms") from None
+    return np.pad(x, (0, max(0, cut.samples - len(x))))  # a tail clip, padded as featurize pads it
 
 
 def before_after(panels: list[Panel], cfg: FeatureConfig) -> list[Panel]:
@@ -136,8 +171,9 @@ def before_after(panels: list[Panel], cfg: FeatureConfig) -> list[Panel]:
                          "--denoise gate, --compression pcen, --band-emphasis 2000-8000:+6, --clip-norm band_mean")
     plain, out = cfg.without_steps(), []
     for p in panels:
-        before = wave_panel(_waveform(p), plain, f"before · {p.title}", p.start_s)
-        after = wave_panel(_waveform(p), cfg, f"after ({describe_steps(cfg)}) · {p.title}", p.start_s)
+        x = _waveform(p, cfg)
+        before = wave_panel(x, plain, f"before · {p.title}", p.start_s)
+        after = wave_panel(x, cfg, f"after ({describe_steps(cfg)}) · {p.title}", p.start_s)
         out += [before, after]
     return out
 
@@ -235,7 +271,8 @@ def _draw(wave_ax, spec_ax, p: Panel, cfg: FeatureConfig, vmin: float, vmax: flo
         wave_ax.plot(t[::step], p.samples[::step], lw=0.5, color="#1f4e79")
         wave_ax.set_ylim(-1.05, 1.05)
     else:
-        wave_ax.text(0.5, 0.5, "no waveform stored", ha="center", va="center", transform=wave_ax.transAxes)
+        wave_ax.text(0.5, 0.5, "waveform not stored (featurize --keep-audio)", ha="center", va="center",
+                     transform=wave_ax.transAxes)
     wave_ax.set_xlim(p.start_s, p.start_s + seconds)
     wave_ax.set_title(p.title, fontsize=9)
     wave_ax.set_ylabel("amplitude" if first else "")
@@ -268,7 +305,7 @@ def shard_panels(features: URI, uris: list[URI] | None = None, per_file: int = 1
             per_label[row["label"]] = per_label.get(row["label"], 0) + 1
             found[row["uri"]] = panels
         name = row["uri"].rsplit("/", 1)[-1]
-        panels.append(Panel(f"{row['label']} · {name} · clip {row['clip_index']}", mel, row["start_s"], audio))
+        panels.append(_stored_panel(f"{row['label']} · {name} · clip {row['clip_index']}", row, mel, audio, cfg))
     order = wanted or sorted(found, key=lambda u: (found[u][0].title, u))
     missing = [u for u in (wanted or []) if not found.get(u)]
     if missing:
@@ -284,7 +321,7 @@ def stored_clips(features: URI, keys: list[tuple[URI, int]], titles: list[str]) 
     for row, mel, audio in _stored_rows(features, manifest, sorted({u for u, _ in keys})):
         i = at.get((row["uri"], row["clip_index"]))
         if i is not None:
-            got[i] = Panel(titles[i], mel, row["start_s"], audio)
+            got[i] = _stored_panel(titles[i], row, mel, audio, cfg)
     return cfg, [got[i] for i in sorted(got)]
 
 
@@ -304,8 +341,13 @@ def _stored_rows(features: URI, manifest: dict, uris: list[URI] | None):
             continue
         mels = mel_array(table)
         audio = audio_array(table) if "audio" in table.column_names else None
-        for i, row in enumerate(table.select(["uri", "label", "clip_index", "start_s"]).to_pylist()):
+        for i, row in enumerate(table.select(["uri", "label", "clip_index", "start_s", "end_s"]).to_pylist()):
             yield row, mels[i].astype(np.float32), None if audio is None else audio[i]
+
+
+def _stored_panel(title: str, row: dict, mel: np.ndarray, audio: np.ndarray | None, cfg: FeatureConfig) -> Panel:
+    cut = Cut(row["uri"], row["start_s"], row["end_s"], cfg.clip_samples)
+    return Panel(title, mel, row["start_s"], audio, source=None if audio is not None else cut)
 
 
 def thumbnail(mel: np.ndarray, cfg: FeatureConfig, title: str = "", width_in: float = 2.6) -> bytes:

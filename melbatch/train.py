@@ -78,11 +78,8 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
         raise ConfigError(f"{cfg.out} holds a run on features {before.get('config_hash')}, and {cfg.shards} has "
                           f"features {features.hash()}: use another OUT")
     if cfg.wave_augment and not keeps_audio(manifest):
-        if cfg.noise_dir:
-            raise ConfigError(f"noise_dir needs the clips' audio, and {cfg.shards} was featurized with "
-                              "--no-keep-audio: featurize again without it")
-        print(f"warning: {cfg.shards} holds images only (featurized with --no-keep-audio), so waveform "
-              "augmentation is off; featurize again to use it, or leave out --wave-augment", flush=True)
+        raise ConfigError(f"--wave-augment augments the clips' waveforms, and {cfg.shards} holds their images only: "
+                          "featurize again with --keep-audio, or leave out --wave-augment")
     if cfg.wave_augment and cfg.noise_dir and next(
             storage.list_objects(cfg.noise_dir, extensions=AUDIO_EXTENSIONS), None) is None:
         raise ConfigError(f"noise_dir {cfg.noise_dir} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
@@ -111,7 +108,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if not train_files or not val_files:
         raise ConfigError(f"the split leaves {len(train_files)} training and {len(val_files)} validation files: "
                           "featurize more files or change --val-fraction")
-    wave = cfg.wave_augment and keeps_audio(manifest)  # training rows carry waveforms (and so do reviewed clips)
+    wave = cfg.wave_augment  # training rows carry waveforms (and so do reviewed clips); preflight saw them stored
     review = None
     if cfg.extra_labels:
         review = reviewed(cfg.extra_labels, features, wave, labels_of, clips_of, val_files, cfg.out)

@@ -142,7 +142,7 @@ def test_small_work_runs_without_ray_and_verbose_brings_rays_output_back(tmp_pat
     makes the very shards Ray's tasks make; on Ray, -v brings Ray's output back to the terminal."""
     env = {k: v for k, v in os.environ.items() if k not in ("MELBATCH_VERBOSE", "RAY_ADDRESS", "RAY_AUTH_MODE")}
     args = [sys.executable, "-m", "melbatch.cli", "featurize", str(tmp_path / "in"), "--no-progress", "--clip-s", "1",
-            "--n-mels", "32", "--files-per-task", "2"]
+            "--n-mels", "32", "--files-per-task", "2", "--keep-audio"]
     assert cli.main(["sample-archive", str(tmp_path / "in"), "--files-per-class", "2", "--seconds", "2", "--bad"]) == 0
     local = subprocess.run([*args, str(tmp_path / "local")], capture_output=True, text=True, timeout=300, env=env,
                            cwd=ROOT)

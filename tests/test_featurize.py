@@ -30,7 +30,7 @@ def engine_on_s3(request):
     bucket = new_bucket()
     files = samples.make_archive(f"{bucket}/archive", "engine", files_per_class=5, seconds=5.0, seed=3, bad=True)
     cfg = FeaturizeConfig(src=f"{bucket}/archive", dst=f"{bucket}/features", features=FAST, files_per_task=4,
-                          rows_per_shard=8, rows_per_row_group=4)
+                          rows_per_shard=8, rows_per_row_group=4, keep_audio=True)
     summary = featurize.run(cfg, progress=False)
     return files, cfg, summary
 
@@ -203,12 +203,14 @@ def test_unlabelled_archive(ray_session, tmp_path):
     assert s.featurized == 3 and s.quarantined == 0
     assert {r["label"] for r in _rows(dst)} == {None}
     assert shards.read_manifest(dst)["labels"] == {}
-    # --no-keep-audio: images only
-    bare = str(tmp_path / "bare")
-    featurize.run(FeaturizeConfig(src=str(src), dst=bare, features=FAST, labels="none", keep_audio=False),
+    # by default images only; --keep-audio stores each clip's waveform beside its image
+    assert shards.read_manifest(dst)["audio"] == {"kept": False}
+    assert all("audio" not in r for r in _rows(dst))
+    kept = str(tmp_path / "kept")
+    featurize.run(FeaturizeConfig(src=str(src), dst=kept, features=FAST, labels="none", keep_audio=True),
                   progress=False)
-    assert shards.read_manifest(bare)["audio"] == {"kept": False}
-    assert all("audio" not in r for r in _rows(bare))
+    assert shards.read_manifest(kept)["audio"]["kept"] is True
+    assert all(r["audio"].shape == (FAST.clip_samples,) for r in _rows(kept))
 
 
 def test_incomplete_output_is_refused_by_readers(tmp_path):
@@ -267,7 +269,7 @@ def test_feature_engineering_steps_are_applied_alike_by_featurize_classify_and_t
                              "compression": "pcen", "clip_norm": "band_mean"})
     src, dst = tmp_path / "a", tmp_path / "f"
     samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0, seed=8)
-    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=steps), progress=False)
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=steps, keep_audio=True), progress=False)
     manifest = shards.read_manifest(str(dst))
     assert manifest["config_hash"] == steps.hash() != FAST.hash()
     assert FeatureConfig.from_dict(manifest["feature_config"]) == steps

@@ -47,10 +47,12 @@ def test_a_pure_tone_lights_one_band_at_its_frequency_on_the_picture(tmp_path):
 def test_stored_clips_side_by_side_and_the_cli(ray_session, tmp_path, capsys):
     src, dst = tmp_path / "a", tmp_path / "f"
     files = samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
-    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)  # images only
     cfg, panels = pictures.shard_panels(str(dst), limit=4)
     assert cfg == FAST and len(panels) == 4 and {p.title.split(" ")[0] for p in panels} == {"healthy", "faulty"}
-    assert all(p.samples is not None and p.mel.shape == FAST.shape for p in panels)
+    assert all(p.samples is None and p.mel.shape == FAST.shape for p in panels)
+    panels = pictures.with_waveforms(panels, cfg)  # read again from the archive, as featurize cut them
+    assert all(p.samples.shape == (FAST.clip_samples,) and np.abs(p.samples).max() > 0.01 for p in panels)
     out = pictures.render(panels, cfg, str(tmp_path / "sheet.png"))
     assert len(out.spectrogram_boxes) == 4 and out.width > 4 * 300
     boxes = sorted(out.spectrogram_boxes)
@@ -62,15 +64,28 @@ def test_stored_clips_side_by_side_and_the_cli(ray_session, tmp_path, capsys):
     assert "2 panel(s)" in capsys.readouterr().out
     assert _png(str(tmp_path / "two.png")).shape[1] > _png(str(tmp_path / "one.png")).shape[1]
     assert cli.main(["show", "-o", str(tmp_path / "x.png")]) == 2
-    # stored clips with other features: images remade from the stored waveforms, before and after
+    # stored clips with other features: images remade from their waveforms (read again from the
+    # archive, or stored with --keep-audio), before and after
     assert cli.main(["show", "--shards", str(dst), one, "--band-emphasis", "2000-8000:+12", "--compare",
                      "-o", str(tmp_path / "three.png")]) == 0
     assert "2 panel(s)" in capsys.readouterr().out
-    [stored] = pictures.shard_panels(str(dst), [one])[1]
-    emphasised = pictures.restyle([stored], FeatureConfig(**{**FAST.to_dict(), "band_emphasis": ("2000-8000:+12",)}))
+    kept = tmp_path / "k"
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(kept), features=FAST, keep_audio=True), progress=False)
+    emphasis = FeatureConfig(**{**FAST.to_dict(), "band_emphasis": ("2000-8000:+12",)})
     high = FAST.band_centers_hz() >= 2000
-    gain = emphasised[0].mel - stored.mel
-    assert np.median(gain[high]) == pytest.approx(12.0, abs=0.1) and np.median(np.abs(gain[~high])) < 0.1
+    for out in (dst, kept):
+        [stored] = pictures.shard_panels(str(out), [one])[1]
+        assert (stored.samples is not None) == (out == kept)
+        emphasised = pictures.restyle([stored], emphasis)
+        gain = emphasised[0].mel - stored.mel
+        assert np.median(gain[high]) == pytest.approx(12.0, abs=0.1) and np.median(np.abs(gain[~high])) < 0.1, out
+    storage.delete_tree(str(src))  # the archive is gone: only the stored waveforms can be restyled
+    assert pictures.restyle(pictures.shard_panels(str(kept), [one])[1], emphasis)[0].mel.shape == FAST.shape
+    with pytest.raises(ValueError, match="featurize with --keep-audio"):
+        pictures.restyle(pictures.shard_panels(str(dst), [one])[1], emphasis)
+    [left] = pictures.with_waveforms(pictures.shard_panels(str(dst), [one])[1], FAST)  # drawn without one
+    assert left.samples is None
+    assert cli.main(["show", "--shards", str(dst), one, "-o", str(tmp_path / "four.png")]) == 0
 
 
 def test_compare_draws_each_clip_before_and_after_the_steps(tmp_path, capsys, rng):

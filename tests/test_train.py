@@ -193,8 +193,8 @@ def engine_shards(request):
     request.getfixturevalue("ray_session")
     b = new_bucket()
     samples.make_archive(f"{b}/archive", "engine", files_per_class=8, seconds=3.0, seed=5)
-    featurize.run(FeaturizeConfig(src=f"{b}/archive", dst=f"{b}/features", features=FAST, files_per_task=8),
-                  progress=False)
+    featurize.run(FeaturizeConfig(src=f"{b}/archive", dst=f"{b}/features", features=FAST, files_per_task=8,
+                                  keep_audio=True), progress=False)  # the dying worker's run augments waveforms
     return b
 
 
@@ -265,17 +265,20 @@ def test_a_dying_worker_is_survived_with_failure_config(engine_shards, monkeypat
     assert m["epochs"][-1]["attempt_start_epoch"] in (0, 1)  # restarted from scratch or from epoch 1
 
 
-def test_images_only_shards_turn_waveform_augmentation_off_and_refuse_a_noise_dir(tmp_path, ray_session, capsys):
-    src, dst = tmp_path / "a", tmp_path / "f"
+def test_waveform_augmentation_on_images_only_shards_is_refused_before_training(tmp_path, ray_session, capsys):
+    """Shards are images only by default: --wave-augment on them fails fast and says to featurize with
+    --keep-audio (no silent fallback to training without it); on shards with waveforms it is taken."""
+    src, dst, kept = tmp_path / "a", tmp_path / "f", tmp_path / "k"
     samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
-    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST, keep_audio=False), progress=False)
-    train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o1"), wave_augment=True))
-    assert "waveform augmentation is off" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="--no-keep-audio"):
-        train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o2"), noise_dir=str(src), wave_augment=True))
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)
+    for extra in ({}, {"noise_dir": str(src)}):
+        with pytest.raises(ConfigError, match="featurize again with --keep-audio"):
+            train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o1"), wave_augment=True, **extra))
     with pytest.raises(ConfigError, match="add --wave-augment"):
         TrainConfig(shards=str(dst), out=str(tmp_path / "o2"), noise_dir=str(src))
     train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o3"), wave_augment=False))
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(kept), features=FAST, keep_audio=True), progress=False)
+    train.preflight(TrainConfig(shards=str(kept), out=str(tmp_path / "o4"), wave_augment=True, noise_dir=str(src)))
     assert "augmentation" not in capsys.readouterr().out
 
 
@@ -355,7 +358,8 @@ def test_places_given_relative_to_the_working_folder_reach_the_workers(tmp_path,
     monkeypatch.chdir(tmp_path)
     samples.make_archive("archive", "engine", files_per_class=3, seconds=3.0, seed=2)
     samples.make_archive("noise", "engine", files_per_class=1, seconds=2.0, seed=9)
-    featurize.run(FeaturizeConfig(src="archive", dst="features", features=FAST, runner="local"), progress=False)
+    featurize.run(FeaturizeConfig(src="archive", dst="features", features=FAST, runner="local", keep_audio=True),
+                  progress=False)
     cfg = TrainConfig(shards="features", out="out", model="test_resnet", pretrained=False, epochs=1, workers=1,
                       cpus_per_worker=0.5, min_steps=0, wave_augment=True, noise_dir="noise", noise_prob=1.0)
     m = train.run(cfg, progress=False)
