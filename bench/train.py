@@ -98,7 +98,8 @@ def main() -> None:
     features = FeatureConfig()
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     samples.make_archive(f"{root}/archive", "engine", files_per_class=args.files_per_class, seconds=10.0)
-    featurize.run(FeaturizeConfig(src=f"{root}/archive", dst=f"{root}/features", features=features), progress=False)
+    featurize.run(FeaturizeConfig(src=f"{root}/archive", dst=f"{root}/features", features=features,
+                                  keep_audio=args.wave_augment), progress=False)  # waveforms, to augment them
     n_clips = shards.read_manifest(f"{root}/features")["counts"]["clips"]
     # one worker gets the machine but one CPU, which Ray Data keeps for reading (the bare loop gets the same)
     base = dict(shards=f"{root}/features", model=args.model, pretrained=False, epochs=args.epochs,
