@@ -347,7 +347,7 @@ class FeaturizeConfig:
         f"the work is one batch or under {LOCAL_WORK_BYTES // 2**20} MB of input, else 'ray')")
     keep_audio: bool = flag(False,
         "also store each clip's waveform (16-bit PCM) next to its image, for train --wave-augment (shards "
-        "about 2.2x larger, featurize about 1.4x slower); without it show re-reads clips from SRC to restyle them")
+        "about 2.5x larger, featurize about 1.4x slower); without it show reads clips again from SRC to restyle them")
     fit_clips: bool = flag(True,
         "keep --clip-s even when most recordings are much shorter (by default clips are then fitted to the "
         "recordings: the 90th percentile of a sample's durations, rounded up to 0.25 s, >= 1 s)")
