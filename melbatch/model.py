@@ -12,6 +12,7 @@ features and model from it alone.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -81,8 +82,10 @@ def create_model(name: str, num_classes: int, shape: tuple[int, int], pretrained
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ModelError(f"timm has no model {name!r}; similar: {close or 'see timm.list_models()'}")
+        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
+        raise ModelError(f"timm has no model {name!r}; "
+                         + (f"did you mean {', '.join(close)}?" if close else
+                            "python -c 'import timm; print(timm.list_models())' lists them"))
     source = source or resolve(name, pretrained, weights)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": 1, "pretrained": source.kind != "none"}
     if _fixed_input_size(name):

