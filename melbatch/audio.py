@@ -375,6 +375,23 @@ def decode_clips(stream: IO[bytes], cfg: FeatureConfig) -> tuple[AudioInfo, Iter
 
 def decode_all(stream: IO[bytes], sample_rate_hz: int) -> tuple[AudioInfo, np.ndarray]:
     """The whole file as one mono signal at ``sample_rate_hz`` (for pictures and tests, not archives)."""
+    return decode_span(stream, sample_rate_hz)
+
+
+def decode_span(stream: IO[bytes], sample_rate_hz: int, start_s: float = 0.0,
+                seconds: float | None = None) -> tuple[AudioInfo, np.ndarray]:
+    """``[start_s, start_s + seconds)`` of a file (all of it from ``start_s`` with ``None``), mono at
+    ``sample_rate_hz``: decoded block by block up to the span's end and no further, so ten seconds
+    of a day-long recording cost ten seconds of memory (and the decoding up to them)."""
     info, blocks = open_audio(stream)
-    parts = list(resample_stream(blocks, info.sample_rate_hz, sample_rate_hz))
+    a = int(start_s * sample_rate_hz)
+    b = None if seconds is None else a + int(seconds * sample_rate_hz)
+    parts, at = [], 0  # ``at``: the first sample of the next block
+    for x in resample_stream(blocks, info.sample_rate_hz, sample_rate_hz):
+        lo, hi = max(a - at, 0), len(x) if b is None else min(b - at, len(x))
+        if lo < hi:
+            parts.append(x[lo:hi])
+        at += len(x)
+        if b is not None and at >= b:
+            break
     return info, np.concatenate(parts) if parts else np.zeros(0, np.float32)

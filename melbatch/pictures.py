@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from melbatch import URI, storage
-from melbatch.audio import DecodeError, decode_all
+from melbatch.audio import DecodeError, decode_span
 from melbatch.config import ConfigError, FeatureConfig, build, merge
 from melbatch.features import logmel_tensor
 from melbatch.shards import audio_array, mel_array, open_dataset, read_manifest, read_tables, shard_uris
@@ -99,17 +99,16 @@ def audio_panel(uri: URI, cfg: FeatureConfig, start_s: float = 0.0, seconds: flo
 
 
 def decode_window(uri: URI, sample_rate_hz: int, start_s: float = 0.0, seconds: float | None = None) -> np.ndarray:
-    """An audio object's ``[start_s, start_s + seconds)`` (all of it with ``None``), mono at the rate."""
+    """An audio object's ``[start_s, start_s + seconds)`` (all of it from ``start_s`` with ``None``),
+    mono at the rate; the object is read and decoded only up to the span's end."""
     try:
         with storage.open_input(uri) as f:
-            _, x = decode_all(f, sample_rate_hz)
+            _, x = decode_span(f, sample_rate_hz, start_s, seconds)
     except DecodeError as e:
         raise ValueError(f"cannot picture {uri}: {e}") from None
     except OSError as e:
         raise storage.StorageError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
-    a = int(start_s * sample_rate_hz)
-    b = len(x) if seconds is None else min(len(x), a + int(seconds * sample_rate_hz))
-    return np.ascontiguousarray(x[a:b], dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def wave_panel(x: np.ndarray, cfg: FeatureConfig, title: str, start_s: float = 0.0) -> Panel:

@@ -146,3 +146,34 @@ def test_a_long_file_decodes_in_bounded_memory(tmp_path):
     assert n == minutes * 60 // 5
     decoded_bytes = minutes * 60 * sr * 2 * 4
     assert peak < 40e6, f"peak {peak / 1e6:.0f} MB while decoding {decoded_bytes / 1e6:.0f} MB of audio"
+
+
+def test_a_span_is_the_slice_of_the_whole_signal_and_decoding_stops_at_its_end(rng):
+    """decode_span (what `melbatch show --start-s/--seconds` and restyled stored clips read) equals the
+    slice of the whole decoded signal, across block boundaries and past the end; it reads the object
+    only up to the span's end, so ten seconds near the start of a long recording do not decode it all."""
+    sr = 44_100
+    x = (0.3 * rng.standard_normal(95 * sr)).astype(np.float32)  # 95 s: blocks of 10 s, resampled
+    data = samples.encode(x, sr, samples.FORMATS[0])
+    _, whole = audio.decode_all(io.BytesIO(data), 16_000)
+    for start_s, seconds in ((0.0, 10.0), (9.5, 1.0), (31.25, 12.5), (90.0, None), (94.0, 10.0), (120.0, 5.0)):
+        _, got = audio.decode_span(io.BytesIO(data), 16_000, start_s, seconds)
+        a = int(start_s * 16_000)
+        want = whole[a:] if seconds is None else whole[a:a + int(seconds * 16_000)]
+        np.testing.assert_array_equal(got, want, err_msg=f"{start_s}+{seconds}")
+
+    class Counted(io.BytesIO):
+        read_bytes = 0
+
+        def read(self, n=-1):
+            out = super().read(n)
+            Counted.read_bytes += len(out)
+            return out
+
+        def readinto(self, b):
+            n = super().readinto(b)
+            Counted.read_bytes += n
+            return n
+
+    audio.decode_span(Counted(data), 16_000, 2.0, 3.0)
+    assert Counted.read_bytes < len(data) / 3, (Counted.read_bytes, len(data))
