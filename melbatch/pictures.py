@@ -32,7 +32,7 @@ from melbatch.shards import audio_array, mel_array, open_dataset, read_manifest,
 class Panel:
     """One column of a sheet: a title, a waveform (or ``None``) and a (n_mels, frames) image made
     with ``cfg`` (``None``: the sheet's feature config). A stored clip without its waveform names
-    where it was cut from (``source``), to be read again when it is restyled."""
+    where it was cut from (``source``), to be read again to draw or restyle it."""
 
     title: str
     mel: np.ndarray
