@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray
 
 from melbatch import URI, storage
-from melbatch.audio import DecodeError, decode_all
+from melbatch.audio import DecodeError, decode_span
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig
 from melbatch.labels import ReviewedClip, read_reviewed
 from melbatch.shards import (
@@ -252,8 +252,8 @@ def load_noise_bank(uri: URI, sample_rate_hz: int, max_s: float = 600.0, warn: A
     skipped: list[str] = []
     for ref in storage.list_objects(uri, extensions=AUDIO_EXTENSIONS):
         try:
-            with storage.open_input(ref.uri, ref.size) as f:
-                _, x = decode_all(f, sample_rate_hz)
+            with storage.open_input(ref.uri, ref.size) as f:  # no further than the bank still needs
+                _, x = decode_span(f, sample_rate_hz, 0.0, (max_s * sample_rate_hz - total + 1) / sample_rate_hz)
         except DecodeError as e:
             skipped.append(f"{ref.uri} ({e.kind})")
             continue

@@ -4,6 +4,7 @@ learn, resume after a crash and survive a dying worker."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 from collections import Counter
 from dataclasses import replace
 
@@ -163,6 +164,14 @@ def test_noise_bank_reads_any_format_and_rate_and_skips_what_does_not_decode(tmp
     assert len(bank) == 16000 + 2 * 16000  # 1 s at 44.1 kHz + 2 s at 8 kHz, both at 16 kHz
     assert np.sqrt(np.mean(bank[:16000] ** 2)) == pytest.approx(1.0, rel=1e-3)  # each file at unit RMS
     assert len(trainset.load_noise_bank(str(noise), 16000, max_s=1.5)) == 24000
+    # a long recording in the folder is decoded only as far as the bank needs (10 min would be 38 MB)
+    drone = (0.1 * rng.standard_normal(600 * 16000)).astype(np.float32)
+    storage.write_bytes(str(tmp_path / "long" / "drone.wav"), samples.encode(drone, 16000, samples.FORMATS[0]))
+    tracemalloc.start()
+    assert len(trainset.load_noise_bank(str(tmp_path / "long"), 16000, max_s=1.5)) == 24000
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10e6, f"peak {peak / 1e6:.0f} MB"
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no decodable"):
         trainset.load_noise_bank(str(tmp_path / "empty"), 16000)
