@@ -191,25 +191,31 @@ def run(cfg: ClassifyConfig, progress: bool = True) -> Summary:
     """Classify ``cfg.archive`` into ``cfg.out``; returns the summary (also in the manifest)."""
     meta = preflight(cfg)
     skipped: Counter = Counter()
-    refs = storage.refs_of(list_archive(cfg, skipped))
+    notes = storage.ListingNotes()
+    refs = storage.refs_of(list_archive(cfg, skipped, notes))
     if not refs:
         raise ConfigError(f"no audio objects under {cfg.archive} match extensions={list(cfg.extensions)}, "
                           f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
-    return classify_objects(cfg, meta, refs, storage.canonical(cfg.out), progress, dict(skipped))
+    return classify_objects(cfg, meta, refs, storage.canonical(cfg.out), progress, dict(skipped), notes.as_dict())
 
 
-def list_archive(cfg: ClassifyConfig, skipped: Counter | None = None) -> pa.Table:
+def list_archive(cfg: ClassifyConfig, skipped: Counter | None = None,
+                 notes: storage.ListingNotes | None = None) -> pa.Table:
     """Every audio object under ARCHIVE that passes the filters, in key order (one listing, as a
-    :data:`~melbatch.storage.LISTING_SCHEMA` table); the others are counted by extension into ``skipped``."""
-    return storage.list_table(storage.canonical(cfg.archive), cfg.include, cfg.exclude, cfg.extensions, skipped)
+    :data:`~melbatch.storage.LISTING_SCHEMA` table); the others are counted by extension into ``skipped``,
+    and links, loops and unreadable folders are told in ``notes``."""
+    return storage.list_table(storage.canonical(cfg.archive), cfg.include, cfg.exclude, cfg.extensions, skipped,
+                              notes)
 
 
 def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[storage.ObjectRef], out: URI,
-                     progress: bool = True, skipped: dict[str, int] | None = None) -> Summary:
+                     progress: bool = True, skipped: dict[str, int] | None = None,
+                     listing: dict[str, dict] | None = None) -> Summary:
     """Classify exactly ``refs`` into ``out`` (resuming batches an earlier attempt finished)."""
     t0 = time.perf_counter()
     summary = Summary(archive=storage.canonical(cfg.archive), out=out, model_id=meta["model_id"],
-                      config_hash=meta["config_hash"], inputs=len(refs), skipped=skipped or {})
+                      config_hash=meta["config_hash"], inputs=len(refs), skipped=skipped or {},
+                      listing=listing or {})
     detect = detection(cfg, meta)
     salt = (f"classify {meta['model_id']} {meta['config_hash']} top{cfg.top_k} emb{int(cfg.keep_embeddings)} "
             f"detect {detect}")
@@ -369,6 +375,7 @@ def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Sett
                    "skipped_by_filters": sum(summary.skipped.values()), "events": sum(summary.events.values())},
         "event_counts": dict(sorted(summary.events.items())),
         "skipped": summary.skipped,
+        "listing": summary.listing,
         "label_counts": dict(sorted(summary.labels.items())),
         "quarantine_kinds": summary.quarantine_kinds,
         "decoders": summary.decoders,

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -74,12 +74,20 @@ class Summary(RunSummary):
     featurized: int = 0
     task_s: float = 0.0  # wall time spent inside tasks, summed (excludes batches resumed from a previous run)
     shards: int = 0
+    manifest_unmatched: int = 0  # rows of the --labels manifest that named no object listed
+    manifest_unmatched_examples: list[str] = field(default_factory=list)
 
     def _head(self) -> list[str]:
         return [f"featurize {self.src} -> {self.dst}"]
 
     def _clips_line(self) -> str:
-        return f"  clips        {self.clips:>8}  in {self.shards} shard(s), config {self.config_hash}"
+        line = f"  clips        {self.clips:>8}  in {self.shards} shard(s), config {self.config_hash}"
+        if self.manifest_unmatched:
+            more = ", ..." if self.manifest_unmatched > len(self.manifest_unmatched_examples) else ""
+            line += (f"\n  warning      {self.manifest_unmatched:>8}  label manifest rows name no object listed (a "
+                     f"typo, a file deleted since, one the filters leave out): "
+                     f"{', '.join(self.manifest_unmatched_examples)}{more}")
+        return line
 
     def _quarantine_uri(self) -> URI:
         return storage.join(self.dst, QUARANTINE)
@@ -112,14 +120,16 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     src, dst = storage.canonical(cfg.src), storage.canonical(cfg.dst)
 
     skipped: Counter = Counter()
-    refs = list(storage.list_objects(src, cfg.include, cfg.exclude, cfg.extensions, skipped))
+    notes = storage.ListingNotes()
+    refs = list(storage.list_objects(src, cfg.include, cfg.exclude, cfg.extensions, skipped, notes))
     if not refs:
         raise ConfigError(f"no audio objects under {src} match extensions={list(cfg.extensions)}, "
                           f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
     if cfg.fit_clips:
         cfg = fit_clips(cfg, refs)
     check_existing(cfg)
-    summary = Summary(src=src, dst=dst, config_hash=cfg.features.hash(), skipped=dict(skipped))
+    summary = Summary(src=src, dst=dst, config_hash=cfg.features.hash(), skipped=dict(skipped),
+                      listing=notes.as_dict())
     summary.inputs = len(refs)
     crash_point("featurize:listed")
     quarantine: list[dict[str, Any]] = []
@@ -130,6 +140,7 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
             quarantine.append(quarantine_row(ref, DecodeError("unlabelled", labeler.why_missing())))
         else:
             work.append((ref, label))
+    summary.manifest_unmatched, summary.manifest_unmatched_examples = labeler.unmatched([r.uri for r in refs])
 
     # batches take files in hashed order, not key order: a shard then mixes labels and folders, which a
     # streaming trainer needs (key order would fill whole shards with one class folder)
@@ -279,8 +290,10 @@ def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results
             "clips": summary.clips,
             "audio_seconds": round(summary.audio_s, 3),
             "skipped_by_filters": sum(summary.skipped.values()),
+            "manifest_rows_unmatched": summary.manifest_unmatched,
         },
         "skipped": summary.skipped,
+        "listing": summary.listing,
         "quarantine_kinds": summary.quarantine_kinds,
         "decoders": summary.decoders,
         "nodes": summary.nodes,

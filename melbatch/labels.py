@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import posixpath
+import unicodedata
 from dataclasses import dataclass
 
 from melbatch import URI, multilabel, storage
@@ -27,6 +28,7 @@ from melbatch.config import ConfigError
 NO_LABEL = object()  # marks an object that needs a label and has none
 REVIEWED_COLUMNS = ("uri", "clip_index", "start_s", "end_s", "predicted", "probability", "label")
 SKIP = "skip"  # a reviewed row with this label (or none) is left out
+UNMATCHED_SHOWN = 5  # manifest rows that named no object, shown in a run's summary
 
 
 @dataclass(frozen=True)
@@ -53,25 +55,48 @@ def clip_label(label: str | Spans | None, start_s: float, end_s: float) -> str |
 
 class Labeler:
     """Maps an object URI to its label (``None`` for unlabelled archives, ``NO_LABEL`` if missing; a
-    :class:`Spans` when the manifest labels time spans of it)."""
+    :class:`Spans` when the manifest labels time spans of it).
+
+    A manifest row names an object by its key byte for byte, or else by the same name in another
+    Unicode normal form (a manifest typed on Linux, NFC, for names a Mac wrote, NFD); the rows that
+    named no object are :meth:`unmatched`."""
 
     def __init__(self, source: str, src: URI, depth: int = 1):
         self.source, self.depth = source, depth
         self.src = storage.canonical(src)
         self.table: dict[URI, str | Spans] | None = None
+        self.matched: set[URI] = set()
         if source not in ("folder", "none"):
             self.table = load_manifest(source, self.src)
+            self.normal = {unicodedata.normalize("NFC", u): u for u in self.table}
 
     def __call__(self, uri: URI) -> str | Spans | object | None:
         if self.source == "none":
             return None
         if self.table is not None:
-            return self.table.get(uri, NO_LABEL)
+            key = uri if uri in self.table else self.normal.get(unicodedata.normalize("NFC", uri))
+            if key is None:
+                return NO_LABEL
+            self.matched.add(key)
+            return self.table[key]
         rel = storage.relative(uri, self.src) if uri != self.src else posixpath.basename(uri)
         folders = [f for f in rel.split("/")[:-1] if f]  # "a//b" in an object key has no empty folder
         if len(folders) < abs(self.depth):
             return NO_LABEL
         return folders[self.depth - 1] if self.depth > 0 else folders[self.depth]
+
+    def unmatched(self, listed: list[URI]) -> tuple[int, list[str]]:
+        """How many manifest rows named no object of ``listed`` (a typo, a file deleted since, one the
+        filters leave out), and a few of them, each with the listed name it differs from only in case."""
+        missing = sorted(set(self.table or ()) - self.matched)
+        if not missing:
+            return 0, []
+        folded = {u.casefold(): u for u in listed}
+        shown = []
+        for u in missing[:UNMATCHED_SHOWN]:
+            other = folded.get(u.casefold())
+            shown.append(f"{u} (listed as {other}: the names differ in case)" if other else u)
+        return len(missing), shown
 
     def why_missing(self) -> str:
         if self.source == "folder" and self.depth == 1:

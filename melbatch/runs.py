@@ -126,6 +126,7 @@ class RunSummary:
     decoders: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> batches it did
     skipped: dict[str, int] = field(default_factory=dict)  # extension -> objects the filters left out
+    listing: dict[str, dict] = field(default_factory=dict)  # what the listing met: storage.ListingNotes.as_dict()
 
     def add(self, result: dict[str, Any]) -> None:
         """A batch's part-file result: its done count, clips, audio and per-key counts."""
@@ -151,6 +152,7 @@ class RunSummary:
             f"  inputs       {self.inputs:>8}  = {self.DONE} {getattr(self, self.DONE)} + "
             f"quarantined {self.quarantined}",
             *skipped_lines(self.skipped),
+            *listing_lines(self.listing),
             self._clips_line(),
             audio_line(self.audio_s, self.elapsed_s, self._rated_audio_s()),
         ]
@@ -264,6 +266,13 @@ def skipped_lines(skipped: dict[str, int]) -> list[str]:
     kinds = ", ".join(f"{ext} {n}" for ext, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
     return [f"  skipped      {sum(skipped.values()):>8}  objects the filters leave out (--extensions, --include, "
             f"--exclude): {kinds}"]
+
+
+def listing_lines(listing: dict[str, dict]) -> list[str]:
+    """Warning lines for what a listing met besides the objects it lists (links, loops, unreadable
+    folders: :class:`~melbatch.storage.ListingNotes`), one per kind with a few examples; none: no line."""
+    return [f"  warning      {v['count']:>8}  {storage.ListingNotes.KINDS[kind]}: {', '.join(v['examples'])}"
+            f"{', ...' if v['count'] > len(v['examples']) else ''}" for kind, v in sorted(listing.items())]
 
 
 def label_lines(labels: dict[str, int], unit: str) -> list[str]:

@@ -63,7 +63,7 @@ from melbatch.ledger import (
     read_summary,
     write_ledger,
 )
-from melbatch.runs import audio_line, content_id, crash_point, label_lines, quarantine_lines
+from melbatch.runs import audio_line, content_id, crash_point, label_lines, listing_lines, quarantine_lines
 from melbatch.shards import QUARANTINE
 
 
@@ -175,10 +175,12 @@ class Diff:
 
 
 def diff(listing: pa.Table, ledger: pa.Table, model_id: str, rescan_on_model_change: bool,
-         retry_quarantined: bool) -> Diff:
+         retry_quarantined: bool, unread: tuple[URI, ...] = ()) -> Diff:
     """Sort the listing (a :data:`~melbatch.storage.LISTING_SCHEMA` table) against the ledger: only
     identity (uri, etag, size) decides, never content. Column operations throughout: a hash lookup of
-    each listed uri among the ledger's live rows, then masks."""
+    each listed uri among the ledger's live rows, then masks. Objects under ``unread`` (folders the
+    listing could not read: a mount gone, permission denied) are not taken for deleted: they keep
+    their rows until a scan reads their folder again."""
     live = ledger.filter(pc.not_equal(ledger["status"], "deleted"))
     at = pc.index_in(listing["uri"], value_set=live["uri"].combine_chunks())  # its row in `live`; null: new
     known = pc.is_valid(at)
@@ -195,6 +197,8 @@ def diff(listing: pa.Table, ledger: pa.Table, model_id: str, rescan_on_model_cha
         again = pc.or_(again, other_model)
     rescanned = pc.and_(same, pc.fill_null(again, False))
     gone = pc.invert(pc.is_in(live["uri"], value_set=listing["uri"].combine_chunks()))
+    for prefix in unread:
+        gone = pc.and_(gone, pc.invert(pc.starts_with(live["uri"], prefix)))
     return Diff(new=listing.filter(pc.invert(known)), changed=listing.filter(changed),
                 unchanged=listing.filter(pc.and_(same, pc.invert(rescanned))), rescanned=listing.filter(rescanned),
                 deleted=live.filter(gone).sort_by("uri"))
@@ -248,6 +252,7 @@ class Summary:
     attempt: str | None = None
     ledger: str | None = None
     resumed_batches: int = 0
+    listing: dict[str, dict] = field(default_factory=dict)  # what the listing met: storage.ListingNotes.as_dict()
     nonce: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -262,6 +267,7 @@ class Summary:
             f"  listed       {c['listed']:>8}  = new {c['new']} + changed {c['changed']} + unchanged {c['unchanged']}"
             f" (+ rescanned {c['rescanned']})",
             f"  deleted      {c['deleted']:>8}",
+            *listing_lines(self.listing),
             f"  read         {c['classified'] + c['quarantined']:>8}  = classified {c['classified']} + "
             f"quarantined {c['quarantined']}",
             audio_line(self.audio_s, self.duration_s),
@@ -295,11 +301,13 @@ def run(cfg: ScanConfig, progress: bool = True) -> Summary:
         ledger = read_ledger(out, before)
         run_id = f"{int(runs[-1]) + 1 if runs else 1:06d}"
         crash_point("scan:listing")
-        listing = classify.list_archive(cfg.classify)
-        d = diff(listing, ledger, meta["model_id"], cfg.rescan_on_model_change, cfg.retry_quarantined)
+        notes = storage.ListingNotes()
+        listing = classify.list_archive(cfg.classify, notes=notes)
+        d = diff(listing, ledger, meta["model_id"], cfg.rescan_on_model_change, cfg.retry_quarantined,
+                 tuple(notes.unreadable_uris))
         summary = Summary(run_id=run_id, archive=storage.canonical(cfg.classify.archive), out=out,
                           model_id=meta["model_id"], config_hash=meta["config_hash"],
-                          started_at=_iso(time.time()))
+                          started_at=_iso(time.time()), listing=notes.as_dict())
         work = [f"todo\t{r.key()}" for r in d.todo] + [f"deleted\t{u}" for u in d.deleted["uri"].to_pylist()]
         key = content_id(f"scan {run_id} {meta['model_id']}", work)[:16]
         attempt = f"{ATTEMPTS}/{run_id}-{key}"

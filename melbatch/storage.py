@@ -19,6 +19,7 @@ import io
 import os
 import posixpath
 import re
+import stat
 import sys
 import time
 import uuid
@@ -26,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import IO, Any, ClassVar, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -263,26 +264,28 @@ def _matches(rel: str, include: tuple[str, ...], exclude: tuple[str, ...], exten
 
 
 def list_objects(src: URI, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-                 extensions: tuple[str, ...] = (), skipped: Counter | None = None) -> Iterator[ObjectRef]:
+                 extensions: tuple[str, ...] = (), skipped: Counter | None = None,
+                 notes: ListingNotes | None = None) -> Iterator[ObjectRef]:
     """Every object under ``src`` (recursively) that passes the filters, in key order.
 
     ``include``/``exclude`` are glob patterns on the key relative to ``src`` (``*`` also crosses
     ``/``); ``extensions`` are lower-case, without dots. The objects the filters leave out are
     counted by extension into ``skipped`` (so a run can say what it did not read). On object stores
-    the listing runs in parallel over prefixes (:func:`find_parallel`).
+    the listing runs in parallel over prefixes (:func:`find_parallel`). A local folder's links,
+    loops and unreadable folders are told in ``notes`` (:func:`_walk_local`).
     """
     fs, root = filesystem(src)
     local = isinstance(fs, LocalFileSystem)
     base = root.rstrip("/")
+    under, base_uri = base + "/", _unstrip(fs, base)
     try:
         with _translated(src, "listing"):
             if fs.isfile(root):
                 found: Iterator[tuple[str, dict]] = iter([(root, fs.info(root))])
             elif local:
-                found = _walk_local(root)
+                found = _walk_local(root, notes if notes is not None else ListingNotes(), base_uri)
             else:
                 found = _popped_in_order(find_parallel(fs, root))
-            under, base_uri = base + "/", _unstrip(fs, base)
             for path, info in found:
                 if info.get("type") == "directory":
                     continue
@@ -306,21 +309,125 @@ def _popped_in_order(found: dict[str, dict]) -> Iterator[tuple[str, dict]]:
         yield path, found.pop(path)
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, dict]]:
+class ListingNotes:
+    """What a listing of a local folder met besides the files it lists, each kind with its count and
+    a few examples (paths relative to the folder), for a run's summary and manifest:
+
+    - ``loop``: a link to a folder that holds it (``loop -> ..``, common on NAS mounts), not followed;
+    - ``repeat``: a link to a file or folder that is listed at its own place already (inside the
+      folder, or reached through another link), not listed a second time;
+    - ``unreadable``: a folder that could not be read (permission denied, a mount gone mid-listing):
+      its files are not listed, and a scan does not take them for deleted (:attr:`unreadable_uris`);
+    - ``dangling``: a link that leads nowhere.
+    """
+
+    KINDS: ClassVar[dict[str, str]] = {"loop": "links to a folder that holds them: not followed",
+                                       "repeat": "links to files or folders listed at their own place: listed once",
+                                       "unreadable": "folders that could not be read: their files are not listed "
+                                                     "(a scan keeps them)",
+                                       "dangling": "links that lead nowhere"}
+    EXAMPLES = 3
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.unreadable_uris: list[URI] = []  # every unreadable folder, as a URI prefix ending in "/"
+
+    def add(self, kind: str, example: str) -> None:
+        self.counts[kind] += 1
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < self.EXAMPLES:
+            shown.append(example)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """``{kind: {"count": n, "examples": [...]}}`` (JSON: a summary, a manifest)."""
+        return {k: {"count": n, "examples": self.examples[k]} for k, n in sorted(self.counts.items())}
+
+
+def _walk_local(root: str, notes: ListingNotes, root_uri: URI) -> Iterator[tuple[str, dict]]:
     """Every file under a local folder with its size and mtime, in key order, one folder read at a time
     (fsspec's ``find`` holds an info dict per file of the whole tree, ~1 KB each, and stats through
-    Python: ~4x slower). A folder sorts as its name plus ``/``, so the order is the keys' order."""
-    with os.scandir(root) as it:
-        entries = sorted(((e.name + "/" if e.is_dir() else e.name), e) for e in it)
-    for _, e in entries:
-        if e.is_dir():
-            yield from _walk_local(e.path)
-            continue
+    Python: ~4x slower). A folder sorts as its name plus ``/``, so the order is the keys' order.
+
+    Each real file and folder is listed once, at its own place: a link whose target lies inside the
+    folder is left to the walk that reaches the target; a link out of it (``2024 -> /mnt/disk2/2024``)
+    is followed, each folder it leads to once; a link to a folder that holds it is a loop. What was
+    not listed is told in ``notes``."""
+    real_root = os.path.realpath(root)
+    try:
+        st = os.stat(root)
+    except OSError:
+        st = None
+    walked = {(st.st_dev, st.st_ino)} if st else set()  # every real folder entered, (device, inode)
+    listed: set[tuple[int, int]] = set()  # files reached through links out of the folder
+
+    def inside(real: str) -> bool:
+        return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+
+    def walk(path: str, rel: str, chain: tuple[tuple[int, int], ...]) -> Iterator[tuple[str, dict]]:
         try:
-            st = e.stat()
-        except FileNotFoundError:  # a dangling link, or a file deleted while we list
-            continue
-        yield e.path, {"type": "file", "size": st.st_size, "mtime": st.st_mtime}
+            with os.scandir(path) as it:
+                entries = sorted(((e.name + "/" if _is_dir(e) else e.name), e) for e in it)
+        except OSError as e:
+            if not rel:  # the folder itself: list_objects says it does not exist, or cannot be read
+                raise
+            notes.add("unreadable", f"{rel}/ ({e.strerror or type(e).__name__})")
+            notes.unreadable_uris.append(f"{root_uri}/{escape_name(rel)}/")
+            return
+        for _, e in entries:
+            name = f"{rel}/{e.name}" if rel else e.name
+            try:
+                link = e.is_symlink()
+                st = e.stat()  # follows a link
+            except FileNotFoundError:  # a dangling link, or a file or folder gone while we list
+                if e.is_symlink():
+                    notes.add("dangling", f"{name} -> {_readlink(e.path)}")
+                elif _is_dir(e):  # a mount that went away: its files may be back tomorrow, not deleted
+                    notes.add("unreadable", f"{name}/ (gone while listed)")
+                    notes.unreadable_uris.append(f"{root_uri}/{escape_name(name)}/")
+                continue
+            except OSError as err:  # ELOOP: a link to itself; EACCES: a folder that may be read but not entered
+                if err.errno == errno.ELOOP:
+                    notes.add("loop", f"{name} -> {_readlink(e.path)}")
+                else:
+                    notes.add("unreadable", f"{name} ({err.strerror or type(err).__name__})")
+                    notes.unreadable_uris.append(f"{root_uri}/{escape_name(name)}")
+                continue
+            identity = (st.st_dev, st.st_ino)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if link:
+                if identity in chain:
+                    notes.add("loop", f"{name} -> {_readlink(e.path)}")
+                    continue
+                if inside(os.path.realpath(e.path)) or identity in (walked if is_dir else listed):
+                    notes.add("repeat", f"{name} -> {_readlink(e.path)}")
+                    continue
+            if is_dir:
+                if identity in chain:  # a bind mount of a folder that holds it
+                    notes.add("loop", f"{name}/")
+                    continue
+                walked.add(identity)
+                yield from walk(e.path, name, (*chain, identity))
+                continue
+            if link:
+                listed.add(identity)
+            yield e.path, {"type": "file", "size": st.st_size, "mtime": st.st_mtime}
+
+    yield from walk(root, "", tuple(walked))
+
+
+def _is_dir(e: os.DirEntry) -> bool:
+    try:
+        return e.is_dir()
+    except OSError:
+        return False
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
 
 
 # A listing as columns: one row per object, ~100 bytes each instead of a Python object per key.
@@ -330,7 +437,8 @@ _LISTING_CHUNK = 65536
 
 
 def list_table(src: URI, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-               extensions: tuple[str, ...] = (), skipped: Counter | None = None) -> pa.Table:
+               extensions: tuple[str, ...] = (), skipped: Counter | None = None,
+               notes: ListingNotes | None = None) -> pa.Table:
     """:func:`list_objects` as one table (:data:`LISTING_SCHEMA`), in key order, built a chunk at a time:
     what a driver keeps of an archive of millions of objects."""
     chunks: list[pa.RecordBatch] = []
@@ -342,7 +450,7 @@ def list_table(src: URI, include: tuple[str, ...] = (), exclude: tuple[str, ...]
         for c in cols:
             c.clear()
 
-    for ref in list_objects(src, include, exclude, extensions, skipped):
+    for ref in list_objects(src, include, exclude, extensions, skipped, notes):
         cols[0].append(ref.uri)
         cols[1].append(ref.etag)
         cols[2].append(ref.size)

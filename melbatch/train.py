@@ -120,6 +120,11 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             print(f"warning: {len(review.unreadable)} reviewed file(s) could not be read, their answers are left out: "
                   f"{review.unreadable[:3]}", flush=True)
         labels = sorted(set(labels) | review.labels())
+    if len(labels) < 2:
+        raise ConfigError(f"{cfg.shards} holds clips of {len(labels)} label(s) ({', '.join(labels) or 'none'}): a "
+                          "classifier needs at least two. Featurize the other classes too (SRC/<label>/<file>, one "
+                          "folder per class), read the labels from a manifest with --labels, or add reviewed clips "
+                          "of other labels with --extra-labels")
     init_ray(cfg.address)
     cfg, line = size_workers(cfg, ray.cluster_resources().get("CPU", 0))
     print(line, flush=True)

@@ -181,3 +181,201 @@ def test_file_names_that_are_not_utf8_are_featurized_classified_and_scanned(tmp_
     assert "caf%E9.wav" in Path(page.removeprefix("file://")).read_text()  # the report names it as listed
     chaos_log("file names that are not UTF-8 (Latin-1 bytes)", len(names), 3,
               "read under lossless %XX-escaped URIs in featurize, classify and scan")
+
+
+# ------------------------------------------------------------------ hostile archives: links, loops, folders
+
+def _engine_wav(seed: int = 0) -> bytes:
+    return samples.encode(samples.engine_sound(np.random.default_rng(seed), 2.0, 16000, False), 16000,
+                          samples.FORMATS[0])
+
+
+def _linked_archive(root: Path, outside: Path) -> set[str]:
+    """An archive as NAS mounts and shared drives shape them: a folder link back up (``awb/loop -> ..``),
+    a link to itself, links to a file and a folder listed at their own place, a link out of the archive
+    (followed) that holds a link back in, and a link to nothing. Returns the URIs each real file must
+    be listed under, once."""
+    for d in ("awb", "bdl", "cmu"):
+        (root / d).mkdir(parents=True)
+        (root / d / f"{d}1.wav").write_bytes(_engine_wav())
+    (root / "awb" / "loop").symlink_to("..")
+    (root / "cmu" / "self").symlink_to("self")
+    (root / "bdl" / "same-as-awb1.wav").symlink_to("../awb/awb1.wav")
+    (root / "bdl" / "cmu-again").symlink_to("../cmu")
+    (root / "bdl" / "gone.wav").symlink_to("/nonexistent/melbatch/gone.wav")
+    (outside / "disk2").mkdir(parents=True)
+    (outside / "disk2" / "ext1.wav").write_bytes(_engine_wav(1))
+    (outside / "disk2" / "back").symlink_to(root)
+    (root / "ext").symlink_to(outside / "disk2")
+    (root / "ext2").symlink_to(outside / "disk2")  # the same outside folder twice: listed once
+    base = storage.canonical(str(root))
+    return {f"{base}/awb/awb1.wav", f"{base}/bdl/bdl1.wav", f"{base}/cmu/cmu1.wav", f"{base}/ext/ext1.wav"}
+
+
+def test_link_loops_and_repeated_links_are_listed_once_and_told(tmp_path, ray_session, tiny_model, capsys,
+                                                               chaos_log):
+    """Issue 30, 1: ``awb/loop -> ..`` ended the whole run (ELOOP, exit 3). Each real file is listed once,
+    at its own place; the loop is a warning; featurize (the CLI, exit 0), classify and scan read the rest."""
+    from melbatch import cli, scan
+    from melbatch.config import ScanConfig
+
+    want = _linked_archive(tmp_path / "archive", tmp_path / "elsewhere")
+    src = storage.canonical(str(tmp_path / "archive"))
+    notes = storage.ListingNotes()
+    assert [r.uri for r in storage.list_objects(src, notes=notes)] == sorted(want)
+    told = notes.as_dict()
+    assert told["loop"]["count"] == 3 and "awb/loop -> .." in told["loop"]["examples"]  # awb/loop, cmu/self, back
+    assert told["repeat"]["count"] == 3  # bdl/same-as-awb1.wav, bdl/cmu-again, ext2
+    assert told["dangling"] == {"count": 1, "examples": ["bdl/gone.wav -> /nonexistent/melbatch/gone.wav"]}
+
+    dst = str(tmp_path / "features")
+    assert cli.main(["featurize", src, dst, "--clip-s", "2", "--n-mels", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "links to a folder that holds them: not followed: awb/loop -> .." in printed
+    manifest = shards.read_manifest(dst)
+    assert manifest["counts"]["inputs"] == manifest["counts"]["featurized"] == 4
+    assert manifest["listing"]["loop"]["count"] == 3
+    assert {r["uri"] for r in shards.iter_clips(dst)} == want
+
+    p = classify.run(ClassifyConfig(archive=src, model=tiny_model, out=str(tmp_path / "pred")), progress=False)
+    assert p.inputs == p.classified == 4 and p.listing["loop"]["count"] == 3
+    sc = scan.run(ScanConfig(ClassifyConfig(archive=src, model=tiny_model, out=str(tmp_path / "scan"))),
+                  progress=False)
+    assert sc.counts["listed"] == sc.counts["classified"] == 4 and sc.listing["repeat"]["count"] == 3
+    assert "warning" in sc.render()
+    chaos_log("link loops, links to files/folders listed already, links out and back, dangling links", 9, 9,
+              "each real file listed once at its own place; loops (3), repeats (3) and the dangling link told")
+
+
+def test_a_folder_that_vanishes_mid_listing_is_told_and_a_scan_does_not_take_its_files_for_deleted(tmp_path):
+    """A mount that goes away while the archive is listed: the listing goes on, says which folder it
+    could not read, and a scan keeps that folder's objects in its ledger instead of marking them deleted."""
+    from melbatch import scan
+
+    root = tmp_path / "archive"
+    for d in ("a", "b", "c"):
+        (root / d).mkdir(parents=True)
+        for i in range(2):
+            (root / d / f"{i}.wav").write_bytes(b"x" * (i + 1))
+    src = storage.canonical(str(root))
+    before = storage.list_table(src)
+    notes = storage.ListingNotes()
+    listed = []
+    for ref in storage.list_objects(src, notes=notes):  # the listing is lazy: b/ goes while a/ is being passed on
+        listed.append(ref.uri)
+        if ref.uri.endswith("a/1.wav"):
+            import shutil
+
+            shutil.rmtree(root / "b")
+    assert listed == [f"{src}/a/0.wav", f"{src}/a/1.wav", f"{src}/c/0.wav", f"{src}/c/1.wav"]
+    assert notes.counts["unreadable"] == 1 and notes.unreadable_uris == [f"{src}/b/"]
+    assert notes.examples["unreadable"] == ["b/ (gone while listed)"]
+
+    ledger = pa_ledger(before)
+    after = storage.list_table(src)  # b/ is gone for good now, and this listing read every folder there is
+    kept = scan.diff(after, ledger, "m", False, False, tuple(notes.unreadable_uris))
+    assert kept.deleted.num_rows == 0  # the folder the listing could not read is not taken for deleted
+    gone = scan.diff(after, ledger, "m", False, False, ())
+    assert sorted(gone.deleted["uri"].to_pylist()) == [f"{src}/b/0.wav", f"{src}/b/1.wav"]
+
+
+def pa_ledger(listing):
+    """A ledger in which model ``m`` classified every object of ``listing`` (verdict columns empty)."""
+    import pyarrow as pa
+
+    n = listing.num_rows
+    have = {"uri": listing["uri"], "etag": listing["etag"], "size": listing["size"], "status": ["classified"] * n,
+            "run_id": ["000001"] * n, "attempt": ["x"] * n, "model_id": ["m"] * n}
+    return pa.table({f.name: have.get(f.name, pa.nulls(n, f.type)) for f in mb_ledger.LEDGER_SCHEMA},
+                    schema=mb_ledger.LEDGER_SCHEMA)
+
+
+NOBODY_LISTS = """
+import json, sys
+from melbatch import storage
+notes = storage.ListingNotes()
+uris = [r.uri for r in storage.list_objects(sys.argv[1], notes=notes)]
+print(json.dumps({"uris": uris, "notes": notes.as_dict(), "unreadable": notes.unreadable_uris}))
+"""
+
+
+def test_a_folder_without_permission_is_told_and_the_rest_is_listed(tmp_path):
+    """A folder the user may not read (mode 000; and one they may read but not enter, mode 444), listed as
+    an ordinary user would (``nobody``, since root reads everything): the others are listed, both are told."""
+    import shutil
+    import tempfile
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    top = Path(tempfile.mkdtemp(dir="/tmp", prefix="melbatch-perm-"))
+    try:
+        top.chmod(0o755)
+        for d, mode in (("open", 0o755), ("closed", 0o000), ("no-entry", 0o444)):
+            (top / d).mkdir()
+            (top / d / "x.wav").write_bytes(b"RIFF")
+            (top / d / "x.wav").chmod(0o644)
+            (top / d).chmod(mode)
+        run = [shutil.which("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+        if subprocess.run([*run, "-c", "import melbatch"], capture_output=True).returncode != 0:
+            pytest.skip(f"user nobody cannot import melbatch from {Path(__file__).parents[1]} (a private folder)")
+        done = subprocess.run([*run, "-c", NOBODY_LISTS, str(top)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        src = storage.canonical(str(top))
+        assert got["uris"] == [f"{src}/open/x.wav"]
+        assert got["notes"]["unreadable"]["count"] == 2
+        assert sorted(got["unreadable"]) == [f"{src}/closed/", f"{src}/no-entry/x.wav"]
+    finally:
+        for d in top.iterdir():
+            d.chmod(0o755)
+        shutil.rmtree(top)
+
+
+def test_one_label_is_a_configuration_error_before_any_training(tmp_path, capsys):
+    """Issue 30, 2: shards whose only label is ``only`` trained 100 steps into a package that calls
+    everything ``only`` (val_acc 1.000). Now: exit 2 before cluster work, saying what to do."""
+    from melbatch import cli
+
+    for i in range(4):
+        (tmp_path / "archive" / "only").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "archive" / "only" / f"{i}.wav").write_bytes(_engine_wav(i))
+    dst, out = str(tmp_path / "features"), tmp_path / "out"
+    assert cli.main(["featurize", str(tmp_path / "archive"), dst, "--clip-s", "2", "--n-mels", "64"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", dst, str(out), "--model", "test_resnet", "--no-pretrained", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds clips of 1 label(s) (only): a classifier needs at least two" in err
+    assert "--labels" in err and "SRC/<label>/<file>" in err
+    assert not (out / "ray-train").exists() and not (out / "model").exists()
+
+
+@pytest.mark.s3
+def test_manifest_rows_that_name_no_object_are_counted_and_shown(bucket, tmp_path, capsys):
+    """Issue 30, 3: a ``--labels`` row for ``missing.wav`` (a typo, a file deleted since) was silent. The
+    summary counts such rows and shows a few (a name that differs only in case says so), ``--json``
+    carries the count; a name in the other Unicode normal form (NFD from a Mac, NFC in the CSV) matches."""
+    import unicodedata
+
+    from melbatch import cli
+
+    nfd = unicodedata.normalize("NFD", "café.wav")
+    fs, root = storage.filesystem(f"{bucket}/archive")
+    for name in ("a.wav", nfd, "Loud.wav", "unlisted.wav"):
+        fs.pipe(f"{root}/{name}", _engine_wav())
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("uri,label\na.wav,x\n" + unicodedata.normalize("NFC", "café.wav") + ",y\n"
+                        "missing.wav,x\nloud.wav,y\n")
+    dst = f"{bucket}/features"
+    code = cli.main(["featurize", f"{bucket}/archive", dst, "--labels", str(manifest), "--clip-s", "2", "--n-mels",
+                     "64", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["manifest_unmatched"] == 2
+    assert summary["manifest_unmatched_examples"] == [
+        f"{bucket}/archive/loud.wav (listed as {bucket}/archive/Loud.wav: the names differ in case)",
+        f"{bucket}/archive/missing.wav"]
+    assert summary["featurized"] == 2 and summary["quarantine_kinds"] == {"unlabelled": 2}  # Loud, unlisted
+    assert shards.read_manifest(dst)["counts"]["manifest_rows_unmatched"] == 2
+    assert cli.main(["featurize", f"{bucket}/archive", f"{bucket}/features2", "--labels", str(manifest),
+                     "--clip-s", "2", "--n-mels", "64"]) == 0
+    assert "2  label manifest rows name no object listed" in capsys.readouterr().out
