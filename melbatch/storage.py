@@ -318,14 +318,18 @@ class ListingNotes:
       folder, or reached through another link), not listed a second time;
     - ``unreadable``: a folder that could not be read (permission denied, a mount gone mid-listing):
       its files are not listed, and a scan does not take them for deleted (:attr:`unreadable_uris`);
-    - ``dangling``: a link that leads nowhere.
+    - ``dangling``: a link that leads nowhere;
+    - ``special``: a FIFO (reading it would block forever), a device (``/dev/zero`` never ends), a
+      socket, or a link into ``/proc``, ``/sys`` or ``/dev``: not files, never read.
     """
 
     KINDS: ClassVar[dict[str, str]] = {"loop": "links to a folder that holds them: not followed",
                                        "repeat": "links to files or folders listed at their own place: listed once",
                                        "unreadable": "folders that could not be read: their files are not listed "
                                                      "(a scan keeps them)",
-                                       "dangling": "links that lead nowhere"}
+                                       "dangling": "links that lead nowhere",
+                                       "special": "FIFOs, devices, sockets and links into /proc, /sys or /dev: "
+                                                  "not files, not read"}
     EXAMPLES = 3
 
     def __init__(self) -> None:
@@ -395,6 +399,12 @@ def _walk_local(root: str, notes: ListingNotes, root_uri: URI) -> Iterator[tuple
                 continue
             identity = (st.st_dev, st.st_ino)
             is_dir = stat.S_ISDIR(st.st_mode)
+            if not (is_dir or stat.S_ISREG(st.st_mode)):  # a FIFO would block a reader forever, /dev/zero never end
+                notes.add("special", f"{name} ({_special_kind(st.st_mode)})")
+                continue
+            if link and os.path.realpath(e.path).startswith(PSEUDO_FILESYSTEMS):
+                notes.add("special", f"{name} -> {_readlink(e.path)} (the system's own files)")
+                continue
             if link:
                 if identity in chain:
                     notes.add("loop", f"{name} -> {_readlink(e.path)}")
@@ -414,6 +424,14 @@ def _walk_local(root: str, notes: ListingNotes, root_uri: URI) -> Iterator[tuple
             yield e.path, {"type": "file", "size": st.st_size, "mtime": st.st_mtime}
 
     yield from walk(root, "", tuple(walked))
+
+
+PSEUDO_FILESYSTEMS = ("/proc/", "/sys/", "/dev/")  # what a link may lead to that is no archive: never followed
+
+
+def _special_kind(mode: int) -> str:
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "not a file")
 
 
 def _is_dir(e: os.DirEntry) -> bool:

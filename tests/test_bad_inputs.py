@@ -193,7 +193,8 @@ def _engine_wav(seed: int = 0) -> bytes:
 def _linked_archive(root: Path, outside: Path) -> set[str]:
     """An archive as NAS mounts and shared drives shape them: a folder link back up (``awb/loop -> ..``),
     a link to itself, links to a file and a folder listed at their own place, a link out of the archive
-    (followed) that holds a link back in, and a link to nothing. Returns the URIs each real file must
+    (followed) that holds a link back in, a link to nothing, a FIFO, a link to a device and one into
+    /proc. Returns the URIs each real file must
     be listed under, once."""
     for d in ("awb", "bdl", "cmu"):
         (root / d).mkdir(parents=True)
@@ -208,6 +209,9 @@ def _linked_archive(root: Path, outside: Path) -> set[str]:
     (outside / "disk2" / "back").symlink_to(root)
     (root / "ext").symlink_to(outside / "disk2")
     (root / "ext2").symlink_to(outside / "disk2")  # the same outside folder twice: listed once
+    os.mkfifo(root / "bdl" / "pipe.wav")  # reading it would block forever
+    (root / "bdl" / "zero.wav").symlink_to("/dev/zero")  # would never end
+    (root / "proc").symlink_to("/proc/self")  # the system's own files, thousands of them
     base = storage.canonical(str(root))
     return {f"{base}/awb/awb1.wav", f"{base}/bdl/bdl1.wav", f"{base}/cmu/cmu1.wav", f"{base}/ext/ext1.wav"}
 
@@ -227,6 +231,8 @@ def test_link_loops_and_repeated_links_are_listed_once_and_told(tmp_path, ray_se
     assert told["loop"]["count"] == 3 and "awb/loop -> .." in told["loop"]["examples"]  # awb/loop, cmu/self, back
     assert told["repeat"]["count"] == 3  # bdl/same-as-awb1.wav, bdl/cmu-again, ext2
     assert told["dangling"] == {"count": 1, "examples": ["bdl/gone.wav -> /nonexistent/melbatch/gone.wav"]}
+    assert told["special"] == {"count": 3, "examples": ["bdl/pipe.wav (a FIFO)", "bdl/zero.wav (a character device)",
+                                                        "proc -> /proc/self (the system's own files)"]}
 
     dst = str(tmp_path / "features")
     assert cli.main(["featurize", src, dst, "--clip-s", "2", "--n-mels", "64"]) == 0
@@ -243,8 +249,9 @@ def test_link_loops_and_repeated_links_are_listed_once_and_told(tmp_path, ray_se
                   progress=False)
     assert sc.counts["listed"] == sc.counts["classified"] == 4 and sc.listing["repeat"]["count"] == 3
     assert "warning" in sc.render()
-    chaos_log("link loops, links to files/folders listed already, links out and back, dangling links", 9, 9,
-              "each real file listed once at its own place; loops (3), repeats (3) and the dangling link told")
+    chaos_log("link loops, links to files/folders listed already, links out and back, dangling links, a FIFO, a "
+              "link to /dev/zero, a link into /proc", 12, 12, "each real file listed once at its own place; loops (3), "
+              "repeats (3), the dangling link and the special files (3, never read) told")
 
 
 def test_a_folder_that_vanishes_mid_listing_is_told_and_a_scan_does_not_take_its_files_for_deleted(tmp_path):
