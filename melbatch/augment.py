@@ -166,6 +166,110 @@ def augment_waveforms(x: torch.Tensor, aug: WaveAugment, bank: torch.Tensor | No
     return random_gain(x, aug.gain_db, gen).clamp_(-1.0, 1.0)
 
 
+# ------------------------------------------------------------------- the same shifts, made on images
+
+def _lerp_along(x: torch.Tensor, pos: torch.Tensor, dim: int, fill: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, 1, F, T) read at fractional positions ``pos`` (N, size) along ``dim`` (2: bands, 3: frames),
+    linearly interpolated; positions outside the image read ``fill`` (N, 1, 1, 1)."""
+    size = x.shape[dim]
+    lo = pos.floor().long()
+    frac = (pos - lo).to(x.dtype)
+    inside = (pos >= 0) & (pos <= size - 1)
+    lo, hi = lo.clamp(0, size - 1), (lo + 1).clamp(0, size - 1)
+    shape = [x.shape[0], 1, 1, 1]
+    shape[dim] = pos.shape[1]
+    other = list(x.shape)
+    other[dim] = pos.shape[1]
+
+    def take(i: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, dim, i.view(shape).expand(other))
+
+    out = take(lo) * (1 - frac).view(shape) + take(hi) * frac.view(shape)
+    return torch.where(inside.view(shape), out, fill)
+
+
+def augment_images(x: torch.Tensor, aug: WaveAugment, centers_hz: torch.Tensor, hop_s: float, top_db: float | None,
+                   gen: torch.Generator | None = None) -> torch.Tensor:
+    """The field shifts of :func:`augment_waveforms`, made on log-mel images in dB (N, 1, n_mels, frames)
+    so that they need no stored waveforms (``featurize`` keeps images only by default). Each works on
+    mel-band power, where the maths of the shift is simple; none is exact, each is close:
+
+    - speed: frames read at the new rate (tempo) and bands at frequency / rate (pitch moves with it);
+    - reverb: each band's power plus its own echo, decaying by 60 dB in RT60 (0.15-0.8 s), at a
+      direct-to-reverberant ratio of 0-10 dB, power kept;
+    - phone line / low bit rate: the bands below a low cut (up to 300 Hz) and above a high cut
+      (3.4 kHz to the top) fall 50 dB, with a one-band slope;
+    - noise: white, pink or brown noise power at an SNR in [``snr_db_min``, ``snr_db_max``], or two
+      other clips of the batch (babble, a crowd, a second source) 6 dB further down;
+    - microphone: a smooth random EQ of up to ±``gain_db`` across the bands, then a gain of ±``gain_db``.
+
+    The result is floored ``top_db`` below its peak again, as featurize stores it.
+    """
+    n, _, f, t = x.shape
+    dev = x.device
+    floor = x.amin(dim=(1, 2, 3), keepdim=True)
+    centers = centers_hz.to(dev, torch.float32)
+    frames = torch.arange(t, device=dev, dtype=torch.float32)[None, :]
+    pick = _chosen(n, aug.speed_prob, gen, dev)
+    if aug.speed_max > 0 and bool(pick.any()):
+        rate = torch.where(pick, _uniform(n, 1 - aug.speed_max, 1 + aug.speed_max, gen, dev), 1.0)
+        x = _lerp_along(x, frames * rate[:, None], 3, floor)
+        source_hz = centers[None, :] / rate[:, None]  # a band now shows what was at frequency / rate
+        idx = torch.searchsorted(centers.contiguous(), source_hz.contiguous()).clamp(1, f - 1)
+        lo_hz, hi_hz = centers[idx - 1], centers[idx]
+        pos = (idx - 1).float() + (source_hz - lo_hz) / (hi_hz - lo_hz)
+        x = _lerp_along(x, torch.where(source_hz < centers[0], -1.0, pos), 2, floor)
+    power = torch.pow(10.0, x / 10)
+    pick = _chosen(n, aug.reverb_prob, gen, dev)
+    if bool(pick.any()):
+        rt60 = _uniform(n, 0.15, 0.8, gen, dev)
+        decay = torch.pow(10.0, -6 * hop_s / rt60)  # power per frame
+        drr = torch.pow(10.0, -_uniform(n, 0.0, 10.0, gen, dev) / 10)
+        k = torch.arange(1, t + 1, device=dev, dtype=torch.float32)[None, :]
+        tail = torch.pow(decay[:, None], k) * (drr * (1 - decay) / decay)[:, None]  # sums to drr
+        size = 2 * t
+        echo = torch.fft.irfft(torch.fft.rfft(power, n=size, dim=3) * torch.fft.rfft(
+            torch.nn.functional.pad(tail, (1, 0))[:, None, None, :t], n=size, dim=3), n=size, dim=3)[..., :t]
+        wet = power + echo.clamp_min(0)
+        wet = wet * power.mean(dim=(2, 3), keepdim=True) / wet.mean(dim=(2, 3), keepdim=True).clamp_min(1e-20)
+        power = torch.where(pick[:, None, None, None], wet, power)
+    pick = _chosen(n, aug.telephone_prob, gen, dev)
+    if bool(pick.any()):
+        low = _uniform(n, 0.0, 300.0, gen, dev)
+        high = torch.exp(_uniform(n, math.log(3400.0), math.log(float(centers[-1]) * 1.1), gen, dev))
+        width = (centers[1:] - centers[:-1]).mean()
+        outside = torch.sigmoid((low[:, None] - centers[None, :]) / width) + \
+            torch.sigmoid((centers[None, :] - high[:, None]) / width)
+        cut = torch.pow(10.0, -5.0 * outside.clamp(max=1.0))  # -50 dB outside the band
+        power = torch.where(pick[:, None, None, None], power * cut[:, None, :, None], power)
+    pick = _chosen(n, aug.noise_prob, gen, dev)
+    if bool(pick.any()):
+        beta = torch.randint(0, 3, (n, 1), generator=gen).float().to(dev)  # white, pink, brown
+        profile = torch.pow(centers.clamp_min(50.0)[None, :] / 1000.0, -beta)
+        cells = -torch.log(torch.rand(n, 1, f, t, generator=gen).clamp_min(1e-6)).to(dev)  # a periodogram's spread
+        noise = profile[:, None, :, None] * (0.5 + 0.5 * cells)
+        snr_db = _uniform(n, aug.snr_db_min, aug.snr_db_max, gen, dev)
+        if n > 1:  # half of the noisy clips get two other clips of the batch, moved in time, instead (babble),
+            # 6 dB further down: a single voice as loud as the clip's own would make its label a coin toss
+            shift = int(torch.randint(0, t, (1,), generator=gen))
+            other = torch.roll(power.roll(1, dims=0) + power.roll(2, dims=0), shift, dims=3)
+            babble = _chosen(n, 0.5, gen, dev)
+            noise = torch.where(babble[:, None, None, None], other, noise)
+            snr_db = snr_db + 6.0 * babble
+        snr = torch.pow(10.0, snr_db / 10)
+        level = power.mean(dim=(1, 2, 3)) / (noise.mean(dim=(1, 2, 3)).clamp_min(1e-20) * snr)
+        power = power + noise * (level * pick)[:, None, None, None]
+    x = 10 * torch.log10(power.clamp_min(1e-10))
+    if aug.gain_db > 0:
+        band = torch.linspace(0, math.pi, f, device=dev)[None, :]
+        curve = sum(_uniform(n, -1, 1, gen, dev)[:, None] * torch.cos(k * band) for k in (1, 2, 3)) / 3
+        level = _uniform(n, -aug.gain_db, aug.gain_db, gen, dev).view(n, 1, 1, 1)
+        x = x + (aug.gain_db * curve)[:, None, :, None] + level
+    if top_db is not None:
+        x = torch.maximum(x, x.amax(dim=(1, 2, 3), keepdim=True) - top_db)
+    return x
+
+
 def random_time_shift(x: torch.Tensor, max_frames: int, gen: torch.Generator | None = None,
                       sound: torch.Tensor | None = None) -> torch.Tensor:
     """Move every image along time by its own random offset, keeping its width; vacated columns are

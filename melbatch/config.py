@@ -261,6 +261,16 @@ class FeatureConfig:
         return dataclasses.replace(self, clip_s=clip, clip_hop_s=hop,
                                    min_tail_s=min(self.min_tail_s, round(max(0.05, clip / 10), 4)))
 
+    def at_rate(self, sample_rate_hz: int) -> FeatureConfig:
+        """These features at another sample rate with the same timing: the window, FFT and hop scale with
+        the rate (the FFT to a power of two), so an image keeps its shape and covers the wider band."""
+        if sample_rate_hz == self.sample_rate_hz:
+            return self
+        k = sample_rate_hz / self.sample_rate_hz
+        return dataclasses.replace(self, sample_rate_hz=sample_rate_hz, n_fft=2 ** math.ceil(math.log2(self.n_fft * k)),
+                                   win_length=round(self.win_length * k), hop_length=round(self.hop_length * k),
+                                   f_max_hz=None if self.f_max_hz in (None, self.sample_rate_hz / 2) else self.f_max_hz)
+
     def diff(self, other: FeatureConfig) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ: {name: (self, other)}."""
         a, b = self.to_dict(), other.to_dict()
@@ -351,6 +361,10 @@ class FeaturizeConfig:
     fit_clips: bool = flag(True,
         "keep --clip-s even when most recordings are much shorter (by default clips are then fitted to the "
         "recordings: the 90th percentile of a sample's durations, rounded up to 0.25 s, >= 1 s)")
+    fit_rate: bool = flag(True,
+        "keep --sample-rate-hz even when the recordings' sound reaches above its Nyquist frequency (by default, "
+        "when 1 %% of the energy of a sample of recordings at 22.05 kHz or more lies above 7.5 kHz, as in "
+        "birdsong, features are made at 32 or 22.05 kHz with the same frame timing)")
     overwrite: bool = flag(False, "replace an output made with other features, and redo batches already done")
     address: str | None = None
 
@@ -473,6 +487,11 @@ class TrainConfig:
         "augment training waveforms (gain, noise, phone line, speed, reverb) on the training device and "
         "recompute their images there; off by default: on archives of a few dozen recordings per label it "
         "slowed fitting (README, Transfer learning); needs shards that keep audio")
+    field_augment: bool = flag(True,
+        "train on the images as they are. By default the field shifts below (speed, reverb, phone line and low bit "
+        "rate, noise and other voices, microphone EQ and gain) are made on the training images themselves, so that "
+        "a model holds up with other speakers, rooms, lines and microphones (make bench-field); that works on "
+        "images-only shards, and --wave-augment makes the same shifts on waveforms instead")
     gain_db: float = flag(6.0, "random gain within +-this many dB (0 = off)")
     noise_prob: float = flag(0.3, "share of training clips that get background noise mixed in")
     snr_db_min: float = flag(10.0, "lowest signal-to-noise ratio of the mixed-in noise (dB)")
@@ -583,6 +602,10 @@ class ClassifyConfig:
         "CPUs reserved per model actor, the rest decode (default: chosen from the cluster: half the CPUs "
         "shared by the actors, decoding keeps at least one)")
     top_k: int = flag(3, "labels and probabilities kept per clip, best first")
+    unknown_below: float = flag(0.0,
+        "a file whose best label's probability (calibrated on the validation split at training) is below this is "
+        "labelled 'unknown': none of the model's labels (0 = always the best label; the train report's reliability "
+        "table says what a value keeps)")
     threshold: tuple[str, ...] = flag((),
         f"detections: P sets every label's threshold (default {DEFAULT_THRESHOLD}), LABEL=P one label's, LABEL=off "
         "never detects LABEL; repeatable, later values win (e.g. --threshold 0.6 --threshold engine=0.8)")
@@ -613,6 +636,7 @@ class ClassifyConfig:
         _require(self.cpus_per_actor is None or self.cpus_per_actor > 0,
                  "cpus_per_actor must be > 0 (fractions are fine), or left out to size from the cluster")
         _require(self.top_k >= 1, f"top_k={self.top_k}: at least 1")
+        _require(0 <= self.unknown_below < 1, f"unknown_below={self.unknown_below}: a probability in [0, 1) (0 = off)")
         _require(self.mel_on in ("auto", "decoder", "model"), f"mel_on={self.mel_on!r}: 'auto', 'decoder' or 'model'")
         object.__setattr__(self, "threshold", tuple(str(t) for t in self.threshold))
         for t in self.threshold:

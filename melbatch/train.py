@@ -97,6 +97,11 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     cfg = replace(cfg, shards=storage.canonical(cfg.shards), out=storage.canonical(cfg.out),
                   noise_dir=cfg.noise_dir and storage.canonical(cfg.noise_dir))
     manifest, features, uris, before = preflight(cfg)
+    if cfg.field_augment and not cfg.wave_augment and (features.compression != "db" or features.clip_norm != "none"):
+        print(f"field augmentation: off, it works on dB images and these are {features.units} "
+              f"(--compression {features.compression}, --clip-norm {features.clip_norm}); --wave-augment on shards "
+              "featurized with --keep-audio makes the same shifts on the waveforms", flush=True)
+        cfg = replace(cfg, field_augment=False)
     source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
     print(f"model {cfg.model}, starting from {source.describe()}", flush=True)
     labels = label_names(manifest["labels"], cfg.multi_label, cfg.shards)

@@ -77,7 +77,8 @@ class Budget:
 
 
 def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], device: Any,
-            wave: tuple[FeatureConfig, augment.WaveAugment, Any, Any] | None = None, multi: bool = False) -> tuple:
+            wave: tuple[FeatureConfig, augment.WaveAugment, Any, Any] | None = None, multi: bool = False,
+            images: tuple[FeatureConfig, augment.WaveAugment, Any, Any] | None = None) -> tuple:
     """A batch as normalised (N, 1, n_mels, frames) images and label indices on ``device`` (``multi``:
     (N, labels) multi-hot float targets).
 
@@ -85,7 +86,9 @@ def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], 
     waveforms are augmented and turned into images here, on the training device: the images of
     one clip differ every epoch, the work is batched tensor maths that a GPU does in a fraction of
     a step, and no augmented audio travels through the object store. (A Ray Data ``map_batches``
-    stage would put this on CPU nodes instead; on GPU clusters that is the slower place.)
+    stage would put this on CPU nodes instead; on GPU clusters that is the slower place.) Without
+    them, ``images`` = (features, augmentation, band centres, generator) makes the same shifts on the
+    stored images (:func:`~melbatch.augment.augment_images`).
     """
     if wave is not None and "audio" in batch.column_names:
         features, aug, bank, gen = wave
@@ -94,6 +97,11 @@ def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], 
             x = logmel_tensor(augment.augment_waveforms(w, aug, bank, gen), features).unsqueeze(1)
     else:
         x = torch.from_numpy(mel_array(batch).astype(np.float32)).unsqueeze(1).to(device, non_blocking=True)
+        if images is not None:
+            features, aug, centers, gen = images
+            with torch.no_grad():
+                x = augment.augment_images(x, aug, centers, features.hop_length / features.sample_rate_hz,
+                                           features.top_db, gen)
     x = normalize(x, norm)
     if multi:
         y = torch.from_numpy(multilabel.targets(batch.column("label").to_pylist(), label_index))
@@ -185,6 +193,7 @@ class _Worker:
     device: Any
     gen: Any  # the augmentation's torch.Generator
     wave: Any  # (features, WaveAugment, noise bank, generator) with --wave-augment, else None
+    images: Any  # (features, WaveAugment, band centres, generator) with --field-augment alone, else None
     channel: Channel | None  # rank 0 only: step, epoch and warning events for the driver's console
     model: Any
     head: set[str]  # the new head's parameter names (the rest is the pretrained backbone)
@@ -234,6 +243,10 @@ def _setup(config: dict[str, Any]) -> _Worker:
                                warn=lambda t: channel and channel.send("warning", text=t)) if cfg.noise_dir else None
         wave = (features, augment.WaveAugment.of(cfg, features.sample_rate_hz),
                 None if bank is None else torch.from_numpy(bank).to(device), gen)
+    images = None
+    if cfg.field_augment and wave is None:
+        images = (features, augment.WaveAugment.of(cfg, features.sample_rate_hz),
+                  torch.from_numpy(features.band_centers_hz()).float().to(device), gen)
 
     model = create_model(cfg.model, len(labels), shape, source=Source.from_dict(config["weights"]))
     head = set(classifier_names(model))
@@ -254,6 +267,7 @@ def _setup(config: dict[str, Any]) -> _Worker:
     w = _Worker(
         cfg=cfg, labels=labels, label_index={lab: i for i, lab in enumerate(labels)}, norm=config["norm"],
         shape=shape, features=features, budget=budget, rank=rank, world=world, device=device, gen=gen, wave=wave,
+        images=images,
         channel=channel, model=ray.train.torch.prepare_model(model), head=head, opt=opt, sched=sched,
         class_w=torch.tensor(config["class_weights"], dtype=torch.float32, device=device),
         autocast=torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp),
@@ -279,7 +293,7 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
     for batch in w.train_shard.batches(w.budget.batch_size, seed=seed,
                                        local_shuffle_buffer_size=max(256, 8 * w.budget.batch_size),
                                        local_shuffle_seed=seed, drop_last=False):
-        x, y = _inputs(batch, w.label_index, w.norm, w.device, w.wave, cfg.multi_label)
+        x, y = _inputs(batch, w.label_index, w.norm, w.device, w.wave, cfg.multi_label, w.images)
         if len(y) < 2:
             continue
         sound = sound_frames(batch, w.features)

@@ -110,3 +110,73 @@ def test_batched_images_equal_the_stored_pipeline():
     batch = logmel_tensor(x, cfg).numpy()
     one = np.stack([compute_logmel(r, cfg) for r in x.numpy()])
     assert np.abs(batch - one).max() < 1e-3
+
+
+# ------------------------------------------------------------------------- the field shifts made on images
+
+IMG = FeatureConfig(clip_s=1.0, clip_hop_s=1.0, n_mels=64)
+
+
+def _image_aug(**on: float) -> augment.WaveAugment:
+    settings = {"gain_db": 0.0, "noise_prob": 0.0, "snr_db_min": 10.0, "snr_db_max": 10.0, "telephone_prob": 0.0,
+                "speed_prob": 0.0, "speed_max": 0.1, "reverb_prob": 0.0, **on}
+    return augment.WaveAugment(SR, **settings)
+
+
+def _shift_images(x: torch.Tensor, seed: int = 0, **on: float) -> tuple[torch.Tensor, torch.Tensor]:
+    images = logmel_tensor(x, IMG).unsqueeze(1)
+    centers = torch.from_numpy(IMG.band_centers_hz()).float()
+    out = augment.augment_images(images, _image_aug(**on), centers, IMG.hop_length / SR, IMG.top_db,
+                                 torch.Generator().manual_seed(seed))
+    return images, out
+
+
+def _band(hz: float) -> int:
+    return int(np.argmin(np.abs(IMG.band_centers_hz() - hz)))
+
+
+def test_image_shifts_off_change_nothing_and_keep_the_floor():
+    x = _tones([440, 1000, 3000])
+    images, out = _shift_images(x)
+    assert torch.allclose(out, images, atol=1e-3)
+    _, out = _shift_images(x, noise_prob=1.0, reverb_prob=1.0, telephone_prob=1.0, speed_prob=1.0, gain_db=6.0)
+    peak = out.amax(dim=(1, 2, 3))
+    assert out.shape == images.shape and bool(torch.isfinite(out).all())
+    assert bool((out.amin(dim=(1, 2, 3)) >= peak - IMG.top_db - 1e-3).all())  # floored as featurize stores
+    _, cut = _shift_images(x, telephone_prob=1.0)  # a cut band falls to the floor, not below
+    assert torch.allclose(cut.amin(dim=(1, 2, 3)), cut.amax(dim=(1, 2, 3)) - IMG.top_db, atol=1e-3)
+
+
+def test_image_noise_lands_at_the_drawn_snr_and_band_limits_cut_outside_the_voice_band():
+    x = _tones([300, 700, 1500, 3000] * 4)
+    images, out = _shift_images(x, seed=1, noise_prob=1.0)
+    power = torch.pow(10.0, images / 10).mean(dim=(1, 2, 3))
+    added = torch.pow(10.0, out / 10).mean(dim=(1, 2, 3)) - power
+    snr = (10 * torch.log10(power / added)).numpy()
+    near = np.minimum(np.abs(snr - 10.0), np.abs(snr - 16.0))  # noise at the drawn SNR, babble 6 dB below it
+    assert near.max() < 0.3 and (np.abs(snr - 10) < 0.3).any() and (np.abs(snr - 16) < 0.3).any(), snr
+
+    x = _tones([100, 1000, 6500] * 8, amp=0.3).sum(0, keepdim=True).repeat(24, 1) / 3
+    images, out = _shift_images(x, seed=2, telephone_prob=1.0)
+    loss = (images - out)[:, 0].mean(2)  # dB lost per band, per clip
+    assert loss[:, _band(1000)].abs().max() < 1.0  # the voice band passes
+    assert (loss[:, _band(6500)] > 30).sum() >= 6 and (loss[:, _band(100)] > 20).sum() >= 6  # cuts drawn per clip
+    assert loss[:, _band(6500)].min() < 1.0  # and some clips keep the top (a high cut near Nyquist)
+
+
+def test_image_speed_moves_pitch_and_time_and_reverb_adds_a_tail_keeping_power():
+    x = torch.zeros(16, SR)
+    x[:, 4000:8000] = _tones([1000.0] * 16, seconds=0.25)
+    images, out = _shift_images(x, seed=3, speed_prob=1.0, speed_max=0.1)
+    centers = IMG.band_centers_hz()
+    peak_hz = centers[out[:, 0].mean(2).argmax(1).numpy()] / centers[images[:, 0].mean(2).argmax(1).numpy()]
+    assert peak_hz.min() >= 0.85 and peak_hz.max() <= 1.15 and peak_hz.std() > 0.02  # pitch moves with speed
+    onset = (out[:, 0, _band(1000)] > out[:, 0, _band(1000)].amax(1, keepdim=True) - 10).float().argmax(1)
+    assert onset.min() >= 20 and onset.max() <= 30 and len(set(onset.tolist())) > 2  # 25 frames / rate
+
+    images, out = _shift_images(x, seed=4, reverb_prob=1.0)
+    power = torch.pow(10.0, images / 10)
+    wet = torch.pow(10.0, out / 10)
+    assert torch.allclose(wet.mean(dim=(1, 2, 3)), power.mean(dim=(1, 2, 3)), rtol=0.05)  # power kept
+    after = slice(55, 65)  # 50-150 ms after the burst ends: only the room is heard
+    assert bool((wet[..., after].mean(dim=(1, 2, 3)) > 100 * power[..., after].mean(dim=(1, 2, 3))).all())
