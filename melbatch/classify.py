@@ -51,6 +51,7 @@ from melbatch.model import (
     ModelError,
     Package,
     aggregate_files,
+    file_labels,
     load_package,
     package_root,
     predict,
@@ -218,7 +219,7 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
                       listing=listing or {})
     detect = detection(cfg, meta)
     salt = (f"classify {meta['model_id']} {meta['config_hash']} top{cfg.top_k} emb{int(cfg.keep_embeddings)} "
-            f"detect {detect}")
+            f"detect {detect}" + (f" unknown<{cfg.unknown_below:g}" if cfg.unknown_below else ""))
     batches = [(content_id(salt, (r.key() for r in b)), b)
                for b in batch_plan(refs, cfg.files_per_task, cfg.task_mb * 1e6)]
     crash_point("classify:listed")
@@ -248,7 +249,7 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
                     parts.append(chunk)
                     if _complete(parts):
                         finishing.add(pool.submit(finish_batch, out, chunk["batch"], chunks.pop(chunk["batch"]), meta,
-                                                  detect))
+                                                  detect, cfg.unknown_below))
                     done = {f for f in finishing if f.done()}
                     finishing -= done
                     collect(done)
@@ -569,11 +570,12 @@ def _complete(chunks: list[dict[str, Any]]) -> bool:
 
 
 def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[str, Any],
-                 detect: detections.Settings) -> dict[str, Any]:
+                 detect: detections.Settings, unknown_below: float = 0.0) -> dict[str, Any]:
     """A batch whose chunks are all written (the driver's rows of :func:`write_batch`): its per-file
     verdicts (``files/<batch>.parquet``: the mean of each file's clip probabilities, the best label
-    wins), its events (``detections/<batch>.parquet``, when there are any), then its part file,
-    which marks it done; returns its result."""
+    wins, or :data:`~melbatch.model.UNKNOWN` below ``unknown_below``), its events
+    (``detections/<batch>.parquet``, when there are any), then its part file, which marks it done;
+    returns its result."""
     chunks = sorted(chunks, key=lambda c: c["seq"])
     files, labels = chunks[-1]["files"], meta["labels"]
     sums: FileSums = {}
@@ -583,7 +585,8 @@ def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[st
     scores, best = verdicts(sums, [f["uri"] for f in files], len(labels))
     table = pa.Table.from_pydict({
         **{k: [f[k] for f in files] for k in FILE.names},
-        "label": [labels[i] for i in best], "probability": scores[np.arange(len(files)), best].tolist(),
+        "label": file_labels(labels, scores, best, unknown_below),
+        "probability": scores[np.arange(len(files)), best].tolist(),
         "clips": [sums[f["uri"]][1] for f in files], "scores": scores.tolist(),
         "model_id": [meta["model_id"]] * len(files), "config_hash": [meta["config_hash"]] * len(files),
     }, schema=file_prediction_schema(labels))

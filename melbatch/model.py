@@ -36,6 +36,7 @@ from melbatch.weights import Source, converted_wheel_weights, fetch_weights, res
 PACKAGE_DIR = "model"
 WEIGHTS = "model.safetensors"
 META = "model.json"
+UNKNOWN = "unknown"  # a file's label when none of the model's is likely enough (classify --unknown-below)
 
 
 class ModelError(RuntimeError):
@@ -151,9 +152,13 @@ def normalize(x: torch.Tensor, norm: dict[str, Any]) -> torch.Tensor:
 
 
 def probabilities(logits: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
-    """Class probabilities from the package's logits: a softmax over the labels (one label per clip), or
-    for a multi-label package (``train --multi-label``) a sigmoid per label (any number at once)."""
-    return torch.sigmoid(logits) if meta.get("multi_label") else torch.softmax(logits, dim=1)
+    """Class probabilities from the package's logits: a softmax over the labels (one label per clip) at
+    the package's ``temperature`` (fitted on the validation split by train: :func:`fit_temperature`;
+    1 in packages made before), or for a multi-label package (``train --multi-label``) a sigmoid per
+    label (any number at once)."""
+    if meta.get("multi_label"):
+        return torch.sigmoid(logits)
+    return torch.softmax(logits / meta.get("temperature", 1.0), dim=1)
 
 
 def forward(model: torch.nn.Module, x: torch.Tensor, embeddings: bool = False) -> tuple[torch.Tensor, Any]:
@@ -212,6 +217,34 @@ def verdicts(sums: FileSums, uris: list[str], n_labels: int) -> tuple[np.ndarray
     return scores, scores.argmax(1)
 
 
+def file_labels(labels: list[str], scores: np.ndarray, best: np.ndarray, unknown_below: float = 0.0) -> list[str]:
+    """Each file's label from :func:`verdicts`: the best one, or :data:`UNKNOWN` when its score is below
+    ``unknown_below`` (none of the labels is likely enough: an archive holds much that is none of them)."""
+    return [UNKNOWN if scores[r, i] < unknown_below else labels[i] for r, i in enumerate(best)]
+
+
+def fit_temperature(probs: np.ndarray, truth: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T for which softmax(log p / T) gives the true labels
+    the highest likelihood, searched on a log grid from 0.05 to 20 (T > 1 softens an overconfident
+    model). ``probs`` (n, labels) are clip probabilities at T = 1, ``truth`` (n,) label indices."""
+    logp = np.log(np.clip(probs, 1e-12, 1.0))
+    best_t, best_nll = 1.0, np.inf
+    for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 121)):
+        z = logp / t
+        z = z - z.max(1, keepdims=True)
+        nll = -(z[np.arange(len(z)), truth] - np.log(np.exp(z).sum(1))).mean()
+        if nll < best_nll - 1e-9:
+            best_t, best_nll = float(t), nll
+    return best_t
+
+
+def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities at T = 1 as the model gives them at ``temperature`` (softmax(log p / T))."""
+    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+    z = np.exp(z - z.max(1, keepdims=True))
+    return (z / z.sum(1, keepdims=True)).astype(np.float32)
+
+
 def weights_id(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
@@ -231,6 +264,13 @@ def save_package(out: URI, model: torch.nn.Module, meta: dict[str, Any]) -> URI:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.write_bytes(storage.join(root, META), json.dumps(meta, indent=2, sort_keys=True).encode())
     return root
+
+
+def update_meta(out: URI, **fields: Any) -> None:
+    """Add ``fields`` to the package's ``model.json`` (the weights, and so its ``model_id``, stay)."""
+    meta_uri = storage.join(package_root(out), META)
+    meta = {**json.loads(storage.read_bytes(meta_uri)), **fields}
+    storage.write_bytes(meta_uri, json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def package_root(uri: URI) -> URI:

@@ -172,7 +172,39 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
                         [(r["uri"], r["clip_index"], f"{r['start_s']:.1f}", r["label"], r["predicted"],
                           f"{r['probability']:.3f}", f"{r['label_probability']:.3f}")
                          for r in bad], limit=MAX_ROWS))
-    return run, [overview, curves, quality, wrong, features_section(cfg, meta["config_hash"])]
+    sections = [overview, curves, quality, wrong]
+    if m.get("calibration"):
+        sections.append(calibration_section(m["calibration"]))
+    return run, [*sections, features_section(cfg, meta["config_hash"])]
+
+
+def calibration_section(c: dict[str, Any]) -> Section:
+    """How far the package's probabilities can be trusted: the reliability diagram of the validation
+    files, the temperature fitted on them, and the ``--unknown-below`` values that keep most files."""
+    keep = ", ".join(f"{p:.2f} keeps {k}" for k, p in c["unknown_below_keeping"].items())
+    section = Section("Calibration (validation files)").add(note(
+        f"Probabilities are calibrated by temperature scaling: T = {c['temperature']:.2f} fitted on the validation "
+        f"clips (expected calibration error {c['clip_ece_before']:.3f} before, {c['clip_ece_after']:.3f} after). "
+        f"classify --unknown-below P labels a file 'unknown' when its best probability is below P: {keep} of "
+        "these files."))
+    rows = c["reliability"]
+    if rows:
+        fig, ax = _figure(4.0, 3.2)
+        ax.plot([0, 1], [0, 1], "--", color="#999999", label="perfectly calibrated")
+        ax.bar([(r["from"] + r["to"]) / 2 for r in rows], [r["accuracy"] for r in rows], width=0.09,
+               color="#1f4e79", label="accuracy of the files in the bin")
+        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o", color="#c0504d",
+                label="mean confidence")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence (best label's probability)")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7)
+        section.add(_png(fig, "reliability diagram"))
+        section.add(table(["confidence", "files", "mean confidence", "accuracy"],
+                          [(f"{r['from']:.1f}-{r['to']:.1f}", r["files"], f"{r['confidence']:.3f}",
+                            f"{r['accuracy']:.3f}") for r in rows]))
+    return section
 
 
 def _reviewed(r: dict[str, Any] | None) -> str:

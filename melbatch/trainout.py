@@ -27,9 +27,12 @@ from melbatch.model import (
     Package,
     aggregate_files,
     create_model,
+    fit_temperature,
     load_package,
     predict,
     save_package,
+    tempered,
+    update_meta,
     verdicts,
 )
 from melbatch.shards import METRICS, SPLIT, STATE, VAL_PREDICTIONS, mel_array
@@ -59,6 +62,9 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
         multi = {"multi_label": True, "thresholds": json.loads(best["thresholds"])}
     save_package(cfg.out, model, {**meta, **multi})
     val = score_validation(cfg, uris, val_files, here)
+    calibration = None
+    if not cfg.multi_label:
+        val, calibration = calibrate(cfg, val, labels)
     metrics = {
         "val_accuracy": best["val_accuracy"], "macro_f1": best["macro_f1"], "best_epoch": best["epoch"],
         "val_file_accuracy": file_accuracy(val, labels, multi.get("thresholds")),
@@ -66,7 +72,7 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
             "confusion_matrix": json.loads(best["confusion_matrix"])}),
         "per_class": json.loads(best["per_class"]), "epochs": history,
         "split": {"train_files": len(train_files), "val_files": len(val_files)},
-        "initial_weights": source.to_dict(), "extra_labels": review,
+        "initial_weights": source.to_dict(), "extra_labels": review, "calibration": calibration,
         "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
     }
     storage.write_bytes(storage.join(cfg.out, METRICS), json.dumps(metrics, indent=2).encode())
@@ -127,6 +133,54 @@ def _write_val_predictions(cfg: TrainConfig, scored: pa.Table) -> pa.Table:
     pq.write_table(table, buf)
     storage.write_bytes(storage.join(cfg.out, VAL_PREDICTIONS), buf.getvalue())
     return table
+
+
+RELIABILITY_BINS = 10
+
+
+def calibrate(cfg: TrainConfig, val: pa.Table, labels: list[str]) -> tuple[pa.Table, dict[str, Any]]:
+    """Fit the package's temperature on the validation clips (:func:`~melbatch.model.fit_temperature`),
+    store it in ``model.json`` and rewrite ``val_predictions.parquet`` with the calibrated probabilities.
+    Returns them and the calibration: the temperature, the expected calibration error before and after,
+    the reliability table per file (confidence bins: files, mean confidence, accuracy) and, for
+    ``classify --unknown-below``, the probability that keeps 90, 95 and 99 % of the validation files."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    truth = np.array([index[v] for v in val.column("label").to_pylist()])
+    raw = np.asarray(val.column("probabilities").to_pylist(), np.float32).reshape(len(truth), len(labels))
+    temperature = fit_temperature(raw, truth) if len(truth) else 1.0
+    probs = tempered(raw, temperature)
+    update_meta(cfg.out, temperature=temperature)
+    mine = probs[np.arange(len(truth)), truth]
+    val = val.drop_columns(["probability", "label_probability", "probabilities"]) \
+        .append_column("probability", pa.array(probs.max(axis=1) if len(truth) else [], pa.float32())) \
+        .append_column("label_probability", pa.array(mine, pa.float32())) \
+        .append_column("probabilities", pa.array(list(probs), pa.list_(pa.float32(), len(labels))))
+    _write_val_predictions(cfg, val)
+    uris = val.column("uri").to_pylist()
+    sums = aggregate_files(uris, list(probs.astype(np.float64)))
+    files = sorted(sums)
+    scores, best = verdicts(sums, files, len(labels))
+    file_truth = dict(zip(uris, truth.tolist(), strict=True))
+    right = np.array([file_truth[u] == b for u, b in zip(files, best, strict=True)])
+    confidence = scores.max(axis=1) if len(files) else np.zeros(0)
+    bins = np.minimum((confidence * RELIABILITY_BINS).astype(int), RELIABILITY_BINS - 1)
+    table = [{"from": b / RELIABILITY_BINS, "to": (b + 1) / RELIABILITY_BINS, "files": int((bins == b).sum()),
+              "confidence": float(confidence[bins == b].mean()), "accuracy": float(right[bins == b].mean())}
+             for b in range(RELIABILITY_BINS) if (bins == b).any()]
+    return val, {"temperature": temperature, "clip_ece_before": _ece(raw, truth), "clip_ece_after": _ece(probs, truth),
+                 "reliability": table,
+                 "unknown_below_keeping": {f"{k}%": float(np.quantile(confidence, 1 - k / 100)) if len(files) else 0.0
+                                           for k in (90, 95, 99)}}
+
+
+def _ece(probs: np.ndarray, truth: np.ndarray) -> float:
+    """Expected calibration error over :data:`RELIABILITY_BINS` confidence bins (clips)."""
+    if not len(truth):
+        return 0.0
+    conf, right = probs.max(axis=1), probs.argmax(axis=1) == truth
+    bins = np.minimum((conf * RELIABILITY_BINS).astype(int), RELIABILITY_BINS - 1)
+    return float(sum(abs(conf[bins == b].mean() - right[bins == b].mean()) * (bins == b).mean()
+                     for b in range(RELIABILITY_BINS) if (bins == b).any()))
 
 
 def file_accuracy(val: pa.Table, labels: list[str], thresholds: dict[str, float] | None = None) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -152,3 +153,19 @@ def test_shard_files_are_parquet_with_the_documented_schema(engine):
     with storage.open_input(storage.join(cfg.out, manifest["clips"][0])) as f:
         schema = pq.ParquetFile(f).schema_arrow
     assert schema.field("top_labels").type.list_size == 2 and schema.field("embedding").type.list_size > 0
+
+
+def test_unknown_below_labels_the_unlikely_files_unknown_and_nothing_else(engine):
+    """``--unknown-below P``: a file whose best (calibrated) probability is below P is ``unknown``; the
+    others keep their label, and the run's counts still add up (a scan reads the same verdicts)."""
+    b, _, cfg, _ = engine
+    before = {v["uri"]: v for v in shards.read_tables(cfg.out, "files").to_pylist()}
+    cut = float(np.median([v["probability"] for v in before.values()]))
+    s = classify.run(replace(cfg, out=f"{b}/pred-unknown", unknown_below=cut, keep_embeddings=False),
+                     progress=False)
+    after = {v["uri"]: v for v in shards.read_tables(f"{b}/pred-unknown", "files").to_pylist()}
+    assert set(after) == set(before) and s.classified == len(after)
+    for uri, v in after.items():
+        assert v["probability"] == pytest.approx(before[uri]["probability"], abs=1e-6)
+        assert v["label"] == ("unknown" if v["probability"] < cut else before[uri]["label"])
+    assert 0 < s.labels.get("unknown", 0) < len(after)

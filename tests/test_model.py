@@ -126,3 +126,21 @@ def test_one_prediction_path_batches_normalises_and_decides_files_the_same_way()
     np.testing.assert_allclose(scores, mb_model.verdicts(whole, ["f3", "f1", "f2"], 3)[0], atol=1e-9)
     assert list(best) == list(scores.argmax(1)) and mb_model.verdicts({}, [], 3)[1].shape == (0,)
     assert mb_model.aggregate_files([], [], [], into=parts) == parts  # a chunk without clips adds nothing
+
+
+def test_temperature_scaling_finds_the_temperature_the_labels_were_drawn_at():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 5))
+    for t_true in (0.5, 2.0):  # labels drawn from softmax(logits / T): the fit on softmax(logits) finds T
+        p = np.exp(logits / t_true)
+        p /= p.sum(1, keepdims=True)
+        truth = np.array([rng.choice(5, p=row) for row in p])
+        raw = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        t = mb_model.fit_temperature(raw, truth)
+        assert abs(np.log(t / t_true)) < 0.15, (t, t_true)
+        assert np.allclose(mb_model.tempered(raw, t_true), p, atol=1e-5)
+    scores = np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8]])
+    assert mb_model.file_labels(["a", "b"], scores, scores.argmax(1), 0.6) == ["a", "unknown", "b"]
+    assert mb_model.file_labels(["a", "b"], scores, scores.argmax(1)) == ["a", "a", "b"]

@@ -94,7 +94,7 @@ def outputs(engine_model, tmp_path_factory) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,sections,min_images", [
     ("featurize", ["Overview", "Labels", "Stored clips", "Features", "Quarantine (9"], 3),
-    ("train", ["Overview", "Training curves", "Per class", "Most confidently wrong", "Features"], 1),
+    ("train", ["Overview", "Training curves", "Per class", "Most confidently wrong", "Calibration", "Features"], 2),
     ("classify", ["Overview", "Verdicts", "Least confident clips", "Timelines", "Archive map", "Features",
                   "Quarantine (9"], 4),
     ("scan", ["Now", "Trend over 2 committed scan(s)", "Quarantine (0"], 2),
@@ -118,6 +118,7 @@ def test_reports_render_in_chromium_with_their_images_and_tables(outputs, kind, 
         assert HOSTILE_KEY in text and "inputs = classified + quarantined\nyes" in text
     if kind == "train":
         assert "confusion matrix" in text and "validation accuracy (files)" in text
+        assert "temperature scaling: T = " in text and "--unknown-below P" in text
     if kind == "scan":
         runs = tuple(mb_ledger.committed_runs(outputs["scan"]))
         trend = [line for line in text.splitlines() if line.startswith(runs) and line.count("\t") >= 9]

@@ -256,6 +256,15 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
     right = np.mean([r["predicted"] == r["label"] for r in rows])
     assert right == pytest.approx(m["val_accuracy"], abs=1e-9)
     assert 0.9 <= m["val_file_accuracy"] <= 1.0
+    # calibrated: the temperature fitted on validation is in the package, and its probabilities are the stored ones
+    c = m["calibration"]
+    assert pkg.meta["temperature"] == c["temperature"] and 0.05 <= c["temperature"] <= 20
+    assert c["clip_ece_after"] <= c["clip_ece_before"] + 1e-9
+    assert sum(r["files"] for r in c["reliability"]) == m["split"]["val_files"]
+    assert list(c["unknown_below_keeping"]) == ["90%", "95%", "99%"]
+    images = {(c["uri"], c["clip_index"]): c["mel"] for c in shards.iter_clips(cfg.shards) if c["uri"] in val_files}
+    probs, _ = model.predict(pkg, np.stack([images[(r["uri"], r["clip_index"])] for r in rows]))
+    assert np.allclose(probs.max(axis=1), [r["probability"] for r in rows], atol=2e-3)
 
 
 @pytest.mark.ray
