@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -311,3 +312,32 @@ def test_shard_columns_are_built_as_pa_array_builds_them_and_a_small_run_never_i
                        text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip().endswith("False"), p.stdout + p.stderr
     assert shards.read_manifest(str(tmp_path / "out"))["counts"]["inputs"] == 2
+
+
+def test_the_sample_rate_is_fitted_to_where_the_recordings_sound_lies(tmp_path, capsys):
+    """Birdsong-like recordings (trills at 6-11 kHz, made at 48 kHz) are featurized at 32 kHz with the same
+    frames (the image keeps its shape); the engines (below 6 kHz) and an explicit --no-fit-rate keep 16 kHz."""
+    fz = featurize
+    fc = FeatureConfig()
+    high = fc.at_rate(32000)
+    assert (high.n_fft, high.win_length, high.hop_length, high.f_max_hz) == (1024, 800, 320, 16000.0)
+    assert high.shape == fc.shape and fc.at_rate(16000) == fc
+
+    rng = np.random.default_rng(0)
+    t = np.arange(3 * 48000) / 48000
+    for i in range(6):
+        (tmp_path / "birds" / "trill").mkdir(parents=True, exist_ok=True)
+        f0 = rng.uniform(6000, 11000)
+        x = 0.3 * np.sin(2 * np.pi * (f0 + 800 * np.sin(2 * np.pi * 7 * t)) * t) * (np.sin(2 * np.pi * 3 * t) > 0)
+        (tmp_path / "birds" / "trill" / f"{i}.wav").write_bytes(samples.encode(x.astype(np.float32), 48000,
+                                                                                samples.FORMATS[0]))
+    samples.make_archive(str(tmp_path / "engines"), "engine", files_per_class=3, seconds=3.0, seed=3)
+    cfg = FeaturizeConfig(src=str(tmp_path / "birds"), dst=str(tmp_path / "f"))
+    refs = list(storage.list_objects(cfg.src))
+    fitted = fz.fit_rate(cfg, refs)
+    assert fitted.features == cfg.features.at_rate(32000)
+    assert "so features are made at 32 kHz instead of 16 kHz (n_fft 1024, hop 320" in capsys.readouterr().out
+    engines = FeaturizeConfig(src=str(tmp_path / "engines"), dst=str(tmp_path / "g"))
+    assert fz.fit_rate(engines, list(storage.list_objects(engines.src))) == engines
+    s = featurize.run(replace(cfg, fit_rate=False), progress=False)  # --no-fit-rate
+    assert shards.read_manifest(cfg.dst)["feature_config"]["sample_rate_hz"] == 16000 and s.featurized == 6
