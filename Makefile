@@ -15,7 +15,7 @@ MODEL ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: help setup disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-gpu figure lint format \
+.PHONY: help setup disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-field bench-gpu figure lint format \
         featurize train classify scan results report image image-cuda clean
 
 help:  ## list the targets
@@ -84,6 +84,9 @@ bench-train: setup  ## Ray Train samples/s against a bare PyTorch loop (ARGS="--
 
 bench-transfer: setup  ## ImageNet vs random init vs a plain script on real recordings (FSDD; ARGS="--task speaker")
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/transfer.py $(ARGS)
+
+bench-field: setup system-deps  ## accuracy away from the training room: new speakers, shifted audio, birds (ARGS="--quick")
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/field.py $(ARGS)
 
 bench-classify: setup  ## classify x realtime against bare featurize and a bare model loop; memory on 1x and 10x
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/classify.py $(ARGS)

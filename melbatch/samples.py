@@ -7,6 +7,9 @@
 
 Files rotate through wav/flac/ogg/mp3, several sample rates and mono/stereo, as a real archive
 would. ``bad=True`` adds one object of every bad-input kind melbatch quarantines.
+
+:func:`field_shifted` puts real recordings through a phone line, a codec, noise, a room, a gain or
+a tempo change: the field a model meets after training (bench/field.py, tests/test_transfer.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -358,3 +362,79 @@ def write_sparse_files(folder: str, gigabytes: float = 3.0) -> list[SampleFile]:
             f.truncate(size)
         out.append(SampleFile(storage.canonical(path), os.path.basename(folder), kind))
     return out
+
+
+# ------------------------------------------------------------- real recordings as the field changes them
+
+FIELD_SHIFTS = ("phone", "mp3", "noise", "babble", "room", "gain", "tempo")
+
+
+def _mono(path: str) -> tuple[np.ndarray, int]:
+    x, sr = sf.read(path, dtype="float32", always_2d=True)
+    return x.mean(1), sr
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x.astype(np.float64) ** 2)) + 1e-12)
+
+
+def field_shifted(rows: list[tuple[str, str]], kind: str, folder: Path, others: list[str],
+                  rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Real recordings (path, label) as another room, line or device gives them, written under ``folder``;
+    returns (new path, label) each. Made with other maths and codecs than training's augmentation:
+
+    ``phone`` 300-3400 Hz and 8-bit mu-law; ``mp3`` 8 kbit/s at 8 kHz (ffmpeg); ``noise`` white or pink,
+    ``babble`` three of ``others`` (recordings of other speakers) at once, each at 0-10 dB SNR; ``room``
+    an impulse response of RT60 0.3-0.9 s with early reflections; ``gain`` -30..+6 dB, clipped;
+    ``tempo`` +-5..15 % without a change of pitch (ffmpeg's atempo)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path, label in rows:
+        dst = folder / f"{Path(path).stem}.{'mp3' if kind == 'mp3' else 'wav'}"
+        if kind == "mp3":
+            _ffmpeg(path, dst, "-ac", "1", "-ar", "8000", "-c:a", "libmp3lame", "-b:a", "8k")
+        elif kind == "tempo":
+            _ffmpeg(path, dst, "-filter:a", f"atempo={float(rng.choice([-1, 1]) * rng.uniform(0.05, 0.15) + 1):.3f}")
+        else:
+            x, sr = _mono(path)
+            sf.write(dst, np.clip(_shift(x, sr, kind, others, rng), -1, 1).astype(np.float32), sr, subtype="PCM_16")
+        out.append((str(dst), label))
+    return out
+
+
+def _ffmpeg(src: str, dst: Path, *args: str) -> None:
+    if shutil.which("ffmpeg") is None:
+        raise RuntimeError("the mp3 and tempo shifts need ffmpeg (make system-deps installs it)")
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", src, *args, str(dst)], check=True)
+
+
+def _shift(x: np.ndarray, sr: int, kind: str, others: list[str], rng: np.random.Generator) -> np.ndarray:
+    if kind == "phone":
+        f = np.fft.rfftfreq(len(x), 1 / sr)
+        x = np.fft.irfft(np.fft.rfft(x) * ((f >= 300) & (f <= 3400)), len(x))
+        x = x / max(1e-9, np.abs(x).max()) * 0.7
+        code = np.round(np.sign(x) * np.log1p(255 * np.abs(x)) / np.log1p(255) * 127)
+        return np.sign(code) * (256 ** (np.abs(code) / 127) - 1) / 255
+    if kind in ("noise", "babble"):
+        if kind == "noise":  # white or pink, stationary
+            tilt = np.maximum(1, np.arange(len(x) // 2 + 1)) ** (0.5 * rng.integers(0, 2))
+            n = np.fft.irfft(np.fft.rfft(rng.normal(size=len(x))) / tilt, len(x))
+        else:
+            n = np.zeros(len(x))
+            for j in rng.choice(len(others), 3, replace=False):
+                b, _ = _mono(others[j])
+                b = np.resize(b, len(x))
+                n += b / _rms(b)
+        return x + n * _rms(x) / _rms(n) / 10 ** (rng.uniform(0, 10) / 20)
+    if kind == "room":
+        rt60 = rng.uniform(0.3, 0.9)
+        t = np.arange(int(rt60 * sr)) / sr
+        rir = rng.normal(size=len(t)) * np.exp(-6.9 * t / rt60)
+        rir[0] = 1.0
+        for d in rng.integers(int(0.003 * sr), int(0.03 * sr), 4):  # early reflections
+            rir[d] += rng.uniform(0.3, 0.7)
+        wet = np.convolve(x, rir)[: len(x)]
+        return wet * _rms(x) / _rms(wet)
+    if kind == "gain":
+        return np.clip(x * 10 ** (rng.uniform(-30, 6) / 20), -1, 1)
+    raise ValueError(f"unknown field shift {kind!r}: one of {FIELD_SHIFTS}")

