@@ -19,7 +19,8 @@ scored per file (reference: BirdNET 29/30 zero-shot).
 
 **field** = mean(new speakers, shifted, birds). Each melbatch recipe is trained from ImageNet and, for
 the gain, from random init; the plain script (bench/plain.py) with and without augmentation is a row
-of its own. A recipe is a set of ``train.*`` / ``features.*`` overrides on melbatch's defaults.
+of its own. A recipe is a set of ``train.*`` / ``features.*`` / ``featurize.*`` overrides on melbatch's
+defaults.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 TRAIN_SPEAKERS = ("jackson", "nicolas", "theo", "yweweler")
 NEW_SPEAKERS = ("george", "lucas")
 SHIFTS = samples.FIELD_SHIFTS
-# What each recipe changes from melbatch's defaults of today (train.* / features.*).
+# What each recipe changes from melbatch's defaults of today (train.* / features.* / featurize.*).
 RECIPES: dict[str, dict[str, object]] = {
     "defaults": {},
     "stop 30": {"train.field_augment": False, "train.normalize": "dataset", "train.time_masks": 0,
-                "train.freq_masks": 0},
+                "train.freq_masks": 0, "featurize.fit_rate": False},
 }
 
 
@@ -89,11 +90,12 @@ def overrides(recipe: dict[str, object], section: str) -> dict[str, object]:
     return {k.split(".", 1)[1]: v for k, v in recipe.items() if k.startswith(section + ".")}
 
 
-def featurize_sets(sets: dict[str, list[tuple[str, str]]], out: Path, features: dict[str, object],
+def featurize_sets(sets: dict[str, list[tuple[str, str]]], out: Path, recipe: dict[str, object],
                    fitted: FeatureConfig | None = None) -> tuple[str, FeatureConfig, dict[str, list[tuple[str, str]]]]:
     """Featurize every file of ``sets`` into one shard folder, labels from a manifest, each set linked into
-    a folder of its own (``out``.src/<set>/); the features are fitted to the files unless ``fitted`` gives
-    them. Returns the shards, their features and the sets as (URI, label) of the links."""
+    a folder of its own (``out``.src/<set>/); the features (the recipe's ``features.*`` and ``featurize.*``)
+    are fitted to the files unless ``fitted`` gives them. Returns the shards, their features and the sets
+    as (URI, label) of the links."""
     src = out.with_suffix(".src")
     if src.exists():
         shutil.rmtree(src)
@@ -105,9 +107,10 @@ def featurize_sets(sets: dict[str, list[tuple[str, str]]], out: Path, features: 
             (src / name / Path(path).name).symlink_to(path)
             linked[name].append((f"file://{src / name / Path(path).name}", label))
     labels = write_csv(out.with_suffix(".labels.csv"), ["uri", "label"], [r for rows in linked.values() for r in rows])
+    fit = {"fit_clips": True, "fit_rate": True, **overrides(recipe, "featurize")} if fitted is None else {
+        "fit_clips": False, "fit_rate": False}
     cfg = FeaturizeConfig(src=str(src), dst=str(out), overwrite=True, labels=labels, files_per_task=512,
-                          features=fitted or build(FeatureConfig, features, "features"), fit_clips=fitted is None,
-                          fit_rate=fitted is None)
+                          features=fitted or build(FeatureConfig, overrides(recipe, "features"), "features"), **fit)
     featurize.run(cfg, progress=False)
     return str(out), FeatureConfig.from_dict(shards.read_manifest(str(out))["feature_config"]), linked
 
@@ -223,7 +226,7 @@ def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests:
     other task (birds for the digit model, voices for the bird model) set aside at the 95 % threshold."""
     out.mkdir(parents=True, exist_ok=True)
     feats, fc, linked = featurize_sets({"train": digits["train"], "val": digits["clean"]}, out / "digits-features",
-                                       overrides(recipe, "features"))
+                                       recipe)
     package = train_package(feats, split_rows(linked), out / "digits", recipe, pretrained, epochs, seed)
     others = {"other": bird_sets["birds"]} if bird_sets else {}
     test_feats, _, linked = featurize_sets({**tests, **others}, out / "digits-tests", {}, fitted=fc)
@@ -232,7 +235,7 @@ def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests:
     row.pop("other", None)
     if bird_sets:
         feats, bird_fc, linked = featurize_sets({"train": bird_sets["train"], "val": bird_sets["birds"]},
-                                                out / "birds-features", overrides(recipe, "features"))
+                                                out / "birds-features", recipe)
         package = train_package(feats, split_rows(linked), out / "birds", recipe, pretrained, epochs, seed)
         voices, _, other = featurize_sets({"other": tests["new speakers"]}, out / "birds-others", {}, fitted=bird_fc)
         got, confidence = score(package, feats, {"birds": linked["val"]})
