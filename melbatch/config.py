@@ -363,7 +363,7 @@ class FeaturizeConfig:
         "recordings: the 90th percentile of a sample's durations, rounded up to 0.25 s, >= 1 s)")
     fit_rate: bool = flag(True,
         "keep --sample-rate-hz even when the recordings' sound reaches above its Nyquist frequency (by default, "
-        "when 1 %% of the energy of a sample of recordings at 22.05 kHz or more lies above 7.5 kHz, as in "
+        "when 1 %% of the energy of a sample of recordings at 22.05 kHz or more lies above 7 kHz, as in "
         "birdsong, features are made at 32 or 22.05 kHz with the same frame timing)")
     overwrite: bool = flag(False, "replace an output made with other features, and redo batches already done")
     address: str | None = None

@@ -226,10 +226,15 @@ def file_labels(labels: list[str], scores: np.ndarray, best: np.ndarray, unknown
 def fit_temperature(probs: np.ndarray, truth: np.ndarray) -> float:
     """Temperature scaling (Guo et al. 2017): the T for which softmax(log p / T) gives the true labels
     the highest likelihood, searched on a log grid from 0.05 to 20 (T > 1 softens an overconfident
-    model). ``probs`` (n, labels) are clip probabilities at T = 1, ``truth`` (n,) label indices."""
+    model). ``probs`` (n, labels) are clip probabilities at T = 1, ``truth`` (n,) label indices.
+    When every clip is right the likelihood only grows as T falls, which says nothing about the clips
+    the model has not seen: then T is at least 1 (never sharpened)."""
     logp = np.log(np.clip(probs, 1e-12, 1.0))
+    floor = 1.0 if len(truth) and bool((probs.argmax(1) == truth).all()) else 0.0
     best_t, best_nll = 1.0, np.inf
     for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 121)):
+        if t < floor:
+            continue
         z = logp / t
         z = z - z.max(1, keepdims=True)
         nll = -(z[np.arange(len(z)), truth] - np.log(np.exp(z).sum(1))).mean()

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FAST, decode_images
 
-from melbatch import classify, cli, samples, shards, storage
+from melbatch import classify, cli, model, samples, shards, storage
 from melbatch.config import ClassifyConfig, ConfigError
 from melbatch.storage import ObjectRef
 
@@ -155,14 +155,23 @@ def test_shard_files_are_parquet_with_the_documented_schema(engine):
     assert schema.field("top_labels").type.list_size == 2 and schema.field("embedding").type.list_size > 0
 
 
-def test_unknown_below_labels_the_unlikely_files_unknown_and_nothing_else(engine):
+def test_unknown_below_labels_the_unlikely_files_unknown_and_nothing_else(engine, tmp_path):
     """``--unknown-below P``: a file whose best (calibrated) probability is below P is ``unknown``; the
-    others keep their label, and the run's counts still add up (a scan reads the same verdicts)."""
+    others keep their label, and the run's counts still add up (a scan reads the same verdicts). An
+    untrained package, whose probabilities spread around 0.5 (the session's model is sure of every file)."""
     b, _, cfg, _ = engine
-    before = {v["uri"]: v for v in shards.read_tables(cfg.out, "files").to_pylist()}
-    cut = float(np.median([v["probability"] for v in before.values()]))
-    s = classify.run(replace(cfg, out=f"{b}/pred-unknown", unknown_below=cut, keep_embeddings=False),
-                     progress=False)
+    package = str(tmp_path / "untrained")
+    net = model.create_model("test_resnet", 2, FAST.shape, pretrained=False)
+    model.save_package(package, net, {"model_name": "test_resnet", "labels": ["faulty", "healthy"],
+                                      "feature_config": FAST.to_dict(), "config_hash": FAST.hash(),
+                                      "normalization": {"kind": "clip"}})
+    plain = replace(cfg, model=package, out=f"{b}/pred-untrained", keep_embeddings=False)
+    classify.run(plain, progress=False)
+    before = {v["uri"]: v for v in shards.read_tables(plain.out, "files").to_pylist()}
+    probs = sorted(v["probability"] for v in before.values())
+    assert probs[0] < probs[-1], probs
+    cut = (probs[0] + probs[-1]) / 2
+    s = classify.run(replace(plain, out=f"{b}/pred-unknown", unknown_below=cut), progress=False)
     after = {v["uri"]: v for v in shards.read_tables(f"{b}/pred-unknown", "files").to_pylist()}
     assert set(after) == set(before) and s.classified == len(after)
     for uri, v in after.items():
