@@ -49,7 +49,7 @@ SHIFTS = samples.FIELD_SHIFTS
 RECIPES: dict[str, dict[str, object]] = {
     "defaults": {},
     "stop 30": {"train.field_augment": False, "train.normalize": "dataset", "train.time_masks": 0,
-                "train.freq_masks": 0, "featurize.fit_rate": False},
+                "train.freq_masks": 0},
 }
 
 
@@ -107,7 +107,7 @@ def featurize_sets(sets: dict[str, list[tuple[str, str]]], out: Path, recipe: di
             (src / name / Path(path).name).symlink_to(path)
             linked[name].append((f"file://{src / name / Path(path).name}", label))
     labels = write_csv(out.with_suffix(".labels.csv"), ["uri", "label"], [r for rows in linked.values() for r in rows])
-    fit = {"fit_clips": True, "fit_rate": True, **overrides(recipe, "featurize")} if fitted is None else {
+    fit = {"fit_clips": True, **overrides(recipe, "featurize")} if fitted is None else {
         "fit_clips": False, "fit_rate": False}
     cfg = FeaturizeConfig(src=str(src), dst=str(out), overwrite=True, labels=labels, files_per_task=512,
                           features=fitted or build(FeatureConfig, overrides(recipe, "features"), "features"), **fit)

@@ -361,10 +361,11 @@ class FeaturizeConfig:
     fit_clips: bool = flag(True,
         "keep --clip-s even when most recordings are much shorter (by default clips are then fitted to the "
         "recordings: the 90th percentile of a sample's durations, rounded up to 0.25 s, >= 1 s)")
-    fit_rate: bool = flag(True,
-        "keep --sample-rate-hz even when the recordings' sound reaches above its Nyquist frequency (by default, "
-        "when 1 %% of the energy of a sample of recordings at 22.05 kHz or more lies above 7 kHz, as in "
-        "birdsong, features are made at 32 or 22.05 kHz with the same frame timing)")
+    fit_rate: bool = flag(False,
+        "fit the sample rate to where the recordings' sound lies: when 1 %% of the energy of a sample of "
+        "recordings made at 22.05 kHz or more lies above 7 kHz, as in birdsong, make the features at 32 or 22.05 kHz "
+        "with the same frame timing. Off by default: on xc_birds10, 32 kHz with 128 mels scored 0.57 per file "
+        "against 0.80 at 16 kHz (make bench-field)")
     overwrite: bool = flag(False, "replace an output made with other features, and redo batches already done")
     address: str | None = None
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -315,8 +314,8 @@ def test_shard_columns_are_built_as_pa_array_builds_them_and_a_small_run_never_i
 
 
 def test_the_sample_rate_is_fitted_to_where_the_recordings_sound_lies(tmp_path, capsys):
-    """Birdsong-like recordings (trills at 6-11 kHz, made at 48 kHz) are featurized at 32 kHz with the same
-    frames (the image keeps its shape); the engines (below 6 kHz) and an explicit --no-fit-rate keep 16 kHz."""
+    """With --fit-rate, birdsong-like recordings (trills at 6-11 kHz, made at 48 kHz) are featurized at 32 kHz
+    with the same frames (the image keeps its shape); the engines (below 6 kHz) and the default keep 16 kHz."""
     fz = featurize
     fc = FeatureConfig()
     high = fc.at_rate(32000)
@@ -337,7 +336,8 @@ def test_the_sample_rate_is_fitted_to_where_the_recordings_sound_lies(tmp_path, 
     fitted = fz.fit_rate(cfg, refs)
     assert fitted.features == cfg.features.at_rate(32000)
     assert "so features are made at 32 kHz instead of 16 kHz (n_fft 1024, hop 320" in capsys.readouterr().out
+    assert not FeaturizeConfig(src="a", dst="b").fit_rate  # off unless asked (--fit-rate): it lost on xc_birds10
     engines = FeaturizeConfig(src=str(tmp_path / "engines"), dst=str(tmp_path / "g"))
     assert fz.fit_rate(engines, list(storage.list_objects(engines.src))) == engines
-    s = featurize.run(replace(cfg, fit_rate=False), progress=False)  # --no-fit-rate
+    s = featurize.run(cfg, progress=False)  # the default
     assert shards.read_manifest(cfg.dst)["feature_config"]["sample_rate_hz"] == 16000 and s.featurized == 6
