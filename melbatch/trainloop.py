@@ -425,8 +425,8 @@ def not_fitting(history: list[dict[str, Any]], classes: int) -> str | None:
         return None
     return (f"the training loss is {history[-1]['train_loss']:.2f} after {len(history)} epochs, near a uniform "
             f"guess over {classes} labels ({uniform:.2f}): the model is not fitting the data. Try less augmentation "
-            "(--mixup-alpha 0, no --wave-augment, fewer --time-masks/--freq-masks), more --min-steps, or check the "
-            "labels.")
+            "(--mixup-alpha 0, --no-field-augment, no --wave-augment, fewer --time-masks/--freq-masks), more "
+            "--min-steps, or check the labels.")
 
 
 def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int, marker: URI) -> None:
