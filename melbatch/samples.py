@@ -379,12 +379,13 @@ def _rms(x: np.ndarray) -> float:
 
 
 def field_shifted(rows: list[tuple[str, str]], kind: str, folder: Path, others: list[str],
-                  rng: np.random.Generator) -> list[tuple[str, str]]:
+                  rng: np.random.Generator, snr_db: tuple[float, float] = (0.0, 10.0)) -> list[tuple[str, str]]:
     """Real recordings (path, label) as another room, line or device gives them, written under ``folder``;
     returns (new path, label) each. Made with other maths and codecs than training's augmentation:
 
     ``phone`` 300-3400 Hz and 8-bit mu-law; ``mp3`` 8 kbit/s at 8 kHz (ffmpeg); ``noise`` white or pink,
-    ``babble`` three of ``others`` (recordings of other speakers) at once, each at 0-10 dB SNR; ``room``
+    ``babble`` three of ``others`` (recordings of other speakers) at once, each at an SNR drawn in ``snr_db``
+    (0-10 dB); ``room``
     an impulse response of RT60 0.3-0.9 s with early reflections; ``gain`` -30..+6 dB, clipped;
     ``tempo`` +-5..15 % without a change of pitch (ffmpeg's atempo)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -397,7 +398,8 @@ def field_shifted(rows: list[tuple[str, str]], kind: str, folder: Path, others: 
             _ffmpeg(path, dst, "-filter:a", f"atempo={float(rng.choice([-1, 1]) * rng.uniform(0.05, 0.15) + 1):.3f}")
         else:
             x, sr = _mono(path)
-            sf.write(dst, np.clip(_shift(x, sr, kind, others, rng), -1, 1).astype(np.float32), sr, subtype="PCM_16")
+            shifted = _shift(x, sr, kind, others, rng, snr_db)
+            sf.write(dst, np.clip(shifted, -1, 1).astype(np.float32), sr, subtype="PCM_16")
         out.append((str(dst), label))
     return out
 
@@ -408,7 +410,8 @@ def _ffmpeg(src: str, dst: Path, *args: str) -> None:
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", src, *args, str(dst)], check=True)
 
 
-def _shift(x: np.ndarray, sr: int, kind: str, others: list[str], rng: np.random.Generator) -> np.ndarray:
+def _shift(x: np.ndarray, sr: int, kind: str, others: list[str], rng: np.random.Generator,
+           snr_db: tuple[float, float]) -> np.ndarray:
     if kind == "phone":
         f = np.fft.rfftfreq(len(x), 1 / sr)
         x = np.fft.irfft(np.fft.rfft(x) * ((f >= 300) & (f <= 3400)), len(x))
@@ -425,7 +428,7 @@ def _shift(x: np.ndarray, sr: int, kind: str, others: list[str], rng: np.random.
                 b, _ = _mono(others[j])
                 b = np.resize(b, len(x))
                 n += b / _rms(b)
-        return x + n * _rms(x) / _rms(n) / 10 ** (rng.uniform(0, 10) / 20)
+        return x + n * _rms(x) / _rms(n) / 10 ** (rng.uniform(*snr_db) / 20)
     if kind == "room":
         rt60 = rng.uniform(0.3, 0.9)
         t = np.arange(int(rt60 * sr)) / sr
