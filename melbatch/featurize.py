@@ -61,6 +61,7 @@ from melbatch.staging import logmels_of_object
 FIT_SAMPLE = 64  # recordings probed for their duration when clips are fitted
 BAND_SAMPLE, BAND_PROBE_S = 32, 10.0  # recordings probed (their first seconds) for the band their sound fills
 BAND_DEFAULT_HZ, BAND_EDGE_HZ = 16_000, 7_000  # fit the rate from this one when 1 % of the energy is above the edge
+BAND_GRID_HZ = np.arange(0.0, 24000.0, 100.0)  # the 100 Hz bands a probe sums the energy in
 SETTLE_S = 30.0  # how long a failed run waits for its cancelled tasks before counting what is kept
 
 
@@ -218,9 +219,8 @@ def band_probe(ref: storage.ObjectRef, limit_s: float = BAND_PROBE_S) -> tuple[i
         return None
     frames = np.lib.stride_tricks.sliding_window_view(x, 2048)[::1024] * np.hanning(2048)
     power = np.square(np.abs(np.fft.rfft(frames, axis=1))).mean(0)
-    grid = np.arange(0.0, 24000.0, 100.0)
-    bands = np.interp(grid, np.fft.rfftfreq(2048, 1 / info.sample_rate_hz), power, right=0.0)
-    bands[grid < 150] = 0.0
+    bands = np.interp(BAND_GRID_HZ, np.fft.rfftfreq(2048, 1 / info.sample_rate_hz), power, right=0.0)
+    bands[BAND_GRID_HZ < 150] = 0.0
     total = bands.sum()
     return (info.sample_rate_hz, bands / total) if total > 0 else None
 
@@ -239,17 +239,17 @@ def fit_rate(cfg: FeaturizeConfig, refs: list[storage.ObjectRef]) -> FeaturizeCo
     sample = sorted(refs, key=lambda r: hashlib.sha1(r.uri.encode()).digest())[:BAND_SAMPLE]
     with ThreadPoolExecutor(8) as pool:
         probed = [p for p in pool.map(band_probe, sample) if p is not None]
-    rates = [r for r, _ in probed]
-    if len(probed) < 3 or float(np.median(rates)) < 22050:
+    native = float(np.median([r for r, _ in probed])) if probed else 0.0
+    if len(probed) < 3 or native < 22050:
         return cfg
     share = np.mean([bands for _, bands in probed], axis=0)
-    edge = float(np.arange(0.0, 24000.0, 100.0)[np.searchsorted(np.cumsum(share), 0.99)])
+    edge = float(BAND_GRID_HZ[np.searchsorted(np.cumsum(share), 0.99)])
     if edge <= BAND_EDGE_HZ:
         return cfg
-    rate = 32000 if float(np.median(rates)) >= 32000 else 22050
+    rate = 32000 if native >= 32000 else 22050
     fitted = cfg.features.at_rate(rate)
     print(f"the recordings' sound reaches {edge / 1000:.1f} kHz (99 % of the energy above 150 Hz in {len(probed)} "
-          f"sampled, made at {np.median(rates) / 1000:g} kHz), so features are made at {rate / 1000:g} kHz instead of "
+          f"sampled, made at {native / 1000:g} kHz), so features are made at {rate / 1000:g} kHz instead of "
           f"{cfg.features.sample_rate_hz / 1000:g} kHz (n_fft {fitted.n_fft}, hop {fitted.hop_length}: the same "
           "frames; --fit-rate)", flush=True)
     return replace(cfg, features=fitted)

@@ -343,6 +343,11 @@ class ListingNotes:
         if len(shown) < self.EXAMPLES:
             shown.append(example)
 
+    def unreadable(self, example: str, uri: URI) -> None:
+        """A folder (``uri`` ending in ``/``) or file that could not be read: told, and kept from a scan's deletions."""
+        self.add("unreadable", example)
+        self.unreadable_uris.append(uri)
+
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """``{kind: {"count": n, "examples": [...]}}`` (JSON: a summary, a manifest)."""
         return {k: {"count": n, "examples": self.examples[k]} for k, n in sorted(self.counts.items())}
@@ -375,8 +380,7 @@ def _walk_local(root: str, notes: ListingNotes, root_uri: URI) -> Iterator[tuple
         except OSError as e:
             if not rel:  # the folder itself: list_objects says it does not exist, or cannot be read
                 raise
-            notes.add("unreadable", f"{rel}/ ({e.strerror or type(e).__name__})")
-            notes.unreadable_uris.append(f"{root_uri}/{escape_name(rel)}/")
+            notes.unreadable(f"{rel}/ ({e.strerror or type(e).__name__})", f"{root_uri}/{escape_name(rel)}/")
             return
         for _, e in entries:
             name = f"{rel}/{e.name}" if rel else e.name
@@ -387,15 +391,14 @@ def _walk_local(root: str, notes: ListingNotes, root_uri: URI) -> Iterator[tuple
                 if e.is_symlink():
                     notes.add("dangling", f"{name} -> {_readlink(e.path)}")
                 elif _is_dir(e):  # a mount that went away: its files may be back tomorrow, not deleted
-                    notes.add("unreadable", f"{name}/ (gone while listed)")
-                    notes.unreadable_uris.append(f"{root_uri}/{escape_name(name)}/")
+                    notes.unreadable(f"{name}/ (gone while listed)", f"{root_uri}/{escape_name(name)}/")
                 continue
             except OSError as err:  # ELOOP: a link to itself; EACCES: a folder that may be read but not entered
                 if err.errno == errno.ELOOP:
                     notes.add("loop", f"{name} -> {_readlink(e.path)}")
                 else:
-                    notes.add("unreadable", f"{name} ({err.strerror or type(err).__name__})")
-                    notes.unreadable_uris.append(f"{root_uri}/{escape_name(name)}")
+                    why = err.strerror or type(err).__name__
+                    notes.unreadable(f"{name} ({why})", f"{root_uri}/{escape_name(name)}")
                 continue
             identity = (st.st_dev, st.st_ino)
             is_dir = stat.S_ISDIR(st.st_mode)

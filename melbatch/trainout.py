@@ -65,6 +65,7 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
     calibration = None
     if not cfg.multi_label:
         val, calibration = calibrate(cfg, val, labels)
+    _write_val_predictions(cfg, val)
     metrics = {
         "val_accuracy": best["val_accuracy"], "macro_f1": best["macro_f1"], "best_epoch": best["epoch"],
         "val_file_accuracy": file_accuracy(val, labels, multi.get("thresholds")),
@@ -109,13 +110,14 @@ class _Scorer:
 
 
 def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str], here: bool) -> pa.Table:
-    """Every validation clip scored by the saved package (the best epoch) → ``OUT/val_predictions.parquet``:
-    by a Ray Data actor, or ``here`` (a small split, see :func:`melbatch.train.hold_plan`) in this process."""
+    """Every validation clip scored by the saved package (the best epoch), sorted by file and clip (what
+    ``OUT/val_predictions.parquet`` holds): by a Ray Data actor, or ``here`` (a small split, see
+    :func:`melbatch.train.hold_plan`) in this process."""
     columns = ("uri", "clip_index", "start_s", "end_s", "label", "mel")
     rows = Split(tuple(uris), columns, frozenset(val_files), keep=True)
     if here:
         scorer = _Scorer(storage.join(cfg.out, PACKAGE_DIR), use_gpu=False, batch_size=cfg.batch_size)
-        return _write_val_predictions(cfg, scorer(rows.table()))
+        return _in_order(scorer(rows.table()))
     with warnings.catch_warnings():  # Ray 2.60 names no parameter for max_restarts yet and warns on the console
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = rows.dataset().map_batches(
@@ -124,26 +126,28 @@ def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str], her
             batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
             num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker),
             max_restarts=0)  # a short pass (re-run to resume); restartable actors also make Ray warn on the console
-    return _write_val_predictions(cfg, collect(ds))
+    return _in_order(collect(ds))
 
 
-def _write_val_predictions(cfg: TrainConfig, scored: pa.Table) -> pa.Table:
-    table = scored.sort_by([("uri", "ascending"), ("clip_index", "ascending")])
+def _in_order(scored: pa.Table) -> pa.Table:
+    return scored.sort_by([("uri", "ascending"), ("clip_index", "ascending")])
+
+
+def _write_val_predictions(cfg: TrainConfig, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(storage.join(cfg.out, VAL_PREDICTIONS), buf.getvalue())
-    return table
 
 
 RELIABILITY_BINS = 10
 
 
 def calibrate(cfg: TrainConfig, val: pa.Table, labels: list[str]) -> tuple[pa.Table, dict[str, Any]]:
-    """Fit the package's temperature on the validation clips (:func:`~melbatch.model.fit_temperature`),
-    store it in ``model.json`` and rewrite ``val_predictions.parquet`` with the calibrated probabilities.
-    Returns them and the calibration: the temperature, the expected calibration error before and after,
-    the reliability table per file (confidence bins: files, mean confidence, accuracy) and, for
-    ``classify --unknown-below``, the probability that keeps 90, 95 and 99 % of the validation files."""
+    """Fit the package's temperature on the validation clips (:func:`~melbatch.model.fit_temperature`)
+    and store it in ``model.json``. Returns the clips with the calibrated probabilities, and the
+    calibration: the temperature, the expected calibration error before and after, the reliability
+    table per file (confidence bins: files, mean confidence, accuracy) and, for ``classify
+    --unknown-below``, the probability that keeps 90, 95 and 99 % of the validation files."""
     index = {lab: i for i, lab in enumerate(labels)}
     truth = np.array([index[v] for v in val.column("label").to_pylist()])
     raw = np.asarray(val.column("probabilities").to_pylist(), np.float32).reshape(len(truth), len(labels))
@@ -155,7 +159,6 @@ def calibrate(cfg: TrainConfig, val: pa.Table, labels: list[str]) -> tuple[pa.Ta
         .append_column("probability", pa.array(probs.max(axis=1) if len(truth) else [], pa.float32())) \
         .append_column("label_probability", pa.array(mine, pa.float32())) \
         .append_column("probabilities", pa.array(list(probs), pa.list_(pa.float32(), len(labels))))
-    _write_val_predictions(cfg, val)
     uris = val.column("uri").to_pylist()
     sums = aggregate_files(uris, list(probs.astype(np.float64)))
     files = sorted(sums)
@@ -163,24 +166,27 @@ def calibrate(cfg: TrainConfig, val: pa.Table, labels: list[str]) -> tuple[pa.Ta
     file_truth = dict(zip(uris, truth.tolist(), strict=True))
     right = np.array([file_truth[u] == b for u, b in zip(files, best, strict=True)])
     confidence = scores.max(axis=1) if len(files) else np.zeros(0)
-    bins = np.minimum((confidence * RELIABILITY_BINS).astype(int), RELIABILITY_BINS - 1)
-    table = [{"from": b / RELIABILITY_BINS, "to": (b + 1) / RELIABILITY_BINS, "files": int((bins == b).sum()),
-              "confidence": float(confidence[bins == b].mean()), "accuracy": float(right[bins == b].mean())}
-             for b in range(RELIABILITY_BINS) if (bins == b).any()]
+    table = [{"from": b / RELIABILITY_BINS, "to": (b + 1) / RELIABILITY_BINS, "files": n, "confidence": c,
+              "accuracy": a} for b, n, c, a in _reliability(confidence, right)]
     return val, {"temperature": temperature, "clip_ece_before": _ece(raw, truth), "clip_ece_after": _ece(probs, truth),
                  "reliability": table,
                  "unknown_below_keeping": {f"{k}%": float(np.quantile(confidence, 1 - k / 100)) if len(files) else 0.0
                                            for k in (90, 95, 99)}}
 
 
+def _reliability(confidence: np.ndarray, right: np.ndarray) -> list[tuple[int, int, float, float]]:
+    """Per non-empty confidence bin of :data:`RELIABILITY_BINS`: (bin, count, mean confidence, accuracy)."""
+    bins = np.minimum((confidence * RELIABILITY_BINS).astype(int), RELIABILITY_BINS - 1)
+    return [(b, int((bins == b).sum()), float(confidence[bins == b].mean()), float(right[bins == b].mean()))
+            for b in range(RELIABILITY_BINS) if (bins == b).any()]
+
+
 def _ece(probs: np.ndarray, truth: np.ndarray) -> float:
     """Expected calibration error over :data:`RELIABILITY_BINS` confidence bins (clips)."""
     if not len(truth):
         return 0.0
-    conf, right = probs.max(axis=1), probs.argmax(axis=1) == truth
-    bins = np.minimum((conf * RELIABILITY_BINS).astype(int), RELIABILITY_BINS - 1)
-    return float(sum(abs(conf[bins == b].mean() - right[bins == b].mean()) * (bins == b).mean()
-                     for b in range(RELIABILITY_BINS) if (bins == b).any()))
+    rows = _reliability(probs.max(axis=1), probs.argmax(axis=1) == truth)
+    return float(sum(abs(c - a) * n / len(truth) for _, n, c, a in rows))
 
 
 def file_accuracy(val: pa.Table, labels: list[str], thresholds: dict[str, float] | None = None) -> float:
