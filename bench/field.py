@@ -120,8 +120,9 @@ def score(package: str, feats: str, sets: dict[str, list[tuple[str, str]]]) -> t
     """Per-file accuracy of the package on each set of (URI, label) (the one prediction path: model.predict
     + verdicts; a file that made no clip counts as wrong), and each file's best probability."""
     pkg = model.load_package(package)
-    table = shards.read_tables(feats, "shards", ["uri", "mel"])
-    probs, _ = model.predict(pkg, shards.mel_array(table), batch_size=128)
+    table = shards.read_tables(feats, "shards", ["uri", "start_s", "end_s", "mel"])
+    probs, _ = model.predict(pkg, shards.mel_array(table), batch_size=128, padded_clips=model.padded(
+        table.column("start_s").to_numpy(), table.column("end_s").to_numpy(), pkg.features.clip_s))
     sums = model.aggregate_files(table.column("uri").to_pylist(), probs)
     accuracy, confidence = {}, {}
     for name, rows in sets.items():

@@ -54,6 +54,7 @@ from melbatch.model import (
     file_labels,
     load_package,
     package_root,
+    padded,
     predict,
     read_package_meta,
     verdicts,
@@ -507,7 +508,8 @@ class Predictor:
                                  self.batch_size)
         else:
             images = chunk_images(chunk, cfg)
-        probs, emb = predict(self.pkg, images, self.batch_size, self.embeddings)
+        probs, emb = predict(self.pkg, images, self.batch_size, self.embeddings, padded_clips=padded(
+            clips.column("start_s").to_numpy(), clips.column("end_s").to_numpy(), cfg.clip_s))
         sums = aggregate_files(clips.column("uri").to_pylist(), probs)
         predictions = self._clip_table(clips, probs, emb).to_struct_array().combine_chunks()
         return chunk.select([f.name for f in CHUNK_FIELDS]).append_column(

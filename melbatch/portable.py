@@ -30,7 +30,8 @@ TOLERANCE = 1e-3  # the largest difference of a probability from melbatch's own 
 
 class Portable(torch.nn.Module):
     """``audio (batch, clip_samples)`` float32 at the package's rate → ``(probabilities (batch, labels),
-    logmel (batch, n_mels, n_frames))``, as classify computes them."""
+    logmel (batch, n_mels, n_frames))``, as classify computes them for a full clip (a padded clip's extra
+    views, :data:`melbatch.model.VIEW_SHIFT_S`, are the caller's: the graph sees one window)."""
 
     def __init__(self, pkg: Package) -> None:
         super().__init__()

@@ -24,11 +24,13 @@ from melbatch import URI, multilabel, storage
 from melbatch.config import FeatureConfig, TrainConfig
 from melbatch.model import (
     PACKAGE_DIR,
+    PADDED_VIEWS,
     Package,
     aggregate_files,
     create_model,
     fit_temperature,
     load_package,
+    padded,
     predict,
     save_package,
     tempered,
@@ -56,7 +58,8 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
     meta = {"model_name": cfg.model, "labels": labels, "feature_config": features.to_dict(),
             "initial_weights": source.to_dict(),
             "config_hash": features.hash(), "normalization": norm, "train_config": asdict(cfg),
-            "best_epoch": best["epoch"], "shards": storage.canonical(cfg.shards), "extra_labels": review}
+            "best_epoch": best["epoch"], "shards": storage.canonical(cfg.shards), "extra_labels": review,
+            "padded_views": PADDED_VIEWS}
     multi = {}
     if cfg.multi_label:  # the thresholds chosen on the validation split at the best epoch go with the model
         multi = {"multi_label": True, "thresholds": json.loads(best["thresholds"])}
@@ -95,7 +98,8 @@ class _Scorer:
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        probs, _ = predict(self.pkg, mel_array(batch), self.batch_size)
+        probs, _ = predict(self.pkg, mel_array(batch), self.batch_size, padded_clips=padded(
+            batch.column("start_s").to_numpy(), batch.column("end_s").to_numpy(), self.pkg.features.clip_s))
         labels = self.pkg.labels
         index = {lab: i for i, lab in enumerate(labels)}
         # the probability of the (best-scored) true label; multi-label clips with none of the labels: NaN

@@ -146,3 +146,33 @@ def test_temperature_scaling_finds_the_temperature_the_labels_were_drawn_at():
     scores = np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8]])
     assert mb_model.file_labels(["a", "b"], scores, scores.argmax(1), 0.6) == ["a", "unknown", "b"]
     assert mb_model.file_labels(["a", "b"], scores, scores.argmax(1)) == ["a", "a", "b"]
+
+
+def test_a_padded_clip_is_scored_on_three_views_and_a_full_one_on_its_own(tmp_path):
+    """A clip whose recording ends inside its window is also scored 50 ms earlier and later, its
+    probabilities the mean of the three; a full clip, and any clip of a package made before, on itself."""
+    import numpy as np
+
+    fc = FeatureConfig(clip_s=1.0, clip_hop_s=1.0, n_mels=32)
+    assert mb_model.padded([0.0, 0.0, 3.0], [0.4, 1.0, 3.999], 1.0).tolist() == [True, False, True]
+    net = mb_model.create_model("test_resnet", 3, fc.shape, pretrained=False)
+    meta = {"model_name": "test_resnet", "labels": ["a", "b", "c"], "feature_config": fc.to_dict(),
+            "config_hash": fc.hash(), "normalization": {"kind": "clip"}}
+    mb_model.save_package(str(tmp_path / "old"), net, meta)
+    mb_model.save_package(str(tmp_path / "new"), net, {**meta, "padded_views": mb_model.PADDED_VIEWS})
+    old, new = mb_model.load_package(str(tmp_path / "old")), mb_model.load_package(str(tmp_path / "new"))
+    rng = np.random.default_rng(0)
+    images = rng.normal(-60, 10, (4, *fc.shape)).clip(-90, None).astype(np.float32)
+    images[:, :, 40:] = -100.0  # a word of 0.4 s, then the padding's floor
+    pad = np.array([True, False, True, False])
+    one, _ = mb_model.predict(new, images)
+    three, _ = mb_model.predict(new, images, batch_size=3, padded_clips=pad)
+    assert np.allclose(three[~pad], one[~pad], atol=1e-6)
+    assert not np.allclose(three[pad], one[pad], atol=1e-4)
+    shift = round(mb_model.VIEW_SHIFT_S * fc.sample_rate_hz / fc.hop_length)
+    assert shift == 5
+    views = [images, np.concatenate([np.full((4, fc.n_mels, shift), -100.0, np.float32), images[:, :, :-shift]], 2),
+             np.concatenate([images[:, :, shift:], np.full((4, fc.n_mels, shift), -100.0, np.float32)], 2)]
+    mean = np.mean([mb_model.predict(new, v)[0] for v in views], axis=0)
+    assert np.allclose(three[pad], mean[pad], atol=1e-5)
+    assert np.allclose(mb_model.predict(old, images, padded_clips=pad)[0], one, atol=1e-6)

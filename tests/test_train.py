@@ -263,7 +263,9 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
     assert sum(r["files"] for r in c["reliability"]) == m["split"]["val_files"]
     assert list(c["unknown_below_keeping"]) == ["90%", "95%", "99%"]
     images = {(c["uri"], c["clip_index"]): c["mel"] for c in shards.iter_clips(cfg.shards) if c["uri"] in val_files}
-    probs, _ = model.predict(pkg, np.stack([images[(r["uri"], r["clip_index"])] for r in rows]))
+    padded = model.padded([r["start_s"] for r in rows], [r["end_s"] for r in rows], pkg.features.clip_s)
+    assert pkg.meta["padded_views"] == model.PADDED_VIEWS  # a padded clip is scored on three views
+    probs, _ = model.predict(pkg, np.stack([images[(r["uri"], r["clip_index"])] for r in rows]), padded_clips=padded)
     assert np.allclose(probs.max(axis=1), [r["probability"] for r in rows], atol=2e-3)
 
 
