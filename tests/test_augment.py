@@ -180,3 +180,13 @@ def test_image_speed_moves_pitch_and_time_and_reverb_adds_a_tail_keeping_power()
     assert torch.allclose(wet.mean(dim=(1, 2, 3)), power.mean(dim=(1, 2, 3)), rtol=0.05)  # power kept
     after = slice(55, 65)  # 50-150 ms after the burst ends: only the room is heard
     assert bool((wet[..., after].mean(dim=(1, 2, 3)) > 100 * power[..., after].mean(dim=(1, 2, 3))).all())
+
+
+def test_image_level_goes_from_thirty_db_down_to_gain_db_up():
+    """A recorder's level varies far more than a gain stage: -30 dB .. +gain_db on the whole image (the
+    microphone EQ around it averages out over the bands)."""
+    x = _tones([300, 1000, 3000] * 43)[:128]
+    images, out = _shift_images(x, seed=5, gain_db=6.0)
+    level = (out - images)[:, 0].mean(dim=(1, 2)).numpy()
+    assert level.min() < -20 and level.max() > 0, level  # drawn across the whole range
+    assert level.min() >= augment.LEVEL_DB_MIN - 2 and level.max() <= 6.0 + 2, (level.min(), level.max())
