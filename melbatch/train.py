@@ -157,7 +157,9 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         repeats = {lab: most / max(1, rows_per_label[lab]) for lab in labels}
         train_rows = most * len([lab for lab in labels if rows_per_label[lab]])
     budget = Budget.plan(train_rows, cfg)
-    print(f"budget: {budget.describe(cfg.epochs)}", flush=True)
+    floor = f"at least {cfg.step_floor} steps{' while augmenting' if cfg.min_steps is None and cfg.augments else ''}"
+    print(f"budget: {budget.describe(cfg.epochs)}" + (f" ({floor}: --min-steps)" if budget.passes > 1 else ""),
+          flush=True)
     for line in small_data_warnings(budget, cfg, labels_of, val_files):
         print(f"warning: {line}", flush=True)
     if budget.passes > 1:  # one streaming pass over rows repeated, not several passes (each costs a start-up)
@@ -272,7 +274,7 @@ def small_data_warnings(budget: Budget, cfg: TrainConfig, labels_of: dict[str, s
     out = []
     if cfg.epochs * budget.steps < FEW_STEPS:
         out.append(f"the run makes only {cfg.epochs * budget.steps} optimiser steps: too few to fine-tune; "
-                   f"raise --epochs or --min-steps (now {cfg.min_steps})")
+                   f"raise --epochs or --min-steps (now {cfg.step_floor})")
     per_label = Counter(labels_of[u] for u in val_files)
     if len(val_files) < 10 or min(per_label.get(lab, 0) for lab in set(labels_of.values())) < 2:
         out.append(f"validation holds {len(val_files)} file(s) ({min(per_label.values(), default=0)} for the rarest "

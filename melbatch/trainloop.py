@@ -63,8 +63,8 @@ class Budget:
         batch = min(cfg.batch_size, max(cfg.min_batch_size, train_rows // (world * 8)))
         per_pass = max(1, math.ceil(train_rows / (batch * world)))
         passes = 1
-        if cfg.epochs * per_pass < cfg.min_steps:  # the fewest repeats that make min_steps steps in all
-            need = math.ceil(cfg.min_steps / cfg.epochs)  # steps per epoch
+        if cfg.epochs * per_pass < cfg.step_floor:  # the fewest repeats that make min_steps steps in all
+            need = math.ceil(cfg.step_floor / cfg.epochs)  # steps per epoch
             passes = (need - 1) * batch * world // max(1, train_rows) + 1
         return Budget(train_rows, world, batch, per_pass, passes)
 

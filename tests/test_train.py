@@ -70,9 +70,13 @@ def test_shifts_and_masks_are_sized_to_the_sound_not_the_clip():
 
 
 def test_budget_gives_small_data_enough_steps_and_leaves_large_data_alone():
-    small = train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8))
+    small = train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8, field_augment=False))
     assert small.batch_size == 8 and small.steps_per_pass == 5  # a batch of 32 would be one step per epoch
-    assert 8 * small.steps >= 100 and small.passes == 3  # min_steps=100: each epoch passes over the data 3x
+    assert 8 * small.steps >= 100 and small.passes == 3  # 100 steps without augmentation: each epoch passes 3x
+    augmented = train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8))  # the default: it augments
+    assert 8 * augmented.steps >= 300 and augmented.passes == 9  # augmented clips need more steps to fit
+    assert 8 * train.Budget(35, 1, 8, 5, 8).steps < 300  # and no more passes than that takes
+    assert train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8, min_steps=100)).passes == 3  # as given
     large = train.Budget.plan(20_000, TrainConfig(shards="s", out="o", epochs=3, workers=2))
     assert (large.batch_size, large.passes, large.steps_per_pass) == (32, 1, 313)
     off = train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=2, min_steps=0))
@@ -95,8 +99,8 @@ def test_the_budget_counts_the_steps_an_epoch_makes(rows, workers, epochs):
         mine = trainloop.HeldShard("train", hold=False)
         mine.table = trainset.share(repeated, rank, workers, seed=0, equal=True)
         assert len(list(mine.batches(budget.batch_size, seed=1))) == budget.steps
-    assert epochs * budget.steps >= cfg.min_steps or budget.passes == 1
-    assert budget.passes == 1 or epochs * replace(budget, passes=budget.passes - 1).steps < cfg.min_steps  # fewest
+    assert epochs * budget.steps >= cfg.step_floor or budget.passes == 1
+    assert budget.passes == 1 or epochs * replace(budget, passes=budget.passes - 1).steps < cfg.step_floor  # fewest
 
 
 def test_workers_hold_a_share_that_fits_and_read_a_bigger_one_every_epoch():
