@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import FAST, new_bucket
+from conftest import FAST, MILD_FIELD, new_bucket
 
 from melbatch import augment, featurize, model, samples, shards, storage, train, trainloop, trainset
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig, TrainConfig
@@ -214,7 +214,7 @@ def engine_shards(request):
 def _cfg(bucket: str, out: str, **kw) -> TrainConfig:
     base = dict(shards=f"{bucket}/features", out=f"{bucket}/{out}", model="test_resnet", pretrained=False,
                 epochs=6, batch_size=8, workers=2, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0, max_failures=0,
-                min_steps=0)
+                min_steps=0, **MILD_FIELD)
     return TrainConfig(**{**base, **kw})
 
 
