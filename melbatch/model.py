@@ -221,12 +221,17 @@ def predict(pkg: Package, images: np.ndarray | torch.Tensor, batch_size: int = 6
             pick = None if shift < 1 else \
                 torch.from_numpy(np.asarray(padded_clips[s: s + batch_size], bool)).to(device)
             if pick is not None and bool(pick.any()):
-                chosen = x[pick]
+                # the views' probabilities at T = 1 averaged, then tempered: what train's calibration fitted
+                plain = {**pkg.meta, "temperature": 1.0}
+                chosen, mean = x[pick], probabilities(logits[pick].float(), plain)
                 for frames in (shift, -shift):
                     with autocast:
                         moved, _ = forward(pkg.model, normalize(_moved(chosen, frames), pkg.meta["normalization"]))
-                    p[pick] += probabilities(moved.float(), pkg.meta)
-                p[pick] /= 3
+                    mean += probabilities(moved.float(), plain)
+                mean /= 3
+                t = float(pkg.meta.get("temperature", 1.0))
+                p[pick] = mean if pkg.meta.get("multi_label") or t == 1.0 else \
+                    torch.softmax(torch.log(mean.clamp(1e-12, 1.0)) / t, dim=1)
             probs.append(p.cpu().numpy())
             if emb is not None:
                 embs.append(emb.float().cpu().numpy())
