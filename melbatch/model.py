@@ -230,8 +230,7 @@ def predict(pkg: Package, images: np.ndarray | torch.Tensor, batch_size: int = 6
                     mean += probabilities(moved.float(), plain)
                 mean /= 3
                 t = float(pkg.meta.get("temperature", 1.0))
-                p[pick] = mean if pkg.meta.get("multi_label") or t == 1.0 else \
-                    torch.softmax(torch.log(mean.clamp(1e-12, 1.0)) / t, dim=1)
+                p[pick] = mean if pkg.meta.get("multi_label") else tempered(mean, t)
             probs.append(p.cpu().numpy())
             if emb is not None:
                 embs.append(emb.float().cpu().numpy())
@@ -278,8 +277,10 @@ def fit_temperature(probs: np.ndarray, truth: np.ndarray) -> float:
     logp = np.log(np.clip(probs, 1e-12, 1.0))
     floor = 1.0 if len(truth) and bool((probs.argmax(1) == truth).all()) else 0.0
     best_t, best_nll = 1.0, np.inf
-    for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 121)):
-        if t < floor - 1e-9:  # the grid holds 1 itself (up to rounding)
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
+    grid[np.argmin(np.abs(grid - 1.0))] = 1.0  # exactly 1 (exp(log 1) rounds): T = 1 leaves the model as it is
+    for t in grid:
+        if t < floor:
             continue
         z = logp / t
         z = z - z.max(1, keepdims=True)
@@ -289,11 +290,15 @@ def fit_temperature(probs: np.ndarray, truth: np.ndarray) -> float:
     return best_t
 
 
-def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Probabilities at T = 1 as the model gives them at ``temperature`` (softmax(log p / T))."""
-    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
-    z = np.exp(z - z.max(1, keepdims=True))
-    return (z / z.sum(1, keepdims=True)).astype(np.float32)
+def tempered(probs: np.ndarray | torch.Tensor, temperature: float) -> Any:
+    """Probabilities at T = 1 as the model gives them at ``temperature`` (softmax(log p / T)); a
+    tensor stays a tensor on its device, an array comes back float32. T = 1 returns them as they are
+    (no log/exp round trip: calibration's "before" and "after" then agree to the bit)."""
+    if isinstance(probs, np.ndarray):
+        return np.asarray(tempered(torch.from_numpy(np.asarray(probs, np.float32)), temperature), np.float32)
+    if temperature == 1.0:
+        return probs
+    return torch.softmax(torch.log(probs.clamp(1e-12, 1.0)) / temperature, dim=1)
 
 
 def weights_id(state: dict[str, torch.Tensor]) -> str:

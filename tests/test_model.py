@@ -142,7 +142,10 @@ def test_temperature_scaling_finds_the_temperature_the_labels_were_drawn_at():
         assert abs(np.log(t / t_true)) < 0.15, (t, t_true)
         assert np.allclose(mb_model.tempered(raw, t_true), p, atol=1e-5)
     right = np.eye(5)[[0, 1, 2]] * 0.9 + 0.02  # every clip right: the likelihood alone would sharpen without end
-    assert mb_model.fit_temperature(right, np.array([0, 1, 2])) >= 1.0
+    assert mb_model.fit_temperature(right, np.array([0, 1, 2])) == 1.0  # exactly: the probabilities stay as they are
+    raw32 = raw.astype(np.float32)  # T = 1 changes no bit (calibration's ECE before and after then agree)
+    assert np.array_equal(mb_model.tempered(raw32, 1.0), raw32)
+    assert torch.equal(mb_model.tempered(torch.from_numpy(raw32), 2.0), torch.from_numpy(mb_model.tempered(raw32, 2.0)))
     scores = np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8]])
     assert mb_model.file_labels(["a", "b"], scores, scores.argmax(1), 0.6) == ["a", "unknown", "b"]
     assert mb_model.file_labels(["a", "b"], scores, scores.argmax(1)) == ["a", "a", "b"]
