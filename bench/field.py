@@ -154,6 +154,15 @@ def train_package(feats: str, split: list[tuple[str, str]], out: Path, recipe: d
 
 # ------------------------------------------------------------------------------------------ the bench
 
+def _value(text: str) -> object:
+    """A --set value: JSON where it parses (numbers, true/false, lists), else the text itself
+    (train.model=tf_efficientnet_lite1)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA, help="folder holding fsdd/ and xc_birds10/ (../shared/data)")
@@ -191,8 +200,7 @@ def main() -> None:
 
     recipes = {name: RECIPES[name] for name in (args.recipe or ([] if args.set else RECIPES))}
     if args.set:
-        recipes["custom"] = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v
-                             for k, v in (s.split("=", 1) for s in args.set)}
+        recipes["custom"] = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
     epochs = args.epochs or (4 if args.quick else TrainConfig.__dataclass_fields__["epochs"].default)
     results: dict[str, dict[str, float]] = {}
     for name, recipe in recipes.items():
