@@ -129,6 +129,10 @@ def test_a_loss_stuck_near_a_uniform_guess_is_reported():
     assert "not fitting" in trainloop.not_fitting(flat, 12)
     assert trainloop.not_fitting([{"train_loss": 2.4}, {"train_loss": 0.9}], 12) is None
     assert trainloop.not_fitting(flat[:1], 12) is None  # judged once, after the second epoch
+    shifted = [{"train_loss": 0.7, "val_loss": 0.1}, {"train_loss": 0.64, "val_loss": 0.0}]
+    assert trainloop.not_fitting(shifted, 2) is None  # hard training images, held-out files told apart
+    stuck = [{"train_loss": 6.0, "val_loss": 21.8}, {"train_loss": 3.7, "val_loss": 4.3}]
+    assert "not fitting" in trainloop.not_fitting(stuck, 2)
 
 
 def test_clips_fit_short_recordings_and_padding_is_called_out():
