@@ -503,6 +503,9 @@ class TrainConfig:
         "rate, noise and other voices, microphone EQ and gain) are made on the training images themselves, so that "
         "a model holds up with other speakers, rooms, lines and microphones (make bench-field); that works on "
         "images-only shards, and --wave-augment makes the same shifts on waveforms instead")
+    clean_epochs: int = flag(0,
+        "epochs at the start that train on the images as they are; the field shifts (or --wave-augment) begin "
+        "after them (0: shifted from the first step)")
     gain_db: float = flag(6.0,
         "random gain within +-this many dB (0 = off); on images, a microphone EQ within +-this and a recording "
         "level from -30 dB to +this")
@@ -559,6 +562,8 @@ class TrainConfig:
         _require(self.mixup_alpha >= 0, "mixup_alpha must be >= 0 (0 = off)")
         for name in ("noise_prob", "telephone_prob", "speed_prob", "reverb_prob"):
             _require(0 <= getattr(self, name) <= 1, f"{name}={getattr(self, name)}: a probability, in [0, 1]")
+        _require(0 <= self.clean_epochs < self.epochs,
+                 f"clean_epochs={self.clean_epochs}: use fewer than epochs={self.epochs} (0 = shifted from the start)")
         _require(self.gain_db >= 0, "gain_db must be >= 0 (0 = off)")
         _require(self.noise_dir is None or self.wave_augment,
                  "noise_dir is mixed in by waveform augmentation, which is off: add --wave-augment")

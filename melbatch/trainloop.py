@@ -282,18 +282,20 @@ def _setup(config: dict[str, Any]) -> _Worker:
 
 def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
     """One epoch of optimiser steps over this worker's shard (augmented, class-weighted, soft targets);
-    the backbone stays frozen in the first ``freeze_epochs``. Returns (loss sum, clips seen, seconds,
-    clips seen per label)."""
+    the backbone stays frozen in the first ``freeze_epochs``, the field shifts wait ``clean_epochs``.
+    Returns (loss sum, clips seen, seconds, clips seen per label)."""
     cfg, t0, seen, loss_sum, step = w.cfg, time.perf_counter(), 0, 0.0, 0
     per_label = torch.zeros(len(w.labels), dtype=torch.float64)
     tick, shift = Throttle(0.5), round(cfg.time_shift_frac * w.shape[1])
     frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
+    clean = epoch < cfg.clean_epochs  # the images as they are first; the shifts begin after
     w.model.train()
     seed = cfg.seed + epoch * 7919 + w.rank  # this epoch's order, held or read
     for batch in w.train_shard.batches(w.budget.batch_size, seed=seed,
                                        local_shuffle_buffer_size=max(256, 8 * w.budget.batch_size),
                                        local_shuffle_seed=seed, drop_last=False):
-        x, y = _inputs(batch, w.label_index, w.norm, w.device, w.wave, cfg.multi_label, w.images)
+        x, y = _inputs(batch, w.label_index, w.norm, w.device, None if clean else w.wave, cfg.multi_label,
+                       None if clean else w.images)
         if len(y) < 2:
             continue
         sound = sound_frames(batch, w.features)

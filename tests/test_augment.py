@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from melbatch import augment
-from melbatch.config import FeatureConfig, TrainConfig
+from melbatch.config import ConfigError, FeatureConfig, TrainConfig
 from melbatch.features import compute_logmel, logmel_tensor
 
 SR = 16000
@@ -43,6 +43,12 @@ def test_defaults_come_from_the_train_config():
     x = _tones([440] * 16)
     y = augment.augment_waveforms(x, aug, gen=torch.Generator().manual_seed(0))
     assert y.shape == x.shape and y.abs().max() <= 1.0 and not torch.equal(x, y)
+
+
+def test_a_clean_start_is_shorter_than_the_run():
+    assert TrainConfig(shards="s", out="o", epochs=4, clean_epochs=3).clean_epochs == 3
+    with pytest.raises(ConfigError, match=r"clean_epochs=4: use fewer than epochs=4"):
+        TrainConfig(shards="s", out="o", epochs=4, clean_epochs=4)
 
 
 def test_gain_stays_in_range_and_clips_at_full_scale():
