@@ -1,7 +1,7 @@
 """Models in the field: accuracy away from the training room, recipe by recipe, in one table.
 
     python bench/field.py                    # hours on 2 CPUs: the recipes below, FSDD digits and xc_birds10
-                                             # (one digits training of the defaults ~9 min, one of birds ~30)
+                                             # (one digits training of the defaults ~13 min, one of birds ~1 h)
     python bench/field.py --quick            # a few minutes: fewer files and epochs (what the suite runs)
     python bench/field.py --recipe defaults --recipe 'stop 30'   # some recipes only
 

@@ -74,8 +74,8 @@ def test_budget_gives_small_data_enough_steps_and_leaves_large_data_alone():
     assert small.batch_size == 8 and small.steps_per_pass == 5  # a batch of 32 would be one step per epoch
     assert 8 * small.steps >= 100 and small.passes == 3  # 100 steps without augmentation: each epoch passes 3x
     augmented = train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8))  # the default: it augments
-    assert 8 * augmented.steps >= 300 and augmented.passes == 9  # augmented clips need more steps to fit
-    assert 8 * train.Budget(35, 1, 8, 5, 8).steps < 300  # and no more passes than that takes
+    assert 8 * augmented.steps >= 600 and augmented.passes == 17  # augmented clips need more steps to fit
+    assert 8 * train.Budget(35, 1, 8, 5, 16).steps < 600  # and no more passes than that takes
     assert train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8, min_steps=100)).passes == 3  # as given
     large = train.Budget.plan(20_000, TrainConfig(shards="s", out="o", epochs=3, workers=2))
     assert (large.batch_size, large.passes, large.steps_per_pass) == (32, 1, 313)
