@@ -426,11 +426,12 @@ def not_fitting(history: list[dict[str, Any]], classes: int) -> str | None:
     while the model already tells the held-out files apart (the demo's engines: 0.64 of 0.69 at a
     validation loss of 0.000)."""
     uniform = math.log(max(2, classes))
-    last = history[-1] if history else {}
-    if len(history) != STUCK_EPOCHS or last["train_loss"] < STUCK_FRACTION * uniform or \
-            last.get("val_loss", math.inf) < STUCK_FRACTION * uniform:
+    if len(history) != STUCK_EPOCHS:
         return None
-    return (f"the training loss is {history[-1]['train_loss']:.2f} after {len(history)} epochs, near a uniform "
+    last = history[-1]
+    if last["train_loss"] < STUCK_FRACTION * uniform or last.get("val_loss", math.inf) < STUCK_FRACTION * uniform:
+        return None
+    return (f"the training loss is {last['train_loss']:.2f} after {len(history)} epochs, near a uniform "
             f"guess over {classes} labels ({uniform:.2f}): the model is not fitting the data. Try less augmentation "
             "(--mixup-alpha 0, --no-field-augment, no --wave-augment, fewer --time-masks/--freq-masks), more "
             "--min-steps, or check the labels.")
