@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,13 +95,17 @@ def _stream(files: list[Source], readers: int) -> Iterator[pa.Table]:
     """The clip files' rows, one file at a time, ``readers`` read ahead (bounded: never all at once)."""
     with ThreadPoolExecutor(readers) as pool:
         pending = [pool.submit(_read, s) for s in files[:readers]]
-        for nxt in files[readers:] + [None] * readers:
-            table = pending.pop(0).result()
-            if nxt is not None:
-                pending.append(pool.submit(_read, nxt))
-            yield table
-            if not pending:
-                return
+        try:
+            for nxt in files[readers:] + [None] * readers:
+                table = pending.pop(0).result()
+                if nxt is not None:
+                    pending.append(pool.submit(_read, nxt))
+                yield table
+                if not pending:
+                    return
+        finally:  # a reader that stops early (closing the stream) waits for no read it did not take
+            for f in pending:
+                f.cancel()
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -113,10 +118,13 @@ def query_vector(query: str, files: list[Source], model: URI, features: FeatureC
     ref = CLIP_REF.match(query)
     if ref:
         uri, index = storage.canonical(ref["uri"]), int(ref["index"])
-        for t in _stream(files, 4):
-            hit = t.filter(pc.and_(pc.equal(t.column("uri"), uri), pc.equal(t.column("clip_index"), index)))
-            if hit.num_rows:
-                return _unit(embedding_matrix(hit)[0]), f"clip {index} of {uri} (stored)"
+        # closed here, not at exit: a stream left open kept its reader threads until the interpreter's
+        # teardown, which aborted the process after its output (SIGABRT, "terminate called", CI of stop 36)
+        with closing(_stream(files, 4)) as tables:
+            for t in tables:
+                hit = t.filter(pc.and_(pc.equal(t.column("uri"), uri), pc.equal(t.column("clip_index"), index)))
+                if hit.num_rows:
+                    return _unit(embedding_matrix(hit)[0]), f"clip {index} of {uri} (stored)"
         if not storage.exists(query):
             raise ConfigError(f"{uri} has no clip {index} in this output (and {query} is no object to read)")
     pkg = load_package(model)
