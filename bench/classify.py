@@ -41,9 +41,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from melbatch import audio, classify, features, model, samples, storage
+from melbatch import storage
+from melbatch.audio import decode as audio
+from melbatch.audio import logmel as features
 from melbatch.config import ClassifyConfig, FeatureConfig
+from melbatch.model import package as model
 from melbatch.shards import read_tables, to_pcm16
+from melbatch.stages import classify
+from melbatch.testing import archives as samples
 
 
 def make_archive(root: Path, n: int, seconds: float, sr: int, unique: int = 0) -> float:

@@ -43,8 +43,11 @@ import torch
 import torchaudio
 from threadpoolctl import threadpool_limits
 
-from melbatch import audio, features, featurize, storage
+from melbatch import storage
+from melbatch.audio import decode as audio
+from melbatch.audio import logmel as features
 from melbatch.config import FeatureConfig, FeaturizeConfig
+from melbatch.stages import featurize
 
 
 def make_files(root: Path, n: int, seconds: float, sr: int) -> list[Path]:
@@ -104,7 +107,7 @@ def bench_fixed_cost(root: Path, cfg: FeatureConfig, repeat: int) -> None:
     cli = [str(Path(sys.executable).with_name("melbatch")), "featurize", str(one), str(root / "one-out"),
            "--overwrite"]
     local, on_ray = wall_s(cli, repeat), wall_s([*cli, "--runner", "ray"], repeat)
-    imports = wall_s([sys.executable, "-c", "import melbatch.cli, melbatch.featurize"], repeat)
+    imports = wall_s([sys.executable, "-c", "import melbatch.cli, melbatch.stages.featurize"], repeat)
     torch_s = wall_s([sys.executable, "-c", "import torch"], repeat)
     print(f"\nfixed cost of a run (melbatch featurize on 1 file of 5 s, a fresh process, best of {repeat}):")
     print(f"  small work in the process (the default)  {local:5.1f} s   (target <= 3)")

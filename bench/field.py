@@ -38,8 +38,13 @@ import plain
 import torch
 from transfer import write_csv
 
-from melbatch import featurize, model, samples, shards, train, weights
+from melbatch import shards
 from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig, build
+from melbatch.model import package as model
+from melbatch.model import weights
+from melbatch.stages import featurize
+from melbatch.testing import archives as samples
+from melbatch.train import driver as train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")

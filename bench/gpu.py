@@ -30,8 +30,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from melbatch import audio, features, model, samples
+from melbatch.audio import decode as audio
+from melbatch.audio import logmel as features
 from melbatch.config import FeatureConfig
+from melbatch.model import package as model
+from melbatch.testing import archives as samples
 
 
 def rate(step: Callable[[], object], items: int, device: torch.device, seconds: float) -> float:

@@ -27,9 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from melbatch import classify, featurize, review, samples, storage, train
+from melbatch import storage
 from melbatch.config import ClassifyConfig, FeaturizeConfig, ReviewConfig, TrainConfig
+from melbatch.look import review
 from melbatch.shards import read_tables
+from melbatch.stages import classify, featurize
+from melbatch.testing import archives as samples
+from melbatch.train import driver as train
 
 
 def engine_archives(root: Path, rare: int, common: int, pool: int, test: int) -> None:

@@ -83,8 +83,9 @@ def write_attempt(root: Path, listing: pa.Table, per_file: int = 32) -> list[str
 
 def one(root: Path, n: int, new: int, work: Path) -> None:
     """One size, in this (fresh) process: prints one line of numbers."""
-    from melbatch import scan, storage
+    from melbatch import storage
     from melbatch.ledger import LEDGER_SCHEMA, write_ledger
+    from melbatch.stages import scan
 
     base = peak_mb()
     t0 = time.perf_counter()
@@ -153,7 +154,8 @@ def one_results(out: str, n: int, mode: str, files: int) -> None:
     its time and its peak memory above the imports."""
     import json
 
-    from melbatch import cli, ledger
+    from melbatch import ledger
+    from melbatch.cli import commands as cli
 
     dest = Path(tempfile.mkdtemp(prefix="melbatch-results-")) / "results.csv"
     base = peak_mb()

@@ -6,7 +6,7 @@
 
 py-spy is not one of melbatch's requirements: ``pip install py-spy`` where you profile.
 
-Each sample of the training thread (the stacks through ``melbatch/trainloop.py:train_loop``) is put in
+Each sample of the training thread (the stacks through ``melbatch/train/loop.py:train_loop``) is put in
 the category of its innermost frame that names one: forward, backward, optimizer step, waveform
 augmentation + log-mel, waiting for Ray Data's next batch, checkpoint and package writes, melbatch's
 own loop. Samples of other threads (Ray Data's prefetch, the worker's main loop) are counted apart.
@@ -18,12 +18,13 @@ import sys
 from collections import Counter
 
 CATS = [  # (category, substrings of a frame); the innermost frame that matches any decides
-    ("waveform augmentation + log-mel", ("melbatch/augment", "melbatch/features")),
+    ("waveform augmentation + log-mel", ("melbatch/train/augment", "melbatch/audio/logmel")),
     ("optimizer step", ("torch/optim",)),
     ("backward", ("torch/autograd", "Tensor.backward")),
     ("forward", ("torch/nn/modules", "timm/")),
     ("Ray Data ingest (next batch)", ("ray/data",)),
-    ("checkpoint / package write", ("melbatch/trainout", "save_checkpoint", "melbatch/shards", "torch/serialization")),
+    ("checkpoint / package write", ("melbatch/train/finish", "save_checkpoint", "melbatch/shards",
+                                    "torch/serialization")),
     ("validation", ("evaluate",)),
     ("Ray Train report", ("ray/train/v2/_internal/execution/train_fn_utils", "ray/train/report", "report (ray")),
     ("melbatch loop itself (conversions, metrics)", ("melbatch/",)),
@@ -32,7 +33,7 @@ train, other = Counter(), Counter()
 for line in open(sys.argv[1]):  # noqa: SIM115  (a script: the file lives as long as it runs)
     stack, _, n = line.rstrip().rpartition(" ")
     frames = stack.split(";")
-    if not any("train_loop (melbatch/trainloop.py" in f for f in frames):
+    if not any("train_loop (melbatch/train/loop.py" in f for f in frames):
         other[frames[-1].split(" (")[0] if frames else "?"] += int(n)
         continue
     for f in reversed(frames):

@@ -26,11 +26,15 @@ import time
 import numpy as np
 import torch
 
-from melbatch import augment, featurize, samples, shards, storage, train
+from melbatch import shards, storage
+from melbatch.audio.logmel import logmel_tensor
 from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig
-from melbatch.features import logmel_tensor
-from melbatch.model import create_model
+from melbatch.model.package import create_model
 from melbatch.shards import TRAIN_CONFIG
+from melbatch.stages import featurize
+from melbatch.testing import archives as samples
+from melbatch.train import augment
+from melbatch.train import driver as train
 
 
 def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:

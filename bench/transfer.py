@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import plain
 
-from melbatch import featurize, train, weights
 from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig, build
+from melbatch.model import weights
+from melbatch.stages import featurize
+from melbatch.train import driver as train
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
 FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")

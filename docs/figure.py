@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from melbatch import pictures
+from melbatch.look import pictures
 
 
 def main(features: str, out: str) -> None:

@@ -41,7 +41,7 @@ LOCAL_WORK_BYTES = 32 * 2**20
 
 
 def flag(default: Any, help: str) -> Any:
-    """A field the command line sets: ``melbatch.options`` makes its ``--flag`` (typed and defaulted from
+    """A field the command line sets: ``melbatch.cli.options`` makes its ``--flag`` (typed and defaulted from
     the field) with this help, so a field and its documentation live together. Fields without it
     (URIs given as arguments, nested configs) get no flag."""
     return field(default=default, metadata={"help": help})
@@ -61,7 +61,7 @@ class FeatureConfig:
     (25 ms Hann window) every 10 ms, 128 slaney mel bands, dB with an 80 dB floor, stored as float16.
 
     Feature-engineering steps, applied to each clip's mel power in this order (all off by default;
-    see :mod:`melbatch.features` for the maths):
+    see :mod:`melbatch.audio.logmel` for the maths):
 
     1. ``denoise``: spectral gating. The noise floor of each mel band is its mean power over the
        quietest ``denoise_quantile`` of the clip's frames, the threshold that floor raised by

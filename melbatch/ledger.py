@@ -1,7 +1,7 @@
 """The scan output format, and reading it: committed runs, their summaries, the ledger, the results.
 
 A scan OUT holds ``runs/<run_id>/summary.json`` (the commits), ``attempts/<run_id>-<key>/`` (the data
-of one attempt: a classify output and ``ledger.parquet``) and ``_lease/``; ``melbatch.scan`` writes
+of one attempt: a classify output and ``ledger.parquet``) and ``_lease/``; ``melbatch.stages.scan`` writes
 them (and says why they are exactly once). Readers start from the newest committed summary and
 follow only what it names. This module is what ``melbatch results`` and the scan report read with:
 storage and Parquet only, no Ray, no model.

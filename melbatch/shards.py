@@ -34,7 +34,7 @@ from melbatch.config import SCHEMA_VERSION, FeatureConfig
 MANIFEST = "_manifest.json"
 QUARANTINE = "quarantine.parquet"
 SHARD_DIR = "shards"
-# a train OUT: melbatch.train writes these next to the model package, the report reads them
+# a train OUT: melbatch.train.driver writes these next to the model package, the report reads them
 METRICS = "metrics.json"
 VAL_PREDICTIONS = "val_predictions.parquet"
 STATE = "state.pt"  # in each Ray Train checkpoint: model, optimizer, schedule, epoch, history
@@ -116,7 +116,7 @@ QUARANTINE_SCHEMA = pa.schema(
 
 PREDICTION_DIRS = ("clips", "files", "detections")
 DETECTION_DIR = "detections"
-DETECTION_SCHEMA = pa.schema([  # ``classify`` output, one row per detected event (melbatch.detections)
+DETECTION_SCHEMA = pa.schema([  # ``classify`` output, one row per detected event (melbatch.stages.detections)
     pa.field("uri", pa.string(), nullable=False),
     pa.field("etag", pa.string(), nullable=False),
     pa.field("label", pa.string(), nullable=False),

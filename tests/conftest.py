@@ -139,8 +139,10 @@ def engine_training(ray_session):
 
     Without waveform augmentation: on this little data it slows learning enough that 6 epochs sometimes
     end below 90% (measured: with it, 0.63-0.8 at epoch 4; without, 0.93-1.0)."""
-    from melbatch import featurize, samples, train
     from melbatch.config import FeaturizeConfig, TrainConfig
+    from melbatch.stages import featurize
+    from melbatch.testing import archives as samples
+    from melbatch.train import driver as train
 
     b = new_bucket()
     samples.make_archive(f"{b}/train-archive", "engine", files_per_class=24, seconds=5.0, seed=5)
@@ -177,7 +179,8 @@ def small_archive(ray_session):
     task: 6 batches), the oracle that runs under faults are compared with."""
     from outputs import featurize_digest
 
-    from melbatch import featurize, samples
+    from melbatch.stages import featurize
+    from melbatch.testing import archives as samples
 
     b = new_bucket()
     files = samples.make_archive(f"{b}/archive", "engine", files_per_class=4, seconds=3.0, seed=21, bad=True)
@@ -210,7 +213,7 @@ def small_predictions(small_archive, engine_model):
     """The digest of the fault-free classify output of ``small_archive`` with the session's model."""
     from outputs import classify_digest
 
-    from melbatch import classify
+    from melbatch.stages import classify
 
     b = small_archive[0]
     classify.run(small_classify(b, engine_model, "pred-clean"), progress=False)
@@ -225,8 +228,10 @@ HOSTILE_LABEL = "<b onclick=alert(2)>healthy & 'calm'"  # a folder name, so no "
 def review_predictions(engine_model) -> tuple[str, str, str, list]:
     """(bucket, archive, classify OUT, the files): new engine recordings classified by the session's model
     with embeddings; one copied under a hostile key inside a hostile label folder."""
-    from melbatch import classify, samples, storage
+    from melbatch import storage
     from melbatch.config import ClassifyConfig
+    from melbatch.stages import classify
+    from melbatch.testing import archives as samples
 
     b = engine_model
     archive = f"{b}/review-incoming"
@@ -240,7 +245,7 @@ def review_predictions(engine_model) -> tuple[str, str, str, list]:
 def decode_images(refs: list, features: FeatureConfig, silence_dbfs: float = -70.0):
     """classify's decode stage run here on ``refs``: (images of all chunks, in order, as one array;
     the last chunk's row with the files and quarantine rows)."""
-    from melbatch import classify
+    from melbatch.stages import classify
 
     chunks = list(classify.decode_batch(classify.work_table([("b", refs)]), features.canonical_json(), silence_dbfs))
     rows = [c.to_pylist()[0] for c in chunks]

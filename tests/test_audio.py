@@ -14,10 +14,12 @@ import torch
 import torchaudio
 from conftest import tone
 
-from melbatch import audio, samples, storage
-from melbatch.audio import DecodeError
+from melbatch import storage
+from melbatch.audio import decode as audio
+from melbatch.audio.decode import DecodeError
+from melbatch.audio.objects import logmels_of_object
 from melbatch.config import FeatureConfig
-from melbatch.staging import logmels_of_object
+from melbatch.testing import archives as samples
 
 CFG = FeatureConfig(clip_s=1.0, clip_hop_s=1.0, min_tail_s=0.25)
 

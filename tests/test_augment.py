@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from melbatch import augment
+from melbatch.audio.logmel import compute_logmel, logmel_tensor
 from melbatch.config import ConfigError, FeatureConfig, TrainConfig
-from melbatch.features import compute_logmel, logmel_tensor
+from melbatch.train import augment
 
 SR = 16000
 

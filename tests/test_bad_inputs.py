@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from conftest import FAST
 
-from melbatch import classify, featurize, samples, shards, storage
 from melbatch import ledger as mb_ledger
+from melbatch import shards, storage
 from melbatch.config import AUDIO_EXTENSIONS, ClassifyConfig, FeaturizeConfig
+from melbatch.stages import classify, featurize
+from melbatch.testing import archives as samples
 
 pytestmark = [pytest.mark.chaos, pytest.mark.ray]
 
@@ -25,7 +27,8 @@ pytestmark = [pytest.mark.chaos, pytest.mark.ray]
 # process's peak memory: a crash (segfault) would end it without output, a leak would show there.
 DECODE_ALL = """
 import json, sys
-from melbatch import classify, storage
+from melbatch import storage
+from melbatch.stages import classify
 sys.path.insert(0, sys.argv[3])
 import peakmem
 work = classify.work_table([("all", list(storage.list_objects(sys.argv[1])))])
@@ -79,7 +82,7 @@ def test_a_corpus_of_over_100_bad_objects_is_quarantined_kind_by_kind(bucket, ti
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """An untrained model package with FAST features (what it predicts does not matter here)."""
-    from melbatch import model
+    from melbatch.model import package as model
 
     out = str(tmp_path_factory.mktemp("tiny") / "model")
     net = model.create_model("test_resnet", 2, FAST.shape, pretrained=False)
@@ -150,8 +153,8 @@ def test_file_names_that_are_not_utf8_are_featurized_classified_and_scanned(tmp_
                                                                           chaos_log):
     """An old recorder's Latin-1 names (``café.wav`` as the byte 0xE9) next to a UTF-8 ``%`` name:
     each is read under an escaped, lossless URI, in featurize, classify, scan and its results."""
-    from melbatch import scan
     from melbatch.config import ScanConfig
+    from melbatch.stages import scan
 
     x = samples.encode(samples.engine_sound(np.random.default_rng(0), 3.0, 16000, False), 16000, samples.FORMATS[0])
     names = [b"caf\xe9.wav", b"50%\xb0 r\xe9gime.wav", "100% ok é.wav".encode()]
@@ -175,7 +178,7 @@ def test_file_names_that_are_not_utf8_are_featurized_classified_and_scanned(tmp_
                   progress=False)
     assert sc.counts["classified"] == 3
     assert set(mb_ledger.current(str(tmp_path / "scan")).column("uri").to_pylist()) == want
-    from melbatch import report
+    from melbatch.look import report
 
     page, _ = report.write(str(tmp_path / "pred"))
     assert "caf%E9.wav" in Path(page.removeprefix("file://")).read_text()  # the report names it as listed
@@ -220,8 +223,9 @@ def test_link_loops_and_repeated_links_are_listed_once_and_told(tmp_path, ray_se
                                                                chaos_log):
     """Issue 30, 1: ``awb/loop -> ..`` ended the whole run (ELOOP, exit 3). Each real file is listed once,
     at its own place; the loop is a warning; featurize (the CLI, exit 0), classify and scan read the rest."""
-    from melbatch import cli, scan
+    from melbatch.cli import commands as cli
     from melbatch.config import ScanConfig
+    from melbatch.stages import scan
 
     want = _linked_archive(tmp_path / "archive", tmp_path / "elsewhere")
     src = storage.canonical(str(tmp_path / "archive"))
@@ -257,7 +261,7 @@ def test_link_loops_and_repeated_links_are_listed_once_and_told(tmp_path, ray_se
 def test_a_folder_that_vanishes_mid_listing_is_told_and_a_scan_does_not_take_its_files_for_deleted(tmp_path):
     """A mount that goes away while the archive is listed: the listing goes on, says which folder it
     could not read, and a scan keeps that folder's objects in its ledger instead of marking them deleted."""
-    from melbatch import scan
+    from melbatch.stages import scan
 
     root = tmp_path / "archive"
     for d in ("a", "b", "c"):
@@ -341,7 +345,7 @@ def test_a_folder_without_permission_is_told_and_the_rest_is_listed(tmp_path):
 def test_one_label_is_a_configuration_error_before_any_training(tmp_path, capsys):
     """Issue 30, 2: shards whose only label is ``only`` trained 100 steps into a package that calls
     everything ``only`` (val_acc 1.000). Now: exit 2 before cluster work, saying what to do."""
-    from melbatch import cli
+    from melbatch.cli import commands as cli
 
     for i in range(4):
         (tmp_path / "archive" / "only").mkdir(parents=True, exist_ok=True)
@@ -363,7 +367,7 @@ def test_manifest_rows_that_name_no_object_are_counted_and_shown(bucket, tmp_pat
     carries the count; a name in the other Unicode normal form (NFD from a Mac, NFC in the CSV) matches."""
     import unicodedata
 
-    from melbatch import cli
+    from melbatch.cli import commands as cli
 
     nfd = unicodedata.normalize("NFD", "café.wav")
     fs, root = storage.filesystem(f"{bucket}/archive")

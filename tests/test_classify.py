@@ -10,9 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FAST, decode_images
 
-from melbatch import classify, cli, model, samples, shards, storage
+from melbatch import shards, storage
+from melbatch.cli import commands as cli
 from melbatch.config import ClassifyConfig, ConfigError
+from melbatch.model import package as model
+from melbatch.stages import classify
 from melbatch.storage import ObjectRef
+from melbatch.testing import archives as samples
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.s3]
 

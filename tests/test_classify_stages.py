@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from melbatch import classify, detections, samples, shards, storage
-from melbatch import model as mb_model
+from melbatch import shards, storage
 from melbatch.config import FeatureConfig
-from melbatch.model import predict
+from melbatch.model import package as mb_model
+from melbatch.model.package import predict
+from melbatch.stages import classify, detections
+from melbatch.testing import archives as samples
 
 FEATURES = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0)
 # a random-init model's probabilities sit near 0.5: this threshold detects some clips and not others
@@ -146,7 +148,7 @@ def test_with_the_mel_on_the_model_the_decoders_send_pcm_and_the_model_makes_the
 
 def test_the_run_summary_adds_batch_results_and_accounts_for_every_input():
     """featurize and classify share one summary type: the same sums, the same check, the same lines."""
-    from melbatch.featurize import Summary as FeaturizeSummary
+    from melbatch.stages.featurize import Summary as FeaturizeSummary
 
     s = classify.Summary(archive="s3://a", out="s3://o", model_id="m-1", config_hash="h", inputs=3, batches=2)
     s.add({"classified": 1, "clips": 4, "audio_s": 8.0, "labels": {"x": 1}, "decoders": {"soundfile": 1},

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from melbatch import cli, shards
+from melbatch import shards
+from melbatch.cli import commands as cli
 from melbatch.config import FeatureConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_sample_archive_writes_both_classes_in_mixed_formats(tmp_path):
 def test_voice_archive_has_lower_pitch_for_male_voices(tmp_path):
     import numpy as np
 
-    from melbatch import samples
+    from melbatch.testing import archives as samples
 
     files = samples.make_archive(str(tmp_path / "v"), "voice", files_per_class=2, seconds=2.0)
     assert {f.label for f in files} == {"male", "female"} and len(files) == 4

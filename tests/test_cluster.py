@@ -24,7 +24,9 @@ import psutil
 import pytest
 from conftest import FAST
 
-from melbatch import cli, samples, shards
+from melbatch import shards
+from melbatch.cli import commands as cli
+from melbatch.testing import archives as samples
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 

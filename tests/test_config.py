@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from melbatch import cli, config, options
+from melbatch import config
+from melbatch.cli import commands as cli
+from melbatch.cli import options
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
 
 

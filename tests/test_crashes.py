@@ -15,10 +15,12 @@ import pytest
 from conftest import SMALL_FEATURIZE_ARGS, small_classify, small_featurize
 from outputs import assert_no_garbage, classify_digest, featurize_digest
 
-from melbatch import classify, cli, featurize, scan, shards, storage
 from melbatch import ledger as mb_ledger
+from melbatch import shards, storage
+from melbatch.cli import commands as cli
 from melbatch.config import ScanConfig
 from melbatch.shards import DatasetError
+from melbatch.stages import classify, featurize, scan
 
 pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 

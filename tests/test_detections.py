@@ -15,8 +15,8 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from melbatch import detections
 from melbatch.config import ClassifyConfig, ConfigError
+from melbatch.stages import detections
 
 LABELS = ["faulty", "healthy"]
 
@@ -130,9 +130,9 @@ def _machine_recording(path: str, model_bucket: str, faults: list[tuple[float, f
     every clip (p >= 0.9: this tests the detections, not the model, which is held to 0.8 accuracy only),
     decoded at ``sr``, faded in and out over 20 ms (no click at a junction) and laid end to end."""
     from melbatch import storage
-    from melbatch.audio import cut_clips, decode_all
-    from melbatch.features import logmel_clips
-    from melbatch.model import load_package, predict
+    from melbatch.audio.decode import cut_clips, decode_all
+    from melbatch.audio.logmel import logmel_clips
+    from melbatch.model.package import load_package, predict
 
     pkg = load_package(f"{model_bucket}/model")
     split = storage.read_bytes(f"{model_bucket}/model/split.csv").decode().splitlines()[1:]
@@ -174,7 +174,9 @@ def _machine_recording(path: str, model_bucket: str, faults: list[tuple[float, f
 def test_a_long_recording_yields_its_faults_as_events_within_one_clip_hop(engine_model, tmp_path, capsys):
     """The session's model (2 s clips) over 10 minutes with clips every second: the faulty events are
     the two true faults within one hop; the detections CLI gives the same events as CSV, JSON and Raven."""
-    from melbatch import classify, cli, shards, storage
+    from melbatch import shards, storage
+    from melbatch.cli import commands as cli
+    from melbatch.stages import classify
 
     archive = tmp_path / "archive"
     archive.mkdir()
@@ -220,7 +222,7 @@ def test_a_long_recording_yields_its_faults_as_events_within_one_clip_hop(engine
     assert "needs -o/--output FOLDER" in capsys.readouterr().err
 
     # the classify report draws the recording on its timeline
-    from melbatch import report
+    from melbatch.look import report
 
     _, kind = report.write(out, str(tmp_path / "report.html"))
     html = (tmp_path / "report.html").read_text()
@@ -242,7 +244,8 @@ def test_the_timeline_draws_the_probability_peak_and_the_event_over_the_fault(en
     picture, the faulty curve is high only over the fault, and the event bar spans it."""
     import matplotlib.image
 
-    from melbatch import cli, timeline
+    from melbatch.cli import commands as cli
+    from melbatch.look import timeline
 
     wav = tmp_path / "pump.wav"
     _machine_recording(str(wav), engine_model, [(60.0, 90.0)], 180.0)

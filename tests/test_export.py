@@ -15,10 +15,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from melbatch import cli, portable, samples
-from melbatch import model as mb_model
+from melbatch.audio.logmel import compute_logmel
+from melbatch.cli import commands as cli
 from melbatch.config import FeatureConfig
-from melbatch.features import compute_logmel
+from melbatch.model import export as portable
+from melbatch.model import package as mb_model
+from melbatch.testing import archives as samples
 
 PLAIN = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0)
 ENGINEERED = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0, band_emphasis=((1500.0, 4000.0, 6.0),),

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import tone
 
-from melbatch.audio import Clip
+from melbatch.audio.decode import Clip
+from melbatch.audio.logmel import compute_logmel, logmel_clips
 from melbatch.config import FeatureConfig
-from melbatch.features import compute_logmel, logmel_clips
 
 PARITY_TOLERANCE_DB = 0.01
 
@@ -170,7 +170,7 @@ def test_pcen_equals_librosa_started_in_steady_state(rng):
 
     import torch
 
-    from melbatch.features import _logmel_parts
+    from melbatch.audio.logmel import _logmel_parts
 
     cfg = FeatureConfig(compression="pcen", dtype="float32")
     x, _ = _beeping_tone_in_noise(cfg, rng)
@@ -219,7 +219,7 @@ def test_steps_apply_the_same_to_a_batch_on_the_training_path(rng):
     """Train recomputes images from augmented waveforms in batches: same steps, same numbers."""
     import torch
 
-    from melbatch.features import logmel_tensor
+    from melbatch.audio.logmel import logmel_tensor
 
     cfg = FeatureConfig(denoise="subtract", band_emphasis=("1000-3000:+3",), compression="pcen",
                         clip_norm="standardize", dtype="float32")
@@ -233,10 +233,10 @@ def test_steps_apply_the_same_to_a_batch_on_the_training_path(rng):
 _FAULTS_PER_CLIP = """
 import resource, sys
 import numpy as np, torch
-from melbatch import cpu
+from melbatch.stages import workers as cpu
 from melbatch.config import FeatureConfig
-from melbatch.features import logmel_clips
-from melbatch.audio import Clip
+from melbatch.audio.logmel import logmel_clips
+from melbatch.audio.decode import Clip
 if sys.argv[1] == "prepared":
     cpu.prepare_worker(1)
     print(cpu.keep_freed_memory(), end=" ")

@@ -10,10 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FAST, decode_images, new_bucket
 
-from melbatch import featurize, samples, shards, storage
+from melbatch import shards, storage
+from melbatch.audio.logmel import compute_logmel
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
-from melbatch.features import compute_logmel
 from melbatch.shards import DatasetError
+from melbatch.stages import featurize
+from melbatch.testing import archives as samples
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.s3]
 
@@ -263,7 +265,7 @@ def test_feature_engineering_steps_are_applied_alike_by_featurize_classify_and_t
     the same images, and train's batched recomputation from the stored waveforms agrees."""
     import torch
 
-    from melbatch.features import logmel_tensor
+    from melbatch.audio.logmel import logmel_tensor
 
     steps = FeatureConfig(**{**FAST.to_dict(), "denoise": "gate", "band_emphasis": ((1000.0, 4000.0, 6.0),),
                              "compression": "pcen", "clip_norm": "band_mean"})

@@ -196,4 +196,4 @@ def test_the_image_build_context_is_enough_to_install_melbatch(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     [wheel] = (tmp_path / "dist").glob("melbatch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"melbatch/{p.name}" for p in (ROOT / "melbatch").glob("*.py")} <= names
+    assert {p.relative_to(ROOT).as_posix() for p in (ROOT / "melbatch").rglob("*.py")} <= names

@@ -6,7 +6,7 @@ import pytest
 
 from melbatch import storage
 from melbatch.config import ConfigError, FeaturizeConfig
-from melbatch.labels import NO_LABEL, Labeler
+from melbatch.labels.sources import NO_LABEL, Labeler
 
 
 def test_folder_labels_use_the_first_folder_under_src_like_imagefolder(tmp_path):

@@ -61,7 +61,8 @@ def _scan_out(root, old_attempt: str) -> str:
 def test_results_stream_a_big_ledger_a_row_group_at_a_time_and_find_older_verdicts(tmp_path, capsys):
     """`melbatch results` holds one ledger row group at a time, whatever the archive's size; rows of a
     ledger written before it held verdicts get theirs from the attempt that holds them."""
-    from melbatch import cli, report
+    from melbatch.cli import commands as cli
+    from melbatch.look import report
 
     n = 2 * ledger.LEDGER_ROW_GROUP_ROWS + 1000
     status = ["deleted" if i % 10 == 3 else "quarantined" if i % 10 == 7 else "classified" for i in range(n)]

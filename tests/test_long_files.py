@@ -13,8 +13,8 @@ import pytest
 import soundfile as sf
 from conftest import FAST
 
-from melbatch.classify import CHUNK_BYTES
-from melbatch.staging import SPILL_BYTES
+from melbatch.audio.objects import SPILL_BYTES
+from melbatch.stages.classify import CHUNK_BYTES
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -23,7 +23,9 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 # peak memory and what it made.
 RUN = """
 import json, sys
-from melbatch import classify, featurize, storage
+from melbatch import storage
+from melbatch.stages import classify
+from melbatch.stages import featurize
 stage, uri, features_json, dst, here = sys.argv[1:6]
 sys.path.insert(0, here)
 import peakmem
@@ -44,7 +46,7 @@ print(json.dumps({**made, "grew_mb": peakmem.grown_mb()}))
 
 def _recording(path: str, seconds: int, sr: int = 8000) -> None:
     """An engine recording of ``seconds``, written in blocks (never whole in this process either)."""
-    from melbatch.samples import engine_sound
+    from melbatch.testing.archives import engine_sound
 
     rng = np.random.default_rng(0)
     with sf.SoundFile(path, "w", samplerate=sr, channels=1, subtype="PCM_16") as f:
@@ -86,8 +88,10 @@ def test_a_long_recording_is_classified_in_chunks_and_its_verdict_is_the_mean_of
                                                                                                  tmp_path):
     """30 minutes (900 clips, two chunks) beside two short files in one work batch: every clip is
     predicted once, the file's verdict is the mean over all of them, and a re-run has nothing to do."""
-    from melbatch import classify, samples, shards
+    from melbatch import shards
     from melbatch.config import ClassifyConfig
+    from melbatch.stages import classify
+    from melbatch.testing import archives as samples
 
     archive = tmp_path / "archive"
     archive.mkdir()

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from melbatch import cli
-from melbatch import model as mb_model
+from melbatch.cli import commands as cli
 from melbatch.config import FeatureConfig
-from melbatch.model import ModelError
-from melbatch.weights import WeightsError
+from melbatch.model import package as mb_model
+from melbatch.model.package import ModelError
+from melbatch.model.weights import WeightsError
 
 SHAPE = (64, 201)
 
@@ -57,7 +57,7 @@ def test_offline_without_weights_says_how_to_supply_them():
     import subprocess
     import sys
 
-    code = ("from melbatch.model import create_model\nfrom melbatch.weights import WeightsError\n"
+    code = ("from melbatch.model.package import create_model\nfrom melbatch.model.weights import WeightsError\n"
             "try:\n    create_model('test_convnext', 2, (64, 201), pretrained=True)\n"
             "except WeightsError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

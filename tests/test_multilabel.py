@@ -10,8 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from melbatch import labels, multilabel, samples, storage
+from melbatch import storage
 from melbatch.config import ConfigError
+from melbatch.labels import multilabel
+from melbatch.labels import sources as labels
+from melbatch.testing import archives as samples
 
 
 def test_label_strings_round_trip_and_targets():
@@ -57,7 +60,7 @@ def test_a_manifest_gives_several_labels_per_file_and_per_time_span(tmp_path):
 
 
 def test_single_label_training_refuses_shards_with_several_labels_and_names_the_flag():
-    from melbatch.train import label_names
+    from melbatch.train.driver import label_names
 
     assert label_names({"cat": 3, "dog": 4}, False, "s") == ["cat", "dog"]
     with pytest.raises(ConfigError, match="--multi-label"):
@@ -68,7 +71,7 @@ def test_single_label_training_refuses_shards_with_several_labels_and_names_the_
 
 
 def test_a_multi_label_package_gives_sigmoid_probabilities():
-    from melbatch.model import probabilities
+    from melbatch.model.package import probabilities
 
     logits = torch.tensor([[2.0, 2.0, -3.0]])
     assert torch.allclose(probabilities(logits, {}).sum(1), torch.ones(1))
@@ -87,8 +90,10 @@ def _f1(said: set, truth: set, label: str) -> tuple[int, int, int]:
 def test_overlapping_sources_are_learned_with_per_label_f1_over_0_9_on_held_out_files(ray_session, tmp_path):
     from conftest import FAST
 
-    from melbatch import classify, featurize, shards, train
+    from melbatch import shards
     from melbatch.config import ClassifyConfig, FeaturizeConfig, TrainConfig
+    from melbatch.stages import classify, featurize
+    from melbatch.train import driver as train
 
     files, manifest = samples.make_mixture_archive(str(tmp_path / "archive"), files_per_set=6, seconds=4.0, seed=3,
                                                    spans=4)

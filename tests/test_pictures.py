@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 from conftest import FAST, tone
 
-from melbatch import cli, featurize, pictures, samples, storage
+from melbatch import storage
+from melbatch.cli import commands as cli
 from melbatch.config import FeatureConfig, FeaturizeConfig
+from melbatch.look import pictures
+from melbatch.stages import featurize
+from melbatch.testing import archives as samples
 
 
 def _png(uri: str) -> np.ndarray:

@@ -20,9 +20,13 @@ from pathlib import Path
 import pytest
 from conftest import FAST, HOSTILE_KEY, HOSTILE_LABEL
 
-from melbatch import classify, cli, featurize, report, samples, scan, storage
 from melbatch import ledger as mb_ledger
+from melbatch import storage
+from melbatch.cli import commands as cli
 from melbatch.config import ClassifyConfig, FeaturizeConfig, ScanConfig
+from melbatch.look import report
+from melbatch.stages import classify, featurize, scan
+from melbatch.testing import archives as samples
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -157,7 +161,7 @@ def test_report_cli_refuses_what_is_not_an_output(tmp_path, capsys):
 def test_classified_and_mistaken_clips_are_pictured_with_their_predictions(outputs, engine_model, capsys):
     import pyarrow.parquet as pq
 
-    from melbatch import pictures
+    from melbatch.look import pictures
     from melbatch.shards import read_tables
 
     cfg, panels = pictures.prediction_panels(outputs["classify"], limit=4)

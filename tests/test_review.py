@@ -23,12 +23,14 @@ import pytest
 from conftest import HOSTILE_KEY, HOSTILE_LABEL
 from test_report import CHROMIUM, open_in_chromium
 
-from melbatch import cli, detections, pictures, report, review, samples, scan, similar, storage, train
 from melbatch import ledger as mb_ledger
-from melbatch.audio import decode_all
+from melbatch import storage
+from melbatch.audio.decode import decode_all
+from melbatch.cli import commands as cli
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig, ReviewConfig, ScanConfig, SimilarConfig
-from melbatch.labels import REVIEWED_COLUMNS, read_reviewed
-from melbatch.model import read_package_meta
+from melbatch.labels.sources import REVIEWED_COLUMNS, read_reviewed
+from melbatch.look import pictures, report, review, similar
+from melbatch.model.package import read_package_meta
 from melbatch.shards import (
     clip_prediction_schema,
     embedding_matrix,
@@ -37,6 +39,9 @@ from melbatch.shards import (
     shard_uris,
     write_table,
 )
+from melbatch.stages import detections, scan
+from melbatch.testing import archives as samples
+from melbatch.train import driver as train
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -249,7 +254,7 @@ def test_a_copy_of_a_clip_in_another_format_and_rate_finds_its_twin_first(review
 
 SEARCH = """
 import resource, sys
-from melbatch import similar
+from melbatch.look import similar
 from melbatch.config import SimilarConfig
 _, matches, _ = similar.run(SimilarConfig(out=sys.argv[1], query=sys.argv[2], k=5, readers=2))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, matches[0].uri, matches[0].clip_index)

@@ -11,9 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from melbatch import cli, samples, scan, shards, storage
 from melbatch import ledger as mb_ledger
+from melbatch import shards, storage
+from melbatch.cli import commands as cli
 from melbatch.config import ClassifyConfig, ScanConfig
+from melbatch.stages import scan
+from melbatch.testing import archives as samples
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

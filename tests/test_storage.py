@@ -159,7 +159,7 @@ def test_a_run_stopped_by_storage_counts_the_batches_kept_from_their_part_files(
     """The count a stopped run prints is what a re-run resumes: the part files (a batch that finished
     after the failure counts), not the results the driver happened to collect; other errors pass as
     they came, and a store that cannot be listed gives no number rather than a wrong one."""
-    from melbatch import runs
+    from melbatch.stages import runs
 
     dst = storage.canonical(str(tmp_path / "out"))  # as a run's destination is
     for bid in ("a", "b", "stale"):  # "stale": an earlier run's batch, not this run's

@@ -15,9 +15,16 @@ import pytest
 import torch
 from conftest import FAST, MILD_FIELD, new_bucket
 
-from melbatch import augment, featurize, model, samples, shards, storage, train, trainloop, trainset
+from melbatch import shards, storage
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig, TrainConfig
+from melbatch.model import package as model
 from melbatch.shards import DatasetError
+from melbatch.stages import featurize
+from melbatch.testing import archives as samples
+from melbatch.train import augment
+from melbatch.train import data as trainset
+from melbatch.train import driver as train
+from melbatch.train import loop as trainloop
 
 
 def test_split_holds_out_whole_files_stratified_and_seeded():
@@ -421,8 +428,8 @@ def test_cpus_per_worker_is_sized_from_the_cluster_when_left_out(ray_session):
 
 
 def test_classify_sizes_its_model_actors_from_the_cluster():
-    from melbatch import classify
     from melbatch.config import ClassifyConfig
+    from melbatch.stages import classify
 
     base = ClassifyConfig(archive="a", model="m", out="o")
     assert classify.size_actors(base, 2, 0)[:2] == (1, 1.0)

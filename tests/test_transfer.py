@@ -16,8 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from melbatch import classify, featurize, report, samples, shards, train, weights
+from melbatch import shards
 from melbatch.config import ClassifyConfig, FeaturizeConfig, TrainConfig
+from melbatch.look import report
+from melbatch.model import weights
+from melbatch.stages import classify, featurize
+from melbatch.testing import archives as samples
+from melbatch.train import driver as train
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
 DIGITS, SPEAKERS, RECORDINGS = ("1", "4", "7"), ("jackson", "nicolas"), 15  # 90 recordings, 0.2-0.8 s each

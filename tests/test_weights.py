@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from melbatch import model as mb_model
-from melbatch import weights
+from melbatch.model import package as mb_model
+from melbatch.model import weights
 
 LITE0 = "tf_efficientnet_lite0"
 # ImageNet-1k class indices
@@ -96,7 +96,7 @@ def test_resolution_order(converted, tmp_path, monkeypatch):
 
 
 def test_the_hub_probe_is_quick_when_offline():
-    code = "import time, melbatch.weights as w; t=time.time(); print(w.hub_reachable(), round(time.time()-t, 1))"
+    code = "import time, melbatch.model.weights as w; t=time.time(); print(w.hub_reachable(), round(time.time()-t, 1))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     reachable, seconds = out.stdout.split()

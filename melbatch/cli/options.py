@@ -3,7 +3,7 @@
 Each config field that carries help (:func:`melbatch.config.flag`) becomes a ``--flag`` typed and
 defaulted from the dataclass itself, so adding a field with its help adds the flag, the ``--help``
 line and the YAML key at once. :data:`JOBS` is what `melbatch featurize|train|classify|scan` accept;
-``melbatch.cli`` builds its parser from it and ``melbatch.submit`` checks a job's arguments with
+``melbatch.cli`` builds its parser from it and ``melbatch.cli.submit`` checks a job's arguments with
 :func:`parse_job` before anything reaches a cluster.
 """
 

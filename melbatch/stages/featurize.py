@@ -28,12 +28,23 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from melbatch import URI, cpu, storage
-from melbatch.audio import DecodeError, open_audio
+from melbatch import URI, storage
+from melbatch.audio.decode import DecodeError, open_audio
+from melbatch.audio.objects import logmels_of_object
 from melbatch.config import LOCAL_WORK_BYTES, ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.console import progress as progress_bar
-from melbatch.labels import NO_LABEL, Labeler, Spans, clip_label
-from melbatch.runs import (
+from melbatch.labels.sources import NO_LABEL, Labeler, Spans, clip_label
+from melbatch.shards import (
+    AUDIO_DTYPE,
+    MANIFEST,
+    QUARANTINE,
+    SHARD_DIR,
+    ClipRow,
+    ShardWriter,
+    read_manifest,
+)
+from melbatch.stages import workers as cpu
+from melbatch.stages.runs import (
     RunSummary,
     chunked,
     commit,
@@ -47,16 +58,6 @@ from melbatch.runs import (
     this_node,
     write_part,
 )
-from melbatch.shards import (
-    AUDIO_DTYPE,
-    MANIFEST,
-    QUARANTINE,
-    SHARD_DIR,
-    ClipRow,
-    ShardWriter,
-    read_manifest,
-)
-from melbatch.staging import logmels_of_object
 
 FIT_SAMPLE = 64  # recordings probed for their duration when clips are fitted
 BAND_SAMPLE, BAND_PROBE_S = 32, 10.0  # recordings probed (their first seconds) for the band their sound fills
@@ -373,7 +374,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans |
     """One Ray task (or a step of a local run): featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
 
     Per-file failures are caught and returned as quarantine rows. A store that keeps failing (after
-    the retries in :func:`~melbatch.staging.logmels_of_object`) or anything else (e.g. DST not
+    the retries in :func:`~melbatch.audio.objects.logmels_of_object`) or anything else (e.g. DST not
     writable) fails the task and the run with its message; re-running resumes.
     """
     t0 = time.perf_counter()

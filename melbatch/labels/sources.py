@@ -10,7 +10,7 @@ Lines with the same keys. Its URIs may be absolute (``s3://…``, ``file://…``
 to SRC. Several labels at once (for ``train --multi-label``): a file may have several rows (or, in
 JSON Lines, a list of labels), and rows with ``start_s,end_s`` label a time span of the file only:
 a clip gets the labels of the spans it overlaps by at least half the shorter of the two, plus the
-file's own. Clips store their labels as one string (:mod:`melbatch.multilabel`).
+file's own. Clips store their labels as one string (:mod:`melbatch.labels.multilabel`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import posixpath
 import unicodedata
 from dataclasses import dataclass
 
-from melbatch import URI, multilabel, storage
+from melbatch import URI, storage
 from melbatch.config import ConfigError
+from melbatch.labels import multilabel
 
 NO_LABEL = object()  # marks an object that needs a label and has none
 REVIEWED_COLUMNS = ("uri", "clip_index", "start_s", "end_s", "predicted", "probability", "label")

@@ -9,12 +9,12 @@ Top-down:
 3. Ray Data streams the shards; normalisation statistics are computed once from the train split.
    Training batches carry each clip's waveform (featurize keeps it by default): the worker
    augments the waveforms and recomputes their images on its own device with the very function
-   featurize used (see :func:`~melbatch.trainloop._inputs` for why there); validation uses the stored images.
-4. :func:`~melbatch.trainloop.train_loop` runs on every TorchTrainer worker: each worker reads its own part of the data,
-   trains, evaluates its part of the validation split (confusion matrices are summed across
+   featurize used (see :func:`~melbatch.train.loop._inputs` for why there); validation uses the stored images.
+4. :func:`~melbatch.train.loop.train_loop` runs on every TorchTrainer worker: each worker reads its own part of the
+   data, trains, evaluates its part of the validation split (confusion matrices are summed across
    workers) and reports a checkpoint every epoch. Re-running the same command resumes from the latest
    checkpoint; ``FailureConfig`` restarts workers that die.
-5. :func:`~melbatch.trainout.finish`: the driver writes the best epoch's model package
+5. :func:`~melbatch.train.finish.finish`: the driver writes the best epoch's model package
    (``OUT/model/``), scores every validation clip with it (``OUT/val_predictions.parquet``: what the
    report's "most confidently wrong" and the per-file accuracy come from) and writes
    ``OUT/metrics.json``.
@@ -33,15 +33,15 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from melbatch import URI, multilabel, storage
+from melbatch import URI, storage
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.console import Channel, EpochTable
-from melbatch.model import ModelError, create_model
-from melbatch.runs import init_ray
+from melbatch.labels import multilabel
+from melbatch.model.package import ModelError, create_model
+from melbatch.model.weights import Source, resolve
 from melbatch.shards import TRAIN_CONFIG, clip_schema
-from melbatch.trainloop import Budget, train_loop
-from melbatch.trainout import finish
-from melbatch.trainset import (
+from melbatch.stages.runs import init_ray
+from melbatch.train.data import (
     dataset_stats,
     file_labels,
     keeps_audio,
@@ -52,7 +52,8 @@ from melbatch.trainset import (
     split_by_file,
     splits,
 )
-from melbatch.weights import Source, resolve
+from melbatch.train.finish import finish
+from melbatch.train.loop import Budget, train_loop
 
 RUN_NAME = "ray-train"
 FEW_STEPS = 50  # fewer optimiser steps than this in a whole run: say so before training

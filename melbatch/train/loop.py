@@ -28,14 +28,16 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from melbatch import URI, augment, multilabel, storage
+from melbatch import URI, storage
+from melbatch.audio.logmel import logmel_tensor
 from melbatch.config import FeatureConfig, TrainConfig
 from melbatch.console import Channel, Throttle
-from melbatch.features import logmel_tensor
-from melbatch.model import classifier_names, create_model, normalize
+from melbatch.labels import multilabel
+from melbatch.model.package import classifier_names, create_model, normalize
+from melbatch.model.weights import Source
 from melbatch.shards import STATE, audio_array, mel_array
-from melbatch.trainset import load_noise_bank, read_sides, share
-from melbatch.weights import Source
+from melbatch.train import augment
+from melbatch.train.data import load_noise_bank, read_sides, share
 
 STUCK_EPOCHS, STUCK_FRACTION = 2, 0.8  # warn when the loss is above 80% of a uniform guess after 2 epochs
 MAX_WARMUP = 0.1  # share of a run's steps the warm-up may take (3 epochs with 1 of warm-up was a third)
@@ -88,7 +90,7 @@ def _inputs(batch: pa.Table, label_index: dict[str, int], norm: dict[str, Any], 
     a step, and no augmented audio travels through the object store. (A Ray Data ``map_batches``
     stage would put this on CPU nodes instead; on GPU clusters that is the slower place.) Without
     them, ``images`` = (features, augmentation, band centres, generator) makes the same shifts on the
-    stored images (:func:`~melbatch.augment.augment_images`).
+    stored images (:func:`~melbatch.train.augment.augment_images`).
     """
     if wave is not None and "audio" in batch.column_names:
         features, aug, bank, gen = wave
@@ -142,7 +144,7 @@ class HeldShard:
     """One of this worker's dataset shards (``train`` or ``val``), read through Ray Data in the first
     epoch and, when ``hold``, kept in this process's memory (as one Arrow table) for the later epochs;
     a small split is read whole by the worker itself before the first epoch (``direct``, see
-    :func:`melbatch.train.hold_plan`), and every epoch takes rows of the table.
+    :func:`melbatch.train.driver.hold_plan`), and every epoch takes rows of the table.
 
     Reading a shard each epoch costs little CPU, but on a small machine Ray Data's readers, its
     prefetch thread and the split coordinator take turns with the training thread on the same cores

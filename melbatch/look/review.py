@@ -6,8 +6,8 @@ Top-down (:func:`run`):
 
 1. :func:`load` reads the clip and file predictions: a classify OUT, or what a scan OUT holds now
    (each live object's clips from the attempt that holds its current verdict).
-2. :func:`~melbatch.candidates.rank` orders the clips by the strategy
-   (:data:`~melbatch.config.REVIEW_STRATEGIES`) and :func:`~melbatch.candidates.select` takes them in
+2. :func:`~melbatch.look.candidates.rank` orders the clips by the strategy
+   (:data:`~melbatch.config.REVIEW_STRATEGIES`) and :func:`~melbatch.look.candidates.select` takes them in
    that order under ``--count`` and ``--per-label``.
 3. :func:`cards` reads each chosen clip again from the archive (each file once, decoded and cut as
    classify cut it): the image the model saw, the clip's own audio, where it sits in its file.
@@ -29,15 +29,15 @@ import pyarrow as pa
 import torch
 
 from melbatch import URI, ledger, storage
-from melbatch.audio import DecodeError, decode_clips
-from melbatch.candidates import rank, select
+from melbatch.audio.decode import DecodeError, decode_clips
+from melbatch.audio.logmel import logmel_tensor
 from melbatch.config import ConfigError, FeatureConfig, ReviewConfig
-from melbatch.features import logmel_tensor
-from melbatch.labels import NO_LABEL, REVIEWED_COLUMNS, SKIP, Labeler, reviewed_csv
-from melbatch.pictures import thumbnail
-from melbatch.report import Section, esc, facts, note, page
-from melbatch.samples import encode
+from melbatch.labels.sources import NO_LABEL, REVIEWED_COLUMNS, SKIP, Labeler, reviewed_csv
+from melbatch.look.candidates import rank, select
+from melbatch.look.pictures import thumbnail
+from melbatch.look.report import Section, esc, facts, note, page
 from melbatch.shards import REVIEW_DIR, REVIEW_LABELS, REVIEW_PAGE, read_manifest
+from melbatch.testing.archives import encode
 
 READERS = 8  # files read at once (object storage: latency, not bandwidth)
 FLAC = ("FLAC", "PCM_16", "flac")

@@ -47,7 +47,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from melbatch import URI, __version__, classify, storage
+from melbatch import URI, __version__, storage
 from melbatch.config import SCHEMA_VERSION, ScanConfig
 from melbatch.ledger import (
     ATTEMPTS,
@@ -63,8 +63,9 @@ from melbatch.ledger import (
     read_summary,
     write_ledger,
 )
-from melbatch.runs import audio_line, content_id, crash_point, label_lines, listing_lines, quarantine_lines
 from melbatch.shards import QUARANTINE
+from melbatch.stages import classify
+from melbatch.stages.runs import audio_line, content_id, crash_point, label_lines, listing_lines, quarantine_lines
 
 
 class ScanBusyError(RuntimeError):

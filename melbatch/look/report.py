@@ -25,11 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from melbatch import URI, __version__, ledger, multilabel, pictures, storage, timeline
-from melbatch.candidates import rank, select
+from melbatch import URI, __version__, ledger, storage
 from melbatch.config import REVIEW_COUNT, FeatureConfig
+from melbatch.labels import multilabel
+from melbatch.look import pictures, timeline
+from melbatch.look.candidates import rank, select
+from melbatch.model.weights import Source
 from melbatch.shards import METRICS, VAL_PREDICTIONS, embedding_matrix, read_manifest, read_quarantine, read_tables
-from melbatch.weights import Source
 
 REPORT = "report.html"
 MAX_ROWS = 200  # table rows shown; the rest are counted, and the Parquet file is named
@@ -116,7 +118,7 @@ def featurize_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
 
 
 def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
-    from melbatch.model import read_package_meta  # timm, which only train reports need
+    from melbatch.model.package import read_package_meta  # timm, which only train reports need
 
     m = json.loads(storage.read_bytes(storage.join(run, METRICS)))
     meta = read_package_meta(run)
@@ -223,7 +225,7 @@ def _started_from(meta: dict[str, Any]) -> str:
 
 def comparison_section(run: URI, baseline: URI) -> Section:
     """This train run next to another, epoch by epoch: the gain of one start over the other."""
-    from melbatch.model import read_package_meta  # timm, which only train reports need
+    from melbatch.model.package import read_package_meta  # timm, which only train reports need
 
     a, b = (json.loads(storage.read_bytes(storage.join(r, METRICS))) for r in (run, baseline))
     names = (f"this run ({_started_from(read_package_meta(run))})",

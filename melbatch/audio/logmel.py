@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from melbatch.audio import Clip
+from melbatch.audio.decode import Clip
 from melbatch.config import FeatureConfig
 
 

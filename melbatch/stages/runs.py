@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from melbatch import URI, __version__, console, storage
-from melbatch.audio import DecodeError
+from melbatch.audio.decode import DecodeError
 from melbatch.config import SCHEMA_VERSION
 from melbatch.shards import QUARANTINE_KINDS, write_manifest, write_quarantine
 

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import torch
 
 from melbatch import URI, storage
-from melbatch.audio import DecodeError, decode_span
+from melbatch.audio.decode import DecodeError, decode_span
+from melbatch.audio.logmel import logmel_tensor
 from melbatch.config import ConfigError, FeatureConfig, build, merge
-from melbatch.features import logmel_tensor
 from melbatch.shards import audio_array, mel_array, open_dataset, read_manifest, read_tables, shard_uris
 
 

@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from melbatch import URI, multilabel, storage
+from melbatch import URI, storage
 from melbatch.config import FeatureConfig, TrainConfig
-from melbatch.model import (
+from melbatch.labels import multilabel
+from melbatch.model.package import (
     PACKAGE_DIR,
     PADDED_VIEWS,
     Package,
@@ -37,9 +38,9 @@ from melbatch.model import (
     update_meta,
     verdicts,
 )
+from melbatch.model.weights import Source
 from melbatch.shards import METRICS, SPLIT, STATE, VAL_PREDICTIONS, mel_array
-from melbatch.trainset import Split, collect
-from melbatch.weights import Source
+from melbatch.train.data import Split, collect
 
 
 def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureConfig, norm: dict[str, Any],
@@ -90,7 +91,7 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
 
 class _Scorer:
     """Ray Data actor: the saved package's class probabilities for stored validation images
-    (:func:`melbatch.model.predict`, the path classify takes)."""
+    (:func:`melbatch.model.package.predict`, the path classify takes)."""
 
     def __init__(self, package: URI, use_gpu: bool, batch_size: int) -> None:
         pkg = load_package(package)
@@ -116,7 +117,7 @@ class _Scorer:
 def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str], here: bool) -> pa.Table:
     """Every validation clip scored by the saved package (the best epoch), sorted by file and clip (what
     ``OUT/val_predictions.parquet`` holds): by a Ray Data actor, or ``here`` (a small split, see
-    :func:`melbatch.train.hold_plan`) in this process."""
+    :func:`melbatch.train.driver.hold_plan`) in this process."""
     columns = ("uri", "clip_index", "start_s", "end_s", "label", "mel")
     rows = Split(tuple(uris), columns, frozenset(val_files), keep=True)
     if here:
@@ -147,7 +148,7 @@ RELIABILITY_BINS = 10
 
 
 def calibrate(cfg: TrainConfig, val: pa.Table, labels: list[str]) -> tuple[pa.Table, dict[str, Any]]:
-    """Fit the package's temperature on the validation clips (:func:`~melbatch.model.fit_temperature`)
+    """Fit the package's temperature on the validation clips (:func:`~melbatch.model.package.fit_temperature`)
     and store it in ``model.json``. Returns the clips with the calibrated probabilities, and the
     calibration: the temperature, the expected calibration error before and after, the reliability
     table per file (confidence bins: files, mean confidence, accuracy) and, for ``classify
@@ -194,7 +195,7 @@ def _ece(probs: np.ndarray, truth: np.ndarray) -> float:
 
 
 def file_accuracy(val: pa.Table, labels: list[str], thresholds: dict[str, float] | None = None) -> float:
-    """Share of validation files whose verdict (:func:`melbatch.model.verdicts`, as classify decides) is
+    """Share of validation files whose verdict (:func:`melbatch.model.package.verdicts`, as classify decides) is
     right. Multi-label (``thresholds``): a file's verdict is every label whose mean clip probability
     reaches its threshold, right when it is the file's whole label set (the union of its clips')."""
     uris = val.column("uri").to_pylist()

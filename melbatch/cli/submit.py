@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 from ray.job_submission import JobSubmissionClient
 
+from melbatch.cli.options import parse_job
 from melbatch.config import ConfigError
-from melbatch.options import parse_job
-from melbatch.runs import FORWARDED_ENV
+from melbatch.stages.runs import FORWARDED_ENV
 
 JOBS = ("featurize", "train", "classify", "scan")
 # never uploaded with the working directory (Ray also honours .gitignore)

@@ -29,11 +29,11 @@ import pyarrow.parquet as pq
 import torch
 
 from melbatch import URI, ledger, storage
-from melbatch.audio import DecodeError, decode_clips
+from melbatch.audio.decode import DecodeError, decode_clips
+from melbatch.audio.logmel import logmel_clips
 from melbatch.config import ConfigError, FeatureConfig, SimilarConfig
-from melbatch.features import logmel_clips
-from melbatch.model import load_package, predict
-from melbatch.pictures import Rendered, audio_panel, render
+from melbatch.look.pictures import Rendered, audio_panel, render
+from melbatch.model.package import load_package, predict
 from melbatch.shards import embedding_matrix, read_manifest
 
 COLUMNS = ["uri", "clip_index", "start_s", "end_s", "label", "probability", "embedding"]

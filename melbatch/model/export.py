@@ -1,6 +1,6 @@
 """A model package as one ONNX graph: mono audio in, class probabilities out, the log-mel inside.
 
-:class:`Portable` chains what classify does to a clip: :func:`~melbatch.features.logmel_tensor`
+:class:`Portable` chains what classify does to a clip: :func:`~melbatch.audio.logmel.logmel_tensor`
 (its portable form: the STFT as a convolution, PCEN's smoother as a product; every feature-engineering
 step of the package's config), the storage dtype's rounding (classify feeds the model float16 images
 by default), the package's normalisation, the model and its output activation. :func:`export` traces
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from melbatch import URI, storage
+from melbatch.audio.logmel import compute_logmel, logmel_tensor
 from melbatch.config import ConfigError
-from melbatch.features import compute_logmel, logmel_tensor
-from melbatch.model import Package, load_package, normalize, predict, probabilities
+from melbatch.model.package import Package, load_package, normalize, predict, probabilities
 
 OPSET = 17
 INPUT, OUTPUTS = "audio", ("probabilities", "logmel")
@@ -31,7 +31,7 @@ TOLERANCE = 1e-3  # the largest difference of a probability from melbatch's own 
 class Portable(torch.nn.Module):
     """``audio (batch, clip_samples)`` float32 at the package's rate → ``(probabilities (batch, labels),
     logmel (batch, n_mels, n_frames))``, as classify computes them for a full clip (a padded clip's extra
-    views, :data:`melbatch.model.VIEW_SHIFT_S`, are the caller's: the graph sees one window)."""
+    views, :data:`melbatch.model.package.VIEW_SHIFT_S`, are the caller's: the graph sees one window)."""
 
     def __init__(self, pkg: Package) -> None:
         super().__init__()

@@ -18,12 +18,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from melbatch import URI, detections, storage
-from melbatch.audio import cut_clips
+from melbatch import URI, storage
+from melbatch.audio.decode import cut_clips
+from melbatch.audio.logmel import logmel_clips, logmel_tensor
 from melbatch.config import FeatureConfig
-from melbatch.features import logmel_clips, logmel_tensor
-from melbatch.model import load_package, predict
-from melbatch.pictures import decode_window, png_bytes, pyplot
+from melbatch.look.pictures import decode_window, png_bytes, pyplot
+from melbatch.model.package import load_package, predict
+from melbatch.stages import detections
 
 COLUMNS = 1600  # time columns of the spectrogram, whatever the length of the recording
 MAX_CURVES = 10  # labels drawn (those with the highest peaks), so many-class models stay readable

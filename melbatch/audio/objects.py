@@ -18,9 +18,9 @@ from dataclasses import replace
 import numpy as np
 
 from melbatch import storage
-from melbatch.audio import AudioInfo, Clip, DecodeError, decode_clips
+from melbatch.audio.decode import AudioInfo, Clip, DecodeError, decode_clips
+from melbatch.audio.logmel import logmel_clips
 from melbatch.config import FeatureConfig
-from melbatch.features import logmel_clips
 from melbatch.shards import to_pcm16
 
 _NO_SAMPLES = np.zeros(0, np.float32)

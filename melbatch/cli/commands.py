@@ -19,16 +19,16 @@ import traceback
 from typing import Any
 
 from melbatch import __version__, ledger
+from melbatch.cli.options import JOBS, add_dataclass_flags, flag_names, given
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig, ReviewConfig, SimilarConfig, build
 from melbatch.console import set_verbose
-from melbatch.options import JOBS, add_dataclass_flags, flag_names, given
 
 EXIT_QUARANTINE = 4
 EXIT_BUSY = 5
 
 
 def cmd_featurize(args: argparse.Namespace) -> int:
-    from melbatch import featurize
+    from melbatch.stages import featurize
 
     cfg = JOBS["featurize"].config(args)
     summary = featurize.run(cfg, progress=not args.no_progress)
@@ -37,8 +37,8 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from melbatch import train
-    from melbatch.weights import Source
+    from melbatch.model.weights import Source
+    from melbatch.train import driver as train
 
     cfg = JOBS["train"].config(args)
     m = train.run(cfg, progress=not args.no_progress)
@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from melbatch import classify
+    from melbatch.stages import classify
 
     cfg = JOBS["classify"].config(args)
     summary = classify.run(cfg, progress=not args.no_progress)
@@ -71,7 +71,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from melbatch import scan
+    from melbatch.stages import scan
 
     cfg = JOBS["scan"].config(args)
     try:
@@ -128,7 +128,8 @@ def _emit(data: bytes, output: str | None, what: str) -> int:
 
 
 def cmd_detections(args: argparse.Namespace) -> int:
-    from melbatch import detections, storage
+    from melbatch import storage
+    from melbatch.stages import detections
 
     if args.format in ("parquet", "raven") and not args.output:
         raise ConfigError(f"--format {args.format} needs -o/--output "
@@ -146,8 +147,8 @@ def cmd_detections(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from melbatch import portable
-    from melbatch.model import ModelError
+    from melbatch.model import export as portable
+    from melbatch.model.package import ModelError
 
     try:
         exported = portable.export(args.model, args.dest)
@@ -158,8 +159,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from melbatch import pictures
-    from melbatch.model import ModelError, read_package_meta
+    from melbatch.look import pictures
+    from melbatch.model.package import ModelError, read_package_meta
 
     if args.timeline:
         return _show_timeline(args)
@@ -186,8 +187,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _show_timeline(args: argparse.Namespace) -> int:
-    from melbatch import timeline
-    from melbatch.model import ModelError
+    from melbatch.look import timeline
+    from melbatch.model.package import ModelError
 
     if not args.model or len(args.uris) != 1 or args.shards or args.predictions:
         raise ConfigError("--timeline draws one audio URI with its --model: melbatch show URI --model MODEL --timeline")
@@ -209,7 +210,7 @@ def _show_timeline(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from melbatch import report
+    from melbatch.look import report
 
     try:
         uri, kind = report.write(args.run, args.output, thumbnails=args.thumbnails, baseline=args.baseline)
@@ -220,7 +221,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from melbatch import review
+    from melbatch.look import review
 
     summary = review.run(build(ReviewConfig, {"out": args.out, **given(args, ReviewConfig)}, "review"))
     print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else summary.render())
@@ -228,7 +229,7 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from melbatch import similar
+    from melbatch.look import similar
 
     cfg = build(SimilarConfig, {"out": args.out, "query": args.query, **given(args, SimilarConfig)}, "similar")
     described, matches, sheet = similar.run(cfg)
@@ -243,7 +244,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from melbatch import submit
+    from melbatch.cli import submit
 
     rest = args.args
     cut = rest.index("--") if "--" in rest else 0  # submit's own options may also follow JOB, before "--"
@@ -268,7 +269,7 @@ def _add_submit_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample_archive(args: argparse.Namespace) -> int:
-    from melbatch import samples
+    from melbatch.testing import archives as samples
 
     files = samples.make_archive(args.dst, args.kind, args.files_per_class, args.seconds, args.seed, args.bad)
     bad = sum(f.bad_kind is not None for f in files)
@@ -277,7 +278,7 @@ def cmd_sample_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from melbatch import demo
+    from melbatch.cli import demo
 
     demo.run(args.dir or tempfile.mkdtemp(prefix="melbatch-demo-"), args.kind, args.files_per_class, args.epochs,
              progress=not args.no_progress)
@@ -491,6 +492,3 @@ def main(argv: list[str] | None = None) -> int:
               "traceback above says where.", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
