@@ -42,13 +42,12 @@ import numpy as np
 import torch
 
 from melbatch import storage
-from melbatch.audio import decode as audio
-from melbatch.audio import logmel as features
+from melbatch.audio import decode, logmel
 from melbatch.config import ClassifyConfig, FeatureConfig
-from melbatch.model import package as model
+from melbatch.model import package
 from melbatch.shards import read_tables, to_pcm16
 from melbatch.stages import classify
-from melbatch.testing import archives as samples
+from melbatch.testing import archives
 
 
 def make_archive(root: Path, n: int, seconds: float, sr: int, unique: int = 0) -> float:
@@ -58,8 +57,8 @@ def make_archive(root: Path, n: int, seconds: float, sr: int, unique: int = 0) -
     for i in range(n):
         label = ("healthy", "faulty")[i % 2]
         if unique <= 0 or i < unique:
-            made.append(samples.encode(samples.engine_sound(rng, seconds, sr, label == "faulty"), sr,
-                                       samples.FORMATS[0]))
+            made.append(archives.encode(archives.engine_sound(rng, seconds, sr, label == "faulty"), sr,
+                                       archives.FORMATS[0]))
         storage.write_bytes(str(root / label / f"{label}_{i:05d}.wav"), made[-1] if unique <= 0 else made[i % unique])
     return n * seconds
 
@@ -71,8 +70,8 @@ GPU_SOURCE = "measured on an H200 by bench/gpu.py"
 
 
 def make_package(out: Path, name: str, cfg: FeatureConfig) -> None:
-    net = model.create_model(name, 2, cfg.shape, pretrained=False)
-    model.save_package(str(out), net, {"model_name": name, "labels": ["faulty", "healthy"],
+    net = package.create_model(name, 2, cfg.shape, pretrained=False)
+    package.save_package(str(out), net, {"model_name": name, "labels": ["faulty", "healthy"],
                                        "feature_config": cfg.to_dict(), "config_hash": cfg.hash(),
                                        "normalization": {"kind": "dataset", "mean": -40.0, "std": 20.0}})
 
@@ -88,8 +87,8 @@ def bare_featurize(root: Path, cfg: FeatureConfig, limit: int | None = None,
     import io
 
     for b in blobs:
-        info, clips = audio.decode_clips(io.BytesIO(b), cfg)
-        out += [m for _, m in features.logmel_clips(clips, cfg)] if images else [to_pcm16(c.samples) for c in clips]
+        info, clips = decode.decode_clips(io.BytesIO(b), cfg)
+        out += [m for _, m in logmel.logmel_clips(clips, cfg)] if images else [to_pcm16(c.samples) for c in clips]
         seconds += info.decoded_frames / info.sample_rate_hz
     return seconds / (time.perf_counter() - t0), np.stack(out)
 
@@ -98,7 +97,7 @@ def bare_model(mels: np.ndarray, name: str, cfg: FeatureConfig, batch_size: int,
                device: str = "cpu") -> float:
     """× realtime of the forward pass alone over images in memory (best of 2 passes; on a GPU the
     images are copied in per batch, under bfloat16 autocast, as classify's actor does)."""
-    net = model.create_model(name, 2, cfg.shape, pretrained=False).to(device).eval()
+    net = package.create_model(name, 2, cfg.shape, pretrained=False).to(device).eval()
     torch.set_num_threads(threads)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
     best = float("inf")

@@ -44,8 +44,7 @@ import torchaudio
 from threadpoolctl import threadpool_limits
 
 from melbatch import storage
-from melbatch.audio import decode as audio
-from melbatch.audio import logmel as features
+from melbatch.audio import decode, logmel
 from melbatch.config import FeatureConfig, FeaturizeConfig
 from melbatch.stages import featurize
 
@@ -141,8 +140,8 @@ def bench_in_memory(blobs: list[bytes], cfg: FeatureConfig) -> tuple[float, floa
     total = 0.0
     t0 = time.perf_counter()
     for b in blobs:
-        info, clips = audio.decode_clips(io.BytesIO(b), cfg)
-        for _, _mel in features.logmel_clips(clips, cfg):
+        info, clips = decode.decode_clips(io.BytesIO(b), cfg)
+        for _, _mel in logmel.logmel_clips(clips, cfg):
             pass
         total += info.decoded_frames / info.sample_rate_hz
     return total, time.perf_counter() - t0

@@ -43,14 +43,14 @@ from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig, build
 from melbatch.model import package as model
 from melbatch.model import weights
 from melbatch.stages import featurize
-from melbatch.testing import archives as samples
-from melbatch.train import driver as train
+from melbatch.testing import archives
+from melbatch.train import driver
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 TRAIN_SPEAKERS = ("jackson", "nicolas", "theo", "yweweler")
 NEW_SPEAKERS = ("george", "lucas")
-SHIFTS = samples.FIELD_SHIFTS
+SHIFTS = archives.FIELD_SHIFTS
 # What each recipe changes from melbatch's defaults of today (train.* / features.* / featurize.*).
 RECIPES: dict[str, dict[str, object]] = {
     "defaults": {},
@@ -153,7 +153,7 @@ def train_package(feats: str, split: list[tuple[str, str]], out: Path, recipe: d
         shutil.rmtree(out)
     cfg = build(TrainConfig, {"shards": feats, "out": str(out), "pretrained": pretrained, "epochs": epochs,
                               "split_manifest": split_csv, "seed": seed, **overrides(recipe, "train")}, "train")
-    train.run(cfg, progress=False)
+    driver.run(cfg, progress=False)
     return str(out)
 
 
@@ -195,7 +195,7 @@ def main() -> None:
     digits = fsdd(args.data / "fsdd", 3 if args.quick else 10, 2 if args.quick else 5)
     tests = {"clean": digits["clean"], "new speakers": digits["new speakers"]}
     for kind in SHIFTS:
-        tests[kind] = samples.field_shifted(digits["clean"], kind, out / "shifted" / kind,
+        tests[kind] = archives.field_shifted(digits["clean"], kind, out / "shifted" / kind,
                                             [p for p, _ in digits["babble"]], rng)
     bird_sets = birds(args.data / "xc_birds10") if not args.no_birds and (args.data / "xc_birds10").is_dir() else None
     print(f"digits: {len(digits['train'])} training files of 4 speakers; clean {len(tests['clean'])}, new speakers "

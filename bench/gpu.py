@@ -30,11 +30,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from melbatch.audio import decode as audio
-from melbatch.audio import logmel as features
+from melbatch.audio import decode, logmel
 from melbatch.config import FeatureConfig
-from melbatch.model import package as model
-from melbatch.testing import archives as samples
+from melbatch.model import package
+from melbatch.testing import archives
 
 
 def rate(step: Callable[[], object], items: int, device: torch.device, seconds: float) -> float:
@@ -60,14 +59,14 @@ def cpu_rates(cfg: FeatureConfig, files: int, file_s: float, sr: int, fmt: tuple
     """(decode + mel, decode only) x realtime of one thread on ``files`` encoded files in memory."""
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    blobs = [samples.encode(samples.engine_sound(rng, file_s, sr, i % 2 == 0), sr, fmt) for i in range(files)]
+    blobs = [archives.encode(archives.engine_sound(rng, file_s, sr, i % 2 == 0), sr, fmt) for i in range(files)]
     out = []
     for with_mel in (True, False):
         t0, secs = time.perf_counter(), 0.0
         for b in blobs:
-            info, clips = audio.decode_clips(io.BytesIO(b), cfg)
+            info, clips = decode.decode_clips(io.BytesIO(b), cfg)
             if with_mel:
-                for _ in features.logmel_clips(clips, cfg):
+                for _ in logmel.logmel_clips(clips, cfg):
                     pass
             else:
                 for _ in clips:
@@ -82,14 +81,14 @@ def model_rates(name: str, images: torch.Tensor, cfg: FeatureConfig, device: tor
     """(bare forward, melbatch predict, bare train step) images/s of timm model ``name`` on ``device``."""
     bs = len(images)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    net = model.create_model(name, 10, cfg.shape, pretrained=False).to(device).eval()
+    net = package.create_model(name, 10, cfg.shape, pretrained=False).to(device).eval()
     x = ((images - images.mean()) / images.std()).unsqueeze(1)
     with torch.inference_mode(), autocast:
         fwd = rate(lambda: torch.softmax(net(x).float(), 1), bs, device, seconds)
-    pkg = model.Package(net, {"labels": [str(i) for i in range(10)],
+    pkg = package.Package(net, {"labels": [str(i) for i in range(10)],
                               "normalization": {"kind": "dataset", "mean": -40.0, "std": 20.0}})
     host = images.cpu().numpy()
-    pred = rate(lambda: model.predict(pkg, host, batch_size=bs), bs, device, seconds)
+    pred = rate(lambda: package.predict(pkg, host, batch_size=bs), bs, device, seconds)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     y = torch.randint(0, 10, (bs,), device=device)
@@ -114,14 +113,14 @@ def main() -> None:
     args = p.parse_args()
     device, cfg, bs = torch.device(args.device), FeatureConfig(), args.batch_size
     threads = torch.get_num_threads()
-    wav = cpu_rates(cfg, args.cpu_files, 30.0, cfg.sample_rate_hz, samples.FORMATS[0])
-    dec_mel, dec = cpu_rates(cfg, args.cpu_files, 30.0, 44_100, samples.FORMATS[1])
+    wav = cpu_rates(cfg, args.cpu_files, 30.0, cfg.sample_rate_hz, archives.FORMATS[0])
+    dec_mel, dec = cpu_rates(cfg, args.cpu_files, 30.0, 44_100, archives.FORMATS[1])
     torch.set_num_threads(threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
     wave = torch.randn(bs, cfg.clip_samples, device=device) * 0.1
     with torch.inference_mode():
-        mel_rt = rate(lambda: features.logmel_tensor(wave, cfg), bs, device, args.seconds) * cfg.clip_s
-        images = features.logmel_tensor(wave, cfg).float()
+        mel_rt = rate(lambda: logmel.logmel_tensor(wave, cfg), bs, device, args.seconds) * cfg.clip_s
+        images = logmel.logmel_tensor(wave, cfg).float()
 
     print(f"\n{name}; images {cfg.shape[0]}x{cfg.shape[1]} ({cfg.clip_s:g} s clips), batch {bs}")
     print(f"{'log-mel on device':<32}{mel_rt:>14,.0f} x realtime")

@@ -32,14 +32,14 @@ from melbatch.config import ClassifyConfig, FeaturizeConfig, ReviewConfig, Train
 from melbatch.look import review
 from melbatch.shards import read_tables
 from melbatch.stages import classify, featurize
-from melbatch.testing import archives as samples
-from melbatch.train import driver as train
+from melbatch.testing import archives
+from melbatch.train import driver
 
 
 def engine_archives(root: Path, rare: int, common: int, pool: int, test: int) -> None:
     """labelled/ (``common`` healthy, ``rare`` faulty), pool/ and test/ (balanced), all different recordings."""
     for name, per, seed in (("labelled", common, 1), ("pool", pool, 2), ("test", test, 3)):
-        samples.make_archive(str(root / name), "engine", files_per_class=per, seconds=6.0, seed=seed)
+        archives.make_archive(str(root / name), "engine", files_per_class=per, seconds=6.0, seed=seed)
     for f in sorted((root / "labelled" / "faulty").iterdir())[rare:]:
         f.unlink()
 
@@ -110,7 +110,7 @@ def main() -> None:
 
     featurize.run(FeaturizeConfig(src=str(root / "labelled"), dst=str(root / "features")), progress=False)
     base = TrainConfig(shards=str(root / "features"), out=str(root / "before"), epochs=args.epochs, seed=args.seed)
-    train.run(base, progress=False)
+    driver.run(base, progress=False)
 
     def test_score(model: str) -> tuple[float, dict[str, float]]:
         out = str(root / f"test-{model}")
@@ -126,7 +126,7 @@ def main() -> None:
                                 dest=str(dest)))
         n = answer(dest, pool_truth)
         after = f"after-{strategy}"
-        train.run(replace(base, out=str(root / after), extra_labels=str(dest / "labels.csv")), progress=False)
+        driver.run(replace(base, out=str(root / after), extra_labels=str(dest / "labels.csv")), progress=False)
         rows.append((f"after {n} {strategy} clips", n, *test_score(after)))
 
     print(f"\n{what}; pool {args.pool} and test {args.test} recordings per label; {args.epochs} epochs, "

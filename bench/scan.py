@@ -155,14 +155,14 @@ def one_results(out: str, n: int, mode: str, files: int) -> None:
     import json
 
     from melbatch import ledger
-    from melbatch.cli import commands as cli
+    from melbatch.cli import commands
 
     dest = Path(tempfile.mkdtemp(prefix="melbatch-results-")) / "results.csv"
     base = peak_mb()
     t0 = time.perf_counter()
     if mode == "stream":
         with contextlib.redirect_stderr(io.StringIO()):  # its "N objects -> FILE"
-            assert cli.main(["results", out, "--format", "csv", "-o", str(dest)]) == 0
+            assert commands.main(["results", out, "--format", "csv", "-o", str(dest)]) == 0
     elif mode == "whole":
         dest.write_bytes(ledger.export(ledger.current(out), "csv"))
     else:  # local only

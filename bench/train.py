@@ -32,9 +32,8 @@ from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig
 from melbatch.model.package import create_model
 from melbatch.shards import TRAIN_CONFIG
 from melbatch.stages import featurize
-from melbatch.testing import archives as samples
-from melbatch.train import augment
-from melbatch.train import driver as train
+from melbatch.testing import archives
+from melbatch.train import augment, driver
 
 
 def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
@@ -101,7 +100,7 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="melbatch-bench-train-")
     features = FeatureConfig()
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    samples.make_archive(f"{root}/archive", "engine", files_per_class=args.files_per_class, seconds=10.0)
+    archives.make_archive(f"{root}/archive", "engine", files_per_class=args.files_per_class, seconds=10.0)
     featurize.run(FeaturizeConfig(src=f"{root}/archive", dst=f"{root}/features", features=features,
                                   keep_audio=args.wave_augment), progress=False)  # waveforms, to augment them
     n_clips = shards.read_manifest(f"{root}/features")["counts"]["clips"]
@@ -112,7 +111,7 @@ def main() -> None:
     torch.set_num_threads(max(1, int(args.cpus - 1)))
     sps = {}
     for name, hold_mb in (("default", TrainConfig.hold_mb), ("streamed", 0)):  # the default, then every epoch read
-        m = train.run(TrainConfig(out=f"{root}/out-{name}", hold_mb=hold_mb, **base))
+        m = driver.run(TrainConfig(out=f"{root}/out-{name}", hold_mb=hold_mb, **base))
         sps[name] = max(e["samples_per_s"] for e in m["epochs"][1:] or m["epochs"])
     ray.shutdown()
     # the same batch as melbatch's workers took (on little data the budget lowers --batch-size)
@@ -135,7 +134,7 @@ def main() -> None:
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         curves = {}
         for name, kw in (("imagenet", {"weights": args.weights}), ("random", {})):
-            r = train.run(TrainConfig(out=f"{root}/out-{name}", **{**base, "pretrained": False, **kw}))
+            r = driver.run(TrainConfig(out=f"{root}/out-{name}", **{**base, "pretrained": False, **kw}))
             curves[name] = [e["val_accuracy"] for e in r["epochs"]]
         print(f"\n{'epoch':<8}{'imagenet init':>15}{'random init':>14}")
         for i, (a, b) in enumerate(zip(curves["imagenet"], curves["random"], strict=True), 1):

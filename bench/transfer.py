@@ -28,7 +28,7 @@ import plain
 from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig, build
 from melbatch.model import weights
 from melbatch.stages import featurize
-from melbatch.train import driver as train
+from melbatch.train import driver
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
 FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
@@ -140,7 +140,7 @@ def main() -> None:
             if f.is_file():
                 f.unlink()
         t0 = time.perf_counter()
-        m = train.run(cfg)
+        m = driver.run(cfg)
         runs[f"melbatch {name}"] = [{**e, "epoch_s": (time.perf_counter() - t0) / len(m["epochs"])}
                                      for e in m["epochs"]]
     if not args.no_plain:

@@ -141,11 +141,11 @@ def engine_training(ray_session):
     end below 90% (measured: with it, 0.63-0.8 at epoch 4; without, 0.93-1.0)."""
     from melbatch.config import FeaturizeConfig, TrainConfig
     from melbatch.stages import featurize
-    from melbatch.testing import archives as samples
-    from melbatch.train import driver as train
+    from melbatch.testing import archives
+    from melbatch.train import driver
 
     b = new_bucket()
-    samples.make_archive(f"{b}/train-archive", "engine", files_per_class=24, seconds=5.0, seed=5)
+    archives.make_archive(f"{b}/train-archive", "engine", files_per_class=24, seconds=5.0, seed=5)
     featurize.run(FeaturizeConfig(src=f"{b}/train-archive", dst=f"{b}/features", features=FAST, files_per_task=8),
                   progress=False)
     cfg = TrainConfig(shards=f"{b}/features", out=f"{b}/model", model="test_resnet", pretrained=False, epochs=6,
@@ -154,13 +154,13 @@ def engine_training(ray_session):
                       **MILD_FIELD)
     os.environ["MELBATCH_CRASH_AT"] = "raise:3"
     try:
-        train.run(cfg)
+        driver.run(cfg)
         crash = None
     except Exception as e:
         crash = str(e)
     finally:
         del os.environ["MELBATCH_CRASH_AT"]
-    return b, cfg, train.run(cfg), crash
+    return b, cfg, driver.run(cfg), crash
 
 
 @pytest.fixture(scope="session")
@@ -180,10 +180,10 @@ def small_archive(ray_session):
     from outputs import featurize_digest
 
     from melbatch.stages import featurize
-    from melbatch.testing import archives as samples
+    from melbatch.testing import archives
 
     b = new_bucket()
-    files = samples.make_archive(f"{b}/archive", "engine", files_per_class=4, seconds=3.0, seed=21, bad=True)
+    files = archives.make_archive(f"{b}/archive", "engine", files_per_class=4, seconds=3.0, seed=21, bad=True)
     clean = featurize.run(small_featurize(b, "features-clean"), progress=False)
     assert clean.inputs == len(files) == 17 and clean.batches == 6
     return b, files, featurize_digest(f"{b}/features-clean")
@@ -231,11 +231,11 @@ def review_predictions(engine_model) -> tuple[str, str, str, list]:
     from melbatch import storage
     from melbatch.config import ClassifyConfig
     from melbatch.stages import classify
-    from melbatch.testing import archives as samples
+    from melbatch.testing import archives
 
     b = engine_model
     archive = f"{b}/review-incoming"
-    files = samples.make_archive(archive, "engine", files_per_class=3, seconds=5.0, seed=41)
+    files = archives.make_archive(archive, "engine", files_per_class=3, seconds=5.0, seed=41)
     storage.write_bytes(f"{archive}/{HOSTILE_LABEL}/{HOSTILE_KEY}", storage.read_bytes(files[1].uri))
     classify.run(ClassifyConfig(archive=archive, model=f"{b}/model", out=f"{b}/review-pred", files_per_task=4,
                                 cpus_per_actor=0.5, max_quarantine_rate=1.0, keep_embeddings=True), progress=False)

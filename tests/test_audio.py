@@ -15,11 +15,11 @@ import torchaudio
 from conftest import tone
 
 from melbatch import storage
-from melbatch.audio import decode as audio
+from melbatch.audio import decode
 from melbatch.audio.decode import DecodeError
 from melbatch.audio.objects import logmels_of_object
 from melbatch.config import FeatureConfig
-from melbatch.testing import archives as samples
+from melbatch.testing import archives
 
 CFG = FeatureConfig(clip_s=1.0, clip_hop_s=1.0, min_tail_s=0.25)
 
@@ -29,14 +29,14 @@ def dominant_hz(x: np.ndarray, sr: int) -> float:
     return float(np.fft.rfftfreq(len(x), 1 / sr)[spec.argmax()])
 
 
-@pytest.mark.parametrize("fmt", samples.FORMATS, ids=[f[2] for f in samples.FORMATS])
+@pytest.mark.parametrize("fmt", archives.FORMATS, ids=[f[2] for f in archives.FORMATS])
 @pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
 @pytest.mark.parametrize("channels", [1, 2])
 def test_every_format_rate_and_channel_count_decodes_to_mono_at_target_rate(fmt, sr, channels):
     x = tone(1000, 2.5, sr)
     if channels == 2:
         x = np.stack([x, x], axis=1)
-    info, y = audio.decode_all(io.BytesIO(samples.encode(x, sr, fmt)), 16_000)
+    info, y = decode.decode_all(io.BytesIO(archives.encode(x, sr, fmt)), 16_000)
     assert info.decoder == "soundfile"
     assert (info.sample_rate_hz, info.channels) == (sr, channels)
     assert y.ndim == 1 and y.dtype == np.float32
@@ -51,7 +51,7 @@ def test_m4a_falls_back_to_torchcodec(tmp_path):
     subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=880:duration=3",
                     "-ar", "44100", "-ac", "2", str(path)], check=True)
     with open(path, "rb") as f:
-        info, y = audio.decode_all(f, 16_000)
+        info, y = decode.decode_all(f, 16_000)
     assert info.decoder == "torchcodec" and info.decoders_tried == ("soundfile", "torchcodec")
     assert abs(len(y) / 16_000 - 3.0) < 0.1
     assert abs(dominant_hz(y, 16_000) - 880) < 10
@@ -62,15 +62,15 @@ def test_m4a_falls_back_to_torchcodec(tmp_path):
 def test_streamed_resampling_equals_resampling_the_whole_signal(orig, new, rng):
     x = (0.1 * rng.standard_normal(orig * 23 + 37)).astype(np.float32)
     blocks = (x[i: i + 7777] for i in range(0, len(x), 7777))
-    y = np.concatenate(list(audio.resample_stream(blocks, orig, new)))
+    y = np.concatenate(list(decode.resample_stream(blocks, orig, new)))
     ref = torchaudio.functional.resample(torch.from_numpy(x), orig, new).numpy()
     assert len(y) == len(ref)
     assert np.abs(y - ref).max() < 1e-5
 
 
-def _clips(seconds: float, cfg: FeatureConfig) -> list[audio.Clip]:
+def _clips(seconds: float, cfg: FeatureConfig) -> list[decode.Clip]:
     x = np.ones(int(seconds * cfg.sample_rate_hz), np.float32)
-    return list(audio.cut_clips(iter(np.array_split(x, 7)), cfg))
+    return list(decode.cut_clips(iter(np.array_split(x, 7)), cfg))
 
 
 def test_clips_pad_the_tail_when_long_enough():
@@ -93,7 +93,7 @@ def test_overlapping_clips_and_exact_fit():
     assert [c.start_s for c in _clips(2.0, CFG)] == [0.0, 1.0]
 
 
-@pytest.mark.parametrize("bad", samples.write_bad_files("memory://bad-kinds", "x", np.random.default_rng(0)),
+@pytest.mark.parametrize("bad", archives.write_bad_files("memory://bad-kinds", "x", np.random.default_rng(0)),
                          ids=lambda b: b.uri.rsplit("/", 1)[-1])
 def test_every_bad_input_gets_its_specific_kind(bad):
     ref = storage.ObjectRef(bad.uri, "etag", len(storage.read_bytes(bad.uri)))
@@ -115,16 +115,16 @@ def _wav_header(rate: int, channels: int, frames: int = 100) -> bytes:
                                                (16000, 0, "bad_header")])
 def test_absurd_headers_are_refused_before_reading(rate, channels, kind):
     with pytest.raises(DecodeError) as e:
-        audio.decode_all(io.BytesIO(_wav_header(rate, channels)), 16_000)
+        decode.decode_all(io.BytesIO(_wav_header(rate, channels)), 16_000)
     assert e.value.kind == kind
     if kind == "bad_header":  # refused by melbatch's own check, naming the values
         assert f"{rate} Hz and {channels} channels" in e.value.message
 
 
 def test_sniffing_names_the_container():
-    assert audio.sniff_container(samples.encode(tone(440, 0.1, 8000), 8000, samples.FORMATS[1])) == "flac"
-    assert audio.sniff_container(b"\x00\x00\x00\x20ftypM4A ") == "mp4"
-    assert audio.sniff_container(b"hello") is None
+    assert decode.sniff_container(archives.encode(tone(440, 0.1, 8000), 8000, archives.FORMATS[1])) == "flac"
+    assert decode.sniff_container(b"\x00\x00\x00\x20ftypM4A ") == "mp4"
+    assert decode.sniff_container(b"hello") is None
 
 
 @pytest.mark.slow
@@ -141,7 +141,7 @@ def test_a_long_file_decodes_in_bounded_memory(tmp_path):
     cfg = FeatureConfig()
     tracemalloc.start()
     with open(path, "rb") as fh:
-        _info, clips = audio.decode_clips(fh, cfg)
+        _info, clips = decode.decode_clips(fh, cfg)
         n = sum(1 for _ in clips)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -156,10 +156,10 @@ def test_a_span_is_the_slice_of_the_whole_signal_and_decoding_stops_at_its_end(r
     only up to the span's end, so ten seconds near the start of a long recording do not decode it all."""
     sr = 44_100
     x = (0.3 * rng.standard_normal(95 * sr)).astype(np.float32)  # 95 s: blocks of 10 s, resampled
-    data = samples.encode(x, sr, samples.FORMATS[0])
-    _, whole = audio.decode_all(io.BytesIO(data), 16_000)
+    data = archives.encode(x, sr, archives.FORMATS[0])
+    _, whole = decode.decode_all(io.BytesIO(data), 16_000)
     for start_s, seconds in ((0.0, 10.0), (9.5, 1.0), (31.25, 12.5), (90.0, None), (94.0, 10.0), (120.0, 5.0)):
-        _, got = audio.decode_span(io.BytesIO(data), 16_000, start_s, seconds)
+        _, got = decode.decode_span(io.BytesIO(data), 16_000, start_s, seconds)
         a = int(start_s * 16_000)
         want = whole[a:] if seconds is None else whole[a:a + int(seconds * 16_000)]
         np.testing.assert_array_equal(got, want, err_msg=f"{start_s}+{seconds}")
@@ -177,5 +177,5 @@ def test_a_span_is_the_slice_of_the_whole_signal_and_decoding_stops_at_its_end(r
             Counted.read_bytes += n
             return n
 
-    audio.decode_span(Counted(data), 16_000, 2.0, 3.0)
+    decode.decode_span(Counted(data), 16_000, 2.0, 3.0)
     assert Counted.read_bytes < len(data) / 3, (Counted.read_bytes, len(data))

@@ -19,7 +19,7 @@ from melbatch import ledger as mb_ledger
 from melbatch import shards, storage
 from melbatch.config import AUDIO_EXTENSIONS, ClassifyConfig, FeaturizeConfig
 from melbatch.stages import classify, featurize
-from melbatch.testing import archives as samples
+from melbatch.testing import archives
 
 pytestmark = [pytest.mark.chaos, pytest.mark.ray]
 
@@ -49,8 +49,8 @@ def _decode_in_a_fresh_process(folder: str) -> dict:
 @pytest.mark.s3
 @pytest.mark.slow
 def test_a_corpus_of_over_100_bad_objects_is_quarantined_kind_by_kind(bucket, tiny_model, ray_session, chaos_log):
-    bad = samples.write_bad_corpus(f"{bucket}/archive", seed=3)
-    good = samples.make_archive(f"{bucket}/archive", "engine", files_per_class=2, seconds=3.0, seed=4)
+    bad = archives.write_bad_corpus(f"{bucket}/archive", seed=3)
+    good = archives.make_archive(f"{bucket}/archive", "engine", files_per_class=2, seconds=3.0, seed=4)
     assert len(bad) >= 100 and set(Counter(f.bad_kind for f in bad)) == {
         "empty", "truncated", "corrupt", "not_audio", "bad_header", "non_finite", "silent", "too_short"}
     s = featurize.run(FeaturizeConfig(src=f"{bucket}/archive", dst=f"{bucket}/features", features=FAST,
@@ -82,11 +82,11 @@ def test_a_corpus_of_over_100_bad_objects_is_quarantined_kind_by_kind(bucket, ti
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """An untrained model package with FAST features (what it predicts does not matter here)."""
-    from melbatch.model import package as model
+    from melbatch.model import package
 
     out = str(tmp_path_factory.mktemp("tiny") / "model")
-    net = model.create_model("test_resnet", 2, FAST.shape, pretrained=False)
-    model.save_package(out, net, {"model_name": "test_resnet", "labels": ["faulty", "healthy"],
+    net = package.create_model("test_resnet", 2, FAST.shape, pretrained=False)
+    package.save_package(out, net, {"model_name": "test_resnet", "labels": ["faulty", "healthy"],
                                   "feature_config": FAST.to_dict(), "config_hash": FAST.hash(),
                                   "normalization": {"kind": "clip"}})
     return out
@@ -96,7 +96,7 @@ def test_no_bad_object_crashes_or_swells_the_decoding_process(tmp_path, chaos_lo
     """All of the corpus and three 3 GB sparse files through one process: it survives, and its peak
     memory stays far below the 9 GB the sparse files alone would take if anything read them whole."""
     folder = str(tmp_path / "archive")
-    bad = samples.write_bad_corpus(folder, seed=5) + samples.write_sparse_files(f"{folder}/sparse", gigabytes=3.0)
+    bad = archives.write_bad_corpus(folder, seed=5) + archives.write_sparse_files(f"{folder}/sparse", gigabytes=3.0)
     assert sum(os.path.getsize(storage.filesystem(f.uri)[1]) for f in bad) > 9 * 2**30
     r = _decode_in_a_fresh_process(folder)
     assert r["quarantined"] == sum(f.bad_kind is not None for f in bad) and r["files"] == 1
@@ -106,7 +106,7 @@ def test_no_bad_object_crashes_or_swells_the_decoding_process(tmp_path, chaos_lo
 
 
 def test_sparse_multi_gb_files_are_judged_from_their_first_bytes(tmp_path, ray_session, chaos_log):
-    files = samples.write_sparse_files(str(tmp_path / "archive" / "big"), gigabytes=4.0)
+    files = archives.write_sparse_files(str(tmp_path / "archive" / "big"), gigabytes=4.0)
     s = featurize.run(FeaturizeConfig(src=str(tmp_path / "archive"), dst=str(tmp_path / "f"), features=FAST),
                       progress=False)
     kinds = {q["uri"]: q["kind"] for q in shards.read_quarantine(str(tmp_path / "f")).to_pylist()}
@@ -120,7 +120,7 @@ def test_sparse_multi_gb_files_are_judged_from_their_first_bytes(tmp_path, ray_s
 def test_keys_that_look_like_paths_out_of_dst_are_only_data(bucket, tmp_path, ray_session, tiny_model, chaos_log):
     """Object keys with ``..``, ``//``, ``%2F``, ``?``, ``#`` and backslashes are read and named as
     they are; every output lands inside DST (a local folder), and nothing is written anywhere else."""
-    x = samples.encode(samples.engine_sound(np.random.default_rng(0), 3.0, 16000, False), 16000, samples.FORMATS[0])
+    x = archives.encode(archives.engine_sound(np.random.default_rng(0), 3.0, 16000, False), 16000, archives.FORMATS[0])
     keys = ["healthy/../../../../escape.wav", "../up.wav", "healthy/..%2F..%2Fenc.wav", "healthy/./dot.wav",
             "healthy//double.wav", "healthy/q?x=1&y=..%2F.wav", "healthy/h#frag.wav", "healthy/ back\\slash.wav",
             "/abs/olute.wav"]
@@ -156,7 +156,7 @@ def test_file_names_that_are_not_utf8_are_featurized_classified_and_scanned(tmp_
     from melbatch.config import ScanConfig
     from melbatch.stages import scan
 
-    x = samples.encode(samples.engine_sound(np.random.default_rng(0), 3.0, 16000, False), 16000, samples.FORMATS[0])
+    x = archives.encode(archives.engine_sound(np.random.default_rng(0), 3.0, 16000, False), 16000, archives.FORMATS[0])
     names = [b"caf\xe9.wav", b"50%\xb0 r\xe9gime.wav", "100% ok é.wav".encode()]
     (tmp_path / "archive" / "healthy").mkdir(parents=True)
     for n in names:
@@ -189,8 +189,8 @@ def test_file_names_that_are_not_utf8_are_featurized_classified_and_scanned(tmp_
 # ------------------------------------------------------------------ hostile archives: links, loops, folders
 
 def _engine_wav(seed: int = 0) -> bytes:
-    return samples.encode(samples.engine_sound(np.random.default_rng(seed), 2.0, 16000, False), 16000,
-                          samples.FORMATS[0])
+    return archives.encode(archives.engine_sound(np.random.default_rng(seed), 2.0, 16000, False), 16000,
+                          archives.FORMATS[0])
 
 
 def _linked_archive(root: Path, outside: Path) -> set[str]:
@@ -223,7 +223,7 @@ def test_link_loops_and_repeated_links_are_listed_once_and_told(tmp_path, ray_se
                                                                chaos_log):
     """Issue 30, 1: ``awb/loop -> ..`` ended the whole run (ELOOP, exit 3). Each real file is listed once,
     at its own place; the loop is a warning; featurize (the CLI, exit 0), classify and scan read the rest."""
-    from melbatch.cli import commands as cli
+    from melbatch.cli import commands
     from melbatch.config import ScanConfig
     from melbatch.stages import scan
 
@@ -239,7 +239,7 @@ def test_link_loops_and_repeated_links_are_listed_once_and_told(tmp_path, ray_se
                                                         "proc -> /proc/self (the system's own files)"]}
 
     dst = str(tmp_path / "features")
-    assert cli.main(["featurize", src, dst, "--clip-s", "2", "--n-mels", "64"]) == 0
+    assert commands.main(["featurize", src, dst, "--clip-s", "2", "--n-mels", "64"]) == 0
     printed = capsys.readouterr().out
     assert "links to a folder that holds them: not followed: awb/loop -> .." in printed
     manifest = shards.read_manifest(dst)
@@ -345,15 +345,15 @@ def test_a_folder_without_permission_is_told_and_the_rest_is_listed(tmp_path):
 def test_one_label_is_a_configuration_error_before_any_training(tmp_path, capsys):
     """Issue 30, 2: shards whose only label is ``only`` trained 100 steps into a package that calls
     everything ``only`` (val_acc 1.000). Now: exit 2 before cluster work, saying what to do."""
-    from melbatch.cli import commands as cli
+    from melbatch.cli import commands
 
     for i in range(4):
         (tmp_path / "archive" / "only").mkdir(parents=True, exist_ok=True)
         (tmp_path / "archive" / "only" / f"{i}.wav").write_bytes(_engine_wav(i))
     dst, out = str(tmp_path / "features"), tmp_path / "out"
-    assert cli.main(["featurize", str(tmp_path / "archive"), dst, "--clip-s", "2", "--n-mels", "64"]) == 0
+    assert commands.main(["featurize", str(tmp_path / "archive"), dst, "--clip-s", "2", "--n-mels", "64"]) == 0
     capsys.readouterr()
-    assert cli.main(["train", dst, str(out), "--model", "test_resnet", "--no-pretrained", "--epochs", "1"]) == 2
+    assert commands.main(["train", dst, str(out), "--model", "test_resnet", "--no-pretrained", "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert "holds clips of 1 label(s) (only): a classifier needs at least two" in err
     assert "--labels" in err and "SRC/<label>/<file>" in err
@@ -367,7 +367,7 @@ def test_manifest_rows_that_name_no_object_are_counted_and_shown(bucket, tmp_pat
     carries the count; a name in the other Unicode normal form (NFD from a Mac, NFC in the CSV) matches."""
     import unicodedata
 
-    from melbatch.cli import commands as cli
+    from melbatch.cli import commands
 
     nfd = unicodedata.normalize("NFD", "café.wav")
     fs, root = storage.filesystem(f"{bucket}/archive")
@@ -377,7 +377,7 @@ def test_manifest_rows_that_name_no_object_are_counted_and_shown(bucket, tmp_pat
     manifest.write_text("uri,label\na.wav,x\n" + unicodedata.normalize("NFC", "café.wav") + ",y\n"
                         "missing.wav,x\nloud.wav,y\n")
     dst = f"{bucket}/features"
-    code = cli.main(["featurize", f"{bucket}/archive", dst, "--labels", str(manifest), "--clip-s", "2", "--n-mels",
+    code = commands.main(["featurize", f"{bucket}/archive", dst, "--labels", str(manifest), "--clip-s", "2", "--n-mels",
                      "64", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
@@ -387,6 +387,6 @@ def test_manifest_rows_that_name_no_object_are_counted_and_shown(bucket, tmp_pat
         f"{bucket}/archive/missing.wav"]
     assert summary["featurized"] == 2 and summary["quarantine_kinds"] == {"unlabelled": 2}  # Loud, unlisted
     assert shards.read_manifest(dst)["counts"]["manifest_rows_unmatched"] == 2
-    assert cli.main(["featurize", f"{bucket}/archive", f"{bucket}/features2", "--labels", str(manifest),
+    assert commands.main(["featurize", f"{bucket}/archive", f"{bucket}/features2", "--labels", str(manifest),
                      "--clip-s", "2", "--n-mels", "64"]) == 0
     assert "2  label manifest rows name no object listed" in capsys.readouterr().out

@@ -11,12 +11,12 @@ import pytest
 from conftest import FAST, decode_images
 
 from melbatch import shards, storage
-from melbatch.cli import commands as cli
+from melbatch.cli import commands
 from melbatch.config import ClassifyConfig, ConfigError
 from melbatch.model import package as model
 from melbatch.stages import classify
 from melbatch.storage import ObjectRef
-from melbatch.testing import archives as samples
+from melbatch.testing import archives
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.s3]
 
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.s3]
 def engine(engine_model):
     """The session's tiny model (FAST features: 2 s clips, 64 mels) on a new archive with broken files."""
     b = engine_model
-    files = samples.make_archive(f"{b}/archive", "engine", files_per_class=10, seconds=5.0, seed=12, bad=True)
+    files = archives.make_archive(f"{b}/archive", "engine", files_per_class=10, seconds=5.0, seed=12, bad=True)
     cfg = ClassifyConfig(archive=f"{b}/archive", model=f"{b}/model", out=f"{b}/pred", files_per_task=6, top_k=2,
                          keep_embeddings=True, max_quarantine_rate=0.5)
     return b, files, cfg, classify.run(cfg, progress=False)
@@ -125,10 +125,10 @@ def test_too_many_quarantined_exits_4_and_bad_settings_fail_fast(engine, capsys)
     b, _, cfg, _ = engine
     args = ["classify", cfg.archive, cfg.model, cfg.out, "--files-per-task", "6", "--top-k", "2",
             "--keep-embeddings", "--no-progress"]
-    assert cli.main([*args, "--max-quarantine-rate", "0.5"]) == 0
-    assert cli.main([*args, "--max-quarantine-rate", "0.2"]) == 4  # 9 of 29 inputs are broken
+    assert commands.main([*args, "--max-quarantine-rate", "0.5"]) == 0
+    assert commands.main([*args, "--max-quarantine-rate", "0.2"]) == 4  # 9 of 29 inputs are broken
     assert "quarantined, more than --max-quarantine-rate" in capsys.readouterr().err
-    assert cli.main(["classify", cfg.archive, f"{b}/no-model", f"{b}/p2", "--no-progress"]) == 2
+    assert commands.main(["classify", cfg.archive, f"{b}/no-model", f"{b}/p2", "--no-progress"]) == 2
     assert "holds no model package" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs for decoding"):
         classify.run(ClassifyConfig(archive=cfg.archive, model=cfg.model, out=f"{b}/p3", cpus_per_actor=1.0,

@@ -16,7 +16,7 @@ from melbatch.config import FeatureConfig
 from melbatch.model import package as mb_model
 from melbatch.model.package import predict
 from melbatch.stages import classify, detections
-from melbatch.testing import archives as samples
+from melbatch.testing import archives
 
 FEATURES = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0)
 # a random-init model's probabilities sit near 0.5: this threshold detects some clips and not others
@@ -27,7 +27,7 @@ DETECT = detections.Settings.of(["0.5"], ["faulty", "healthy"], FEATURES.clip_ho
 def setting(tmp_path_factory):
     """A local archive with broken files, and a random-init package over FEATURES."""
     root = tmp_path_factory.mktemp("stages")
-    files = samples.make_archive(str(root / "archive"), "engine", files_per_class=3, seconds=5.0, seed=5, bad=True)
+    files = archives.make_archive(str(root / "archive"), "engine", files_per_class=3, seconds=5.0, seed=5, bad=True)
     torch.manual_seed(0)
     m = mb_model.create_model("test_convnext", 2, FEATURES.shape, pretrained=False).eval()
     mb_model.save_package(str(root / "train"), m, {

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from melbatch import shards
-from melbatch.cli import commands as cli
+from melbatch.cli import commands
 from melbatch.config import FeatureConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +74,9 @@ def test_sample_archive_writes_both_classes_in_mixed_formats(tmp_path):
 def test_voice_archive_has_lower_pitch_for_male_voices(tmp_path):
     import numpy as np
 
-    from melbatch.testing import archives as samples
+    from melbatch.testing import archives
 
-    files = samples.make_archive(str(tmp_path / "v"), "voice", files_per_class=2, seconds=2.0)
+    files = archives.make_archive(str(tmp_path / "v"), "voice", files_per_class=2, seconds=2.0)
     assert {f.label for f in files} == {"male", "female"} and len(files) == 4
     import soundfile as sf
 
@@ -144,7 +144,8 @@ def test_small_work_runs_without_ray_and_verbose_brings_rays_output_back(tmp_pat
     env = {k: v for k, v in os.environ.items() if k not in ("MELBATCH_VERBOSE", "RAY_ADDRESS", "RAY_AUTH_MODE")}
     args = [sys.executable, "-m", "melbatch.cli", "featurize", str(tmp_path / "in"), "--no-progress", "--clip-s", "1",
             "--n-mels", "32", "--files-per-task", "2", "--keep-audio"]
-    assert cli.main(["sample-archive", str(tmp_path / "in"), "--files-per-class", "2", "--seconds", "2", "--bad"]) == 0
+    assert commands.main(["sample-archive", str(tmp_path / "in"), "--files-per-class", "2", "--seconds", "2",
+                          "--bad"]) == 0
     local = subprocess.run([*args, str(tmp_path / "local")], capture_output=True, text=True, timeout=300, env=env,
                            cwd=ROOT)
     quiet = subprocess.run([*args, str(tmp_path / "out"), "--runner", "ray"], capture_output=True, text=True,

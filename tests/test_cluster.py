@@ -25,8 +25,8 @@ import pytest
 from conftest import FAST
 
 from melbatch import shards
-from melbatch.cli import commands as cli
-from melbatch.testing import archives as samples
+from melbatch.cli import commands
+from melbatch.testing import archives
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
@@ -129,7 +129,7 @@ def cluster(s3_endpoint):
 
 
 def _submit(address: str, job: str, args: list[str], capsys) -> tuple[int, str]:
-    code = cli.main(["submit", job, "--address", address, "--working-dir", str(ROOT), "--", *args])
+    code = commands.main(["submit", job, "--address", address, "--working-dir", str(ROOT), "--", *args])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -137,7 +137,7 @@ def _submit(address: str, job: str, args: list[str], capsys) -> tuple[int, str]:
 def test_featurize_and_classify_jobs_run_on_both_nodes(cluster, engine_model, capsys):
     address, roles, _ = cluster
     b = engine_model
-    files = samples.make_archive(f"{b}/cluster-archive", "engine", files_per_class=6, seconds=3.0, seed=41, bad=True)
+    files = archives.make_archive(f"{b}/cluster-archive", "engine", files_per_class=6, seconds=3.0, seed=41, bad=True)
 
     code, out = _submit(address, "featurize", [f"{b}/cluster-archive", f"{b}/cluster-features", "--clip-s", "2",
                                                "--clip-hop-s", "2", "--n-mels", "64", "--files-per-task", "2",
@@ -194,7 +194,7 @@ def _submit_and_kill_the_worker_node(address: str, job: str, args: list[str], ti
     import threading
 
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(code=cli.main(
+    t = threading.Thread(target=lambda: result.update(code=commands.main(
         ["submit", job, "--address", address, "--working-dir", str(ROOT), "--", *args])))
     t.start()
     deadline, killed = time.time() + 120, []

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from melbatch import config
-from melbatch.cli import commands as cli
-from melbatch.cli import options
+from melbatch.cli import commands, options
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
 
 
@@ -96,7 +95,7 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
     yml = tmp_path / "cfg.yaml"
     yml.write_text("features:\n  n_mels: 64\n  clip_s: 2.0\n  clip_hop_s: 2.0\nfeaturize:\n  files_per_task: 5\n"
                    "  include: ['*/keep_*']\n")
-    args = cli.parser().parse_args(["featurize", "src", "dst", "--config", str(yml), "--n-mels", "32",
+    args = commands.parser().parse_args(["featurize", "src", "dst", "--config", str(yml), "--n-mels", "32",
                                     "--exclude", "*.tmp", "--ext", "wav,flac"])
     cfg = options.featurize_config(args)
     assert cfg.features.n_mels == 32  # flag beats YAML
@@ -109,6 +108,6 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
 def test_yaml_with_an_unknown_section_is_refused(tmp_path):
     yml = tmp_path / "cfg.yaml"
     yml.write_text("feature:\n  n_mels: 64\n")
-    args = cli.parser().parse_args(["featurize", "src", "dst", "--config", str(yml)])
+    args = commands.parser().parse_args(["featurize", "src", "dst", "--config", str(yml)])
     with pytest.raises(ConfigError, match="unknown section"):
         options.featurize_config(args)

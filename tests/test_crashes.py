@@ -17,7 +17,7 @@ from outputs import assert_no_garbage, classify_digest, featurize_digest
 
 from melbatch import ledger as mb_ledger
 from melbatch import shards, storage
-from melbatch.cli import commands as cli
+from melbatch.cli import commands
 from melbatch.config import ScanConfig
 from melbatch.shards import DatasetError
 from melbatch.stages import classify, featurize, scan
@@ -108,7 +108,7 @@ def test_scan_driver_killed_before_and_after_its_commit_converges_once_the_lease
     assert mb_ledger.committed_runs(c.out) == (["000001"] if point == "scan:committed" else [])
     _, held = scan.Lease(c.out, 6)._latest()
     assert not held["released"] and held["expires_at"] > time.time()  # renewed every 2 s until the kill
-    assert cli.main([*argv, "--no-progress"]) == 5
+    assert commands.main([*argv, "--no-progress"]) == 5
     assert "holds" in capsys.readouterr().err
     time.sleep(max(0.0, held["expires_at"] + 0.5 - time.time()))
     s = scan.run(ScanConfig(classify=c, lease_s=6), progress=False)

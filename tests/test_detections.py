@@ -175,7 +175,7 @@ def test_a_long_recording_yields_its_faults_as_events_within_one_clip_hop(engine
     """The session's model (2 s clips) over 10 minutes with clips every second: the faulty events are
     the two true faults within one hop; the detections CLI gives the same events as CSV, JSON and Raven."""
     from melbatch import shards, storage
-    from melbatch.cli import commands as cli
+    from melbatch.cli import commands
     from melbatch.stages import classify
 
     archive = tmp_path / "archive"
@@ -206,19 +206,19 @@ def test_a_long_recording_yields_its_faults_as_events_within_one_clip_hop(engine
 
     # the combined table, as the CLI writes it
     capsys.readouterr()  # what classify printed
-    assert cli.main(["detections", out, "--format", "json"]) == 0
+    assert commands.main(["detections", out, "--format", "json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith('{"uri"')]
     assert [(r["start_s"], r["end_s"]) for r in lines] == found
-    assert cli.main(["detections", out, "--format", "csv", "-o", str(tmp_path / "events.csv")]) == 0
+    assert commands.main(["detections", out, "--format", "csv", "-o", str(tmp_path / "events.csv")]) == 0
     assert (tmp_path / "events.csv").read_text().splitlines()[0].startswith('"uri","etag","label","start_s"')
-    assert cli.main(["detections", out, "--format", "raven", "-o", str(tmp_path / "raven")]) == 0
+    assert commands.main(["detections", out, "--format", "raven", "-o", str(tmp_path / "raven")]) == 0
     rows = detections.read_raven(storage.read_bytes(str(tmp_path / "raven" / "line3.Table.1.selections.txt")))
     assert [(float(r["Begin Time (s)"]), float(r["End Time (s)"])) for r in rows] == \
         [(round(a, 4), round(b, 4)) for a, b in found]
-    assert cli.main(["detections", out, "--label", "healthy"]) == 0
+    assert commands.main(["detections", out, "--label", "healthy"]) == 0
     printed = capsys.readouterr().out
     assert "uri" in printed and "line3.wav" not in printed  # the header only: healthy was never detected
-    assert cli.main(["detections", out, "--format", "raven"]) == 2
+    assert commands.main(["detections", out, "--format", "raven"]) == 2
     assert "needs -o/--output FOLDER" in capsys.readouterr().err
 
     # the classify report draws the recording on its timeline
@@ -244,13 +244,13 @@ def test_the_timeline_draws_the_probability_peak_and_the_event_over_the_fault(en
     picture, the faulty curve is high only over the fault, and the event bar spans it."""
     import matplotlib.image
 
-    from melbatch.cli import commands as cli
+    from melbatch.cli import commands
     from melbatch.look import timeline
 
     wav = tmp_path / "pump.wav"
     _machine_recording(str(wav), engine_model, [(60.0, 90.0)], 180.0)
     png = tmp_path / "timeline.png"
-    assert cli.main(["show", str(wav), "--model", f"{engine_model}/model", "--timeline", "--clip-hop-s", "1",
+    assert commands.main(["show", str(wav), "--model", f"{engine_model}/model", "--timeline", "--clip-hop-s", "1",
                      "--threshold", "healthy=off", "--min-event-s", "3", "--gap-s", "2", "-o", str(png)]) == 0
     assert "1 events (faulty)" in capsys.readouterr().out
     tl = timeline.of_model(str(wav), f"{engine_model}/model", detect_specs=("healthy=off",), hop_s=1.0,

@@ -16,11 +16,11 @@ import soundfile as sf
 import torch
 
 from melbatch.audio.logmel import compute_logmel
-from melbatch.cli import commands as cli
+from melbatch.cli import commands
 from melbatch.config import FeatureConfig
-from melbatch.model import export as portable
+from melbatch.model import export
 from melbatch.model import package as mb_model
-from melbatch.testing import archives as samples
+from melbatch.testing import archives
 
 PLAIN = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0)
 ENGINEERED = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0, band_emphasis=((1500.0, 4000.0, 6.0),),
@@ -46,7 +46,7 @@ def _package(root: Path, cfg: FeatureConfig, norm: dict) -> str:
 def _clips(cfg: FeatureConfig, n: int = 5) -> np.ndarray:
     """Generated machine clips at the package's rate: healthy and faulty, one quiet."""
     rng = np.random.default_rng(3)
-    clips = [samples.engine_sound(rng, cfg.clip_s, cfg.sample_rate_hz, faulty=i % 2 == 1) for i in range(n)]
+    clips = [archives.engine_sound(rng, cfg.clip_s, cfg.sample_rate_hz, faulty=i % 2 == 1) for i in range(n)]
     clips[-1] = clips[-1] * 0.01
     return np.stack(clips).astype(np.float32)
 
@@ -56,7 +56,7 @@ def _clips(cfg: FeatureConfig, n: int = 5) -> np.ndarray:
 def test_the_graph_gives_melbatchs_probabilities_and_images(tmp_path, cfg, norm):
     pkg_uri = _package(tmp_path / "train", cfg, norm)
     dest = tmp_path / "model.onnx"
-    assert cli.main(["export", pkg_uri, str(dest)]) == 0
+    assert commands.main(["export", pkg_uri, str(dest)]) == 0
     session = ort.InferenceSession(str(dest), providers=["CPUExecutionProvider"])
     [inp] = session.get_inputs()
     assert inp.name == "audio" and inp.shape[1] == cfg.clip_samples and not isinstance(inp.shape[0], int)
@@ -67,7 +67,7 @@ def test_the_graph_gives_melbatchs_probabilities_and_images(tmp_path, cfg, norm)
     clips = _clips(cfg)  # a batch of 5: another size than the export traced
     probs, images = session.run(["probabilities", "logmel"], {"audio": clips})
     pkg = mb_model.load_package(pkg_uri)
-    want = portable.melbatch_probabilities(pkg, clips)
+    want = export.melbatch_probabilities(pkg, clips)
     assert probs.shape == (5, 3)
     np.testing.assert_allclose(probs, want, atol=1e-3)
     assert want.max(1).min() < 0.99 and np.ptp(want[:, 0]) > 0.05  # informative probabilities, not saturated
@@ -82,9 +82,9 @@ def test_the_graph_gives_melbatchs_probabilities_and_images(tmp_path, cfg, norm)
 def test_the_readme_example_runs_the_graph_on_a_recording(tmp_path):
     """The README's onnxruntime example, run as written on a 7-second recording: one line per clip."""
     pkg_uri = _package(tmp_path / "train", PLAIN, {"kind": "dataset", "mean": -40.0, "std": 20.0})
-    portable.export(pkg_uri, str(tmp_path / "model.onnx"))
+    export.export(pkg_uri, str(tmp_path / "model.onnx"))
     rng = np.random.default_rng(1)
-    sf.write(tmp_path / "recording.wav", samples.engine_sound(rng, 7.0, 16_000, faulty=True), 16_000)
+    sf.write(tmp_path / "recording.wav", archives.engine_sound(rng, 7.0, 16_000, faulty=True), 16_000)
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(import json, numpy as np, onnxruntime.*?)```", readme, re.S)
     assert code, "the README's onnxruntime example"
@@ -98,5 +98,5 @@ def test_the_readme_example_runs_the_graph_on_a_recording(tmp_path):
 
 
 def test_export_of_what_is_not_a_package_fails_with_exit_2(tmp_path, capsys):
-    assert cli.main(["export", str(tmp_path / "nothing"), str(tmp_path / "m.onnx")]) == 2
+    assert commands.main(["export", str(tmp_path / "nothing"), str(tmp_path / "m.onnx")]) == 2
     assert "no model package" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()

@@ -14,7 +14,7 @@ from outputs import assert_no_garbage, classify_digest, featurize_digest
 
 from melbatch import ledger as mb_ledger
 from melbatch import shards, storage
-from melbatch.cli import commands as cli
+from melbatch.cli import commands
 from melbatch.config import ClassifyConfig, ScanConfig
 from melbatch.stages import classify, featurize, scan
 from melbatch.storage import TransientStorageError
@@ -97,7 +97,7 @@ def test_lasting_faults_fail_the_run_clearly_within_bounds_and_a_rerun_completes
     faults.inject({"kind": "status", "code": 503, "target": _key_re(victim.uri)})
     args = ["featurize", f"{b}/archive", f"{b}/features-lasting", *SMALL_FEATURIZE_ARGS, "--no-progress"]
     t0 = time.perf_counter()
-    assert cli.main(args) == 3
+    assert commands.main(args) == 3
     took = time.perf_counter() - t0
     err = capsys.readouterr().err
     [rule] = faults.clear()["rules"]

@@ -233,13 +233,13 @@ def test_steps_apply_the_same_to_a_batch_on_the_training_path(rng):
 _FAULTS_PER_CLIP = """
 import resource, sys
 import numpy as np, torch
-from melbatch.stages import workers as cpu
+from melbatch.stages import workers
 from melbatch.config import FeatureConfig
 from melbatch.audio.logmel import logmel_clips
 from melbatch.audio.decode import Clip
 if sys.argv[1] == "prepared":
-    cpu.prepare_worker(1)
-    print(cpu.keep_freed_memory(), end=" ")
+    workers.prepare_worker(1)
+    print(workers.keep_freed_memory(), end=" ")
 cfg = FeatureConfig()
 rng = np.random.default_rng(0)
 clips = [Clip(i, 5.0 * i, 5.0 * (i + 1), (0.1 * rng.standard_normal(cfg.clip_samples)).astype(np.float32))

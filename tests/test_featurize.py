@@ -15,7 +15,7 @@ from melbatch.audio.logmel import compute_logmel
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.shards import DatasetError
 from melbatch.stages import featurize
-from melbatch.testing import archives as samples
+from melbatch.testing import archives
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.s3]
 
@@ -30,7 +30,7 @@ def engine_on_s3(request):
     """An engine archive with every bad kind, featurized once from S3 to S3."""
     request.getfixturevalue("ray_session")
     bucket = new_bucket()
-    files = samples.make_archive(f"{bucket}/archive", "engine", files_per_class=5, seconds=5.0, seed=3, bad=True)
+    files = archives.make_archive(f"{bucket}/archive", "engine", files_per_class=5, seconds=5.0, seed=3, bad=True)
     cfg = FeaturizeConfig(src=f"{bucket}/archive", dst=f"{bucket}/features", features=FAST, files_per_task=4,
                           rows_per_shard=8, rows_per_row_group=4, keep_audio=True)
     summary = featurize.run(cfg, progress=False)
@@ -163,7 +163,7 @@ def test_a_retried_task_rewrites_the_same_files(engine_on_s3, bucket):
 
 def test_other_features_into_the_same_dst_are_refused_then_replaced_with_overwrite(ray_session, tmp_path):
     src, dst = str(tmp_path / "a"), str(tmp_path / "f")
-    samples.make_archive(src, "engine", files_per_class=2, seconds=3.0)
+    archives.make_archive(src, "engine", files_per_class=2, seconds=3.0)
     featurize.run(FeaturizeConfig(src=src, dst=dst, features=FAST), progress=False)
     old_shards = set(shards.read_manifest(dst)["shards"])
     other = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=32)
@@ -179,7 +179,7 @@ def test_other_features_into_the_same_dst_are_refused_then_replaced_with_overwri
 
 def test_local_folder_file_uri_manifest_labels_and_filters(ray_session, tmp_path):
     src = tmp_path / "arch"
-    files = samples.make_archive(str(src), "engine", files_per_class=3, seconds=3.0)
+    files = archives.make_archive(str(src), "engine", files_per_class=3, seconds=3.0)
     labels = tmp_path / "labels.csv"
     keep = files[:4]
     labels.write_text("uri,label\n" + "".join(
@@ -198,8 +198,8 @@ def test_local_folder_file_uri_manifest_labels_and_filters(ray_session, tmp_path
 def test_unlabelled_archive(ray_session, tmp_path):
     src = tmp_path / "flat"
     for i in range(3):
-        storage.write_bytes(str(src / f"rec{i}.wav"), samples.encode(
-            samples.engine_sound(np.random.default_rng(i), 3.0, 16000, False), 16000, samples.FORMATS[0]))
+        storage.write_bytes(str(src / f"rec{i}.wav"), archives.encode(
+            archives.engine_sound(np.random.default_rng(i), 3.0, 16000, False), 16000, archives.FORMATS[0]))
     dst = str(tmp_path / "out")
     s = featurize.run(FeaturizeConfig(src=str(src), dst=dst, features=FAST, labels="none"), progress=False)
     assert s.featurized == 3 and s.quarantined == 0
@@ -238,8 +238,8 @@ def test_summary_counts_render(engine_on_s3):
 
 def test_an_object_that_vanishes_after_listing_is_a_read_error(bucket):
     uri = f"{bucket}/gone/a.wav"
-    storage.write_bytes(uri, samples.encode(samples.engine_sound(np.random.default_rng(0), 2.0, 16000, False),
-                                            16000, samples.FORMATS[0]))
+    storage.write_bytes(uri, archives.encode(archives.engine_sound(np.random.default_rng(0), 2.0, 16000, False),
+                                            16000, archives.FORMATS[0]))
     [ref] = storage.list_objects(f"{bucket}/gone")
     storage.delete([uri])
     result = featurize.featurize_batch("vanished", [(ref, "x")], FAST.canonical_json(), f"{bucket}/out", 4, 2, -70.0)
@@ -249,10 +249,10 @@ def test_an_object_that_vanishes_after_listing_is_a_read_error(bucket):
 
 
 def test_keys_with_spaces_unicode_and_percent_signs(ray_session, bucket):
-    x = samples.engine_sound(np.random.default_rng(0), 2.0, 16000, False)
+    x = archives.engine_sound(np.random.default_rng(0), 2.0, 16000, False)
     keys = ["dog barks/ünïcödé 100% loud.wav", "dog barks/x+y=z (1).flac", "cat/ONE.WAV"]
     for k in keys:
-        storage.write_bytes(f"{bucket}/odd/{k}", samples.encode(x, 16000, samples.FORMATS[0 if "wav" in k.lower()
+        storage.write_bytes(f"{bucket}/odd/{k}", archives.encode(x, 16000, archives.FORMATS[0 if "wav" in k.lower()
                                                                                           else 1]))
     s = featurize.run(FeaturizeConfig(src=f"{bucket}/odd", dst=f"{bucket}/odd-out", features=FAST), progress=False)
     assert s.featurized == 3
@@ -270,7 +270,7 @@ def test_feature_engineering_steps_are_applied_alike_by_featurize_classify_and_t
     steps = FeatureConfig(**{**FAST.to_dict(), "denoise": "gate", "band_emphasis": ((1000.0, 4000.0, 6.0),),
                              "compression": "pcen", "clip_norm": "band_mean"})
     src, dst = tmp_path / "a", tmp_path / "f"
-    samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0, seed=8)
+    archives.make_archive(str(src), "engine", files_per_class=2, seconds=3.0, seed=8)
     featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=steps, keep_audio=True), progress=False)
     manifest = shards.read_manifest(str(dst))
     assert manifest["config_hash"] == steps.hash() != FAST.hash()
@@ -306,7 +306,7 @@ def test_shard_columns_are_built_as_pa_array_builds_them_and_a_small_run_never_i
         assert built.equals(pa.array(values, type_)), (values, type_)
     with pytest.raises(TypeError, match="is not one of"):
         shards.plain_array([True], pa.bool_())
-    samples.make_archive(str(tmp_path / "in"), "engine", files_per_class=1, seconds=2.0)
+    archives.make_archive(str(tmp_path / "in"), "engine", files_per_class=1, seconds=2.0)
     code = ("import sys; from melbatch import cli; rc = cli.main(['featurize', *sys.argv[1:], '--no-progress']);"
             "print('pandas' in sys.modules); sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
@@ -330,9 +330,9 @@ def test_the_sample_rate_is_fitted_to_where_the_recordings_sound_lies(tmp_path, 
         (tmp_path / "birds" / "trill").mkdir(parents=True, exist_ok=True)
         f0 = rng.uniform(6000, 11000)
         x = 0.3 * np.sin(2 * np.pi * (f0 + 800 * np.sin(2 * np.pi * 7 * t)) * t) * (np.sin(2 * np.pi * 3 * t) > 0)
-        (tmp_path / "birds" / "trill" / f"{i}.wav").write_bytes(samples.encode(x.astype(np.float32), 48000,
-                                                                                samples.FORMATS[0]))
-    samples.make_archive(str(tmp_path / "engines"), "engine", files_per_class=3, seconds=3.0, seed=3)
+        (tmp_path / "birds" / "trill" / f"{i}.wav").write_bytes(archives.encode(x.astype(np.float32), 48000,
+                                                                                archives.FORMATS[0]))
+    archives.make_archive(str(tmp_path / "engines"), "engine", files_per_class=3, seconds=3.0, seed=3)
     cfg = FeaturizeConfig(src=str(tmp_path / "birds"), dst=str(tmp_path / "f"))
     refs = list(storage.list_objects(cfg.src))
     fitted = fz.fit_rate(cfg, refs)

@@ -61,7 +61,7 @@ def _scan_out(root, old_attempt: str) -> str:
 def test_results_stream_a_big_ledger_a_row_group_at_a_time_and_find_older_verdicts(tmp_path, capsys):
     """`melbatch results` holds one ledger row group at a time, whatever the archive's size; rows of a
     ledger written before it held verdicts get theirs from the attempt that holds them."""
-    from melbatch.cli import commands as cli
+    from melbatch.cli import commands
     from melbatch.look import report
 
     n = 2 * ledger.LEDGER_ROW_GROUP_ROWS + 1000
@@ -106,17 +106,17 @@ def test_results_stream_a_big_ledger_a_row_group_at_a_time_and_find_older_verdic
     assert ledger.results(out, "quarantined").rows == quarantined
 
     csv_out = tmp_path / "results.csv"
-    assert cli.main(["results", out, "--format", "csv", "-o", str(csv_out)]) == 0
+    assert commands.main(["results", out, "--format", "csv", "-o", str(csv_out)]) == 0
     assert f"{len(live)} objects -> {csv_out}" in capsys.readouterr().err
     with open(csv_out, newline="") as f:
         got = list(csv.DictReader(f))
     assert [r["uri"] for r in got] == sorted(live) and got[0]["label"] == "faulty"
-    assert cli.main(["results", out, "--status", "quarantined"]) == 0
+    assert commands.main(["results", out, "--status", "quarantined"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 + quarantined and lines[0].split() == ["uri", "status", "label", "prob", "run"]
     assert {line.index("quarantined") for line in lines[1:]} == {lines[0].index("status")}
     parquet_out = tmp_path / "results.parquet"
-    assert cli.main(["results", out, "--format", "parquet", "-o", str(parquet_out)]) == 0
+    assert commands.main(["results", out, "--format", "parquet", "-o", str(parquet_out)]) == 0
     assert pq.read_table(parquet_out).equals(table)
 
 

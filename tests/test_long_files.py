@@ -91,12 +91,12 @@ def test_a_long_recording_is_classified_in_chunks_and_its_verdict_is_the_mean_of
     from melbatch import shards
     from melbatch.config import ClassifyConfig
     from melbatch.stages import classify
-    from melbatch.testing import archives as samples
+    from melbatch.testing import archives
 
     archive = tmp_path / "archive"
     archive.mkdir()
     _recording(str(archive / "long.wav"), 1800)
-    samples.make_archive(str(archive), "engine", files_per_class=1, seconds=3.0, seed=2)
+    archives.make_archive(str(archive), "engine", files_per_class=1, seconds=3.0, seed=2)
     cfg = ClassifyConfig(archive=str(archive), model=f"{engine_model}/model", out=str(tmp_path / "pred"),
                          files_per_task=3, task_mb=1000, top_k=2)
     s = classify.run(cfg, progress=False)

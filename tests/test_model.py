@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from melbatch.cli import commands as cli
+from melbatch.cli import commands
 from melbatch.config import FeatureConfig
 from melbatch.model import package as mb_model
 from melbatch.model.package import ModelError
@@ -71,7 +71,7 @@ def test_unknown_model_and_missing_file_are_clear(tmp_path, capsys):
     with pytest.raises(ModelError, match="no model 'convnxt_tiny'; did you mean convnext_tiny"):
         mb_model.create_model("convnxt_tiny", 2, SHAPE)
     # `melbatch train --model resnet_18`: a configuration error (exit 2) naming the model meant, before any work
-    assert cli.main(["train", str(tmp_path / "no-shards"), str(tmp_path / "out"), "--model", "resnet_18"]) == 2
+    assert commands.main(["train", str(tmp_path / "no-shards"), str(tmp_path / "out"), "--model", "resnet_18"]) == 2
     assert "--model: timm has no model 'resnet_18'; did you mean resnet18" in capsys.readouterr().err
     with pytest.raises(WeightsError, match="does not exist"):
         mb_model.create_model("test_convnext", 2, SHAPE, weights=str(tmp_path / "nope.safetensors"))

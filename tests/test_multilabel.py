@@ -12,9 +12,8 @@ import torch
 
 from melbatch import storage
 from melbatch.config import ConfigError
-from melbatch.labels import multilabel
-from melbatch.labels import sources as labels
-from melbatch.testing import archives as samples
+from melbatch.labels import multilabel, sources
+from melbatch.testing import archives
 
 
 def test_label_strings_round_trip_and_targets():
@@ -43,20 +42,20 @@ def test_a_manifest_gives_several_labels_per_file_and_per_time_span(tmp_path):
     (tmp_path / "labels.csv").write_text("uri,label,start_s,end_s\na.wav,bird,,\na.wav,rain,,\nb.wav,wind,,\n"
                                          "c.wav,rain,,\nc.wav,bird,1.0,3.0\nc.wav,frog,10,20\n")
     src = storage.canonical(str(tmp_path))
-    table = labels.load_manifest(str(tmp_path / "labels.csv"), src)
+    table = sources.load_manifest(str(tmp_path / "labels.csv"), src)
     assert table[f"{src}/a.wav"] == "bird;rain" and table[f"{src}/b.wav"] == "wind"
     spans = table[f"{src}/c.wav"]
-    assert isinstance(spans, labels.Spans)
+    assert isinstance(spans, sources.Spans)
     # a clip gets a span's label when they overlap by half the shorter of the two
     assert spans.of(0.0, 2.0) == "bird;rain"  # 1 s of the 2 s bird span
     assert spans.of(2.5, 4.5) == "rain"  # 0.5 s of it: less than half
     assert spans.of(12.0, 14.0) == "frog;rain"
     (tmp_path / "l.jsonl").write_text('{"uri": "a.wav", "label": ["x", "y"]}\n{"uri": "b.wav", "label": 3}\n')
-    table = labels.load_manifest(str(tmp_path / "l.jsonl"), src)
+    table = sources.load_manifest(str(tmp_path / "l.jsonl"), src)
     assert table[f"{src}/a.wav"] == "x;y" and table[f"{src}/b.wav"] == "3"
     (tmp_path / "bad.csv").write_text("uri,label,start_s,end_s\na.wav,bird,3,1\n")
     with pytest.raises(ConfigError, match="line 2: the span 3-1 s"):
-        labels.load_manifest(str(tmp_path / "bad.csv"), src)
+        sources.load_manifest(str(tmp_path / "bad.csv"), src)
 
 
 def test_single_label_training_refuses_shards_with_several_labels_and_names_the_flag():
@@ -93,9 +92,9 @@ def test_overlapping_sources_are_learned_with_per_label_f1_over_0_9_on_held_out_
     from melbatch import shards
     from melbatch.config import ClassifyConfig, FeaturizeConfig, TrainConfig
     from melbatch.stages import classify, featurize
-    from melbatch.train import driver as train
+    from melbatch.train import driver
 
-    files, manifest = samples.make_mixture_archive(str(tmp_path / "archive"), files_per_set=6, seconds=4.0, seed=3,
+    files, manifest = archives.make_mixture_archive(str(tmp_path / "archive"), files_per_set=6, seconds=4.0, seed=3,
                                                    spans=4)
     featurize.run(FeaturizeConfig(src=str(tmp_path / "archive"), dst=str(tmp_path / "features"), features=FAST,
                                   labels=manifest, files_per_task=16), progress=False)
@@ -112,20 +111,20 @@ def test_overlapping_sources_are_learned_with_per_label_f1_over_0_9_on_held_out_
     single = TrainConfig(shards=str(tmp_path / "features"), out=str(tmp_path / "single"), model="test_resnet",
                          pretrained=False)
     with pytest.raises(ConfigError, match="--multi-label"):  # before any cluster work
-        train.run(single, progress=False)
+        driver.run(single, progress=False)
 
     cfg = TrainConfig(shards=str(tmp_path / "features"), out=str(tmp_path / "model"), model="test_resnet",
                       pretrained=False, multi_label=True, epochs=8, batch_size=8, workers=2, cpus_per_worker=0.5,
                       lr=3e-3, max_failures=0, min_steps=120)
-    m = train.run(cfg, progress=False)
-    assert m["multi_label"] and m["labels"] == list(samples.MIXTURE_SOURCES)
+    m = driver.run(cfg, progress=False)
+    assert m["multi_label"] and m["labels"] == list(archives.MIXTURE_SOURCES)
     assert m["val_map"] >= 0.9 and "confusion_matrix" not in m, m["per_class"]
     meta = json.loads(storage.read_bytes(str(tmp_path / "model" / "model" / "model.json")))
-    assert meta["multi_label"] and set(meta["thresholds"]) == set(samples.MIXTURE_SOURCES)
+    assert meta["multi_label"] and set(meta["thresholds"]) == set(archives.MIXTURE_SOURCES)
 
     # held-out files from another seed, classified: each file's labels are those whose mean probability
     # reaches the package's threshold
-    held, _ = samples.make_mixture_archive(str(tmp_path / "new"), files_per_set=3, seconds=4.0, seed=99)
+    held, _ = archives.make_mixture_archive(str(tmp_path / "new"), files_per_set=3, seconds=4.0, seed=99)
     out = str(tmp_path / "pred")
     classify.run(ClassifyConfig(archive=str(tmp_path / "new"), model=str(tmp_path / "model"), out=out,
                                 top_k=3), progress=False)
@@ -133,7 +132,7 @@ def test_overlapping_sources_are_learned_with_per_label_f1_over_0_9_on_held_out_
     verdicts = shards.read_tables(out, "files").to_pylist()
     order = json.loads(shards.read_tables(out, "files").schema.field("scores").metadata[b"labels"])
     assert len(verdicts) == len(held) == 21
-    for lab in samples.MIXTURE_SOURCES:
+    for lab in archives.MIXTURE_SOURCES:
         tp = fp = fn = 0
         for v in verdicts:
             said = {n for n, s in zip(order, v["scores"], strict=True) if s >= meta["thresholds"][n]}

@@ -9,11 +9,11 @@ import pytest
 from conftest import FAST, tone
 
 from melbatch import storage
-from melbatch.cli import commands as cli
+from melbatch.cli import commands
 from melbatch.config import FeatureConfig, FeaturizeConfig
 from melbatch.look import pictures
 from melbatch.stages import featurize
-from melbatch.testing import archives as samples
+from melbatch.testing import archives
 
 
 def _png(uri: str) -> np.ndarray:
@@ -27,7 +27,7 @@ def _png(uri: str) -> np.ndarray:
 def test_a_pure_tone_lights_one_band_at_its_frequency_on_the_picture(tmp_path):
     cfg = FeatureConfig()
     wav = tmp_path / "tone.wav"
-    storage.write_bytes(str(wav), samples.encode(tone(1000.0, 3.0, 44100), 44100, samples.FORMATS[0]))
+    storage.write_bytes(str(wav), archives.encode(tone(1000.0, 3.0, 44100), 44100, archives.FORMATS[0]))
     panel = pictures.audio_panel(str(wav), cfg, seconds=None)
     centers = cfg.band_centers_hz()
     band = int(panel.mel.mean(axis=1).argmax())
@@ -50,7 +50,7 @@ def test_a_pure_tone_lights_one_band_at_its_frequency_on_the_picture(tmp_path):
 @pytest.mark.ray
 def test_stored_clips_side_by_side_and_the_cli(ray_session, tmp_path, capsys):
     src, dst = tmp_path / "a", tmp_path / "f"
-    files = samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
+    files = archives.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
     featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)  # images only
     cfg, panels = pictures.shard_panels(str(dst), limit=4)
     assert cfg == FAST and len(panels) == 4 and {p.title.split(" ")[0] for p in panels} == {"healthy", "faulty"}
@@ -63,14 +63,14 @@ def test_stored_clips_side_by_side_and_the_cli(ray_session, tmp_path, capsys):
     assert all(a[2] <= b[0] for a, b in itertools.pairwise(boxes))  # side by side, not overlapping
 
     one = files[0].uri
-    assert cli.main(["show", one, "-o", str(tmp_path / "one.png"), "--seconds", "2"]) == 0
-    assert cli.main(["show", "--shards", str(dst), one, "--clips", "2", "-o", str(tmp_path / "two.png")]) == 0
+    assert commands.main(["show", one, "-o", str(tmp_path / "one.png"), "--seconds", "2"]) == 0
+    assert commands.main(["show", "--shards", str(dst), one, "--clips", "2", "-o", str(tmp_path / "two.png")]) == 0
     assert "2 panel(s)" in capsys.readouterr().out
     assert _png(str(tmp_path / "two.png")).shape[1] > _png(str(tmp_path / "one.png")).shape[1]
-    assert cli.main(["show", "-o", str(tmp_path / "x.png")]) == 2
+    assert commands.main(["show", "-o", str(tmp_path / "x.png")]) == 2
     # stored clips with other features: images remade from their waveforms (read again from the
     # archive, or stored with --keep-audio), before and after
-    assert cli.main(["show", "--shards", str(dst), one, "--band-emphasis", "2000-8000:+12", "--compare",
+    assert commands.main(["show", "--shards", str(dst), one, "--band-emphasis", "2000-8000:+12", "--compare",
                      "-o", str(tmp_path / "three.png")]) == 0
     assert "2 panel(s)" in capsys.readouterr().out
     kept = tmp_path / "k"
@@ -89,7 +89,7 @@ def test_stored_clips_side_by_side_and_the_cli(ray_session, tmp_path, capsys):
         pictures.restyle(pictures.shard_panels(str(dst), [one])[1], emphasis)
     [left] = pictures.with_waveforms(pictures.shard_panels(str(dst), [one])[1], FAST)  # drawn without one
     assert left.samples is None
-    assert cli.main(["show", "--shards", str(dst), one, "-o", str(tmp_path / "four.png")]) == 0
+    assert commands.main(["show", "--shards", str(dst), one, "-o", str(tmp_path / "four.png")]) == 0
 
 
 def test_compare_draws_each_clip_before_and_after_the_steps(tmp_path, capsys, rng):
@@ -98,7 +98,7 @@ def test_compare_draws_each_clip_before_and_after_the_steps(tmp_path, capsys, rn
     t = np.arange(4 * sr) / sr
     x = 0.05 * np.sin(2 * np.pi * 1000 * t) * (t % 1.0 < 0.5) + 0.1 * rng.standard_normal(len(t))
     wav = str(tmp_path / "beeps.wav")
-    storage.write_bytes(wav, samples.encode(x.astype(np.float32), sr, samples.FORMATS[0]))
+    storage.write_bytes(wav, archives.encode(x.astype(np.float32), sr, archives.FORMATS[0]))
     cfg = FeatureConfig(denoise="gate")
     panels = pictures.before_after([pictures.audio_panel(wav, cfg, seconds=None)], cfg)
     assert [p.title.split(" ")[0] for p in panels] == ["before", "after"] and "denoise gate" in panels[1].title
@@ -108,9 +108,9 @@ def test_compare_draws_each_clip_before_and_after_the_steps(tmp_path, capsys, rn
     (l0, t0, r0, b0), (l1, t1, r1, b1) = out.spectrogram_boxes
     assert img[t1 + 2:b1 - 2, l1 + 2:r1 - 2].mean() < img[t0 + 2:b0 - 2, l0 + 2:r0 - 2].mean() - 0.1
     # the CLI: flags change the features of audio inputs; PCEN gets its own colour scale
-    assert cli.main(["show", wav, "--denoise", "gate", "--compare", "-o", str(tmp_path / "c.png")]) == 0
+    assert commands.main(["show", wav, "--denoise", "gate", "--compare", "-o", str(tmp_path / "c.png")]) == 0
     assert "2 panel(s)" in capsys.readouterr().out
-    assert cli.main(["show", wav, "--compression", "pcen", "--compare", "-o", str(tmp_path / "p.png")]) == 0
+    assert commands.main(["show", wav, "--compression", "pcen", "--compare", "-o", str(tmp_path / "p.png")]) == 0
     assert "PCEN" in capsys.readouterr().out
-    assert cli.main(["show", wav, "--compare", "-o", str(tmp_path / "n.png")]) == 2  # nothing to compare
+    assert commands.main(["show", wav, "--compare", "-o", str(tmp_path / "n.png")]) == 2  # nothing to compare
     assert "no feature-engineering steps" in capsys.readouterr().err

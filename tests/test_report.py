@@ -22,11 +22,11 @@ from conftest import FAST, HOSTILE_KEY, HOSTILE_LABEL
 
 from melbatch import ledger as mb_ledger
 from melbatch import storage
-from melbatch.cli import commands as cli
+from melbatch.cli import commands
 from melbatch.config import ClassifyConfig, FeaturizeConfig, ScanConfig
 from melbatch.look import report
 from melbatch.stages import classify, featurize, scan
-from melbatch.testing import archives as samples
+from melbatch.testing import archives
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -72,12 +72,12 @@ def outputs(engine_model, tmp_path_factory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("report")
     # featurize: a local archive with a hostile label folder and every kind of broken file
     archive = tmp / "archive"
-    samples.make_archive(str(archive), "engine", files_per_class=2, seconds=3.0, seed=3, bad=True)
+    archives.make_archive(str(archive), "engine", files_per_class=2, seconds=3.0, seed=3, bad=True)
     (archive / "healthy").rename(archive / HOSTILE_LABEL)
     featurize.run(FeaturizeConfig(src=str(archive), dst=str(tmp / "features"), features=FAST), progress=False)
     # classify: new recordings on S3, one of them under a hostile key
     incoming = f"{b}/report-incoming"
-    files = samples.make_archive(incoming, "engine", files_per_class=2, seconds=3.0, seed=21, bad=True)
+    files = archives.make_archive(incoming, "engine", files_per_class=2, seconds=3.0, seed=21, bad=True)
     good = next(f for f in files if f.bad_kind is None)
     storage.write_bytes(f"{incoming}/healthy/{HOSTILE_KEY}", storage.read_bytes(good.uri))
     ccfg = ClassifyConfig(archive=incoming, model=f"{b}/model", out=f"{b}/report-predictions", files_per_task=4,
@@ -85,11 +85,11 @@ def outputs(engine_model, tmp_path_factory) -> dict[str, str]:
     classify.run(ccfg, progress=False)
     # scan: two nights, two new files in between
     nightly = f"{b}/report-nightly"
-    samples.make_archive(nightly, "engine", files_per_class=1, seconds=3.0, seed=31)
+    archives.make_archive(nightly, "engine", files_per_class=1, seconds=3.0, seed=31)
     scfg = ScanConfig(classify=ClassifyConfig(archive=nightly, model=f"{b}/model", out=f"{b}/report-scan",
                                               files_per_task=2, cpus_per_actor=0.5, max_quarantine_rate=1.0))
     scan.run(scfg, progress=False)
-    samples.make_archive(f"{nightly}/more", "engine", files_per_class=1, seconds=3.0, seed=32)
+    archives.make_archive(f"{nightly}/more", "engine", files_per_class=1, seconds=3.0, seed=32)
     scan.run(scfg, progress=False)
     return {"featurize": str(tmp / "features"), "train": f"{b}/model", "classify": f"{b}/report-predictions",
             "scan": f"{b}/report-scan", "tmp": str(tmp)}
@@ -153,7 +153,7 @@ def test_hostile_keys_and_labels_are_escaped_and_a_broken_image_is_caught(output
 
 
 def test_report_cli_refuses_what_is_not_an_output(tmp_path, capsys):
-    assert cli.main(["report", str(tmp_path)]) == 2
+    assert commands.main(["report", str(tmp_path)]) == 2
     assert "not a finished featurize, train, classify or scan output" in capsys.readouterr().err
 
 
@@ -175,7 +175,7 @@ def test_classified_and_mistaken_clips_are_pictured_with_their_predictions(outpu
     _, [p0, p1] = pictures.prediction_panels(outputs["classify"], [hostile], per_file=2)
     assert HOSTILE_KEY in p0.title and p0.mel.shape == FAST.shape and p1.start_s == FAST.clip_hop_s
     out = str(Path(outputs["tmp"]) / "predicted.png")
-    assert cli.main(["show", "--predictions", outputs["classify"], hostile, "-o", out]) == 0
+    assert commands.main(["show", "--predictions", outputs["classify"], hostile, "-o", out]) == 0
     assert "1 panel(s)" in capsys.readouterr().out
     # validation clips by (file, clip): the stored images, in the order asked
     with storage.open_input(f"{engine_model}/model/val_predictions.parquet") as f:

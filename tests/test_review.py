@@ -26,7 +26,7 @@ from test_report import CHROMIUM, open_in_chromium
 from melbatch import ledger as mb_ledger
 from melbatch import storage
 from melbatch.audio.decode import decode_all
-from melbatch.cli import commands as cli
+from melbatch.cli import commands
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig, ReviewConfig, ScanConfig, SimilarConfig
 from melbatch.labels.sources import REVIEWED_COLUMNS, read_reviewed
 from melbatch.look import pictures, report, review, similar
@@ -40,8 +40,8 @@ from melbatch.shards import (
     write_table,
 )
 from melbatch.stages import detections, scan
-from melbatch.testing import archives as samples
-from melbatch.train import driver as train
+from melbatch.testing import archives
+from melbatch.train import driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -161,7 +161,7 @@ def test_the_page_shows_and_plays_every_clip_and_saves_the_answers(review_predic
 
 
 def test_review_refuses_what_is_not_a_prediction_output(tmp_path, capsys):
-    assert cli.main(["review", str(tmp_path)]) == 2
+    assert commands.main(["review", str(tmp_path)]) == 2
     assert "neither a finished classify output" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="count=0"):
         ReviewConfig(out=str(tmp_path), count=0)
@@ -198,7 +198,7 @@ def test_reviewed_labels_are_what_the_trainer_saw(review_predictions, engine_tra
 
     cfg = dataclasses.replace(base, out=f"{b}/review-train", epochs=1, workers=1, cpus_per_worker=0.5, batch_size=4,
                   min_batch_size=4, extra_labels=str(labels_csv))
-    m = train.run(cfg, progress=False)
+    m = driver.run(cfg, progress=False)
     r = m["extra_labels"]
     assert (r["answered"], r["skipped"], r["corrected"], r["confirmed"]) == (7, 2, 2, 0)
     assert r["in_validation_not_applied"] == 1 and r["added"] == 4
@@ -237,7 +237,7 @@ def test_a_copy_of_a_clip_in_another_format_and_rate_finds_its_twin_first(review
         _, x = decode_all(f, 44_100)
     clip = 1  # FAST features: 2 s clips every 2 s
     query = f"{b}/queries/twin.ogg"
-    storage.write_bytes(query, samples.encode(x[2 * 44_100: 4 * 44_100], 44_100, ("OGG", "VORBIS", "ogg")))
+    storage.write_bytes(query, archives.encode(x[2 * 44_100: 4 * 44_100], 44_100, ("OGG", "VORBIS", "ogg")))
     described, matches, sheet = similar.run(SimilarConfig(out=out, query=query, k=6, output=str(tmp_path / "s.png")))
     assert (matches[0].uri, matches[0].clip_index) == (source, clip) and matches[0].similarity > 0.95, matches[:2]
     assert "1 clip(s) embedded" in described and sheet.width > 0 and (tmp_path / "s.png").stat().st_size > 0
@@ -247,7 +247,7 @@ def test_a_copy_of_a_clip_in_another_format_and_rate_finds_its_twin_first(review
     assert [(m.uri, m.clip_index) for m in matches] == [(u, i) for u, i, _ in want]
     assert np.allclose([m.similarity for m in matches], [s for _, _, s in want], atol=1e-5)
     # a stored clip as the query: itself first, similarity 1; the command prints the same ranking
-    assert cli.main(["similar", out, f"{source}#{clip}", "--k", "3"]) == 0
+    assert commands.main(["similar", out, f"{source}#{clip}", "--k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "(stored)" in lines[0] and lines[2].split()[1] == "1.0000" and f"{source}#{clip} " in lines[2]
 
@@ -322,12 +322,12 @@ def test_the_classify_report_draws_the_archive_map_and_rings_the_review_picks(re
 def test_review_and_search_read_what_a_scan_output_holds_now(engine_model, tmp_path):
     b = engine_model
     archive = f"{b}/review-nightly"
-    samples.make_archive(archive, "engine", files_per_class=2, seconds=4.0, seed=51)
+    archives.make_archive(archive, "engine", files_per_class=2, seconds=4.0, seed=51)
     scfg = ScanConfig(classify=ClassifyConfig(archive=archive, model=f"{b}/model", out=f"{b}/review-scan",
                                               files_per_task=2, cpus_per_actor=0.5, keep_embeddings=True,
                                               max_quarantine_rate=1.0))
     scan.run(scfg, progress=False)
-    samples.make_archive(f"{archive}/more", "engine", files_per_class=1, seconds=4.0, seed=52)
+    archives.make_archive(f"{archive}/more", "engine", files_per_class=1, seconds=4.0, seed=52)
     scan.run(scfg, progress=False)  # two attempts now hold the current clips
     live = {r["uri"] for r in mb_ledger.current(f"{b}/review-scan").to_pylist()}
     dest = tmp_path / "review"

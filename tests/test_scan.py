@@ -13,10 +13,10 @@ import pytest
 
 from melbatch import ledger as mb_ledger
 from melbatch import shards, storage
-from melbatch.cli import commands as cli
+from melbatch.cli import commands
 from melbatch.config import ClassifyConfig, ScanConfig
 from melbatch.stages import scan
-from melbatch.testing import archives as samples
+from melbatch.testing import archives
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -26,16 +26,16 @@ def _cfg(archive: str, model: str, out: str, **kw) -> ScanConfig:
                                               max_quarantine_rate=1.0), **kw)
 
 
-def _add(archive: str, n_per_class: int, seed: int) -> list[samples.SampleFile]:
+def _add(archive: str, n_per_class: int, seed: int) -> list[archives.SampleFile]:
     """More engine recordings under ``archive`` (names carry the seed, so batches never collide)."""
-    files = samples.make_archive(f"{archive}-tmp{seed}", "engine", files_per_class=n_per_class, seconds=3.0,
+    files = archives.make_archive(f"{archive}-tmp{seed}", "engine", files_per_class=n_per_class, seconds=3.0,
                                  seed=seed)
     moved = []
     for f in files:
         name = f.uri.rsplit("/", 1)[-1].replace("_", f"_s{seed}_", 1)
         dst = storage.join(archive, f.label, name)
         storage.write_bytes(dst, storage.read_bytes(f.uri))
-        moved.append(samples.SampleFile(storage.canonical(dst), f.label, f.bad_kind))
+        moved.append(archives.SampleFile(storage.canonical(dst), f.label, f.bad_kind))
     return moved
 
 
@@ -84,7 +84,7 @@ def test_only_new_objects_are_read_results_hold_the_union_and_a_quiet_night_is_a
     import contextlib
 
     with contextlib.redirect_stdout(buf):
-        assert cli.main(["results", out, "--format", "csv"]) == 0
+        assert commands.main(["results", out, "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
     assert {"uri", "label", "probability"} <= set(rows[0]) and len(rows) == 6
     truth = {f.uri: f.label for f in first_files + more}
@@ -97,8 +97,8 @@ def test_changed_objects_are_reclassified_and_deleted_ones_marked(engine_model, 
     files = _add(archive, 2, seed=3)
     scan.run(_cfg(archive, model, out), progress=False)
     changed, gone = files[0], files[1]
-    x = samples.engine_sound(np.random.default_rng(99), 4.0, 16000, changed.label == "faulty")
-    storage.write_bytes(changed.uri, samples.encode(x, 16000, samples.FORMATS[1]))  # same key, new bytes
+    x = archives.engine_sound(np.random.default_rng(99), 4.0, 16000, changed.label == "faulty")
+    storage.write_bytes(changed.uri, archives.encode(x, 16000, archives.FORMATS[1]))  # same key, new bytes
     storage.delete([gone.uri])
     s = scan.run(_cfg(archive, model, out), progress=False)
     assert (s.counts["changed"], s.counts["deleted"], s.counts["unchanged"], s.counts["new"]) == (1, 1, 2, 0)
@@ -147,7 +147,7 @@ def test_a_second_scan_is_refused_while_the_lease_lasts_and_a_dead_ones_expires(
     other = scan.Lease(storage.canonical(out), ttl_s=600).acquire()
     with pytest.raises(scan.ScanBusyError, match="holds"):
         scan.run(_cfg(archive, model, out), progress=False)
-    assert cli.main(["scan", archive, model, out, "--no-progress"]) == 5
+    assert commands.main(["scan", archive, model, out, "--no-progress"]) == 5
     other.release()
     dead = scan.Lease(storage.canonical(out), ttl_s=0.5).acquire()
     dead._stop.set()  # a crashed scan: it never renews and never releases

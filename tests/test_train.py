@@ -17,24 +17,21 @@ from conftest import FAST, MILD_FIELD, new_bucket
 
 from melbatch import shards, storage
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig, TrainConfig
-from melbatch.model import package as model
+from melbatch.model import package
 from melbatch.shards import DatasetError
 from melbatch.stages import featurize
-from melbatch.testing import archives as samples
-from melbatch.train import augment
-from melbatch.train import data as trainset
-from melbatch.train import driver as train
-from melbatch.train import loop as trainloop
+from melbatch.testing import archives
+from melbatch.train import augment, data, driver, loop
 
 
 def test_split_holds_out_whole_files_stratified_and_seeded():
     labels_of = {f"s3://b/{lab}/{i}.wav": lab for lab in ("a", "b") for i in range(20)} | {"s3://b/c/0.wav": "c",
                                                                                           "s3://b/c/1.wav": "c"}
-    val = trainset.split_by_file(labels_of, 0.25, seed=1)
+    val = data.split_by_file(labels_of, 0.25, seed=1)
     assert sum(u.startswith("s3://b/a/") for u in val) == 5 and sum(u.startswith("s3://b/b/") for u in val) == 5
     assert sum(u.startswith("s3://b/c/") for u in val) == 1  # a rare label still gets one, and keeps one
-    assert val == trainset.split_by_file(dict(reversed(labels_of.items())), 0.25, seed=1)
-    assert val != trainset.split_by_file(labels_of, 0.25, seed=2)
+    assert val == data.split_by_file(dict(reversed(labels_of.items())), 0.25, seed=1)
+    assert val != data.split_by_file(labels_of, 0.25, seed=2)
 
 
 def test_augmentations_keep_shapes_and_do_what_they_say():
@@ -77,18 +74,18 @@ def test_shifts_and_masks_are_sized_to_the_sound_not_the_clip():
 
 
 def test_budget_gives_small_data_enough_steps_and_leaves_large_data_alone():
-    small = train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8, field_augment=False))
+    small = driver.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8, field_augment=False))
     assert small.batch_size == 8 and small.steps_per_pass == 5  # a batch of 32 would be one step per epoch
     assert 8 * small.steps >= 100 and small.passes == 3  # 100 steps without augmentation: each epoch passes 3x
-    augmented = train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8))  # the default: it augments
+    augmented = driver.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8))  # the default: it augments
     assert 8 * augmented.steps >= 600 and augmented.passes == 17  # augmented clips need more steps to fit
-    assert 8 * train.Budget(35, 1, 8, 5, 16).steps < 600  # and no more passes than that takes
-    assert train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8, min_steps=100)).passes == 3  # as given
-    large = train.Budget.plan(20_000, TrainConfig(shards="s", out="o", epochs=3, workers=2))
+    assert 8 * driver.Budget(35, 1, 8, 5, 16).steps < 600  # and no more passes than that takes
+    assert driver.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8, min_steps=100)).passes == 3  # as given
+    large = driver.Budget.plan(20_000, TrainConfig(shards="s", out="o", epochs=3, workers=2))
     assert (large.batch_size, large.passes, large.steps_per_pass) == (32, 1, 313)
-    off = train.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=2, min_steps=0))
+    off = driver.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=2, min_steps=0))
     assert off.passes == 1 and off.steps == 5
-    assert "too few" in train.small_data_warnings(off, TrainConfig(shards="s", out="o", epochs=2, min_steps=0),
+    assert "too few" in driver.small_data_warnings(off, TrainConfig(shards="s", out="o", epochs=2, min_steps=0),
                                                   {"a": "x", "b": "y"}, {"a"})[0]
 
 
@@ -99,12 +96,12 @@ def test_the_budget_counts_the_steps_an_epoch_makes(rows, workers, epochs):
     both must be the batches a worker's epoch yields, with the rows repeated to reach min_steps (20 clips:
     34 passes planned 102 steps where the epoch made 85, so the schedule stopped short of its end)."""
     cfg = TrainConfig(shards="s", out="o", epochs=epochs, workers=workers)
-    budget = train.Budget.plan(rows, cfg)
+    budget = driver.Budget.plan(rows, cfg)
     table = pa.table({"label": ["a"] * rows, "i": list(range(rows))})
-    repeated = trainset._oversample(table, {"a": float(budget.passes)})
+    repeated = data._oversample(table, {"a": float(budget.passes)})
     for rank in range(workers):
-        mine = trainloop.HeldShard("train", hold=False)
-        mine.table = trainset.share(repeated, rank, workers, seed=0, equal=True)
+        mine = loop.HeldShard("train", hold=False)
+        mine.table = data.share(repeated, rank, workers, seed=0, equal=True)
         assert len(list(mine.batches(budget.batch_size, seed=1))) == budget.steps
     assert epochs * budget.steps >= cfg.step_floor or budget.passes == 1
     assert budget.passes == 1 or epochs * replace(budget, passes=budget.passes - 1).steps < cfg.step_floor  # fewest
@@ -115,31 +112,32 @@ def test_workers_hold_a_share_that_fits_and_read_a_bigger_one_every_epoch():
     when they are augmented, else images) and the validation images, split over the workers. All of
     it small enough for one worker (and DIRECT_READ_MB): each worker reads it itself, Ray Data idle."""
     f = FeatureConfig()  # 128 x 501 float16 images (128 KB), 5 s of 16-bit audio (160 KB)
-    budget = train.Budget(train_rows=1000, workers=2, batch_size=32, steps_per_pass=16, passes=3)
+    budget = driver.Budget(train_rows=1000, workers=2, batch_size=32, steps_per_pass=16, passes=3)
     cfg = TrainConfig(shards="s", out="o", hold_mb=210)
     image, wave = 128 * 501 * 2, 2 * 80_000
-    mode, line = train.hold_plan(cfg, budget, 400, f, wave=False)
+    mode, line = driver.hold_plan(cfg, budget, 400, f, wave=False)
     assert mode == "hold" and f"({(3000 * image + 400 * image) / 2 / 2**20:,.0f} MB of --hold-mb 210)" in line  # 208
-    mode, line = train.hold_plan(cfg, budget, 400, f, wave=True)
+    mode, line = driver.hold_plan(cfg, budget, 400, f, wave=True)
     assert mode == "stream" and f"{(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB is over --hold-mb 210" in line
-    assert train.hold_plan(replace(cfg, hold_mb=0), replace(budget, train_rows=1), 1, f, wave=False)[0] == "stream"
-    mode, line = train.hold_plan(replace(cfg, hold_mb=416), budget, 400, f, wave=False)  # all 416 MB fit one worker
+    assert driver.hold_plan(replace(cfg, hold_mb=0), replace(budget, train_rows=1), 1, f, wave=False)[0] == "stream"
+    mode, line = driver.hold_plan(replace(cfg, hold_mb=416), budget, 400, f, wave=False)  # all 416 MB fit one worker
     assert mode == "direct" and "each worker reads the shards itself" in line and "(208 MB of --hold-mb 416)" in line
     big = replace(budget, train_rows=2000)  # 2 x 3000 images + 400 = 783 MB: over DIRECT_READ_MB, Ray Data reads
-    assert train.DIRECT_READ_MB == 512 and train.hold_plan(replace(cfg, hold_mb=2048), big, 400, f, False)[0] == "hold"
+    assert driver.DIRECT_READ_MB == 512
+    assert driver.hold_plan(replace(cfg, hold_mb=2048), big, 400, f, False)[0] == "hold"
     with pytest.raises(ConfigError, match="hold_mb"):
         TrainConfig(shards="s", out="o", hold_mb=-1)
 
 
 def test_a_loss_stuck_near_a_uniform_guess_is_reported():
     flat = [{"train_loss": 2.4}, {"train_loss": 2.3}]
-    assert "not fitting" in trainloop.not_fitting(flat, 12)
-    assert trainloop.not_fitting([{"train_loss": 2.4}, {"train_loss": 0.9}], 12) is None
-    assert trainloop.not_fitting(flat[:1], 12) is None  # judged once, after the second epoch
+    assert "not fitting" in loop.not_fitting(flat, 12)
+    assert loop.not_fitting([{"train_loss": 2.4}, {"train_loss": 0.9}], 12) is None
+    assert loop.not_fitting(flat[:1], 12) is None  # judged once, after the second epoch
     shifted = [{"train_loss": 0.7, "val_loss": 0.1}, {"train_loss": 0.64, "val_loss": 0.0}]
-    assert trainloop.not_fitting(shifted, 2) is None  # hard training images, held-out files told apart
+    assert loop.not_fitting(shifted, 2) is None  # hard training images, held-out files told apart
     stuck = [{"train_loss": 6.0, "val_loss": 21.8}, {"train_loss": 3.7, "val_loss": 4.3}]
-    assert "not fitting" in trainloop.not_fitting(stuck, 2)
+    assert "not fitting" in loop.not_fitting(stuck, 2)
 
 
 def test_clips_fit_short_recordings_and_padding_is_called_out():
@@ -152,62 +150,62 @@ def test_clips_fit_short_recordings_and_padding_is_called_out():
     assert FeatureConfig(clip_s=4, clip_hop_s=2).fitted_to([1.0, 1.2, 1.3]).clip_hop_s == 0.75  # overlap kept
     assert fc.fitted_to([3.0, 6.0, 8.0, 12.0]) == fc  # recordings as long as the clips: nothing changes
     assert fc.fitted_to([0.4, 0.5]) == fc  # too few to judge
-    assert "--clip-s 1 --clip-hop-s 1" in trainset.padding_warning(np.array(digits), fc)
-    assert trainset.padding_warning(np.array(digits), fitted) is None
+    assert "--clip-s 1 --clip-hop-s 1" in data.padding_warning(np.array(digits), fc)
+    assert data.padding_warning(np.array(digits), fitted) is None
 
 
 def test_oversampling_evens_out_the_labels():
     import pyarrow as pa
 
     batch = pa.table({"label": ["a"] * 30 + ["b"] * 6, "i": list(range(36))})
-    out = trainset._oversample(batch, {"a": 1.0, "b": 5.0})
+    out = data._oversample(batch, {"a": 1.0, "b": 5.0})
     assert out.column("label").to_pylist().count("b") == 30 and out.column("label").to_pylist().count("a") == 30
     assert set(out.column("i").to_pylist()) == set(range(36))  # every row kept, rare ones repeated
-    draws = [trainset._oversample(batch, {"a": 1.0, "b": 2.5}).num_rows - 30 for _ in range(200)]
+    draws = [data._oversample(batch, {"a": 1.0, "b": 2.5}).num_rows - 30 for _ in range(200)]
     assert 14.0 < np.mean(draws) < 16.0 and min(draws) >= 12 and max(draws) <= 18  # 6 x 2.5 = 15 on average
 
 
 def test_noise_bank_reads_any_format_and_rate_and_skips_what_does_not_decode(tmp_path):
     rng = np.random.default_rng(0)
     noise = tmp_path / "noise"
-    storage.write_bytes(str(noise / "hall.flac"), samples.encode(0.1 * rng.standard_normal(44100).astype(np.float32),
-                                                                 44100, samples.FORMATS[1]))
-    storage.write_bytes(str(noise / "street.wav"), samples.encode(
-        0.5 * rng.standard_normal((2 * 8000, 2)).astype(np.float32).clip(-1, 1), 8000, samples.FORMATS[0]))
+    storage.write_bytes(str(noise / "hall.flac"), archives.encode(0.1 * rng.standard_normal(44100).astype(np.float32),
+                                                                 44100, archives.FORMATS[1]))
+    storage.write_bytes(str(noise / "street.wav"), archives.encode(
+        0.5 * rng.standard_normal((2 * 8000, 2)).astype(np.float32).clip(-1, 1), 8000, archives.FORMATS[0]))
     storage.write_bytes(str(noise / "notes.wav"), b"not audio at all")
-    bank = trainset.load_noise_bank(str(noise), 16000)
+    bank = data.load_noise_bank(str(noise), 16000)
     assert len(bank) == 16000 + 2 * 16000  # 1 s at 44.1 kHz + 2 s at 8 kHz, both at 16 kHz
     assert np.sqrt(np.mean(bank[:16000] ** 2)) == pytest.approx(1.0, rel=1e-3)  # each file at unit RMS
-    assert len(trainset.load_noise_bank(str(noise), 16000, max_s=1.5)) == 24000
+    assert len(data.load_noise_bank(str(noise), 16000, max_s=1.5)) == 24000
     # a long recording in the folder is decoded only as far as the bank needs (10 min would be 38 MB)
     drone = (0.1 * rng.standard_normal(600 * 16000)).astype(np.float32)
-    storage.write_bytes(str(tmp_path / "long" / "drone.wav"), samples.encode(drone, 16000, samples.FORMATS[0]))
+    storage.write_bytes(str(tmp_path / "long" / "drone.wav"), archives.encode(drone, 16000, archives.FORMATS[0]))
     tracemalloc.start()
-    assert len(trainset.load_noise_bank(str(tmp_path / "long"), 16000, max_s=1.5)) == 24000
+    assert len(data.load_noise_bank(str(tmp_path / "long"), 16000, max_s=1.5)) == 24000
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 10e6, f"peak {peak / 1e6:.0f} MB"
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no decodable"):
-        trainset.load_noise_bank(str(tmp_path / "empty"), 16000)
+        data.load_noise_bank(str(tmp_path / "empty"), 16000)
 
 
 def test_bad_shard_folders_are_refused(tmp_path, ray_session):
     with pytest.raises(DatasetError, match="did not finish"):
-        trainset.open_shards(str(tmp_path))
+        data.open_shards(str(tmp_path))
     src, dst = tmp_path / "a", tmp_path / "f"
-    samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
+    archives.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
     featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)
     manifest = json.loads((dst / "_manifest.json").read_text())
     broken = {**manifest, "shards": [*manifest["shards"], "shards/missing.parquet"]}
     (dst / "_manifest.json").write_text(json.dumps(broken))
     with pytest.raises(DatasetError, match="missing"):
-        trainset.open_shards(str(dst))
+        data.open_shards(str(dst))
     other = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=32)
     (dst / "_manifest.json").write_text(json.dumps({**manifest, "feature_config": other.to_dict(),
                                                      "config_hash": other.hash()}))
     with pytest.raises(DatasetError, match="mixes two featurize runs"):
-        trainset.open_shards(str(dst))
+        data.open_shards(str(dst))
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +214,7 @@ def engine_shards(request):
     test survival, not learning (that is the session's engine_training run)."""
     request.getfixturevalue("ray_session")
     b = new_bucket()
-    samples.make_archive(f"{b}/archive", "engine", files_per_class=8, seconds=3.0, seed=5)
+    archives.make_archive(f"{b}/archive", "engine", files_per_class=8, seconds=3.0, seed=5)
     featurize.run(FeaturizeConfig(src=f"{b}/archive", dst=f"{b}/features", features=FAST, files_per_task=8,
                                   keep_audio=True), progress=False)  # the dying worker's run augments waveforms
     return b
@@ -245,7 +243,7 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
     assert m["labels"] == ["faulty", "healthy"] and np.array(m["confusion_matrix"]).sum() > 0
     saved = json.loads(storage.read_bytes(f"{cfg.out}/metrics.json"))
     assert saved["val_accuracy"] == m["val_accuracy"]
-    pkg = model.load_package(cfg.out)
+    pkg = package.load_package(cfg.out)
     assert pkg.labels == ["faulty", "healthy"] and pkg.features == FAST
     assert pkg.meta["normalization"]["kind"] == "dataset" and pkg.meta["normalization"]["std"] > 0
     # the split held out whole files: no source file on both sides
@@ -278,9 +276,9 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
     assert sum(r["files"] for r in c["reliability"]) == m["split"]["val_files"]
     assert list(c["unknown_below_keeping"]) == ["90%", "95%", "99%"]
     images = {(c["uri"], c["clip_index"]): c["mel"] for c in shards.iter_clips(cfg.shards) if c["uri"] in val_files}
-    padded = model.padded([r["start_s"] for r in rows], [r["end_s"] for r in rows], pkg.features.clip_s)
-    assert pkg.meta["padded_views"] == model.PADDED_VIEWS  # a padded clip is scored on three views
-    probs, _ = model.predict(pkg, np.stack([images[(r["uri"], r["clip_index"])] for r in rows]), padded_clips=padded)
+    padded = package.padded([r["start_s"] for r in rows], [r["end_s"] for r in rows], pkg.features.clip_s)
+    assert pkg.meta["padded_views"] == package.PADDED_VIEWS  # a padded clip is scored on three views
+    probs, _ = package.predict(pkg, np.stack([images[(r["uri"], r["clip_index"])] for r in rows]), padded_clips=padded)
     assert np.allclose(probs.max(axis=1), [r["probability"] for r in rows], atol=2e-3)
 
 
@@ -290,10 +288,10 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
 def test_a_dying_worker_is_survived_with_failure_config(engine_shards, monkeypatch):
     monkeypatch.setenv("MELBATCH_CRASH_AT", "exit:1")  # the last worker's process exits after epoch 1
     # the restarted workers also load a noise folder from S3 and oversample: those paths run on real workers
-    samples.make_archive(f"{engine_shards}/noise", "engine", files_per_class=1, seconds=2.0, seed=9)
+    archives.make_archive(f"{engine_shards}/noise", "engine", files_per_class=1, seconds=2.0, seed=9)
     cfg = _cfg(engine_shards, "run2", epochs=2, max_failures=1, noise_dir=f"{engine_shards}/noise",
                noise_prob=1.0, balance="oversample", wave_augment=True, hold_mb=0)  # read the shards every epoch
-    m = train.run(cfg)
+    m = driver.run(cfg)
     assert json.loads(storage.read_bytes(f"{cfg.out}/train_config.json"))["wave_augment"] is True
     assert storage.exists(f"{cfg.out}/_injected_crash")  # the worker really died
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
@@ -304,16 +302,16 @@ def test_waveform_augmentation_on_images_only_shards_is_refused_before_training(
     """Shards are images only by default: --wave-augment on them fails fast and says to featurize with
     --keep-audio (no silent fallback to training without it); on shards with waveforms it is taken."""
     src, dst, kept = tmp_path / "a", tmp_path / "f", tmp_path / "k"
-    samples.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
+    archives.make_archive(str(src), "engine", files_per_class=2, seconds=3.0)
     featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)
     for extra in ({}, {"noise_dir": str(src)}):
         with pytest.raises(ConfigError, match="featurize again with --keep-audio"):
-            train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o1"), wave_augment=True, **extra))
+            driver.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o1"), wave_augment=True, **extra))
     with pytest.raises(ConfigError, match="add --wave-augment"):
         TrainConfig(shards=str(dst), out=str(tmp_path / "o2"), noise_dir=str(src))
-    train.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o3"), wave_augment=False))
+    driver.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o3"), wave_augment=False))
     featurize.run(FeaturizeConfig(src=str(src), dst=str(kept), features=FAST, keep_audio=True), progress=False)
-    train.preflight(TrainConfig(shards=str(kept), out=str(tmp_path / "o4"), wave_augment=True, noise_dir=str(src)))
+    driver.preflight(TrainConfig(shards=str(kept), out=str(tmp_path / "o4"), wave_augment=True, noise_dir=str(src)))
     assert "augmentation" not in capsys.readouterr().out
 
 
@@ -324,7 +322,7 @@ def test_a_new_model_into_an_old_out_is_refused(tmp_path):
     shards_dir = tmp_path / "s"
     shards_dir.mkdir()
     with pytest.raises(ConfigError, match="holds a run of resnet18, not test_convnext"):
-        train.preflight(TrainConfig(shards=str(shards_dir), out=str(out), model="test_convnext"))
+        driver.preflight(TrainConfig(shards=str(shards_dir), out=str(out), model="test_convnext"))
 
 
 @pytest.mark.ray
@@ -333,11 +331,11 @@ def test_a_split_read_whole_holds_the_rows_ray_data_streams_and_shares_deal_them
     """The two ways a split's rows reach the workers are one: read whole in a process (a small split)
     or streamed by Ray Data, the same rows; shares of it give every row to one worker (validation),
     or the same count to each, every row at least once (training)."""
-    uris = trainset.open_shards(f"{engine_shards}/features")[2]
+    uris = data.open_shards(f"{engine_shards}/features")[2]
     files = {r["uri"] for r in shards.iter_clips(f"{engine_shards}/features")}
     val = set(sorted(files)[::4])
     relabel = {f"{sorted(files)[1]}\t0": "faulty"}
-    rows = trainset.splits(uris, val, wave=True, repeats={"faulty": 2.0, "healthy": 1.0})
+    rows = data.splits(uris, val, wave=True, repeats={"faulty": 2.0, "healthy": 1.0})
     rows["train"] = replace(rows["train"], relabel=relabel, columns=(*rows["train"].columns, "clip_index"))
 
     def keys(t, columns=("uri", "clip_index", "label", "audio")):
@@ -345,18 +343,18 @@ def test_a_split_read_whole_holds_the_rows_ray_data_streams_and_shares_deal_them
 
     for name, split in rows.items():
         split = replace(split, columns=(*dict.fromkeys((*split.columns, "clip_index", "audio")),))
-        whole, streamed = split.table(seed=3), trainset.collect(split.dataset())
+        whole, streamed = split.table(seed=3), data.collect(split.dataset())
         assert whole.num_rows > 0 and keys(whole) == keys(streamed), name
         assert split.table(seed=3).equals(whole)  # the same seed, the same rows: every worker reads the same table
     train_rows = rows["train"].table(seed=3)
     assert {u for u in train_rows.column("uri").to_pylist()}.isdisjoint(val)
     assert ("faulty" in [r["label"] for r in train_rows.to_pylist() if f"{r['uri']}\t{r['clip_index']}" in relabel])
     n = train_rows.num_rows
-    parts = [trainset.share(train_rows, r, 3, seed=7, equal=True) for r in range(3)]
+    parts = [data.share(train_rows, r, 3, seed=7, equal=True) for r in range(3)]
     assert [p.num_rows for p in parts] == [-(-n // 3)] * 3
     assert {k for p in parts for k in keys(p, ("uri", "clip_index"))} == set(keys(train_rows, ("uri", "clip_index")))
     val_rows = rows["val"].table()
-    parts = [trainset.share(val_rows, r, 3, seed=7, equal=False) for r in range(3)]
+    parts = [data.share(val_rows, r, 3, seed=7, equal=False) for r in range(3)]
     assert sorted(k for p in parts for k in keys(p, ("uri", "mel"))) == keys(val_rows, ("uri", "mel"))  # once each
 
 
@@ -366,7 +364,7 @@ def test_two_workers_read_a_small_split_themselves_and_train_on_all_of_it(engine
     """A small archive starts no Ray Data pipeline: each worker reads the shards before the first
     epoch and every epoch trains on its share, all the training clips between them."""
     cfg = _cfg(engine_shards, "direct", epochs=2, balance="oversample")
-    m = train.run(cfg, progress=False)
+    m = driver.run(cfg, progress=False)
     assert "each worker reads the shards itself before the first epoch" in capsys.readouterr().out
     assert [e["rows_from"] for e in m["epochs"]] == ["memory", "memory"]
     split_rows = storage.read_bytes(f"{cfg.out}/split.csv").decode().splitlines()[1:]
@@ -391,13 +389,13 @@ def test_places_given_relative_to_the_working_folder_reach_the_workers(tmp_path,
     shards, OUT and --noise-dir are spelled out whole before they go there (a worker reading the
     shards itself, and loading the noise bank, is where a relative path broke)."""
     monkeypatch.chdir(tmp_path)
-    samples.make_archive("archive", "engine", files_per_class=3, seconds=3.0, seed=2)
-    samples.make_archive("noise", "engine", files_per_class=1, seconds=2.0, seed=9)
+    archives.make_archive("archive", "engine", files_per_class=3, seconds=3.0, seed=2)
+    archives.make_archive("noise", "engine", files_per_class=1, seconds=2.0, seed=9)
     featurize.run(FeaturizeConfig(src="archive", dst="features", features=FAST, runner="local", keep_audio=True),
                   progress=False)
     cfg = TrainConfig(shards="features", out="out", model="test_resnet", pretrained=False, epochs=1, workers=1,
                       cpus_per_worker=0.5, min_steps=0, wave_augment=True, noise_dir="noise", noise_prob=1.0)
-    m = train.run(cfg, progress=False)
+    m = driver.run(cfg, progress=False)
     assert [e["rows_from"] for e in m["epochs"]] == ["memory"]
     assert (tmp_path / "out" / "model" / "model.json").exists() and (tmp_path / "out" / "metrics.json").exists()
     saved = json.loads((tmp_path / "out" / "train_config.json").read_text())["train"]
@@ -407,7 +405,7 @@ def test_places_given_relative_to_the_working_folder_reach_the_workers(tmp_path,
 @pytest.mark.ray
 def test_workers_that_leave_ray_data_no_cpu_are_refused_instead_of_hanging(engine_shards):
     with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs for Ray Data"):
-        train.run(_cfg(engine_shards, "starved", workers=2, cpus_per_worker=1.0))
+        driver.run(_cfg(engine_shards, "starved", workers=2, cpus_per_worker=1.0))
 
 
 def test_cpus_per_worker_is_sized_from_the_cluster_when_left_out(ray_session):
@@ -415,15 +413,15 @@ def test_cpus_per_worker_is_sized_from_the_cluster_when_left_out(ray_session):
     base = TrainConfig(shards="s", out="o", model="test_resnet")
     assert base.cpus_per_worker is None
     for workers, each in ((1, 1.0), (2, 0.5), (3, 0.3)):
-        cfg, line = train.size_workers(replace(base, workers=workers), cpus)
+        cfg, line = driver.size_workers(replace(base, workers=workers), cpus)
         assert cfg.cpus_per_worker == each and cpus - workers * each >= 1, line
         assert f"{workers} worker(s) x {each:g} (chosen from the cluster's 2;" in line
-    assert train.size_workers(replace(base, workers=1), 16)[0].cpus_per_worker == 12  # a quarter kept for Ray Data
+    assert driver.size_workers(replace(base, workers=1), 16)[0].cpus_per_worker == 12  # a quarter kept for Ray Data
     with pytest.raises(ConfigError, match="lower --workers"):
-        train.size_workers(replace(base, workers=30), cpus)
+        driver.size_workers(replace(base, workers=30), cpus)
     with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs for Ray Data"):  # explicit: refused
-        train.size_workers(replace(base, workers=2, cpus_per_worker=1.0), cpus)
-    cfg, line = train.size_workers(replace(base, workers=2, cpus_per_worker=0.25), cpus)
+        driver.size_workers(replace(base, workers=2, cpus_per_worker=1.0), cpus)
+    cfg, line = driver.size_workers(replace(base, workers=2, cpus_per_worker=0.25), cpus)
     assert cfg.cpus_per_worker == 0.25 and "chosen" not in line
 
 

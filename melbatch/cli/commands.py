@@ -38,10 +38,10 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from melbatch.model.weights import Source
-    from melbatch.train import driver as train
+    from melbatch.train import driver
 
     cfg = JOBS["train"].config(args)
-    m = train.run(cfg, progress=not args.no_progress)
+    m = driver.run(cfg, progress=not args.no_progress)
     print(f"\ntrained {cfg.model} on {cfg.shards}: best epoch {m['best_epoch']}/{cfg.epochs}  "
           f"val_accuracy {m['val_accuracy']:.3f}  macro_f1 {m['macro_f1']:.3f}  "
           f"({m['split']['train_files']} train / {m['split']['val_files']} val files)")
@@ -147,11 +147,11 @@ def cmd_detections(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from melbatch.model import export as portable
+    from melbatch.model import export
     from melbatch.model.package import ModelError
 
     try:
-        exported = portable.export(args.model, args.dest)
+        exported = export.export(args.model, args.dest)
     except ModelError as e:
         raise ConfigError(f"MODEL: {e}") from None
     print(exported.render())
@@ -269,9 +269,9 @@ def _add_submit_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample_archive(args: argparse.Namespace) -> int:
-    from melbatch.testing import archives as samples
+    from melbatch.testing import archives
 
-    files = samples.make_archive(args.dst, args.kind, args.files_per_class, args.seconds, args.seed, args.bad)
+    files = archives.make_archive(args.dst, args.kind, args.files_per_class, args.seconds, args.seed, args.bad)
     bad = sum(f.bad_kind is not None for f in files)
     print(f"wrote {len(files)} files ({bad} deliberately bad) of the '{args.kind}' task to {args.dst}")
     return 0

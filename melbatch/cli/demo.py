@@ -11,8 +11,8 @@ from melbatch import URI, shards, storage
 from melbatch.config import ClassifyConfig, FeatureConfig, FeaturizeConfig, TrainConfig
 from melbatch.look import report
 from melbatch.stages import classify, featurize
-from melbatch.testing import archives as samples
-from melbatch.train import driver as train
+from melbatch.testing import archives
+from melbatch.train import driver
 
 
 def run(root: URI, kind: str = "engine", files_per_class: int = 16, epochs: int = 4, progress: bool = True) -> None:
@@ -23,7 +23,7 @@ def run(root: URI, kind: str = "engine", files_per_class: int = 16, epochs: int 
                                                     ("model", "model-random-init", "incoming", "predictions"))
     steps = 2 if epochs == 0 else 5
     print(f"[1/{steps}] generating a '{kind}' sample archive (with a few broken files) in {archive}")
-    samples.make_archive(archive, kind, files_per_class=files_per_class, seconds=8.0, seed=0, bad=True)
+    archives.make_archive(archive, kind, files_per_class=files_per_class, seconds=8.0, seed=0, bad=True)
     print(f"[2/{steps}] featurizing it into log-mel Parquet shards in {features}")
     # 2 s clips of 64 mel bands: images a CPU fine-tunes on in a minute (the defaults are 5 s x 128)
     demo_features = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)
@@ -47,7 +47,7 @@ def run(root: URI, kind: str = "engine", files_per_class: int = 16, epochs: int 
         print(f"\n[{step}/{steps}] fine-tuning {tcfg.model} from {'ImageNet' if pretrained else 'random'} weights "
               f"({tcfg.epochs} epochs) into {out}")
         storage.delete(storage.list_files(out))  # the demo always starts afresh
-        runs["ImageNet" if pretrained else "random"] = train.run(tcfg, progress=progress)
+        runs["ImageNet" if pretrained else "random"] = driver.run(tcfg, progress=progress)
     print("\nImageNet vs random init, same model, data and budget (validation clips):")
     print(f"  {'epoch':>5}  {'ImageNet':>9}  {'random':>9}")
     for a, b in zip(runs["ImageNet"]["epochs"], runs["random"]["epochs"], strict=True):
@@ -59,7 +59,7 @@ def run(root: URI, kind: str = "engine", files_per_class: int = 16, epochs: int 
 
     print(f"\n[5/{steps}] classifying new recordings (and broken files) in {incoming} with the ImageNet-started "
           f"model into {predictions}")
-    files = samples.make_archive(incoming, kind, files_per_class=files_per_class, seconds=8.0, seed=1,
+    files = archives.make_archive(incoming, kind, files_per_class=files_per_class, seconds=8.0, seed=1,
                                  bad=True)
     ccfg = ClassifyConfig(archive=incoming, model=model_out, out=predictions, overwrite=True, max_quarantine_rate=1.0)
     s = classify.run(ccfg, progress=progress)

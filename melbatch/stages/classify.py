@@ -74,8 +74,7 @@ from melbatch.shards import (
     tensor_values,
     write_table,
 )
-from melbatch.stages import detections
-from melbatch.stages import workers as cpu
+from melbatch.stages import detections, workers
 from melbatch.stages.runs import (
     RunSummary,
     commit,
@@ -447,7 +446,7 @@ def decode_batch(batch: pa.Table, features_json: str, silence_dbfs: float, image
     of any length of audio passes through in bounded memory. A file's clips join a chunk only once
     the file is known to be good (:class:`~melbatch.audio.objects.StagedClips`).
     """
-    cpu.prepare_worker(1)  # parallelism comes from Ray tasks
+    workers.prepare_worker(1)  # parallelism comes from Ray tasks
     cfg = FeatureConfig.from_dict(json.loads(features_json))
     shape, dtype = (cfg.shape, cfg.dtype) if images else ((cfg.clip_samples,), AUDIO_DTYPE)
     per_chunk = max(1, int(CHUNK_BYTES // (np.dtype(dtype).itemsize * math.prod(shape))))
@@ -493,7 +492,7 @@ class Predictor:
 
     def __init__(self, model_uri: URI, batch_size: int, top_k: int, embeddings: bool, use_gpu: bool,
                  threads: int, thresholds: tuple[float, ...]) -> None:
-        cpu.prepare_worker(threads)
+        workers.prepare_worker(threads)
         pkg = load_package(model_uri)
         self.pkg = Package(pkg.model.to(torch.device("cuda" if use_gpu else "cpu")).eval(), pkg.meta)
         self.batch_size, self.k, self.embeddings = batch_size, min(top_k, len(pkg.labels)), embeddings

@@ -43,7 +43,7 @@ from melbatch.shards import (
     ShardWriter,
     read_manifest,
 )
-from melbatch.stages import workers as cpu
+from melbatch.stages import workers
 from melbatch.stages.runs import (
     RunSummary,
     chunked,
@@ -378,7 +378,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans |
     writable) fails the task and the run with its message; re-running resumes.
     """
     t0 = time.perf_counter()
-    cpu.prepare_worker(1)  # one task per CPU: parallelism comes from Ray, not from intra-op threads
+    workers.prepare_worker(1)  # one task per CPU: parallelism comes from Ray, not from intra-op threads
     cfg = FeatureConfig.from_dict(json.loads(feature_json))
     writer = ShardWriter(storage.join(dst, SHARD_DIR), bid, cfg, rows_per_shard, rows_per_row_group, keep_audio)
     result: dict[str, Any] = {"batch": bid, "featurized": 0, "clips": 0, "audio_s": 0.0, "quarantine": [],
