@@ -15,7 +15,7 @@ MODEL ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: help setup disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-field bench-gpu figure lint format \
+.PHONY: help setup disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-field bench-gpu figure docs docs-build lint format \
         featurize train classify scan results report image image-cuda clean
 
 help:  ## list the targets
@@ -142,6 +142,12 @@ report: setup  ## HTML report of a featurize/train/classify/scan output: make re
 
 figure: demo  ## re-render the README picture from the demo's shards
 	$(PY) docs/figure.py demo-output/features docs/engine-logmel.png
+
+docs: setup  ## the manual as a site on http://127.0.0.1:8000 (mkdocs serve; pages under docs/, home = README)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+docs-build: setup  ## the site into site/ with --strict: a broken link, anchor or missing page fails (the suite does it too)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check melbatch jobs bench tests docs

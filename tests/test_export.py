@@ -79,15 +79,15 @@ def test_the_graph_gives_melbatchs_probabilities_and_images(tmp_path, cfg, norm)
     assert np.all(np.abs(images - stored) <= step)
 
 
-def test_the_readme_example_runs_the_graph_on_a_recording(tmp_path):
-    """The README's onnxruntime example, run as written on a 7-second recording: one line per clip."""
+def test_the_docs_example_runs_the_graph_on_a_recording(tmp_path):
+    """The export page's onnxruntime example, run as written on a 7-second recording: one line per clip."""
     pkg_uri = _package(tmp_path / "train", PLAIN, {"kind": "dataset", "mean": -40.0, "std": 20.0})
     export.export(pkg_uri, str(tmp_path / "model.onnx"))
     rng = np.random.default_rng(1)
     sf.write(tmp_path / "recording.wav", archives.engine_sound(rng, 7.0, 16_000, faulty=True), 16_000)
-    readme = (ROOT / "README.md").read_text()
-    code = re.search(r"```python\n(import json, numpy as np, onnxruntime.*?)```", readme, re.S)
-    assert code, "the README's onnxruntime example"
+    page = (ROOT / "docs" / "commands" / "export.md").read_text()
+    code = re.search(r"```python\n(import json, numpy as np, onnxruntime.*?)```", page, re.S)
+    assert code, "the export page's onnxruntime example"
     assert len(code.group(1).strip().splitlines()) <= 12
     p = subprocess.run([sys.executable, "-c", code.group(1)], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
