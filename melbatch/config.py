@@ -362,7 +362,7 @@ class FeaturizeConfig:
         "keep --clip-s even when most recordings are much shorter (by default clips are then fitted to the "
         "recordings: the 90th percentile of a sample's durations, rounded up to 0.25 s, >= 1 s)")
     fit_rate: bool = flag(False,
-        "fit the sample rate to where the recordings' sound lies: when 1 %% of the energy of a sample of "
+        "fit the sample rate to where the recordings' sound lies: when 1 % of the energy of a sample of "
         "recordings made at 22.05 kHz or more lies above 7 kHz, as in birdsong, make the features at 32 or 22.05 kHz "
         "with the same frame timing. Off by default: on xc_birds10, 32 kHz with 128 mels scored 0.57 per file "
         "against 0.80 at 16 kHz (make bench-field)")
@@ -519,7 +519,7 @@ class TrainConfig:
         "share of training clips band-limited like a phone line or a low bit rate (waveforms: 300-3400 Hz and "
         "8-bit mu-law; images: a low cut up to 300 Hz and a high cut from 2 kHz up)")
     speed_prob: float = flag(0.3, "share of training clips played faster or slower")
-    speed_max: float = flag(0.1, "largest speed change, as a fraction (0.1 = +-10%%; pitch moves with it)")
+    speed_max: float = flag(0.1, "largest speed change, as a fraction (0.1 = +-10%; pitch moves with it)")
     reverb_prob: float = flag(0.5, "share of training clips put in a synthetic room (RT60 0.15-0.8 s)")
     balance: Literal["weights", "oversample", "none"] = flag("weights",
         "'weights': class-weighted loss; 'oversample': repeat rare labels' clips each epoch until every label"

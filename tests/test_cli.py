@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
@@ -13,6 +15,7 @@ import pytest
 
 from melbatch import shards
 from melbatch.cli import commands
+from melbatch.cli.options import JOBS
 from melbatch.config import FeatureConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +42,31 @@ def test_top_level_help_lists_commands_and_exit_codes():
     text = " ".join(out.stdout.split())  # argparse wraps to the terminal's width
     assert all(c in text for c in ("featurize", "sample-archive", "demo", "Exit codes", "AWS_ENDPOINT_URL",
                                    "AWS_MAX_ATTEMPTS", "MELBATCH_S3_READ_TIMEOUT_S", "5 another scan holds OUT"))
+
+
+def test_the_command_table_is_the_one_place_a_command_is_declared(capsys):
+    """Every row of the table is a subcommand with its help; every job row has its Ray job entry point and is
+    what submit accepts; each command's --help renders its flags' help as written (a '%' in a help text once
+    printed argparse's internals into classify --help)."""
+    p = commands.parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == [c.name for c in commands.COMMANDS]
+    jobs = [c.name for c in commands.COMMANDS if c.name in JOBS]
+    assert jobs == list(JOBS) and all((ROOT / "jobs" / f"{name}.py").exists() for name in jobs)
+    submit = next(a for a in sub.choices["submit"]._actions if a.dest == "job")
+    assert list(submit.choices) == jobs
+    for command in commands.COMMANDS:
+        with pytest.raises(SystemExit):
+            commands.main([command.name, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert out.startswith(f"usage: melbatch {command.name}"), command.name
+        assert "option_strings" not in out and "object at 0x" not in out and "%%" not in out, command.name
+        assert " ".join((command.description or inspect.getdoc(command.run) or "").split())[:60] in out
+    classify = commands.parser().parse_args(["classify", "a", "m", "o"])
+    assert classify.func is next(c.run for c in commands.COMMANDS if c.name == "classify")
+    with pytest.raises(SystemExit):
+        commands.main(["classify", "--help"])
+    assert "classify ~10% slower" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_wrong_config_exits_2_with_the_fix_and_no_traceback(tmp_path):

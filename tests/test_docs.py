@@ -35,3 +35,11 @@ def test_the_readme_is_a_front_door():
     assert first.startswith("make demo") and "make test" in first
     for link in re.findall(r"\]\((docs/[^)#]+)", text):
         assert (ROOT / link).exists(), link
+
+
+def test_every_module_has_an_api_page():
+    pages = "\n".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "melbatch").rglob("*.py")
+               if not p.name.startswith("__")}
+    missing = sorted(m for m in modules if f"::: {m}\n" not in pages)
+    assert not missing, f"add these to docs/api/<folder>.md: {missing}"

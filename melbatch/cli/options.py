@@ -42,7 +42,8 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, title: str, exclu
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in flag_names(cls, exclude):
-        hint, default, help_text = hints[name], fields[name].default, fields[name].metadata["help"]
+        hint, default = hints[name], fields[name].default
+        help_text = fields[name].metadata["help"].replace("%", "%%")  # argparse formats help with %: "10% slower"
         shown = f"{help_text} (default: {','.join(default) or 'none' if isinstance(default, tuple) else default})"
         option = "--" + name.replace("_", "-")
         if hint is bool and default is True:
