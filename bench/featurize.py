@@ -156,7 +156,7 @@ def bench_one_task(paths: list[Path], cfg: FeatureConfig) -> tuple[float, float]
                                   fc.rows_per_row_group, fc.silence_dbfs, fc.keep_audio)
     seconds = time.perf_counter() - t0
     storage.delete_tree(fc.dst)
-    return r["audio_s"], seconds
+    return r.audio_s, seconds
 
 
 def _in_memory_worker(blobs: list[bytes]) -> float:

@@ -16,6 +16,7 @@ from melbatch.config import FeatureConfig
 from melbatch.model import package as mb_model
 from melbatch.model.package import predict
 from melbatch.stages import classify, detections
+from melbatch.stages.runs import BatchResult, read_parts
 from melbatch.testing import archives
 
 FEATURES = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0)
@@ -70,31 +71,38 @@ def test_one_chunk_or_many_the_batch_ends_the_same(setting, monkeypatch, tmp_pat
     monkeypatch.setattr(classify, "CHUNK_BYTES", 3 * FEATURES.n_mels * FEATURES.n_frames * 2)  # 3 clips a chunk
     many, r2 = _run_stages(root, refs, pkg, str(tmp_path / "many"))
     assert len(one) == 1 and len(many) > 3 and [c["seq"] for c in many] == list(range(len(many)))
-    assert all(c["clips"] <= 3 for c in many) and sum(c["clips"] for c in many) == one[0]["clips"] == r1["clips"]
+    assert all(c["clips"] <= 3 for c in many) and sum(c["clips"] for c in many) == one[0]["clips"] == r1.clips
 
     # every input once: classified or quarantined, with the kind the archive was broken with
     bad = {f.uri: f.bad_kind for f in files if f.bad_kind}
-    assert {q["uri"]: q["kind"] for q in r1["quarantine"]} == bad
-    assert r1["classified"] + len(r1["quarantine"]) == len(refs) == len(files)
-    for key in ("classified", "clips", "quarantine", "labels", "decoders", "events"):
-        assert r1[key] == r2[key], key
+    assert {q["uri"]: q["kind"] for q in r1.quarantine} == bad
+    assert r1.done + len(r1.quarantine) == len(refs) == len(files)
+    for key in ("done", "clips", "quarantine", "labels", "decoders", "events"):
+        assert getattr(r1, key) == getattr(r2, key), key
     # events that cross chunk boundaries are merged by the driver: the same events either way
-    e1, e2 = (pq.read_table(storage.join(str(tmp_path / d), r["outputs"]["detections"][0])).to_pylist()
+    e1, e2 = (pq.read_table(storage.join(str(tmp_path / d), r.outputs["detections"][0])).to_pylist()
               for d, r in (("one", r1), ("many", r2)))
-    assert sum(r1["events"].values()) == len(e1) > 0 and len(e1) == len(e2)
+    assert sum(r1.events.values()) == len(e1) > 0 and len(e1) == len(e2)
     for a, b in zip(e1, e2, strict=True):  # a padded clip's extra views run in a batch of another size: 1e-7
         assert a == {k: pytest.approx(v, abs=1e-6) if isinstance(v, float) else v for k, v in b.items()}
-    assert len(r2["outputs"]["clips"]) == len([c for c in many if c["clips"]])
+    assert len(r2.outputs["clips"]) == len([c for c in many if c["clips"]])
 
-    v1 = pq.read_table(storage.join(str(tmp_path / "one"), r1["outputs"]["files"][0]))
-    v2 = pq.read_table(storage.join(str(tmp_path / "many"), r2["outputs"]["files"][0]))
+    v1 = pq.read_table(storage.join(str(tmp_path / "one"), r1.outputs["files"][0]))
+    v2 = pq.read_table(storage.join(str(tmp_path / "many"), r2.outputs["files"][0]))
     assert _same_schema(v1.schema, shards.file_prediction_schema(pkg.labels))
     assert v1.column("uri").to_pylist() == v2.column("uri").to_pylist()
     assert v1.column("label").to_pylist() == v2.column("label").to_pylist()
     np.testing.assert_allclose(np.array(v1.column("scores").to_pylist()), np.array(v2.column("scores").to_pylist()),
                                atol=1e-6)
-    # the part file, written last, holds the result the driver got
-    assert json.loads(storage.read_bytes(storage.join(str(tmp_path / "one"), "_parts", "b1.json"))) == r1
+    # the part file, written last, holds the result the driver got; one written before results were typed
+    # (the done count under the stage's own word) reads the same
+    one_out = storage.canonical(str(tmp_path / "one"))
+    part = storage.join(one_out, "_parts", "b1.json")
+    assert read_parts(one_out, {"b1", "b2"}) == {"b1": r1}
+    old = json.loads(storage.read_bytes(part))
+    old["classified"] = old.pop("done")
+    storage.write_bytes(part, json.dumps(old).encode())
+    assert read_parts(one_out, {"b1"}) == {"b1": r1}
 
 
 def test_clip_predictions_are_the_models_on_the_images_featurize_would_make(setting, tmp_path):
@@ -112,7 +120,7 @@ def test_clip_predictions_are_the_models_on_the_images_featurize_would_make(sett
     np.testing.assert_allclose(top[:, 0], probs.max(1), atol=1e-5)
     assert clips.column("label").to_pylist() == [pkg.labels[i] for i in probs.argmax(1)]
     # per file, the verdict is the mean of its clips' probabilities
-    verdict = pq.read_table(storage.join(str(tmp_path / "out"), result["outputs"]["files"][0])).to_pylist()
+    verdict = pq.read_table(storage.join(str(tmp_path / "out"), result.outputs["files"][0])).to_pylist()
     uris = clips.column("uri").to_pylist()
     for v in verdict:
         mine = probs[[i for i, u in enumerate(uris) if u == v["uri"]]]
@@ -138,10 +146,10 @@ def test_with_the_mel_on_the_model_the_decoders_send_pcm_and_the_model_makes_the
 
     _, ra = _run_stages(root, refs, pkg, str(tmp_path / "cpu"))
     _, rb = _run_stages(root, refs, pkg, str(tmp_path / "model"), images=False)
-    for key in ("classified", "clips", "quarantine", "labels"):
-        assert ra[key] == rb[key], key
-    va = pq.read_table(storage.join(str(tmp_path / "cpu"), ra["outputs"]["files"][0]))
-    vb = pq.read_table(storage.join(str(tmp_path / "model"), rb["outputs"]["files"][0]))
+    for key in ("done", "clips", "quarantine", "labels"):
+        assert getattr(ra, key) == getattr(rb, key), key
+    va = pq.read_table(storage.join(str(tmp_path / "cpu"), ra.outputs["files"][0]))
+    vb = pq.read_table(storage.join(str(tmp_path / "model"), rb.outputs["files"][0]))
     np.testing.assert_allclose(np.array(va.column("scores").to_pylist()), np.array(vb.column("scores").to_pylist()),
                                atol=2e-3)
 
@@ -151,10 +159,8 @@ def test_the_run_summary_adds_batch_results_and_accounts_for_every_input():
     from melbatch.stages.featurize import Summary as FeaturizeSummary
 
     s = classify.Summary(archive="s3://a", out="s3://o", model_id="m-1", config_hash="h", inputs=3, batches=2)
-    s.add({"classified": 1, "clips": 4, "audio_s": 8.0, "labels": {"x": 1}, "decoders": {"soundfile": 1},
-           "nodes": {"n1": 1}})
-    s.add({"classified": 1, "clips": 2, "audio_s": 4.0, "labels": {"x": 1}, "decoders": {"torchcodec": 1},
-           "nodes": {"n1": 1}})
+    s.add(BatchResult("b1", 1, 4, 8.0, [], {"x": 1}, {"soundfile": 1}, {"n1": 1}))
+    s.add(BatchResult("b2", 1, 2, 4.0, [], {"x": 1}, {"torchcodec": 1}, {"n1": 1}))
     s.close([{"kind": "empty"}], started=0.0)
     assert (s.classified, s.clips, s.audio_s, s.quarantined, s.quarantine_rate) == (2, 6, 12.0, 1, 1 / 3)
     assert s.labels == {"x": 2} and s.decoders == {"soundfile": 1, "torchcodec": 1} and s.nodes == {"n1": 2}
@@ -163,7 +169,7 @@ def test_the_run_summary_adds_batch_results_and_accounts_for_every_input():
                          "  inputs              3  = classified 2 + quarantined 1"]
     assert "  label x                   2 files" in lines and "  quarantine   s3://o/quarantine.parquet" in lines
     f = FeaturizeSummary(src="s3://a", dst="s3://d", config_hash="h", inputs=2)
-    f.add({"featurized": 1, "clips": 3, "audio_s": 6.0, "labels": {"y": 3}})
+    f.add(BatchResult("b1", 1, 3, 6.0, [], {"y": 3}, {}, {}))
     with pytest.raises(AssertionError):  # an input neither done nor quarantined is a bug, not a count
         f.close([], started=0.0)
     assert "  inputs              2  = featurized 1 + quarantined 0" in f.render()

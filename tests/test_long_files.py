@@ -33,7 +33,7 @@ import peakmem
 peakmem.start()
 if stage == "featurize":
     r = featurize.featurize_batch("long", [(ref, "x")], features_json, dst, 100_000, 64, -70.0, keep_audio=True)
-    made = {"clips": r["clips"], "quarantine": len(r["quarantine"]), "audio_s": r["audio_s"]}
+    made = {"clips": r.clips, "quarantine": len(r.quarantine), "audio_s": r.audio_s}
 else:
     chunks = clips = 0
     for t in classify.decode_batch(classify.work_table([("b", [ref])]), features_json, -70.0):

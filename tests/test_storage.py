@@ -163,7 +163,7 @@ def test_a_run_stopped_by_storage_counts_the_batches_kept_from_their_part_files(
 
     dst = storage.canonical(str(tmp_path / "out"))  # as a run's destination is
     for bid in ("a", "b", "stale"):  # "stale": an earlier run's batch, not this run's
-        runs.write_part(dst, bid, {"batch": bid})
+        runs.write_part(dst, runs.BatchResult(bid, 0, 0, 0.0, [], {}, {}, {}))
     cause = storage.TransientStorageError("s3://bucket/x.flac: reading failed: Service Unavailable")
     wrapped = RuntimeError("task failed")
     wrapped.__cause__ = cause

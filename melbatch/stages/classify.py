@@ -76,6 +76,7 @@ from melbatch.shards import (
 )
 from melbatch.stages import detections, workers
 from melbatch.stages.runs import (
+    BatchResult,
     RunSummary,
     commit,
     content_id,
@@ -240,8 +241,8 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
         def collect(done: set[Future]) -> None:
             for f in done:
                 r = f.result()
-                results[r["batch"]] = r
-                bar.update(r["classified"] + len(r["quarantine"]))
+                results[r.batch] = r
+                bar.update(r.done + len(r.quarantine))
                 crash_point("classify:batch")
 
         try:
@@ -265,12 +266,12 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     for bid, _ in batches:
         r = results[bid]
         summary.add(r)
-        for label, n in r.get("events", {}).items():
+        for label, n in r.events.items():
             summary.events[label] = summary.events.get(label, 0) + n
-        summary.new_audio_s += r["audio_s"] if bid not in resumed else 0.0
-        quarantine.extend(r["quarantine"])
+        summary.new_audio_s += r.audio_s if bid not in resumed else 0.0
+        quarantine.extend(r.quarantine)
         for d in PREDICTION_DIRS:
-            outputs[d].extend(r["outputs"].get(d, []))
+            outputs[d].extend(r.outputs.get(d, []))
     summary.close(quarantine, t0)
     commit(out, "classify", quarantine, _manifest(cfg, meta, detect, summary, outputs), PREDICTION_DIRS,
            {p for d in PREDICTION_DIRS for p in outputs[d]}, {bid for bid, _ in batches})
@@ -573,7 +574,7 @@ def _complete(chunks: list[dict[str, Any]]) -> bool:
 
 
 def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[str, Any],
-                 detect: detections.Settings, unknown_below: float = 0.0) -> dict[str, Any]:
+                 detect: detections.Settings, unknown_below: float = 0.0) -> BatchResult:
     """A batch whose chunks are all written (the driver's rows of :func:`write_batch`): its per-file
     verdicts (``files/<batch>.parquet``: the mean of each file's clip probabilities, the best label
     wins, or :data:`~melbatch.model.package.UNKNOWN` below ``unknown_below``), its events
@@ -603,13 +604,12 @@ def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[st
     if found.num_rows:
         outputs[DETECTION_DIR] = [f"{DETECTION_DIR}/{bid}.parquet"]
         write_table(storage.join(out, outputs[DETECTION_DIR][0]), found)
-    result = {"batch": bid, "classified": len(files), "clips": sum(c["clips"] for c in chunks),
-              "audio_s": sum(f["duration_s"] for f in files), "quarantine": chunks[-1]["quarantine"],
-              "labels": dict(Counter(table.column("label").to_pylist())),
-              "decoders": dict(Counter(f["decoder"] for f in files)),
-              "events": dict(Counter(found.column("label").to_pylist())),
-              "nodes": dict(Counter(c["node"] for c in chunks if c["seq"] == 0)), "outputs": outputs}
-    write_part(out, bid, result)
+    result = BatchResult(bid, len(files), sum(c["clips"] for c in chunks), sum(f["duration_s"] for f in files),
+                         chunks[-1]["quarantine"], dict(Counter(table.column("label").to_pylist())),
+                         dict(Counter(f["decoder"] for f in files)),
+                         dict(Counter(c["node"] for c in chunks if c["seq"] == 0)),
+                         events=dict(Counter(found.column("label").to_pylist())), outputs=outputs)
+    write_part(out, result)
     return result
 
 

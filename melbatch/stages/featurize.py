@@ -45,6 +45,7 @@ from melbatch.shards import (
 )
 from melbatch.stages import workers
 from melbatch.stages.runs import (
+    BatchResult,
     RunSummary,
     chunked,
     commit,
@@ -158,9 +159,9 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
 
     for r in results:
         summary.add(r)
-        summary.task_s += r["task_s"] if r["batch"] not in resumed else 0.0
-        quarantine.extend(r["quarantine"])
-    shards = [f"{SHARD_DIR}/{name}" for r in results for name, _ in r["shards"]]
+        summary.task_s += r.task_s if r.batch not in resumed else 0.0
+        quarantine.extend(r.quarantine)
+    shards = [f"{SHARD_DIR}/{name}" for r in results for name, _ in r.shards]
     summary.shards = len(shards)
     summary.close(quarantine, t0)
     commit(dst, "featurize", quarantine, _manifest(cfg, summary, shards, results), [SHARD_DIR], set(shards),
@@ -270,7 +271,7 @@ def runs_locally(cfg: FeaturizeConfig, todo: list[tuple[str, list]]) -> bool:
 
 
 def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]],
-                 progress: bool) -> tuple[list[dict[str, Any]], set[str]]:
+                 progress: bool) -> tuple[list[BatchResult], set[str]]:
     """Run every batch, as Ray tasks (at most ``max_inflight`` at once) or in this process
     (:func:`runs_locally`); reuse finished ones.
 
@@ -292,7 +293,7 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
                 except Exception as e:
                     raise stopped_by_storage("featurize", e, dst, {bid for bid, _ in batches}) from None
                 results[bid] = result
-                bar.update(result["featurized"] + len(result["quarantine"]))
+                bar.update(result.done + len(result.quarantine))
                 crash_point("featurize:batch")
         finally:
             torch.set_num_threads(threads)  # featurize_batch sets one thread, as a Ray task
@@ -320,7 +321,7 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
                 for ref in ready:
                     result = ray.get(ref)
                     results[pending.pop(ref)] = result
-                    bar.update(result["featurized"] + len(result["quarantine"]))
+                    bar.update(result.done + len(result.quarantine))
                     crash_point("featurize:batch")
         except Exception as e:
             for ref in pending:
@@ -331,7 +332,7 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
     return [results[bid] for bid, _ in batches], resumed
 
 
-def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results: list[dict]) -> dict[str, Any]:
+def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results: list[BatchResult]) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("features", "address")}
     return {
         **manifest_header("features"),
@@ -342,7 +343,7 @@ def _manifest(cfg: FeaturizeConfig, summary: Summary, shards: list[str], results
         "audio": {"kept": cfg.keep_audio, "dtype": AUDIO_DTYPE, "sample_rate_hz": cfg.features.sample_rate_hz,
                   "samples": cfg.features.clip_samples} if cfg.keep_audio else {"kept": False},
         "shards": shards,
-        "shard_rows": {f"{SHARD_DIR}/{n}": rows for r in results for n, rows in r["shards"]},
+        "shard_rows": {f"{SHARD_DIR}/{n}": rows for r in results for n, rows in r.shards},
         "labels": dict(sorted(summary.labels.items())),
         "counts": {
             "inputs": summary.inputs,
@@ -370,7 +371,7 @@ def batch_id(features: FeatureConfig, batch: Iterable[tuple[storage.ObjectRef, s
 
 def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans | None]], feature_json: str, dst: URI,
                     rows_per_shard: int, rows_per_row_group: int, silence_dbfs: float,
-                    keep_audio: bool = False) -> dict[str, Any]:
+                    keep_audio: bool = False) -> BatchResult:
     """One Ray task (or a step of a local run): featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
 
     Per-file failures are caught and returned as quarantine rows. A store that keeps failing (after
@@ -381,14 +382,16 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans |
     workers.prepare_worker(1)  # one task per CPU: parallelism comes from Ray, not from intra-op threads
     cfg = FeatureConfig.from_dict(json.loads(feature_json))
     writer = ShardWriter(storage.join(dst, SHARD_DIR), bid, cfg, rows_per_shard, rows_per_row_group, keep_audio)
-    result: dict[str, Any] = {"batch": bid, "featurized": 0, "clips": 0, "audio_s": 0.0, "quarantine": [],
-                              "labels": Counter(), "decoders": Counter()}
+    done, n_clips, audio_s = 0, 0, 0.0
+    quarantine: list[dict[str, Any]] = []
+    labels: Counter[str] = Counter()
+    decoders: Counter[str] = Counter()
     try:
         for ref, label in batch:
             try:
                 info, clips = logmels_of_object(ref, cfg, silence_dbfs, keep_audio)
             except DecodeError as e:
-                result["quarantine"].append(quarantine_row(ref, e))
+                quarantine.append(quarantine_row(ref, e))
                 continue
             with clips:  # the writer takes them a row group at a time, however long the file
                 for c, mel in clips:
@@ -397,19 +400,18 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans |
                                         info.decoder, info.sample_rate_hz, info.channels, mel,
                                         c.samples if keep_audio else None)])
                     if each is not None:
-                        result["labels"][each] += 1
-            result["featurized"] += 1
-            result["clips"] += len(clips)
-            result["audio_s"] += info.decoded_frames / info.sample_rate_hz
-            result["decoders"][info.decoder] += 1
-        result["shards"] = writer.close()
+                        labels[each] += 1
+            done += 1
+            n_clips += len(clips)
+            audio_s += info.decoded_frames / info.sample_rate_hz
+            decoders[info.decoder] += 1
+        shards = tuple((name, rows) for name, rows in writer.close())
     except BaseException:
         writer.abort()
         raise
-    result["labels"], result["decoders"] = dict(result["labels"]), dict(result["decoders"])
-    result["nodes"] = {this_node(): 1}
-    result["task_s"] = time.perf_counter() - t0
-    write_part(dst, bid, result)
+    result = BatchResult(bid, done, n_clips, audio_s, quarantine, dict(labels), dict(decoders), {this_node(): 1},
+                         task_s=time.perf_counter() - t0, shards=shards)
+    write_part(dst, result)
     return result
 
 

@@ -128,12 +128,14 @@ class RunSummary:
     skipped: dict[str, int] = field(default_factory=dict)  # extension -> objects the filters left out
     listing: dict[str, dict] = field(default_factory=dict)  # what the listing met: storage.ListingNotes.as_dict()
 
-    def add(self, result: dict[str, Any]) -> None:
-        """A batch's part-file result: its done count, clips, audio and per-key counts."""
-        setattr(self, self.DONE, getattr(self, self.DONE) + result[self.DONE])
-        self.clips += result["clips"]
-        self.audio_s += result["audio_s"]
-        tally({"labels": self.labels, "decoders": self.decoders, "nodes": self.nodes}, result)
+    def add(self, result: BatchResult) -> None:
+        """A batch's result: its done count, clips, audio and per-key counts."""
+        setattr(self, self.DONE, getattr(self, self.DONE) + result.done)
+        self.clips += result.clips
+        self.audio_s += result.audio_s
+        for mine, theirs in ((self.labels, result.labels), (self.decoders, result.decoders),
+                             (self.nodes, result.nodes)):
+            mine.update(Counter(mine) + Counter(theirs))
 
     def close(self, quarantine: list[dict[str, Any]], started: float) -> None:
         """The run's quarantine rows are in: count them, check every input is accounted for once."""
@@ -175,12 +177,6 @@ class RunSummary:
         raise NotImplementedError
 
 
-def tally(into: dict[str, dict[str, int]], result: dict[str, Any]) -> None:
-    """Add a batch result's per-key counts (labels, decoders, nodes) into the summary's dicts."""
-    for key, counts in into.items():
-        counts.update(Counter(counts) + Counter(result.get(key) or {}))
-
-
 def chunked(items: list, n: int) -> Iterator[list]:
     for i in range(0, len(items), n):
         yield items[i: i + n]
@@ -199,16 +195,49 @@ def quarantine_row(ref: storage.ObjectRef, e: DecodeError) -> dict[str, Any]:
             "decoders_tried": list(e.decoders_tried)}
 
 
-def write_part(dst: URI, bid: str, result: dict[str, Any]) -> None:
-    """Mark batch ``bid`` done; call after its data files are written."""
-    storage.write_bytes(storage.join(dst, PARTS_DIR, f"{bid}.json"), json.dumps(result).encode())
+@dataclass(frozen=True)
+class BatchResult:
+    """What one batch did: what its task returns, what its part file ``_parts/<id>.json`` stores, what
+    :meth:`RunSummary.add` reads. ``done`` counts its inputs that made output (featurized,
+    classified); every other input is a row of ``quarantine``."""
+
+    batch: str
+    done: int
+    clips: int
+    audio_s: float
+    quarantine: list[dict[str, Any]]
+    labels: dict[str, int]  # clips (featurize) or files (classify) per label
+    decoders: dict[str, int]
+    nodes: dict[str, int]  # Ray node id -> batches (1, or several tasks' chunks)
+    task_s: float = 0.0  # featurize: wall time inside the task
+    shards: tuple[tuple[str, int], ...] = ()  # featurize: (shard file name, rows)
+    events: dict[str, int] = field(default_factory=dict)  # classify: detected events per label
+    outputs: dict[str, list[str]] = field(default_factory=dict)  # classify: files written, by folder
+
+    def as_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> BatchResult:
+        """A part file, also one written before results were typed (its done count under the stage's
+        own word, ``featurized`` or ``classified``)."""
+        d = json.loads(data)
+        if "done" not in d:
+            d["done"] = d.pop("featurized", None) if "featurized" in d else d.pop("classified")
+        d["shards"] = tuple((name, rows) for name, rows in d.get("shards", ()))
+        return cls(**{f: d[f] for f in cls.__dataclass_fields__ if f in d})
 
 
-def read_parts(dst: URI, batch_ids: set[str]) -> dict[str, dict[str, Any]]:
+def write_part(dst: URI, result: BatchResult) -> None:
+    """Mark the batch done; call after its data files are written."""
+    storage.write_bytes(storage.join(dst, PARTS_DIR, f"{result.batch}.json"), result.as_json())
+
+
+def read_parts(dst: URI, batch_ids: set[str]) -> dict[str, BatchResult]:
     """Results of this run's batches that an earlier attempt finished: one listing, one concurrent read."""
     root = storage.join(dst, PARTS_DIR)
     wanted = [storage.join(root, f"{bid}.json") for bid in sorted(_part_ids(dst) & batch_ids)]
-    return {(r := json.loads(data))["batch"]: r for data in storage.read_many(wanted).values()}
+    return {(r := BatchResult.from_json(data)).batch: r for data in storage.read_many(wanted).values()}
 
 
 def _part_ids(dst: URI) -> set[str]:
