@@ -54,8 +54,8 @@ SHIFTS = archives.FIELD_SHIFTS
 # What each recipe changes from melbatch's defaults of today (train.* / features.* / featurize.*).
 RECIPES: dict[str, dict[str, object]] = {
     "defaults": {},
-    "stop 30": {"train.field_augment": False, "train.normalize": "dataset", "train.time_masks": 0,
-                "train.freq_masks": 0},
+    "stop 30": {"train.augment.field_augment": False, "train.normalize": "dataset", "train.augment.time_masks": 0,
+                "train.augment.freq_masks": 0},
 }
 
 
@@ -93,7 +93,16 @@ def birds(data: Path) -> dict[str, list[tuple[str, str]]]:
 # ------------------------------------------------------------------------------------------ melbatch
 
 def overrides(recipe: dict[str, object], section: str) -> dict[str, object]:
-    return {k.split(".", 1)[1]: v for k, v in recipe.items() if k.startswith(section + ".")}
+    """The recipe's keys of one section, a dotted key as a section of its own (train.augment.noise_prob)."""
+    out: dict[str, object] = {}
+    for key, value in recipe.items():
+        if key.startswith(section + "."):
+            *path, last = key.split(".")[1:]
+            into = out
+            for part in path:
+                into = into.setdefault(part, {})  # type: ignore[assignment]
+            into[last] = value
+    return out
 
 
 def featurize_sets(sets: dict[str, list[tuple[str, str]]], out: Path, recipe: dict[str, object],

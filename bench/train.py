@@ -28,7 +28,7 @@ import torch
 
 from melbatch import shards, storage
 from melbatch.audio.logmel import logmel_tensor
-from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig
+from melbatch.config import AugmentConfig, FeatureConfig, FeaturizeConfig, TrainConfig
 from melbatch.model.package import create_model
 from melbatch.shards import TRAIN_CONFIG
 from melbatch.stages import featurize
@@ -39,7 +39,7 @@ from melbatch.train import augment, driver
 def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
     """Best samples/s of a plain single-process loop over the same shards held in memory.
 
-    It does the same work per batch as melbatch's workers: with ``cfg.wave_augment`` it augments
+    It does the same work per batch as melbatch's workers: with ``cfg.augment.wave_augment`` it augments
     the stored waveforms and recomputes their images, otherwise it uses the stored images.
     """
     device = torch.device("cuda" if cfg.use_gpu else "cpu")
@@ -49,13 +49,13 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
     labels = sorted({r["label"] for r in rows})
     x_all = torch.from_numpy(np.stack([r["mel"] for r in rows]).astype(np.float32)).unsqueeze(1).to(device)
     mean, std = x_all.mean(), x_all.std()
-    wave = torch.from_numpy(np.stack([r["audio"] for r in rows])).to(device) if cfg.wave_augment else None
-    aug = augment.WaveAugment.of(cfg, features.sample_rate_hz)
+    wave = torch.from_numpy(np.stack([r["audio"] for r in rows])).to(device) if cfg.augment.wave_augment else None
+    aug = augment.WaveAugment.of(cfg.augment, features.sample_rate_hz)
     y_all = torch.tensor([labels.index(r["label"]) for r in rows], device=device)
     model = create_model(cfg.model, len(labels), features.shape, pretrained=False).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
-    shift = round(cfg.time_shift_frac * x_all.shape[-1])
+    shift = round(cfg.augment.time_shift_frac * x_all.shape[-1])
     best = 0.0
     for _ in range(epochs):
         t0, seen = time.perf_counter(), 0
@@ -66,9 +66,10 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
             else:
                 x = x_all[idx]
             x = augment.random_time_shift((x - mean) / std, shift, gen)
-            x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, gen)
+            a = cfg.augment
+            x = augment.spec_augment(x, a.time_masks, a.time_mask_frac, a.freq_masks, a.freq_mask_frac, gen)
             t = augment.soft_targets(y_all[idx], len(labels), cfg.label_smoothing)
-            x, t = augment.mixup(x, t, cfg.mixup_alpha, gen)
+            x, t = augment.mixup(x, t, cfg.augment.mixup_alpha, gen)
             with autocast:
                 logits = model(x)
             loss = -(t * torch.log_softmax(logits.float(), 1)).sum(1).mean()
@@ -107,7 +108,7 @@ def main() -> None:
     # one worker gets the machine but one CPU, which Ray Data keeps for reading (the bare loop gets the same)
     base = dict(shards=f"{root}/features", model=args.model, pretrained=False, epochs=args.epochs,
                 batch_size=args.batch_size, workers=1, cpus_per_worker=max(0.5, args.cpus - 1.0), max_failures=0,
-                wave_augment=args.wave_augment, use_gpu=args.use_gpu)
+                augment=AugmentConfig(wave_augment=args.wave_augment), use_gpu=args.use_gpu)
     torch.set_num_threads(max(1, int(args.cpus - 1)))
     sps = {}
     for name, hold_mb in (("default", TrainConfig.hold_mb), ("streamed", 0)):  # the default, then every epoch read

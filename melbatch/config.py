@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -389,8 +390,10 @@ class FeaturizeConfig:
 
 
 def build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Construct dataclass ``cls`` from a plain dict, rejecting unknown keys by name."""
+    """Construct dataclass ``cls`` from a plain dict (its sections as dicts too), rejecting unknown keys
+    by name."""
     names = {f.name for f in fields(cls)}
+    values = nested(cls, values, where)
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown} in '{where}'; known: {sorted(names)}")
@@ -412,6 +415,29 @@ def parse_yaml(text: str | bytes, where: str) -> dict[str, Any]:
     return data
 
 
+def sections(cls: type) -> dict[str, type]:
+    """The fields of ``cls`` that are sections of their own with defaults (``TrainConfig.augment``)."""
+    return {f.name: f.default_factory for f in fields(cls)
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)}
+
+
+def nested(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with the keys of ``cls``'s sections under their section. A key written flat, as
+    before the section existed (``train: {noise_prob: 0.5}``), still loads, with one line saying the
+    new place (``train: {augment: {noise_prob: 0.5}}``)."""
+    own = {f.name for f in fields(cls)}
+    for name, sub in sections(cls).items():
+        flat = {k: values[k] for k in values if k not in own and k in {f.name for f in fields(sub)}}
+        if flat:
+            print(f"melbatch: {where}: {', '.join(flat)}: these settings live in its '{name}:' section now "
+                  f"({where}.{name}.{next(iter(flat))}); the flat keys still load", file=sys.stderr)
+            values = {**{k: v for k, v in values.items() if k not in flat},
+                      name: {**flat, **(values.get(name) or {})}}
+        if isinstance(values.get(name), dict):
+            values = {**values, name: build(sub, values[name], f"{where}.{name}")}
+    return values
+
+
 def merge(*layers: dict[str, Any]) -> dict[str, Any]:
     """Later layers win; ``None`` values in a layer mean "not given" and are skipped."""
     out: dict[str, Any] = {}
@@ -430,6 +456,66 @@ BALANCING = ("weights", "oversample", "none")
 # against 0.73 at 380, the field 0.68 / 0.71 against 0.67 / 0.62, clean the same (README, "Models that hold up").
 PLAIN_MIN_STEPS = 100
 AUGMENTED_MIN_STEPS = 600
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """How training shifts its clips so that a model holds up away from the training room: train's
+    ``augment:`` section (:mod:`melbatch.train.augment` reads it; the flags keep their names).
+
+    Chosen on ``make bench-field`` (docs, Performance): the field shifts (speed, room, phone line and
+    low bit rate, noise and other voices, microphone EQ and level) made on the training images, and
+    random time shifts; SpecAugment, mixup and waveform augmentation are there, off.
+    """
+
+    time_shift_frac: float = flag(0.2,
+        "move training images along time by up to this fraction of their frames, keeping their width (a short"
+        " recording moves only within its padding; 0 = off)")
+    time_masks: int = flag(0, "SpecAugment time masks per clip")
+    time_mask_frac: float = flag(0.1, "widest time mask, as a fraction of the frames")
+    freq_masks: int = flag(0, "SpecAugment frequency masks per clip")
+    freq_mask_frac: float = flag(0.1, "widest frequency mask, as a fraction of the mel bands")
+    mixup_alpha: float = flag(0.0, "mixup Beta(alpha, alpha); 0 = off")
+    wave_augment: bool = flag(False,
+        "augment training waveforms (gain, noise, phone line, speed, reverb) on the training device and "
+        "recompute their images there; off by default: on archives of a few dozen recordings per label it "
+        "slowed fitting (README, Transfer learning); needs shards that keep audio")
+    field_augment: bool = flag(True,
+        "train on the images as they are. By default the field shifts below (speed, reverb, phone line and low bit "
+        "rate, noise and other voices, microphone EQ and gain) are made on the training images themselves, so that "
+        "a model holds up with other speakers, rooms, lines and microphones (make bench-field); that works on "
+        "images-only shards, and --wave-augment makes the same shifts on waveforms instead")
+    clean_epochs: int = flag(0,
+        "epochs at the start that train on the images as they are; the field shifts (or --wave-augment) begin "
+        "after them (0: shifted from the first step)")
+    gain_db: float = flag(6.0,
+        "random gain within +-this many dB (0 = off); on images, a microphone EQ within +-this and a recording "
+        "level from -30 dB to +this")
+    noise_prob: float = flag(0.6, "share of training clips that get background noise mixed in")
+    snr_db_min: float = flag(0.0, "lowest signal-to-noise ratio of the mixed-in noise (dB)")
+    snr_db_max: float = flag(30.0, "highest signal-to-noise ratio of the mixed-in noise (dB)")
+    noise_dir: URI | None = flag(None,
+        "folder/prefix (any URI) of noise recordings to mix in; default: generated white/pink/brown noise")
+    telephone_prob: float = flag(0.4,
+        "share of training clips band-limited like a phone line or a low bit rate (waveforms: 300-3400 Hz and "
+        "8-bit mu-law; images: a low cut up to 300 Hz and a high cut from 2 kHz up)")
+    speed_prob: float = flag(0.3, "share of training clips played faster or slower")
+    speed_max: float = flag(0.1, "largest speed change, as a fraction (0.1 = +-10%; pitch moves with it)")
+    reverb_prob: float = flag(0.5, "share of training clips put in a synthetic room (RT60 0.15-0.8 s)")
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.time_shift_frac < 1, "time_shift_frac must be in [0, 1) (0 = no shift)")
+        _require(0 <= self.time_mask_frac < 1 and 0 <= self.freq_mask_frac < 1, "mask fractions must be in [0, 1)")
+        _require(self.mixup_alpha >= 0, "mixup_alpha must be >= 0 (0 = off)")
+        for name in ("noise_prob", "telephone_prob", "speed_prob", "reverb_prob"):
+            _require(0 <= getattr(self, name) <= 1, f"{name}={getattr(self, name)}: a probability, in [0, 1]")
+        _require(self.clean_epochs >= 0, f"clean_epochs={self.clean_epochs}: 0 (shifted from the start) or more")
+        _require(self.gain_db >= 0, "gain_db must be >= 0 (0 = off)")
+        _require(self.noise_dir is None or self.wave_augment,
+                 "noise_dir is mixed in by waveform augmentation, which is off: add --wave-augment")
+        _require(self.snr_db_min <= self.snr_db_max,
+                 f"snr_db_min={self.snr_db_min} is above snr_db_max={self.snr_db_max}")
+        _require(0 <= self.speed_max < 0.5, f"speed_max={self.speed_max}: use a fraction below 0.5 (0.1 = ±10%)")
 
 
 @dataclass(frozen=True)
@@ -487,40 +573,7 @@ class TrainConfig:
     freeze_epochs: int = flag(0, "epochs that train only the new head (a linear probe) before full fine-tuning")
     normalize: Literal["dataset", "clip"] = flag("dataset",
         "'dataset': one mean/std from the training split, stored in the package; 'clip': per clip")
-    time_shift_frac: float = flag(0.2,
-        "move training images along time by up to this fraction of their frames, keeping their width (a short"
-        " recording moves only within its padding; 0 = off)")
-    time_masks: int = flag(0, "SpecAugment time masks per clip")
-    time_mask_frac: float = flag(0.1, "widest time mask, as a fraction of the frames")
-    freq_masks: int = flag(0, "SpecAugment frequency masks per clip")
-    freq_mask_frac: float = flag(0.1, "widest frequency mask, as a fraction of the mel bands")
-    mixup_alpha: float = flag(0.0, "mixup Beta(alpha, alpha); 0 = off")
-    wave_augment: bool = flag(False,
-        "augment training waveforms (gain, noise, phone line, speed, reverb) on the training device and "
-        "recompute their images there; off by default: on archives of a few dozen recordings per label it "
-        "slowed fitting (README, Transfer learning); needs shards that keep audio")
-    field_augment: bool = flag(True,
-        "train on the images as they are. By default the field shifts below (speed, reverb, phone line and low bit "
-        "rate, noise and other voices, microphone EQ and gain) are made on the training images themselves, so that "
-        "a model holds up with other speakers, rooms, lines and microphones (make bench-field); that works on "
-        "images-only shards, and --wave-augment makes the same shifts on waveforms instead")
-    clean_epochs: int = flag(0,
-        "epochs at the start that train on the images as they are; the field shifts (or --wave-augment) begin "
-        "after them (0: shifted from the first step)")
-    gain_db: float = flag(6.0,
-        "random gain within +-this many dB (0 = off); on images, a microphone EQ within +-this and a recording "
-        "level from -30 dB to +this")
-    noise_prob: float = flag(0.6, "share of training clips that get background noise mixed in")
-    snr_db_min: float = flag(0.0, "lowest signal-to-noise ratio of the mixed-in noise (dB)")
-    snr_db_max: float = flag(30.0, "highest signal-to-noise ratio of the mixed-in noise (dB)")
-    noise_dir: URI | None = flag(None,
-        "folder/prefix (any URI) of noise recordings to mix in; default: generated white/pink/brown noise")
-    telephone_prob: float = flag(0.4,
-        "share of training clips band-limited like a phone line or a low bit rate (waveforms: 300-3400 Hz and "
-        "8-bit mu-law; images: a low cut up to 300 Hz and a high cut from 2 kHz up)")
-    speed_prob: float = flag(0.3, "share of training clips played faster or slower")
-    speed_max: float = flag(0.1, "largest speed change, as a fraction (0.1 = +-10%; pitch moves with it)")
-    reverb_prob: float = flag(0.5, "share of training clips put in a synthetic room (RT60 0.15-0.8 s)")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     balance: Literal["weights", "oversample", "none"] = flag("weights",
         "'weights': class-weighted loss; 'oversample': repeat rare labels' clips each epoch until every label"
         " has as many as the largest; 'none'")
@@ -558,19 +611,10 @@ class TrainConfig:
         _require(0 <= self.freeze_epochs < self.epochs or self.freeze_epochs == 0,
                  f"freeze_epochs={self.freeze_epochs}: must leave at least one epoch of full fine-tuning")
         _require(self.normalize in NORMALIZATIONS, f"normalize={self.normalize!r}: choose one of {NORMALIZATIONS}")
-        _require(0 <= self.time_shift_frac < 1, "time_shift_frac must be in [0, 1) (0 = no shift)")
-        _require(0 <= self.time_mask_frac < 1 and 0 <= self.freq_mask_frac < 1, "mask fractions must be in [0, 1)")
-        _require(self.mixup_alpha >= 0, "mixup_alpha must be >= 0 (0 = off)")
-        for name in ("noise_prob", "telephone_prob", "speed_prob", "reverb_prob"):
-            _require(0 <= getattr(self, name) <= 1, f"{name}={getattr(self, name)}: a probability, in [0, 1]")
-        _require(0 <= self.clean_epochs < self.epochs,
-                 f"clean_epochs={self.clean_epochs}: use fewer than epochs={self.epochs} (0 = shifted from the start)")
-        _require(self.gain_db >= 0, "gain_db must be >= 0 (0 = off)")
-        _require(self.noise_dir is None or self.wave_augment,
-                 "noise_dir is mixed in by waveform augmentation, which is off: add --wave-augment")
-        _require(self.snr_db_min <= self.snr_db_max,
-                 f"snr_db_min={self.snr_db_min} is above snr_db_max={self.snr_db_max}")
-        _require(0 <= self.speed_max < 0.5, f"speed_max={self.speed_max}: use a fraction below 0.5 (0.1 = ±10%)")
+        if isinstance(self.augment, dict):  # from a saved config (train_config.json, a worker's copy)
+            object.__setattr__(self, "augment", build(AugmentConfig, self.augment, "train.augment"))
+        _require(0 <= self.augment.clean_epochs < self.epochs, f"clean_epochs={self.augment.clean_epochs}: use "
+                 f"fewer than epochs={self.epochs} (0 = shifted from the start)")
         _require(self.balance in BALANCING, f"balance={self.balance!r}: choose one of {BALANCING}")
         _require(self.hold_mb >= 0, f"hold_mb={self.hold_mb}: MB per worker, 0 (read the shards every epoch) or more")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
@@ -578,7 +622,7 @@ class TrainConfig:
 
     @property
     def augments(self) -> bool:
-        return self.field_augment or self.wave_augment
+        return self.augment.field_augment or self.augment.wave_augment
 
     @property
     def step_floor(self) -> int:

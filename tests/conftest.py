@@ -16,7 +16,7 @@ import uuid
 import numpy as np
 import pytest
 
-from melbatch.config import FeatureConfig
+from melbatch.config import AugmentConfig, FeatureConfig
 
 # Ray's token authentication stays on in the tests too (the Makefile exports the same), also when
 # pytest is run directly: every Ray the tests start or talk to checks the token in ~/.ray/auth_token.
@@ -123,7 +123,7 @@ FAST = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)  # small images (64 
 # defaults' field shifts need their 600 steps (make bench-field); at 48 steps the engine model ended at 0.75-0.83
 # with them, and at 0.867 with stop 31's milder strengths plus today's -30 dB level, under these tests' bars.
 # test_transfer trains with the defaults, field shifts included.
-MILD_FIELD = {"field_augment": False}
+MILD_FIELD = AugmentConfig(field_augment=False)
 
 
 def tone(freq_hz: float, seconds: float, sr: int, amp: float = 0.3) -> np.ndarray:
@@ -149,9 +149,9 @@ def engine_training(ray_session):
     featurize.run(FeaturizeConfig(src=f"{b}/train-archive", dst=f"{b}/features", features=FAST, files_per_task=8),
                   progress=False)
     cfg = TrainConfig(shards=f"{b}/features", out=f"{b}/model", model="test_resnet", pretrained=False, epochs=6,
-                      batch_size=8, workers=2, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0, max_failures=0,
-                      wave_augment=False, min_steps=0, hold_mb=3,  # 3.7 MB in all, 1.9 a worker: Ray Data, then held
-                      **MILD_FIELD)
+                      batch_size=8, workers=2, cpus_per_worker=0.5, lr=3e-3, max_failures=0,
+                      min_steps=0, hold_mb=3,  # 3.7 MB in all, 1.9 a worker: Ray Data, then held
+                      augment=MILD_FIELD)
     os.environ["MELBATCH_CRASH_AT"] = "raise:3"
     try:
         driver.run(cfg)

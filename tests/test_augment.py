@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from melbatch.audio.logmel import compute_logmel, logmel_tensor
-from melbatch.config import ConfigError, FeatureConfig, TrainConfig
+from melbatch.config import AugmentConfig, ConfigError, FeatureConfig, TrainConfig
 from melbatch.train import augment
 
 SR = 16000
@@ -38,17 +38,18 @@ def test_probability_zero_changes_nothing():
 
 def test_defaults_come_from_the_train_config():
     cfg = TrainConfig(shards="s", out="o")
-    aug = augment.WaveAugment.of(cfg, SR)
-    assert aug.sample_rate_hz == SR and aug.noise_prob == cfg.noise_prob and aug.speed_max == cfg.speed_max
+    aug = augment.WaveAugment.of(cfg.augment, SR)
+    assert aug.sample_rate_hz == SR and aug.noise_prob == cfg.augment.noise_prob
+    assert aug.speed_max == cfg.augment.speed_max
     x = _tones([440] * 16)
     y = augment.augment_waveforms(x, aug, gen=torch.Generator().manual_seed(0))
     assert y.shape == x.shape and y.abs().max() <= 1.0 and not torch.equal(x, y)
 
 
 def test_a_clean_start_is_shorter_than_the_run():
-    assert TrainConfig(shards="s", out="o", epochs=4, clean_epochs=3).clean_epochs == 3
+    assert TrainConfig(shards="s", out="o", epochs=4, augment=AugmentConfig(clean_epochs=3)).augment.clean_epochs == 3
     with pytest.raises(ConfigError, match=r"clean_epochs=4: use fewer than epochs=4"):
-        TrainConfig(shards="s", out="o", epochs=4, clean_epochs=4)
+        TrainConfig(shards="s", out="o", epochs=4, augment=AugmentConfig(clean_epochs=4))
 
 
 def test_gain_stays_in_range_and_clips_at_full_scale():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -103,6 +104,34 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
     assert cfg.features.n_fft == 512  # default
     assert cfg.files_per_task == 5 and cfg.include == ("*/keep_*",) and cfg.exclude == ("*.tmp",)
     assert cfg.extensions == ("wav", "flac")
+
+
+def test_train_has_an_augment_section_and_old_flat_keys_still_load(tmp_path, capsys):
+    """Augmentation is train's 'augment:' section (one AugmentConfig, what the augmentation code reads); the
+    flags keep their names and beat the YAML; a key written flat, as before the section, loads with one line
+    saying where it lives now; a wrong value fails with its fix."""
+    nested, flat = tmp_path / "nested.yaml", tmp_path / "flat.yaml"
+    nested.write_text("train:\n  epochs: 4\n  augment:\n    noise_prob: 0.2\n    reverb_prob: 0.1\n")
+    flat.write_text("train:\n  epochs: 4\n  noise_prob: 0.2\n  reverb_prob: 0.1\n")
+    for yml in (nested, flat):
+        args = commands.parser().parse_args(["train", "s", "o", "--config", str(yml), "--reverb-prob", "0.7",
+                                             "--time-masks", "2"])
+        cfg = options.train_config(args)
+        assert cfg.epochs == 4 and cfg.augment.noise_prob == 0.2  # from the YAML
+        assert cfg.augment.reverb_prob == 0.7 and cfg.augment.time_masks == 2  # flags beat the YAML
+        assert cfg.augment.telephone_prob == config.AugmentConfig().telephone_prob  # the default
+        err = capsys.readouterr().err
+        if yml is flat:
+            assert "train: noise_prob, reverb_prob: these settings live in its 'augment:' section now" in err
+        else:
+            assert "augment:" not in err
+    assert not hasattr(config.TrainConfig(shards="s", out="o"), "noise_prob")  # one place for each setting
+    args = commands.parser().parse_args(["train", "s", "o", "--noise-prob", "1.5"])
+    with pytest.raises(ConfigError, match=r"noise_prob=1.5: a probability, in \[0, 1\]"):
+        options.train_config(args)
+    # a saved config (train_config.json, the workers' copy) comes back whole
+    cfg = options.train_config(commands.parser().parse_args(["train", "s", "o", "--speed-prob", "0.9"]))
+    assert config.TrainConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 
 
 def test_yaml_with_an_unknown_section_is_refused(tmp_path):

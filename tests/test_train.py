@@ -16,7 +16,7 @@ import torch
 from conftest import FAST, MILD_FIELD, new_bucket
 
 from melbatch import shards, storage
-from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig, TrainConfig
+from melbatch.config import AugmentConfig, ConfigError, FeatureConfig, FeaturizeConfig, TrainConfig
 from melbatch.model import package
 from melbatch.shards import DatasetError
 from melbatch.stages import featurize
@@ -74,7 +74,7 @@ def test_shifts_and_masks_are_sized_to_the_sound_not_the_clip():
 
 
 def test_budget_gives_small_data_enough_steps_and_leaves_large_data_alone():
-    small = driver.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8, field_augment=False))
+    small = driver.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8, augment=MILD_FIELD))
     assert small.batch_size == 8 and small.steps_per_pass == 5  # a batch of 32 would be one step per epoch
     assert 8 * small.steps >= 100 and small.passes == 3  # 100 steps without augmentation: each epoch passes 3x
     augmented = driver.Budget.plan(35, TrainConfig(shards="s", out="o", epochs=8))  # the default: it augments
@@ -222,8 +222,8 @@ def engine_shards(request):
 
 def _cfg(bucket: str, out: str, **kw) -> TrainConfig:
     base = dict(shards=f"{bucket}/features", out=f"{bucket}/{out}", model="test_resnet", pretrained=False,
-                epochs=6, batch_size=8, workers=2, cpus_per_worker=0.5, lr=3e-3, mixup_alpha=0.0, max_failures=0,
-                min_steps=0, **MILD_FIELD)
+                epochs=6, batch_size=8, workers=2, cpus_per_worker=0.5, lr=3e-3, max_failures=0,
+                min_steps=0, augment=MILD_FIELD)
     return TrainConfig(**{**base, **kw})
 
 
@@ -289,8 +289,9 @@ def test_a_dying_worker_is_survived_with_failure_config(engine_shards, monkeypat
     monkeypatch.setenv("MELBATCH_CRASH_AT", "exit:1")  # the last worker's process exits after epoch 1
     # the restarted workers also load a noise folder from S3 and oversample: those paths run on real workers
     archives.make_archive(f"{engine_shards}/noise", "engine", files_per_class=1, seconds=2.0, seed=9)
-    cfg = _cfg(engine_shards, "run2", epochs=2, max_failures=1, noise_dir=f"{engine_shards}/noise",
-               noise_prob=1.0, balance="oversample", wave_augment=True, hold_mb=0)  # read the shards every epoch
+    shifts = replace(MILD_FIELD, noise_dir=f"{engine_shards}/noise", noise_prob=1.0, wave_augment=True)
+    cfg = _cfg(engine_shards, "run2", epochs=2, max_failures=1, augment=shifts, balance="oversample",
+               hold_mb=0)  # read the shards every epoch
     m = driver.run(cfg)
     assert json.loads(storage.read_bytes(f"{cfg.out}/train_config.json"))["wave_augment"] is True
     assert storage.exists(f"{cfg.out}/_injected_crash")  # the worker really died
@@ -306,12 +307,14 @@ def test_waveform_augmentation_on_images_only_shards_is_refused_before_training(
     featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)
     for extra in ({}, {"noise_dir": str(src)}):
         with pytest.raises(ConfigError, match="featurize again with --keep-audio"):
-            driver.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o1"), wave_augment=True, **extra))
+            driver.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o1"),
+                                         augment=AugmentConfig(wave_augment=True, **extra)))
     with pytest.raises(ConfigError, match="add --wave-augment"):
-        TrainConfig(shards=str(dst), out=str(tmp_path / "o2"), noise_dir=str(src))
-    driver.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o3"), wave_augment=False))
+        AugmentConfig(noise_dir=str(src))
+    driver.preflight(TrainConfig(shards=str(dst), out=str(tmp_path / "o3"), augment=AugmentConfig(wave_augment=False)))
     featurize.run(FeaturizeConfig(src=str(src), dst=str(kept), features=FAST, keep_audio=True), progress=False)
-    driver.preflight(TrainConfig(shards=str(kept), out=str(tmp_path / "o4"), wave_augment=True, noise_dir=str(src)))
+    driver.preflight(TrainConfig(shards=str(kept), out=str(tmp_path / "o4"),
+                                 augment=AugmentConfig(wave_augment=True, noise_dir=str(src))))
     assert "augmentation" not in capsys.readouterr().out
 
 
@@ -394,12 +397,13 @@ def test_places_given_relative_to_the_working_folder_reach_the_workers(tmp_path,
     featurize.run(FeaturizeConfig(src="archive", dst="features", features=FAST, runner="local", keep_audio=True),
                   progress=False)
     cfg = TrainConfig(shards="features", out="out", model="test_resnet", pretrained=False, epochs=1, workers=1,
-                      cpus_per_worker=0.5, min_steps=0, wave_augment=True, noise_dir="noise", noise_prob=1.0)
+                      cpus_per_worker=0.5, min_steps=0,
+                      augment=AugmentConfig(wave_augment=True, noise_dir="noise", noise_prob=1.0))
     m = driver.run(cfg, progress=False)
     assert [e["rows_from"] for e in m["epochs"]] == ["memory"]
     assert (tmp_path / "out" / "model" / "model.json").exists() and (tmp_path / "out" / "metrics.json").exists()
     saved = json.loads((tmp_path / "out" / "train_config.json").read_text())["train"]
-    assert saved["shards"] == f"file://{tmp_path}/features" and saved["noise_dir"] == f"file://{tmp_path}/noise"
+    assert saved["shards"] == f"file://{tmp_path}/features" and saved["augment"]["noise_dir"] == f"file://{tmp_path}/noise"
 
 
 @pytest.mark.ray

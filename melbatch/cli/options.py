@@ -18,6 +18,7 @@ from typing import Any
 
 from melbatch import storage
 from melbatch.config import (
+    AugmentConfig,
     ClassifyConfig,
     ConfigError,
     FeatureConfig,
@@ -26,6 +27,7 @@ from melbatch.config import (
     TrainConfig,
     build,
     merge,
+    nested,
     parse_yaml,
 )
 from melbatch.console import VERBOSE_ENV
@@ -89,9 +91,10 @@ def featurize_config(args: argparse.Namespace) -> FeaturizeConfig:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    yml = read_yaml(args.config)
-    values = merge(yml.get("train") or {}, {"shards": args.shards, "out": args.out, "address": args.address},
-                   given(args, TrainConfig))
+    yml = nested(TrainConfig, read_yaml(args.config).get("train") or {}, "train")
+    values = merge(yml, {"shards": args.shards, "out": args.out, "address": args.address}, given(args, TrainConfig))
+    augment = yml.get("augment") or AugmentConfig()
+    values["augment"] = dataclasses.replace(augment, **given(args, AugmentConfig))  # flags over the YAML section
     return build(TrainConfig, values, "train")
 
 
@@ -139,6 +142,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_run_flags(p, "a 'train:' section")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the epoch table stays)")
     add_dataclass_flags(p, TrainConfig, "training")
+    add_dataclass_flags(p, AugmentConfig, "augmentation (the 'augment:' section of train's YAML)")
 
 
 def _archive_model_out(p: argparse.ArgumentParser, out_help: str, sections: str) -> None:

@@ -36,7 +36,7 @@ class WaveAugment:
 
     @classmethod
     def of(cls, settings: object, sample_rate_hz: int) -> WaveAugment:
-        """The waveform settings of a :class:`~melbatch.config.TrainConfig` (same field names)."""
+        """The waveform settings of an :class:`~melbatch.config.AugmentConfig` (same field names)."""
         names = [f for f in cls.__dataclass_fields__ if f != "sample_rate_hz"]
         return cls(sample_rate_hz, **{n: getattr(settings, n) for n in names})
 

@@ -81,12 +81,12 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
     if before and before.get("config_hash") != features.hash():
         raise ConfigError(f"{cfg.out} holds a run on features {before.get('config_hash')}, and {cfg.shards} has "
                           f"features {features.hash()}: use another OUT")
-    if cfg.wave_augment and not keeps_audio(manifest):
+    if cfg.augment.wave_augment and not keeps_audio(manifest):
         raise ConfigError(f"--wave-augment augments the clips' waveforms, and {cfg.shards} holds their images only: "
                           "featurize again with --keep-audio, or leave out --wave-augment")
-    if cfg.wave_augment and cfg.noise_dir and next(
-            storage.list_objects(cfg.noise_dir, extensions=AUDIO_EXTENSIONS), None) is None:
-        raise ConfigError(f"noise_dir {cfg.noise_dir} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+    if cfg.augment.wave_augment and cfg.augment.noise_dir and next(
+            storage.list_objects(cfg.augment.noise_dir, extensions=AUDIO_EXTENSIONS), None) is None:
+        raise ConfigError(f"noise_dir {cfg.augment.noise_dir} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
     return manifest, features, uris, before
 
 
@@ -95,14 +95,15 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     with ``progress`` a bar per epoch."""
     # Places in their one spelling (file:///abs for a local path): Ray Train runs the workers in a folder
     # of its own, where the shards, OUT and a noise folder given relative to here are not found
+    aug = cfg.augment
     cfg = replace(cfg, shards=storage.canonical(cfg.shards), out=storage.canonical(cfg.out),
-                  noise_dir=cfg.noise_dir and storage.canonical(cfg.noise_dir))
+                  augment=replace(aug, noise_dir=aug.noise_dir and storage.canonical(aug.noise_dir)))
     manifest, features, uris, before = preflight(cfg)
-    if cfg.field_augment and not cfg.wave_augment and (features.compression != "db" or features.clip_norm != "none"):
+    if aug.field_augment and not aug.wave_augment and (features.compression != "db" or features.clip_norm != "none"):
         print(f"field augmentation: off, it works on dB images and these are {features.units} "
               f"(--compression {features.compression}, --clip-norm {features.clip_norm}); --wave-augment on shards "
               "featurized with --keep-audio makes the same shifts on the waveforms", flush=True)
-        cfg = replace(cfg, field_augment=False)
+        cfg = replace(cfg, augment=replace(cfg.augment, field_augment=False))
     source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
     print(f"model {cfg.model}, starting from {source.describe()}", flush=True)
     labels = label_names(manifest["labels"], cfg.multi_label, cfg.shards)
@@ -117,7 +118,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if not train_files or not val_files:
         raise ConfigError(f"the split leaves {len(train_files)} training and {len(val_files)} validation files: "
                           "featurize more files or change --val-fraction")
-    wave = cfg.wave_augment  # training rows carry waveforms (and so do reviewed clips); preflight saw them stored
+    wave = cfg.augment.wave_augment  # training rows carry waveforms (so do reviewed clips); preflight saw them stored
     review = None
     if cfg.extra_labels:
         review = reviewed(cfg.extra_labels, features, wave, labels_of, clips_of, val_files, cfg.out)

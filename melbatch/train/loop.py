@@ -241,13 +241,14 @@ def _setup(config: dict[str, Any]) -> _Worker:
     channel = config.get("channel") if rank == 0 else None
     wave = None
     if config["wave"]:
-        bank = load_noise_bank(cfg.noise_dir, features.sample_rate_hz,
-                               warn=lambda t: channel and channel.send("warning", text=t)) if cfg.noise_dir else None
-        wave = (features, augment.WaveAugment.of(cfg, features.sample_rate_hz),
+        noise_dir = cfg.augment.noise_dir
+        bank = load_noise_bank(noise_dir, features.sample_rate_hz,
+                               warn=lambda t: channel and channel.send("warning", text=t)) if noise_dir else None
+        wave = (features, augment.WaveAugment.of(cfg.augment, features.sample_rate_hz),
                 None if bank is None else torch.from_numpy(bank).to(device), gen)
     images = None
-    if cfg.field_augment and wave is None:
-        images = (features, augment.WaveAugment.of(cfg, features.sample_rate_hz),
+    if cfg.augment.field_augment and wave is None:
+        images = (features, augment.WaveAugment.of(cfg.augment, features.sample_rate_hz),
                   torch.from_numpy(features.band_centers_hz()).float().to(device), gen)
 
     model = create_model(cfg.model, len(labels), shape, source=Source.from_dict(config["weights"]))
@@ -288,9 +289,9 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
     Returns (loss sum, clips seen, seconds, clips seen per label)."""
     cfg, t0, seen, loss_sum, step = w.cfg, time.perf_counter(), 0, 0.0, 0
     per_label = torch.zeros(len(w.labels), dtype=torch.float64)
-    tick, shift = Throttle(0.5), round(cfg.time_shift_frac * w.shape[1])
+    tick, shift = Throttle(0.5), round(cfg.augment.time_shift_frac * w.shape[1])
     frozen = epoch < cfg.freeze_epochs  # linear probe first: only the head learns
-    clean = epoch < cfg.clean_epochs  # the images as they are first; the shifts begin after
+    clean = epoch < cfg.augment.clean_epochs  # the images as they are first; the shifts begin after
     w.model.train()
     seed = cfg.seed + epoch * 7919 + w.rank  # this epoch's order, held or read
     for batch in w.train_shard.batches(w.budget.batch_size, seed=seed,
@@ -302,13 +303,13 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[float, int, float, Any]:
             continue
         sound = sound_frames(batch, w.features)
         x = augment.random_time_shift(x, shift, w.gen, sound)
-        x = augment.spec_augment(x, cfg.time_masks, cfg.time_mask_frac, cfg.freq_masks, cfg.freq_mask_frac, w.gen,
-                                 sound)
+        a = cfg.augment
+        x = augment.spec_augment(x, a.time_masks, a.time_mask_frac, a.freq_masks, a.freq_mask_frac, w.gen, sound)
         if cfg.multi_label:  # each label its own yes/no: smoothing moves targets towards 1/2
             target = y * (1 - cfg.label_smoothing) + cfg.label_smoothing / 2
         else:
             target = augment.soft_targets(y, len(w.labels), cfg.label_smoothing)
-        x, target = augment.mixup(x, target, cfg.mixup_alpha, w.gen)
+        x, target = augment.mixup(x, target, cfg.augment.mixup_alpha, w.gen)
         with w.autocast:
             logits = w.model(x)
         if cfg.multi_label:
