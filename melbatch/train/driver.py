@@ -1,23 +1,26 @@
 """train: fine-tune an ImageNet-pretrained timm model on featurized shards, with Ray Train.
 
-Top-down:
+Top-down, as :func:`run` reads:
 
-1. :func:`open_shards` checks the featurize output (manifest present, every shard there and made
-   with the manifest's features) before any cluster work.
-2. :func:`split_by_file` holds out whole recordings (clips of one file never sit on both sides),
-   stratified by label and seeded; or an explicit ``uri,split`` manifest decides.
-3. Ray Data streams the shards; normalisation statistics are computed once from the train split.
-   Training batches carry each clip's waveform (featurize keeps it by default): the worker
-   augments the waveforms and recomputes their images on its own device with the very function
-   featurize used (see :func:`~melbatch.train.loop._inputs` for why there); validation uses the stored images.
-4. :func:`~melbatch.train.loop.train_loop` runs on every TorchTrainer worker: each worker reads its own part of the
-   data, trains, evaluates its part of the validation split (confusion matrices are summed across
-   workers) and reports a checkpoint every epoch. Re-running the same command resumes from the latest
-   checkpoint; ``FailureConfig`` restarts workers that die.
+1. :func:`preflight` checks everything the cluster would need before any cluster work: OUT writable
+   and not another model's run, the model name, the featurize output (:func:`~melbatch.train.data.open_shards`:
+   manifest present, every shard there and made with the manifest's features), stored waveforms for
+   ``--wave-augment``.
+2. :func:`labelled_split`: each file's label; whole recordings held out (clips of one file never sit on
+   both sides), stratified by label and seeded, or an explicit ``uri,split`` manifest; a review's answers.
+3. :func:`size_workers` fits the workers to the cluster (Ray Data keeps a CPU); :func:`class_plan` balances
+   the labels; :class:`~melbatch.train.loop.Budget` plans the steps (small data passes over its clips
+   more than once an epoch); :func:`hold_plan` says how the workers get their rows; :func:`normalization`
+   is computed once from the training split.
+4. :func:`~melbatch.train.loop.train_loop` runs on every TorchTrainer worker (:func:`_trainer`): each reads
+   its own part of the data, shifts the training images as the field would (or the waveforms, with
+   ``--wave-augment``; :mod:`melbatch.train.augment`), trains, evaluates its part of the validation split
+   (confusion matrices are summed across workers) and reports a checkpoint every epoch. Re-running the
+   same command resumes from the latest checkpoint; ``FailureConfig`` restarts workers that die.
 5. :func:`~melbatch.train.finish.finish`: the driver writes the best epoch's model package
    (``OUT/model/``), scores every validation clip with it (``OUT/val_predictions.parquet``: what the
-   report's "most confidently wrong" and the per-file accuracy come from) and writes
-   ``OUT/metrics.json``.
+   report's "most confidently wrong" and the per-file accuracy come from), fits the temperature and
+   writes ``OUT/metrics.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import ray
@@ -42,6 +45,7 @@ from melbatch.model.weights import Source, resolve
 from melbatch.shards import TRAIN_CONFIG, clip_schema
 from melbatch.stages.runs import init_ray
 from melbatch.train.data import (
+    Reviewed,
     dataset_stats,
     file_labels,
     keeps_audio,
@@ -93,19 +97,83 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
 def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train; returns the metrics written to ``OUT/metrics.json``. Prints one table row per epoch, and
     with ``progress`` a bar per epoch."""
-    # Places in their one spelling (file:///abs for a local path): Ray Train runs the workers in a folder
-    # of its own, where the shards, OUT and a noise folder given relative to here are not found
-    aug = cfg.augment
-    cfg = replace(cfg, shards=storage.canonical(cfg.shards), out=storage.canonical(cfg.out),
-                  augment=replace(aug, noise_dir=aug.noise_dir and storage.canonical(aug.noise_dir)))
+    cfg = _spelled_out(cfg)
     manifest, features, uris, before = preflight(cfg)
+    cfg = _shifts_that_fit(cfg, features)
+    source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
+    print(f"model {cfg.model}, starting from {source.describe()}", flush=True)
+    data = labelled_split(cfg, manifest, features, uris)
+    init_ray(cfg.address)
+    cfg, line = size_workers(cfg, ray.cluster_resources().get("CPU", 0))
+    print(line, flush=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
+    plan = class_plan(cfg, data, manifest["labels"])
+    budget = Budget.plan(plan.train_rows, cfg)
+    floor = f"at least {cfg.step_floor} steps{' while augmenting' if cfg.min_steps is None and cfg.augments else ''}"
+    print(f"budget: {budget.describe(cfg.epochs)}" + (f" ({floor}: --min-steps)" if budget.passes > 1 else ""),
+          flush=True)
+    for line in small_data_warnings(budget, cfg, data.labels_of, data.val_files):
+        print(f"warning: {line}", flush=True)
+    repeats = plan.repeats
+    if budget.passes > 1:  # one streaming pass over rows repeated, not several passes (each costs a start-up)
+        repeats = {lab: budget.passes * (repeats or {}).get(lab, 1.0) for lab in plan.row_keys}
+    rows = splits(uris, data.val_files, data.wave, repeats, data.review)
+    mode, line = hold_plan(cfg, budget, sum(data.clips_of[u] for u in data.val_files), features, data.wave)
+    print(line, flush=True)
+    norm = normalization(cfg, before, uris, data.val_files, here=mode == "direct")
+    storage.write_bytes(storage.join(cfg.out, TRAIN_CONFIG), json.dumps(
+        {"model": cfg.model, "config_hash": features.hash(), "norm": norm, "wave_augment": data.wave,
+         "weights": source.to_dict(), "budget": asdict(budget), "train": asdict(cfg)}, indent=2).encode())
+    channel = Channel()
+    trainer = _trainer(cfg, {
+        "train": asdict(cfg), "labels": data.labels, "norm": norm, "shape": list(features.shape),
+        "features": features.to_dict(), "wave": data.wave, "budget": asdict(budget), "weights": source.to_dict(),
+        "class_weights": plan.class_weights, "hold": mode != "stream", "direct": rows if mode == "direct" else None,
+        "crash_at": os.environ.get("MELBATCH_CRASH_AT"), "channel": channel},
+        None if mode == "direct" else {name: split.dataset() for name, split in rows.items()})
+    with EpochTable(channel, cfg.epochs, budget.steps, bars=progress):
+        result = trainer.fit()
+    return finish(cfg, result, data.labels, features, norm, uris, data.val_files, data.train_files, source,
+                  data.review.record() if data.review else None, here=mode == "direct")
+
+
+def _spelled_out(cfg: TrainConfig) -> TrainConfig:
+    """The places in their one spelling (file:///abs for a local path): Ray Train runs the workers in a
+    folder of its own, where the shards, OUT and a noise folder given relative to here are not found."""
+    aug = cfg.augment
+    return replace(cfg, shards=storage.canonical(cfg.shards), out=storage.canonical(cfg.out),
+                   augment=replace(aug, noise_dir=aug.noise_dir and storage.canonical(aug.noise_dir)))
+
+
+def _shifts_that_fit(cfg: TrainConfig, features: FeatureConfig) -> TrainConfig:
+    """The field shifts are made on dB images: off, saying so, for PCEN or per-clip normalised ones."""
+    aug = cfg.augment
     if aug.field_augment and not aug.wave_augment and (features.compression != "db" or features.clip_norm != "none"):
         print(f"field augmentation: off, it works on dB images and these are {features.units} "
               f"(--compression {features.compression}, --clip-norm {features.clip_norm}); --wave-augment on shards "
               "featurized with --keep-audio makes the same shifts on the waveforms", flush=True)
-        cfg = replace(cfg, augment=replace(cfg.augment, field_augment=False))
-    source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
-    print(f"model {cfg.model}, starting from {source.describe()}", flush=True)
+        return replace(cfg, augment=replace(aug, field_augment=False))
+    return cfg
+
+
+@dataclass(frozen=True)
+class LabelledSplit:
+    """The run's files: each one's label and clip count, which train and which are held out, and what a
+    review's answers change (``--extra-labels``)."""
+
+    labels: list[str]  # the model's labels
+    labels_of: dict[str, str]  # source file -> its label (string)
+    clips_of: Counter  # source file -> its clips
+    train_files: set[str]
+    val_files: set[str]
+    review: Reviewed | None
+    wave: bool  # training rows carry waveforms (and so do reviewed clips); preflight saw them stored
+
+
+def labelled_split(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig,
+                   uris: list[URI]) -> LabelledSplit:
+    """Each file's label, the split by file (or the split manifest), the reviewed clips; refuses a split
+    that leaves a side empty and a run with fewer than two labels, saying what to do."""
     labels = label_names(manifest["labels"], cfg.multi_label, cfg.shards)
     labels_of, clips_of, sound_s = file_labels(uris)
     padding = padding_warning(sound_s, features)
@@ -118,7 +186,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if not train_files or not val_files:
         raise ConfigError(f"the split leaves {len(train_files)} training and {len(val_files)} validation files: "
                           "featurize more files or change --val-fraction")
-    wave = cfg.augment.wave_augment  # training rows carry waveforms (so do reviewed clips); preflight saw them stored
+    wave = cfg.augment.wave_augment
     review = None
     if cfg.extra_labels:
         review = reviewed(cfg.extra_labels, features, wave, labels_of, clips_of, val_files, cfg.out)
@@ -132,23 +200,35 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                           "classifier needs at least two. Featurize the other classes too (SRC/<label>/<file>, one "
                           "folder per class), read the labels from a manifest with --labels, or add reviewed clips "
                           "of other labels with --extra-labels")
-    init_ray(cfg.address)
-    cfg, line = size_workers(cfg, ray.cluster_resources().get("CPU", 0))
-    print(line, flush=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
+    return LabelledSplit(labels, labels_of, clips_of, train_files, val_files, review, wave)
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """How the labels are balanced (``--balance``): the loss's class weights, or each label's repeats."""
+
+    train_rows: int  # training clips an epoch passes over (after oversampling)
+    class_weights: list[float]
+    repeats: dict[str, float] | None  # a training row's label -> its repeats each epoch
+    row_keys: list[str]  # what a training row's label column holds (multi-label: label strings such as "a;b")
+
+
+def class_plan(cfg: TrainConfig, data: LabelledSplit, manifest_labels: dict[str, int]) -> ClassPlan:
+    """The training clips per label (a review's moves and additions counted) and what ``--balance`` makes
+    of them: class weights (the default), repeats of rare labels, or nothing (multi-label: never)."""
     rows_per_label: Counter = Counter()
-    for u in train_files:
-        rows_per_label[labels_of[u]] += clips_of[u]
-    if review:
-        for old, new in review.moved:
+    for u in data.train_files:
+        rows_per_label[data.labels_of[u]] += data.clips_of[u]
+    if data.review:
+        for old, new in data.review.moved:
             rows_per_label[old] -= 1
             rows_per_label[new] += 1
-        rows_per_label.update(review.added)
+        rows_per_label.update(data.review.added)
+    labels = data.labels
     train_rows = sum(rows_per_label.values())
-    class_weights, repeats = [1.0] * len(labels), None
-    row_keys = labels  # what a training row's label column holds (multi-label: label strings such as "a;b")
+    class_weights, repeats, row_keys = [1.0] * len(labels), None, labels
     if cfg.multi_label:
-        row_keys = sorted(set(manifest["labels"]) | (review.labels() if review else set()))
+        row_keys = sorted(set(manifest_labels) | (data.review.labels() if data.review else set()))
         if cfg.balance != "none":
             print(f"balance {cfg.balance}: not applied with --multi-label (each label's threshold is chosen on the "
                   "validation split instead)", flush=True)
@@ -158,38 +238,27 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         most = max(rows_per_label.values())
         repeats = {lab: most / max(1, rows_per_label[lab]) for lab in labels}
         train_rows = most * len([lab for lab in labels if rows_per_label[lab]])
-    budget = Budget.plan(train_rows, cfg)
-    floor = f"at least {cfg.step_floor} steps{' while augmenting' if cfg.min_steps is None and cfg.augments else ''}"
-    print(f"budget: {budget.describe(cfg.epochs)}" + (f" ({floor}: --min-steps)" if budget.passes > 1 else ""),
-          flush=True)
-    for line in small_data_warnings(budget, cfg, labels_of, val_files):
-        print(f"warning: {line}", flush=True)
-    if budget.passes > 1:  # one streaming pass over rows repeated, not several passes (each costs a start-up)
-        repeats = {lab: budget.passes * (repeats or {}).get(lab, 1.0) for lab in row_keys}
-    rows = splits(uris, val_files, wave, repeats, review)
-    mode, line = hold_plan(cfg, budget, sum(clips_of[u] for u in val_files), features, wave)
-    print(line, flush=True)
-    if before.get("norm", {}).get("kind") == cfg.normalize:
-        norm = before["norm"]  # a resumed run keeps the statistics its checkpoints were trained with
-    elif cfg.normalize == "dataset":
-        mean, std = dataset_stats(uris, val_files, here=mode == "direct")
-        norm = {"kind": "dataset", "mean": mean, "std": std}
-    else:
-        norm = {"kind": "clip"}
-    storage.write_bytes(storage.join(cfg.out, TRAIN_CONFIG), json.dumps(
-        {"model": cfg.model, "config_hash": features.hash(), "norm": norm, "wave_augment": wave,
-         "weights": source.to_dict(), "budget": asdict(budget),
-         "train": asdict(cfg)}, indent=2).encode())
+    return ClassPlan(train_rows, class_weights, repeats, row_keys)
 
+
+def normalization(cfg: TrainConfig, before: dict[str, Any], uris: list[URI], val_files: set[str],
+                  here: bool) -> dict[str, Any]:
+    """The images' normalisation: a resumed run keeps the statistics its checkpoints were trained with;
+    else one mean/std of the training split (``dataset``), or each clip its own (``clip``)."""
+    if before.get("norm", {}).get("kind") == cfg.normalize:
+        return before["norm"]
+    if cfg.normalize == "dataset":
+        mean, std = dataset_stats(uris, val_files, here=here)
+        return {"kind": "dataset", "mean": mean, "std": std}
+    return {"kind": "clip"}
+
+
+def _trainer(cfg: TrainConfig, loop_config: dict[str, Any], datasets: dict[str, Any] | None) -> TorchTrainer:
+    """Ray Train's run of :func:`train_loop` on ``cfg.workers`` workers, checkpointing into OUT."""
     fs, path = storage.arrow_filesystem(cfg.out)
-    channel = Channel()
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
-        train_loop_config={"train": asdict(cfg), "labels": labels, "norm": norm, "shape": list(features.shape),
-                           "features": features.to_dict(), "wave": wave,
-                           "budget": asdict(budget), "weights": source.to_dict(), "class_weights": class_weights,
-                           "hold": mode != "stream", "direct": rows if mode == "direct" else None,
-                           "crash_at": os.environ.get("MELBATCH_CRASH_AT"), "channel": channel},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -198,12 +267,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                                                          checkpoint_score_attribute="macro_f1",
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets=None if mode == "direct" else {name: split.dataset() for name, split in rows.items()},
+        datasets=datasets,
     )
-    with EpochTable(channel, cfg.epochs, budget.steps, bars=progress):
-        result = trainer.fit()
-    return finish(cfg, result, labels, features, norm, uris, val_files, train_files, source,
-                  review.record() if review else None, here=mode == "direct")
 
 
 def label_names(counts: dict[str, int], multi_label: bool, shards: URI) -> list[str]:
