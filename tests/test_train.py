@@ -378,12 +378,16 @@ def test_two_workers_read_a_small_split_themselves_and_train_on_all_of_it(engine
         seen = e["train_clips_per_label"]
         assert abs(sum(seen.values()) - oversampled) <= max(4, 0.15 * oversampled), (seen, oversampled)
         assert min(seen.values()) >= 0.7 * max(seen.values()), seen
-    # the saved package scored every validation clip once, here in the driver; as the best epoch did
+    # the saved package scored every validation clip once, here in the driver; as the best epoch did, but
+    # for the padded clips: the package scores those on three views (classify's path), the epoch's
+    # evaluation on one, so a borderline one may flip (this run's clean-clone CI: 0.625 against 0.750)
     with storage.open_input(f"{cfg.out}/val_predictions.parquet") as f:
         scored = pq.read_table(f).to_pylist()
-    val_clips = [(r["uri"], r["clip_index"]) for r in shards.iter_clips(cfg.shards) if r["uri"] in val]
-    assert sorted((r["uri"], r["clip_index"]) for r in scored) == sorted(val_clips)
-    assert np.mean([r["predicted"] == r["label"] for r in scored]) == pytest.approx(m["val_accuracy"], abs=1e-9)
+    val_rows = [r for r in shards.iter_clips(cfg.shards) if r["uri"] in val]
+    assert sorted((r["uri"], r["clip_index"]) for r in scored) == sorted((r["uri"], r["clip_index"]) for r in val_rows)
+    padded = package.padded([r["start_s"] for r in val_rows], [r["end_s"] for r in val_rows], FAST.clip_s)
+    accuracy = np.mean([r["predicted"] == r["label"] for r in scored])
+    assert 0 < padded.mean() < 1 and abs(accuracy - m["val_accuracy"]) <= padded.mean() + 1e-9
 
 
 @pytest.mark.ray
