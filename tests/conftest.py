@@ -245,12 +245,12 @@ def review_predictions(engine_model) -> tuple[str, str, str, list]:
 def decode_images(refs: list, features: FeatureConfig, silence_dbfs: float = -70.0):
     """classify's decode stage run here on ``refs``: (images of all chunks, in order, as one array;
     the last chunk's row with the files and quarantine rows)."""
-    from melbatch.stages import classify
+    from melbatch.stages import chunks
 
-    chunks = list(classify.decode_batch(classify.work_table([("b", refs)]), features.canonical_json(), silence_dbfs))
-    rows = [c.to_pylist()[0] for c in chunks]
+    made = list(chunks.decode_batch(chunks.work_table([("b", refs)]), features.canonical_json(), silence_dbfs))
+    rows = [c.to_pylist()[0] for c in made]
     assert [r["seq"] for r in rows] == list(range(len(rows))) and rows[-1]["last"]
-    return np.concatenate([classify.chunk_images(c, features) for c in chunks]), rows[-1]
+    return np.concatenate([chunks.chunk_images(c, features) for c in made]), rows[-1]
 
 
 def ray_logs_dir():

@@ -28,12 +28,12 @@ pytestmark = [pytest.mark.chaos, pytest.mark.ray]
 DECODE_ALL = """
 import json, sys
 from melbatch import storage
-from melbatch.stages import classify
+from melbatch.stages import chunks
 sys.path.insert(0, sys.argv[3])
 import peakmem
-work = classify.work_table([("all", list(storage.list_objects(sys.argv[1])))])
+work = chunks.work_table([("all", list(storage.list_objects(sys.argv[1])))])
 peakmem.start()
-for out in classify.decode_batch(work, sys.argv[2], -70.0):
+for out in chunks.decode_batch(work, sys.argv[2], -70.0):
     row = out.to_pylist()[0]
 print(json.dumps({"quarantined": len(row["quarantine"]), "files": len(row["files"]), "grew_mb": peakmem.grown_mb()}))
 """

@@ -15,7 +15,7 @@ from melbatch import shards, storage
 from melbatch.config import FeatureConfig
 from melbatch.model import package as mb_model
 from melbatch.model.package import predict
-from melbatch.stages import classify, detections
+from melbatch.stages import chunks, classify, detections
 from melbatch.stages.runs import BatchResult, read_parts
 from melbatch.testing import archives
 
@@ -49,26 +49,26 @@ def _same_schema(got: pa.Schema, want: pa.Schema) -> bool:
 def _run_stages(root, refs, pkg, out: str, images: bool = True) -> tuple[list[dict], dict]:
     """decode → model → write for one work batch, then the driver's finish: (the chunks the driver
     got, the batch's result). Without ``images`` the model stage makes them from the clips' PCM."""
-    work = classify.work_table([("b1", refs)])
-    predictor = classify.Predictor(str(root / "train"), batch_size=4, top_k=2, embeddings=True, use_gpu=False,
-                                   threads=1, thresholds=DETECT.thresholds)
-    chunks = []
-    for decoded in classify.decode_batch(work, FEATURES.canonical_json(), -70.0, images=images):
+    work = chunks.work_table([("b1", refs)])
+    predictor = chunks.Predictor(str(root / "train"), batch_size=4, top_k=2, embeddings=True, use_gpu=False,
+                                 threads=1, thresholds=DETECT.thresholds)
+    done = []
+    for decoded in chunks.decode_batch(work, FEATURES.canonical_json(), -70.0, images=images):
         assert ("mel" in decoded.column_names) == images and ("audio" in decoded.column_names) != images
         assert decoded.num_rows == 1
         predicted = predictor(decoded)
         # what the model stage gets and gives is typed and named, no JSON or bytes inside columns
         assert pa.types.is_struct(predicted.schema.field("clips").type.value_type)
-        assert predicted.schema.field("sums").type.value_type == classify.SUMS
-        chunks += classify.write_batch(predicted, out).to_pylist()
-    assert classify._complete(chunks)
-    return chunks, classify.finish_batch(out, "b1", chunks, {**pkg.meta, "labels": pkg.labels}, DETECT)
+        assert predicted.schema.field("sums").type.value_type == chunks.SUMS
+        done += chunks.write_batch(predicted, out).to_pylist()
+    assert classify._complete(done)
+    return done, classify.finish_batch(out, "b1", done, {**pkg.meta, "labels": pkg.labels}, DETECT)
 
 
 def test_one_chunk_or_many_the_batch_ends_the_same(setting, monkeypatch, tmp_path):
     root, files, refs, pkg = setting
     one, r1 = _run_stages(root, refs, pkg, str(tmp_path / "one"))
-    monkeypatch.setattr(classify, "CHUNK_BYTES", 3 * FEATURES.n_mels * FEATURES.n_frames * 2)  # 3 clips a chunk
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 3 * FEATURES.n_mels * FEATURES.n_frames * 2)  # 3 clips a chunk
     many, r2 = _run_stages(root, refs, pkg, str(tmp_path / "many"))
     assert len(one) == 1 and len(many) > 3 and [c["seq"] for c in many] == list(range(len(many)))
     assert all(c["clips"] <= 3 for c in many) and sum(c["clips"] for c in many) == one[0]["clips"] == r1.clips
@@ -107,11 +107,11 @@ def test_one_chunk_or_many_the_batch_ends_the_same(setting, monkeypatch, tmp_pat
 
 def test_clip_predictions_are_the_models_on_the_images_featurize_would_make(setting, tmp_path):
     root, _, refs, pkg = setting
-    chunks, result = _run_stages(root, refs, pkg, str(tmp_path / "out"))
-    clips = pq.read_table(storage.join(str(tmp_path / "out"), chunks[0]["clips_file"]))
+    done, result = _run_stages(root, refs, pkg, str(tmp_path / "out"))
+    clips = pq.read_table(storage.join(str(tmp_path / "out"), done[0]["clips_file"]))
     assert _same_schema(clips.schema, shards.clip_prediction_schema(2, clips.schema.field("embedding").type.list_size))
-    decoded = next(classify.decode_batch(classify.work_table([("b1", refs)]), FEATURES.canonical_json(), -70.0))
-    images = classify.chunk_images(decoded, FEATURES)
+    decoded = next(chunks.decode_batch(chunks.work_table([("b1", refs)]), FEATURES.canonical_json(), -70.0))
+    images = chunks.chunk_images(decoded, FEATURES)
     assert images.shape == (clips.num_rows, *FEATURES.shape) and images.dtype == np.dtype(FEATURES.dtype)
     padded = mb_model.padded(clips.column("start_s").to_numpy(), clips.column("end_s").to_numpy(), FEATURES.clip_s)
     assert padded.any() and not padded.all()  # a file's last clip ends inside its window: three views
@@ -133,14 +133,14 @@ def test_with_the_mel_on_the_model_the_decoders_send_pcm_and_the_model_makes_the
     its device with featurize's function; they are featurize's images to the tolerance the shards' own
     audio gives (16-bit PCM vs float, stored as float16), and the batch ends the same."""
     root, _, refs, pkg = setting
-    work = classify.work_table([("b1", refs)])
-    with_mel = next(classify.decode_batch(work, FEATURES.canonical_json(), -70.0))
-    pcm = next(classify.decode_batch(work, FEATURES.canonical_json(), -70.0, images=False))
-    audio = classify.chunk_audio(pcm, FEATURES)
-    assert audio.dtype == np.int16 and audio.shape == (len(classify.chunk_images(with_mel, FEATURES)),
+    work = chunks.work_table([("b1", refs)])
+    with_mel = next(chunks.decode_batch(work, FEATURES.canonical_json(), -70.0))
+    pcm = next(chunks.decode_batch(work, FEATURES.canonical_json(), -70.0, images=False))
+    audio = chunks.chunk_audio(pcm, FEATURES)
+    assert audio.dtype == np.int16 and audio.shape == (len(chunks.chunk_images(with_mel, FEATURES)),
                                                        FEATURES.clip_samples)
-    made = classify.clip_images(audio, FEATURES, torch.device("cpu"), 8).float().numpy()
-    stored = classify.chunk_images(with_mel, FEATURES).astype(np.float32)
+    made = chunks.clip_images(audio, FEATURES, torch.device("cpu"), 8).float().numpy()
+    stored = chunks.chunk_images(with_mel, FEATURES).astype(np.float32)
     loud = stored > stored.max(axis=(1, 2), keepdims=True) - 60
     assert made.shape == stored.shape and np.abs(made - stored)[loud].max() < 0.25
 

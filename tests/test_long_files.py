@@ -14,7 +14,7 @@ import soundfile as sf
 from conftest import FAST
 
 from melbatch.audio.objects import SPILL_BYTES
-from melbatch.stages.classify import CHUNK_BYTES
+from melbatch.stages.chunks import CHUNK_BYTES
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -25,7 +25,7 @@ RUN = """
 import json, sys
 from melbatch import storage
 from melbatch.stages import classify
-from melbatch.stages import featurize
+from melbatch.stages import chunks, featurize
 stage, uri, features_json, dst, here = sys.argv[1:6]
 sys.path.insert(0, here)
 import peakmem
@@ -35,11 +35,11 @@ if stage == "featurize":
     r = featurize.featurize_batch("long", [(ref, "x")], features_json, dst, 100_000, 64, -70.0, keep_audio=True)
     made = {"clips": r.clips, "quarantine": len(r.quarantine), "audio_s": r.audio_s}
 else:
-    chunks = clips = 0
-    for t in classify.decode_batch(classify.work_table([("b", [ref])]), features_json, -70.0):
-        chunks += 1
+    sent = clips = 0
+    for t in chunks.decode_batch(chunks.work_table([("b", [ref])]), features_json, -70.0):
+        sent += 1
         clips += len(t.column("clips")[0])
-    made = {"clips": clips, "chunks": chunks}
+    made = {"clips": clips, "chunks": sent}
 print(json.dumps({**made, "grew_mb": peakmem.grown_mb()}))
 """
 

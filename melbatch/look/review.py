@@ -34,8 +34,8 @@ from melbatch.audio.logmel import logmel_tensor
 from melbatch.config import ConfigError, FeatureConfig, ReviewConfig
 from melbatch.labels.sources import NO_LABEL, REVIEWED_COLUMNS, SKIP, Labeler, reviewed_csv
 from melbatch.look.candidates import rank, select
+from melbatch.look.html import Section, esc, facts, note, page
 from melbatch.look.pictures import thumbnail
-from melbatch.look.report import Section, esc, facts, note, page
 from melbatch.shards import REVIEW_DIR, REVIEW_LABELS, REVIEW_PAGE, read_manifest
 from melbatch.testing.archives import encode
 
