@@ -56,7 +56,7 @@ def test_hash_is_stable_canonical_and_sensitive_to_every_field():
     narrow = FeatureConfig(n_mels=64)  # htk at 128 mels would leave empty bands at n_fft 512
     hashes = {FeatureConfig(**{"n_mels": 64, k: v}).hash() for k, v in changed.items()}
     assert len(hashes) == len(changed) and narrow.hash() not in hashes
-    assert set(changed) == set(base.to_dict()) - set(config._STEP_DEFAULTS)  # every field (steps: below)
+    assert set(changed) == set(base.to_dict()) - set(config.features._STEP_DEFAULTS)  # every field (steps: below)
     assert FeatureConfig(n_mels=64).diff(base) == {"n_mels": (64, 128)}
 
 
@@ -71,7 +71,7 @@ def test_feature_engineering_steps_change_the_hash_only_when_they_act():
     params = {"denoise_quantile": 0.1, "denoise_threshold_db": 3.0, "denoise_reduction_db": 12.0,
               "pcen_time_constant_s": 0.06, "pcen_gain": 0.8, "pcen_bias": 10.0, "pcen_power": 0.25,
               "pcen_eps": 1e-4}
-    assert set(on) | set(params) == set(config._STEP_DEFAULTS)  # the test covers every step setting
+    assert set(on) | set(params) == set(config.features._STEP_DEFAULTS)  # the test covers every step setting
     hashes = {FeatureConfig(**{k: v}).hash() for k, v in on.items()}
     steps_on = FeatureConfig(**on)
     hashes |= {FeatureConfig(**on, **{k: v}).hash() for k, v in params.items()}
