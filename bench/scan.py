@@ -8,7 +8,7 @@ and the next ledger, and for `melbatch results`, each size in a fresh process.
 The archive is N empty-ish local files in folders of 1,000 (made once, kept with ``--dir``). The
 ledger holds every object but the last ``--new`` (the state after yesterday's scan), so the diff finds
 ``--new`` new objects, as a nightly scan of a growing archive does. Steps, as ``scan.run`` does them:
-  list     storage.list_table (the archive's listing as columns)
+  list     listing.list_table (the archive's listing as columns)
   diff     scan.diff and the objects to read (Diff.todo)
   ledger   scan.next_ledger and writing it as Parquet
 Memory is the process's peak RSS above what it held after its imports (VmHWM), per object.
@@ -83,13 +83,13 @@ def write_attempt(root: Path, listing: pa.Table, per_file: int = 32) -> list[str
 
 def one(root: Path, n: int, new: int, work: Path) -> None:
     """One size, in this (fresh) process: prints one line of numbers."""
-    from melbatch import storage
+    from melbatch import listing
     from melbatch.ledger import LEDGER_SCHEMA, write_ledger
     from melbatch.stages import scan
 
     base = peak_mb()
     t0 = time.perf_counter()
-    listing = storage.list_table(str(root), extensions=("wav",))
+    listing = listing.list_table(str(root), extensions=("wav",))
     t_list, m_list = time.perf_counter() - t0, peak_mb() - base
     write_attempt(work / "attempts" / "x", listing.slice(listing.num_rows - new))  # what classify made of them
     old = listing.slice(0, listing.num_rows - new)

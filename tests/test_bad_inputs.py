@@ -16,7 +16,7 @@ import pytest
 from conftest import FAST
 
 from melbatch import ledger as mb_ledger
-from melbatch import shards, storage
+from melbatch import listing, shards, storage
 from melbatch.config import AUDIO_EXTENSIONS, ClassifyConfig, FeaturizeConfig
 from melbatch.stages import classify, featurize
 from melbatch.testing import archives
@@ -27,11 +27,11 @@ pytestmark = [pytest.mark.chaos, pytest.mark.ray]
 # process's peak memory: a crash (segfault) would end it without output, a leak would show there.
 DECODE_ALL = """
 import json, sys
-from melbatch import storage
+from melbatch import listing, storage
 from melbatch.stages import chunks
 sys.path.insert(0, sys.argv[3])
 import peakmem
-work = chunks.work_table([("all", list(storage.list_objects(sys.argv[1])))])
+work = chunks.work_table([("all", list(listing.list_objects(sys.argv[1])))])
 peakmem.start()
 for out in chunks.decode_batch(work, sys.argv[2], -70.0):
     row = out.to_pylist()[0]
@@ -164,7 +164,7 @@ def test_file_names_that_are_not_utf8_are_featurized_classified_and_scanned(tmp_
             f.write(x)
     src = storage.canonical(str(tmp_path / "archive"))
     want = {f"{src}/healthy/caf%E9.wav", f"{src}/healthy/50%25%B0 r%E9gime.wav", f"{src}/healthy/100% ok é.wav"}
-    assert {r.uri for r in storage.list_objects(src)} == want
+    assert {r.uri for r in listing.list_objects(src)} == want
     for u in want:  # each URI leads back to its own file
         assert storage.read_bytes(u) == x and storage.escape_name(storage.unescape_name(u)) == u
 
@@ -229,8 +229,8 @@ def test_link_loops_and_repeated_links_are_listed_once_and_told(tmp_path, ray_se
 
     want = _linked_archive(tmp_path / "archive", tmp_path / "elsewhere")
     src = storage.canonical(str(tmp_path / "archive"))
-    notes = storage.ListingNotes()
-    assert [r.uri for r in storage.list_objects(src, notes=notes)] == sorted(want)
+    notes = listing.ListingNotes()
+    assert [r.uri for r in listing.list_objects(src, notes=notes)] == sorted(want)
     told = notes.as_dict()
     assert told["loop"]["count"] == 3 and "awb/loop -> .." in told["loop"]["examples"]  # awb/loop, cmu/self, back
     assert told["repeat"]["count"] == 3  # bdl/same-as-awb1.wav, bdl/cmu-again, ext2
@@ -269,10 +269,10 @@ def test_a_folder_that_vanishes_mid_listing_is_told_and_a_scan_does_not_take_its
         for i in range(2):
             (root / d / f"{i}.wav").write_bytes(b"x" * (i + 1))
     src = storage.canonical(str(root))
-    before = storage.list_table(src)
-    notes = storage.ListingNotes()
+    before = listing.list_table(src)
+    notes = listing.ListingNotes()
     listed = []
-    for ref in storage.list_objects(src, notes=notes):  # the listing is lazy: b/ goes while a/ is being passed on
+    for ref in listing.list_objects(src, notes=notes):  # the listing is lazy: b/ goes while a/ is being passed on
         listed.append(ref.uri)
         if ref.uri.endswith("a/1.wav"):
             import shutil
@@ -283,7 +283,7 @@ def test_a_folder_that_vanishes_mid_listing_is_told_and_a_scan_does_not_take_its
     assert notes.examples["unreadable"] == ["b/ (gone while listed)"]
 
     ledger = pa_ledger(before)
-    after = storage.list_table(src)  # b/ is gone for good now, and this listing read every folder there is
+    after = listing.list_table(src)  # b/ is gone for good now, and this listing read every folder there is
     kept = scan.diff(after, ledger, "m", False, False, tuple(notes.unreadable_uris))
     assert kept.deleted.num_rows == 0  # the folder the listing could not read is not taken for deleted
     gone = scan.diff(after, ledger, "m", False, False, ())
@@ -303,9 +303,9 @@ def pa_ledger(listing):
 
 NOBODY_LISTS = """
 import json, sys
-from melbatch import storage
-notes = storage.ListingNotes()
-uris = [r.uri for r in storage.list_objects(sys.argv[1], notes=notes)]
+from melbatch import listing, storage
+notes = listing.ListingNotes()
+uris = [r.uri for r in listing.list_objects(sys.argv[1], notes=notes)]
 print(json.dumps({"uris": uris, "notes": notes.as_dict(), "unreadable": notes.unreadable_uris}))
 """
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FAST, decode_images
 
-from melbatch import shards, storage
+from melbatch import listing, shards, storage
 from melbatch.cli import commands
 from melbatch.config import ClassifyConfig, ConfigError
 from melbatch.model import package as model
@@ -82,7 +82,7 @@ def test_classify_makes_the_images_featurize_makes(engine, tmp_path):
     b, _, _, _ = engine
     rows = [r for r in shards.iter_clips(f"{b}/features")]
     uri = rows[0]["uri"]
-    ref = next(r for r in storage.list_objects(f"{b}/train-archive") if r.uri == uri)
+    ref = next(r for r in listing.list_objects(f"{b}/train-archive") if r.uri == uri)
     mels, _ = decode_images([ref], FAST)
     stored = sorted((r for r in rows if r["uri"] == uri), key=lambda r: r["clip_index"])
     assert len(mels) == len(stored) and all(np.array_equal(m, r["mel"]) for m, r in zip(mels, stored, strict=True))

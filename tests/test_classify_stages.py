@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from melbatch import shards, storage
+from melbatch import listing, shards, storage
 from melbatch.config import FeatureConfig
 from melbatch.model import package as mb_model
 from melbatch.model.package import predict
@@ -35,7 +35,7 @@ def setting(tmp_path_factory):
         "model_name": "test_convnext", "labels": ["faulty", "healthy"], "feature_config": FEATURES.to_dict(),
         "config_hash": FEATURES.hash(), "normalization": {"kind": "dataset", "mean": -40.0, "std": 20.0},
         "padded_views": mb_model.PADDED_VIEWS})
-    refs = list(storage.list_objects(str(root / "archive")))
+    refs = list(listing.list_objects(str(root / "archive")))
     return root, files, refs, mb_model.load_package(str(root / "train"))
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FAST, decode_images, new_bucket
 
-from melbatch import shards, storage
+from melbatch import listing, shards, storage
 from melbatch.audio.logmel import compute_logmel
 from melbatch.config import ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.shards import DatasetError
@@ -158,7 +158,7 @@ def test_a_retried_task_rewrites_the_same_files(engine_on_s3, bucket):
     """Ray runs tasks at least once: running a batch twice leaves the same names and rows."""
     files, _, _ = engine_on_s3
     good = [f for f in files if not f.bad_kind][:3]
-    refs = {r.uri: r for r in storage.list_objects(good[0].uri.rsplit("/", 2)[0])}
+    refs = {r.uri: r for r in listing.list_objects(good[0].uri.rsplit("/", 2)[0])}
     batch = [(refs[f.uri], f.label) for f in good]
     bid = featurize.batch_id(FAST, batch)
     assert bid == featurize.batch_id(FAST, list(batch))
@@ -250,7 +250,7 @@ def test_an_object_that_vanishes_after_listing_is_a_read_error(bucket):
     uri = f"{bucket}/gone/a.wav"
     storage.write_bytes(uri, archives.encode(archives.engine_sound(np.random.default_rng(0), 2.0, 16000, False),
                                             16000, archives.FORMATS[0]))
-    [ref] = storage.list_objects(f"{bucket}/gone")
+    [ref] = listing.list_objects(f"{bucket}/gone")
     storage.delete([uri])
     result = featurize.featurize_batch("vanished", [(ref, "x")], FAST.canonical_json(), f"{bucket}/out", 4, 2, -70.0)
     [q] = result.quarantine
@@ -288,7 +288,7 @@ def test_feature_engineering_steps_are_applied_alike_by_featurize_classify_and_t
     rows = _rows(str(dst))
     plain = compute_logmel(rows[0]["audio"], FAST)
     assert np.abs(rows[0]["mel"].astype(np.float32) - plain).mean() > 5  # the steps changed the picture
-    ref = next(r for r in storage.list_objects(str(src)) if r.uri == rows[0]["uri"])
+    ref = next(r for r in listing.list_objects(str(src)) if r.uri == rows[0]["uri"])
     mels, _ = decode_images([ref], steps)
     mine = sorted((r for r in rows if r["uri"] == ref.uri), key=lambda r: r["clip_index"])
     assert all(np.array_equal(m, r["mel"]) for m, r in zip(mels, mine, strict=True))  # classify: same bytes
@@ -344,12 +344,12 @@ def test_the_sample_rate_is_fitted_to_where_the_recordings_sound_lies(tmp_path, 
                                                                                 archives.FORMATS[0]))
     archives.make_archive(str(tmp_path / "engines"), "engine", files_per_class=3, seconds=3.0, seed=3)
     cfg = FeaturizeConfig(src=str(tmp_path / "birds"), dst=str(tmp_path / "f"))
-    refs = list(storage.list_objects(cfg.src))
+    refs = list(listing.list_objects(cfg.src))
     fitted = fz.fit_rate(cfg, refs)
     assert fitted.features == cfg.features.at_rate(32000)
     assert "so features are made at 32 kHz instead of 16 kHz (n_fft 1024, hop 320" in capsys.readouterr().out
     assert not FeaturizeConfig(src="a", dst="b").fit_rate  # off unless asked (--fit-rate): it lost on xc_birds10
     engines = FeaturizeConfig(src=str(tmp_path / "engines"), dst=str(tmp_path / "g"))
-    assert fz.fit_rate(engines, list(storage.list_objects(engines.src))) == engines
+    assert fz.fit_rate(engines, list(listing.list_objects(engines.src))) == engines
     s = featurize.run(cfg, progress=False)  # the default
     assert shards.read_manifest(cfg.dst)["feature_config"]["sample_rate_hz"] == 16000 and s.featurized == 6

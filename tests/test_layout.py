@@ -16,7 +16,7 @@ FLOORS = {
     "face": ["cli", "look"],
     "stage": ["stages", "train"],
     "core": ["audio", "labels", "model", "testing"],
-    "ground": ["config", "console", "ledger", "shards", "storage", "__init__"],
+    "ground": ["config", "console", "ledger", "listing", "shards", "storage", "__init__"],
 }
 LEVEL = {entry: i for i, floor in enumerate(FLOORS.values()) for entry in floor}
 

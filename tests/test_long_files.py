@@ -23,13 +23,13 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 # peak memory and what it made.
 RUN = """
 import json, sys
-from melbatch import storage
+from melbatch import listing, storage
 from melbatch.stages import classify
 from melbatch.stages import chunks, featurize
 stage, uri, features_json, dst, here = sys.argv[1:6]
 sys.path.insert(0, here)
 import peakmem
-[ref] = storage.list_objects(uri)
+[ref] = listing.list_objects(uri)
 peakmem.start()
 if stage == "featurize":
     r = featurize.featurize_batch("long", [(ref, "x")], features_json, dst, 100_000, 64, -70.0, keep_audio=True)

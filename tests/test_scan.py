@@ -15,6 +15,7 @@ from melbatch import ledger as mb_ledger
 from melbatch import shards, storage
 from melbatch.cli import commands
 from melbatch.config import ClassifyConfig, ScanConfig
+from melbatch.listing import LISTING_SCHEMA
 from melbatch.stages import scan
 from melbatch.testing import archives
 
@@ -191,7 +192,7 @@ def test_diff_sorts_by_identity_and_rescans_only_when_asked():
     listing = pa.Table.from_pylist([
         {"uri": "s3://a/same.wav", "etag": "e1", "size": 10}, {"uri": "s3://a/edited.wav", "etag": "e2b", "size": 10},
         {"uri": "s3://a/broken.wav", "etag": "e3", "size": 5}, {"uri": "s3://a/back.wav", "etag": "e5", "size": 7},
-        {"uri": "s3://a/fresh.wav", "etag": "e6", "size": 9}], schema=storage.LISTING_SCHEMA)
+        {"uri": "s3://a/fresh.wav", "etag": "e6", "size": 9}], schema=LISTING_SCHEMA)
     d = scan.diff(listing, ledger, "new-model", rescan_on_model_change=False, retry_quarantined=False)
     names = lambda t: sorted(u.rsplit("/", 1)[-1] for u in t.column("uri").to_pylist())  # noqa: E731
     assert names(d.new) == ["back.wav", "fresh.wav"] and names(d.changed) == ["edited.wav"]
@@ -212,7 +213,7 @@ def test_next_ledger_replaces_what_the_run_read_or_saw_deleted(tmp_path):
     ledger = pa.Table.from_pylist([{**row, "uri": f"s3://a/{n}.wav"} for n in ("b", "d", "g", "k")] +
                                   [{**row, "uri": "s3://a/z.wav", "status": "deleted"}], schema=mb_ledger.LEDGER_SCHEMA)
     listing = pa.Table.from_pylist([{"uri": f"s3://a/{n}.wav", "etag": "e2" if n == "d" else "e", "size": 1}
-                                    for n in ("a", "b", "c", "d", "k")], schema=storage.LISTING_SCHEMA)
+                                    for n in ("a", "b", "c", "d", "k")], schema=LISTING_SCHEMA)
     d = scan.diff(listing, ledger, "m2", rescan_on_model_change=False, retry_quarantined=False)
     y = tmp_path / "attempts" / "y"
     (y / "files").mkdir(parents=True)

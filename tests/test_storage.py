@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from melbatch import storage
+from melbatch import listing, storage
 from melbatch.storage import StorageError
 
 KEYS = ["a/x.wav", "a/y.FLAC", "a/notes.txt", "b/deep/z.mp3", "b/skip_me.wav", "top.ogg"]
@@ -31,21 +31,21 @@ def place(request, tmp_path):
 def test_listing_is_recursive_sorted_and_filtered(place):
     _fill(place)
     rels = lambda refs: [storage.relative(r.uri, storage.canonical(place)) for r in refs]  # noqa: E731
-    every = list(storage.list_objects(place))
+    every = list(listing.list_objects(place))
     assert rels(every) == sorted(KEYS)
     assert all(r.etag and r.size == len(storage.relative(r.uri, storage.canonical(place))) * 3 for r in every)
-    audio = rels(storage.list_objects(place, extensions=("wav", "flac", "mp3", "ogg")))
+    audio = rels(listing.list_objects(place, extensions=("wav", "flac", "mp3", "ogg")))
     assert audio == ["a/x.wav", "a/y.FLAC", "b/deep/z.mp3", "b/skip_me.wav", "top.ogg"]
-    assert rels(storage.list_objects(place, include=("b/*",), exclude=("*skip*",))) == ["b/deep/z.mp3"]
+    assert rels(listing.list_objects(place, include=("b/*",), exclude=("*skip*",))) == ["b/deep/z.mp3"]
 
 
 def test_a_changed_object_gets_a_new_identity(place):
     uri = storage.join(place, "k.wav")
     storage.write_bytes(uri, b"one")
-    first = next(storage.list_objects(place))
+    first = next(listing.list_objects(place))
     time.sleep(0.01)
     storage.write_bytes(uri, b"two!")
-    second = next(storage.list_objects(place))
+    second = next(listing.list_objects(place))
     assert first.uri == second.uri and first.key() != second.key()
 
 
@@ -132,15 +132,15 @@ def test_object_store_listings_run_in_parallel_over_prefixes_and_miss_nothing(bu
 
     fs.find = counted
     try:
-        found = storage.find_parallel(fs, root, parallel=8)
+        found = listing.find_parallel(fs, root, parallel=8)
     finally:
         del fs.find
     assert sorted(found) == sorted(flat) and len(found) == 6 * 4 * 3 + 2
-    assert {k: storage._etag(v) for k, v in found.items()} == {k: storage._etag(v) for k, v in flat.items()}
+    assert {k: listing._etag(v) for k, v in found.items()} == {k: listing._etag(v) for k, v in flat.items()}
     assert peak > 1, "the prefixes were listed one after another"
-    refs = list(storage.list_objects(f"{bucket}/archive"))
+    refs = list(listing.list_objects(f"{bucket}/archive"))
     assert [r.uri for r in refs] == sorted(r.uri for r in refs) and len(refs) == len(flat)
-    assert storage.find_parallel(fs, root, parallel=1) == flat
+    assert listing.find_parallel(fs, root, parallel=1) == flat
 
 
 def test_no_secret_reaches_the_cli_output_on_storage_errors(s3_endpoint, tmp_path):

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from melbatch import URI, storage
+from melbatch import URI, listing, storage
 from melbatch.audio.objects import SPILL_BYTES
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig
 from melbatch.console import progress as progress_bar
@@ -178,8 +178,8 @@ def run(cfg: ClassifyConfig, progress: bool = True) -> Summary:
     """Classify ``cfg.archive`` into ``cfg.out``; returns the summary (also in the manifest)."""
     meta = preflight(cfg)
     skipped: Counter = Counter()
-    notes = storage.ListingNotes()
-    refs = storage.refs_of(list_archive(cfg, skipped, notes))
+    notes = listing.ListingNotes()
+    refs = listing.refs_of(list_archive(cfg, skipped, notes))
     if not refs:
         raise ConfigError(f"no audio objects under {cfg.archive} match extensions={list(cfg.extensions)}, "
                           f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
@@ -187,11 +187,11 @@ def run(cfg: ClassifyConfig, progress: bool = True) -> Summary:
 
 
 def list_archive(cfg: ClassifyConfig, skipped: Counter | None = None,
-                 notes: storage.ListingNotes | None = None) -> pa.Table:
+                 notes: listing.ListingNotes | None = None) -> pa.Table:
     """Every audio object under ARCHIVE that passes the filters, in key order (one listing, as a
-    :data:`~melbatch.storage.LISTING_SCHEMA` table); the others are counted by extension into ``skipped``,
+    :data:`~melbatch.listing.LISTING_SCHEMA` table); the others are counted by extension into ``skipped``,
     and links, loops and unreadable folders are told in ``notes``."""
-    return storage.list_table(storage.canonical(cfg.archive), cfg.include, cfg.exclude, cfg.extensions, skipped,
+    return listing.list_table(storage.canonical(cfg.archive), cfg.include, cfg.exclude, cfg.extensions, skipped,
                               notes)
 
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from melbatch import URI, storage
+from melbatch import URI, listing, storage
 from melbatch.audio.decode import DecodeError, open_audio
 from melbatch.audio.objects import logmels_of_object
 from melbatch.config import LOCAL_WORK_BYTES, ConfigError, FeatureConfig, FeaturizeConfig
@@ -125,8 +125,8 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     src, dst = storage.canonical(cfg.src), storage.canonical(cfg.dst)
 
     skipped: Counter = Counter()
-    notes = storage.ListingNotes()
-    refs = list(storage.list_objects(src, cfg.include, cfg.exclude, cfg.extensions, skipped, notes))
+    notes = listing.ListingNotes()
+    refs = list(listing.list_objects(src, cfg.include, cfg.exclude, cfg.extensions, skipped, notes))
     if not refs:
         raise ConfigError(f"no audio objects under {src} match extensions={list(cfg.extensions)}, "
                           f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")

@@ -126,7 +126,7 @@ class RunSummary:
     decoders: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> batches it did
     skipped: dict[str, int] = field(default_factory=dict)  # extension -> objects the filters left out
-    listing: dict[str, dict] = field(default_factory=dict)  # what the listing met: storage.ListingNotes.as_dict()
+    listing: dict[str, dict] = field(default_factory=dict)  # what the listing met: listing.ListingNotes.as_dict()
 
     def add(self, result: BatchResult) -> None:
         """A batch's result: its done count, clips, audio and per-key counts."""
@@ -299,8 +299,8 @@ def skipped_lines(skipped: dict[str, int]) -> list[str]:
 
 def listing_lines(listing: dict[str, dict]) -> list[str]:
     """Warning lines for what a listing met besides the objects it lists (links, loops, unreadable
-    folders: :class:`~melbatch.storage.ListingNotes`), one per kind with a few examples; none: no line."""
-    return [f"  warning      {v['count']:>8}  {storage.ListingNotes.KINDS[kind]}: {', '.join(v['examples'])}"
+    folders: :class:`~melbatch.listing.ListingNotes`), one per kind with a few examples; none: no line."""
+    return [f"  warning      {v['count']:>8}  {listing.ListingNotes.KINDS[kind]}: {', '.join(v['examples'])}"
             f"{', ...' if v['count'] > len(v['examples']) else ''}" for kind, v in sorted(listing.items())]
 
 

@@ -47,7 +47,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from melbatch import URI, __version__, storage
+from melbatch import URI, __version__, listing, storage
 from melbatch.config import SCHEMA_VERSION, ScanConfig
 from melbatch.ledger import (
     ATTEMPTS,
@@ -160,7 +160,7 @@ class Diff:
     """A listing sorted against the ledger, as tables (an archive of millions of objects stays columns:
     only the objects to read become Python objects, in :attr:`todo`)."""
 
-    new: pa.Table  # listing rows (storage.LISTING_SCHEMA)
+    new: pa.Table  # listing rows (listing.LISTING_SCHEMA)
     changed: pa.Table
     unchanged: pa.Table
     rescanned: pa.Table  # unchanged, but a new model / a retry
@@ -172,12 +172,12 @@ class Diff:
 
     @cached_property
     def todo(self) -> list[storage.ObjectRef]:
-        return storage.refs_of(self.todo_table)
+        return listing.refs_of(self.todo_table)
 
 
 def diff(listing: pa.Table, ledger: pa.Table, model_id: str, rescan_on_model_change: bool,
          retry_quarantined: bool, unread: tuple[URI, ...] = ()) -> Diff:
-    """Sort the listing (a :data:`~melbatch.storage.LISTING_SCHEMA` table) against the ledger: only
+    """Sort the listing (a :data:`~melbatch.listing.LISTING_SCHEMA` table) against the ledger: only
     identity (uri, etag, size) decides, never content. Column operations throughout: a hash lookup of
     each listed uri among the ledger's live rows, then masks. Objects under ``unread`` (folders the
     listing could not read: a mount gone, permission denied) are not taken for deleted: they keep
@@ -253,7 +253,7 @@ class Summary:
     attempt: str | None = None
     ledger: str | None = None
     resumed_batches: int = 0
-    listing: dict[str, dict] = field(default_factory=dict)  # what the listing met: storage.ListingNotes.as_dict()
+    listing: dict[str, dict] = field(default_factory=dict)  # what the listing met: listing.ListingNotes.as_dict()
     nonce: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -302,9 +302,9 @@ def run(cfg: ScanConfig, progress: bool = True) -> Summary:
         ledger = read_ledger(out, before)
         run_id = f"{int(runs[-1]) + 1 if runs else 1:06d}"
         crash_point("scan:listing")
-        notes = storage.ListingNotes()
-        listing = classify.list_archive(cfg.classify, notes=notes)
-        d = diff(listing, ledger, meta["model_id"], cfg.rescan_on_model_change, cfg.retry_quarantined,
+        notes = listing.ListingNotes()
+        listed = classify.list_archive(cfg.classify, notes=notes)
+        d = diff(listed, ledger, meta["model_id"], cfg.rescan_on_model_change, cfg.retry_quarantined,
                  tuple(notes.unreadable_uris))
         summary = Summary(run_id=run_id, archive=storage.canonical(cfg.classify.archive), out=out,
                           model_id=meta["model_id"], config_hash=meta["config_hash"],
@@ -327,7 +327,7 @@ def run(cfg: ScanConfig, progress: bool = True) -> Summary:
         else:
             summary.ledger = before.get("ledger") if before else None
         summary.attempt = attempt if d.todo else None
-        summary.counts = {"listed": len(listing), "new": len(d.new), "changed": len(d.changed),
+        summary.counts = {"listed": len(listed), "new": len(d.new), "changed": len(d.changed),
                           "unchanged": len(d.unchanged), "rescanned": len(d.rescanned), "deleted": len(d.deleted),
                           "classified": result.classified if result else 0,
                           "quarantined": result.quarantined if result else 0,

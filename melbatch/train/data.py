@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from melbatch import URI, storage
+from melbatch import URI, listing, storage
 from melbatch.audio.decode import DecodeError, decode_span
 from melbatch.audio.objects import logmels_of_object
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig
@@ -250,7 +250,7 @@ def load_noise_bank(uri: URI, sample_rate_hz: int, max_s: float = 600.0, warn: A
     ``warn`` tells of the files skipped."""
     parts, total = [], 0
     skipped: list[str] = []
-    for ref in storage.list_objects(uri, extensions=AUDIO_EXTENSIONS):
+    for ref in listing.list_objects(uri, extensions=AUDIO_EXTENSIONS):
         try:
             with storage.open_input(ref.uri, ref.size) as f:  # no further than the bank still needs
                 _, x = decode_span(f, sample_rate_hz, 0.0, (max_s * sample_rate_hz - total + 1) / sample_rate_hz)
@@ -372,7 +372,7 @@ def _read_clips(uri: URI, wanted: dict[int, ReviewedClip], features: FeatureConf
                 keep_audio: bool) -> list[ClipRow] | None:
     """The ``wanted`` clips of one archive file with their reviewed labels (``None``: unreadable now)."""
     try:
-        ref = next(storage.list_objects(uri), None)
+        ref = next(listing.list_objects(uri), None)
     except storage.StorageError:
         return None
     if ref is None:

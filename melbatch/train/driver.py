@@ -36,7 +36,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from melbatch import URI, storage
+from melbatch import URI, listing, storage
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.console import Channel, EpochTable
 from melbatch.labels import multilabel
@@ -89,7 +89,7 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
         raise ConfigError(f"--wave-augment augments the clips' waveforms, and {cfg.shards} holds their images only: "
                           "featurize again with --keep-audio, or leave out --wave-augment")
     if cfg.augment.wave_augment and cfg.augment.noise_dir and next(
-            storage.list_objects(cfg.augment.noise_dir, extensions=AUDIO_EXTENSIONS), None) is None:
+            listing.list_objects(cfg.augment.noise_dir, extensions=AUDIO_EXTENSIONS), None) is None:
         raise ConfigError(f"noise_dir {cfg.augment.noise_dir} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
     return manifest, features, uris, before
 
