@@ -83,13 +83,13 @@ def write_attempt(root: Path, listing: pa.Table, per_file: int = 32) -> list[str
 
 def one(root: Path, n: int, new: int, work: Path) -> None:
     """One size, in this (fresh) process: prints one line of numbers."""
-    from melbatch import listing
     from melbatch.ledger import LEDGER_SCHEMA, write_ledger
+    from melbatch.listing import list_table
     from melbatch.stages import scan
 
     base = peak_mb()
     t0 = time.perf_counter()
-    listing = listing.list_table(str(root), extensions=("wav",))
+    listing = list_table(str(root), extensions=("wav",))
     t_list, m_list = time.perf_counter() - t0, peak_mb() - base
     write_attempt(work / "attempts" / "x", listing.slice(listing.num_rows - new))  # what classify made of them
     old = listing.slice(0, listing.num_rows - new)

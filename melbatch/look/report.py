@@ -143,6 +143,15 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     curves.add(table(["epoch", "train loss", "val loss", "val accuracy", "macro F1", "lr", "samples/s"],
                      [(e["epoch"], f"{e['train_loss']:.4f}", f"{e['val_loss']:.4f}", f"{e['val_accuracy']:.3f}",
                        f"{e['macro_f1']:.3f}", f"{e['lr']:.2e}", f"{e['samples_per_s']:.0f}") for e in m["epochs"]]))
+    sections = [overview, curves, per_class_section(m, labels), wrong_clips_section(run, meta, cfg, thumbnails)]
+    if m.get("calibration"):
+        sections.append(calibration_section(m["calibration"]))
+    return run, [*sections, features_section(cfg, meta["config_hash"])]
+
+
+def per_class_section(m: dict[str, Any], labels: list[str]) -> Section:
+    """Precision, recall and F1 per label at the best epoch (and the confusion matrix, or each label's
+    AP and threshold when it is its own yes/no)."""
     quality = Section("Per class (validation clips, best epoch)")
     if m.get("multi_label"):  # no confusion matrix: each label is its own yes/no, at its own threshold
         pc = m["per_class"]
@@ -155,6 +164,11 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
         quality.add(table(["label", "precision", "recall", "F1", "clips"],
                           [(lab, *(f"{m['per_class'][lab][k]:.3f}" for k in ("precision", "recall", "f1")),
                             m["per_class"][lab].get("support", "")) for lab in labels]))
+    return quality
+
+
+def wrong_clips_section(run: URI, meta: dict[str, Any], cfg: FeatureConfig, thumbnails: int) -> Section:
+    """The validation clips the model got wrong, the most confident first, with thumbnails."""
     wrong = Section("Most confidently wrong validation clips")
     val_uri = storage.join(run, VAL_PREDICTIONS)
     if not storage.exists(val_uri):
@@ -178,10 +192,7 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
                         [(r["uri"], r["clip_index"], f"{r['start_s']:.1f}", r["label"], r["predicted"],
                           f"{r['probability']:.3f}", f"{r['label_probability']:.3f}")
                          for r in bad], limit=MAX_ROWS))
-    sections = [overview, curves, quality, wrong]
-    if m.get("calibration"):
-        sections.append(calibration_section(m["calibration"]))
-    return run, [*sections, features_section(cfg, meta["config_hash"])]
+    return wrong
 
 
 def calibration_section(c: dict[str, Any]) -> Section:

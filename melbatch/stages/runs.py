@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from melbatch import URI, __version__, console, storage
+from melbatch import URI, __version__, console, listing, storage
 from melbatch.audio.decode import DecodeError
 from melbatch.config import SCHEMA_VERSION
 from melbatch.shards import QUARANTINE_KINDS, write_manifest, write_quarantine
@@ -297,11 +297,11 @@ def skipped_lines(skipped: dict[str, int]) -> list[str]:
             f"--exclude): {kinds}"]
 
 
-def listing_lines(listing: dict[str, dict]) -> list[str]:
+def listing_lines(notes: dict[str, dict]) -> list[str]:
     """Warning lines for what a listing met besides the objects it lists (links, loops, unreadable
     folders: :class:`~melbatch.listing.ListingNotes`), one per kind with a few examples; none: no line."""
     return [f"  warning      {v['count']:>8}  {listing.ListingNotes.KINDS[kind]}: {', '.join(v['examples'])}"
-            f"{', ...' if v['count'] > len(v['examples']) else ''}" for kind, v in sorted(listing.items())]
+            f"{', ...' if v['count'] > len(v['examples']) else ''}" for kind, v in sorted(notes.items())]
 
 
 def label_lines(labels: dict[str, int], unit: str) -> list[str]:

@@ -214,10 +214,25 @@ def augment_images(x: torch.Tensor, aug: WaveAugment, centers_hz: torch.Tensor, 
 
     The result is floored ``top_db`` below its peak again, as featurize stores it.
     """
+    dev = x.device
+    centers = centers_hz.to(dev, torch.float32)
+    x = _speed_on_images(x, aug, centers, gen)
+    power = torch.pow(10.0, x / 10)
+    power = _reverb_on_power(power, aug.reverb_prob, hop_s, gen)
+    power = _phone_line_on_power(power, aug.telephone_prob, centers, gen)
+    power = _noise_on_power(power, aug, centers, gen)
+    x = _microphone_on_images(10 * torch.log10(power.clamp_min(1e-10)), aug.gain_db, gen)
+    if top_db is not None:
+        x = torch.maximum(x, x.amax(dim=(1, 2, 3), keepdim=True) - top_db)
+    return x
+
+
+def _speed_on_images(x: torch.Tensor, aug: WaveAugment, centers: torch.Tensor,
+                     gen: torch.Generator | None) -> torch.Tensor:
+    """Speed: frames read at the new rate (tempo), bands at frequency / rate (pitch moves with it)."""
     n, _, f, t = x.shape
     dev = x.device
     floor = x.amin(dim=(1, 2, 3), keepdim=True)
-    centers = centers_hz.to(dev, torch.float32)
     frames = torch.arange(t, device=dev, dtype=torch.float32)[None, :]
     pick = _chosen(n, aug.speed_prob, gen, dev)
     if aug.speed_max > 0 and bool(pick.any()):
@@ -228,55 +243,78 @@ def augment_images(x: torch.Tensor, aug: WaveAugment, centers_hz: torch.Tensor, 
         lo_hz, hi_hz = centers[idx - 1], centers[idx]
         pos = (idx - 1).float() + (source_hz - lo_hz) / (hi_hz - lo_hz)
         x = _lerp_along(x, torch.where(source_hz < centers[0], -1.0, pos), 2, floor)
-    power = torch.pow(10.0, x / 10)
-    pick = _chosen(n, aug.reverb_prob, gen, dev)
-    if bool(pick.any()):
-        rt60 = _uniform(n, 0.15, 0.8, gen, dev)
-        decay = torch.pow(10.0, -6 * hop_s / rt60)  # power per frame
-        drr = torch.pow(10.0, -_uniform(n, 0.0, 10.0, gen, dev) / 10)
-        k = torch.arange(1, t + 1, device=dev, dtype=torch.float32)[None, :]
-        tail = torch.pow(decay[:, None], k) * (drr * (1 - decay) / decay)[:, None]  # sums to drr
-        size = 2 * t
-        echo = torch.fft.irfft(torch.fft.rfft(power, n=size, dim=3) * torch.fft.rfft(
-            torch.nn.functional.pad(tail, (1, 0))[:, None, None, :t], n=size, dim=3), n=size, dim=3)[..., :t]
-        wet = power + echo.clamp_min(0)
-        wet = wet * power.mean(dim=(2, 3), keepdim=True) / wet.mean(dim=(2, 3), keepdim=True).clamp_min(1e-20)
-        power = torch.where(pick[:, None, None, None], wet, power)
-    pick = _chosen(n, aug.telephone_prob, gen, dev)
-    if bool(pick.any()):
-        low = _uniform(n, 0.0, 300.0, gen, dev)
-        high = torch.exp(_uniform(n, math.log(BAND_TOP_MIN_HZ), math.log(float(centers[-1]) * 1.1), gen, dev))
-        width = (centers[1:] - centers[:-1]).mean()
-        outside = torch.sigmoid((low[:, None] - centers[None, :]) / width) + \
-            torch.sigmoid((centers[None, :] - high[:, None]) / width)
-        cut = torch.pow(10.0, -5.0 * outside.clamp(max=1.0))  # -50 dB outside the band
-        power = torch.where(pick[:, None, None, None], power * cut[:, None, :, None], power)
-    pick = _chosen(n, aug.noise_prob, gen, dev)
-    if bool(pick.any()):
-        beta = torch.randint(0, 3, (n, 1), generator=gen).float().to(dev)  # white, pink, brown
-        profile = torch.pow(centers.clamp_min(50.0)[None, :] / 1000.0, -beta)
-        cells = -torch.log(torch.rand(n, 1, f, t, generator=gen).clamp_min(1e-6)).to(dev)  # a periodogram's spread
-        noise = profile[:, None, :, None] * (0.5 + 0.5 * cells)
-        snr_db = _uniform(n, aug.snr_db_min, aug.snr_db_max, gen, dev)
-        if n > 1:  # half of the noisy clips get two other clips of the batch, moved in time, instead (babble),
-            # 6 dB further down: a single voice as loud as the clip's own would make its label a coin toss
-            shift = int(torch.randint(0, t, (1,), generator=gen))
-            other = torch.roll(power.roll(1, dims=0) + power.roll(2, dims=0), shift, dims=3)
-            babble = _chosen(n, 0.5, gen, dev)
-            noise = torch.where(babble[:, None, None, None], other, noise)
-            snr_db = snr_db + 6.0 * babble
-        snr = torch.pow(10.0, snr_db / 10)
-        level = power.mean(dim=(1, 2, 3)) / (noise.mean(dim=(1, 2, 3)).clamp_min(1e-20) * snr)
-        power = power + noise * (level * pick)[:, None, None, None]
-    x = 10 * torch.log10(power.clamp_min(1e-10))
-    if aug.gain_db > 0:
-        band = torch.linspace(0, math.pi, f, device=dev)[None, :]
-        curve = sum(_uniform(n, -1, 1, gen, dev)[:, None] * torch.cos(k * band) for k in (1, 2, 3)) / 3
-        level = _uniform(n, min(LEVEL_DB_MIN, -aug.gain_db), aug.gain_db, gen, dev).view(n, 1, 1, 1)
-        x = x + (aug.gain_db * curve)[:, None, :, None] + level
-    if top_db is not None:
-        x = torch.maximum(x, x.amax(dim=(1, 2, 3), keepdim=True) - top_db)
     return x
+
+
+def _reverb_on_power(power: torch.Tensor, prob: float, hop_s: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Reverb: each band's power plus its own echo, decaying by 60 dB in RT60, power kept."""
+    n, t, dev = power.shape[0], power.shape[3], power.device
+    pick = _chosen(n, prob, gen, dev)
+    if not bool(pick.any()):
+        return power
+    rt60 = _uniform(n, 0.15, 0.8, gen, dev)
+    decay = torch.pow(10.0, -6 * hop_s / rt60)  # power per frame
+    drr = torch.pow(10.0, -_uniform(n, 0.0, 10.0, gen, dev) / 10)
+    k = torch.arange(1, t + 1, device=dev, dtype=torch.float32)[None, :]
+    tail = torch.pow(decay[:, None], k) * (drr * (1 - decay) / decay)[:, None]  # sums to drr
+    size = 2 * t
+    echo = torch.fft.irfft(torch.fft.rfft(power, n=size, dim=3) * torch.fft.rfft(
+        torch.nn.functional.pad(tail, (1, 0))[:, None, None, :t], n=size, dim=3), n=size, dim=3)[..., :t]
+    wet = power + echo.clamp_min(0)
+    wet = wet * power.mean(dim=(2, 3), keepdim=True) / wet.mean(dim=(2, 3), keepdim=True).clamp_min(1e-20)
+    return torch.where(pick[:, None, None, None], wet, power)
+
+
+def _phone_line_on_power(power: torch.Tensor, prob: float, centers: torch.Tensor,
+                         gen: torch.Generator | None) -> torch.Tensor:
+    """Phone line / low bit rate: the bands outside a random pass band fall 50 dB, with a one-band slope."""
+    n, dev = power.shape[0], power.device
+    pick = _chosen(n, prob, gen, dev)
+    if not bool(pick.any()):
+        return power
+    low = _uniform(n, 0.0, 300.0, gen, dev)
+    high = torch.exp(_uniform(n, math.log(BAND_TOP_MIN_HZ), math.log(float(centers[-1]) * 1.1), gen, dev))
+    width = (centers[1:] - centers[:-1]).mean()
+    outside = torch.sigmoid((low[:, None] - centers[None, :]) / width) + \
+        torch.sigmoid((centers[None, :] - high[:, None]) / width)
+    cut = torch.pow(10.0, -5.0 * outside.clamp(max=1.0))  # -50 dB outside the band
+    return torch.where(pick[:, None, None, None], power * cut[:, None, :, None], power)
+
+
+def _noise_on_power(power: torch.Tensor, aug: WaveAugment, centers: torch.Tensor,
+                    gen: torch.Generator | None) -> torch.Tensor:
+    """Noise: white, pink or brown at a drawn SNR, or two other clips of the batch 6 dB further down."""
+    n, _, f, t = power.shape
+    dev = power.device
+    pick = _chosen(n, aug.noise_prob, gen, dev)
+    if not bool(pick.any()):
+        return power
+    beta = torch.randint(0, 3, (n, 1), generator=gen).float().to(dev)  # white, pink, brown
+    profile = torch.pow(centers.clamp_min(50.0)[None, :] / 1000.0, -beta)
+    cells = -torch.log(torch.rand(n, 1, f, t, generator=gen).clamp_min(1e-6)).to(dev)  # a periodogram's spread
+    noise = profile[:, None, :, None] * (0.5 + 0.5 * cells)
+    snr_db = _uniform(n, aug.snr_db_min, aug.snr_db_max, gen, dev)
+    if n > 1:  # half of the noisy clips get two other clips of the batch, moved in time, instead (babble),
+        # 6 dB further down: a single voice as loud as the clip's own would make its label a coin toss
+        shift = int(torch.randint(0, t, (1,), generator=gen))
+        other = torch.roll(power.roll(1, dims=0) + power.roll(2, dims=0), shift, dims=3)
+        babble = _chosen(n, 0.5, gen, dev)
+        noise = torch.where(babble[:, None, None, None], other, noise)
+        snr_db = snr_db + 6.0 * babble
+    snr = torch.pow(10.0, snr_db / 10)
+    level = power.mean(dim=(1, 2, 3)) / (noise.mean(dim=(1, 2, 3)).clamp_min(1e-20) * snr)
+    return power + noise * (level * pick)[:, None, None, None]
+
+
+def _microphone_on_images(x: torch.Tensor, gain_db: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Microphone: a smooth random EQ of up to ±gain_db across the bands, then a recording level."""
+    if gain_db <= 0:
+        return x
+    n, _, f, _ = x.shape
+    band = torch.linspace(0, math.pi, f, device=x.device)[None, :]
+    curve = sum(_uniform(n, -1, 1, gen, x.device)[:, None] * torch.cos(k * band) for k in (1, 2, 3)) / 3
+    level = _uniform(n, min(LEVEL_DB_MIN, -gain_db), gain_db, gen, x.device).view(n, 1, 1, 1)
+    return x + (gain_db * curve)[:, None, :, None] + level
 
 
 def random_time_shift(x: torch.Tensor, max_frames: int, gen: torch.Generator | None = None,
