@@ -218,36 +218,54 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
     bar.update(sum(len(b) for bid, b in batches if bid in results))
     if todo:
         init_ray(cfg.address)
-        chunks: dict[str, list[dict[str, Any]]] = {}  # a batch's chunks, until all are in
-        finishing: set[Future] = set()
-
-        def collect(done: set[Future]) -> None:
-            for f in done:
-                r = f.result()
-                results[r.batch] = r
-                bar.update(r.done + len(r.quarantine))
-                crash_point("classify:batch")
-
         try:
-            with ThreadPoolExecutor(FINISHERS) as pool:
-                for chunk in pipeline(cfg, meta, detect, out, todo).iter_rows():
-                    parts = chunks.setdefault(chunk["batch"], [])
-                    parts.append(chunk)
-                    if _complete(parts):
-                        finishing.add(pool.submit(finish_batch, out, chunk["batch"], chunks.pop(chunk["batch"]), meta,
-                                                  detect, cfg.unknown_below))
-                    done = {f for f in finishing if f.done()}
-                    finishing -= done
-                    collect(done)
-                collect(finishing)  # waits for the last ones
+            results |= _stream(cfg, meta, detect, out, todo, bar)
         except Exception as e:
             raise stopped_by_storage("classify", e, out, {bid for bid, _ in batches}) from None
     bar.close()
+    quarantine, outputs = _gathered(summary, [(bid, results[bid]) for bid, _ in batches], resumed)
+    summary.close(quarantine, t0)
+    commit(out, "classify", quarantine, _manifest(cfg, meta, detect, summary, outputs), PREDICTION_DIRS,
+           {p for d in PREDICTION_DIRS for p in outputs[d]}, {bid for bid, _ in batches})
+    return summary
 
+
+def _stream(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Settings, out: URI,
+            todo: list[tuple[str, list[storage.ObjectRef]]], bar: Any) -> dict[str, BatchResult]:
+    """The pipeline over the batches still to do; the driver finishes each batch (in a few threads)
+    as soon as all its chunks are in. Returns their results."""
+    results: dict[str, BatchResult] = {}
+    chunks: dict[str, list[dict[str, Any]]] = {}  # a batch's chunks, until all are in
+    finishing: set[Future] = set()
+
+    def collect(done: set[Future]) -> None:
+        for f in done:
+            r = f.result()
+            results[r.batch] = r
+            bar.update(r.done + len(r.quarantine))
+            crash_point("classify:batch")
+
+    with ThreadPoolExecutor(FINISHERS) as pool:
+        for chunk in pipeline(cfg, meta, detect, out, todo).iter_rows():
+            parts = chunks.setdefault(chunk["batch"], [])
+            parts.append(chunk)
+            if _complete(parts):
+                finishing.add(pool.submit(finish_batch, out, chunk["batch"], chunks.pop(chunk["batch"]), meta,
+                                          detect, cfg.unknown_below))
+            done = {f for f in finishing if f.done()}
+            finishing -= done
+            collect(done)
+        collect(finishing)  # waits for the last ones
+    return results
+
+
+def _gathered(summary: Summary, results: list[tuple[str, BatchResult]],
+              resumed: set[str]) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Every batch's result added into ``summary``, in batch order: (the quarantine rows, the output
+    files by folder)."""
     quarantine: list[dict[str, Any]] = []
     outputs: dict[str, list[str]] = {d: [] for d in PREDICTION_DIRS}
-    for bid, _ in batches:
-        r = results[bid]
+    for bid, r in results:
         summary.add(r)
         for label, n in r.events.items():
             summary.events[label] = summary.events.get(label, 0) + n
@@ -255,10 +273,7 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
         quarantine.extend(r.quarantine)
         for d in PREDICTION_DIRS:
             outputs[d].extend(r.outputs.get(d, []))
-    summary.close(quarantine, t0)
-    commit(out, "classify", quarantine, _manifest(cfg, meta, detect, summary, outputs), PREDICTION_DIRS,
-           {p for d in PREDICTION_DIRS for p in outputs[d]}, {bid for bid, _ in batches})
-    return summary
+    return quarantine, outputs
 
 
 def size_actors(cfg: ClassifyConfig, cpus: float, gpus: float) -> tuple[int, float, str]:

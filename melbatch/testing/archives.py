@@ -258,82 +258,112 @@ def bad_corpus(seed: int = 0) -> list[tuple[str, bytes, str]]:
     """At least 100 broken objects as ``(relative key, bytes, kind)``, ``kind`` the quarantine kind
     melbatch must give each (every key of :data:`~melbatch.shards.QUARANTINE_KINDS` but ``read_error`` and
     ``unlabelled``, which come from storage and labels, not from bytes). Deterministic for a seed."""
-    rng = np.random.default_rng(seed)
+    c = _Corpus(np.random.default_rng(seed))
     sr = 16_000
     t = np.arange(3 * sr) / sr
     tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    _cut_short(c, tone, sr)
+    _not_audio(c)
+    _bad_headers(c, tone, sr)
+    _bad_samples(c, tone, sr)
+    return c.items
+
+
+class _Corpus:
+    """The broken objects made so far, each under one of the odd folders in turn, and the seeded draws."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.items: list[tuple[str, bytes, str]] = []
+
+    def add(self, name: str, data: bytes, kind: str) -> None:
+        n = len(self.items)
+        self.items.append((f"{ODD_DIRS[n % len(ODD_DIRS)]}{kind}/{n:03d} {name}", data, kind))
+
+    def cut(self, data: bytes, lo: float, hi: float) -> bytes:
+        return data[: int(len(data) * self.rng.uniform(lo, hi))]
+
+
+def _cut_short(c: _Corpus, tone: np.ndarray, sr: int) -> None:
+    """Empty files, files cut anywhere (truncated; corrupt where a container cannot tell), sizes that lie."""
+    rng = c.rng
     pcm = (tone * 32767).astype("<i2").tobytes()
     wav, flac = encode(tone, sr, FORMATS[0]), encode(tone, sr, FORMATS[1])
     ogg, mp3 = encode(tone, sr, FORMATS[2]), encode(tone, sr, FORMATS[3])
-    items: list[tuple[str, bytes, str]] = []
-
-    def add(name: str, data: bytes, kind: str) -> None:
-        items.append((f"{ODD_DIRS[len(items) % len(ODD_DIRS)]}{kind}/{len(items):03d} {name}", data, kind))
-
-    def cut(data: bytes, lo: float, hi: float) -> bytes:
-        return data[: int(len(data) * rng.uniform(lo, hi))]
-
     for ext in ("wav", "flac", "ogg", "mp3", "WAV", "m4a"):
-        add(f"zero bytes.{ext}", b"", "empty")
+        c.add(f"zero bytes.{ext}", b"", "empty")
     for i in range(12):
-        add(f"wav cut at random {i}.wav", cut(wav, 0.03, 0.9), "truncated")
+        c.add(f"wav cut at random {i}.wav", c.cut(wav, 0.03, 0.9), "truncated")
     for i in range(10):
-        add(f"flac cut at random {i}.flac", flac[: int(rng.integers(100, int(0.9 * len(flac))))], "truncated")
+        c.add(f"flac cut at random {i}.flac", flac[: int(rng.integers(100, int(0.9 * len(flac))))], "truncated")
     for i in range(6):
-        add(f"mp3 cut at random {i}.mp3", cut(mp3, 0.2, 0.8), "truncated")
-    add("wav header, no data.wav", wav[:44], "truncated")
-    add("wav declares 4 GB of data.wav", _wav_bytes(pcm, data_len=0xFFFFFFF0), "truncated")
-    add("flac declares 2^36 samples.flac", _flac_total_samples(flac, (1 << 36) - 1), "truncated")
+        c.add(f"mp3 cut at random {i}.mp3", c.cut(mp3, 0.2, 0.8), "truncated")
+    c.add("wav header, no data.wav", wav[:44], "truncated")
+    c.add("wav declares 4 GB of data.wav", _wav_bytes(pcm, data_len=0xFFFFFFF0), "truncated")
+    c.add("flac declares 2^36 samples.flac", _flac_total_samples(flac, (1 << 36) - 1), "truncated")
     for i in range(4):
-        add(f"ogg cut at random {i}.ogg", cut(ogg, 0.2, 0.8), "corrupt")
+        c.add(f"ogg cut at random {i}.ogg", c.cut(ogg, 0.2, 0.8), "corrupt")
     for i in range(4):
-        add(f"wav cut in its header {i}.wav", wav[: int(rng.integers(13, 40))], "corrupt")
+        c.add(f"wav cut in its header {i}.wav", wav[: int(rng.integers(13, 40))], "corrupt")
     for i in range(2):
-        add(f"wav cut in its magic {i}.wav", wav[: int(rng.integers(1, 11))], "not_audio")
+        c.add(f"wav cut in its magic {i}.wav", wav[: int(rng.integers(1, 11))], "not_audio")
+
+
+def _not_audio(c: _Corpus) -> None:
+    """Random bytes behind a format's magic (corrupt), and text, pictures, archives and noise named as audio."""
+    rng = c.rng
     magic = {"wav": lambda: b"RIFF" + rng.bytes(4) + b"WAVE", "flac": lambda: b"fLaC", "ogg": lambda: b"OggS",
              "mp3": lambda: b"ID3", "aiff": lambda: b"FORM" + rng.bytes(4) + b"AIFF",
              "m4a": lambda: rng.bytes(4) + b"ftyp"}
     for i in range(14):
         ext = list(magic)[i % len(magic)]
-        add(f"random bytes behind {ext} magic {i}.{ext}", magic[ext]() + rng.bytes(int(rng.integers(200, 6000))),
-            "corrupt")
-    add("mp3 frame sync then random.mp3", b"\xff\xfb" + rng.bytes(5000), "corrupt")
+        c.add(f"random bytes behind {ext} magic {i}.{ext}", magic[ext]() + rng.bytes(int(rng.integers(200, 6000))),
+              "corrupt")
+    c.add("mp3 frame sync then random.mp3", b"\xff\xfb" + rng.bytes(5000), "corrupt")
     not_audio = [("notes.wav", b"meeting notes, not audio\n" * 50), ("page.flac", b"<!doctype html><html></html>"),
                  ("data.mp3", b'{"samples": [1, 2, 3]}'), ("image.ogg", b"\x89PNG\r\n\x1a\n" + rng.bytes(800)),
                  ("photo.wav", b"\xff\xd8\xff\xe0" + rng.bytes(800)), ("archive.flac", b"PK\x03\x04" + rng.bytes(300)),
                  ("doc.mp3", b"%PDF-1.7\n" + rng.bytes(500)), ("zeros.wav", bytes(70_000)),
                  ("script.ogg", b"#!/bin/sh\nrm -rf /\n"), ("spreadsheet.m4a", b"a,b,c\n1,2,3\n" * 20)]
     for name, data in not_audio:
-        add(name, data, "not_audio")
+        c.add(name, data, "not_audio")
     for i in range(4):  # random bytes that start like nothing we know (a first byte of 0xFF would look like mp3)
-        add(f"noise bytes {i}.wav", bytes([int(rng.integers(0, 0xFF))]) + rng.bytes(4000), "not_audio")
+        c.add(f"noise bytes {i}.wav", bytes([int(rng.integers(0, 0xFF))]) + rng.bytes(4000), "not_audio")
+
+
+def _bad_headers(c: _Corpus, tone: np.ndarray, sr: int) -> None:
+    """Headers with absurd rates and channel counts (WAV, AU, AIFF)."""
+    pcm = (tone * 32767).astype("<i2").tobytes()
     absurd = [("0 Hz", _wav_bytes(pcm, rate=0)), ("4 GHz", _wav_bytes(pcm, rate=4_000_000_000)),
               ("500 Hz", _wav_bytes(pcm, rate=500)), ("1 MHz", _wav_bytes(pcm, rate=1_000_000)),
               ("65535 channels", _wav_bytes(pcm, channels=65535)), ("0 channels", _wav_bytes(pcm, channels=0)),
               ("100 channels", _wav_bytes(pcm[: len(pcm) // 100 * 100], channels=100))]
     for what, data in absurd:
-        add(f"wav at {what}.wav", data, "bad_header")
+        c.add(f"wav at {what}.wav", data, "bad_header")
     be = (tone * 32767).astype(">i2").tobytes()
     for what, data in (("a billion channels", _au_bytes(be, sr, 10**9)), ("0 Hz", _au_bytes(be, 0, 1)),
-                       ("3 GHz", _au_bytes(be, 3_000_000_000, 1)), ("random header", b".snd" + rng.bytes(3000))):
-        add(f"au with {what}.au.wav", data, "bad_header")
-    add("aiff at 0 Hz.aiff", _aiff_zero_rate(be), "bad_header")
+                       ("3 GHz", _au_bytes(be, 3_000_000_000, 1)), ("random header", b".snd" + c.rng.bytes(3000))):
+        c.add(f"au with {what}.au.wav", data, "bad_header")
+    c.add("aiff at 0 Hz.aiff", _aiff_zero_rate(be), "bad_header")
+
+
+def _bad_samples(c: _Corpus, tone: np.ndarray, sr: int) -> None:
+    """Good headers over bad samples: NaN and infinity, silence, clips too short to keep."""
     for i, (where, value) in enumerate([("start", np.nan), ("middle", np.nan), ("end", np.inf), ("middle", -np.inf)]):
         x = tone.copy()
         at = {"start": 0, "middle": len(x) // 2, "end": len(x) - 10}[where]
         x[at: at + 10] = value
-        add(f"{value} at the {where} {i}.wav", encode(x, sr, ("WAV", "FLOAT", "wav")), "non_finite")
-    add("all nan, float64.wav", encode(np.full(2 * sr, np.nan), sr, ("WAV", "DOUBLE", "wav")), "non_finite")
+        c.add(f"{value} at the {where} {i}.wav", encode(x, sr, ("WAV", "FLOAT", "wav")), "non_finite")
+    c.add("all nan, float64.wav", encode(np.full(2 * sr, np.nan), sr, ("WAV", "DOUBLE", "wav")), "non_finite")
     stereo = np.stack([tone, tone], axis=1)
     stereo[sr, 1] = np.nan
-    add("nan in the right channel.wav", encode(stereo, sr, ("WAV", "FLOAT", "wav")), "non_finite")
+    c.add("nan in the right channel.wav", encode(stereo, sr, ("WAV", "FLOAT", "wav")), "non_finite")
     for ext, fmt in (("wav", FORMATS[0]), ("flac", FORMATS[1])):
-        add(f"digital silence.{ext}", encode(np.zeros(2 * sr, np.float32), sr, fmt), "silent")
-    add("hiss at -100 dBFS.wav", encode((1e-5 * rng.standard_normal(2 * sr)).astype(np.float32), sr,
-                                        ("WAV", "FLOAT", "wav")), "silent")
+        c.add(f"digital silence.{ext}", encode(np.zeros(2 * sr, np.float32), sr, fmt), "silent")
+    c.add("hiss at -100 dBFS.wav", encode((1e-5 * c.rng.standard_normal(2 * sr)).astype(np.float32), sr,
+                                          ("WAV", "FLOAT", "wav")), "silent")
     for secs in (0.01, 0.2, 0.5):
-        add(f"{secs} s blip.wav", encode(tone[: int(secs * sr)], sr, FORMATS[0]), "too_short")
-    return items
+        c.add(f"{secs} s blip.wav", encode(tone[: int(secs * sr)], sr, FORMATS[0]), "too_short")
 
 
 def write_bad_corpus(dst: URI, label: str = "bad", seed: int = 0) -> list[SampleFile]:
