@@ -134,6 +134,26 @@ def test_train_has_an_augment_section_and_old_flat_keys_still_load(tmp_path, cap
     assert config.TrainConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 
 
+def test_classify_has_a_detect_section_and_old_flat_keys_still_load(tmp_path, capsys):
+    """Detections are classify's (and scan's) 'detect:' section; flags keep their names and beat the YAML;
+    flat keys load with one line; a saved config (the manifest's settings) comes back whole."""
+    nested, flat = tmp_path / "nested.yaml", tmp_path / "flat.yaml"
+    nested.write_text("classify:\n  top_k: 2\n  detect:\n    threshold: ['0.7']\n    gap_s: 1.5\n")
+    flat.write_text("classify:\n  top_k: 2\n  threshold: ['0.7']\n  gap_s: 1.5\n")
+    for job in ("classify", "scan"):
+        for yml in (nested, flat):
+            args = commands.parser().parse_args([job, "a", "m", "o", "--config", str(yml), "--min-event-s", "3"])
+            cfg = options.classify_config(args) if job == "classify" else options.scan_config(args).classify
+            assert cfg.top_k == 2 and cfg.detect == config.DetectConfig(threshold=("0.7",), gap_s=1.5, min_event_s=3.0)
+            err = capsys.readouterr().err
+            assert ("threshold, gap_s: these settings live in its 'detect:' section now" in err) == (yml is flat)
+    args = commands.parser().parse_args(["classify", "a", "m", "o", "--threshold", "x=high"])
+    with pytest.raises(ConfigError, match="not a probability"):
+        options.classify_config(args)
+    assert not hasattr(cfg, "threshold")
+    assert config.build(config.ClassifyConfig, json.loads(json.dumps(dataclasses.asdict(cfg))), "classify") == cfg
+
+
 def test_yaml_with_an_unknown_section_is_refused(tmp_path):
     yml = tmp_path / "cfg.yaml"
     yml.write_text("feature:\n  n_mels: 64\n")

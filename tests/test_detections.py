@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from melbatch.config import ClassifyConfig, ConfigError
+from melbatch.config import ClassifyConfig, ConfigError, DetectConfig
 from melbatch.stages import detections
 
 LABELS = ["faulty", "healthy"]
@@ -97,9 +97,9 @@ def test_threshold_flags_parse_and_a_wrong_one_fails_before_any_work():
         detections.thresholds(["engine=0.8"], LABELS)
     for bad, why in (("1.5", r"in \(0, 1\]"), ("x=high", "not a probability"), ("=0.5", "LABEL=P")):
         with pytest.raises(ConfigError, match=why):
-            ClassifyConfig(archive="a", model="m", out="o", threshold=(bad,))
+            DetectConfig(threshold=(bad,))
     with pytest.raises(ConfigError, match="min_event_s"):
-        ClassifyConfig(archive="a", model="m", out="o", min_event_s=-1)
+        DetectConfig(min_event_s=-1)
     with pytest.raises(ConfigError, match="clip_hop_s"):
         ClassifyConfig(archive="a", model="m", out="o", clip_hop_s=0)
 
@@ -183,7 +183,7 @@ def test_a_long_recording_yields_its_faults_as_events_within_one_clip_hop(engine
     _machine_recording(str(archive / "line3.wav"), engine_model, TRUTH, 600.0)
     out = str(tmp_path / "pred")
     cfg = ClassifyConfig(archive=str(archive), model=f"{engine_model}/model", out=out, clip_hop_s=1.0,
-                         threshold=("healthy=off",), min_event_s=3.0, gap_s=2.0)
+                         detect=DetectConfig(threshold=("healthy=off",), min_event_s=3.0, gap_s=2.0))
     s = classify.run(cfg, progress=False)
     assert s.clips == 600  # 600 s, 2 s clips every 1 s: 599 whole, the last (1 s of sound) padded
     m = shards.read_manifest(out)

@@ -15,8 +15,8 @@ import sys
 import tempfile
 from typing import Any
 
-from melbatch.cli.options import add_dataclass_flags, flag_names, given
-from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig, ReviewConfig, SimilarConfig, build
+from melbatch.cli.options import add_dataclass_flags, given
+from melbatch.config import ConfigError, DetectConfig, FeatureConfig, ReviewConfig, SimilarConfig, build
 
 
 def show_args(p: argparse.ArgumentParser) -> None:
@@ -38,9 +38,7 @@ def show_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips", type=int, default=1, help="--shards/--predictions: clips per source file "
                    "(default: %(default)s)")
     add_dataclass_flags(p, FeatureConfig, "features for audio inputs (over --model's or the defaults)")
-    detect = ("threshold", "min_event_s", "gap_s")
-    add_dataclass_flags(p, ClassifyConfig, "detections, with --timeline (as classify's)",
-                        exclude=[n for n in flag_names(ClassifyConfig) if n not in detect])
+    add_dataclass_flags(p, DetectConfig, "detections, with --timeline (as classify's)")
 
 
 

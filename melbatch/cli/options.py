@@ -21,6 +21,7 @@ from melbatch.config import (
     AugmentConfig,
     ClassifyConfig,
     ConfigError,
+    DetectConfig,
     FeatureConfig,
     FeaturizeConfig,
     ScanConfig,
@@ -99,9 +100,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _classify_values(args: argparse.Namespace, yml: dict[str, Any], exclude: Iterable[str] = ()) -> ClassifyConfig:
-    values = merge(yml.get("classify") or {},
-                   {"archive": args.archive, "model": args.model, "out": args.out, "address": args.address},
+    section = nested(ClassifyConfig, yml.get("classify") or {}, "classify")
+    values = merge(section, {"archive": args.archive, "model": args.model, "out": args.out, "address": args.address},
                    given(args, ClassifyConfig, exclude))
+    detect = section.get("detect") or DetectConfig()
+    values["detect"] = dataclasses.replace(detect, **given(args, DetectConfig))  # flags over the YAML section
     return build(ClassifyConfig, values, "classify")
 
 
@@ -109,6 +112,7 @@ def classify_config(args: argparse.Namespace) -> ClassifyConfig:
     return _classify_values(args, read_yaml(args.config))
 
 
+DETECT_GROUP = "detections (the 'detect:' section of classify's YAML)"
 SCAN_EXCLUDES = ("overwrite",)  # a scan's OUT is written by scans only: nothing to overwrite
 
 
@@ -158,6 +162,7 @@ def _archive_model_out(p: argparse.ArgumentParser, out_help: str, sections: str)
 def _classify_args(p: argparse.ArgumentParser) -> None:
     _archive_model_out(p, "output URI for predictions, quarantine and manifest", "a 'classify:' section")
     add_dataclass_flags(p, ClassifyConfig, "classification")
+    add_dataclass_flags(p, DetectConfig, DETECT_GROUP)
 
 
 def _scan_args(p: argparse.ArgumentParser) -> None:
@@ -165,6 +170,7 @@ def _scan_args(p: argparse.ArgumentParser) -> None:
                        "'classify:' and 'scan:' sections")
     add_dataclass_flags(p, ScanConfig, "scan")
     add_dataclass_flags(p, ClassifyConfig, "classification", SCAN_EXCLUDES)
+    add_dataclass_flags(p, DetectConfig, DETECT_GROUP)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from melbatch.config.jobs import (  # noqa: F401
     REVIEW_STRATEGIES,
     AugmentConfig,
     ClassifyConfig,
+    DetectConfig,
     ReviewConfig,
     ScanConfig,
     SimilarConfig,

@@ -217,6 +217,25 @@ def parse_threshold(spec: str | float) -> tuple[str | None, float]:
 
 
 @dataclass(frozen=True)
+class DetectConfig:
+    """When a label's clip probabilities make an event on a recording's timeline: classify's (and
+    scan's) ``detect:`` section (:mod:`melbatch.stages.detections` reads it; the flags keep their names)."""
+
+    threshold: tuple[str, ...] = flag((),
+        f"detections: P sets every label's threshold (default {DEFAULT_THRESHOLD}), LABEL=P one label's, LABEL=off "
+        "never detects LABEL; repeatable, later values win (e.g. --threshold 0.6 --threshold engine=0.8)")
+    min_event_s: float = flag(0.0, "detections: drop events shorter than this many seconds")
+    gap_s: float = flag(0.0, "detections: merge events of one label at most this many seconds apart")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", tuple(str(t) for t in self.threshold))
+        for t in self.threshold:
+            parse_threshold(t)
+        require(self.min_event_s >= 0 and self.gap_s >= 0,
+                f"min_event_s={self.min_event_s}, gap_s={self.gap_s}: seconds, 0 or more")
+
+
+@dataclass(frozen=True)
 class ClassifyConfig:
     """Which archive to classify with which model package, and how to spread the work.
 
@@ -246,11 +265,7 @@ class ClassifyConfig:
         "a file whose best label's probability (calibrated on the validation split at training) is below this is "
         "labelled 'unknown': none of the model's labels (0 = always the best label; the train report's reliability "
         "table says what a value keeps)")
-    threshold: tuple[str, ...] = flag((),
-        f"detections: P sets every label's threshold (default {DEFAULT_THRESHOLD}), LABEL=P one label's, LABEL=off "
-        "never detects LABEL; repeatable, later values win (e.g. --threshold 0.6 --threshold engine=0.8)")
-    min_event_s: float = flag(0.0, "detections: drop events shorter than this many seconds")
-    gap_s: float = flag(0.0, "detections: merge events of one label at most this many seconds apart")
+    detect: DetectConfig = field(default_factory=DetectConfig)
     clip_hop_s: float | None = flag(None,
         "seconds between clip starts here (default: the model's): below its clip length for overlapping clips and "
         "finer event times; the images stay the model's, and so does the config hash the outputs carry")
@@ -278,11 +293,8 @@ class ClassifyConfig:
         require(self.top_k >= 1, f"top_k={self.top_k}: at least 1")
         require(0 <= self.unknown_below < 1, f"unknown_below={self.unknown_below}: a probability in [0, 1) (0 = off)")
         require(self.mel_on in ("auto", "decoder", "model"), f"mel_on={self.mel_on!r}: 'auto', 'decoder' or 'model'")
-        object.__setattr__(self, "threshold", tuple(str(t) for t in self.threshold))
-        for t in self.threshold:
-            parse_threshold(t)
-        require(self.min_event_s >= 0 and self.gap_s >= 0,
-                 f"min_event_s={self.min_event_s}, gap_s={self.gap_s}: seconds, 0 or more")
+        if isinstance(self.detect, dict):  # from a saved config (a manifest's settings, a worker's copy)
+            object.__setattr__(self, "detect", build(DetectConfig, self.detect, "classify.detect"))
         require(self.clip_hop_s is None or self.clip_hop_s > 0,
                  f"clip_hop_s={self.clip_hop_s}: seconds between clip starts, > 0 (or leave it out for the model's)")
         require(self.files_per_task >= 1 and self.task_mb > 0, "files_per_task must be >= 1 and task_mb > 0")

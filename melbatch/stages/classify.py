@@ -134,8 +134,8 @@ def detection(cfg: ClassifyConfig, meta: dict[str, Any]) -> detections.Settings:
     """How this run detects events: the thresholds per label (a multi-label package's own where --threshold
     does not set them), and the clip hop (``--clip-hop-s``, else the model's)."""
     hop = cfg.clip_hop_s or FeatureConfig.from_dict(meta["feature_config"]).clip_hop_s
-    return detections.Settings.of(cfg.threshold, meta["labels"], hop, cfg.min_event_s, cfg.gap_s,
-                                  meta.get("thresholds"))
+    d = cfg.detect
+    return detections.Settings.of(d.threshold, meta["labels"], hop, d.min_event_s, d.gap_s, meta.get("thresholds"))
 
 
 def mel_on_model(cfg: ClassifyConfig) -> bool:
