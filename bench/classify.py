@@ -15,6 +15,13 @@ for the model actor, the rest decode), each in × realtime:
                        classify's decode tasks put beside its model actor)
 Target (issue #4): classify >= 80% of the slower of the two bare loops.
 
+The pipeline's ceiling (issue 32), the same archive with an **instant model** (``melbatch_band_means``:
+each band's mean over time and a linear head, ~100,000 images/s on one thread, so nothing waits for
+the model): classify end to end with the model actor on a quarter of a CPU, beside bare decode + cut
++ log-mel (and decode + cut alone) run in ``--cpus`` processes at once over the same files (bytes in
+memory, started together). Their ratio is the share of the CPUs that reaches the model. Target: >= 70%.
+``--only instant`` runs this part alone.
+
 Memory (``test_resnet``, so decoding is the bottleneck and input piles up if anything does): peak
 proportional set size (PSS: shared pages counted once) of the driver and every Ray process, and
 peak object store use, sampled every 0.5 s, on an archive and one ``--scale`` times larger.
@@ -111,6 +118,74 @@ def bare_model(mels: np.ndarray, name: str, cfg: FeatureConfig, batch_size: int,
     return len(mels) * cfg.clip_s / best
 
 
+INSTANT = "melbatch_band_means"  # the instant model (melbatch.model.baseline)
+
+
+def _bare_share(root: str, cfg_json: str, images: bool, i: int, procs: int, barrier) -> tuple[float, float, float]:
+    """One of :func:`bare_parallel`'s processes: (audio seconds, start, end) over its share of the files."""
+    import io
+
+    from melbatch.config import FeatureConfig as Features
+
+    cfg = Features.from_dict(__import__("json").loads(cfg_json))
+    blobs = [p.read_bytes() for p in sorted(Path(root).rglob("*.wav"))[i::procs]]
+    torch.set_num_threads(1)
+    barrier.wait()
+    t0, seconds = time.time(), 0.0
+    for b in blobs:
+        info, clips = decode.decode_clips(io.BytesIO(b), cfg)
+        _ = [m for _, m in logmel.logmel_clips(clips, cfg)] if images else [to_pcm16(c.samples) for c in clips]
+        seconds += info.decoded_frames / info.sample_rate_hz
+    return seconds, t0, time.time()
+
+
+def bare_parallel(root: Path, cfg: FeatureConfig, procs: int, images: bool = True, repeat: int = 2) -> float:
+    """× realtime of ``procs`` processes decoding (+ log-mel with ``images``) their shares of the files
+    at once, bytes in memory, started together: what the same cores do with nothing around them (best
+    of ``repeat``)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    best = 0.0
+    for _ in range(repeat):
+        with ctx.Manager() as manager, ctx.Pool(procs) as pool:
+            barrier = manager.Barrier(procs)
+            parts = pool.starmap(_bare_share, [(str(root), cfg.canonical_json(), images, i, procs, barrier)
+                                               for i in range(procs)])
+        best = max(best, sum(p[0] for p in parts) / (max(p[2] for p in parts) - min(p[1] for p in parts)))
+    return best
+
+
+def instant_rows(root: Path, cfg: FeatureConfig, audio_s: float, cpus: int, batch_size: int,
+                 repeat: int = 2) -> None:
+    """The pipeline's ceiling: classify with the instant model against bare decode on the same cores."""
+    make_package(root / "pkg-instant", INSTANT, cfg)
+    feed = {"decode + cut + log-mel": bare_parallel(root / "archive", cfg, cpus),
+            "decode + cut": bare_parallel(root / "archive", cfg, cpus, images=False)}
+    took = {}
+    for name, task_cpus in (("after", classify.decode_task_cpus), ("before", lambda share: 1.0)):
+        default = classify.decode_task_cpus
+        classify.decode_task_cpus = task_cpus
+        try:
+            for i in range(repeat):
+                s = run_classify(root / "archive", root / "pkg-instant", root / f"out-instant-{name}-{i}", batch_size,
+                                 cpus, actor_cpus=0.25)[1]
+                took[name] = min(took.get(name, float("inf")), s)
+        finally:
+            classify.decode_task_cpus = default
+    print(f"\nthe pipeline's ceiling: instant model ({INSTANT}, actor 0.25 CPU), {cpus} CPU(s), best of {repeat}")
+    print(f"{'pipeline':<58}{'x realtime':>12}{'of bare':>9}")
+    mel = feed["decode + cut + log-mel"]
+    for name, what in (("after", "melbatch classify, decode tasks share the CPUs left"),
+                       ("before", "melbatch classify, decode tasks a whole CPU each")):
+        rt = audio_s / took[name]
+        print(f"{what:<58}{rt:>12,.0f}{rt / mel:>9.0%}")
+    for what, rt in feed.items():
+        print(f"{f'bare {what}, {cpus} processes at once':<58}{rt:>12,.0f}{rt / mel:>9.0%}")
+    print(f"classify / bare decode + cut + log-mel on the same cores: {audio_s / took['after'] / mel:.0%}  "
+          f"(target >= 70%; before: {audio_s / took['before'] / mel:.0%})")
+
+
 def busy_decoder(root: Path, cfg: FeatureConfig) -> subprocess.Popen:
     """A process that decodes + computes log-mel over the archive in a loop: the CPU load classify's
     decode tasks put beside its model actor (on small machines the cores share caches and bandwidth)."""
@@ -189,14 +264,15 @@ class MemorySampler(Sampler):
 
 def run_classify(archive: Path, pkg: Path, out: Path, batch_size: int, cpus: int, files_per_task: int = 32,
                  sample_memory: bool = False, inflight_mb: float = 512.0, use_gpu: bool = False,
-                 keep_embeddings: bool = False, mel_on: str = "auto") -> tuple[float, float, MemorySampler | None]:
+                 keep_embeddings: bool = False, mel_on: str = "auto",
+                 actor_cpus: float | None = None) -> tuple[float, float, MemorySampler | None]:
     """(× realtime, seconds, memory peaks) of one whole ``classify.run``.
 
     Sampling PSS reads every process's page map and costs a good part of a CPU, so throughput runs
     do not sample.
     """
     cfg = ClassifyConfig(archive=str(archive), model=str(pkg), out=str(out), batch_size=batch_size,
-                         cpus_per_actor=1.0 if use_gpu else max(0.5, cpus - 1.0) if cpus > 1 else 0.5,
+                         cpus_per_actor=actor_cpus or (1.0 if use_gpu else max(0.5, cpus - 1.0) if cpus > 1 else 0.5),
                          overwrite=True, max_quarantine_rate=1.0, files_per_task=files_per_task,
                          inflight_mb=inflight_mb, use_gpu=use_gpu, keep_embeddings=keep_embeddings, mel_on=mel_on)
     mem = MemorySampler() if sample_memory else None
@@ -255,6 +331,8 @@ def main() -> None:
                    help="1-s files, one per work batch, for the input-block rows (0: skip)")
     p.add_argument("--memory-files-per-task", type=int, default=4,
                    help="files per work batch in the memory runs (many batches: a steady state to measure)")
+    p.add_argument("--only", choices=["instant"], default=None,
+                   help="run one part alone: 'instant', the pipeline's ceiling with the instant model")
     args = p.parse_args()
 
     import ray
@@ -264,6 +342,12 @@ def main() -> None:
     audio_s = make_archive(root / "archive", args.files, args.seconds, cfg.sample_rate_hz, args.unique)
     make_package(root / "pkg", args.model, cfg)
     make_package(root / "pkg-tiny", "test_resnet", cfg)
+    if args.only == "instant":
+        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        make_archive(root / "warm", 2, 5.0, cfg.sample_rate_hz)
+        run_classify(root / "warm", root / "pkg-tiny", root / "out-warm", args.batch_size, args.cpus)
+        instant_rows(root, cfg, audio_s, args.cpus, args.batch_size)
+        return
     threads, device = max(1, args.cpus - 1), "cuda" if args.use_gpu else "cpu"
     feat_rt, mels = bare_featurize(root / "archive", cfg, args.bare_files)
     decode_rt, _ = bare_featurize(root / "archive", cfg, args.bare_files, images=False)
@@ -324,6 +408,8 @@ def main() -> None:
     print(f"with --keep-embeddings: {audio_s / emb_s:,.0f} x realtime ({best_s / emb_s:.0%} of the speed without); "
           f"clips/ {emb_b / clips:,.0f} bytes per clip vs {plain_b / clips:,.0f} without ({emb_b / plain_b:.0f}x; "
           f"{emb_b / (audio_s / 3600) / 1e6:,.1f} MB per hour of audio)")
+    if not args.use_gpu:
+        instant_rows(root, cfg, audio_s, args.cpus, args.batch_size)
     if args.many_files > 0:
         many_batches(root, args.many_files, args.cpus, args.batch_size)
     if args.memory_files <= 0:

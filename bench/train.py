@@ -14,6 +14,13 @@ warm-up are excluded) for
 Target (issue #3): melbatch >= 90% of the bare loop. With --weights, also validation accuracy per
 epoch for ImageNet init vs random init on the same data and budget. With --use-gpu both loops run on
 the GPU (bfloat16 autocast, as train --use-gpu).
+
+The ingest's ceiling (issue 32): the same shards with an **instant model** (``melbatch_band_means``,
+~100,000 images/s on one thread) and no field shifts, so a step costs next to nothing and what is
+measured is getting the clips to it: melbatch train (held, and --hold-mb 0: Ray Data every epoch)
+against a bare reader, one process that reads the shard files every epoch (Parquet → one tensor),
+normalises, shifts in time and steps the same model. Target: >= 80% of the bare reader.
+``--only instant`` runs this part alone.
 """
 
 from __future__ import annotations
@@ -83,6 +90,63 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
     return best
 
 
+INSTANT = "melbatch_band_means"  # the instant model (melbatch.model.baseline)
+
+
+def bare_reader(feat: str, cfg: TrainConfig, epochs: int) -> float:
+    """Best samples/s of one process that reads every shard file of ``feat`` each epoch (Parquet →
+    one float32 tensor of images), normalises, shifts in time and steps ``cfg.model``: the ingest
+    melbatch train's is compared with (the epoch's reading is inside its time)."""
+    manifest = shards.read_manifest(feat)
+    features = FeatureConfig.from_dict(manifest["feature_config"])
+    uris = shards.shard_uris(feat, manifest)
+    first = shards.read_files(uris, ["label"])
+    labels = sorted(set(first.column("label").to_pylist()))
+    model = create_model(cfg.model, len(labels), features.shape, pretrained=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+    shift = round(cfg.augment.time_shift_frac * features.shape[1])
+    best = 0.0
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        table = shards.read_files(uris, ["label", "mel"])
+        x_all = torch.from_numpy(shards.mel_array(table).astype(np.float32)).unsqueeze(1)
+        index = {lab: i for i, lab in enumerate(labels)}
+        y_all = torch.tensor([index[v] for v in table.column("label").to_pylist()])
+        mean, std = x_all.mean(), x_all.std()
+        for idx in torch.randperm(len(y_all), generator=gen).split(cfg.batch_size):
+            x = augment.random_time_shift((x_all[idx] - mean) / std, shift, gen)
+            loss = torch.nn.functional.cross_entropy(model(x), y_all[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        best = max(best, len(y_all) / (time.perf_counter() - t0))
+    return best
+
+
+def instant_rows(root: str, base: dict, epochs: int) -> None:
+    """The ingest's ceiling: melbatch train with the instant model against the bare reader and the bare
+    in-memory loop, the same shards, batch and CPUs."""
+    plain = {**base, "model": INSTANT, "augment": AugmentConfig(field_augment=False, wave_augment=False)}
+    sps = {}
+    for name, hold_mb in (("held", TrainConfig.hold_mb), ("streamed", 0)):
+        m = driver.run(TrainConfig(out=f"{root}/out-instant-{name}", hold_mb=hold_mb, **plain))
+        sps[name] = max(e["samples_per_s"] for e in m["epochs"][1:] or m["epochs"])
+    batch = json.loads(storage.read_bytes(f"{root}/out-instant-held/{TRAIN_CONFIG}"))["budget"]["batch_size"]
+    cfg = TrainConfig(out=f"{root}/unused", **{**plain, "batch_size": batch})
+    reader, memory = bare_reader(f"{root}/features", cfg, epochs), bare_loop(f"{root}/features", cfg, epochs)
+    print(f"\nthe ingest's ceiling: instant model ({INSTANT}), no field shifts, batch {batch}, "
+          f"{base['cpus_per_worker']:g} CPU(s) for the worker")
+    print(f"{'loop':<52}{'samples/s':>10}{'of reader':>10}")
+    for what, v in (("melbatch train (held after the first epoch)", sps["held"]),
+                    ("melbatch train --hold-mb 0 (Ray Data every epoch)", sps["streamed"]),
+                    ("bare reader (Parquet every epoch, one process)", reader),
+                    ("bare loop (images already in memory)", memory)):
+        print(f"{what:<52}{v:>10,.0f}{v / reader:>10.0%}")
+    print(f"melbatch train / bare reader: {sps['held'] / reader:.0%} held, {sps['streamed'] / reader:.0%} streamed "
+          "(target >= 80%)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="test_resnet")
@@ -94,6 +158,8 @@ def main() -> None:
     p.add_argument("--use-gpu", action="store_true", help="both loops on the GPU (bfloat16 autocast)")
     p.add_argument("--no-wave-augment", dest="wave_augment", action="store_false",
                    help="both loops use the stored images instead of augmenting waveforms")
+    p.add_argument("--only", choices=["instant"], default=None,
+                   help="run one part alone: 'instant', the ingest's ceiling with the instant model")
     args = p.parse_args()
 
     import ray
@@ -110,6 +176,10 @@ def main() -> None:
                 batch_size=args.batch_size, workers=1, cpus_per_worker=max(0.5, args.cpus - 1.0), max_failures=0,
                 augment=AugmentConfig(wave_augment=args.wave_augment), use_gpu=args.use_gpu)
     torch.set_num_threads(max(1, int(args.cpus - 1)))
+    if args.only == "instant" or not args.use_gpu:
+        instant_rows(root, base, args.epochs)
+        if args.only == "instant":
+            return
     sps = {}
     for name, hold_mb in (("default", TrainConfig.hold_mb), ("streamed", 0)):  # the default, then every epoch read
         m = driver.run(TrainConfig(out=f"{root}/out-{name}", hold_mb=hold_mb, **base))

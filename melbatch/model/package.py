@@ -82,6 +82,8 @@ def create_model(name: str, num_classes: int, shape: tuple[int, int], pretrained
     """
     import timm
 
+    from melbatch.model import baseline  # noqa: F401  registers melbatch_band_means with timm
+
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
         raise ModelError(f"timm has no model {name!r}; "
