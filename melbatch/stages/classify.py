@@ -81,6 +81,9 @@ DECODE_WORKER_BYTES = 560e6
 # The driver finishes batches (two small writes each) in this many threads: on object storage a write
 # takes tens of ms, and a big cluster delivers many batches a second.
 FINISHERS = 8
+# A writer task (clips/*.parquet) asks for this much of a CPU; the decode tasks leave it room, or it waits
+# for one of them to end (on 2 CPUs: one decode task at 1 CPU and a 1-CPU actor left the writer none).
+WRITER_CPUS = 0.25
 BATCHES_PER_BLOCK = 16  # most work batches in one input block (one decode task)
 BLOCKS_PER_CPU = 8  # fewest input blocks per decoding CPU
 AGGREGATION = "mean of clip probabilities per label; the highest mean is the file's label and probability"
@@ -330,8 +333,9 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Setti
     images_here = not mel_on_model(cfg)
     print(f"log-mel images: made {'by the decoding CPU tasks' if images_here else 'by the model actors'} "
           f"(--mel-on {cfg.mel_on})", flush=True)
+    writers = max(1, actors)
     ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow",
-                        num_cpus=decode_task_cpus(cpus - actors * per_actor),
+                        num_cpus=decode_task_cpus(cpus - actors * per_actor - writers * WRITER_CPUS),
                         memory=DECODE_WORKER_BYTES + 2 * CHUNK_BYTES + SPILL_BYTES,
                         fn_kwargs={"features_json": features_json, "silence_dbfs": cfg.silence_dbfs,
                                    "images": images_here})
@@ -343,15 +347,16 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Setti
                                                "use_gpu": cfg.use_gpu, "threads": max(1, int(per_actor)),
                                                "thresholds": detect.thresholds})
     # writers are light (a fraction of a CPU) and few: each is a process that would otherwise linger
-    return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                          compute=ray.data.TaskPoolStrategy(size=max(1, actors)), fn_kwargs={"out": out})
+    return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=WRITER_CPUS,
+                          compute=ray.data.TaskPoolStrategy(size=writers), fn_kwargs={"out": out})
 
 
 def decode_task_cpus(decode_cpus: float) -> float:
     """The CPUs each decode task asks for: one while the CPUs left to decoding are whole, else those
     CPUs shared by as many tasks as there are cores to run them, so that a model actor's fraction of a
-    CPU (a light model: ``--cpus-per-actor 0.25``) leaves no core idle: on 2 CPUs with a 0.25-CPU
-    actor, two tasks at 0.875 CPU instead of one at 1 (make bench-classify, the instant model rows)."""
+    CPU (a light model: ``--cpus-per-actor 0.25``) and the writers' leave no core idle: on 2 CPUs with
+    a 0.25-CPU actor and a 0.25-CPU writer, two tasks at 0.75 CPU instead of one at 1 (make
+    bench-classify, the instant model rows)."""
     tasks = max(1, math.ceil(decode_cpus - 1e-6))
     return min(1.0, decode_cpus / tasks)
 
