@@ -15,12 +15,13 @@ for the model actor, the rest decode), each in × realtime:
                        classify's decode tasks put beside its model actor)
 Target (issue #4): classify >= 80% of the slower of the two bare loops.
 
-The pipeline's ceiling (issue 32), the same archive with an **instant model** (``melbatch_band_means``:
-each band's mean over time and a linear head, ~100,000 images/s on one thread, so nothing waits for
-the model): classify end to end with the model actor on a quarter of a CPU, beside bare decode + cut
-+ log-mel (and decode + cut alone) run in ``--cpus`` processes at once over the same files (bytes in
-memory, started together). Their ratio is the share of the CPUs that reaches the model. Target: >= 70%.
-``--only instant`` runs this part alone.
+The pipeline's ceiling (issue 32), with an **instant model** (``melbatch_band_means``: each band's
+mean over time and a linear head, ~100,000 images/s on one thread, so nothing waits for the model),
+over an archive of its own (``--instant-files`` x ``--seconds`` at ``--rate`` in ``--format``; 8 h by
+default, so a run's fixed cost is small): classify end to end with the model actor on a quarter of a
+CPU, beside bare decode + cut + log-mel (and decode + cut alone) run in ``--cpus`` processes at once
+over the same files (bytes in memory, started together). Their ratio is the share of the CPUs that
+reaches the model. Target: >= 70%. ``--only instant`` runs this part alone.
 
 Memory (``test_resnet``, so decoding is the bottleneck and input piles up if anything does): peak
 proportional set size (PSS: shared pages counted once) of the driver and every Ray process, and
@@ -57,16 +58,17 @@ from melbatch.stages import classify
 from melbatch.testing import archives
 
 
-def make_archive(root: Path, n: int, seconds: float, sr: int, unique: int = 0) -> float:
-    """``n`` engine recordings (two labels), the first ``unique`` of them copied round when ``unique``
-    > 0 (a big archive written in seconds); returns the seconds of audio written."""
+def make_archive(root: Path, n: int, seconds: float, sr: int, unique: int = 0, fmt: str = "wav") -> float:
+    """``n`` engine recordings (two labels) at ``sr`` Hz in ``fmt`` (wav or flac), the first ``unique``
+    of them copied round when ``unique`` > 0 (a big archive written in seconds); returns the seconds
+    of audio written."""
+    form = next(f for f in archives.FORMATS if f[2] == fmt)
     rng, made = np.random.default_rng(0), []
     for i in range(n):
         label = ("healthy", "faulty")[i % 2]
         if unique <= 0 or i < unique:
-            made.append(archives.encode(archives.engine_sound(rng, seconds, sr, label == "faulty"), sr,
-                                       archives.FORMATS[0]))
-        storage.write_bytes(str(root / label / f"{label}_{i:05d}.wav"), made[-1] if unique <= 0 else made[i % unique])
+            made.append(archives.encode(archives.engine_sound(rng, seconds, sr, label == "faulty"), sr, form))
+        storage.write_bytes(str(root / label / f"{label}_{i:05d}.{fmt}"), made[-1] if unique <= 0 else made[i % unique])
     return n * seconds
 
 
@@ -88,7 +90,7 @@ def bare_featurize(root: Path, cfg: FeatureConfig, limit: int | None = None,
     """(× realtime, all images) of decode + log-mel in this process, on bytes already in memory
     (of the first ``limit`` files when given); without ``images`` decode and cut only (what the CPU
     stage does with ``--mel-on model``), returning the clips as 16-bit PCM."""
-    blobs = [p.read_bytes() for p in sorted(root.rglob("*.wav"))[:limit]]
+    blobs = [p.read_bytes() for p in sorted(f for f in root.rglob("*") if f.is_file())[:limit]]
     torch.set_num_threads(1)
     t0, out, seconds = time.perf_counter(), [], 0.0
     import io
@@ -128,7 +130,7 @@ def _bare_share(root: str, cfg_json: str, images: bool, i: int, procs: int, barr
     from melbatch.config import FeatureConfig as Features
 
     cfg = Features.from_dict(__import__("json").loads(cfg_json))
-    blobs = [p.read_bytes() for p in sorted(Path(root).rglob("*.wav"))[i::procs]]
+    blobs = [p.read_bytes() for p in sorted(f for f in Path(root).rglob("*") if f.is_file())[i::procs]]
     torch.set_num_threads(1)
     barrier.wait()
     t0, seconds = time.time(), 0.0
@@ -156,12 +158,14 @@ def bare_parallel(root: Path, cfg: FeatureConfig, procs: int, images: bool = Tru
     return best
 
 
-def instant_rows(root: Path, cfg: FeatureConfig, audio_s: float, cpus: int, batch_size: int,
-                 repeat: int = 2) -> None:
-    """The pipeline's ceiling: classify with the instant model against bare decode on the same cores."""
+def instant_rows(root: Path, cfg: FeatureConfig, args: argparse.Namespace, repeat: int = 2) -> None:
+    """The pipeline's ceiling: classify with the instant model against bare decode on the same cores,
+    over an archive of its own (``--instant-files``: hours of audio, so a run's fixed cost is small)."""
+    cpus, batch_size, arch = args.cpus, args.batch_size, root / "archive-instant"
+    audio_s = make_archive(arch, args.instant_files, args.seconds, args.rate, min(48, args.instant_files), args.format)
     make_package(root / "pkg-instant", INSTANT, cfg)
-    feed = {"decode + cut + log-mel": bare_parallel(root / "archive", cfg, cpus),
-            "decode + cut": bare_parallel(root / "archive", cfg, cpus, images=False)}
+    feed = {"decode + cut + log-mel": bare_parallel(arch, cfg, cpus),
+            "decode + cut": bare_parallel(arch, cfg, cpus, images=False)}
     if not (root / "warm").exists():
         make_archive(root / "warm", 2, 5.0, cfg.sample_rate_hz)
     fixed = min(run_classify(root / "warm", root / "pkg-instant", root / f"out-instant-warm-{i}", batch_size, cpus,
@@ -172,12 +176,14 @@ def instant_rows(root: Path, cfg: FeatureConfig, audio_s: float, cpus: int, batc
         classify.decode_task_cpus = task_cpus
         try:
             for i in range(repeat):
-                s = run_classify(root / "archive", root / "pkg-instant", root / f"out-instant-{name}-{i}", batch_size,
+                s = run_classify(arch, root / "pkg-instant", root / f"out-instant-{name}-{i}", batch_size,
                                  cpus, actor_cpus=0.25)[1]
                 took[name] = min(took.get(name, float("inf")), s)
         finally:
             classify.decode_task_cpus = default
-    print(f"\nthe pipeline's ceiling: instant model ({INSTANT}, actor 0.25 CPU), {cpus} CPU(s), best of {repeat}")
+    print(f"\nthe pipeline's ceiling: instant model ({INSTANT}, actor 0.25 CPU), {cpus} CPU(s), best of {repeat}; "
+          f"{args.instant_files} x {args.seconds:g} s of {args.rate / 1000:g} kHz {args.format.upper()} "
+          f"({audio_s / 3600:.1f} h)")
     print(f"{'pipeline':<58}{'x realtime':>12}{'of bare':>9}")
     mel = feed["decode + cut + log-mel"]
     for name, what in (("after", "melbatch classify, decode tasks share the CPUs left"),
@@ -338,6 +344,10 @@ def main() -> None:
                    help="1-s files, one per work batch, for the input-block rows (0: skip)")
     p.add_argument("--memory-files-per-task", type=int, default=4,
                    help="files per work batch in the memory runs (many batches: a steady state to measure)")
+    p.add_argument("--instant-files", type=int, default=960,
+                   help="files in the instant model's archive (48 different ones copied round)")
+    p.add_argument("--rate", type=int, default=16_000, help="sample rate of the instant model's archive (Hz)")
+    p.add_argument("--format", choices=["wav", "flac"], default="wav", help="format of the instant model's archive")
     p.add_argument("--only", choices=["instant"], default=None,
                    help="run one part alone: 'instant', the pipeline's ceiling with the instant model")
     args = p.parse_args()
@@ -353,7 +363,7 @@ def main() -> None:
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         make_archive(root / "warm", 2, 5.0, cfg.sample_rate_hz)
         run_classify(root / "warm", root / "pkg-tiny", root / "out-warm", args.batch_size, args.cpus)
-        instant_rows(root, cfg, audio_s, args.cpus, args.batch_size)
+        instant_rows(root, cfg, args)
         return
     threads, device = max(1, args.cpus - 1), "cuda" if args.use_gpu else "cpu"
     feat_rt, mels = bare_featurize(root / "archive", cfg, args.bare_files)
@@ -416,7 +426,7 @@ def main() -> None:
           f"clips/ {emb_b / clips:,.0f} bytes per clip vs {plain_b / clips:,.0f} without ({emb_b / plain_b:.0f}x; "
           f"{emb_b / (audio_s / 3600) / 1e6:,.1f} MB per hour of audio)")
     if not args.use_gpu:
-        instant_rows(root, cfg, audio_s, args.cpus, args.batch_size)
+        instant_rows(root, cfg, args)
     if args.many_files > 0:
         many_batches(root, args.many_files, args.cpus, args.batch_size)
     if args.memory_files <= 0:
