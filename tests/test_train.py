@@ -137,7 +137,8 @@ def test_a_loss_stuck_near_a_uniform_guess_is_reported():
     shifted = [{"train_loss": 0.7, "val_loss": 0.1}, {"train_loss": 0.64, "val_loss": 0.0}]
     assert loop.not_fitting(shifted, 2) is None  # hard training images, held-out files told apart
     stuck = [{"train_loss": 6.0, "val_loss": 21.8}, {"train_loss": 3.7, "val_loss": 4.3}]
-    assert "not fitting" in loop.not_fitting(stuck, 2)
+    assert "3.70 after 2 epochs, above a uniform guess over 2 labels (0.69)" in loop.not_fitting(stuck, 2)
+    assert "2.30 after 2 epochs, near a uniform guess over 12 labels (2.48)" in loop.not_fitting(flat, 12)
 
 
 def test_clips_fit_short_recordings_and_padding_is_called_out():

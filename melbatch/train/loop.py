@@ -434,7 +434,8 @@ def not_fitting(history: list[dict[str, Any]], classes: int) -> str | None:
     last = history[-1]
     if last["train_loss"] < STUCK_FRACTION * uniform or last.get("val_loss", math.inf) < STUCK_FRACTION * uniform:
         return None
-    return (f"the training loss is {last['train_loss']:.2f} after {len(history)} epochs, near a uniform "
+    where = "above" if last["train_loss"] > uniform else "near"  # 3.70 is not "near" 0.69: it is worse than a guess
+    return (f"the training loss is {last['train_loss']:.2f} after {len(history)} epochs, {where} a uniform "
             f"guess over {classes} labels ({uniform:.2f}): the model is not fitting the data. Try less augmentation "
             "(--mixup-alpha 0, --no-field-augment, no --wave-augment, fewer --time-masks/--freq-masks), more "
             "--min-steps, or check the labels.")
