@@ -30,6 +30,7 @@ from melbatch.config import (
     merge,
     nested,
     parse_yaml,
+    sections,
 )
 from melbatch.console import VERBOSE_ENV
 
@@ -91,21 +92,24 @@ def featurize_config(args: argparse.Namespace) -> FeaturizeConfig:
     return build(FeaturizeConfig, {**values, "features": features}, "featurize")
 
 
+def _sections_over_flags(cls: type, yml: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Each section of ``cls`` (train's ``augment:``, classify's ``detect:``): the YAML's, or its
+    defaults, with the flags the user gave over it."""
+    return {name: dataclasses.replace(yml.get(name) or sub(), **given(args, sub))
+            for name, sub in sections(cls).items()}
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     yml = nested(TrainConfig, read_yaml(args.config).get("train") or {}, "train")
     values = merge(yml, {"shards": args.shards, "out": args.out, "address": args.address}, given(args, TrainConfig))
-    augment = yml.get("augment") or AugmentConfig()
-    values["augment"] = dataclasses.replace(augment, **given(args, AugmentConfig))  # flags over the YAML section
-    return build(TrainConfig, values, "train")
+    return build(TrainConfig, {**values, **_sections_over_flags(TrainConfig, yml, args)}, "train")
 
 
 def _classify_values(args: argparse.Namespace, yml: dict[str, Any], exclude: Iterable[str] = ()) -> ClassifyConfig:
     section = nested(ClassifyConfig, yml.get("classify") or {}, "classify")
     values = merge(section, {"archive": args.archive, "model": args.model, "out": args.out, "address": args.address},
                    given(args, ClassifyConfig, exclude))
-    detect = section.get("detect") or DetectConfig()
-    values["detect"] = dataclasses.replace(detect, **given(args, DetectConfig))  # flags over the YAML section
-    return build(ClassifyConfig, values, "classify")
+    return build(ClassifyConfig, {**values, **_sections_over_flags(ClassifyConfig, section, args)}, "classify")
 
 
 def classify_config(args: argparse.Namespace) -> ClassifyConfig:
