@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import subprocess
 import sys
 import tempfile
@@ -92,14 +93,22 @@ def bare_featurize(root: Path, cfg: FeatureConfig, limit: int | None = None,
     stage does with ``--mel-on model``), returning the clips as 16-bit PCM."""
     blobs = [p.read_bytes() for p in sorted(f for f in root.rglob("*") if f.is_file())[:limit]]
     torch.set_num_threads(1)
-    t0, out, seconds = time.perf_counter(), [], 0.0
+    t0 = time.perf_counter()
+    seconds, out = decode_blobs(blobs, cfg, images)
+    return seconds / (time.perf_counter() - t0), np.stack(out)
+
+
+def decode_blobs(blobs: list[bytes], cfg: FeatureConfig, images: bool = True) -> tuple[float, list[np.ndarray]]:
+    """(seconds of audio, each clip's image, or its 16-bit PCM without ``images``) of encoded files in
+    memory: the bare loops' work."""
     import io
 
+    out, seconds = [], 0.0
     for b in blobs:
         info, clips = decode.decode_clips(io.BytesIO(b), cfg)
         out += [m for _, m in logmel.logmel_clips(clips, cfg)] if images else [to_pcm16(c.samples) for c in clips]
         seconds += info.decoded_frames / info.sample_rate_hz
-    return seconds / (time.perf_counter() - t0), np.stack(out)
+    return seconds, out
 
 
 def bare_model(mels: np.ndarray, name: str, cfg: FeatureConfig, batch_size: int, threads: int,
@@ -125,19 +134,12 @@ INSTANT = "melbatch_band_means"  # the instant model (melbatch.model.baseline)
 
 def _bare_share(root: str, cfg_json: str, images: bool, i: int, procs: int, barrier) -> tuple[float, float, float]:
     """One of :func:`bare_parallel`'s processes: (audio seconds, start, end) over its share of the files."""
-    import io
-
-    from melbatch.config import FeatureConfig as Features
-
-    cfg = Features.from_dict(__import__("json").loads(cfg_json))
+    cfg = FeatureConfig.from_dict(json.loads(cfg_json))
     blobs = [p.read_bytes() for p in sorted(f for f in Path(root).rglob("*") if f.is_file())[i::procs]]
     torch.set_num_threads(1)
     barrier.wait()
-    t0, seconds = time.time(), 0.0
-    for b in blobs:
-        info, clips = decode.decode_clips(io.BytesIO(b), cfg)
-        _ = [m for _, m in logmel.logmel_clips(clips, cfg)] if images else [to_pcm16(c.samples) for c in clips]
-        seconds += info.decoded_frames / info.sample_rate_hz
+    t0 = time.time()
+    seconds, _ = decode_blobs(blobs, cfg, images)
     return seconds, t0, time.time()
 
 
