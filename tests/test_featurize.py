@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import FAST, decode_images, new_bucket
 
 from melbatch import listing, shards, storage
@@ -353,3 +354,34 @@ def test_the_sample_rate_is_fitted_to_where_the_recordings_sound_lies(tmp_path, 
     assert fz.fit_rate(engines, list(listing.list_objects(engines.src))) == engines
     s = featurize.run(cfg, progress=False)  # the default
     assert shards.read_manifest(cfg.dst)["feature_config"]["sample_rate_hz"] == 16000 and s.featurized == 6
+
+
+def test_with_use_gpu_the_images_are_made_in_batches_on_the_device_as_the_clip_by_clip_path_makes_them(
+        tmp_path, monkeypatch):
+    """featurize --use-gpu: the task only cuts clips and images them MEL_BATCH at a time on a torch device
+    (here the CPU: the same code, another device), in batches that span files: the same quarantine,
+    rows, shard names and stored audio as the clip-by-clip path, and images within what the 16-bit PCM's
+    quantisation and float16 storage give. Without a GPU, --use-gpu fails before reading anything."""
+    files = archives.make_archive(str(tmp_path / "a"), "engine", files_per_class=3, seconds=5.0, seed=5, bad=True)
+    refs = {r.uri: r for r in listing.list_objects(str(tmp_path / "a"))}
+    batch = [(refs[f.uri], f.label) for f in files]
+    runs = {}
+    for name, device, per_batch in (("clip", "", 0), ("batched", "cpu", 3)):
+        monkeypatch.setattr(featurize, "MEL_BATCH", per_batch or featurize.MEL_BATCH)
+        runs[name] = featurize.featurize_batch("b", batch, FAST.canonical_json(), str(tmp_path / name), 4, 2,
+                                               -70.0, True, device)
+    a, b = runs["clip"], runs["batched"]
+    assert b.done == a.done > 0 and b.clips == a.clips > 3 and b.quarantine == a.quarantine and b.labels == a.labels
+    assert b.shards == a.shards and len(a.quarantine) > 0
+    ta, tb = (pq.read_table([str(tmp_path / n / shards.SHARD_DIR / s) for s, _ in runs[n].shards])
+              for n in ("clip", "batched"))
+    assert ta.drop_columns(["mel"]).equals(tb.drop_columns(["mel"]))  # rows, labels and audio alike
+    ma, mb = shards.mel_array(ta).astype(np.float32), shards.mel_array(tb).astype(np.float32)
+    loud = ma > ma.max(axis=(1, 2), keepdims=True) - 60
+    assert ma.shape == mb.shape and np.abs(ma - mb)[loud].max() < 0.25 and np.abs(ma - mb).mean() < 0.05
+
+    if not torch.cuda.is_available():
+        cfg = FeaturizeConfig(src=str(tmp_path / "a"), dst=str(tmp_path / "gpu"), features=FAST, use_gpu=True)
+        with pytest.raises(ConfigError, match="drop --use-gpu"):
+            featurize.run(cfg, progress=False)
+        assert not (tmp_path / "gpu").exists()

@@ -213,3 +213,18 @@ def logmel_clips(clips: Iterator[Clip], cfg: FeatureConfig) -> Iterator[tuple[Cl
     with torch.inference_mode():
         for clip in clips:
             yield clip, _logmel(clip.samples, cfg).to(dtype).numpy()
+
+
+def clip_images(pcm: np.ndarray, cfg: FeatureConfig, device: torch.device, batch_size: int) -> torch.Tensor:
+    """16-bit PCM clips ``(n, clip_samples)`` → their log-mel images on ``device``, in the storage dtype,
+    ``batch_size`` clips at a time: :func:`logmel_tensor` (every step) batched on the device, for
+    classify's ``--mel-on model`` and featurize's ``--use-gpu``. The images the per-clip path makes for
+    the same clips, the PCM's quantisation apart (as training's images from the shards' audio); on a
+    CPU the per-clip path is faster (measured, 64 clips of 5 s, one thread: 54 ms clip by clip,
+    88 ms batched 16 at a time, 192 ms 64 at a time)."""
+    out = torch.empty((len(pcm), *cfg.shape), dtype=getattr(torch, cfg.dtype), device=device)
+    with torch.inference_mode():
+        for s in range(0, len(pcm), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(pcm[s: s + batch_size])).to(device).float() / 32768.0
+            out[s: s + len(x)] = logmel_tensor(x, cfg)
+    return out

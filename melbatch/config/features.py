@@ -341,6 +341,10 @@ class FeaturizeConfig:
         "recordings made at 22.05 kHz or more lies above 7 kHz, as in birdsong, make the features at 32 or 22.05 kHz "
         "with the same frame timing. Off by default: on xc_birds10, 32 kHz with 128 mels scored 0.57 per file "
         "against 0.80 at 16 kHz (make bench-field)")
+    use_gpu: bool = flag(False,
+        "make the log-mel images on GPUs, in batches (the function classify's --mel-on model uses): the CPU tasks "
+        "read, decode, resample and cut, and share their node's GPUs; for GPU nodes, where decoding alone is ~7x "
+        "faster per core than decoding and the mel (on CPUs the clip-by-clip mel of the default is faster)")
     overwrite: bool = flag(False, "replace an output made with other features, and redo batches already done")
     address: str | None = None
 

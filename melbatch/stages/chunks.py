@@ -25,7 +25,7 @@ import torch
 
 from melbatch import URI, storage
 from melbatch.audio.decode import DecodeError
-from melbatch.audio.logmel import logmel_tensor
+from melbatch.audio.logmel import clip_images
 from melbatch.audio.objects import logmels_of_object
 from melbatch.config import FeatureConfig
 from melbatch.model.package import Package, aggregate_files, load_package, padded, predict
@@ -192,19 +192,6 @@ class Predictor:
             dim = emb.shape[1]
             cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float32).ravel()), dim)
         return pa.Table.from_pydict(cols, schema=clip_prediction_schema(self.k, dim))
-
-
-def clip_images(pcm: np.ndarray, cfg: FeatureConfig, device: torch.device, batch_size: int) -> torch.Tensor:
-    """16-bit PCM clips ``(n, clip_samples)`` → their log-mel images on ``device``, in the storage dtype:
-    the function featurize and training use (:func:`~melbatch.audio.logmel.logmel_tensor`, every step),
-    batched on the device; the images featurize would store for the same clips (the PCM's quantisation
-    apart, as training's images from the shards' audio)."""
-    out = torch.empty((len(pcm), *cfg.shape), dtype=getattr(torch, cfg.dtype), device=device)
-    with torch.inference_mode():
-        for s in range(0, len(pcm), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(pcm[s: s + batch_size])).to(device).float() / 32768.0
-            out[s: s + len(x)] = logmel_tensor(x, cfg)
-    return out
 
 
 def write_batch(batch: pa.Table, out: URI) -> pa.Table:

@@ -7,6 +7,8 @@ Top-down:
    into batches of ``files_per_task`` in a hashed (deterministic, label-mixing) order.
 3. Each batch is one Ray task (:func:`featurize_batch`): read → decode → clips → log-mel → shards
    named after the batch's content, then a small ``_parts/<batch>.json`` that marks the batch done.
+   With ``use_gpu`` the task cuts clips only and makes their images in batches on its node's GPU
+   (:class:`_BatchedImages`), the GPUs shared by all the node's tasks.
    A retried task rewrites the same names, and a re-run skips batches whose part file exists.
 4. The driver writes ``quarantine.parquet``, then ``_manifest.json`` last (the commit marker),
    then deletes files from earlier attempts that the manifest does not name.
@@ -30,6 +32,7 @@ import torch
 
 from melbatch import URI, listing, storage
 from melbatch.audio.decode import DecodeError, open_audio
+from melbatch.audio.logmel import clip_images
 from melbatch.audio.objects import logmels_of_object
 from melbatch.config import LOCAL_WORK_BYTES, ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.console import progress as progress_bar
@@ -65,6 +68,7 @@ BAND_SAMPLE, BAND_PROBE_S = 32, 10.0  # recordings probed (their first seconds) 
 BAND_DEFAULT_HZ, BAND_EDGE_HZ = 16_000, 7_000  # fit the rate from this one when 1 % of the energy is above the edge
 BAND_GRID_HZ = np.arange(0.0, 24000.0, 100.0)  # the 100 Hz bands a probe sums the energy in
 SETTLE_S = 30.0  # how long a failed run waits for its cancelled tasks before counting what is kept
+MEL_BATCH = 128  # clips imaged at once with use_gpu: 20 MB of 16-bit PCM at the defaults (5 s, 16 kHz)
 
 
 @dataclass(kw_only=True)
@@ -101,7 +105,10 @@ class Summary(RunSummary):
 # --------------------------------------------------------------------------------------------- driver
 
 def preflight(cfg: FeaturizeConfig) -> None:
-    """Everything that can be checked without a cluster: storage reachable, DST writable."""
+    """Everything that can be checked without a cluster: storage reachable, DST writable, a GPU to use."""
+    if cfg.use_gpu and not torch.cuda.is_available() and not _joins_cluster(cfg):
+        raise ConfigError("--use-gpu, but this machine has no GPU that torch can use and no cluster address is "
+                          "given: drop --use-gpu, or run it on a GPU node or with --address of a GPU cluster")
     storage.check_readable(cfg.src)
     storage.check_writable(cfg.dst)
 
@@ -265,9 +272,14 @@ def runs_locally(cfg: FeaturizeConfig, todo: list[tuple[str, list]]) -> bool:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():  # a caller started Ray (a library user, a bench): use it
         return False
-    if cfg.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+    if _joins_cluster(cfg):
         return False
     return len(todo) <= 1 or sum(ref.size for _, batch in todo for ref, _ in batch) <= LOCAL_WORK_BYTES
+
+
+def _joins_cluster(cfg: FeaturizeConfig) -> bool:
+    """Whether a cluster address is given (``--address``, ``RAY_ADDRESS``, or a ``ray job submit`` job)."""
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
 
 
 def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]],
@@ -283,13 +295,14 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
     bar = progress_bar(sum(len(b) for _, b in batches), progress, "featurize")
     bar.update(sum(len(b) for bid, b in batches if bid in results))
     feature_json = cfg.features.canonical_json()
+    mel_device = "cuda" if cfg.use_gpu else ""
     if todo and runs_locally(cfg, todo):
         threads = torch.get_num_threads()
         try:
             for bid, batch in todo:
                 try:
                     result = featurize_batch(bid, batch, feature_json, dst, cfg.rows_per_shard,
-                                             cfg.rows_per_row_group, cfg.silence_dbfs, cfg.keep_audio)
+                                             cfg.rows_per_row_group, cfg.silence_dbfs, cfg.keep_audio, mel_device)
                 except Exception as e:
                     raise stopped_by_storage("featurize", e, dst, {bid for bid, _ in batches}) from None
                 results[bid] = result
@@ -301,17 +314,22 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
         import ray  # only now: a local run never pays for importing it
 
         init_ray(cfg.address)
-        inflight_max = cfg.max_inflight_tasks or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        cpus, gpus = ray.cluster_resources().get("CPU", 1), ray.cluster_resources().get("GPU", 0)
+        if cfg.use_gpu and gpus < 1:
+            raise ConfigError("--use-gpu, but the Ray cluster has no GPUs: drop --use-gpu or join a GPU cluster")
+        inflight_max = cfg.max_inflight_tasks or max(2, 2 * int(cpus))
         # SPREAD: batches go to every node of a cluster, not first to the driver's until it is full.
         # A task is retried when its worker dies; bad files never fail it (see featurize_batch).
-        task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(featurize_batch)
+        # With use_gpu every task also takes its share of the GPUs, so every CPU decodes for them.
+        task = ray.remote(num_cpus=1, num_gpus=round(min(1.0, gpus / cpus), 4) if cfg.use_gpu else 0,
+                          max_retries=3, scheduling_strategy="SPREAD")(featurize_batch)
         pending: dict[Any, str] = {}
         queue = iter(todo)
         try:
             while True:
                 for bid, batch in queue:
                     ref = task.remote(bid, batch, feature_json, dst, cfg.rows_per_shard, cfg.rows_per_row_group,
-                                      cfg.silence_dbfs, cfg.keep_audio)
+                                      cfg.silence_dbfs, cfg.keep_audio, mel_device)
                     pending[ref] = bid
                     if len(pending) >= inflight_max:
                         break
@@ -371,8 +389,12 @@ def batch_id(features: FeatureConfig, batch: Iterable[tuple[storage.ObjectRef, s
 
 def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans | None]], feature_json: str, dst: URI,
                     rows_per_shard: int, rows_per_row_group: int, silence_dbfs: float,
-                    keep_audio: bool = False) -> BatchResult:
+                    keep_audio: bool = False, mel_device: str = "") -> BatchResult:
     """One Ray task (or a step of a local run): featurize a batch of objects into shards ``shards/<bid>-NNNNN.parquet``.
+
+    ``mel_device`` (``cuda`` for ``--use-gpu``; any torch device): the clips are only cut here and
+    their images made :data:`MEL_BATCH` at a time on that device (:class:`_BatchedImages`); empty:
+    each clip's image as it is cut, on this CPU.
 
     Per-file failures are caught and returned as quarantine rows. A store that keeps failing (after
     the retries in :func:`~melbatch.audio.objects.logmels_of_object`) or anything else (e.g. DST not
@@ -382,6 +404,7 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans |
     workers.prepare_worker(1)  # one task per CPU: parallelism comes from Ray, not from intra-op threads
     cfg = FeatureConfig.from_dict(json.loads(feature_json))
     writer = ShardWriter(storage.join(dst, SHARD_DIR), bid, cfg, rows_per_shard, rows_per_row_group, keep_audio)
+    out = _BatchedImages(writer, cfg, torch.device(mel_device)) if mel_device else writer
     done, n_clips, audio_s = 0, 0, 0.0
     quarantine: list[dict[str, Any]] = []
     labels: Counter[str] = Counter()
@@ -389,22 +412,24 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans |
     try:
         for ref, label in batch:
             try:
-                info, clips = logmels_of_object(ref, cfg, silence_dbfs, keep_audio)
+                info, clips = logmels_of_object(ref, cfg, silence_dbfs, keep_audio, images=not mel_device)
             except DecodeError as e:
                 quarantine.append(quarantine_row(ref, e))
                 continue
             with clips:  # the writer takes them a row group at a time, however long the file
                 for c, mel in clips:
                     each = clip_label(label, c.start_s, c.end_s)  # a file's own, or its spans' over this clip
-                    writer.add([ClipRow(ref.uri, ref.etag, ref.size, each, c.index, c.start_s, c.end_s,
-                                        info.decoder, info.sample_rate_hz, info.channels, mel,
-                                        c.samples if keep_audio else None)])
+                    out.add([ClipRow(ref.uri, ref.etag, ref.size, each, c.index, c.start_s, c.end_s,
+                                     info.decoder, info.sample_rate_hz, info.channels, mel,
+                                     c.samples if keep_audio or mel_device else None)])
                     if each is not None:
                         labels[each] += 1
             done += 1
             n_clips += len(clips)
             audio_s += info.decoded_frames / info.sample_rate_hz
             decoders[info.decoder] += 1
+        if out is not writer:
+            out.flush()
         shards = tuple((name, rows) for name, rows in writer.close())
     except BaseException:
         writer.abort()
@@ -413,6 +438,32 @@ def featurize_batch(bid: str, batch: list[tuple[storage.ObjectRef, str | Spans |
                          task_s=time.perf_counter() - t0, shards=shards)
     write_part(dst, result)
     return result
+
+
+class _BatchedImages:
+    """Clip rows waiting for their images (``featurize --use-gpu``): their 16-bit PCM is imaged
+    :data:`MEL_BATCH` clips at a time on ``device`` (:func:`~melbatch.audio.logmel.clip_images`,
+    classify's ``--mel-on model`` function), across files, and the rows go to the writer in order,
+    with their audio only when the writer keeps it. Rows wait for at most one batch."""
+
+    def __init__(self, writer: ShardWriter, cfg: FeatureConfig, device: torch.device) -> None:
+        self.writer, self.cfg, self.device = writer, cfg, device
+        self.rows: list[ClipRow] = []
+
+    def add(self, rows: list[ClipRow]) -> None:
+        self.rows.extend(rows)
+        if len(self.rows) >= MEL_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        pcm = np.stack([r.audio for r in self.rows])
+        images = clip_images(pcm, self.cfg, self.device, MEL_BATCH).cpu().numpy()
+        keep = self.writer.keep_audio
+        self.writer.add([replace(r, mel=m, audio=r.audio if keep else None)
+                         for r, m in zip(self.rows, images, strict=True)])
+        self.rows = []
 
 
 __all__ = ["MANIFEST", "Summary", "featurize_batch", "preflight", "run"]
