@@ -41,6 +41,8 @@ STATE = "state.pt"  # in each Ray Train checkpoint: model, optimizer, schedule, 
 TRAIN_CONFIG = "train_config.json"  # model, feature hash and normalisation of the run that owns OUT
 SPLIT = "split.csv"  # uri,split of every file: which were held out
 REVIEW_DIR, REVIEW_PAGE, REVIEW_LABELS = "review", "index.html", "labels.csv"  # melbatch review's OUT/review/
+# melbatch discover's OUT/discover/: the page, the grouping (grouping.GROUPS_SCHEMA) and its summary
+DISCOVER_DIR, GROUPS_FILE, DISCOVER_SUMMARY = "discover", "groups.parquet", "summary.json"
 REVIEWED_CLIPS = "reviewed_clips.parquet"  # in a train OUT: reviewed clips from outside the shards (clip schema)
 META_PREFIX = b"melbatch."
 DICTIONARY_COLUMNS = ["uri", "etag", "label", "decoder"]

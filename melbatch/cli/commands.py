@@ -68,6 +68,8 @@ COMMANDS: tuple[Command, ...] = (  # in --help's order
             looks.cmd_review, looks.review_args),
     Command("similar", "search an archive by sound: the clips nearest a query (embeddings)",
             looks.cmd_similar, looks.similar_args),
+    Command("discover", "an unlabelled archive's clips in groups that sound alike: a page to name whole groups, "
+            "labels.csv to train from", looks.cmd_discover, looks.discover_args),
     Command("submit", "run a melbatch job on a Ray cluster (Ray Job Submission), following its logs",
             jobs.cmd_submit, jobs.submit_args),
     Command("sample-archive", "generate a labelled sample archive (engine or voice task)",

@@ -1,5 +1,5 @@
-"""The commands that draw, report, review, search and generate: show, report, review, similar,
-sample-archive, demo.
+"""The commands that draw, report, review, search, discover and generate: show, report, review,
+similar, discover, sample-archive, demo.
 
 Each ``cmd_*`` takes the parsed arguments and returns the exit code; each ``*_args`` declares a
 command's arguments; a command's docstring is its ``--help`` description. The table in
@@ -16,7 +16,15 @@ import tempfile
 from typing import Any
 
 from melbatch.cli.options import add_dataclass_flags, given
-from melbatch.config import ConfigError, DetectConfig, FeatureConfig, ReviewConfig, SimilarConfig, build
+from melbatch.config import (
+    ConfigError,
+    DetectConfig,
+    DiscoverConfig,
+    FeatureConfig,
+    ReviewConfig,
+    SimilarConfig,
+    build,
+)
 
 
 def show_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +155,32 @@ def cmd_review(args: argparse.Namespace) -> int:
     from melbatch.look import review
 
     summary = review.run(build(ReviewConfig, {"out": args.out, **given(args, ReviewConfig)}, "review"))
+    print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else summary.render())
+    return 0
+
+
+def discover_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("archive", metavar="ARCHIVE", help="an unlabelled audio archive (any URI)")
+    p.add_argument("out", metavar="OUT", help="where OUT/discover/ goes (any URI)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_dataclass_flags(p, DiscoverConfig, "discover")
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    """Find what an unlabelled ARCHIVE holds: embed every clip (or --sample N files, taken from every folder)
+    with an ImageNet backbone as it is, or a trained package (--model), on Ray with classify's decode and
+    features; group the clips by k-means on the cluster (k chosen by silhouette between --min-groups and
+    --max-groups, or --groups K); and write OUT/discover/index.html (per group, largest first: its size, the
+    clips nearest its centre and at its edge with spectrogram and audio, the folders and hours of day they come
+    from, a label box for the group and one per clip), groups.parquet (uri, clip_index, start_s, end_s, group,
+    distance) and summary.json (k, how it was chosen, sizes). The page's Save labels.csv writes the labelled
+    clips for `melbatch featurize ARCHIVE FEATURES --labels labels.csv` (or `train --extra-labels`); then
+    `melbatch train FEATURES MODEL`.
+    """
+    from melbatch.look import discover
+
+    summary = discover.run(build(DiscoverConfig, {"archive": args.archive, "out": args.out,
+                                                  **given(args, DiscoverConfig)}, "discover"))
     print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else summary.render())
     return 0
 

@@ -6,7 +6,7 @@ wrong config fails before any storage or cluster work starts.
 
 Three modules, imported here so that ``from melbatch.config import TrainConfig`` names every config:
 :mod:`.fields` (what configs are made of, and loading them), :mod:`.features` (the feature contract
-and featurize's settings), :mod:`.jobs` (train, classify, scan, review, similar).
+and featurize's settings), :mod:`.jobs` (train, classify, scan, review, similar, discover).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from melbatch.config.jobs import (  # noqa: F401
     AugmentConfig,
     ClassifyConfig,
     DetectConfig,
+    DiscoverConfig,
     ReviewConfig,
     ScanConfig,
     SimilarConfig,

