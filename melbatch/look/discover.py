@@ -91,10 +91,15 @@ def run(cfg: DiscoverConfig, progress: bool = True) -> Summary:
                           f"quarantined, see {emb}/quarantine.parquet): nothing to group")
     init_ray(cfg.address)
     ks = list(range(cfg.min_groups, cfg.max_groups + 1))
+    print(f"grouping {done.clips:,} clips: " + (f"k = {cfg.groups} (--groups)" if cfg.groups else
+          f"k from {cfg.min_groups} to {cfg.max_groups}, chosen by silhouette on a sample"), flush=True)
     try:
         found = grouping.group(files, cfg.groups, ks, cfg.iterations, cfg.seed)
     except ValueError as e:
         raise ConfigError(f"{e}: give --groups lower, or a bigger archive") from None
+    scores = ", ".join(f"{k}: {v:.3f}" for k, v in found.silhouettes.items())
+    print(f"grouped: k = {len(found.sizes)}" + (f" (silhouette {scores})" if scores else "")
+          + f", {found.passes} pass(es) over every clip on Ray; writing the page", flush=True)
     groups_uri = storage.join(dest, GROUPS_FILE)
     grouping.assign(files, found.centres, groups_uri)
     rows = _read_groups(groups_uri)

@@ -4,8 +4,8 @@ Top-down (:func:`group`):
 
 1. :func:`sample_rows` takes up to ``SAMPLE_CLIPS`` clip embeddings, spread over every clip file;
    embeddings are compared as unit vectors (:func:`unit`: cosine, as ``melbatch similar`` does).
-2. :func:`choose_k`: k-means++ and Lloyd on the sample for each k tried; the k with the best
-   silhouette wins (or the k asked for).
+2. :func:`choose_k`: k-means++ and Lloyd on the sample for each k tried (the best of
+   :data:`STARTS` starts); the k with the best silhouette wins (or the k asked for).
 3. :func:`refine`: Lloyd passes over every clip, each pass one Ray task per few clip files
    (:func:`partial_sums`: per group the sum of its clips' vectors and their count), until the
    centres stop moving. The driver holds k centres, never the embeddings.
@@ -30,6 +30,7 @@ from melbatch import URI, storage
 SAMPLE_CLIPS = 20_000  # the sample k is chosen and the centres started on
 SILHOUETTE_CLIPS = 4_000  # the silhouette of each k is measured on this many of them
 FILES_PER_TASK = 8  # clip files per Ray task in a pass
+STARTS = 5  # k-means++ starts on the sample, the one with the least inertia kept (scikit-learn's n_init is 10)
 MOVED = 1e-4  # a pass that moves no centre further than this (on unit vectors) ends the refinement
 COLUMNS = ["uri", "clip_index", "start_s", "end_s"]
 GROUPS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False),
@@ -101,6 +102,20 @@ def lloyd(x: np.ndarray, centres: np.ndarray, iterations: int = 50) -> np.ndarra
     return centres
 
 
+def best_start(x: np.ndarray, k: int, rng: np.random.Generator, starts: int = STARTS) -> np.ndarray:
+    """The centres of the best of ``starts`` k-means runs on rows held here (the least inertia): one
+    start can settle in a poor split (measured on FSDD speakers, 600 files, k = 6: purity 0.50 from
+    one start, 0.59 from scikit-learn's best of 10)."""
+    best: tuple[float, np.ndarray] | None = None
+    for _ in range(starts):
+        centres = lloyd(x, kmeans_pp(x, k, rng))
+        inertia = float((nearest(x, centres)[1] ** 2).sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, centres)
+    assert best is not None
+    return best[1]
+
+
 def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
     """Mean silhouette (Rousseeuw 1987) of rows ``x`` grouped by ``labels``, Euclidean distances."""
     d = np.sqrt(np.maximum((x * x).sum(1)[:, None] - 2 * x @ x.T + (x * x).sum(1)[None, :], 0.0))
@@ -123,7 +138,7 @@ def choose_k(sample: np.ndarray, ks: list[int], rng: np.random.Generator) -> tup
     best: tuple[float, int, np.ndarray] | None = None
     probe = sample[rng.permutation(len(sample))[:SILHOUETTE_CLIPS]]
     for k in ks:
-        centres = lloyd(sample, kmeans_pp(sample, k, rng))
+        centres = best_start(sample, k, rng)
         scored[k] = silhouette(probe, nearest(probe, centres)[0])
         if best is None or scored[k] > best[0]:
             best = (scored[k], k, centres)
@@ -218,7 +233,7 @@ def group(files: list[URI], k: int, ks: list[int], iterations: int, seed: int) -
     if not ks:
         raise ValueError(f"{len(sample)} clips are too few to group into {k or 'at least 2'} groups")
     if len(ks) == 1:
-        centres, scores = lloyd(sample, kmeans_pp(sample, ks[0], rng)), {}
+        centres, scores = best_start(sample, ks[0], rng), {}
     else:
         _, centres, scores = choose_k(sample, ks, rng)
     centres, counts, passes = refine(files, centres, iterations)
