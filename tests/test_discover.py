@@ -104,9 +104,9 @@ def test_discover_groups_an_unlabelled_archive_and_its_labels_train_a_model(ray_
     archive = tmp_path / "archive"
     files = archives.make_archive(str(archive), "engine", files_per_class=20, seconds=4.0, seed=7)
     truth = {f.uri: f.label for f in files}
-    for f in files:  # hide the labels: every file in one folder, under a neutral name
+    for i, f in enumerate(files):  # hide the labels: every file in one folder, under a neutral name
         (archive / "field" / "recorder-1").mkdir(parents=True, exist_ok=True)
-        name = f"{abs(hash(f.uri)) % 10**8:08d}_20240601_0{len(truth) % 10}1500.{f.uri.rsplit('.', 1)[-1]}"
+        name = f"rec{(i * 7919) % 1000:03d}_20240601_{i % 24:02d}1500.{f.uri.rsplit('.', 1)[-1]}"
         shutil.move(f.uri.removeprefix("file://"), archive / "field" / "recorder-1" / name)
         truth[storage.canonical(str(archive / "field" / "recorder-1" / name))] = truth.pop(f.uri)
     hostile = archive / "field" / HOSTILE_LABEL / HOSTILE_KEY  # a folder the page lists, a key it may show

@@ -19,7 +19,6 @@ Top-down (:func:`run`):
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
@@ -37,7 +36,7 @@ from melbatch import URI, listing, storage
 from melbatch.config import ClassifyConfig, ConfigError, DiscoverConfig, FeatureConfig, FeaturizeConfig
 from melbatch.labels.sources import REVIEWED_COLUMNS, SKIP
 from melbatch.look.html import Section, esc, facts, note, page
-from melbatch.look.review import CARD_STYLE, Card, cards
+from melbatch.look.review import CARD_STYLE, Card, cards, media
 from melbatch.model.package import ModelError, create_model, read_package_meta, save_package
 from melbatch.model.weights import resolve
 from melbatch.shards import DISCOVER_DIR, DISCOVER_SUMMARY, GROUPS_FILE, REVIEW_PAGE, read_manifest
@@ -258,12 +257,8 @@ def write_page(dest: URI, rows: pa.Table, found: grouping.Grouping, cutoffs: lis
 
 def _card(i: int, c: Card) -> str:
     r = c.row
-    media = (f'<img alt="spectrogram of clip {r["clip_index"]}" src="data:image/png;base64,'
-             f'{base64.b64encode(c.png).decode()}"><audio controls preload="metadata" src="data:audio/flac;base64,'
-             f'{base64.b64encode(c.audio).decode()}"></audio>') if c.error is None and c.png else note(
-        c.error or "not drawn")
     return (f'<div class="card"><div class="head"><b>{"nearest" if r["where"] == "near" else "edge"}</b> · '
-            f"{esc(c.why)}</div><div class=\"uri\">{esc(r['uri'])}</div>{media}<div class=\"note\">clip "
+            f"{esc(c.why)}</div><div class=\"uri\">{esc(r['uri'])}</div>{media(c)}<div class=\"note\">clip "
             f"{r['clip_index'] + 1}: {r['start_s']:.1f}–{r['end_s']:.1f} s</div><label>this clip <input "
             f'class="clip" data-shown="{i}" list="known" autocomplete="off"></label></div>')
 

@@ -192,6 +192,15 @@ def _attr(value: Any) -> str:
     return f'"{esc(value)}"'
 
 
+def media(c: Card) -> str:
+    """A drawn card's spectrogram and audio player (embedded), or why they could not be drawn."""
+    if c.error is not None or c.png is None or c.audio is None:
+        return note(c.error or "not drawn")
+    return (f'<img alt="spectrogram of clip {c.row["clip_index"]}" src="data:image/png;base64,'
+            f'{base64.b64encode(c.png).decode()}"><audio controls preload="metadata" src="data:audio/flac;base64,'
+            f'{base64.b64encode(c.audio).decode()}"></audio>')
+
+
 def _card_html(i: int, c: Card, pred: Predictions) -> str:
     r, f = c.row, c.file
     dur = max(float(f["duration_s"]), float(r["end_s"]), 1e-9)
@@ -199,12 +208,9 @@ def _card_html(i: int, c: Card, pred: Predictions) -> str:
     top = "".join(f"<tr><td>{esc(lab)}</td><td>{p:.3f}</td></tr>" for lab, p in zip(
         r["top_labels"], r["top_probabilities"], strict=True))
     scores = sorted(zip(pred.labels, f["scores"], strict=True), key=lambda x: -x[1])[:3]
-    media = (f'<img alt="spectrogram of clip {r["clip_index"]}" src="data:image/png;base64,'
-             f'{base64.b64encode(c.png).decode()}"><audio controls preload="metadata" src="data:audio/flac;base64,'
-             f'{base64.b64encode(c.audio).decode()}"></audio>') if c.error is None else note(c.error)
     known = f"<div>known label: <b>{esc(c.known)}</b></div>" if c.known else ""
     return (f'<div class="card" id="c{i}"><div class="head"><b>{esc(r["label"])}</b> {r["probability"]:.3f} · '
-            f'{esc(c.why)}</div><div class="uri">{esc(r["uri"])}</div>{media}'
+            f'{esc(c.why)}</div><div class="uri">{esc(r["uri"])}</div>{media(c)}'
             f'<div class="where" title="where the clip sits in the file"><span style="left:{left:.2f}%;'
             f'width:{width:.2f}%"></span></div><div class="note">clip {r["clip_index"] + 1} of {f["clips"]}: '
             f'{r["start_s"]:.1f}–{r["end_s"]:.1f} s of {f["duration_s"]:.1f} s · file verdict '
