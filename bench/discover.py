@@ -15,11 +15,19 @@ Grouped by: discover's ImageNet backbone (tf_efficientnet_lite0 as it is), a tra
 coefficients, librosa, 16 kHz), standardised, k-means (scikit-learn, 10 starts).
 Then the cost: clips per second of the whole discover run on this machine's CPUs (embedding and
 grouping), the hours a million clips would take at that rate, and the driver's peak memory.
+
+Accuracy per label given (``--labels-given 10,20``, FSDD digits): discover groups ``--fsdd-files`` of
+FSDD's training files (indices 5-49) into k groups; a person labelling each group once is played by
+the hidden truth (each group gets its majority digit, for its clips within the page's distance); a
+model is trained from those labels with the defaults (bench/field.py's featurize and train, ImageNet
+weights) and scored per file on FSDD's official test files (indices 0-4, 300 files); against k clips
+chosen at random from the same files, each labelled with its true digit (k labels given either way).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import tempfile
@@ -33,7 +41,7 @@ import pyarrow.parquet as pq
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
-from melbatch.config import DiscoverConfig
+from melbatch.config import DiscoverConfig, TrainConfig
 from melbatch.look import discover
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -114,6 +122,65 @@ def bench_archive(name: str, root: Path, sample: int, work: Path, model: str | N
     return rows
 
 
+def labels_given(root: Path, work: Path, ks: list[int], sample: int, seed: int) -> tuple[list[tuple], str]:
+    """Held-out accuracy from k group labels vs k random clip labels (see the module docstring)."""
+    from field import featurize_sets, score, split_rows, train_package
+
+    test = [(str(f), f.name.split("_")[0]) for f in sorted(root.glob("*/*_[0-4].wav"))]
+    rows, rng, trained = [], np.random.default_rng(seed), ""
+    for k in ks:
+        cfg = DiscoverConfig(archive=str(root), out=str(work / "given"), sample=sample, seed=seed, groups=k,
+                             exclude=("*_[0-4].wav",))
+        discover.run(cfg, progress=False)
+        dest = work / "given" / "discover"
+        cut = json.loads((dest / "summary.json").read_text())["label_within"]["distance"]
+        clips = pq.read_table(dest / "groups.parquet").to_pylist()
+        digit = {r["uri"]: truths("fsdd", r["uri"])["digit"] for r in clips}
+        majority = {g: Counter(digit[r["uri"]] for r in clips if r["group"] == g).most_common(1)[0][0]
+                    for g in range(k)}
+        named = sorted({(r["uri"].removeprefix("file://"), majority[r["group"]]) for r in clips
+                        if r["distance"] <= cut[r["group"]]})
+        files = sorted(digit)
+        chosen = [(u.removeprefix("file://"), digit[u]) for u in rng.choice(files, k, replace=False)]
+        for how, train in ((f"{k} groups named (their majority digit)", named),
+                           (f"{k} random clips named (their digit)", chosen)):
+            t0 = time.perf_counter()
+            tag = f"{'groups' if 'groups' in how else 'random'}-{k}"
+            feats, _, linked = featurize_sets({"train": train, "val": test}, work / f"{tag}-features", {})
+            pkg = train_package(feats, split_rows(linked), work / tag, {}, True, TrainConfig.epochs, seed)
+            got, _ = score(pkg, feats, {"held-out": linked["val"]})
+            wrong = sum(lab != digit["file://" + p] for p, lab in train)
+            rows.append((k, how, len(train), wrong, len({lab for _, lab in train}), got["held-out"],
+                         time.perf_counter() - t0))
+            print(f"labels given: {how}: {len(train)} clips labelled ({wrong} wrongly), held-out accuracy "
+                  f"{got['held-out']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if "groups" in how and k == max(ks):
+                trained = pkg
+    return rows, trained
+
+
+def trained_rows(root: Path, work: Path, pkg: str, seed: int) -> list[tuple]:
+    """Purity and NMI on FSDD's 300 test files (never trained on) with the embeddings of a package trained
+    from group labels, beside the backbone and MFCC on the same files."""
+    rows = []
+    for what, model in (("ImageNet backbone", None), ("package trained from group labels", pkg)):
+        out = work / "test-files" / what.replace(" ", "-")
+        discover.run(DiscoverConfig(archive=str(root), out=str(out), model=model, include=("*_[0-4].wav",),
+                                    groups=10, seed=seed), progress=False)
+        groups = file_groups(out / "discover" / "groups.parquet")
+        files = sorted(groups)
+        for truth in ("digit", "speaker"):
+            labels = [truths("fsdd", u)[truth] for u in files]
+            g = [groups[u] for u in files]
+            rows.append(("fsdd test", truth, 10, f"{what}, k = 10", purity(g, labels),
+                         normalized_mutual_info_score(labels, g)))
+    labels = [truths("fsdd", u)["digit"] for u in files]
+    g = mfcc_groups([u.removeprefix("file://") for u in files], 10, seed)
+    rows.append(("fsdd test", "digit", 10, "MFCC means + k-means, k = 10", purity(g, labels),
+                 normalized_mutual_info_score(labels, g)))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fsdd", default=str(SHARED / "fsdd"), help="FSDD folder (default: %(default)s)")
@@ -121,6 +188,8 @@ def main() -> None:
     p.add_argument("--fsdd-files", type=int, default=600, help="FSDD files discovered (the same share of each "
                    "digit folder; 0: all 3,000)")
     p.add_argument("--model", default=None, help="also group with this trained package's embeddings")
+    p.add_argument("--labels-given", default="", help="comma-separated k: also train from k group labels vs k random "
+                   "clip labels on FSDD digits (two default trainings per k; ~10 min each on 2 CPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default=None, help="work folder (default: a temp folder, removed afterwards)")
     args = p.parse_args()
@@ -131,6 +200,13 @@ def main() -> None:
             print(f"{name}: {root} is not a folder; skipped")
             continue
         rows += bench_archive(name, Path(root), sample, work, args.model, args.seed)
+    if args.labels_given:
+        given, trained = labels_given(Path(args.fsdd), work, [int(k) for k in args.labels_given.split(",")],
+                                      args.fsdd_files, args.seed)
+        rows += trained_rows(Path(args.fsdd), work, trained, args.seed)
+        print(f"\n{'labels given':<44}{'clips':>7}{'wrong':>7}{'digits':>8}{'held-out acc':>14}{'s':>6}")
+        for _, how, n, wrong, digits, acc, secs in given:
+            print(f"{how:<44}{n:>7}{wrong:>7}{digits:>8}{acc:>14.3f}{secs:>6.0f}")
     print(f"\n{'archive':<12}{'truth':<9}{'classes':>8}  {'grouped by':<46}{'purity':>8}{'NMI':>7}")
     for name, truth, k, what, pur, nmi in rows:
         print(f"{name:<12}{truth:<9}{k:>8}  {what:<46}{pur:>8.2f}{nmi:>7.2f}")
