@@ -138,8 +138,8 @@ def labels_given(root: Path, work: Path, ks: list[int], sample: int, seed: int) 
         digit = {r["uri"]: truths("fsdd", r["uri"])["digit"] for r in clips}
         majority = {g: Counter(digit[r["uri"]] for r in clips if r["group"] == g).most_common(1)[0][0]
                     for g in range(k)}
-        named = sorted({(r["uri"].removeprefix("file://"), majority[r["group"]]) for r in clips
-                        if r["distance"] <= cut[r["group"]]})
+        named = sorted({r["uri"].removeprefix("file://"): majority[r["group"]] for r in sorted(
+            clips, key=lambda r: -r["clip_index"]) if r["distance"] <= cut[r["group"]]}.items())  # a file's first clip
         files = sorted(digit)
         chosen = [(u.removeprefix("file://"), digit[u]) for u in rng.choice(files, k, replace=False)]
         for how, train in ((f"{k} groups named (their majority digit)", named),
