@@ -24,6 +24,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from melbatch import URI
+from melbatch.config import ConfigError
 from melbatch.storage import ObjectRef, StorageError, escape_name, filesystem, translated, unstrip
 
 # Listing: prefixes are expanded (one delimited LIST each) until there are this many, which are
@@ -284,6 +285,13 @@ def list_table(src: URI, include: tuple[str, ...] = (), exclude: tuple[str, ...]
             flush()
     flush()
     return pa.Table.from_batches(chunks, LISTING_SCHEMA)
+
+
+def nothing_matches(src: URI, include: tuple[str, ...], exclude: tuple[str, ...],
+                    extensions: tuple[str, ...]) -> ConfigError:
+    """The error of a run whose filters leave no object of ``src`` to read, naming the filters."""
+    return ConfigError(f"no audio objects under {src} match extensions={list(extensions)}, include={list(include)}, "
+                       f"exclude={list(exclude)}")
 
 
 def refs_of(listing: pa.Table) -> list[ObjectRef]:

@@ -98,7 +98,7 @@ def test_review_picks_exactly_the_clips_its_strategy_defines(review_predictions,
         assert len(want) == 5
 
 
-CHECK_PAGE = """<!DOCTYPE html><html><body><iframe id="f" src="{src}"></iframe><script>
+LABEL_PAGE = """<!DOCTYPE html><html><body><iframe id="f" src="{src}"></iframe><script>
 const f = document.getElementById('f');
 f.onload = async () => {{
   const w = f.contentWindow, d = f.contentDocument;
@@ -107,10 +107,7 @@ f.onload = async () => {{
   const durations = await Promise.all(audios.map(a => a.readyState >= 1 ? a.duration : new Promise(ok => {{
     a.addEventListener('loadedmetadata', () => ok(a.duration)); a.addEventListener('error', () => ok(-1)); a.load();
   }})));
-  const answers = {answers};
-  [...d.querySelectorAll('input[data-row]')].forEach((b, i) => {{
-    b.value = answers[i % answers.length]; b.dispatchEvent(new w.Event('input'));
-  }});
+  {fill}
   let csv = null;
   w.HTMLAnchorElement.prototype.click = function () {{
     fetch(this.href).then(r => r.text()).then(t => {{ csv = t; }});
@@ -126,6 +123,21 @@ f.onload = async () => {{
 </script></body></html>"""
 
 
+def label_in_chromium(page: Path, fill: str, tmp: Path) -> dict:
+    """What headless Chromium sees on a labelling page (review's or discover's, file://) once the
+    JavaScript ``fill`` has typed into its boxes (``d``: the page's document, ``w``: its window) and
+    its save button was clicked: images and broken ones, each clip's playable duration, injected
+    handlers, scripts, the counter, the CSV it saved and the page's text."""
+    check = tmp / f"label-{abs(hash(str(page)))}.html"
+    check.write_text(LABEL_PAGE.format(src=page.resolve().as_uri(), fill=fill))
+    p = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                        "--autoplay-policy=no-user-gesture-required", "--virtual-time-budget=30000", "--dump-dom",
+                        check.as_uri()], capture_output=True, text=True, timeout=180)
+    found = re.search(r'<pre id="result">(.*?)</pre>', p.stdout, re.S)
+    assert found, p.stderr[-2000:]
+    return json.loads(html.unescape(found.group(1)))
+
+
 @pytest.mark.slow
 def test_the_page_shows_and_plays_every_clip_and_saves_the_answers(review_predictions, tmp_path):
     out = review_predictions[2]
@@ -135,14 +147,10 @@ def test_the_page_shows_and_plays_every_clip_and_saves_the_answers(review_predic
     hostile = [r for r in rows if HOSTILE_LABEL in r["uri"]]
     assert hostile and len(rows) >= 2
     answers = ["faulty", HOSTILE_LABEL, "skip", ""]
-    check = tmp_path / "check.html"
-    check.write_text(CHECK_PAGE.format(src=(dest / "index.html").resolve().as_uri(), answers=json.dumps(answers)))
-    p = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-                        "--autoplay-policy=no-user-gesture-required", "--virtual-time-budget=30000", "--dump-dom",
-                        check.as_uri()], capture_output=True, text=True, timeout=180)
-    found = re.search(r'<pre id="result">(.*?)</pre>', p.stdout, re.S)
-    assert found, p.stderr[-2000:]
-    seen = json.loads(html.unescape(found.group(1)))
+    seen = label_in_chromium(dest / "index.html", f"""const answers = {json.dumps(answers)};
+  [...d.querySelectorAll('input[data-row]')].forEach((b, i) => {{
+    b.value = answers[i % answers.length]; b.dispatchEvent(new w.Event('input'));
+  }});""", tmp_path)
     assert seen["images"] == len(rows) and seen["broken"] == 0
     lengths = [float(r["end_s"]) - float(r["start_s"]) for r in rows]
     assert len(seen["durations"]) == len(rows)

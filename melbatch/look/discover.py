@@ -115,8 +115,7 @@ def objects(cfg: DiscoverConfig) -> list[storage.ObjectRef]:
     seeded order within each), so that every folder (site, device, day) is in the sample."""
     refs = list(listing.list_objects(storage.canonical(cfg.archive), cfg.include, cfg.exclude, cfg.extensions))
     if not refs:
-        raise ConfigError(f"no audio objects under {cfg.archive} match extensions={list(cfg.extensions)}, "
-                          f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
+        raise listing.nothing_matches(cfg.archive, cfg.include, cfg.exclude, cfg.extensions)
     if not cfg.sample or cfg.sample >= len(refs):
         return refs
     rng = np.random.default_rng(cfg.seed)

@@ -184,8 +184,7 @@ def run(cfg: ClassifyConfig, progress: bool = True) -> Summary:
     notes = listing.ListingNotes()
     refs = listing.refs_of(list_archive(cfg, skipped, notes))
     if not refs:
-        raise ConfigError(f"no audio objects under {cfg.archive} match extensions={list(cfg.extensions)}, "
-                          f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
+        raise listing.nothing_matches(cfg.archive, cfg.include, cfg.exclude, cfg.extensions)
     return classify_objects(cfg, meta, refs, storage.canonical(cfg.out), progress, dict(skipped), notes.as_dict())
 
 

@@ -135,8 +135,7 @@ def run(cfg: FeaturizeConfig, progress: bool = True) -> Summary:
     notes = listing.ListingNotes()
     refs = list(listing.list_objects(src, cfg.include, cfg.exclude, cfg.extensions, skipped, notes))
     if not refs:
-        raise ConfigError(f"no audio objects under {src} match extensions={list(cfg.extensions)}, "
-                          f"include={list(cfg.include)}, exclude={list(cfg.exclude)}")
+        raise listing.nothing_matches(src, cfg.include, cfg.exclude, cfg.extensions)
     if cfg.fit_clips:
         cfg = fit_clips(cfg, refs)
     if cfg.fit_rate:
