@@ -258,6 +258,8 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
     # (--hold-mb); every epoch trained on all the training clips, less a last batch of one clip per
     # worker (skipped: batch norm needs two), however the rows came
     assert [e["rows_from"] for e in epochs] == ["shards", "memory", "memory"] * 2
+    # the loop's wait for data is part of the epoch, the first batch's part of the wait
+    assert all(0 < e["first_batch_s"] <= e["data_wait_s"] < e["epoch_s"] for e in epochs), epochs
     train_clips = sum(1 for r in shards.iter_clips(cfg.shards) if r["uri"] not in val_files)
     seen = [sum(e["train_clips_per_label"].values()) for e in epochs]
     assert all(train_clips - cfg.workers <= n <= train_clips for n in seen), (train_clips, seen)
@@ -389,6 +391,24 @@ def test_two_workers_read_a_small_split_themselves_and_train_on_all_of_it(engine
     padded = package.padded([r["start_s"] for r in val_rows], [r["end_s"] for r in val_rows], FAST.clip_s)
     accuracy = np.mean([r["predicted"] == r["label"] for r in scored])
     assert 0 < padded.mean() < 1 and abs(accuracy - m["val_accuracy"]) <= padded.mean() + 1e-9
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_streamed_epochs_begun_early_train_on_every_clip(engine_shards):
+    """Read every epoch (--hold-mb 0), each epoch's read begins while the one before is evaluated: the
+    first batch waits in a thread until the epoch asks for it. Every epoch still trains on all the
+    training clips (a lost or repeated first batch is 8 clips a worker), on two workers."""
+    cfg = _cfg(engine_shards, "streamed", epochs=3, hold_mb=0)
+    m = driver.run(cfg, progress=False)
+    assert [e["rows_from"] for e in m["epochs"]] == ["shards"] * 3
+    split_rows = storage.read_bytes(f"{cfg.out}/split.csv").decode().splitlines()[1:]
+    val = {u for u, s in (r.rsplit(",", 1) for r in split_rows) if s == "val"}
+    train_clips = sum(1 for r in shards.iter_clips(cfg.shards) if r["uri"] not in val)
+    for e in m["epochs"]:  # less a last batch of one clip per worker (skipped) and the rows an equal split drops
+        assert train_clips - 2 * cfg.workers <= sum(e["train_clips_per_label"].values()) <= train_clips, e
+        assert 0 < e["first_batch_s"] <= e["data_wait_s"] < e["epoch_s"], e
 
 
 @pytest.mark.ray
