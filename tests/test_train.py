@@ -21,7 +21,7 @@ from melbatch.model import package
 from melbatch.shards import DatasetError
 from melbatch.stages import featurize
 from melbatch.testing import archives
-from melbatch.train import augment, data, driver, loop
+from melbatch.train import augment, data, driver, feed, loop
 
 
 def test_split_holds_out_whole_files_stratified_and_seeded():
@@ -100,7 +100,7 @@ def test_the_budget_counts_the_steps_an_epoch_makes(rows, workers, epochs):
     table = pa.table({"label": ["a"] * rows, "i": list(range(rows))})
     repeated = data._oversample(table, {"a": float(budget.passes)})
     for rank in range(workers):
-        mine = loop.HeldShard("train", hold=False)
+        mine = feed.HeldShard("train", hold=False)
         mine.table = data.share(repeated, rank, workers, seed=0, equal=True)
         assert len(list(mine.batches(budget.batch_size, seed=1))) == budget.steps
     assert epochs * budget.steps >= cfg.step_floor or budget.passes == 1
