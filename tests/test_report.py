@@ -47,15 +47,22 @@ document.getElementById('f').onload = () => {{
 
 def open_in_chromium(page: Path, tmp: Path) -> dict:
     """What headless Chromium sees in the report at ``page`` (file://, no server)."""
-    if CHROMIUM is None:
-        pytest.fail("headless Chromium is not installed: run `make system-deps` (CI does)")
     check = tmp / f"check-{page.stem}-{abs(hash(str(page)))}.html"
     check.write_text(CHECK_PAGE.format(src=page.resolve().as_uri()))
+    return chromium_result(check, budget_ms=15_000)
+
+
+def chromium_result(check: Path, budget_ms: int, autoplay: bool = False) -> dict:
+    """The JSON a checking page (``check``, file://) leaves in its ``<pre id="result">`` once headless
+    Chromium has run it for ``budget_ms`` of virtual time (``autoplay``: media may play unasked)."""
+    if CHROMIUM is None:
+        pytest.fail("headless Chromium is not installed: run `make system-deps` (CI does)")
+    flags = ["--autoplay-policy=no-user-gesture-required"] if autoplay else []
     out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-                          "--virtual-time-budget=15000", "--dump-dom", check.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+                          *flags, f"--virtual-time-budget={budget_ms}", "--dump-dom", check.as_uri()],
+                         capture_output=True, text=True, timeout=60 + 4 * budget_ms // 1000)
     found = re.search(r'<pre id="result">(.*?)</pre>', out.stdout, re.S)
-    assert found, f"the report did not load in Chromium: {out.stderr[-2000:]}"
+    assert found, f"the page did not load in Chromium: {out.stderr[-2000:]}"
     return json.loads(html.unescape(found.group(1)))
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import html
 import io
 import json
-import re
 import subprocess
 import sys
 from collections import Counter
@@ -21,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import HOSTILE_KEY, HOSTILE_LABEL
-from test_report import CHROMIUM, open_in_chromium
+from test_report import chromium_result, open_in_chromium
 
 from melbatch import ledger as mb_ledger
 from melbatch import storage
@@ -130,12 +128,7 @@ def label_in_chromium(page: Path, fill: str, tmp: Path) -> dict:
     handlers, scripts, the counter, the CSV it saved and the page's text."""
     check = tmp / f"label-{abs(hash(str(page)))}.html"
     check.write_text(LABEL_PAGE.format(src=page.resolve().as_uri(), fill=fill))
-    p = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-                        "--autoplay-policy=no-user-gesture-required", "--virtual-time-budget=30000", "--dump-dom",
-                        check.as_uri()], capture_output=True, text=True, timeout=180)
-    found = re.search(r'<pre id="result">(.*?)</pre>', p.stdout, re.S)
-    assert found, p.stderr[-2000:]
-    return json.loads(html.unescape(found.group(1)))
+    return chromium_result(check, budget_ms=30_000, autoplay=True)
 
 
 @pytest.mark.slow

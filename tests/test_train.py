@@ -110,15 +110,19 @@ def test_the_budget_counts_the_steps_an_epoch_makes(rows, workers, epochs):
 def test_workers_hold_a_share_that_fits_and_read_a_bigger_one_every_epoch():
     """--hold-mb sizes the share of one worker: each epoch's training rows (with their repeats; waveforms
     when they are augmented, else images) and the validation images, split over the workers. All of
-    it small enough for one worker (and DIRECT_READ_MB): each worker reads it itself, Ray Data idle."""
+    it small enough for one worker (and DIRECT_READ_MB): each worker reads it itself, Ray Data idle.
+    A share too big for it with validation images that fit alone: those are held, the training rows read."""
     f = FeatureConfig()  # 128 x 501 float16 images (128 KB), 5 s of 16-bit audio (160 KB)
     budget = driver.Budget(train_rows=1000, workers=2, batch_size=32, steps_per_pass=16, passes=3)
     cfg = TrainConfig(shards="s", out="o", hold_mb=210)
     image, wave = 128 * 501 * 2, 2 * 80_000
     mode, line = driver.hold_plan(cfg, budget, 400, f, wave=False)
     assert mode == "hold" and f"({(3000 * image + 400 * image) / 2 / 2**20:,.0f} MB of --hold-mb 210)" in line  # 208
-    mode, line = driver.hold_plan(cfg, budget, 400, f, wave=True)
-    assert mode == "stream" and f"{(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB is over --hold-mb 210" in line
+    mode, line = driver.hold_plan(cfg, budget, 400, f, wave=True)  # the validation images alone fit: 24.5 MB
+    assert mode == "stream-train" and f"{(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB with the validation " \
+        "clips is over --hold-mb 210) and holds its validation clips after the first (24 MB)" in line
+    mode, line = driver.hold_plan(replace(cfg, hold_mb=24), budget, 400, f, wave=True)  # not even those
+    assert mode == "stream" and f"({(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB is over --hold-mb 24)" in line
     assert driver.hold_plan(replace(cfg, hold_mb=0), replace(budget, train_rows=1), 1, f, wave=False)[0] == "stream"
     mode, line = driver.hold_plan(replace(cfg, hold_mb=416), budget, 400, f, wave=False)  # all 416 MB fit one worker
     assert mode == "direct" and "each worker reads the shards itself" in line and "(208 MB of --hold-mb 416)" in line
@@ -258,8 +262,10 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
     # (--hold-mb); every epoch trained on all the training clips, less a last batch of one clip per
     # worker (skipped: batch norm needs two), however the rows came
     assert [e["rows_from"] for e in epochs] == ["shards", "memory", "memory"] * 2
-    # the loop's wait for data is part of the epoch, the first batch's part of the wait
-    assert all(0 < e["first_batch_s"] <= e["data_wait_s"] < e["epoch_s"] for e in epochs), epochs
+    # the loop's wait for data is part of its training time, the first batch's part of the wait; training
+    # and validation are parts of the epoch
+    assert all(0 < e["first_batch_s"] <= e["data_wait_s"] < e["train_s"] for e in epochs), epochs
+    assert all(e["val_s"] > 0 and e["train_s"] + e["val_s"] < e["epoch_s"] for e in epochs), epochs
     train_clips = sum(1 for r in shards.iter_clips(cfg.shards) if r["uri"] not in val_files)
     seen = [sum(e["train_clips_per_label"].values()) for e in epochs]
     assert all(train_clips - cfg.workers <= n <= train_clips for n in seen), (train_clips, seen)
@@ -396,19 +402,25 @@ def test_two_workers_read_a_small_split_themselves_and_train_on_all_of_it(engine
 @pytest.mark.ray
 @pytest.mark.s3
 @pytest.mark.slow
-def test_streamed_epochs_begun_early_train_on_every_clip(engine_shards):
-    """Read every epoch (--hold-mb 0), each epoch's read begins while the one before is evaluated: the
+def test_streamed_epochs_begun_early_train_on_every_clip(engine_shards, monkeypatch):
+    """Training clips read every epoch, each epoch's read begun while the one before is evaluated: the
     first batch waits in a thread until the epoch asks for it. Every epoch still trains on all the
-    training clips (a lost or repeated first batch is 8 clips a worker), on two workers."""
-    cfg = _cfg(engine_shards, "streamed", epochs=3, hold_mb=0)
+    training clips (a lost or repeated first batch is 8 clips a worker), on two workers; the validation
+    clips are held after the first. (The plan a set over --hold-mb with validation clips under it gets,
+    see test_workers_hold_a_share_that_fits…: these shards are a few hundred KB, under any --hold-mb.)"""
+    plan = driver.hold_plan
+    monkeypatch.setattr(driver, "hold_plan", lambda *a: ("stream-train", plan(*a)[1]))
+    cfg = _cfg(engine_shards, "streamed", epochs=3)
     m = driver.run(cfg, progress=False)
     assert [e["rows_from"] for e in m["epochs"]] == ["shards"] * 3
+    assert [e["val_from"] for e in m["epochs"]] == ["shards", "memory", "memory"]
     split_rows = storage.read_bytes(f"{cfg.out}/split.csv").decode().splitlines()[1:]
     val = {u for u, s in (r.rsplit(",", 1) for r in split_rows) if s == "val"}
     train_clips = sum(1 for r in shards.iter_clips(cfg.shards) if r["uri"] not in val)
     for e in m["epochs"]:  # less a last batch of one clip per worker (skipped) and the rows an equal split drops
         assert train_clips - 2 * cfg.workers <= sum(e["train_clips_per_label"].values()) <= train_clips, e
-        assert 0 < e["first_batch_s"] <= e["data_wait_s"] < e["epoch_s"], e
+        assert 0 < e["first_batch_s"] <= e["data_wait_s"] < e["train_s"] and e["val_s"] > 0, e
+        assert e["train_s"] + e["val_s"] < e["epoch_s"], e
 
 
 @pytest.mark.ray

@@ -144,8 +144,8 @@ class TrainConfig:
     hold_mb: int = flag(2048,
         "MB of its share of the data (training and validation clips) a worker may keep in memory after the first "
         "epoch, so later epochs read no shards and leave the CPUs to training; a bigger share is read again each "
-        "epoch (0: always read). When all of the data fits (and 512 MB), each worker reads the shards itself "
-        "before the first epoch, without a Ray Data pipeline")
+        "epoch, its validation clips still kept when they fit alone (0: always read). When all of the data fits "
+        "(and 512 MB), each worker reads the shards itself before the first epoch, without a Ray Data pipeline")
     keep_checkpoints: int = flag(2,
         "best checkpoints kept (by validation macro-F1; the latest is always kept for resume)")
     max_failures: int = flag(2, "restarts from the latest checkpoint when a worker dies (-1: forever)")

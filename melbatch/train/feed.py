@@ -35,6 +35,11 @@ class HeldShard:
         self.table: pa.Table | None = None
         self._started: _Started | None = None
 
+    @property
+    def source(self) -> str:
+        """Where this epoch's rows come from: ``memory`` (held) or ``shards`` (read through Ray Data)."""
+        return "memory" if self.table is not None else "shards"
+
     def start(self, batch_size: int, seed: int | None = None, **stream: Any) -> None:
         """Begin the next epoch's read now, in the background, when that epoch will read the shard (not
         held): the batches it will ask for, with these arguments. Ray Data's start of an epoch (the
@@ -101,7 +106,7 @@ class Waited:
     and for the first (``first``: the epoch's start, Ray Data's plan and first read when streaming)."""
 
     def __init__(self, items: Iterator[Any]) -> None:
-        self._items, self.total, self.first, self._n = items, 0.0, 0.0, 0
+        self._items, self.total, self.first, self._started = items, 0.0, 0.0, False
 
     def __iter__(self) -> Waited:
         return self
@@ -113,4 +118,5 @@ class Waited:
         finally:
             dt = time.perf_counter() - t
             self.total += dt
-            self.first, self._n = (dt, 1) if self._n == 0 else (self.first, self._n + 1)
+            if not self._started:
+                self.first, self._started = dt, True

@@ -176,13 +176,16 @@ def train_loop(config: dict[str, Any]) -> None:
     w = _setup(config)
     for epoch in range(w.start_epoch, w.cfg.epochs):
         t0 = time.perf_counter()
-        rows_from = "memory" if w.train_shard.table is not None else "shards"
+        where = {"rows_from": w.train_shard.source, "val_from": w.val_shard.source}  # before the epoch holds them
         train, per_label = train_epoch(w, epoch)
         if epoch + 1 < w.cfg.epochs:  # the next epoch's read begins while this one is evaluated
             w.train_shard.start(**epoch_order(w, epoch + 1))
+        t_val = time.perf_counter()
         conf, val_loss = evaluate(w)
-        row, report = epoch_metrics(w, epoch, conf, val_loss, train, per_label, time.perf_counter() - t0)
-        row["rows_from"] = report["rows_from"] = rows_from  # rank 0's: every worker holds, or none does
+        t_end = time.perf_counter()
+        row, report = epoch_metrics(w, epoch, conf, val_loss, (*train, t_end - t_val, t_end - t0), per_label)
+        row.update(where)  # rank 0's: every worker holds, or none does
+        report.update(where)
         checkpoint(w, epoch, row, report)
         _maybe_crash(config.get("crash_at"), epoch + 1, w.rank, w.world, storage.join(w.cfg.out, "_injected_crash"))
 
@@ -237,7 +240,7 @@ def _setup(config: dict[str, Any]) -> _Worker:
         class_w=torch.tensor(config["class_weights"], dtype=torch.float32, device=device),
         autocast=torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu and cfg.amp),
         start_epoch=start_epoch, history=history,
-        train_shard=HeldShard("train", config["hold"]), val_shard=HeldShard("val", config["hold"]))
+        train_shard=HeldShard("train", config["hold"]["train"]), val_shard=HeldShard("val", config["hold"]["val"]))
     if config["direct"]:  # a small split: this worker reads it whole and keeps its share (see train.hold_plan)
         rows = read_sides(config["direct"], cfg.seed)
         w.train_shard.table = share(rows["train"], rank, world, cfg.seed, equal=True)
@@ -335,11 +338,12 @@ def evaluate(w: _Worker) -> tuple[Any, Any]:
     return conf, val_loss
 
 
-def epoch_metrics(w: _Worker, epoch: int, conf: Any, val_loss: Any, train: tuple[float, ...], per_label: Any,
-                  epoch_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def epoch_metrics(w: _Worker, epoch: int, conf: Any, val_loss: Any, train: tuple[float, ...],
+                  per_label: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The epoch's numbers summed over the workers: its table row, and what Ray Train records.
     ``train`` is :func:`train_epoch`'s (loss sum, clips, seconds, seconds waiting for data, of which for
-    the first batch); the seconds are averaged over the workers."""
+    the first batch), then the validation pass's seconds and the epoch's; the seconds are averaged over
+    the workers."""
     counts = torch.tensor(train, dtype=torch.float64)
     if w.world > 1 and dist.is_initialized():
         for t in (val_loss, counts, per_label, *(() if w.cfg.multi_label else (conf,))):
@@ -349,11 +353,12 @@ def epoch_metrics(w: _Worker, epoch: int, conf: Any, val_loss: Any, train: tuple
             dist.all_gather_object(parts, conf)
             conf = (np.concatenate([p for p, _ in parts]), np.concatenate([t for _, t in parts]))
     m = multilabel.scores(*conf, w.labels) if w.cfg.multi_label else _metrics(conf.numpy(), w.labels)
+    train_s, wait_s, first_s, val_s, epoch_s = (counts[2:] / w.world).tolist()
     row = {"epoch": epoch + 1, "train_loss": float(counts[0] / max(1, counts[1])),
            "val_loss": float(val_loss[0] / max(1, val_loss[1])), "val_accuracy": m["val_accuracy"],
            "macro_f1": m["macro_f1"], "lr": w.sched.get_last_lr()[0], "frozen_backbone": epoch < w.cfg.freeze_epochs,
-           "samples_per_s": float(counts[1] / max(1e-9, counts[2] / w.world)), "attempt_start_epoch": w.start_epoch,
-           "epoch_s": epoch_s, "data_wait_s": float(counts[3] / w.world), "first_batch_s": float(counts[4] / w.world),
+           "samples_per_s": float(counts[1] / max(1e-9, train_s)), "attempt_start_epoch": w.start_epoch,
+           "epoch_s": epoch_s, "train_s": train_s, "data_wait_s": wait_s, "first_batch_s": first_s, "val_s": val_s,
            "train_clips_per_label": dict(zip(w.labels, per_label.long().tolist(), strict=True))}
     if w.cfg.multi_label:
         row["val_map"] = m["val_map"]
