@@ -37,9 +37,11 @@ left for decoding: on a GPU the CPUs are what limits. ``--memory-files 0`` skips
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import functools
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -357,6 +359,7 @@ def main() -> None:
     import ray
 
     root = Path(tempfile.mkdtemp(prefix="melbatch-bench-classify-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # archives and outputs: GBs at --instant-files 3840
     cfg = FeatureConfig()
     audio_s = make_archive(root / "archive", args.files, args.seconds, cfg.sample_rate_hz, args.unique)
     make_package(root / "pkg", args.model, cfg)

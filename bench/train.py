@@ -28,8 +28,10 @@ Data's start). ``--only instant`` runs this part alone.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
+import shutil
 import tempfile
 import time
 
@@ -192,6 +194,7 @@ def main() -> None:
     import ray
 
     root = tempfile.mkdtemp(prefix="melbatch-bench-train-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # archives, shards, runs: 1.9 GB at 8,000 clips
     features = FeatureConfig()
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     archives.make_archive(f"{root}/archive", "engine", files_per_class=args.files_per_class, seconds=10.0)
