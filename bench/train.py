@@ -42,7 +42,7 @@ from melbatch import shards, storage
 from melbatch.audio.logmel import logmel_tensor
 from melbatch.config import AugmentConfig, FeatureConfig, FeaturizeConfig, TrainConfig
 from melbatch.model.package import create_model
-from melbatch.shards import SPLIT, TRAIN_CONFIG
+from melbatch.shards import TRAIN_CONFIG
 from melbatch.stages import featurize
 from melbatch.testing import archives
 from melbatch.train import augment, driver
@@ -139,7 +139,8 @@ def instant_rows(root: str, base: dict, epochs: int, files_per_class: int) -> No
     best, feat = {}, f"{root}/features-instant"
     for name, hold_mb in (("held", TrainConfig.hold_mb), ("validation held", None), ("streamed", 0)):
         if hold_mb is None:  # enough for the validation clips alone: the training clips are read every epoch
-            hold_mb = math.ceil(val_bytes(feat, f"{root}/out-instant-held") / 2**20)
+            held = json.loads(storage.read_bytes(f"{root}/out-instant-held/{TRAIN_CONFIG}"))["hold"]
+            hold_mb = math.ceil(held["val_share_bytes"] / 2**20)
         m = driver.run(TrainConfig(out=f"{root}/out-instant-{name.replace(' ', '-')}", hold_mb=hold_mb, **plain))
         best[name] = max(m["epochs"][1:] or m["epochs"], key=lambda e: e["samples_per_s"])
     sps = {name: e["samples_per_s"] for name, e in best.items()}
@@ -162,16 +163,6 @@ def instant_rows(root: str, base: dict, epochs: int, files_per_class: int) -> No
         print(f"{name}: best epoch {e['epoch_s']:.2f} s: training {e['train_s']:.2f} s (waiting for data "
               f"{e['data_wait_s']:.2f} s, {e['first_batch_s']:.2f} s of it for the first batch), validation "
               f"{e['val_s']:.2f} s ({e['val_from']})")
-
-
-def val_bytes(feat: str, out: str) -> int:
-    """Bytes of the validation clips' images of a run's split (``out``'s split.csv) over shards ``feat``."""
-    rows = storage.read_bytes(f"{out}/{SPLIT}").decode().splitlines()[1:]
-    val = {u for u, side in (r.rsplit(",", 1) for r in rows) if side == "val"}
-    manifest = shards.read_manifest(feat)
-    uris = shards.read_files(shards.shard_uris(feat, manifest), ["uri"]).column("uri").to_pylist()
-    image = shards.clip_schema(FeatureConfig.from_dict(manifest["feature_config"])).field("mel").type.byte_width
-    return sum(u in val for u in uris) * image
 
 
 def main() -> None:

@@ -116,19 +116,26 @@ def test_workers_hold_a_share_that_fits_and_read_a_bigger_one_every_epoch():
     budget = driver.Budget(train_rows=1000, workers=2, batch_size=32, steps_per_pass=16, passes=3)
     cfg = TrainConfig(shards="s", out="o", hold_mb=210)
     image, wave = 128 * 501 * 2, 2 * 80_000
-    mode, line = driver.hold_plan(cfg, budget, 400, f, wave=False)
-    assert mode == "hold" and f"({(3000 * image + 400 * image) / 2 / 2**20:,.0f} MB of --hold-mb 210)" in line  # 208
-    mode, line = driver.hold_plan(cfg, budget, 400, f, wave=True)  # the validation images alone fit: 24.5 MB
-    assert mode == "stream-train" and f"{(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB with the validation " \
-        "clips is over --hold-mb 210) and holds its validation clips after the first (24 MB)" in line
-    mode, line = driver.hold_plan(replace(cfg, hold_mb=24), budget, 400, f, wave=True)  # not even those
-    assert mode == "stream" and f"({(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB is over --hold-mb 24)" in line
-    assert driver.hold_plan(replace(cfg, hold_mb=0), replace(budget, train_rows=1), 1, f, wave=False)[0] == "stream"
-    mode, line = driver.hold_plan(replace(cfg, hold_mb=416), budget, 400, f, wave=False)  # all 416 MB fit one worker
-    assert mode == "direct" and "each worker reads the shards itself" in line and "(208 MB of --hold-mb 416)" in line
+    plan = driver.hold_plan(cfg, budget, 400, f, wave=False)
+    assert plan.mode == "hold" and (plan.hold_train, plan.hold_val, plan.direct) == (True, True, False)
+    assert f"({(3000 * image + 400 * image) / 2 / 2**20:,.0f} MB of --hold-mb 210)" in plan.line  # 208
+    assert (plan.share_bytes, plan.val_share_bytes) == (3400 * image // 2, 200 * image)
+    plan = driver.hold_plan(cfg, budget, 400, f, wave=True)  # the validation images alone fit: 24.5 MB
+    assert plan.mode == "stream-train" and (plan.hold_train, plan.hold_val) == (False, True)
+    assert f"{(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB with the validation clips is over --hold-mb 210) " \
+        "and holds its validation clips after the first (24 MB)" in plan.line
+    plan = driver.hold_plan(replace(cfg, hold_mb=24), budget, 400, f, wave=True)  # not even those
+    assert plan.mode == "stream" and (plan.hold_train, plan.hold_val) == (False, False)
+    assert f"({(3000 * wave + 400 * image) / 2 / 2**20:,.0f} MB is over --hold-mb 24)" in plan.line
+    assert driver.hold_plan(replace(cfg, hold_mb=0), replace(budget, train_rows=1), 1, f, wave=False).mode == "stream"
+    plan = driver.hold_plan(replace(cfg, hold_mb=416), budget, 400, f, wave=False)  # all 416 MB fit one worker
+    assert plan.mode == "direct" and (plan.hold_train, plan.hold_val, plan.direct) == (True, True, True)
+    assert "each worker reads the shards itself" in plan.line and "(208 MB of --hold-mb 416)" in plan.line
+    assert plan.to_dict() == {"plan": "direct", "train": True, "val": True, "share_bytes": 3400 * image // 2,
+                              "val_share_bytes": 200 * image}
     big = replace(budget, train_rows=2000)  # 2 x 3000 images + 400 = 783 MB: over DIRECT_READ_MB, Ray Data reads
     assert driver.DIRECT_READ_MB == 512
-    assert driver.hold_plan(replace(cfg, hold_mb=2048), big, 400, f, False)[0] == "hold"
+    assert driver.hold_plan(replace(cfg, hold_mb=2048), big, 400, f, False).mode == "hold"
     with pytest.raises(ConfigError, match="hold_mb"):
         TrainConfig(shards="s", out="o", hold_mb=-1)
 
@@ -409,9 +416,10 @@ def test_streamed_epochs_begun_early_train_on_every_clip(engine_shards, monkeypa
     clips are held after the first. (The plan a set over --hold-mb with validation clips under it gets,
     see test_workers_hold_a_share_that_fits…: these shards are a few hundred KB, under any --hold-mb.)"""
     plan = driver.hold_plan
-    monkeypatch.setattr(driver, "hold_plan", lambda *a: ("stream-train", plan(*a)[1]))
+    monkeypatch.setattr(driver, "hold_plan", lambda *a: replace(plan(*a), mode="stream-train"))
     cfg = _cfg(engine_shards, "streamed", epochs=3)
     m = driver.run(cfg, progress=False)
+    assert json.loads(storage.read_bytes(f"{cfg.out}/train_config.json"))["hold"]["plan"] == "stream-train"
     assert [e["rows_from"] for e in m["epochs"]] == ["shards"] * 3
     assert [e["val_from"] for e in m["epochs"]] == ["shards", "memory", "memory"]
     split_rows = storage.read_bytes(f"{cfg.out}/split.csv").decode().splitlines()[1:]

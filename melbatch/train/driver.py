@@ -118,24 +118,25 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if budget.passes > 1:  # one streaming pass over rows repeated, not several passes (each costs a start-up)
         repeats = {lab: budget.passes * (repeats or {}).get(lab, 1.0) for lab in plan.row_keys}
     rows = splits(uris, data.val_files, data.wave, repeats, data.review)
-    mode, line = hold_plan(cfg, budget, sum(data.clips_of[u] for u in data.val_files), features, data.wave)
-    print(line, flush=True)
-    norm = normalization(cfg, before, uris, data.val_files, here=mode == "direct")
+    hold = hold_plan(cfg, budget, sum(data.clips_of[u] for u in data.val_files), features, data.wave)
+    print(hold.line, flush=True)
+    norm = normalization(cfg, before, uris, data.val_files, here=hold.direct)
     storage.write_bytes(storage.join(cfg.out, TRAIN_CONFIG), json.dumps(
         {"model": cfg.model, "config_hash": features.hash(), "norm": norm, "wave_augment": data.wave,
-         "weights": source.to_dict(), "budget": asdict(budget), "train": asdict(cfg)}, indent=2).encode())
+         "weights": source.to_dict(), "budget": asdict(budget), "hold": hold.to_dict(), "train": asdict(cfg)},
+        indent=2).encode())
     channel = Channel()
     trainer = _trainer(cfg, {
         "train": asdict(cfg), "labels": data.labels, "norm": norm, "shape": list(features.shape),
         "features": features.to_dict(), "wave": data.wave, "budget": asdict(budget), "weights": source.to_dict(),
-        "class_weights": plan.class_weights, "hold": {"train": mode in ("direct", "hold"), "val": mode != "stream"},
-        "direct": rows if mode == "direct" else None,
+        "class_weights": plan.class_weights, "hold": hold.to_dict(),
+        "direct": rows if hold.direct else None,
         "crash_at": os.environ.get("MELBATCH_CRASH_AT"), "channel": channel},
-        None if mode == "direct" else {name: split.dataset() for name, split in rows.items()})
+        None if hold.direct else {name: split.dataset() for name, split in rows.items()})
     with EpochTable(channel, cfg.epochs, budget.steps, bars=progress):
         result = trainer.fit()
     return finish(cfg, result, data.labels, features, norm, uris, data.val_files, data.train_files, source,
-                  data.review.record() if data.review else None, here=mode == "direct")
+                  data.review.record() if data.review else None, here=hold.direct)
 
 
 def _spelled_out(cfg: TrainConfig) -> TrainConfig:
@@ -311,8 +312,39 @@ def size_workers(cfg: TrainConfig, cpus: float) -> tuple[TrainConfig, str]:
                  f"{cpus - cfg.workers * each:g} left for Ray Data; --cpus-per-worker to choose)")
 
 
-def hold_plan(cfg: TrainConfig, budget: Budget, val_rows: int, features: FeatureConfig, wave: bool) -> tuple[str, str]:
-    """How the workers get their rows (``--hold-mb``), and the line that says so: a training row is its
+@dataclass(frozen=True)
+class HoldPlan:
+    """How the workers get their rows (:func:`hold_plan`): ``mode`` is ``direct``, ``hold``,
+    ``stream-train`` or ``stream``; a worker's share in bytes (its training rows with their repeats and
+    its validation images) and its validation images alone; ``line``, what ``train`` prints."""
+
+    mode: str
+    share_bytes: int
+    val_share_bytes: int
+    line: str
+
+    @property
+    def direct(self) -> bool:
+        """Each worker reads the shards itself before the first epoch: no Ray Data pipeline."""
+        return self.mode == "direct"
+
+    @property
+    def hold_train(self) -> bool:
+        """The training rows are kept in the worker after they are read once."""
+        return self.mode in ("direct", "hold")
+
+    @property
+    def hold_val(self) -> bool:
+        """The validation rows are kept in the worker after they are read once."""
+        return self.mode != "stream"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.mode, "train": self.hold_train, "val": self.hold_val, "share_bytes": self.share_bytes,
+                "val_share_bytes": self.val_share_bytes}
+
+
+def hold_plan(cfg: TrainConfig, budget: Budget, val_rows: int, features: FeatureConfig, wave: bool) -> HoldPlan:
+    """How the workers get their rows (``--hold-mb``), with the line that says so: a training row is its
     waveform (16-bit) or its image, a validation row its image, each epoch's training rows with their
     repeats.
 
@@ -333,17 +365,19 @@ def hold_plan(cfg: TrainConfig, budget: Budget, val_rows: int, features: Feature
     val_share = math.ceil(val_rows * image / budget.workers)
     mb, limit = share / 2**20, cfg.hold_mb * 2**20
     if total <= min(cfg.hold_mb, DIRECT_READ_MB) * 2**20:
-        return "direct", (f"data: each worker reads the shards itself before the first epoch and holds its share in "
-                          f"memory ({mb:,.0f} MB of --hold-mb {cfg.hold_mb}); later epochs read nothing")
-    if share <= limit:
-        return "hold", (f"data: each worker reads its share of the shards once and holds it in memory ({mb:,.0f} MB "
-                        f"of --hold-mb {cfg.hold_mb}); later epochs read nothing")
-    if val_share <= limit:
-        return "stream-train", (f"data: each worker reads its share of the training clips every epoch ({mb:,.0f} MB "
-                                f"with the validation clips is over --hold-mb {cfg.hold_mb}) and holds its "
-                                f"validation clips after the first ({val_share / 2**20:,.0f} MB)")
-    return "stream", (f"data: each worker reads its share of the shards every epoch ({mb:,.0f} MB is over --hold-mb "
-                      f"{cfg.hold_mb})")
+        mode, line = "direct", (f"each worker reads the shards itself before the first epoch and holds its share "
+                                f"in memory ({mb:,.0f} MB of --hold-mb {cfg.hold_mb}); later epochs read nothing")
+    elif share <= limit:
+        mode, line = "hold", (f"each worker reads its share of the shards once and holds it in memory ({mb:,.0f} MB "
+                              f"of --hold-mb {cfg.hold_mb}); later epochs read nothing")
+    elif val_share <= limit:
+        mode, line = "stream-train", (f"each worker reads its share of the training clips every epoch ({mb:,.0f} MB "
+                                      f"with the validation clips is over --hold-mb {cfg.hold_mb}) and holds its "
+                                      f"validation clips after the first ({val_share / 2**20:,.0f} MB)")
+    else:
+        mode, line = "stream", (f"each worker reads its share of the shards every epoch ({mb:,.0f} MB is over "
+                                f"--hold-mb {cfg.hold_mb})")
+    return HoldPlan(mode, share, val_share, f"data: {line}")
 
 
 def small_data_warnings(budget: Budget, cfg: TrainConfig, labels_of: dict[str, str], val_files: set[str]) -> list[str]:

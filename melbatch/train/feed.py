@@ -106,7 +106,7 @@ class Waited:
     and for the first (``first``: the epoch's start, Ray Data's plan and first read when streaming)."""
 
     def __init__(self, items: Iterator[Any]) -> None:
-        self._items, self.total, self.first, self._started = items, 0.0, 0.0, False
+        self._items, self.total, self.first, self._got_one = items, 0.0, 0.0, False
 
     def __iter__(self) -> Waited:
         return self
@@ -118,5 +118,5 @@ class Waited:
         finally:
             dt = time.perf_counter() - t
             self.total += dt
-            if not self._started:
-                self.first, self._started = dt, True
+            if not self._got_one:
+                self.first, self._got_one = dt, True
