@@ -15,7 +15,7 @@ MODEL ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: help setup disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-field bench-gpu bench-discover figure docs docs-build lint format \
+.PHONY: help setup disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-field bench-gpu lease-kit bench-discover figure docs docs-build lint format \
         featurize train classify scan results report image image-cuda clean
 
 help:  ## list the targets
@@ -102,6 +102,9 @@ bench-discover: setup  ## discover's groups on FSDD and xc_birds10 (labels hidde
 
 bench-gpu: setup  ## model images/s, log-mel on the device, CPU decode per core: the cores one GPU needs
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/gpu.py $(ARGS)
+
+lease-kit: setup  ## the kit a lent GPU machine needs to run the GPU benches: .lease/ (~34 MiB; bench/lease.sh runs there)
+	$(PY) bench/lease.py $(ARGS)
 
 featurize: setup  ## make featurize SRC=... DST=... ARGS="--labels folder"
 	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make featurize SRC=<uri> DST=<uri> [ARGS=...]"; exit 2; }

@@ -109,8 +109,8 @@ def bench_fixed_cost(root: Path, cfg: FeatureConfig, repeat: int) -> None:
     """What a run costs whatever its size: the CLI on one 5-s file, and the imports it pays for."""
     one = root / "one"
     make_files(one, 1, 5.0, cfg.sample_rate_hz)
-    cli = [str(Path(sys.executable).with_name("melbatch")), "featurize", str(one), str(root / "one-out"),
-           "--overwrite"]
+    # python -m, not the venv's melbatch script: a lent machine runs melbatch from PYTHONPATH (bench/lease.sh)
+    cli = [sys.executable, "-m", "melbatch.cli", "featurize", str(one), str(root / "one-out"), "--overwrite"]
     local, on_ray = wall_s(cli, repeat), wall_s([*cli, "--runner", "ray"], repeat)
     imports = wall_s([sys.executable, "-c", "import melbatch.cli, melbatch.stages.featurize"], repeat)
     torch_s = wall_s([sys.executable, "-c", "import torch"], repeat)

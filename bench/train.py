@@ -174,6 +174,8 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--weights", default=None, help="ImageNet weights file for the transfer-gain table")
     p.add_argument("--use-gpu", action="store_true", help="both loops on the GPU (bfloat16 autocast)")
+    p.add_argument("--min-steps", type=int, default=None,
+                   help="train's --min-steps (default: train's own floor; a small number keeps a try on a CPU short)")
     p.add_argument("--no-wave-augment", dest="wave_augment", action="store_false",
                    help="both loops use the stored images instead of augmenting waveforms")
     p.add_argument("--instant-files-per-class", type=int, default=240,
@@ -195,7 +197,7 @@ def main() -> None:
     # one worker gets the machine but one CPU, which Ray Data keeps for reading (the bare loop gets the same)
     base = dict(shards=f"{root}/features", model=args.model, pretrained=False, epochs=args.epochs,
                 batch_size=args.batch_size, workers=1, cpus_per_worker=max(0.5, args.cpus - 1.0), max_failures=0,
-                augment=AugmentConfig(wave_augment=args.wave_augment), use_gpu=args.use_gpu)
+                augment=AugmentConfig(wave_augment=args.wave_augment), use_gpu=args.use_gpu, min_steps=args.min_steps)
     torch.set_num_threads(max(1, int(args.cpus - 1)))
     if args.only == "instant" or not args.use_gpu:
         instant_rows(root, base, args.epochs, args.instant_files_per_class)
