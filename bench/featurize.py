@@ -29,6 +29,7 @@ melbatch's featurize, so the time a run spends on imports and on its work shows.
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import os
 import shutil
@@ -171,7 +172,8 @@ def _in_memory_worker(blobs: list[bytes]) -> float:
 
 
 def _librosa_worker(paths: list[Path]) -> float:
-    return bench_librosa(paths, FeatureConfig(), Path(tempfile.mkdtemp(prefix="melbatch-bench-librosa-")))[0]
+    with tempfile.TemporaryDirectory(prefix="melbatch-bench-librosa-") as out:  # its .npy files: ~90 MB a run
+        return bench_librosa(paths, FeatureConfig(), Path(out))[0]
 
 
 def on_every_core(worker: Callable[[list], float], items: list, procs: int) -> tuple[float, float]:
@@ -217,6 +219,8 @@ def main() -> None:
         p.error("--use-gpu: torch sees no GPU on this machine")
     cfg = FeatureConfig()
     root = Path(args.dir or tempfile.mkdtemp(prefix="melbatch-bench-"))
+    if not args.dir:  # also when a row fails: the archive and shards are hundreds of MB
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
     torch.set_num_threads(1)
     paths = make_files(root / "archive", args.files, args.seconds, cfg.sample_rate_hz)
     hours = args.files * args.seconds / 3600
@@ -268,8 +272,6 @@ def main() -> None:
     print(f"shards per hour of audio                 {images / a * 3.6e3 / 2**20:6,.0f} MB images only (the default), "
           f"{both / a * 3.6e3 / 2**20:,.0f} MB with --keep-audio")
     bench_fixed_cost(root, cfg, args.repeat)
-    if not args.dir:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
