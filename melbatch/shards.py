@@ -40,6 +40,8 @@ VAL_PREDICTIONS = "val_predictions.parquet"
 STATE = "state.pt"  # in each Ray Train checkpoint: model, optimizer, schedule, epoch, history
 TRAIN_CONFIG = "train_config.json"  # model, feature hash and normalisation of the run that owns OUT
 SPLIT = "split.csv"  # uri,split of every file: which were held out
+DIVERGED = "_diverged.json"  # a train whose loss stopped being finite: why (the driver raises it, no model)
+BACKBONES_TABLE = "backbones.json"  # train --backbone auto: every candidate's validation scores and the one kept
 REVIEW_DIR, REVIEW_PAGE, REVIEW_LABELS = "review", "index.html", "labels.csv"  # melbatch review's OUT/review/
 # melbatch discover's OUT/discover/: the page, the grouping (grouping.GROUPS_SCHEMA) and its summary
 DISCOVER_DIR, GROUPS_FILE, DISCOVER_SUMMARY = "discover", "groups.parquet", "summary.json"
@@ -96,6 +98,7 @@ QUARANTINE_KINDS = {
     "truncated": "decoding stopped well short of the length the header declares",
     "bad_header": "the header declares impossible values (rate, channels)",
     "non_finite": "the samples contain NaN or infinity",
+    "out_of_range": "float samples far beyond full scale (over +60 dBFS): a broken or unscaled file",
     "silent": "the whole file is below the silence threshold",
     "too_short": "less audio than min_tail_s, so not one clip",
     "read_error": "the object could not be read from storage",

@@ -103,6 +103,25 @@ def test_every_bad_input_gets_its_specific_kind(bad):
     assert e.value.message
 
 
+@pytest.mark.parametrize("peak,kept", [(0.5, True), (4.0, True), (900.0, True), (2e3, False), (1e30, False)])
+def test_float_audio_beyond_a_sane_peak_is_out_of_range_and_hot_masters_are_kept(peak, kept):
+    """Float WAVs over full scale are real (masters with headroom); 1e30 is not, and its log-mel was +inf."""
+    x = tone(440, 2.0, 16_000).astype(np.float64) / 0.3 * peak
+    data = archives.encode(x, 16_000, archives.FLOAT_WAV)
+    ref = storage.ObjectRef(f"memory://peaks/{peak:g}.wav", "etag", len(data))
+    storage.write_bytes(ref.uri, data)
+    if not kept:
+        with pytest.raises(DecodeError) as e:
+            logmels_of_object(ref, CFG, silence_dbfs=-70)
+        assert e.value.kind == "out_of_range" and "rescale" in e.value.message
+        return
+    info, staged = logmels_of_object(ref, CFG, silence_dbfs=-70)
+    with staged:
+        mels = [m for _, m in staged]
+    assert len(mels) == 2 and all(np.isfinite(m).all() for m in mels)
+    assert info.peak == pytest.approx(peak, rel=1e-3)
+
+
 def _wav_header(rate: int, channels: int, frames: int = 100) -> bytes:
     data = bytes(frames * channels * 2)
     fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * 2, channels * 2, 16)

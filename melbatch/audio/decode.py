@@ -31,6 +31,10 @@ MAX_CHANNELS = 64
 MIN_RATE_HZ, MAX_RATE_HZ = 1000, 768_000
 # A stream is called truncated when it decodes this much less than its header declared.
 TRUNCATION_TOLERANCE = 0.01
+# Float samples beyond this peak (+60 dBFS) are no recording: 32-bit float masters keep a few dB of
+# headroom (rarely past +24 dBFS, 16.0), and past ~1e17 the power spectrum overflows float32 to +inf,
+# which poisoned shards, losses and embeddings (issue 44: a finite 1e30 sine became an all-inf log-mel).
+MAX_PEAK = 1000.0
 
 class DecodeError(Exception):
     """A file cannot become clips; ``kind`` is a key of :data:`~melbatch.shards.QUARANTINE_KINDS`."""
@@ -278,9 +282,14 @@ def _checked(info: AudioInfo, blocks: Blocks) -> Blocks:
         if not np.isfinite(x).all():
             raise DecodeError("non_finite", f"NaN or infinite samples after {info.decoded_frames} frames",
                               info.decoders_tried)
-        info.decoded_frames += len(x)
         if len(x):
-            info.peak = max(info.peak, float(np.abs(x).max()))
+            peak = float(np.abs(x).max())
+            if peak > MAX_PEAK:
+                raise DecodeError("out_of_range", f"sample magnitude {peak:.3g} after {info.decoded_frames} frames, "
+                                  f"{20 * math.log10(peak):.0f} dBFS (float audio is read up to {MAX_PEAK:g}, "
+                                  f"+{20 * math.log10(MAX_PEAK):.0f} dBFS): rescale the file", info.decoders_tried)
+            info.peak = max(info.peak, peak)
+        info.decoded_frames += len(x)
         yield x
     declared = info.declared_frames
     if declared and info.decoded_frames < declared * (1 - TRUNCATION_TOLERANCE) - 0.1 * info.sample_rate_hz:

@@ -144,6 +144,9 @@ def _logmels_once(ref: storage.ObjectRef, cfg: FeatureConfig, silence_dbfs: floa
             info, clips = decode_clips(stream, cfg)
             pairs = logmel_clips(clips, cfg) if images else ((c, _NO_IMAGE) for c in clips)
             for c, mel in pairs:
+                if images and not np.isfinite(mel).all():  # the last guard: no shard or embedding holds inf/NaN
+                    raise DecodeError("non_finite", f"the log-mel image of clip {c.index} is not finite",
+                                      info.decoders_tried)
                 out.add(replace(c, samples=to_pcm16(c.samples) if keep_audio else _NO_SAMPLES), mel)
         if not len(out):
             raise DecodeError("too_short", f"{info.decoded_frames / info.sample_rate_hz:.3f} s of audio is less "

@@ -347,6 +347,9 @@ def _bad_headers(c: _Corpus, tone: np.ndarray, sr: int) -> None:
     c.add("aiff at 0 Hz.aiff", _aiff_zero_rate(be), "bad_header")
 
 
+FLOAT_WAV = ("WAV", "FLOAT", "wav")
+
+
 def _bad_samples(c: _Corpus, tone: np.ndarray, sr: int) -> None:
     """Good headers over bad samples: NaN and infinity, silence, clips too short to keep."""
     for i, (where, value) in enumerate([("start", np.nan), ("middle", np.nan), ("end", np.inf), ("middle", -np.inf)]):
@@ -358,6 +361,9 @@ def _bad_samples(c: _Corpus, tone: np.ndarray, sr: int) -> None:
     stereo = np.stack([tone, tone], axis=1)
     stereo[sr, 1] = np.nan
     c.add("nan in the right channel.wav", encode(stereo, sr, ("WAV", "FLOAT", "wav")), "non_finite")
+    for value, fmt in ((1e30, FLOAT_WAV), (3e3, FLOAT_WAV), (1e300, ("WAV", "DOUBLE", "wav"))):
+        # finite but absurd: a 1e30 sine made every log-mel +inf and a training NaN (issue 44)
+        c.add(f"finite {value:g} peak.wav", encode((value / 0.3) * tone.astype(np.float64), sr, fmt), "out_of_range")
     for ext, fmt in (("wav", FORMATS[0]), ("flac", FORMATS[1])):
         c.add(f"digital silence.{ext}", encode(np.zeros(2 * sr, np.float32), sr, fmt), "silent")
     c.add("hiss at -100 dBFS.wav", encode((1e-5 * c.rng.standard_normal(2 * sr)).astype(np.float32), sr,
