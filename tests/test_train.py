@@ -315,6 +315,18 @@ def test_a_dying_worker_is_survived_with_failure_config(engine_shards, monkeypat
     assert m["epochs"][-1]["attempt_start_epoch"] in (0, 1)  # restarted from scratch or from epoch 1
 
 
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_loss_that_stops_being_finite_stops_training_without_a_model(engine_shards):
+    """Issue 44: a training that went NaN exited 0 and wrote NaN weights. Two workers, so both must stop at
+    the same step (DDP hangs if one leaves the all-reduce), and no restart into the same NaN."""
+    cfg = _cfg(engine_shards, "diverged", epochs=3, lr=1e30, max_failures=2)  # weights overflow within steps
+    with pytest.raises(DatasetError, match=r"the training loss became .* no model was written"):
+        driver.run(cfg)
+    assert not storage.exists(f"{cfg.out}/model/model.json") and not storage.exists(f"{cfg.out}/metrics.json")
+
+
 def test_waveform_augmentation_on_images_only_shards_is_refused_before_training(tmp_path, ray_session, capsys):
     """Shards are images only by default: --wave-augment on them fails fast and says to featurize with
     --keep-audio (no silent fallback to training without it); on shards with waveforms it is taken."""

@@ -41,8 +41,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = JOBS["train"].config(args)
     m = driver.run(cfg, progress=not args.no_progress)
-    print(f"\ntrained {cfg.model} on {cfg.shards}: best epoch {m['best_epoch']}/{cfg.epochs}  "
-          f"val_accuracy {m['val_accuracy']:.3f}  macro_f1 {m['macro_f1']:.3f}  "
+    what = f"{cfg.model}: best epoch {m['best_epoch']}/{cfg.epochs}" if m.get("backbone", "imagenet") == "imagenet" \
+        else f"a head on the {m['backbone']} backbone"
+    print(f"\ntrained {what} on {cfg.shards}:  val_accuracy {m['val_accuracy']:.3f}  per file "
+          f"{m['val_file_accuracy']:.3f}  macro_f1 {m['macro_f1']:.3f}  "
           f"({m['split']['train_files']} train / {m['split']['val_files']} val files)")
     if m.get("multi_label"):
         print(f"multi-label: macro mAP {m['val_map']:.3f}; val_accuracy is the share of clips with every label right; "

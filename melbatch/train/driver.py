@@ -40,10 +40,22 @@ from melbatch import URI, listing, storage
 from melbatch.config import AUDIO_EXTENSIONS, ConfigError, FeatureConfig, TrainConfig
 from melbatch.console import Channel, EpochTable
 from melbatch.labels import multilabel
-from melbatch.model.package import ModelError, create_model
+from melbatch.model import backbones
+from melbatch.model.backbones import AUTO, IMAGENET
+from melbatch.model.package import META, PACKAGE_DIR, WEIGHTS, ModelError, create_model
 from melbatch.model.weights import Source, resolve
-from melbatch.shards import TRAIN_CONFIG, clip_schema
+from melbatch.shards import (
+    BACKBONES_TABLE,
+    DIVERGED,
+    METRICS,
+    SPLIT,
+    TRAIN_CONFIG,
+    VAL_PREDICTIONS,
+    DatasetError,
+    clip_schema,
+)
 from melbatch.stages.runs import init_ray
+from melbatch.train import heads
 from melbatch.train.data import (
     Reviewed,
     dataset_stats,
@@ -56,7 +68,7 @@ from melbatch.train.data import (
     split_by_file,
     splits,
 )
-from melbatch.train.finish import finish
+from melbatch.train.finish import finish, write_split
 from melbatch.train.loop import Budget, train_loop
 
 RUN_NAME = "ray-train"
@@ -99,6 +111,13 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     with ``progress`` a bar per epoch."""
     cfg = _spelled_out(cfg)
     manifest, features, uris, before = preflight(cfg)
+    if cfg.backbone not in (IMAGENET, AUTO):  # a head on an audio backbone: checked before any cluster work
+        heads.check(cfg, cfg.backbone)
+        data = labelled_split(cfg, manifest, features, uris)
+        return heads.run(cfg, cfg.backbone, data.labels, data.labels_of, data.train_files, data.val_files,
+                         features, uris, manifest, progress)
+    if cfg.backbone == AUTO:
+        return auto(cfg, manifest, features, uris, progress)
     cfg = _shifts_that_fit(cfg, features)
     source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
     print(f"model {cfg.model}, starting from {source.describe()}", flush=True)
@@ -133,10 +152,50 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "direct": rows if hold.direct else None,
         "crash_at": os.environ.get("MELBATCH_CRASH_AT"), "channel": channel},
         None if hold.direct else {name: split.dataset() for name, split in rows.items()})
+    diverged = storage.join(cfg.out, DIVERGED)
+    if storage.exists(diverged):
+        storage.delete([diverged])
     with EpochTable(channel, cfg.epochs, budget.steps, bars=progress):
         result = trainer.fit()
+    if storage.exists(diverged):
+        raise DatasetError(f"train stopped: {json.loads(storage.read_bytes(diverged))['why']}")
     return finish(cfg, result, data.labels, features, norm, uris, data.val_files, data.train_files, source,
                   data.review.record() if data.review else None, here=hold.direct)
+
+
+def auto(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig, uris: list[URI],
+         progress: bool = True) -> dict[str, Any]:
+    """``--backbone auto``: every installed backbone's head and the ImageNet fine-tune, each into
+    ``OUT/candidates/<name>/`` on the same split; the best by validation accuracy per file (then macro-F1,
+    then the cheaper) is copied to OUT, and ``OUT/backbones.json`` holds the table it printed."""
+    names = [b.name for b in backbones.installed()]
+    for name in names:
+        heads.check(replace(cfg, backbone=name), name)
+    data = labelled_split(cfg, manifest, features, uris)
+    print(f"backbone auto: {', '.join([*names, IMAGENET])} on the same {len(data.train_files)} training and "
+          f"{len(data.val_files)} validation files" + ("" if names else
+          " (no audio backbone installed: make extras EXTRAS='birdnet speaker')"), flush=True)
+    split = storage.join(cfg.out, "candidates", "split.csv")
+    write_split(storage.join(cfg.out, "candidates"), data.val_files, data.train_files)
+    rows = []
+    for name in [*names, IMAGENET]:
+        one = replace(cfg, backbone=name, out=storage.join(cfg.out, "candidates", name), split_manifest=split)
+        print(f"--- {name}", flush=True)
+        m = run(one, progress)
+        rows.append({"backbone": name, "val_file_accuracy": m["val_file_accuracy"], "macro_f1": m["macro_f1"],
+                     "val_accuracy": m["val_accuracy"], "out": one.out})
+    best = max(rows, key=lambda r: (r["val_file_accuracy"], r["macro_f1"], r["backbone"] != IMAGENET))
+    for rel in (f"{PACKAGE_DIR}/{META}", f"{PACKAGE_DIR}/{WEIGHTS}", METRICS, VAL_PREDICTIONS, SPLIT):
+        storage.write_bytes(storage.join(cfg.out, rel), storage.read_bytes(storage.join(best["out"], rel)))
+    table = {"chosen": best["backbone"], "by": "validation accuracy per file, then macro-F1", "candidates": rows}
+    storage.write_bytes(storage.join(cfg.out, BACKBONES_TABLE), json.dumps(table, indent=2).encode())
+    print("backbone        files   clips  macro-F1", flush=True)
+    for r in rows:
+        print(f"{r['backbone']:<14} {r['val_file_accuracy']:>6.3f}  {r['val_accuracy']:>6.3f}  {r['macro_f1']:>8.3f}"
+              + ("  <- kept" if r is best else ""), flush=True)
+    print(f"kept: {best['backbone']} (its package is {storage.join(cfg.out, PACKAGE_DIR)})", flush=True)
+    metrics = json.loads(storage.read_bytes(storage.join(cfg.out, METRICS)))
+    return {**metrics, "auto": table}
 
 
 def _spelled_out(cfg: TrainConfig) -> TrainConfig:

@@ -69,9 +69,10 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
     calibration = None
     if not cfg.multi_label:
         val, calibration = calibrate(cfg, val, labels)
-    _write_val_predictions(cfg, val)
+    write_val_predictions(cfg, val)
     metrics = {
-        "val_accuracy": best["val_accuracy"], "macro_f1": best["macro_f1"], "best_epoch": best["epoch"],
+        "backbone": "imagenet", "val_accuracy": best["val_accuracy"], "macro_f1": best["macro_f1"],
+        "best_epoch": best["epoch"],
         "val_file_accuracy": file_accuracy(val, labels, multi.get("thresholds")),
         "labels": labels, **({"val_map": best["val_map"], **multi} if multi else {
             "confusion_matrix": json.loads(best["confusion_matrix"])}),
@@ -81,12 +82,17 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
         "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
     }
     storage.write_bytes(storage.join(cfg.out, METRICS), json.dumps(metrics, indent=2).encode())
+    write_split(cfg.out, val_files, train_files)
+    return metrics
+
+
+def write_split(out: URI, val_files: set[str], train_files: set[str]) -> None:
+    """``OUT/split.csv``: every file and its side (``uri,split``), what ``--split-manifest`` reads back."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["uri", "split"])
     w.writerows([(u, "val") for u in sorted(val_files)] + [(u, "train") for u in sorted(train_files)])
-    storage.write_bytes(storage.join(cfg.out, SPLIT), buf.getvalue().encode())
-    return metrics
+    storage.write_bytes(storage.join(out, SPLIT), buf.getvalue().encode())
 
 
 class _Scorer:
@@ -138,7 +144,7 @@ def _in_order(scored: pa.Table) -> pa.Table:
     return scored.sort_by([("uri", "ascending"), ("clip_index", "ascending")])
 
 
-def _write_val_predictions(cfg: TrainConfig, table: pa.Table) -> None:
+def write_val_predictions(cfg: TrainConfig, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(storage.join(cfg.out, VAL_PREDICTIONS), buf.getvalue())

@@ -34,7 +34,7 @@ from melbatch.console import Channel, Throttle
 from melbatch.labels import multilabel
 from melbatch.model.package import classifier_names, create_model, normalize
 from melbatch.model.weights import Source
-from melbatch.shards import STATE, audio_array, mel_array
+from melbatch.shards import DIVERGED, STATE, audio_array, mel_array
 from melbatch.train import augment
 from melbatch.train.data import load_noise_bank, read_sides, share
 from melbatch.train.feed import HeldShard, Waited
@@ -126,7 +126,8 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _metrics(conf: np.ndarray, labels: list[str]) -> dict[str, Any]:
+def confusion_metrics(conf: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-label precision/recall/F1/support and the matrix, from a confusion matrix."""
     tp = np.diag(conf).astype(float)
     precision = np.divide(tp, conf.sum(0), out=np.zeros_like(tp), where=conf.sum(0) > 0)
     recall = np.divide(tp, conf.sum(1), out=np.zeros_like(tp), where=conf.sum(1) > 0)
@@ -168,6 +169,7 @@ class _Worker:
     history: list[dict[str, Any]]
     train_shard: HeldShard
     val_shard: HeldShard
+    diverged: str | None = None  # why the loss or the gradients stopped being finite
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -178,6 +180,10 @@ def train_loop(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         where = {"rows_from": w.train_shard.source, "val_from": w.val_shard.source}  # before the epoch holds them
         train, per_label = train_epoch(w, epoch)
+        if w.diverged:  # told the driver through OUT, not raised: Ray Train would restart into the same NaN
+            if w.rank == 0:
+                storage.write_bytes(storage.join(w.cfg.out, DIVERGED), json.dumps({"why": w.diverged}).encode())
+            return
         if epoch + 1 < w.cfg.epochs:  # the next epoch's read begins while this one is evaluated
             w.train_shard.start(**epoch_order(w, epoch + 1))
         t_val = time.perf_counter()
@@ -290,6 +296,9 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[tuple[float, ...], Any]:
             loss = -(target * torch.log_softmax(logits.float(), dim=1) * w.class_w).sum(1).mean()
         w.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if (why := _diverged(w, loss, epoch, step)) is not None:
+            w.diverged = why  # every worker sees it at this step: DDP summed the NaN into everyone's gradients
+            break
         if frozen:
             for n, p in w.model.named_parameters():
                 if n.removeprefix("module.") not in w.head:
@@ -338,6 +347,18 @@ def evaluate(w: _Worker) -> tuple[Any, Any]:
     return conf, val_loss
 
 
+def _diverged(w: _Worker, loss: Any, epoch: int, step: int) -> str | None:
+    """Why this step cannot be taken (a non-finite loss or gradient norm), else None. The gradients are
+    the same on every worker after DDP's all-reduce, so every worker gives the same answer."""
+    grads = [p.grad for p in w.model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if bool(torch.isfinite(loss)) and bool(torch.isfinite(norm)):
+        return None
+    return (f"the training loss became {float(loss):g} (gradient norm {float(norm):g}) at epoch {epoch + 1}, step "
+            f"{step + 1}; no model was written. Look for audio far beyond full scale in "
+            f"the shards (featurize quarantines them since issue 44), or lower --lr (now {w.cfg.lr:g})")
+
+
 def epoch_metrics(w: _Worker, epoch: int, conf: Any, val_loss: Any, train: tuple[float, ...],
                   per_label: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The epoch's numbers summed over the workers: its table row, and what Ray Train records.
@@ -352,7 +373,7 @@ def epoch_metrics(w: _Worker, epoch: int, conf: Any, val_loss: Any, train: tuple
             parts: list[Any] = [None] * w.world
             dist.all_gather_object(parts, conf)
             conf = (np.concatenate([p for p, _ in parts]), np.concatenate([t for _, t in parts]))
-    m = multilabel.scores(*conf, w.labels) if w.cfg.multi_label else _metrics(conf.numpy(), w.labels)
+    m = multilabel.scores(*conf, w.labels) if w.cfg.multi_label else confusion_metrics(conf.numpy(), w.labels)
     train_s, wait_s, first_s, val_s, epoch_s = (counts[2:] / w.world).tolist()
     row = {"epoch": epoch + 1, "train_loss": float(counts[0] / max(1, counts[1])),
            "val_loss": float(val_loss[0] / max(1, val_loss[1])), "val_accuracy": m["val_accuracy"],
