@@ -15,7 +15,7 @@ MODEL ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: help setup extras disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-field bench-gpu lease-kit bench-discover figure docs docs-build lint format \
+.PHONY: help setup extras disk-check system-deps test test-fast chaos demo bench bench-train bench-transfer bench-classify bench-scan bench-review bench-field bench-gpu lease-kit bench-discover bench-backbones figure docs docs-build lint format \
         featurize train classify scan results report image image-cuda clean
 
 help:  ## list the targets
@@ -111,6 +111,9 @@ bench-review: setup  ## one review round: held-out accuracy before/after N revie
 
 bench-discover: setup  ## discover's groups on FSDD and xc_birds10 (labels hidden): purity and NMI against an MFCC baseline
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/discover.py $(ARGS)
+
+bench-backbones: setup  ## each installed audio backbone's head on held-out real recordings (birds, FSDD speakers, digits)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/backbones.py $(ARGS)
 
 bench-gpu: setup  ## model images/s, log-mel on the device, CPU decode per core: the cores one GPU needs
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) bench/gpu.py $(ARGS)

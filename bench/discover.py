@@ -10,9 +10,10 @@ Rows, for each archive and each truth (digit, speaker, species), at k = the numb
 and at the k discover chooses itself:
   purity   the share of files whose group's majority is their own class (files: a file's clips vote)
   NMI      normalised mutual information between groups and classes (0 = unrelated, 1 = the same)
-Grouped by: discover's ImageNet backbone (tf_efficientnet_lite0 as it is), a trained package when
-``--model`` gives one, and a plain baseline: each file's MFCC means and standard deviations (20
-coefficients, librosa, 16 kHz), standardised, k-means (scikit-learn, 10 starts).
+Grouped by: discover's ImageNet backbone (tf_efficientnet_lite0 as it is), the audio backbones
+``--backbones`` names (birdnet, speaker), a trained package when ``--model`` gives one, and a plain
+baseline: each file's MFCC means and standard deviations (20 coefficients, librosa, 16 kHz),
+standardised, k-means (scikit-learn, 10 starts).
 Then the cost: clips per second of the whole discover run on this machine's CPUs (embedding and
 grouping), the hours a million clips would take at that rate, and the driver's peak memory.
 
@@ -83,16 +84,19 @@ def truths(name: str, uri: str) -> dict[str, str]:
     return {"species": folder}
 
 
-def bench_archive(name: str, root: Path, sample: int, work: Path, model: str | None, seed: int) -> list[tuple]:
+def bench_archive(name: str, root: Path, sample: int, work: Path, model: str | None, seed: int,
+                  audio_backbones: list[str]) -> list[tuple]:
     rows = []
     out = work / name
     runs: dict[str, tuple[dict[str, int], float, int]] = {}
-    kinds = [("ImageNet backbone", None)] + ([("trained package", model)] if model else [])
+    kinds = [("ImageNet backbone", None, "tf_efficientnet_lite0")] + \
+        [(f"{b} backbone", None, b) for b in audio_backbones] + ([("trained package", model, "")] if model else [])
     classes_of: dict[str, int] = {}
-    for what, pkg in kinds:
+    for what, pkg, bb in kinds:
         t0 = time.perf_counter()
         s = discover.run(DiscoverConfig(archive=str(root), out=str(out / what.replace(" ", "-")), model=pkg,
-                                        sample=sample, seed=seed, max_groups=12), progress=False)
+                                        backbone=bb or "tf_efficientnet_lite0", sample=sample, seed=seed,
+                                        max_groups=12), progress=False)
         wall = time.perf_counter() - t0
         dest = out / what.replace(" ", "-") / "discover"
         runs[f"{what}, k chosen ({s.k})"] = (file_groups(dest / "groups.parquet"), wall, s.clips)
@@ -102,7 +106,8 @@ def bench_archive(name: str, root: Path, sample: int, work: Path, model: str | N
             classes_of[truth] = k
             t0 = time.perf_counter()
             discover.run(DiscoverConfig(archive=str(root), out=str(out / what.replace(" ", "-")), model=pkg,
-                                        sample=sample, seed=seed, groups=k), progress=False)
+                                        backbone=bb or "tf_efficientnet_lite0", sample=sample, seed=seed, groups=k),
+                         progress=False)
             runs[f"{what}, k = {k}"] = (file_groups(dest / "groups.parquet"), time.perf_counter() - t0, s.clips)
     files = sorted(next(iter(runs.values()))[0])
     for truth, k in classes_of.items():
@@ -188,6 +193,8 @@ def main() -> None:
     p.add_argument("--fsdd-files", type=int, default=600, help="FSDD files discovered (the same share of each "
                    "digit folder; 0: all 3,000)")
     p.add_argument("--model", default=None, help="also group with this trained package's embeddings")
+    p.add_argument("--backbones", default="", help="comma-separated audio backbones (birdnet, speaker; their "
+                   "extras installed) whose embeddings also group each archive")
     p.add_argument("--labels-given", default="", help="comma-separated k: also train from k group labels vs k random "
                    "clip labels on FSDD digits (two default trainings per k; ~10 min each on 2 CPUs)")
     p.add_argument("--seed", type=int, default=0)
@@ -199,7 +206,8 @@ def main() -> None:
         if not Path(root).is_dir():
             print(f"{name}: {root} is not a folder; skipped")
             continue
-        rows += bench_archive(name, Path(root), sample, work, args.model, args.seed)
+        rows += bench_archive(name, Path(root), sample, work, args.model, args.seed,
+                              [b for b in args.backbones.split(",") if b])
     if args.labels_given:
         given, trained = labels_given(Path(args.fsdd), work, [int(k) for k in args.labels_given.split(",")],
                                       args.fsdd_files, args.seed)

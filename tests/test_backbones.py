@@ -178,3 +178,37 @@ def test_a_speaker_head_tells_fsdd_speakers_apart_on_recordings_it_never_heard(t
     clip = torchaudio.functional.resample(torch.from_numpy(x), sr, 16_000).numpy()
     probs, emb = predict_audio(pkg, np.pad(clip, (0, 25_600 - len(clip)))[None])
     assert pkg.labels[int(probs.argmax())] == "theo" and emb.shape == (1, 256)
+
+
+@pytest.mark.skipif(not backbones.installed(), reason="no audio backbone installed (make extras)")
+@pytest.mark.skipif(not FSDD.is_dir(), reason=f"no FSDD recordings at {FSDD}")
+@pytest.mark.ray
+@pytest.mark.slow
+def test_auto_fits_every_installed_backbone_and_the_fine_tune_and_keeps_the_best(tmp_path, ray_session):
+    """Two FSDD speakers (digits 0-2): auto's kept package is the candidate with the best validation
+    accuracy per file, never below any other; the table says which and why."""
+    labels, split, src = ["uri,label"], ["uri,split"], tmp_path / "fsdd"
+    for f in sorted(FSDD.glob("[012]/*.wav")):
+        digit, speaker, index = f.stem.split("_")
+        if speaker not in ("theo", "jackson") or int(index) >= 15:
+            continue
+        (src / digit).mkdir(parents=True, exist_ok=True)
+        (src / digit / f.name).symlink_to(f)
+        uri = storage.canonical(str(src / digit / f.name))
+        labels.append(f"{uri},{speaker}")
+        split.append(f"{uri},{'val' if int(index) < 5 else 'train'}")
+    (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
+    (tmp_path / "split.csv").write_text("\n".join(split) + "\n")
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(tmp_path / "shards"), labels=str(tmp_path / "labels.csv")),
+                  progress=False)
+    out = tmp_path / "auto"
+    m = driver.run(TrainConfig(shards=str(tmp_path / "shards"), out=str(out), backbone="auto",
+                               split_manifest=str(tmp_path / "split.csv"), model="test_resnet", pretrained=False,
+                               epochs=1, min_steps=0, batch_size=8, cpus_per_worker=0.5), progress=False)
+    table = json.loads((out / "backbones.json").read_text())
+    got = {r["backbone"]: r["val_file_accuracy"] for r in table["candidates"]}
+    assert set(got) == {*(b.name for b in backbones.installed()), "imagenet"}
+    assert got[table["chosen"]] == max(got.values()) == m["val_file_accuracy"]
+    kept = json.loads((out / "model" / "model.json").read_text())
+    assert kept.get("backbone", {}).get("name", "imagenet") == table["chosen"]
+    assert (out / "split.csv").read_text() == (out / "candidates" / table["chosen"] / "split.csv").read_text()

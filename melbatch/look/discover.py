@@ -5,8 +5,9 @@ Top-down (:func:`run`):
 
 1. :func:`objects` lists ARCHIVE (``--sample N``: N files taken in turn from each folder).
 2. :func:`embedder` is the model whose pooled features describe each clip: a trained package
-   (``--model``), or an ImageNet backbone as it is (:func:`backbone_package`: its features fitted to
-   the recordings as featurize fits them, each clip standardised on its own).
+   (``--model``), an audio backbone (``--backbone birdnet`` or ``speaker``: clips of its own window), or
+   an ImageNet backbone as it is (:func:`backbone_package`: its features fitted to the recordings as
+   featurize fits them, each clip standardised on its own).
 3. classify runs it over the objects on Ray with ``--keep-embeddings`` (its decode, features,
    streaming and quarantine): ``OUT/discover/embeddings``.
 4. :func:`~melbatch.stages.grouping.group` groups the clips by k-means on Ray, k chosen by
@@ -37,11 +38,13 @@ from melbatch.config import ClassifyConfig, ConfigError, DiscoverConfig, Feature
 from melbatch.labels.sources import REVIEWED_COLUMNS, SKIP
 from melbatch.look.html import Section, esc, facts, note, page
 from melbatch.look.review import CARD_STYLE, Card, cards, media
+from melbatch.model import backbones
 from melbatch.model.package import ModelError, create_model, read_package_meta, save_package
 from melbatch.model.weights import resolve
 from melbatch.shards import DISCOVER_DIR, DISCOVER_SUMMARY, GROUPS_FILE, REVIEW_PAGE, read_manifest
 from melbatch.stages import classify, featurize, grouping
 from melbatch.stages.runs import init_ray
+from melbatch.train import heads
 
 MIXED = "mixed"  # a group labelled so (or left empty) gives its clips no label
 TIME_IN_KEY = re.compile(r"(?<!\d)(?:19|20)\d\d-?[01]\d-?[0-3]\d[T_ -]?([0-2]\d)[-:h]?[0-5]\d")
@@ -143,10 +146,18 @@ def embedder(cfg: DiscoverConfig, refs: list[storage.ObjectRef], dest: URI) -> U
 
 
 def backbone_package(cfg: DiscoverConfig, refs: list[storage.ObjectRef], out: URI) -> URI:
-    """A package of ``cfg.backbone`` with its ImageNet weights and an unused one-label head, whose
-    features are the defaults fitted to the recordings (featurize's rule, from the same sample), each
-    image standardised on its own (no dataset statistics to measure first)."""
+    """A package of ``cfg.backbone`` and an unused one-label head: an audio backbone's
+    (:mod:`melbatch.model.backbones`; clips of its own window) or a timm model's with its ImageNet
+    weights, whose features are the defaults fitted to the recordings (featurize's rule, from the same
+    sample), each image standardised on its own (no dataset statistics to measure first)."""
+    if cfg.backbone in backbones.REGISTRY:
+        b = backbones.get(cfg.backbone)
+        if why := b.missing():
+            raise ConfigError(f"--backbone {b.name}: {why}")
+        backbones.announce(b)
     fitted = featurize.fit_clips(FeaturizeConfig(src=cfg.archive, dst=out), refs).features
+    if cfg.backbone in backbones.REGISTRY:  # its own window, the shortest clip kept as fitted (FSDD: 0.1 s)
+        return heads.embedding_package(b, heads.features_for(b, fitted), out)
     source = resolve(cfg.backbone, True, cfg.weights)
     try:
         with torch.random.fork_rng():  # the unused head the same every time: the same package id, so a re-run resumes

@@ -30,10 +30,9 @@ import torch
 
 from melbatch import URI, ledger, storage
 from melbatch.audio.decode import DecodeError, decode_clips
-from melbatch.audio.logmel import logmel_clips
 from melbatch.config import ConfigError, FeatureConfig, SimilarConfig
 from melbatch.look.pictures import Rendered, audio_panel, render
-from melbatch.model.package import load_package, predict
+from melbatch.model.package import load_package, predict_clips
 from melbatch.shards import embedding_matrix, read_manifest
 
 COLUMNS = ["uri", "clip_index", "start_s", "end_s", "label", "probability", "embedding"]
@@ -130,17 +129,17 @@ def query_vector(query: str, files: list[Source], model: URI, features: FeatureC
     pkg = load_package(model)
     try:
         with storage.open_input(query) as f:
-            _, clips = decode_clips(f, features)
-            images = [mel for _, mel in logmel_clips(clips, features)]
+            _, cut = decode_clips(f, features)
+            clips = list(cut)
     except DecodeError as e:
         raise ConfigError(f"cannot use {query} as a query: {e}") from None
     except (OSError, storage.StorageError) as e:
         raise ConfigError(f"cannot read the query {query}: {e}") from None
-    if not images:
+    if not clips:
         raise ConfigError(f"{query} is shorter than one clip's minimum ({features.min_tail_s} s): nothing to compare")
     with torch.inference_mode():
-        _, emb = predict(pkg, np.stack(images), embeddings=True)
-    return _unit(_unit(emb).mean(0)), f"{query} ({len(images)} clip(s) embedded by {pkg.meta['model_id']})"
+        _, emb = predict_clips(pkg, clips, embeddings=True)
+    return _unit(_unit(emb).mean(0)), f"{query} ({len(clips)} clip(s) embedded by {pkg.meta['model_id']})"
 
 
 def search(files: list[Source], q: np.ndarray, k: int, readers: int = 4) -> list[Match]:

@@ -20,10 +20,10 @@ import torch
 
 from melbatch import URI, storage
 from melbatch.audio.decode import cut_clips
-from melbatch.audio.logmel import logmel_clips, logmel_tensor
+from melbatch.audio.logmel import logmel_tensor
 from melbatch.config import FeatureConfig
 from melbatch.look.pictures import decode_window, png_bytes, pyplot
-from melbatch.model.package import load_package, predict
+from melbatch.model.package import load_package, predict_clips
 from melbatch.stages import detections
 
 COLUMNS = 1600  # time columns of the spectrogram, whatever the length of the recording
@@ -96,14 +96,14 @@ def of_model(uri: URI, model: URI, start_s: float = 0.0, seconds: float | None =
     rows: list[tuple[int, float, float]] = []
     probs: list[np.ndarray] = []
     batch: list[np.ndarray] = []
-    for clip, mel in logmel_clips(cut_clips([x], cfg), cfg):
+    for clip in cut_clips([x], cfg):
         rows.append((clip.index, start_s + clip.start_s, start_s + clip.end_s))
-        batch.append(mel)
+        batch.append(clip)
         if len(batch) == PREDICT_CLIPS:
-            probs.append(predict(pkg, np.stack(batch))[0])
+            probs.append(predict_clips(pkg, batch)[0])
             batch = []
     if batch:
-        probs.append(predict(pkg, np.stack(batch))[0])
+        probs.append(predict_clips(pkg, batch)[0])
     p = np.concatenate(probs) if probs else np.zeros((0, len(pkg.labels)), np.float32)
     index, starts, ends = (np.array(c) for c in zip(*rows, strict=True)) if rows else (np.zeros(0),) * 3
     clips = pa.table({"uri": [uri] * len(rows), "clip_index": index.astype(np.int32), "start_s": starts,

