@@ -9,6 +9,9 @@ Sets (labels from the recordings' names and folders; ../shared/data, not part of
                 same speakers
   fsdd digit    FSDD digits: 4 speakers train (jackson, nicolas, theo, yweweler; all 2,000), the other two
                 (george, lucas; 1,000) held out: what is said, by voices never heard
+  voice m/f     male or female, made here with espeak-ng (FSDD's six speakers are all men): voices en+m1-m3
+                and en+f1-f2 train, en+m4-m7 and en+f3-f5 are held out (voices never heard), 24 phrases each,
+                every voice's pitch drawn from the same range (30-70), so pitch alone does not tell them apart
 
 Per set and backbone: accuracy per held-out file (the mean of its clips' probabilities, as classify
 decides), per clip, and the seconds to a model on this machine (featurize once per set, not counted;
@@ -23,9 +26,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from melbatch import storage
 from melbatch.config import FeaturizeConfig, TrainConfig
@@ -37,9 +43,37 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN_SPEAKERS = ("jackson", "nicolas", "theo", "yweweler")
 
 
+PHRASES = ["the quick brown fox", "seven green bottles", "where is the station", "turn left at the bridge",
+           "it will rain tomorrow", "my number is four two nine", "please call me back", "the meeting starts now",
+           "open the window", "bring the red box", "how much does it cost", "the river is cold",
+           "she sells sea shells", "a cup of strong coffee", "the train is late again", "good morning everyone",
+           "the cat sat on the mat", "we need more paper", "count from one to five", "the bell rang twice",
+           "this is a test", "read the next line", "the dog ran away", "thank you very much"]
+TRAIN_VOICES = ("m1", "m2", "m3", "f1", "f2")
+HELD_VOICES = ("m4", "m5", "m6", "m7", "f3", "f4", "f5")
+
+
+def voices(src: Path, split: list[str]) -> None:
+    """The male/female set, spoken by espeak-ng into ``src/<male|female>/<voice>_<n>.wav``."""
+    rng = np.random.default_rng(0)
+    for voice in TRAIN_VOICES + HELD_VOICES:
+        label = "female" if voice.startswith("f") else "male"
+        (src / label).mkdir(parents=True, exist_ok=True)
+        for n, phrase in enumerate(PHRASES):
+            f = src / label / f"{voice}_{n:02d}.wav"
+            subprocess.run(["espeak-ng", "-v", f"en+{voice}", "-p", str(int(rng.integers(30, 71))),
+                            "-s", str(int(rng.integers(130, 190))), "-w", str(f), phrase], check=True,
+                           capture_output=True)
+            split.append(f"{storage.canonical(str(f))},{'train' if voice in TRAIN_VOICES else 'val'}")
+
+
 def link_set(name: str, fsdd: Path, birds: Path, work: Path) -> tuple[Path, Path, Path | None]:
     """The set's recordings linked under ``work`` (SRC), its split.csv and, for FSDD, its labels.csv."""
     src, split, labels = work / name / "src", ["uri,split"], ["uri,label"]
+    if name == "voice m/f":
+        voices(src, split)
+        (work / name / "split.csv").write_text("\n".join(split) + "\n")
+        return src, work / name / "split.csv", None
     if name == "birds":
         for species in sorted(p for p in birds.iterdir() if p.is_dir()):
             for i, f in enumerate(sorted(species.glob("*.mp3"))):
@@ -69,7 +103,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fsdd", default=str(SHARED / "fsdd"), help="FSDD folder (default: %(default)s)")
     p.add_argument("--birds", default=str(SHARED / "xc_birds10"), help="xc_birds10 folder (default: %(default)s)")
-    p.add_argument("--sets", default="birds,fsdd speaker,fsdd digit", help="comma-separated (default: %(default)s)")
+    p.add_argument("--sets", default="birds,fsdd speaker,fsdd digit,voice m/f",
+                   help="comma-separated (default: %(default)s)")
     p.add_argument("--imagenet", action="store_true", help="also the default ImageNet fine-tune (slow on CPUs)")
     p.add_argument("--dir", default=None, help="work folder (default: a temp folder, removed afterwards)")
     args = p.parse_args()

@@ -15,11 +15,11 @@ import pytest
 import soundfile as sf
 
 from melbatch import storage
-from melbatch.config import ClassifyConfig, ConfigError, FeaturizeConfig, TrainConfig
+from melbatch.config import ClassifyConfig, ConfigError, FeaturizeConfig, ScanConfig, TrainConfig
 from melbatch.model import backbones
 from melbatch.model.heads import fit_head
 from melbatch.model.package import load_package, predict_audio
-from melbatch.stages import classify, featurize
+from melbatch.stages import classify, featurize, scan
 from melbatch.train import driver, heads
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -143,6 +143,13 @@ def test_a_birdnet_head_names_held_out_birds_and_classify_quarantines_bad_files(
     clips = pq.read_table(out / "clips")
     emb = np.stack(clips.column("embedding").to_numpy(zero_copy_only=False))
     assert emb.shape[1] == 1024 and np.isfinite(emb).all()  # the backbone's embeddings, for similar/discover
+    # a nightly scan with the same package: the same verdicts, the same two set aside, then nothing new
+    sc = scan.run(ScanConfig(ClassifyConfig(archive=str(arch), model=str(tmp_path / "model"),
+                                            out=str(tmp_path / "scan"), max_quarantine_rate=1.0)), progress=False)
+    assert (sc.counts["new"], sc.counts["classified"], sc.counts["quarantined"]) == (8, 6, 2)
+    again = scan.run(ScanConfig(ClassifyConfig(archive=str(arch), model=str(tmp_path / "model"),
+                                               out=str(tmp_path / "scan"), max_quarantine_rate=1.0)), progress=False)
+    assert again.counts["new"] == again.counts["classified"] == 0
 
 
 @needs("speaker")
