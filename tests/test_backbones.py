@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,25 @@ def _birds(tmp_path: Path) -> tuple[Path, Path]:
     return src, split
 
 
+def speaker_shards(tmp_path: Path, keep: Callable[[str, int], bool], digits: str = "*") -> None:
+    """FSDD files that ``keep(speaker, index)`` takes, labelled by speaker, featurized into tmp/shards;
+    tmp/split.csv holds out takes 0-4 (FSDD's official test split), the rest train."""
+    labels, split, src = ["uri,label"], ["uri,split"], tmp_path / "fsdd"
+    for f in sorted(FSDD.glob(f"{digits}/*.wav")):
+        digit, speaker, index = f.stem.split("_")
+        if not keep(speaker, int(index)):
+            continue
+        (src / digit).mkdir(parents=True, exist_ok=True)
+        (src / digit / f.name).symlink_to(f)
+        uri = storage.canonical(str(src / digit / f.name))
+        labels.append(f"{uri},{speaker}")
+        split.append(f"{uri},{'val' if int(index) < 5 else 'train'}")
+    (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
+    (tmp_path / "split.csv").write_text("\n".join(split) + "\n")
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(tmp_path / "shards"), labels=str(tmp_path / "labels.csv")),
+                  progress=False)
+
+
 @needs("birdnet")
 @pytest.mark.skipif(not BIRDS.is_dir(), reason=f"no xc_birds10 recordings at {BIRDS}")
 @pytest.mark.ray
@@ -158,21 +178,8 @@ def test_a_birdnet_head_names_held_out_birds_and_classify_quarantines_bad_files(
 @pytest.mark.slow
 def test_a_speaker_head_tells_fsdd_speakers_apart_on_recordings_it_never_heard(tmp_path, ray_session):
     """FSDD's official split: recordings 0-4 of each speaker and digit held out (300), the rest train."""
-    labels, split = ["uri,label"], ["uri,split"]
-    src = tmp_path / "fsdd"
-    for f in sorted(FSDD.glob("*/*.wav")):
-        digit, speaker, index = f.stem.split("_")
-        if int(index) % 5 and int(index) >= 5:  # 4 of 9 training takes of each: 1,200 files, still plenty
-            continue
-        (src / digit).mkdir(parents=True, exist_ok=True)
-        (src / digit / f.name).symlink_to(f)
-        uri = storage.canonical(str(src / digit / f.name))
-        labels.append(f"{uri},{speaker}")
-        split.append(f"{uri},{'val' if int(index) < 5 else 'train'}")
-    (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
-    (tmp_path / "split.csv").write_text("\n".join(split) + "\n")
-    featurize.run(FeaturizeConfig(src=str(src), dst=str(tmp_path / "shards"), labels=str(tmp_path / "labels.csv")),
-                  progress=False)
+    # 4 of 9 training takes of each speaker and digit: 1,200 files, still plenty
+    speaker_shards(tmp_path, lambda speaker, index: index < 5 or index % 5 == 0)
     m = driver.run(TrainConfig(shards=str(tmp_path / "shards"), out=str(tmp_path / "model"), backbone="speaker",
                                split_manifest=str(tmp_path / "split.csv")), progress=False)
     assert m["split"]["val_files"] == 300
@@ -194,20 +201,7 @@ def test_a_speaker_head_tells_fsdd_speakers_apart_on_recordings_it_never_heard(t
 def test_auto_fits_every_installed_backbone_and_the_fine_tune_and_keeps_the_best(tmp_path, ray_session):
     """Two FSDD speakers (digits 0-2): auto's kept package is the candidate with the best validation
     accuracy per file, never below any other; the table says which and why."""
-    labels, split, src = ["uri,label"], ["uri,split"], tmp_path / "fsdd"
-    for f in sorted(FSDD.glob("[012]/*.wav")):
-        digit, speaker, index = f.stem.split("_")
-        if speaker not in ("theo", "jackson") or int(index) >= 15:
-            continue
-        (src / digit).mkdir(parents=True, exist_ok=True)
-        (src / digit / f.name).symlink_to(f)
-        uri = storage.canonical(str(src / digit / f.name))
-        labels.append(f"{uri},{speaker}")
-        split.append(f"{uri},{'val' if int(index) < 5 else 'train'}")
-    (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
-    (tmp_path / "split.csv").write_text("\n".join(split) + "\n")
-    featurize.run(FeaturizeConfig(src=str(src), dst=str(tmp_path / "shards"), labels=str(tmp_path / "labels.csv")),
-                  progress=False)
+    speaker_shards(tmp_path, lambda speaker, index: speaker in ("theo", "jackson") and index < 15, "[012]")
     out = tmp_path / "auto"
     m = driver.run(TrainConfig(shards=str(tmp_path / "shards"), out=str(out), backbone="auto",
                                split_manifest=str(tmp_path / "split.csv"), model="test_resnet", pretrained=False,
