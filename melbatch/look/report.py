@@ -45,7 +45,15 @@ from melbatch.look.html import (
     trend_chart,
 )
 from melbatch.model.weights import Source
-from melbatch.shards import METRICS, VAL_PREDICTIONS, embedding_matrix, read_manifest, read_quarantine, read_tables
+from melbatch.shards import (
+    BACKBONES_TABLE,
+    METRICS,
+    VAL_PREDICTIONS,
+    embedding_matrix,
+    read_manifest,
+    read_quarantine,
+    read_tables,
+)
 
 REPORT = "report.html"
 MAX_ROWS = 200  # table rows shown; the rest are counted, and the Parquet file is named
@@ -131,7 +139,11 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     overview = Section("Overview").add(facts([
         ("model", meta["model_name"]), ("model id", meta["model_id"]), ("shards", meta.get("shards", "")),
         ("started from", _started_from(meta)),
-        ("best epoch", f"{m['best_epoch']} of {len(m['epochs'])}"),
+        *([("backbone", f"{meta['backbone']['name']}: {meta['backbone']['version']}; {meta['backbone']['licence']}"),
+           ("head", f"logistic regression on {m['head']['train_clips']:,} training clips' embeddings "
+                    f"({m['head']['dim']} dims): embedded in {m['head']['embed_s']:g} s, fitted in "
+                    f"{m['head']['fit_s']:g} s")] if meta.get("backbone") and m.get("head") else
+          [("best epoch", f"{m['best_epoch']} of {len(m['epochs'])}")]),
         ("validation accuracy (clips)", f"{m['val_accuracy']:.3f}"),
         ("validation accuracy (files)", f"{m['val_file_accuracy']:.3f}" if "val_file_accuracy" in m else "n/a"),
         ("macro F1", f"{m['macro_f1']:.3f}"),
@@ -143,7 +155,8 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     curves.add(table(["epoch", "train loss", "val loss", "val accuracy", "macro F1", "lr", "samples/s"],
                      [(e["epoch"], f"{e['train_loss']:.4f}", f"{e['val_loss']:.4f}", f"{e['val_accuracy']:.3f}",
                        f"{e['macro_f1']:.3f}", f"{e['lr']:.2e}", f"{e['samples_per_s']:.0f}") for e in m["epochs"]]))
-    sections = [overview, curves, per_class_section(m, labels), wrong_clips_section(run, meta, cfg, thumbnails)]
+    sections = [overview, *([curves] if m["epochs"] else []), *_auto_section(run),
+                per_class_section(m, labels), wrong_clips_section(run, meta, cfg, thumbnails)]
     if m.get("calibration"):
         sections.append(calibration_section(m["calibration"]))
     return run, [*sections, features_section(cfg, meta["config_hash"])]
@@ -231,6 +244,19 @@ def _reviewed(r: dict[str, Any] | None) -> str:
             f"training files, {r['added']} clip(s) added from outside the shards "
             f"({', '.join(f'{k} {v}' for k, v in r['added_per_label'].items()) or 'none'}), "
             f"{r['in_validation_not_applied']} in validation files not applied, {r['skipped']} skipped")
+
+
+def _auto_section(run: URI) -> list[Section]:
+    """``train --backbone auto``'s table (``OUT/backbones.json``): every candidate and the one kept."""
+    uri = storage.join(run, BACKBONES_TABLE)
+    if not storage.exists(uri):
+        return []
+    t = json.loads(storage.read_bytes(uri))
+    rows = [(r["backbone"] + (" (kept)" if r["backbone"] == t["chosen"] else ""), f"{r['val_file_accuracy']:.3f}",
+             f"{r['val_accuracy']:.3f}", f"{r['macro_f1']:.3f}", r["out"]) for r in t["candidates"]]
+    return [Section("Backbones tried (--backbone auto)").add(
+        note(f"Every candidate trained on the same split; kept: {t['chosen']}, by {t['by']}.")).add(
+        table(["backbone", "validation files", "validation clips", "macro F1", "its OUT"], rows))]
 
 
 def _started_from(meta: dict[str, Any]) -> str:

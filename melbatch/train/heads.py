@@ -80,6 +80,7 @@ def embedding_package(b: backbones.Backbone, features: FeatureConfig, out: URI) 
     embeddings, discover's groups). Its head is zeros, so the same package (and id) every time."""
     head = Head(b.dim, 1)
     torch.nn.init.zeros_(head.linear.weight)
+    torch.nn.init.zeros_(head.linear.bias)  # all of it: a random bias made a new id, and no run resumed the cache
     return save_package(out, head, {**_meta(b, features, ["unlabelled"]),
                                      "purpose": f"the {b.name} backbone's embeddings, untrained"})
 
@@ -159,8 +160,9 @@ def run(cfg: TrainConfig, name: str, labels: list[str], labels_of: dict[str, str
                            "nothing to fit")
     head = fit_head(emb[is_train], y[is_train], len(labels))
     bf = features_for(b, features)
+    source = Source("backbone", f"{b.name} ({b.version}; {b.licence})")
     meta = {**_meta(b, bf, labels), "train_config": asdict(cfg), "shards": storage.canonical(cfg.shards),
-            "best_epoch": 0, "extra_labels": None}
+            "best_epoch": 0, "extra_labels": None, "initial_weights": source.to_dict()}
     save_package(cfg.out, head, meta)
     with torch.inference_mode():
         raw = probabilities(head(torch.from_numpy(emb[is_val])), {}).numpy()
@@ -190,7 +192,7 @@ def run(cfg: TrainConfig, name: str, labels: list[str], labels_of: dict[str, str
         "head": {"train_clips": int(is_train.sum()), "val_clips": int(is_val.sum()), "dim": b.dim,
                  "embed_s": round(t_embed, 1), "fit_s": round(seconds - t_embed, 1),
                  "weights_id": weights_id(head.state_dict())},
-        "initial_weights": Source("backbone", f"{b.name} ({b.version}; {b.licence})").to_dict(),
+        "initial_weights": source.to_dict(),
         "extra_labels": None, "calibration": calibration, "seconds": round(seconds, 1),
         "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
     }
