@@ -52,7 +52,7 @@ def test_a_corpus_of_over_100_bad_objects_is_quarantined_kind_by_kind(bucket, ti
     bad = archives.write_bad_corpus(f"{bucket}/archive", seed=3)
     good = archives.make_archive(f"{bucket}/archive", "engine", files_per_class=2, seconds=3.0, seed=4)
     assert len(bad) >= 100 and set(Counter(f.bad_kind for f in bad)) == {
-        "empty", "truncated", "corrupt", "not_audio", "bad_header", "non_finite", "silent", "too_short"}
+        "empty", "truncated", "corrupt", "not_audio", "bad_header", "non_finite", "out_of_range", "silent", "too_short"}
     s = featurize.run(FeaturizeConfig(src=f"{bucket}/archive", dst=f"{bucket}/features", features=FAST,
                                       files_per_task=16), progress=False)
     # .m4a and .aiff are not among the default --extensions: counted and named as skipped, not read

@@ -129,6 +129,14 @@ class TrainConfig:
         "a reviewed labels.csv of `melbatch review` (label column filled): the reviewer's labels win for those "
         "clips of training files, clips of files outside SHARDS are read from the archive and added to training, "
         "answers for validation files are left out (so the held-out accuracy stays comparable)")
+    unlabelled: URI | None = flag(None,
+        "featurize output of an unlabelled archive (--labels none), the recordings the model will meet: with "
+        "--backbone birdnet|speaker the head also learns from them by self-training (its confident guesses, "
+        "balanced per label, for --self-train-rounds rounds)")
+    self_train_rounds: int = flag(3, "rounds of self-training on --unlabelled")
+    pseudo_keep: float = flag(0.3,
+        "self-training takes per label at most this share of an equal split of the unlabelled clips, the most "
+        "confident first")
     multi_label: bool = flag(False,
         "several labels per clip (birds over rain): sigmoid outputs and binary cross-entropy; labels from a "
         "manifest with several rows (or labels a;b) per file or rows with start_s,end_s per time span; each label's "
@@ -168,6 +176,9 @@ class TrainConfig:
                  f"min_steps={self.min_steps}: 0 (epochs alone decide) or more, or leave it out")
         require(isinstance(self.backbone, str) and self.backbone.strip() == self.backbone and bool(self.backbone),
                 f"backbone={self.backbone!r}: a name (imagenet, birdnet, speaker or auto)")
+        require(type(self.self_train_rounds) is int and self.self_train_rounds >= 1,
+                f"self_train_rounds={self.self_train_rounds}: at least 1")
+        require(0 < self.pseudo_keep <= 1, f"pseudo_keep={self.pseudo_keep}: a share in (0, 1]")
         require(0 < self.backbone_lr_scale <= 1, f"backbone_lr_scale={self.backbone_lr_scale}: in (0, 1]")
         require(self.workers >= 1, f"workers={self.workers}: at least one training worker")
         require(self.cpus_per_worker is None or self.cpus_per_worker > 0,

@@ -7,6 +7,8 @@ seconds for thousands of clips on one CPU, where fine-tuning a network takes min
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -53,3 +55,42 @@ def fit_head(x: np.ndarray, y: np.ndarray, labels: int, class_weights: np.ndarra
 
     opt.step(closure)
     return head.eval()
+
+
+def probabilities_of(head: Head, x: np.ndarray) -> np.ndarray:
+    """The head's class probabilities (softmax, T = 1) for embeddings ``x``."""
+    with torch.inference_mode():
+        return torch.softmax(head(torch.from_numpy(np.asarray(x, np.float32))), dim=1).numpy()
+
+
+def pseudo_labels(probs: np.ndarray, keep: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which unlabelled clips to take, and their labels: per predicted label its most confident clips, at
+    most ``keep`` times an equal share of the clips (``keep * n / labels``), so no label swallows the
+    archive however many clips the model gives it (per-label thresholds, class balance)."""
+    labels, conf = probs.argmax(1), probs.max(1)
+    cap = max(1, int(np.ceil(keep * len(probs) / probs.shape[1])))
+    take = np.zeros(len(probs), bool)
+    for c in range(probs.shape[1]):
+        mine = np.flatnonzero(labels == c)
+        take[mine[np.argsort(-conf[mine], kind="stable")[:cap]]] = True
+    return take, labels
+
+
+def self_train(x: np.ndarray, y: np.ndarray, unlabelled: np.ndarray, labels: int, rounds: int, keep: float,
+               score: Any = None) -> tuple[Head, list[dict[str, Any]]]:
+    """Self-training (a noisy-student round without the noise: the embeddings are frozen): fit on the
+    labelled clips, label the unlabelled ones, keep the confident ones (:func:`pseudo_labels`), fit again
+    on both; ``rounds`` times. Returns the last head and, per round, the clips taken per label, their
+    agreement with the round before, and ``score(head)``'s dict (e.g. validation accuracy)."""
+    head = fit_head(x, y, labels)
+    log: list[dict[str, Any]] = []
+    before = None
+    for r in range(rounds):
+        take, pseudo = pseudo_labels(probabilities_of(head, unlabelled), keep)
+        agree = None if before is None else float((pseudo == before).mean())
+        head = fit_head(np.concatenate([x, unlabelled[take]]), np.concatenate([y, pseudo[take]]), labels)
+        log.append({"round": r + 1, "taken": int(take.sum()), "of": len(unlabelled),
+                    "per_label": np.bincount(pseudo[take], minlength=labels).tolist(),
+                    "agreement_with_previous": agree, **(score(head) if score else {})})
+        before = pseudo
+    return head, log

@@ -44,8 +44,9 @@ from melbatch.shards import (
 CLIP_START_TOLERANCE_S = 0.01  # a reviewed clip and the clip cut again must start within this
 
 
-def open_shards(uri: URI) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
-    """The manifest, features and shard URIs of a complete, consistent featurize output."""
+def open_shards(uri: URI, labelled: bool = True) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
+    """The manifest, features and shard URIs of a complete, consistent featurize output (``labelled``:
+    one with labels)."""
     manifest = open_dataset(uri)
     features = FeatureConfig.from_dict(manifest["feature_config"])
     if features.hash() != manifest["config_hash"]:
@@ -62,7 +63,7 @@ def open_shards(uri: URI) -> tuple[dict[str, Any], FeatureConfig, list[URI]]:
     if have.hash() != features.hash():
         raise DatasetError(f"{uris[0]} was written with features {have.hash()} but the manifest says "
                            f"{features.hash()}: the output mixes two featurize runs; re-run featurize with --overwrite")
-    if not manifest.get("labels"):
+    if labelled and not manifest.get("labels"):
         raise DatasetError(f"{uri} is unlabelled (featurized with --labels none): train needs labels")
     return manifest, features, uris
 

@@ -118,6 +118,9 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                          features, uris, manifest, progress)
     if cfg.backbone == AUTO:
         return auto(cfg, manifest, features, uris, progress)
+    if cfg.unlabelled:
+        raise ConfigError("--unlabelled self-trains a head on an audio backbone: give --backbone birdnet or speaker "
+                          "(self-training the ImageNet fine-tune is not built yet)")
     cfg = _shifts_that_fit(cfg, features)
     source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
     print(f"model {cfg.model}, starting from {source.describe()}", flush=True)
@@ -179,7 +182,8 @@ def auto(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig, ur
     write_split(storage.join(cfg.out, "candidates"), data.val_files, data.train_files)
     rows = []
     for name in [*names, IMAGENET]:
-        one = replace(cfg, backbone=name, out=storage.join(cfg.out, "candidates", name), split_manifest=split)
+        one = replace(cfg, backbone=name, out=storage.join(cfg.out, "candidates", name), split_manifest=split,
+                      unlabelled=cfg.unlabelled if name != IMAGENET else None)
         print(f"--- {name}", flush=True)
         m = run(one, progress)
         rows.append({"backbone": name, "val_file_accuracy": m["val_file_accuracy"], "macro_f1": m["macro_f1"],

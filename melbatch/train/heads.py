@@ -31,11 +31,20 @@ import torch
 from melbatch import URI, storage
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig, TrainConfig
 from melbatch.model import backbones
-from melbatch.model.heads import Head, fit_head
-from melbatch.model.package import PACKAGE_DIR, probabilities, read_package_meta, save_package, weights_id
+from melbatch.model.heads import Head, fit_head, probabilities_of, self_train
+from melbatch.model.package import (
+    PACKAGE_DIR,
+    aggregate_files,
+    probabilities,
+    read_package_meta,
+    save_package,
+    verdicts,
+    weights_id,
+)
 from melbatch.model.weights import Source
 from melbatch.shards import METRICS, DatasetError, read_manifest
 from melbatch.stages import classify
+from melbatch.train.data import open_shards
 from melbatch.train.finish import calibrate, file_accuracy, write_split, write_val_predictions
 from melbatch.train.loop import confusion_metrics
 
@@ -98,28 +107,61 @@ def embed_archive(b: backbones.Backbone, features: FeatureConfig, refs: list[sto
 
 
 def embeddings(cfg: TrainConfig, b: backbones.Backbone, features: FeatureConfig, shard_uris: list[URI],
-               manifest: dict[str, Any], progress: bool = True) -> pa.Table:
-    """Every clip of the shards' files as the backbone embeds it: ``uri, clip_index, start_s, end_s,
-    embedding`` (cached; see the module's docstring)."""
+               manifest: dict[str, Any], progress: bool = True, shards: URI | None = None) -> pa.Table:
+    """Every clip of the files of ``shards`` (default: SHARDS) as the backbone embeds it: ``uri,
+    clip_index, start_s, end_s, embedding`` (cached; see the module's docstring)."""
+    shards = shards or cfg.shards
     bf = features_for(b, features)
     refs = _refs(shard_uris)
     try:
-        storage.check_writable(cfg.shards)
-        root = cfg.shards
+        storage.check_writable(shards)
+        root = shards
     except (ConfigError, storage.StorageError, OSError):
-        root = cfg.out
+        root = storage.join(cfg.out, "unlabelled") if shards != cfg.shards else cfg.out
     dest = storage.join(root, EMBEDDINGS_DIR, f"{b.name}-{bf.hash()[:12]}")
     print(f"embedding {len(refs):,} files with the {b.name} backbone ({bf.sample_rate_hz} Hz, clips of "
           f"{bf.clip_s:g} s, its window) into {dest}", flush=True)
-    files, done = embed_archive(b, bf, refs, manifest.get("src") or cfg.shards, dest, cfg.address, progress)
+    files, done = embed_archive(b, bf, refs, manifest.get("src") or shards, dest, cfg.address, progress)
     if done.quarantined:
         print(f"warning: {done.quarantined} of {len(refs)} source file(s) could not be read again for the {b.name} "
               f"backbone (see {dest}/clips/quarantine.parquet); they are left out", flush=True)
     tables = [_read(u, ["uri", "clip_index", "start_s", "end_s", "embedding"]) for u in files]
     if not tables:
-        raise DatasetError(f"the {b.name} backbone embedded no clip of {cfg.shards}'s {len(refs)} source files: are "
+        raise DatasetError(f"the {b.name} backbone embedded no clip of {shards}'s {len(refs)} source files: are "
                            f"they still where featurize read them ({manifest.get('src')})? See {dest}/clips")
     return pa.concat_tables(tables)
+
+
+def _matrix(table: pa.Table, dim: int) -> np.ndarray:
+    return np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                      np.float32).reshape(table.num_rows, dim)
+
+
+def _file_accuracy(head: Head, emb: np.ndarray, rows: np.ndarray, uris: list[str], y: np.ndarray) -> float:
+    """The share of the files of ``rows`` whose clips' mean probability names their label."""
+    probs = probabilities_of(head, emb[rows])
+    picked = [u for u, r in zip(uris, rows, strict=True) if r]
+    truth = dict(zip(picked, y[rows].tolist(), strict=True))
+    sums = aggregate_files(picked, list(probs.astype(np.float64)))
+    files = sorted(sums)
+    _, best = verdicts(sums, files, probs.shape[1])
+    return float(np.mean([truth[u] == b for u, b in zip(files, best, strict=True)])) if files else 0.0
+
+
+def _self_trained(cfg: TrainConfig, b: backbones.Backbone, x: np.ndarray, y: np.ndarray, labels: int,
+                  progress: bool, score: Any) -> tuple[Head, list[dict[str, Any]]]:
+    """The head self-trained on ``--unlabelled``'s clips (embedded and cached as SHARDS' are)."""
+    manifest, features, uris = open_shards(cfg.unlabelled, labelled=False)
+    u = _matrix(embeddings(cfg, b, features, uris, manifest, progress, shards=cfg.unlabelled), b.dim)
+    print(f"self-training on {len(u):,} unlabelled clips of {cfg.unlabelled}: {cfg.self_train_rounds} round(s), "
+          f"at most {cfg.pseudo_keep:g} of an equal share per label each", flush=True)
+    head, rounds = self_train(x, y, u, labels, cfg.self_train_rounds, cfg.pseudo_keep, score)
+    for r in rounds:
+        agree = "" if r["agreement_with_previous"] is None else \
+            f", {r['agreement_with_previous']:.3f} of the guesses as the round before"
+        print(f"  round {r['round']}: {r['taken']:,} of {r['of']:,} clips taken (per label {r['per_label']}){agree}; "
+              f"validation {r['val_file_accuracy']:.3f} per file", flush=True)
+    return head, rounds
 
 
 def _read(uri: URI, columns: list[str]) -> pa.Table:
@@ -147,8 +189,7 @@ def run(cfg: TrainConfig, name: str, labels: list[str], labels_of: dict[str, str
     table = embeddings(cfg, b, features, shard_uris, manifest, progress)
     t_embed = time.perf_counter() - t0
     uris = table.column("uri").to_pylist()
-    emb = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                     np.float32).reshape(len(uris), b.dim)
+    emb = _matrix(table, b.dim)
     keep = np.array([u in labels_of for u in uris])
     index = {lab: i for i, lab in enumerate(labels)}
     y = np.array([index.get(labels_of.get(u, ""), -1) for u in uris])
@@ -158,7 +199,11 @@ def run(cfg: TrainConfig, name: str, labels: list[str], labels_of: dict[str, str
         raise DatasetError(f"the {b.name} backbone's clips leave {int(is_train.sum())} training clips of "
                            f"{len(set(y[is_train].tolist()))} label(s) and {int(is_val.sum())} validation clips: "
                            "nothing to fit")
-    head = fit_head(emb[is_train], y[is_train], len(labels))
+    if cfg.unlabelled:
+        head, rounds = _self_trained(cfg, b, emb[is_train], y[is_train], len(labels), progress,
+                                     lambda h: {"val_file_accuracy": _file_accuracy(h, emb, is_val, uris, y)})
+    else:
+        head, rounds = fit_head(emb[is_train], y[is_train], len(labels)), []
     bf = features_for(b, features)
     source = Source("backbone", f"{b.name} ({b.version}; {b.licence})")
     meta = {**_meta(b, bf, labels), "train_config": asdict(cfg), "shards": storage.canonical(cfg.shards),
@@ -194,6 +239,7 @@ def run(cfg: TrainConfig, name: str, labels: list[str], labels_of: dict[str, str
                  "weights_id": weights_id(head.state_dict())},
         "initial_weights": source.to_dict(),
         "extra_labels": None, "calibration": calibration, "seconds": round(seconds, 1),
+        **({"self_training": {"unlabelled": storage.canonical(cfg.unlabelled), "rounds": rounds}} if rounds else {}),
         "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
     }
     storage.write_bytes(storage.join(cfg.out, METRICS), json.dumps(metrics, indent=2).encode())
