@@ -13,6 +13,11 @@ Sets (labels from the recordings' names and folders; ../shared/data, not part of
                 and en+f1-f2 train, en+m4-m7 and en+f3-f5 are held out (voices never heard), 24 phrases each,
                 every voice's pitch drawn from the same range (30-70), so pitch alone does not tell them apart
 
+With ``--self-train``, the fsdd digit set again with self-training (issue 43): the two new speakers'
+even-numbered takes (500 files) become an unlabelled archive (featurized with ``--labels none``) that
+``train --unlabelled`` learns from, and their odd-numbered takes (500) are the held-out test, for
+both the supervised head and the self-trained one.
+
 Per set and backbone: accuracy per held-out file (the mean of its clips' probabilities, as classify
 decides), per clip, and the seconds to a model on this machine (featurize once per set, not counted;
 then the embedding pass, which is cached beside the shards, and the head's fit), and the embedding
@@ -93,6 +98,37 @@ def link_set(name: str, fsdd: Path, birds: Path, work: Path) -> tuple[Path, Path
     return src, work / name / "split.csv", work / name / "labels.csv"
 
 
+def self_train_rows(fsdd: Path, work: Path, names: list[str]) -> list[tuple]:
+    """FSDD digits: 4 speakers labelled, the other two's even takes unlabelled, their odd takes held out."""
+    src, unl, split, labels = work / "st" / "src", work / "st" / "unlabelled", ["uri,split"], ["uri,label"]
+    for f in sorted(fsdd.glob("*/*.wav")):
+        digit, speaker, index = f.stem.split("_")
+        if speaker not in TRAIN_SPEAKERS and int(index) % 2 == 0:
+            _link(f, unl / digit / f.name)
+            continue
+        uri = _link(f, src / digit / f.name)
+        split.append(f"{uri},{'train' if speaker in TRAIN_SPEAKERS else 'val'}")
+        labels.append(f"{uri},{digit}")
+    (work / "st" / "split.csv").write_text("\n".join(split) + "\n")
+    (work / "st" / "labels.csv").write_text("\n".join(labels) + "\n")
+    st = work / "st"
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(st / "shards"), labels=str(st / "labels.csv")), progress=False)
+    featurize.run(FeaturizeConfig(src=str(unl), dst=str(work / "st" / "ushards"), labels="none"), progress=False)
+    rows = []
+    for bb in [n for n in names if n != "imagenet"]:
+        for how, unlabelled in (("supervised", None), ("+ self-training", str(work / "st" / "ushards"))):
+            t0 = time.perf_counter()
+            m = driver.run(TrainConfig(shards=str(work / "st" / "shards"), out=str(work / "st" / f"{bb}-{how[:4]}"),
+                                       backbone=bb, split_manifest=str(work / "st" / "split.csv"),
+                                       unlabelled=unlabelled), progress=False)
+            secs = time.perf_counter() - t0
+            rows.append((f"fsdd digit {how}", bb, m["val_file_accuracy"], m["val_accuracy"], m["split"]["val_files"],
+                         secs, None))
+            print(f"fsdd digit {how} / {bb}: {m['val_file_accuracy']:.3f} per file of the test half in {secs:.0f} s",
+                  flush=True)
+    return rows
+
+
 def _link(f: Path, to: Path) -> str:
     to.parent.mkdir(parents=True, exist_ok=True)
     to.symlink_to(f)
@@ -106,6 +142,8 @@ def main() -> None:
     p.add_argument("--sets", default="birds,fsdd speaker,fsdd digit,voice m/f",
                    help="comma-separated (default: %(default)s)")
     p.add_argument("--imagenet", action="store_true", help="also the default ImageNet fine-tune (slow on CPUs)")
+    p.add_argument("--self-train", action="store_true", help="also FSDD digits with the new speakers' other half "
+                   "as an unlabelled archive (train --unlabelled), beside the supervised head")
     p.add_argument("--dir", default=None, help="work folder (default: a temp folder, removed afterwards)")
     args = p.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="melbatch-bench-backbones-"))
@@ -113,7 +151,7 @@ def main() -> None:
     print(f"backbones: {', '.join(names) or 'none installed (make extras)'}; {os.cpu_count()} CPUs", flush=True)
     rows = []
     try:
-        for name in args.sets.split(","):
+        for name in [n for n in args.sets.split(",") if n]:
             src, split, labels = link_set(name, Path(args.fsdd), Path(args.birds), work)
             shards = work / name / "shards"
             featurize.run(FeaturizeConfig(src=str(src), dst=str(shards), **({"labels": str(labels)} if labels else {})),
@@ -128,13 +166,15 @@ def main() -> None:
                 rows.append((name, bb, m["val_file_accuracy"], m["val_accuracy"], m["split"]["val_files"], secs,
                              rate if head else None))
                 print(f"{name} / {bb}: {m['val_file_accuracy']:.3f} per file in {secs:.0f} s", flush=True)
+        if args.self_train:
+            rows += self_train_rows(Path(args.fsdd), work, names)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'set':<14}{'backbone':<10}{'per file':>9}{'per clip':>9}{'held out':>9}{'s to model':>11}"
+    print(f"\n{'set':<26}{'backbone':<10}{'per file':>9}{'per clip':>9}{'held out':>9}{'s to model':>11}"
           f"{'clips/s':>9}")
     for name, bb, fa, ca, n, secs, rate in rows:
-        print(f"{name:<14}{bb:<10}{fa:>9.3f}{ca:>9.3f}{n:>9}{secs:>11.0f}{f'{rate:.1f}' if rate else '-':>9}")
+        print(f"{name:<26}{bb:<10}{fa:>9.3f}{ca:>9.3f}{n:>9}{secs:>11.0f}{f'{rate:.1f}' if rate else '-':>9}")
     print("\ns to model: the embedding pass (classify's pipeline; on 2 CPUs one model actor embeds on 1 CPU while "
           "the other decodes, so clips/s is one core's embedding rate) + the head's fit; the cache beside the shards "
           "makes a second train on the same shards take the fit alone")

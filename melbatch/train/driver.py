@@ -207,6 +207,7 @@ def _spelled_out(cfg: TrainConfig) -> TrainConfig:
     folder of its own, where the shards, OUT and a noise folder given relative to here are not found."""
     aug = cfg.augment
     return replace(cfg, shards=storage.canonical(cfg.shards), out=storage.canonical(cfg.out),
+                   unlabelled=cfg.unlabelled and storage.canonical(cfg.unlabelled),
                    augment=replace(aug, noise_dir=aug.noise_dir and storage.canonical(aug.noise_dir)))
 
 

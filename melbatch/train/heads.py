@@ -110,7 +110,7 @@ def embeddings(cfg: TrainConfig, b: backbones.Backbone, features: FeatureConfig,
                manifest: dict[str, Any], progress: bool = True, shards: URI | None = None) -> pa.Table:
     """Every clip of the files of ``shards`` (default: SHARDS) as the backbone embeds it: ``uri,
     clip_index, start_s, end_s, embedding`` (cached; see the module's docstring)."""
-    shards = shards or cfg.shards
+    shards = storage.canonical(shards or cfg.shards)  # classify's outputs compare canonical URIs
     bf = features_for(b, features)
     refs = _refs(shard_uris)
     try:
