@@ -72,9 +72,8 @@ def features_for(b: backbones.Backbone, features: FeatureConfig) -> FeatureConfi
     per file on the shards' 5 s clips, 0.97 on its 3 s windows."""
     k = -(-b.sample_rate_hz // 16_000)
     return FeatureConfig(sample_rate_hz=b.sample_rate_hz, clip_s=b.window_s, clip_hop_s=b.window_s,
-                         tail=features.tail, min_tail_s=min(features.min_tail_s, b.window_s), n_fft=512 * k,
-                         win_length=400 * k,
-                         hop_length=160 * k, n_mels=64)
+                         tail=features.tail, min_tail_s=min(features.min_tail_s, b.window_s),
+                         n_fft=512 * k, win_length=400 * k, hop_length=160 * k, n_mels=64)
 
 
 def _meta(b: backbones.Backbone, features: FeatureConfig, labels: list[str]) -> dict[str, Any]:
