@@ -160,3 +160,46 @@ def test_yaml_with_an_unknown_section_is_refused(tmp_path):
     args = commands.parser().parse_args(["featurize", "src", "dst", "--config", str(yml)])
     with pytest.raises(ConfigError, match="unknown section"):
         options.featurize_config(args)
+
+
+@pytest.mark.parametrize("command,text,needle", [
+    ("featurize", "features: [1, 2]\n", "'features:' section must hold settings"),
+    ("featurize", "featurize: 5\n", "'featurize:' section must hold settings"),
+    ("train", "train: [1]\n", "'train:' section must hold settings"),
+    ("classify", "classify: 3\n", "'classify:' section must hold settings"),
+    ("train", "train:\n  augment: [x]\n", "'train.augment' must be a section of settings"),
+    ("featurize", "features:\n  n_mels: true\n", "features.n_mels is true/false"),
+    ("train", "train:\n  epochs: 2.5\n", "train.epochs is a number (2.5): give a whole number"),
+    ("classify", "classify:\n  unknown_below: yes\n", "classify.unknown_below is true/false"),
+])
+def test_a_config_section_or_setting_of_the_wrong_type_names_it_and_what_it_should_be(tmp_path, command, text,
+                                                                                     needle):
+    """Issue 44, case 2: these were AttributeError/TypeError tracebacks (exit 1), or silently accepted."""
+    yml = tmp_path / "cfg.yaml"
+    yml.write_text(text)
+    argv = {"featurize": ["src", "dst"], "train": ["shards", "out"], "classify": ["archive", "model", "out"]}
+    code = commands.main([command, *argv[command], "--config", str(yml)])
+    assert code == 2
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        getattr(options, f"{command}_config")(commands.parser().parse_args([command, *argv[command], "--config",
+                                                                            str(yml)]))
+
+
+def test_a_config_path_that_is_missing_or_a_folder_is_a_configuration_error(tmp_path, capsys):
+    for path in (tmp_path / "nope.yaml", tmp_path):
+        assert commands.main(["featurize", "src", "dst", "--config", str(path)]) == 2
+        assert "give the path of a YAML file" in capsys.readouterr().err
+
+
+def test_train_given_an_output_that_is_not_shards_says_what_it_is_and_what_to_give(tmp_path, capsys):
+    """Issue 44, case 3: a classify OUT as SHARDS was `KeyError: 'shards'`, exit 1."""
+    from melbatch.shards import MANIFEST
+
+    out = tmp_path / "predictions"
+    out.mkdir()
+    (out / MANIFEST).write_text(json.dumps({"kind": "predictions", "clips": [], "files": []}))
+    assert commands.main(["train", str(out), str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert "is a predictions output, not featurize shards" in err and "melbatch featurize" in err
+    assert commands.main(["report", str(out), "--thumbnails", "-1"]) == 2
+    assert "--thumbnails -1: give 0 or more" in capsys.readouterr().err

@@ -129,6 +129,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """
     from melbatch.look import report
 
+    if args.thumbnails < 0:
+        raise ConfigError(f"--thumbnails {args.thumbnails}: give 0 or more spectrogram thumbnails per gallery")
     try:
         uri, kind = report.write(args.run, args.output, thumbnails=args.thumbnails, baseline=args.baseline)
     except report.ReportError as e:

@@ -76,7 +76,16 @@ def read_yaml(uri: str | None, only: set[str] | None = None) -> dict[str, Any]:
     sections are refused (train and classify read their own section of a shared file)."""
     if not uri:
         return {}
-    yml = parse_yaml(storage.read_bytes(uri), uri)
+    try:
+        text = storage.read_bytes(uri)
+    except (storage.StorageError, IsADirectoryError, OSError) as e:
+        raise ConfigError(f"--config {uri}: cannot read it ({e}); give the path of a YAML file") from None
+    yml = parse_yaml(text, uri)
+    bad = {k: v for k, v in yml.items() if v is not None and not isinstance(v, dict)}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise ConfigError(f"config file {uri}: the '{k}:' section must hold settings (name: value lines), not "
+                          f"{type(v).__name__} {v!r}"[:200])
     unknown = sorted(set(yml) - only) if only else []
     if unknown:
         names = " and ".join(f"'{s}:'" for s in sorted(only))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import typing
 from dataclasses import field, fields
 from typing import Any
 
@@ -37,16 +38,37 @@ def require(ok: bool, message: str) -> None:
 def build(cls: type, values: dict[str, Any], where: str) -> Any:
     """Construct dataclass ``cls`` from a plain dict (its sections as dicts too), rejecting unknown keys
     by name."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{where}' must be a section of settings (name: value lines), not {_kind(values)}")
     names = {f.name for f in fields(cls)}
     values = nested(cls, values, where)
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown} in '{where}'; known: {sorted(names)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    numbers(cls, values, where)
     try:
         return cls(**values)
     except TypeError as e:  # a missing required field
         raise ConfigError(f"in '{where}': {e}") from None
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", tuple: "a list", str: "text", bool: "true/false", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__) + f" ({value!r})"[:60]
+
+
+def numbers(cls: type, values: dict[str, Any], where: str) -> None:
+    """Fields typed ``int`` or ``float`` take numbers, never booleans (YAML's ``n_mels: true`` is 1 to
+    Python); an ``int`` field takes no fraction. Raises naming the setting and what it should be."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        want = hints.get(name)
+        if value is None or want not in (int, float, int | None, float | None):
+            continue
+        whole = want in (int, int | None)
+        if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
+            raise ConfigError(f"{where}.{name} is {_kind(value)}: give {'a whole number' if whole else 'a number'}")
 
 
 def parse_yaml(text: str | bytes, where: str) -> dict[str, Any]:
@@ -72,6 +94,9 @@ def nested(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     new place (``train: {augment: {noise_prob: 0.5}}``)."""
     own = {f.name for f in fields(cls)}
     for name, sub in sections(cls).items():
+        if values.get(name) is not None and not isinstance(values[name], dict | sub):
+            raise ConfigError(f"'{where}.{name}' must be a section of settings (name: value lines), not "
+                              f"{_kind(values[name])}")
         flat = {k: values[k] for k in values if k not in own and k in {f.name for f in fields(sub)}}
         if flat:
             print(f"melbatch: {where}: {', '.join(flat)}: these settings live in its '{name}:' section now "
