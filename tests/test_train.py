@@ -160,6 +160,10 @@ def test_clips_fit_short_recordings_and_padding_is_called_out():
     calls = fc.fitted_to([1.1, 1.3, 1.4, 1.5, 1.6, 1.9, 2.2])
     assert calls.clip_s == 2.25 and calls.hop_length == fc.hop_length
     assert FeatureConfig(clip_s=4, clip_hop_s=2).fitted_to([1.0, 1.2, 1.3]).clip_hop_s == 0.75  # overlap kept
+    # issue 44: a huge --clip-s with the default hop made a hop of 1/2000 of the clip, or 0
+    huge = FeatureConfig(clip_s=10_000, clip_hop_s=5).fitted_to([2.0] * 9 + [6.0])
+    assert (huge.clip_s, huge.clip_hop_s) == (2.5, 0.625)
+    assert FeatureConfig(clip_s=1e6, clip_hop_s=5).fitted_to([2.0] * 9 + [6.0]).clip_hop_s == 0.625
     assert fc.fitted_to([3.0, 6.0, 8.0, 12.0]) == fc  # recordings as long as the clips: nothing changes
     assert fc.fitted_to([0.4, 0.5]) == fc  # too few to judge
     assert "--clip-s 1 --clip-hop-s 1" in data.padding_warning(np.array(digits), fc)
