@@ -351,6 +351,13 @@ def exists(uri: URI) -> bool:
         return fs.exists(path)
 
 
+def isfile(uri: URI) -> bool:
+    """Is there an object (a file, not a folder or prefix) at ``uri``?"""
+    fs, path = filesystem(uri)
+    with translated(uri, "looking for"):
+        return fs.isfile(path)
+
+
 @contextlib.contextmanager
 def _local_tmp(path: str) -> Iterator[str]:
     """A temporary file name beside local ``path`` (its folder created), removed if still there after."""

@@ -203,3 +203,15 @@ def test_train_given_an_output_that_is_not_shards_says_what_it_is_and_what_to_gi
     assert "is a predictions output, not featurize shards" in err and "melbatch featurize" in err
     assert commands.main(["report", str(out), "--thumbnails", "-1"]) == 2
     assert "--thumbnails -1: give 0 or more" in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_an_existing_recording_is_never_written_over(tmp_path, capsys):
+    """Issue 44, case 6: `show x.wav -o other.wav` and `export MODEL some.wav` replaced a recording."""
+    recording = tmp_path / "keep.wav"
+    recording.write_bytes(b"RIFF....WAVEfmt the user's recording")
+    before = recording.read_bytes()
+    assert commands.main(["show", str(recording), "-o", str(recording)]) == 2
+    assert commands.main(["export", str(tmp_path / "model"), str(recording)]) == 2
+    assert commands.main(["report", str(tmp_path), "-o", str(recording)]) == 2
+    assert capsys.readouterr().err.count("will not write over it") == 3
+    assert recording.read_bytes() == before

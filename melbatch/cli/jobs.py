@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from melbatch import ledger
-from melbatch.cli.options import JOBS
+from melbatch.cli.options import JOBS, refuse_to_overwrite
 from melbatch.config import ConfigError
 
 EXIT_QUARANTINE = 4
@@ -197,6 +197,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from melbatch.model import export
     from melbatch.model.package import ModelError
 
+    refuse_to_overwrite(args.dest, "OUT.onnx", (".onnx",))
     try:
         exported = export.export(args.model, args.dest)
     except ModelError as e:

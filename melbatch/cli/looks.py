@@ -15,7 +15,7 @@ import sys
 import tempfile
 from typing import Any
 
-from melbatch.cli.options import add_dataclass_flags, given
+from melbatch.cli.options import add_dataclass_flags, given, refuse_to_overwrite
 from melbatch.config import (
     ConfigError,
     DetectConfig,
@@ -63,6 +63,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from melbatch.look import pictures
     from melbatch.model.package import ModelError, read_package_meta
 
+    refuse_to_overwrite(args.output, "-o", (".png",))
     if args.timeline:
         return _show_timeline(args)
 
@@ -129,6 +130,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """
     from melbatch.look import report
 
+    refuse_to_overwrite(args.output, "-o", (".html", ".htm"))
     if args.thumbnails < 0:
         raise ConfigError(f"--thumbnails {args.thumbnails}: give 0 or more spectrogram thumbnails per gallery")
     try:

@@ -71,6 +71,14 @@ def given(args: argparse.Namespace, cls: type, exclude: Iterable[str] = ()) -> d
     return {n: getattr(args, n) for n in flag_names(cls, exclude) if getattr(args, n, None) is not None}
 
 
+def refuse_to_overwrite(uri: str | None, what: str, suffixes: tuple[str, ...]) -> None:
+    """A ConfigError when ``uri`` is an existing file that is not of the output's kind (its name does not
+    end with one of ``suffixes``): `show x.wav -o recording.wav` replaced a recording with a PNG (issue 44)."""
+    if uri and not uri.lower().endswith(suffixes) and storage.exists(uri) and storage.isfile(uri):
+        raise ConfigError(f"{what} {uri} exists and is not a {' or '.join(suffixes)} file: melbatch will not write "
+                          "over it (a recording?); give another path")
+
+
 def read_yaml(uri: str | None, only: set[str] | None = None) -> dict[str, Any]:
     """The ``--config`` file (any URI) as its sections; ``None`` gives ``{}``. With ``only``, other
     sections are refused (train and classify read their own section of a shared file)."""
