@@ -198,3 +198,17 @@ def test_a_span_is_the_slice_of_the_whole_signal_and_decoding_stops_at_its_end(r
 
     decode.decode_span(Counted(data), 16_000, 2.0, 3.0)
     assert Counted.read_bytes < len(data) / 3, (Counted.read_bytes, len(data))
+
+
+def test_a_long_ogg_is_written_without_crashing_the_process():
+    """Issue 44, case 5: `sample-archive --seconds 50` died of SIGSEGV inside libsndfile's Vorbis encoder
+    (one write of 50 s at 44.1 kHz). In a child process, so a crash fails this test, not the suite."""
+    import sys
+
+    code = ("import io, numpy as np, soundfile as sf; from melbatch.testing import archives; "
+            "x = (0.3 * np.sin(np.arange(50 * 44100) / 7)).astype(np.float32); "
+            "b = archives.encode(x, 44100, ('OGG', 'VORBIS', 'ogg')); "
+            "print(round(len(sf.read(io.BytesIO(b))[0]) / 44100, 2))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.returncode
+    assert done.stdout.strip() == "50.0"

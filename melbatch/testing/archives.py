@@ -49,9 +49,13 @@ class SampleFile:
 
 
 def encode(x: np.ndarray, sr: int, fmt: tuple[str, str, str]) -> bytes:
-    """float32 samples (frames[, channels]) → bytes of the given container."""
+    """float32 samples (frames[, channels]) → bytes of the given container, written a second at a time:
+    libsndfile's Vorbis encoder crashed the process (SIGSEGV) on one write of 50 s at 44.1 kHz
+    (`sample-archive --seconds 50`, issue 44); a second at a time it wrote 300 s."""
     buf = io.BytesIO()
-    sf.write(buf, x, sr, format=fmt[0], subtype=fmt[1])
+    with sf.SoundFile(buf, "w", sr, 1 if x.ndim == 1 else x.shape[1], format=fmt[0], subtype=fmt[1]) as f:
+        for s in range(0, len(x), max(1, sr)):
+            f.write(x[s: s + sr])
     return buf.getvalue()
 
 
