@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from melbatch import URI, storage
-from melbatch.config import SCHEMA_VERSION, ConfigError, FeatureConfig
+from melbatch.config import SCHEMA_VERSION, FeatureConfig
 
 MANIFEST = "_manifest.json"
 QUARANTINE = "quarantine.parquet"
@@ -406,9 +406,6 @@ def open_dataset(dst: URI, expect: FeatureConfig | None = None) -> dict[str, Any
     if manifest is None:
         raise DatasetError(f"{dst} has no {MANIFEST}: the run that writes it did not finish (or never ran); "
                            "re-run the same `melbatch featurize`/`classify` command to complete it")
-    if "shards" not in manifest:  # a classify, scan or discover output given where shards belong
-        raise ConfigError(f"{dst} is a {manifest.get('kind') or 'non-featurize'} output, not featurize shards: give "
-                          "the DST of `melbatch featurize` (which makes shards of labelled recordings)")
     if expect is not None:
         have = FeatureConfig.from_dict(manifest["feature_config"])
         if have.hash() != expect.hash():

@@ -177,10 +177,10 @@ def test_a_birdnet_head_names_held_out_birds_and_classify_quarantines_bad_files(
     assert meta["backbone"]["name"] == "birdnet" and "CC BY-NC-SA" in meta["backbone"]["licence"]
     cached = list((tmp_path / "shards" / "_embeddings").iterdir())
     assert len(cached) == 1  # beside the shards: a second train on them embeds nothing again
-    written = {p: p.stat().st_mtime_ns for p in cached[0].rglob("clips/*.parquet")}
+    written = {p: p.stat().st_mtime_ns for p in cached[0].glob("clips/clips/*.parquet")}  # the embeddings
     again = driver.run(replace(cfg, out=str(tmp_path / "model-again")), progress=False)
     assert again["val_file_accuracy"] == m["val_file_accuracy"]
-    assert written and {p: p.stat().st_mtime_ns for p in cached[0].rglob("clips/*.parquet")} == written
+    assert written and {p: p.stat().st_mtime_ns for p in cached[0].glob("clips/clips/*.parquet")} == written
     # the held-out recordings of two species, a float WAV at 1e30 and bytes that are no audio, classified
     arch = tmp_path / "archive"
     for species in ("black_phoebe", "house_sparrow"):

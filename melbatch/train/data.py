@@ -48,6 +48,9 @@ def open_shards(uri: URI, labelled: bool = True) -> tuple[dict[str, Any], Featur
     """The manifest, features and shard URIs of a complete, consistent featurize output (``labelled``:
     one with labels)."""
     manifest = open_dataset(uri)
+    if "shards" not in manifest:  # a classify, scan or discover output given where shards belong
+        raise ConfigError(f"{uri} is a {manifest.get('kind') or 'non-featurize'} output, not featurize shards: give "
+                          "the DST of `melbatch featurize` (which makes shards of labelled recordings)")
     features = FeatureConfig.from_dict(manifest["feature_config"])
     if features.hash() != manifest["config_hash"]:
         raise DatasetError(f"{uri}/_manifest.json is inconsistent: its feature_config hashes to {features.hash()}, "
