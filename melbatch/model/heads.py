@@ -30,12 +30,12 @@ def fit_head(x: np.ndarray, y: np.ndarray, labels: int, class_weights: np.ndarra
              c: float = 1.0, iterations: int = 300) -> Head:
     """A :class:`Head` fitted to embeddings ``x`` (n, dim) and label indices ``y`` (n,); ``class_weights``
     per label (default: each label's clips weigh as much in total as any other's)."""
-    xt = torch.from_numpy(np.asarray(x, np.float32))
-    yt = torch.from_numpy(np.asarray(y, np.int64))
+    xt = torch.as_tensor(np.array(x, np.float32))
+    yt = torch.as_tensor(np.array(y, np.int64))
     if class_weights is None:
         counts = np.bincount(np.asarray(y), minlength=labels).astype(np.float64)
         class_weights = np.where(counts > 0, len(y) / (labels * np.maximum(counts, 1)), 0.0)
-    w = torch.from_numpy(np.asarray(class_weights, np.float32))[yt]
+    w = torch.as_tensor(np.array(class_weights, np.float32))[yt]
     head = Head(xt.shape[1], labels)
     head.mean.copy_(xt.mean(0))
     head.std.copy_(xt.std(0, unbiased=False).clamp_min(1e-6))
@@ -60,7 +60,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, labels: int, class_weights: np.ndarra
 def probabilities_of(head: Head, x: np.ndarray) -> np.ndarray:
     """The head's class probabilities (softmax, T = 1) for embeddings ``x``."""
     with torch.inference_mode():
-        return torch.softmax(head(torch.from_numpy(np.asarray(x, np.float32))), dim=1).numpy()
+        return torch.softmax(head(torch.as_tensor(np.array(x, np.float32))), dim=1).numpy()
 
 
 def pseudo_labels(probs: np.ndarray, keep: float) -> tuple[np.ndarray, np.ndarray]:
