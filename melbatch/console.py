@@ -26,6 +26,18 @@ from typing import Any
 from tqdm import tqdm
 
 VERBOSE_ENV = "MELBATCH_VERBOSE"
+# C0 controls, DEL and C1 controls: in a file or label name they would move the cursor, clear the screen,
+# retitle the terminal or split one row into two
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(name: object) -> str:
+    r"""A name (a key, a URI, a label) as the console prints it: each control character escaped
+    (ESC as ``\x1b``, a newline as ``\n``), everything else as it is."""
+    return _CONTROL.sub(lambda m: {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(m[0], f"\\x{ord(m[0]):02x}"),
+                        str(name))
+
+
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
 
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from melbatch import URI, storage
 from melbatch.config import SCHEMA_VERSION, ConfigError
+from melbatch.console import shown
 from melbatch.shards import META_PREFIX, open_dataset, read_manifest, read_quarantine, read_tables, write_table
 
 RUNS, ATTEMPTS, LEASE = "runs", "attempts", "_lease"
@@ -302,7 +303,8 @@ def write_rows(batches: Iterable[pa.Table], schema: pa.Schema, fmt: str, sink: I
                 lines.append(json.dumps(r))
                 continue
             prob = f"{r['probability']:.3f}" if r["probability"] is not None else ""
-            lines.append(f"{r['uri']:<{w}}  {r['status']:<11}  {r['label'] or '':<14}  {prob:>5}  {r['run_id']}")
+            lines.append(f"{shown(r['uri']):<{w}}  {r['status']:<11}  {shown(r['label'] or ''):<14}  {prob:>5}  "
+                         f"{r['run_id']}")
         if lines:
             sink.write(("\n".join(lines) + "\n").encode())
         rows += t.num_rows

@@ -390,3 +390,34 @@ def test_manifest_rows_that_name_no_object_are_counted_and_shown(bucket, tmp_pat
     assert commands.main(["featurize", f"{bucket}/archive", f"{bucket}/features2", "--labels", str(manifest),
                      "--clip-s", "2", "--n-mels", "64"]) == 0
     assert "2  label manifest rows name no object listed" in capsys.readouterr().out
+
+
+def test_control_characters_in_names_and_labels_reach_the_console_escaped(tmp_path, ray_session, tiny_model,
+                                                                         capsys, chaos_log):
+    """Issue 44, case 8: a label folder ``lab<ESC>[2J<ESC>[31mRED`` cleared the screen and turned the summary
+    red, a manifest row naming ``<ESC>]0;...<BEL>`` retitled the terminal, and a file name holding a newline
+    printed as two rows of ``results``. Every name is printed with its control characters escaped."""
+    from melbatch.cli import commands
+
+    label = "lab\x1b[2J\x1b[31mRED"
+    src = tmp_path / "archive"
+    for folder, name in ((label, "a.wav"), (label, "b.wav"), ("healthy", "two\nrows.wav"), ("healthy", "c.wav")):
+        (src / folder).mkdir(parents=True, exist_ok=True)
+        (src / folder / name).write_bytes(_engine_wav(len(name)))
+    assert commands.main(["featurize", str(src), str(tmp_path / "features"), "--clip-s", "2", "--n-mels", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "label lab\\x1b[2J\\x1b[31mRED" in out, out
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(f"uri,label\n{src}/healthy/c.wav,healthy\n\"{src}/gone\x1b]0;pwned\x07.wav\",healthy\n")
+    assert commands.main(["featurize", str(src), str(tmp_path / "features2"), "--labels", str(manifest),
+                          "--clip-s", "2", "--n-mels", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "gone\\x1b]0;pwned\\x07.wav" in out, out
+    assert commands.main(["scan", str(src), tiny_model, str(tmp_path / "scan")]) == 0
+    assert "\x1b" not in capsys.readouterr().out
+    assert commands.main(["results", str(tmp_path / "scan")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 1 + 4 and any("two\\nrows.wav" in r for r in rows), rows  # a header and one row a file
+    assert not any("\x1b" in r for r in rows)
+    chaos_log("control characters in label folders, file names and manifest rows", 3, 3,
+              "printed escaped (\\x1b, \\n) in featurize's summary and warnings, scan's labels and results' rows")

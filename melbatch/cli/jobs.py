@@ -21,6 +21,7 @@ from typing import Any
 from melbatch import ledger
 from melbatch.cli.options import JOBS, refuse_to_overwrite
 from melbatch.config import ConfigError
+from melbatch.console import shown
 
 EXIT_QUARANTINE = 4
 EXIT_BUSY = 5
@@ -51,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               "each label's threshold was chosen on the validation split (best F1) and is kept in the package")
     for lab, pc in m["per_class"].items():
         extra = f"  f1 {pc['f1']:.3f}  threshold {pc['threshold']:.3f}" if m.get("multi_label") else ""
-        print(f"  {lab:<16} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  support {pc['support']}{extra}")
+        print(f"  {shown(lab):<16} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  "
+              f"support {pc['support']}{extra}")
     print(f"started from: {Source.from_dict(m['initial_weights']).describe()}")
     print(f"model package: {m['model_package']}\nmetrics: {cfg.out.rstrip('/')}/metrics.json")
     return 0

@@ -31,6 +31,7 @@ import torch
 from melbatch import URI, ledger, storage
 from melbatch.audio.decode import DecodeError, decode_clips
 from melbatch.config import ConfigError, FeatureConfig, SimilarConfig
+from melbatch.console import shown
 from melbatch.look.pictures import Rendered, audio_panel, render
 from melbatch.model.package import load_package, predict_clips
 from melbatch.shards import embedding_matrix, read_manifest
@@ -162,10 +163,10 @@ def search(files: list[Source], q: np.ndarray, k: int, readers: int = 4) -> list
 
 
 def render_table(described: str, matches: list[Match]) -> str:
-    lines = [f"query: {described}", f"{'rank':>4}  {'similarity':>10}  {'label':<14} {'prob':>5}  clip"]
+    lines = [f"query: {shown(described)}", f"{'rank':>4}  {'similarity':>10}  {'label':<14} {'prob':>5}  clip"]
     for i, m in enumerate(matches, 1):
-        lines.append(f"{i:>4}  {m.similarity:>10.4f}  {m.label:<14} {m.probability:>5.3f}  {m.uri}#{m.clip_index} "
-                     f"({m.start_s:.1f}-{m.end_s:.1f} s)")
+        lines.append(f"{i:>4}  {m.similarity:>10.4f}  {shown(m.label):<14} {m.probability:>5.3f}  "
+                     f"{shown(m.uri)}#{m.clip_index} ({m.start_s:.1f}-{m.end_s:.1f} s)")
     return "\n".join(lines)
 
 

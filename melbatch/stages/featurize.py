@@ -36,6 +36,7 @@ from melbatch.audio.logmel import clip_images
 from melbatch.audio.objects import logmels_of_object
 from melbatch.config import LOCAL_WORK_BYTES, ConfigError, FeatureConfig, FeaturizeConfig
 from melbatch.console import progress as progress_bar
+from melbatch.console import shown
 from melbatch.labels.sources import NO_LABEL, Labeler, Spans, clip_label
 from melbatch.shards import (
     AUDIO_DTYPE,
@@ -95,7 +96,7 @@ class Summary(RunSummary):
             more = ", ..." if self.manifest_unmatched > len(self.manifest_unmatched_examples) else ""
             line += (f"\n  warning      {self.manifest_unmatched:>8}  label manifest rows name no object listed (a "
                      f"typo, a file deleted since, one the filters leave out): "
-                     f"{', '.join(self.manifest_unmatched_examples)}{more}")
+                     f"{', '.join(shown(e) for e in self.manifest_unmatched_examples)}{more}")
         return line
 
     def _quarantine_uri(self) -> URI:

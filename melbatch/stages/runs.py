@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from melbatch import URI, __version__, console, listing, storage
 from melbatch.audio.decode import DecodeError
 from melbatch.config import SCHEMA_VERSION
+from melbatch.console import shown
 from melbatch.shards import QUARANTINE_KINDS, write_manifest, write_quarantine
 
 PARTS_DIR = "_parts"
@@ -300,13 +301,14 @@ def skipped_lines(skipped: dict[str, int]) -> list[str]:
 def listing_lines(notes: dict[str, dict]) -> list[str]:
     """Warning lines for what a listing met besides the objects it lists (links, loops, unreadable
     folders: :class:`~melbatch.listing.ListingNotes`), one per kind with a few examples; none: no line."""
-    return [f"  warning      {v['count']:>8}  {listing.ListingNotes.KINDS[kind]}: {', '.join(v['examples'])}"
+    return [f"  warning      {v['count']:>8}  {listing.ListingNotes.KINDS[kind]}: "
+            f"{', '.join(shown(e) for e in v['examples'])}"
             f"{', ...' if v['count'] > len(v['examples']) else ''}" for kind, v in sorted(notes.items())]
 
 
 def label_lines(labels: dict[str, int], unit: str) -> list[str]:
     """One summary line per label, most frequent first."""
-    return [f"  label {label!s:<14} {n:>6} {unit}" for label, n in sorted(labels.items(), key=lambda kv: (-kv[1],
+    return [f"  label {shown(label):<14} {n:>6} {unit}" for label, n in sorted(labels.items(), key=lambda kv: (-kv[1],
                                                                                                           kv[0]))]
 
 
