@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -159,11 +160,38 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if storage.exists(diverged):
         storage.delete([diverged])
     with EpochTable(channel, cfg.epochs, budget.steps, bars=progress):
-        result = trainer.fit()
+        result = interruptible_fit(trainer)
     if storage.exists(diverged):
         raise DatasetError(f"train stopped: {json.loads(storage.read_bytes(diverged))['why']}")
     return finish(cfg, result, data.labels, features, norm, uris, data.val_files, data.train_files, source,
                   data.review.record() if data.review else None, here=hold.direct)
+
+
+def interruptible_fit(trainer: TorchTrainer) -> Any:
+    """``trainer.fit()`` in a thread of its own, so that Ctrl-C reaches melbatch: in the main thread Ray
+    Train installs its own SIGINT handler, which aborted the run and ended the process with exit 1 and
+    no word (issue 44, case 7). Here Ctrl-C stops Ray (the checkpoints already written stay in
+    ``OUT/ray-train``) and raises ``KeyboardInterrupt``: the command line says to re-run the same command,
+    exit 130, and the re-run resumes from the latest checkpoint as after a crash."""
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread as it is
+            box["error"] = e
+
+    worker = threading.Thread(target=fit, name="melbatch-train-fit", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.25)
+    except KeyboardInterrupt:
+        ray.shutdown()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def auto(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig, uris: list[URI],
