@@ -18,6 +18,13 @@ even-numbered takes (500 files) become an unlabelled archive (featurized with ``
 ``train --unlabelled`` learns from, and their odd-numbered takes (500) are the held-out test, for
 both the supervised head and the self-trained one.
 
+With ``--unknown``, "none of these" (issue 43): every model is also given archives of sounds it has no
+label for, classified with ``--unknown auto``: espeak-ng phrases (the voice m/f set's 288) for the
+birds models, the 100 bird recordings for the others, and 24 synthetic engine recordings
+for all. Per model and archive, the share of files set aside by the probability rule alone (the
+probability that keeps 95 % of the validation files), by the distance alone (its threshold at 95 %)
+and by the stored rule (both, at the quantile that together keeps 95 %).
+
 Per set and backbone: accuracy per held-out file (the mean of its clips' probabilities, as classify
 decides), per clip, and the seconds to a model on this machine (featurize once per set, not counted;
 then the embedding pass, which is cached beside the shards, and the head's fit), and the embedding
@@ -29,6 +36,7 @@ the defaults; 10-110 minutes a set on 2 CPUs, issue 45) on the same split. Insta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -38,10 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
+from melbatch import shards as shard_tables
 from melbatch import storage
-from melbatch.config import FeaturizeConfig, TrainConfig
+from melbatch.config import ClassifyConfig, FeaturizeConfig, TrainConfig
 from melbatch.model import backbones
-from melbatch.stages import featurize
+from melbatch.stages import classify, featurize
+from melbatch.testing import archives
 from melbatch.train import driver
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -109,6 +119,8 @@ def self_train_rows(fsdd: Path, work: Path, names: list[str]) -> list[tuple]:
         uri = _link(f, src / digit / f.name)
         split.append(f"{uri},{'train' if speaker in TRAIN_SPEAKERS else 'val'}")
         labels.append(f"{uri},{digit}")
+        if speaker not in TRAIN_SPEAKERS:  # the test half again, as an archive to classify
+            _link(f, work / "st" / "test" / digit / f.name)
     (work / "st" / "split.csv").write_text("\n".join(split) + "\n")
     (work / "st" / "labels.csv").write_text("\n".join(labels) + "\n")
     st = work / "st"
@@ -126,6 +138,50 @@ def self_train_rows(fsdd: Path, work: Path, names: list[str]) -> list[tuple]:
                          secs, None))
             print(f"fsdd digit {how} / {bb}: {m['val_file_accuracy']:.3f} per file of the test half in {secs:.0f} s",
                   flush=True)
+            for adapt in (False, True):  # classify's own path over the test half, and with --adapt
+                t0 = time.perf_counter()
+                out = work / "st" / f"{bb}-{how[:4]}-classified{'-adapted' if adapt else ''}"
+                model = work / "st" / f"{bb}-{how[:4]}"
+                classify.run(ClassifyConfig(archive=str(work / "st" / "test"), model=str(model), out=str(out),
+                                            adapt=adapt), progress=False)
+                files = shard_tables.read_tables(str(out), "files").to_pylist()
+                right = float(np.mean([f["label"] == f["uri"].split("/")[-2] for f in files]))
+                rows.append((f"fsdd digit {how}, classify{' --adapt' if adapt else ''}", bb, right, float("nan"),
+                             len(files), time.perf_counter() - t0, None))
+                print(f"  classify{' --adapt' if adapt else ''}: {right:.3f}", flush=True)
+    return rows
+
+
+def foreign_archives(birds: Path, work: Path) -> dict[str, Path]:
+    """Archives of sounds with no label in some of the sets: spoken phrases, bird recordings, engines."""
+    found = {"voices": work / "foreign" / "voices", "birds": work / "foreign" / "birds",
+             "engines": work / "foreign" / "engines"}
+    voices(found["voices"], [])  # FSDD's words are under a second: a bird model's 3 s window quarantines them
+    for f in sorted(birds.glob("*/*.mp3")):
+        _link(f, found["birds"] / f.parent.name / f.name)
+    archives.make_archive(str(found["engines"]), "engine", files_per_class=12, seconds=5.0, seed=9)
+    return found
+
+
+def unknown_rows(model: Path, name: str, bb: str, foreign: dict[str, Path], work: Path) -> list[tuple]:
+    """The model's stored rule applied to the archives it has no label for (classify --unknown auto)."""
+    m = json.loads((model / "metrics.json").read_text())
+    rule, below = m["novelty"], m["calibration"]["unknown_below_keeping"]["95%"]
+    rows = []
+    for what, arch in foreign.items():
+        if what not in (("voices", "engines") if name == "birds" else ("birds", "engines")):
+            continue  # its own kind of sound
+        out = work / "unknown" / f"{name}-{bb}-{what}"
+        classify.run(ClassifyConfig(archive=str(arch), model=str(model), out=str(out), unknown="auto",
+                                    max_quarantine_rate=1.0), progress=False)
+        files = shard_tables.read_tables(str(out), "files").to_pylist()
+        p = np.array([f["probability"] for f in files])
+        d = np.array([f["distance"] for f in files])
+        rows.append((name, bb, what, len(files), float(np.mean(p < below)),
+                     float(np.mean(d > rule["distance_alone_above"])),
+                     float(np.mean([f["label"] == "unknown" for f in files]))))
+        print(f"{name} / {bb} vs {what}: set aside {rows[-1][4]:.2f} by probability, {rows[-1][5]:.2f} by distance, "
+              f"{rows[-1][6]:.2f} by both", flush=True)
     return rows
 
 
@@ -144,13 +200,16 @@ def main() -> None:
     p.add_argument("--imagenet", action="store_true", help="also the default ImageNet fine-tune (slow on CPUs)")
     p.add_argument("--self-train", action="store_true", help="also FSDD digits with the new speakers' other half "
                    "as an unlabelled archive (train --unlabelled), beside the supervised head")
+    p.add_argument("--unknown", action="store_true", help="also each model against archives of sounds it has "
+                   "no label for (classify --unknown auto)")
     p.add_argument("--dir", default=None, help="work folder (default: a temp folder, removed afterwards)")
     args = p.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="melbatch-bench-backbones-"))
     names = [b.name for b in backbones.installed()] + (["imagenet"] if args.imagenet else [])
     print(f"backbones: {', '.join(names) or 'none installed (make extras)'}; {os.cpu_count()} CPUs", flush=True)
-    rows = []
+    rows, unknown = [], []
     try:
+        foreign = foreign_archives(Path(args.birds), work) if args.unknown else {}
         for name in [n for n in args.sets.split(",") if n]:
             src, split, labels = link_set(name, Path(args.fsdd), Path(args.birds), work)
             shards = work / name / "shards"
@@ -166,18 +225,26 @@ def main() -> None:
                 rows.append((name, bb, m["val_file_accuracy"], m["val_accuracy"], m["split"]["val_files"], secs,
                              rate if head else None))
                 print(f"{name} / {bb}: {m['val_file_accuracy']:.3f} per file in {secs:.0f} s", flush=True)
+                if foreign:
+                    unknown += unknown_rows(work / name / bb, name, bb, foreign, work)
         if args.self_train:
             rows += self_train_rows(Path(args.fsdd), work, names)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'set':<26}{'backbone':<10}{'per file':>9}{'per clip':>9}{'held out':>9}{'s to model':>11}"
+    print(f"\n{'set':<40}{'backbone':<10}{'per file':>9}{'per clip':>9}{'held out':>9}{'s to model':>11}"
           f"{'clips/s':>9}")
     for name, bb, fa, ca, n, secs, rate in rows:
-        print(f"{name:<26}{bb:<10}{fa:>9.3f}{ca:>9.3f}{n:>9}{secs:>11.0f}{f'{rate:.1f}' if rate else '-':>9}")
+        print(f"{name:<40}{bb:<10}{fa:>9.3f}{ca:>9.3f}{n:>9}{secs:>11.0f}{f'{rate:.1f}' if rate else '-':>9}")
     print("\ns to model: the embedding pass (classify's pipeline; on 2 CPUs one model actor embeds on 1 CPU while "
           "the other decodes, so clips/s is one core's embedding rate) + the head's fit; the cache beside the shards "
           "makes a second train on the same shards take the fit alone")
+    if unknown:
+        print(f"\nfiles set aside as unknown (each rule keeps 95 % of the model's validation files)\n"
+              f"{'model (set)':<16}{'backbone':<10}{'archive':<12}{'files':>6}{'probability':>12}{'distance':>9}"
+              f"{'both':>6}")
+        for name, bb, what, n, by_p, by_d, both in unknown:
+            print(f"{name:<16}{bb:<10}{what:<12}{n:>6}{by_p:>12.2f}{by_d:>9.2f}{both:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from transfer import write_csv
 
 from melbatch import shards
 from melbatch.config import FeatureConfig, FeaturizeConfig, TrainConfig, build
+from melbatch.model import adapt as adapting
 from melbatch.model import package as model
 from melbatch.model import weights
 from melbatch.stages import featurize
@@ -130,15 +131,30 @@ def featurize_sets(sets: dict[str, list[tuple[str, str]]], out: Path, recipe: di
     return str(out), FeatureConfig.from_dict(shards.read_manifest(str(out))["feature_config"]), linked
 
 
-def score(package: str, feats: str, sets: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, float],
-                                                                             dict[str, np.ndarray]]:
+def score(package: str, feats: str, sets: dict[str, list[tuple[str, str]]],
+          adapt: bool = False) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Per-file accuracy of the package on each set of (URI, label) (the one prediction path: model.predict
-    + verdicts; a file that made no clip counts as wrong), and each file's best probability."""
+    + verdicts; a file that made no clip counts as wrong), and each file's best probability. ``adapt``:
+    each set is scored by the package adapted to that set's own clips (classify --adapt, on up to
+    ADAPT_CLIPS of them), as if it were the archive being classified."""
     pkg = model.load_package(package)
     table = shards.read_tables(feats, "shards", ["uri", "start_s", "end_s", "mel"])
-    probs, _ = model.predict(pkg, shards.mel_array(table), batch_size=128, padded_clips=model.padded(
-        table.column("start_s").to_numpy(), table.column("end_s").to_numpy(), pkg.features.clip_s))
-    sums = model.aggregate_files(table.column("uri").to_pylist(), probs)
+    mels, uris = shards.mel_array(table), table.column("uri").to_pylist()
+    padded = model.padded(table.column("start_s").to_numpy(), table.column("end_s").to_numpy(), pkg.features.clip_s)
+    if adapt:
+        sums = {}
+        for rows in sets.values():
+            mine = {u for u, _ in rows}
+            at = np.flatnonzero([u in mine for u in uris])
+            if not len(at):
+                continue
+            sample = at[np.linspace(0, len(at) - 1, min(len(at), adapting.ADAPT_CLIPS)).astype(int)]
+            fitted = adapting.adapted(pkg, mels[sample])
+            probs, _ = model.predict(fitted, mels[at], batch_size=128, padded_clips=padded[at])
+            sums.update(model.aggregate_files([uris[i] for i in at], probs))
+    else:
+        probs, _ = model.predict(pkg, mels, batch_size=128, padded_clips=padded)
+        sums = model.aggregate_files(uris, probs)
     accuracy, confidence = {}, {}
     for name, rows in sets.items():
         known = [(u, lab) for u, lab in rows if u in sums]
@@ -192,6 +208,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="melbatch epochs (default: the defaults; --quick 4)")
     ap.add_argument("--out", default="bench-output/field")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adapt", action="store_true", help="also each digits column scored by the model adapted to "
+                    "that column's own clips (classify --adapt: BatchNorm statistics re-estimated, no labels)")
     args = ap.parse_args()
     if not (args.data / "fsdd").is_dir():
         raise SystemExit(f"{args.data}/fsdd is not here: give --data, the folder holding fsdd/ and xc_birds10/")
@@ -221,8 +239,11 @@ def main() -> None:
         for init in ("imagenet",) if args.no_random else ("imagenet", "random"):
             t0 = time.perf_counter()
             where = out / f"{name}-{init}".replace(" ", "_")
-            row = run_recipe(recipe, init == "imagenet", digits, tests, bird_sets, where, epochs, args.seed)
+            row, adapted = run_recipe(recipe, init == "imagenet", digits, tests, bird_sets, where, epochs, args.seed,
+                                      args.adapt)
             results[f"{name}, {init}"] = row
+            if adapted:
+                results[f"{name} + adapt, {init}"] = adapted
             print(f"{name}, {init}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
                   + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not args.no_plain:
@@ -245,9 +266,11 @@ def with_field(row: dict[str, float], has_birds: bool) -> dict[str, float]:
 
 
 def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests: dict, bird_sets: dict | None,
-               out: Path, epochs: int, seed: int) -> dict[str, float]:
+               out: Path, epochs: int, seed: int,
+               adapt: bool = False) -> tuple[dict[str, float], dict[str, float] | None]:
     """Train the recipe on digits (and birds), score every column; ``unknown``: the share of files of the
-    other task (birds for the digit model, voices for the bird model) set aside at the 95 % threshold."""
+    other task (birds for the digit model, voices for the bird model) set aside at the 95 % threshold.
+    With ``adapt``, also the digits columns scored by the model adapted to each (else ``None``)."""
     out.mkdir(parents=True, exist_ok=True)
     feats, fc, linked = featurize_sets({"train": digits["train"], "val": digits["clean"]}, out / "digits-features",
                                        recipe)
@@ -255,6 +278,10 @@ def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests:
     others = {"other": bird_sets["birds"]} if bird_sets else {}
     test_feats, _, linked = featurize_sets({**tests, **others}, out / "digits-tests", {}, fitted=fc)
     row, confidence = score(package, test_feats, linked)
+    adapted = None
+    if adapt:
+        got, _ = score(package, test_feats, linked, adapt=True)
+        adapted = with_field({k: v for k, v in got.items() if k != "other"}, False)
     unknown = [unknown_share(confidence["clean"], confidence["other"])] if bird_sets else []
     row.pop("other", None)
     if bird_sets:
@@ -267,7 +294,7 @@ def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests:
         unknown.append(unknown_share(confidence["birds"], score(package, voices, other)[1]["other"]))
     row = with_field(row, bird_sets is not None)
     row["unknown"] = float(np.nanmean(unknown)) if unknown else float("nan")
-    return row
+    return row, adapted
 
 
 def split_rows(linked: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:

@@ -170,6 +170,9 @@ def file_prediction_schema(labels: list[str]) -> pa.Schema:
         pa.field("source_channels", pa.int16(), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("config_hash", pa.string(), nullable=False),
+        # the mean over its clips of their distance from the training clips (melbatch.model.novelty);
+        # null for a package without the distance rule
+        pa.field("distance", pa.float32(), nullable=True),
     ], metadata={META_PREFIX + b"schema_version": str(SCHEMA_VERSION).encode()})
 
 

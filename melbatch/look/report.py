@@ -158,7 +158,7 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     sections = [overview, *([curves] if m["epochs"] else []), *_auto_section(run),
                 per_class_section(m, labels), wrong_clips_section(run, meta, cfg, thumbnails)]
     if m.get("calibration"):
-        sections.append(calibration_section(m["calibration"]))
+        sections.append(calibration_section(m["calibration"], m.get("novelty")))
     return run, [*sections, features_section(cfg, meta["config_hash"])]
 
 
@@ -208,15 +208,23 @@ def wrong_clips_section(run: URI, meta: dict[str, Any], cfg: FeatureConfig, thum
     return wrong
 
 
-def calibration_section(c: dict[str, Any]) -> Section:
+def calibration_section(c: dict[str, Any], rule: dict[str, Any] | None = None) -> Section:
     """How far the package's probabilities can be trusted: the reliability diagram of the validation
-    files, the temperature fitted on them, and the ``--unknown-below`` values that keep most files."""
+    files, the temperature fitted on them, the ``--unknown-below`` values that keep most files, and the
+    stored rule ``--unknown auto`` applies (:mod:`melbatch.model.novelty`)."""
     keep = ", ".join(f"{p:.2f} keeps {k}" for k, p in c["unknown_below_keeping"].items())
     section = Section("Calibration (validation files)").add(note(
         f"Probabilities are calibrated by temperature scaling: T = {c['temperature']:.2f} fitted on the validation "
         f"clips (expected calibration error {c['clip_ece_before']:.3f} before, {c['clip_ece_after']:.3f} after). "
         f"classify --unknown-below P labels a file 'unknown' when its best probability is below P: {keep} of "
         "these files."))
+    if rule:
+        section.add(note(
+            f"classify --unknown auto labels a file 'unknown' when its best probability is below "
+            f"{rule['probability_below']:.3f} or its clips lie on average farther than {rule['distance_above']:.2f} "
+            f"(Mahalanobis) from every label's training clips: it keeps {rule['kept']:.0%} of these "
+            f"{rule['files']} files. The distance alone, at {rule['distance_alone_above']:.2f}, keeps "
+            f"{rule['keep']:.0%}."))
     rows = c["reliability"]
     if rows:
         fig, ax = figure(4.0, 3.2)

@@ -7,7 +7,9 @@ from a weights file (local or any URI; safetensors or a torch state dict), or no
 
 The package (``OUT/model/``) holds ``model.safetensors`` and ``model.json``: model name, labels,
 the feature config and its hash, normalisation and the training config, so ``classify`` rebuilds
-features and model from it alone.
+features and model from it alone; and, from packages trained since 2026-12-07, ``novelty.safetensors``
+(:mod:`melbatch.model.novelty`: how far a clip lies from the training clips) with its rule in
+``model.json`` under ``novelty``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file as load_arrays
+from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file, save_file
 
 from melbatch import URI, __version__, storage
@@ -34,11 +38,13 @@ from melbatch.audio.logmel import clip_normalize, logmel_clips
 from melbatch.config import FeatureConfig
 from melbatch.model import backbones
 from melbatch.model.heads import Head
+from melbatch.model.novelty import Novelty
 from melbatch.model.weights import Source, converted_wheel_weights, fetch_weights, resolve
 
 PACKAGE_DIR = "model"
 WEIGHTS = "model.safetensors"
 META = "model.json"
+NOVELTY = "novelty.safetensors"
 UNKNOWN = "unknown"  # a file's label when none of the model's is likely enough (classify --unknown-below)
 
 
@@ -142,6 +148,7 @@ class Package:
     model: torch.nn.Module
     meta: dict[str, Any]
     embedder: Any = None  # melbatch.model.Embedder of a backbone package, else None
+    novelty: Novelty | None = None  # the distance rule's Gaussian (packages since 2026-12-07)
 
     @property
     def labels(self) -> list[str]:
@@ -365,6 +372,23 @@ def save_package(out: URI, model: torch.nn.Module, meta: dict[str, Any]) -> URI:
     return root
 
 
+def save_novelty(out: URI, novelty: Novelty, rule: dict[str, Any]) -> None:
+    """Store the distance rule beside the weights (``novelty.safetensors``) and its thresholds in
+    ``model.json`` under ``novelty``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_arrays({k: np.ascontiguousarray(v) for k, v in novelty.arrays().items()}, f"{tmp}/{NOVELTY}")
+        storage.write_bytes(storage.join(package_root(out), NOVELTY), Path(f"{tmp}/{NOVELTY}").read_bytes())
+    update_meta(out, novelty=rule)
+
+
+def _load_novelty(uri: URI, meta: dict[str, Any]) -> Novelty | None:
+    if not meta.get("novelty"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(f"{tmp}/{NOVELTY}").write_bytes(storage.read_bytes(storage.join(package_root(uri), NOVELTY)))
+        return Novelty(**load_arrays(f"{tmp}/{NOVELTY}"))
+
+
 def update_meta(out: URI, **fields: Any) -> None:
     """Add ``fields`` to the package's ``model.json`` (the weights, and so its ``model_id``, stay)."""
     meta_uri = storage.join(package_root(out), META)
@@ -406,4 +430,4 @@ def load_package(uri: URI, threads: int = 1) -> Package:
     with tempfile.TemporaryDirectory() as tmp:
         Path(f"{tmp}/{WEIGHTS}").write_bytes(storage.read_bytes(storage.join(package_root(uri), WEIGHTS)))
         model.load_state_dict(load_file(f"{tmp}/{WEIGHTS}"))
-    return Package(model.eval(), meta, embedder)
+    return Package(model.eval(), meta, embedder, _load_novelty(uri, meta))

@@ -4,7 +4,8 @@ A work batch (one row of :func:`work_table`: its id and its objects) becomes chu
 
 1. :func:`decode_batch` (CPU task): read → decode → clips → log-mel, the featurize code path, in
    chunks of at most :data:`CHUNK_BYTES` of images (or of 16-bit PCM, when the model makes the images);
-2. :class:`Predictor` (actor): the package's clip predictions and, per file, its clips' probability sums;
+2. :class:`Predictor` (actor): the package's clip predictions and, per file, its clips' probability sums
+   (and distance sums, :mod:`melbatch.model.novelty`, when the package has the rule);
 3. :func:`write_batch` (CPU task): ``clips/<batch>-<seq>.parquet``; the chunk goes on to the driver
    without its clips (:func:`melbatch.stages.classify.finish_batch` finishes the batch there).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,7 @@ from melbatch.audio.decode import DecodeError
 from melbatch.audio.logmel import clip_images
 from melbatch.audio.objects import logmels_of_object
 from melbatch.config import FeatureConfig
-from melbatch.model.package import Package, aggregate_files, load_package, padded, predict, predict_audio
+from melbatch.model.package import aggregate_files, load_package, padded, predict, predict_audio
 from melbatch.shards import (
     AUDIO_DTYPE,
     QUARANTINE_SCHEMA,
@@ -60,7 +62,8 @@ FILE = pa.struct([file_prediction_schema([]).field(n) for n in (
 QUARANTINED = pa.struct(list(QUARANTINE_SCHEMA))
 SUMS = pa.struct([pa.field("uri", pa.string(), nullable=False),  # a file's clips in one chunk
                   pa.field("probability_sum", pa.list_(pa.float64()), nullable=False),
-                  pa.field("clips", pa.int32(), nullable=False)])
+                  pa.field("clips", pa.int32(), nullable=False),
+                  pa.field("distance_sum", pa.float64(), nullable=True)])  # None: the package has no distance rule
 CHUNK_FIELDS = [pa.field("batch", pa.string()), pa.field("seq", pa.int32()), pa.field("last", pa.bool_()),
                 pa.field("node", pa.string()), pa.field("files", pa.list_(FILE)),
                 pa.field("quarantine", pa.list_(QUARANTINED))]
@@ -152,7 +155,7 @@ class Predictor:
                  threads: int, thresholds: tuple[float, ...]) -> None:
         workers.prepare_worker(threads)
         pkg = load_package(model_uri, threads)
-        self.pkg = Package(pkg.model.to(torch.device("cuda" if use_gpu else "cpu")).eval(), pkg.meta, pkg.embedder)
+        self.pkg = replace(pkg, model=pkg.model.to(torch.device("cuda" if use_gpu else "cpu")).eval())
         self.batch_size, self.k, self.embeddings = batch_size, min(top_k, len(pkg.labels)), embeddings
         self.thresholds = np.asarray(thresholds, np.float64)
 
@@ -164,23 +167,31 @@ class Predictor:
         cfg = self.pkg.features
         if self.pkg.embedder is not None:  # a head on an audio backbone: it hears the clips themselves
             probs, emb = predict_audio(self.pkg, chunk_audio(chunk, cfg))
-            return self._rows(chunk, clips, probs, emb if self.embeddings else None)
+            return self._rows(chunk, clips, probs, emb, self.embeddings)
         if "audio" in chunk.column_names:  # decoded without images: make them here, on the model's device
             images = clip_images(chunk_audio(chunk, cfg), cfg, next(self.pkg.model.parameters()).device,
                                  self.batch_size)
         else:
             images = chunk_images(chunk, cfg)
-        probs, emb = predict(self.pkg, images, self.batch_size, self.embeddings, padded_clips=padded(
+        far = self.pkg.novelty is not None
+        probs, emb = predict(self.pkg, images, self.batch_size, self.embeddings or far, padded_clips=padded(
             clips.column("start_s").to_numpy(), clips.column("end_s").to_numpy(), cfg.clip_s))
-        return self._rows(chunk, clips, probs, emb)
+        return self._rows(chunk, clips, probs, emb, self.embeddings)
 
-    def _rows(self, chunk: pa.Table, clips: pa.Table, probs: np.ndarray, emb: np.ndarray | None) -> pa.Table:
-        """The chunk with its clips' predictions, per-file sums and detection hits."""
-        sums = aggregate_files(clips.column("uri").to_pylist(), probs)
-        predictions = self._clip_table(clips, probs, emb).to_struct_array().combine_chunks()
+    def _rows(self, chunk: pa.Table, clips: pa.Table, probs: np.ndarray, emb: np.ndarray | None,
+              keep: bool) -> pa.Table:
+        """The chunk with its clips' predictions (``keep``: with their embeddings), per-file sums and
+        detection hits."""
+        uris = clips.column("uri").to_pylist()
+        sums = aggregate_files(uris, probs)
+        far: dict[str, float] = {}
+        if self.pkg.novelty is not None and emb is not None:
+            for u, d in zip(uris, self.pkg.novelty.distances(emb), strict=True):
+                far[u] = far.get(u, 0.0) + float(d)
+        predictions = self._clip_table(clips, probs, emb if keep else None).to_struct_array().combine_chunks()
+        rows = [{"uri": u, "probability_sum": a, "clips": n, "distance_sum": far.get(u)} for u, (a, n) in sums.items()]
         return chunk.select([f.name for f in CHUNK_FIELDS]).append_column(
-            "clips", _listed(predictions)).append_column("sums", _listed(pa.array(
-                [{"uri": u, "probability_sum": a, "clips": n} for u, (a, n) in sums.items()], SUMS))).append_column(
+            "clips", _listed(predictions)).append_column("sums", _listed(pa.array(rows, SUMS))).append_column(
             "hits", _listed(detections.hits(clips, probs, self.thresholds)))
 
     def _clip_table(self, clips: pa.Table, probs: np.ndarray, emb: np.ndarray | None) -> pa.Table:

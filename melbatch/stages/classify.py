@@ -40,17 +40,24 @@ import pyarrow as pa
 import ray
 
 from melbatch import URI, listing, storage
-from melbatch.audio.objects import SPILL_BYTES
+from melbatch.audio.decode import DecodeError
+from melbatch.audio.objects import SPILL_BYTES, logmels_of_object
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig
 from melbatch.console import progress as progress_bar
-from melbatch.model import backbones
+from melbatch.model import adapt, backbones, novelty
 from melbatch.model.package import (
+    META,
+    PACKAGE_DIR,
+    UNKNOWN,
     FileSums,
     ModelError,
     aggregate_files,
     file_labels,
+    load_package,
     package_root,
     read_package_meta,
+    save_novelty,
+    save_package,
     verdicts,
 )
 from melbatch.shards import (
@@ -130,6 +137,10 @@ def preflight_model(cfg: ClassifyConfig) -> dict[str, Any]:
     except (ModelError, backbones.BackboneError) as e:
         raise ConfigError(f"MODEL: {e}") from None
     detection(cfg, meta)  # a --threshold for a label the model does not have fails here
+    if cfg.unknown != "off" and not meta.get("novelty"):
+        raise ConfigError(f"MODEL: {cfg.model} stores no distance rule for --unknown {cfg.unknown} (packages trained "
+                          "before 2026-12-07 and multi-label packages have none): train it again, or use "
+                          "--unknown-below P")
     storage.check_readable(cfg.archive)
     storage.check_writable(cfg.out)
     return meta
@@ -160,7 +171,8 @@ def preflight(cfg: ClassifyConfig) -> dict[str, Any]:
     existing = read_manifest(cfg.out)
     if existing and not cfg.overwrite and existing.get("kind") != "predictions":
         raise ConfigError(f"{cfg.out} holds a {existing.get('kind')} output, not predictions: use another OUT")
-    if existing and not cfg.overwrite and existing.get("model_id") != meta["model_id"]:
+    made_by = (existing or {}).get("adapted", {}) or {}
+    if existing and not cfg.overwrite and made_by.get("from_model_id", existing.get("model_id")) != meta["model_id"]:
         raise ConfigError(f"{cfg.out} already holds predictions of model {existing.get('model_id')}, and MODEL is "
                           f"{meta['model_id']}: use another OUT, or --overwrite to replace them")
     return meta
@@ -187,7 +199,68 @@ def run(cfg: ClassifyConfig, progress: bool = True) -> Summary:
     refs = listing.refs_of(list_archive(cfg, skipped, notes))
     if not refs:
         raise listing.nothing_matches(cfg.archive, cfg.include, cfg.exclude, cfg.extensions)
+    if cfg.adapt:
+        meta = adapt_model(cfg, meta, refs, progress)
     return classify_objects(cfg, meta, refs, storage.canonical(cfg.out), progress, dict(skipped), notes.as_dict())
+
+
+ADAPTED_DIR = "_adapted"  # OUT/_adapted/model/: the package classify --adapt made and classified with
+
+
+def adapt_model(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[storage.ObjectRef],
+                progress: bool = True) -> dict[str, Any]:
+    """``--adapt``: the package re-fitted to a sample of the archive's clips (:mod:`melbatch.model.adapt`),
+    written to ``OUT/_adapted/`` and returned as the meta to classify with; a re-run (resume) finds it
+    there and uses it again, so every batch of one OUT is classified by the same adapted model."""
+    where = storage.join(storage.canonical(cfg.out), ADAPTED_DIR)
+    if storage.exists(storage.join(where, PACKAGE_DIR, META)):
+        old = read_package_meta(where)
+        if old.get("adapted", {}).get("from_model_id") == meta["model_id"]:
+            return {**old, "root": storage.canonical(package_root(where))}
+    pkg = load_package(cfg.model)
+    if not adapt.can_adapt(pkg):
+        raise ConfigError(f"MODEL: {meta['model_id']} has no normalisation statistics to adapt (no BatchNorm "
+                          "layers): classify without --adapt")
+    t0 = time.perf_counter()
+    sample, files = archive_sample(refs, pkg.features, pkg.embedder is None, cfg.silence_dbfs)
+    if len(sample) < adapt.FEW_CLIPS:
+        raise ConfigError(f"--adapt found {len(sample)} usable clips in {files} sampled files of {cfg.archive}: "
+                          f"statistics of fewer than {adapt.FEW_CLIPS} clips are noise; classify without --adapt")
+    new = adapt.adapted(pkg, sample)
+    new.meta["adapted"] = {**new.meta["adapted"], "files": files, "archive": storage.canonical(cfg.archive)}
+    keep = {k: v for k, v in new.meta.items() if k not in ("model_id", "melbatch_version", "created_at", "root")}
+    save_package(where, new.model, keep)
+    if pkg.novelty is not None:
+        save_novelty(where, pkg.novelty, meta["novelty"])
+    adapted_meta = {**read_package_meta(where), "root": storage.canonical(package_root(where))}
+    if progress:
+        print(f"adapted {meta['model_id']} to {cfg.archive}: {new.meta['adapted']['statistics']} re-estimated on "
+              f"{len(sample)} clips of {files} files in {time.perf_counter() - t0:.1f} s -> "
+              f"{adapted_meta['model_id']} ({where})", flush=True)
+    return adapted_meta
+
+
+def archive_sample(refs: list[storage.ObjectRef], features: FeatureConfig, images: bool,
+                   silence_dbfs: float) -> tuple[np.ndarray, int]:
+    """Up to :data:`~melbatch.model.adapt.ADAPT_CLIPS` clips of up to :data:`~melbatch.model.adapt.ADAPT_FILES`
+    files spread over the archive (its key order), a share of each: their log-mel images, or (not
+    ``images``) their 16-bit audio; files that cannot be decoded are passed over (classify quarantines
+    them). Returns the clips and how many files were sampled."""
+    picked = [refs[i] for i in sorted(set(np.linspace(0, len(refs) - 1, min(len(refs), adapt.ADAPT_FILES))
+                                          .astype(int).tolist()))]
+    per_file = max(1, math.ceil(adapt.ADAPT_CLIPS / len(picked)))
+    clips: list[np.ndarray] = []
+    for ref in picked:
+        try:
+            _, staged = logmels_of_object(ref, features, silence_dbfs, keep_audio=not images, images=images)
+        except DecodeError:
+            continue
+        with staged:
+            got = [mel if images else clip.samples for clip, mel in staged]
+        clips += [got[i] for i in sorted(set(np.linspace(0, len(got) - 1, min(len(got), per_file)).astype(int)))]
+    if len(clips) > adapt.ADAPT_CLIPS:
+        clips = [clips[i] for i in np.linspace(0, len(clips) - 1, adapt.ADAPT_CLIPS).astype(int)]
+    return (np.stack(clips) if clips else np.zeros(0)), len(picked)
 
 
 def list_archive(cfg: ClassifyConfig, skipped: Counter | None = None,
@@ -209,7 +282,8 @@ def classify_objects(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[stora
                       listing=listing or {})
     detect = detection(cfg, meta)
     salt = (f"classify {meta['model_id']} {meta['config_hash']} top{cfg.top_k} emb{int(cfg.keep_embeddings)} "
-            f"detect {detect}" + (f" unknown<{cfg.unknown_below:g}" if cfg.unknown_below else ""))
+            f"detect {detect}" + (f" unknown<{cfg.unknown_below:g}" if cfg.unknown_below else "")
+            + (f" unknown {cfg.unknown}" if cfg.unknown != "off" else ""))
     batches = [(content_id(salt, (r.key() for r in b)), b)
                for b in batch_plan(refs, cfg.files_per_task, cfg.task_mb * 1e6)]
     crash_point("classify:listed")
@@ -255,7 +329,7 @@ def _stream(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Settin
             parts.append(chunk)
             if _complete(parts):
                 finishing.add(pool.submit(finish_batch, out, chunk["batch"], chunks.pop(chunk["batch"]), meta,
-                                          detect, cfg.unknown_below))
+                                          detect, cfg.unknown_below, unknown_rule(cfg, meta)))
             done = {f for f in finishing if f.done()}
             finishing -= done
             collect(done)
@@ -385,6 +459,7 @@ def _manifest(cfg: ClassifyConfig, meta: dict[str, Any], detect: detections.Sett
         "model": meta["root"],
         "model_id": meta["model_id"],
         "model_name": meta["model_name"],
+        "adapted": meta.get("adapted"),  # classify --adapt: from which package, on how many clips
         "labels": meta["labels"],
         "feature_config": meta["feature_config"],
         "config_hash": meta["config_hash"],
@@ -413,23 +488,43 @@ def _complete(chunks: list[dict[str, Any]]) -> bool:
     return bool(last) and len(chunks) == last[0] + 1
 
 
+def unknown_rule(cfg: ClassifyConfig, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The package's stored rule and which of its parts ``--unknown`` uses (``None``: off)."""
+    if cfg.unknown == "off":
+        return None
+    return {**meta["novelty"], "use": "both" if cfg.unknown == "auto" else cfg.unknown}
+
+
 def finish_batch(out: URI, bid: str, chunks: list[dict[str, Any]], meta: dict[str, Any],
-                 detect: detections.Settings, unknown_below: float = 0.0) -> BatchResult:
+                 detect: detections.Settings, unknown_below: float = 0.0,
+                 rule: dict[str, Any] | None = None) -> BatchResult:
     """A batch whose chunks are all written (the driver's rows of :func:`write_batch`): its per-file
     verdicts (``files/<batch>.parquet``: the mean of each file's clip probabilities, the best label
-    wins, or :data:`~melbatch.model.package.UNKNOWN` below ``unknown_below``), its events
+    wins, or :data:`~melbatch.model.package.UNKNOWN` below ``unknown_below`` or where the package's
+    distance ``rule`` sets it aside, :func:`melbatch.model.novelty.unknown`; its mean distance), its events
     (``detections/<batch>.parquet``, when there are any), then its part file, which marks it done;
     returns its result."""
     chunks = sorted(chunks, key=lambda c: c["seq"])
     files, labels = chunks[-1]["files"], meta["labels"]
     sums: FileSums = {}
+    far: dict[str, float] = {}
     for c in chunks:
         sums = aggregate_files([s["uri"] for s in c["sums"]], [np.asarray(s["probability_sum"]) for s in c["sums"]],
                                [s["clips"] for s in c["sums"]], into=sums)
-    scores, best = verdicts(sums, [f["uri"] for f in files], len(labels))
+        for s in c["sums"]:
+            if s["distance_sum"] is not None:
+                far[s["uri"]] = far.get(s["uri"], 0.0) + s["distance_sum"]
+    uris = [f["uri"] for f in files]
+    scores, best = verdicts(sums, uris, len(labels))
+    distance = [far[u] / sums[u][1] if u in far else None for u in uris]
+    names = file_labels(labels, scores, best, unknown_below)
+    if rule and files:
+        confidence = scores[np.arange(len(files)), best]
+        names = [UNKNOWN if out else n for n, out in zip(names, novelty.unknown(
+            confidence, np.array([np.inf if d is None else d for d in distance]), rule, rule["use"]), strict=True)]
     table = pa.Table.from_pydict({
         **{k: [f[k] for f in files] for k in FILE.names},
-        "label": file_labels(labels, scores, best, unknown_below),
+        "label": names, "distance": distance,
         "probability": scores[np.arange(len(files)), best].tolist(),
         "clips": [sums[f["uri"]][1] for f in files], "scores": scores.tolist(),
         "model_id": [meta["model_id"]] * len(files), "config_hash": [meta["config_hash"]] * len(files),

@@ -1,12 +1,15 @@
 """What a train run leaves in OUT once Ray Train is done: the best epoch (highest macro-F1) becomes
 the model package (``OUT/model/``), every validation clip is scored with it by the one prediction
 path classify takes (``OUT/val_predictions.parquet``: what the report's "most confidently wrong"
-and the per-file accuracy come from), then ``OUT/metrics.json`` and ``OUT/split.csv``.
+and the per-file accuracy come from), the distance rule (:mod:`melbatch.model.novelty`: fitted on the
+pooled features of up to :data:`NOVELTY_TRAIN_FILES` training files, its thresholds chosen on the
+validation files), then ``OUT/metrics.json`` and ``OUT/split.csv``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -23,6 +26,7 @@ import torch
 from melbatch import URI, storage
 from melbatch.config import FeatureConfig, TrainConfig
 from melbatch.labels import multilabel
+from melbatch.model import novelty
 from melbatch.model.package import (
     PACKAGE_DIR,
     PADDED_VIEWS,
@@ -33,6 +37,7 @@ from melbatch.model.package import (
     load_package,
     padded,
     predict,
+    save_novelty,
     save_package,
     tempered,
     update_meta,
@@ -65,10 +70,17 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
     if cfg.multi_label:  # the thresholds chosen on the validation split at the best epoch go with the model
         multi = {"multi_label": True, "thresholds": json.loads(best["thresholds"])}
     save_package(cfg.out, model, {**meta, **multi})
-    val = score_validation(cfg, uris, val_files, here)
-    calibration = None
+    val = score_validation(cfg, uris, val_files, here, embeddings=not cfg.multi_label)
+    calibration = rule = None
     if not cfg.multi_label:
         val, calibration = calibrate(cfg, val, labels)
+        seen = score_validation(cfg, uris, _sample(train_files), here, embeddings=True)
+        index = {lab: i for i, lab in enumerate(labels)}
+        fitted = novelty.fit(embedding_rows(seen), np.array([index[v] for v in seen.column("label").to_pylist()]),
+                             len(labels))
+        val = val.append_column("distance", pa.array(fitted.distances(embedding_rows(val)), pa.float32())) \
+            .drop_columns(["embedding"])
+        rule = store_novelty(cfg, fitted, val)
     write_val_predictions(cfg, val)
     metrics = {
         "backbone": "imagenet", "val_accuracy": best["val_accuracy"], "macro_f1": best["macro_f1"],
@@ -79,7 +91,7 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
         "per_class": json.loads(best["per_class"]), "epochs": history,
         "split": {"train_files": len(train_files), "val_files": len(val_files)},
         "initial_weights": source.to_dict(), "extra_labels": review, "calibration": calibration,
-        "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
+        "novelty": rule, "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
     }
     storage.write_bytes(storage.join(cfg.out, METRICS), json.dumps(metrics, indent=2).encode())
     write_split(cfg.out, val_files, train_files)
@@ -95,17 +107,46 @@ def write_split(out: URI, val_files: set[str], train_files: set[str]) -> None:
     storage.write_bytes(storage.join(out, SPLIT), buf.getvalue().encode())
 
 
-class _Scorer:
-    """Ray Data actor: the saved package's class probabilities for stored validation images
-    (:func:`melbatch.model.package.predict`, the path classify takes)."""
+NOVELTY_TRAIN_FILES = 400  # the distance rule's Gaussian: 400 files' clips (FSDD: 400 clips, 10 s on 2 CPUs)
 
-    def __init__(self, package: URI, use_gpu: bool, batch_size: int) -> None:
+
+def _sample(files: set[str]) -> set[str]:
+    """At most :data:`NOVELTY_TRAIN_FILES` of ``files``, the same ones every run."""
+    picked = sorted(files, key=lambda u: hashlib.sha1(u.encode()).hexdigest())
+    return set(picked[:NOVELTY_TRAIN_FILES])
+
+
+def embedding_rows(table: pa.Table) -> np.ndarray:
+    """A scored table's ``embedding`` column as ``(rows, dim)`` float32."""
+    col = table.column("embedding").combine_chunks()
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(table.num_rows, -1)
+
+
+def store_novelty(cfg: TrainConfig, fitted: novelty.Novelty, val: pa.Table) -> dict[str, Any]:
+    """The distance rule's thresholds chosen on the calibrated validation clips (``distance`` per clip),
+    stored with the Gaussian in the package; returns the rule (what ``metrics.json`` keeps)."""
+    uris = val.column("uri").to_pylist()
+    n = len(val.column("probabilities")[0]) if val.num_rows else 0
+    sums = aggregate_files(uris, list(np.asarray(val.column("probabilities").to_pylist(), np.float64).reshape(-1, n)))
+    files = sorted(sums)
+    scores, _ = verdicts(sums, files, n)
+    far = novelty.file_means(uris, val.column("distance").to_numpy())
+    rule = novelty.choose(scores.max(axis=1) if len(files) else np.zeros(0), np.array([far[u] for u in files]))
+    save_novelty(cfg.out, fitted, rule)
+    return rule
+
+
+class _Scorer:
+    """Ray Data actor: the saved package's class probabilities (and with ``embeddings`` its pooled
+    features) for stored images (:func:`melbatch.model.package.predict`, the path classify takes)."""
+
+    def __init__(self, package: URI, use_gpu: bool, batch_size: int, embeddings: bool = False) -> None:
         pkg = load_package(package)
         self.pkg = Package(pkg.model.to(torch.device("cuda" if use_gpu else "cpu")), pkg.meta)
-        self.batch_size = batch_size
+        self.batch_size, self.embeddings = batch_size, embeddings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        probs, _ = predict(self.pkg, mel_array(batch), self.batch_size, padded_clips=padded(
+        probs, emb = predict(self.pkg, mel_array(batch), self.batch_size, self.embeddings, padded_clips=padded(
             batch.column("start_s").to_numpy(), batch.column("end_s").to_numpy(), self.pkg.features.clip_s))
         labels = self.pkg.labels
         index = {lab: i for i, lab in enumerate(labels)}
@@ -114,26 +155,35 @@ class _Scorer:
             else np.eye(len(labels), dtype=np.float32)[[index[v] for v in batch.column("label").to_pylist()]]
         mine = np.where(truth > 0, probs, -1.0).max(axis=1)
         best = probs.argmax(axis=1)
-        return batch.drop_columns(["mel"]).append_column("predicted", pa.array([labels[i] for i in best])) \
+        out = batch.drop_columns(["mel"]).append_column("predicted", pa.array([labels[i] for i in best])) \
             .append_column("probability", pa.array(probs.max(axis=1), pa.float32())) \
             .append_column("label_probability", pa.array(np.where(mine < 0, np.nan, mine), pa.float32())) \
             .append_column("probabilities", pa.array(list(probs), pa.list_(pa.float32(), len(labels))))
+        if not self.embeddings:
+            return out
+        dim = int(self.pkg.model.num_features)
+        emb = np.zeros((0, dim), np.float32) if emb is None else emb
+        return out.append_column("embedding", pa.FixedSizeListArray.from_arrays(
+            pa.array(emb.astype(np.float32).ravel()), dim))
 
 
-def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str], here: bool) -> pa.Table:
-    """Every validation clip scored by the saved package (the best epoch), sorted by file and clip (what
-    ``OUT/val_predictions.parquet`` holds): by a Ray Data actor, or ``here`` (a small split, see
+def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str], here: bool,
+                     embeddings: bool = False) -> pa.Table:
+    """Every clip of ``val_files`` scored by the saved package (the best epoch), sorted by file and clip
+    (for the validation files, what ``OUT/val_predictions.parquet`` holds), with ``embeddings`` their
+    pooled features too: by a Ray Data actor, or ``here`` (a small split, see
     :func:`melbatch.train.driver.hold_plan`) in this process."""
     columns = ("uri", "clip_index", "start_s", "end_s", "label", "mel")
     rows = Split(tuple(uris), columns, frozenset(val_files), keep=True)
     if here:
-        scorer = _Scorer(storage.join(cfg.out, PACKAGE_DIR), use_gpu=False, batch_size=cfg.batch_size)
+        scorer = _Scorer(storage.join(cfg.out, PACKAGE_DIR), use_gpu=False, batch_size=cfg.batch_size,
+                         embeddings=embeddings)
         return _in_order(scorer(rows.table()))
     with warnings.catch_warnings():  # Ray 2.60 names no parameter for max_restarts yet and warns on the console
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = rows.dataset().map_batches(
             _Scorer, fn_constructor_kwargs={"package": storage.join(cfg.out, PACKAGE_DIR), "use_gpu": cfg.use_gpu,
-                                            "batch_size": cfg.batch_size},
+                                            "batch_size": cfg.batch_size, "embeddings": embeddings},
             batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
             num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker),
             max_restarts=0)  # a short pass (re-run to resume); restartable actors also make Ray warn on the console

@@ -11,9 +11,9 @@ Top-down, as :func:`run` reads (the driver has already checked SHARDS and split 
 2. :func:`~melbatch.model.heads.fit_head` fits the head on the training files' clips, in this process:
    seconds, not the minutes to hours a fine-tune takes.
 3. The package (``OUT/model/``: the head, the backbone's name, version and licence), the validation clips
-   scored by it, the temperature, ``metrics.json``, ``val_predictions.parquet`` and ``split.csv``, as
-   :func:`~melbatch.train.finish.finish` writes them for a fine-tune, so report, review and classify read
-   either alike.
+   scored by it, the temperature, the distance rule (:mod:`melbatch.model.novelty`, on the embeddings),
+   ``metrics.json``, ``val_predictions.parquet`` and ``split.csv``, as :func:`~melbatch.train.finish.finish`
+   writes them for a fine-tune, so report, review and classify read either alike.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from melbatch import URI, storage
 from melbatch.config import ClassifyConfig, ConfigError, FeatureConfig, TrainConfig
-from melbatch.model import backbones
+from melbatch.model import backbones, novelty
 from melbatch.model.heads import Head, fit_head, probabilities_of, self_train
 from melbatch.model.package import (
     PACKAGE_DIR,
@@ -45,7 +45,7 @@ from melbatch.model.weights import Source
 from melbatch.shards import METRICS, DatasetError, read_manifest
 from melbatch.stages import classify
 from melbatch.train.data import open_shards
-from melbatch.train.finish import calibrate, file_accuracy, write_split, write_val_predictions
+from melbatch.train.finish import calibrate, file_accuracy, store_novelty, write_split, write_val_predictions
 from melbatch.train.loop import confusion_metrics
 
 EMBEDDINGS_DIR = "_embeddings"
@@ -208,6 +208,7 @@ def run(cfg: TrainConfig, name: str, labels: list[str], labels_of: dict[str, str
     meta = {**_meta(b, bf, labels), "train_config": asdict(cfg), "shards": storage.canonical(cfg.shards),
             "best_epoch": 0, "extra_labels": None, "initial_weights": source.to_dict()}
     save_package(cfg.out, head, meta)
+    fitted = novelty.fit(emb[is_train], y[is_train], len(labels))
     with torch.inference_mode():
         raw = probabilities(head(torch.from_numpy(emb[is_val])), {}).numpy()
     val_rows = table.filter(pa.array(is_val))
@@ -219,9 +220,11 @@ def run(cfg: TrainConfig, name: str, labels: list[str], labels_of: dict[str, str
         "label": pa.array([labels[i] for i in truth]), "predicted": pa.array([labels[i] for i in best]),
         "probability": pa.array(raw.max(1), pa.float32()),
         "label_probability": pa.array(raw[np.arange(len(truth)), truth], pa.float32()),
-        "probabilities": pa.array(list(raw), pa.list_(pa.float32(), len(labels)))})
+        "probabilities": pa.array(list(raw), pa.list_(pa.float32(), len(labels))),
+        "distance": pa.array(fitted.distances(emb[is_val]), pa.float32())})
     val = val.sort_by([("uri", "ascending"), ("clip_index", "ascending")])
     val, calibration = calibrate(cfg, val, labels)
+    rule = store_novelty(cfg, fitted, val)
     write_val_predictions(cfg, val)
     write_split(cfg.out, val_files, train_files)
     conf = np.zeros((len(labels), len(labels)), np.int64)
@@ -237,7 +240,7 @@ def run(cfg: TrainConfig, name: str, labels: list[str], labels_of: dict[str, str
                  "embed_s": round(t_embed, 1), "fit_s": round(seconds - t_embed, 1),
                  "weights_id": weights_id(head.state_dict())},
         "initial_weights": source.to_dict(),
-        "extra_labels": None, "calibration": calibration, "seconds": round(seconds, 1),
+        "extra_labels": None, "calibration": calibration, "novelty": rule, "seconds": round(seconds, 1),
         **({"self_training": {"unlabelled": storage.canonical(cfg.unlabelled), "rounds": rounds}} if rounds else {}),
         "model_package": storage.join(storage.canonical(cfg.out), PACKAGE_DIR),
     }
