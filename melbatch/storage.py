@@ -167,6 +167,9 @@ def filesystem(uri: URI) -> tuple[fsspec.AbstractFileSystem, str]:
     except (ImportError, ValueError) as e:
         raise StorageError(f"cannot open {uri!r}: {e}. Install the fsspec package for that scheme "
                            "(s3fs for s3://, gcsfs for gs://, adlfs for az://)") from None
+    except OSError as e:  # a scheme that connects when opened (ftp://, sftp://): no such host, refused
+        raise StorageError(f"cannot open {uri!r}: {e}. Check the host name and that it can be reached from here; "
+                           "melbatch is tested on local folders and s3://") from None
     if "config_kwargs" in options:
         fs.retries = S3FS_TRIES  # s3fs's own retry loop (a class attribute there, not a constructor argument)
     if isinstance(fs, LocalFileSystem) and "%" in path and not os.path.lexists(path):
@@ -375,6 +378,10 @@ def atomic_open(uri: URI) -> Iterator[IO[bytes]]:
     """Open ``uri`` for writing so that it appears complete or not at all."""
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
+        if os.path.lexists(path) and not (os.path.isfile(path) or os.path.islink(path)):
+            raise StorageError(f"{uri} exists and is not a regular file (a folder, a device such as /dev/full, a "
+                               "pipe): melbatch writes whole files by renaming into place and will not replace it; "
+                               "give the path of a file")
         with _local_tmp(path) as tmp:
             with open(tmp, "wb") as f:
                 yield f

@@ -421,3 +421,50 @@ def test_control_characters_in_names_and_labels_reach_the_console_escaped(tmp_pa
     assert not any("\x1b" in r for r in rows)
     chaos_log("control characters in label folders, file names and manifest rows", 3, 3,
               "printed escaped (\\x1b, \\n) in featurize's summary and warnings, scan's labels and results' rows")
+
+
+def test_unreachable_schemes_outputs_inside_inputs_devices_and_a_full_disk_are_one_clear_line(
+        tmp_path, ray_session, tiny_model, capsys, chaos_log):
+    """Issue 44, case 9 and its neighbours: an ftp:// SRC was a gaierror traceback; DST inside SRC was taken
+    silently; `results -o /dev/full` replaced the device with a CSV (atomic writes rename into place) and
+    `results -o x.wav` a recording; a full disk was an 11-frame traceback. Each is now one line and an exit
+    code, and nothing is replaced."""
+    import shutil
+
+    from melbatch.cli import commands
+
+    assert commands.main(["featurize", "ftp://melbatch-no-such-host.invalid/x", str(tmp_path / "f")]) == 3
+    err = capsys.readouterr().err
+    assert "cannot open 'ftp://melbatch-no-such-host.invalid/x'" in err and "Traceback" not in err, err
+    src = tmp_path / "archive"
+    for i in range(3):
+        (src / "healthy").mkdir(parents=True, exist_ok=True)
+        (src / "healthy" / f"{i}.wav").write_bytes(_engine_wav(i))
+    assert commands.main(["featurize", str(src), str(src / "features")]) == 2
+    assert "is inside SRC" in capsys.readouterr().err
+    assert commands.main(["classify", str(src), tiny_model, f"file://{src}/predictions"]) == 2
+    assert "is inside ARCHIVE" in capsys.readouterr().err
+    assert commands.main(["scan", str(src), tiny_model, str(tmp_path / "scan")]) == 0
+    capsys.readouterr()
+    recording = src / "healthy" / "0.wav"
+    before = recording.read_bytes()
+    assert commands.main(["results", str(tmp_path / "scan"), "-o", str(recording)]) == 2
+    assert "will not write over it" in capsys.readouterr().err and recording.read_bytes() == before
+    fifo = tmp_path / "a-pipe"
+    os.mkfifo(fifo)
+    assert commands.main(["results", str(tmp_path / "scan"), "-o", str(fifo), "--format", "csv"]) == 3
+    assert "is not a regular file" in capsys.readouterr().err and fifo.is_fifo()
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(tiny)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a 48 kB tmpfs here (not root?): the full-disk part needs one")
+    try:
+        assert commands.main(["featurize", str(src), str(tiny / "features"), "--no-progress"]) == 3
+        err = capsys.readouterr().err
+        assert f"no space left on the device holding {tiny / 'features'}" in err and "Traceback" not in err, err
+        assert "re-run the same command to resume" in err
+    finally:
+        subprocess.run(["umount", str(tiny)], check=False)
+    chaos_log("an ftp:// SRC, DST inside SRC, results over a recording and a pipe, a full disk", 5, 5,
+              "one line each: exit 3 / 2 / 2 / 3 / 3, nothing replaced")

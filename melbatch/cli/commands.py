@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import inspect
 import sys
 import traceback
@@ -98,6 +99,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def no_space(e: BaseException) -> OSError | None:
+    """The "no space left on device" error behind ``e`` (itself, its causes, or the error a Ray task
+    raised), else ``None``."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return x
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]  # RayTaskError.cause
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from melbatch.shards import DatasetError
     from melbatch.storage import StorageError, TransientStorageError
@@ -120,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"melbatch {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:  # an unexpected failure: keep the traceback, end with what to do
+        full = no_space(e)
+        if full is not None:
+            where = full.filename or getattr(args, "dst", None) or getattr(args, "out", None) or "an output"
+            print(f"melbatch {args.command}: storage error: no space left on the device holding "
+                  f"{where}: free space (or choose another output) and re-run the same "
+                  "command to resume; finished batches are kept", file=sys.stderr)
+            return 3
         traceback.print_exc()
         last = (str(e).strip().splitlines() or [""])[-1]
         print(f"\nmelbatch {args.command} failed: {type(e).__name__}: {last}\n"

@@ -107,6 +107,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     if args.format == "parquet" and not args.output:
         raise ConfigError("--format parquet needs -o/--output FILE (binary output does not go to a terminal)")
+    refuse_to_overwrite(args.output, "-o", None)
     found = ledger.results(args.out, args.status)
     with storage.atomic_open(args.output) if args.output else contextlib.nullcontext(_Stdout()) as sink:
         ledger.write_rows(found.batches(), ledger.RESULTS_SCHEMA, args.format, sink, found.uri_width)
@@ -135,6 +136,7 @@ def _emit(data: bytes, output: str | None, what: str) -> int:
     from melbatch import storage
 
     if output:
+        refuse_to_overwrite(output, "-o", None)
         storage.write_bytes(output, data)
         print(f"{what} -> {output}", file=sys.stderr)
     else:

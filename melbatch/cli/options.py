@@ -18,6 +18,7 @@ from typing import Any
 
 from melbatch import storage
 from melbatch.config import (
+    AUDIO_EXTENSIONS,
     AugmentConfig,
     ClassifyConfig,
     ConfigError,
@@ -71,12 +72,16 @@ def given(args: argparse.Namespace, cls: type, exclude: Iterable[str] = ()) -> d
     return {n: getattr(args, n) for n in flag_names(cls, exclude) if getattr(args, n, None) is not None}
 
 
-def refuse_to_overwrite(uri: str | None, what: str, suffixes: tuple[str, ...]) -> None:
+def refuse_to_overwrite(uri: str | None, what: str, suffixes: tuple[str, ...] | None) -> None:
     """A ConfigError when ``uri`` is an existing file that is not of the output's kind (its name does not
-    end with one of ``suffixes``): `show x.wav -o recording.wav` replaced a recording with a PNG (issue 44)."""
-    if uri and not uri.lower().endswith(suffixes) and storage.exists(uri) and storage.isfile(uri):
-        raise ConfigError(f"{what} {uri} exists and is not a {' or '.join(suffixes)} file: melbatch will not write "
-                          "over it (a recording?); give another path")
+    end with one of ``suffixes``): `show x.wav -o recording.wav` replaced a recording with a PNG (issue 44).
+    ``suffixes`` None: outputs of any name (a table), refused only over a file named as audio."""
+    audio = tuple(f".{e}" for e in AUDIO_EXTENSIONS)
+    odd = not uri.lower().endswith(suffixes) if uri and suffixes else bool(uri) and uri.lower().endswith(audio)
+    if uri and odd and storage.exists(uri) and storage.isfile(uri):
+        kind = f"a {' or '.join(suffixes)} file" if suffixes else "a table"
+        raise ConfigError(f"{what} {uri} exists and is not {kind}: melbatch will not write over it (a recording?); "
+                          "give another path")
 
 
 def read_yaml(uri: str | None, only: set[str] | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from melbatch import URI
-from melbatch.config.fields import ConfigError, Seconds, build, flag, require
+from melbatch.config.fields import ConfigError, Seconds, build, flag, inside, require
 
 FEATURE_DTYPES = ("float16", "float32")
 TAIL_POLICIES = ("pad", "drop")
@@ -356,6 +356,8 @@ class FeaturizeConfig:
         require(bool(self.src), "SRC is empty: give an archive URI (s3://bucket/prefix, a folder, file://...)")
         require(bool(self.dst), "DST is empty: give an output URI")
         require(self.src.rstrip("/") != self.dst.rstrip("/"), "SRC and DST are the same place: choose another DST")
+        require(not inside(self.dst, self.src), f"DST {self.dst} is inside SRC {self.src}: the archive would hold its "
+                "own features (a later run or a scan of SRC lists them too); choose a DST outside SRC")
         object.__setattr__(self, "extensions", _extensions(self.extensions))
         require(self.labels in LABEL_SOURCES or "." in self.labels.rsplit("/", 1)[-1],
                  f"labels={self.labels!r}: use 'folder', 'none', or the URI of a .csv/.jsonl manifest (uri,label)")

@@ -7,6 +7,7 @@ YAML < flags)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from dataclasses import field, fields
@@ -28,6 +29,14 @@ def flag(default: Any, help: str) -> Any:
     the field) with this help, so a field and its documentation live together. Fields without it
     (URIs given as arguments, nested configs) get no flag."""
     return field(default=default, metadata={"help": help})
+
+
+def inside(child: str, parent: str) -> bool:
+    """Whether URI ``child`` lies strictly under ``parent`` (local paths made absolute, ``file://`` dropped)."""
+    def spelled(u: str) -> str:
+        u = u.removeprefix("file://")
+        return (u if "://" in u else os.path.abspath(u)).rstrip("/") + "/"
+    return spelled(child).startswith(spelled(parent)) and spelled(child) != spelled(parent)
 
 
 def require(ok: bool, message: str) -> None:

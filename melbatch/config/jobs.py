@@ -8,7 +8,7 @@ from typing import Literal
 
 from melbatch import URI
 from melbatch.config.features import AUDIO_EXTENSIONS, DEFAULT_EXTENSIONS, _extensions
-from melbatch.config.fields import ConfigError, build, flag, require
+from melbatch.config.fields import ConfigError, build, flag, inside, require
 
 NORMALIZATIONS = ("dataset", "clip")
 BALANCING = ("weights", "oversample", "none")
@@ -317,6 +317,8 @@ class ClassifyConfig:
     def __post_init__(self) -> None:
         require(bool(self.archive) and bool(self.model) and bool(self.out), "give ARCHIVE, MODEL and OUT")
         require(self.archive.rstrip("/") != self.out.rstrip("/"), "OUT must not be the ARCHIVE folder")
+        require(not inside(self.out, self.archive), f"OUT {self.out} is inside ARCHIVE {self.archive}: the archive "
+                "would hold its own predictions (a scan of ARCHIVE lists them too); choose an OUT outside ARCHIVE")
         object.__setattr__(self, "extensions", _extensions(self.extensions))
         require(self.batch_size >= 1, f"batch_size={self.batch_size}: at least 1 clip per model call")
         require(self.concurrency >= 0, "concurrency must be >= 0 (0: one model actor per GPU, or 1 on CPU)")
