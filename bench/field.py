@@ -3,7 +3,7 @@
     python bench/field.py                    # hours on 2 CPUs: the recipes below, FSDD digits and xc_birds10
                                              # (one digits training of the defaults ~13 min, one of birds ~1 h)
     python bench/field.py --quick            # a few minutes: fewer files and epochs (what the suite runs)
-    python bench/field.py --recipe defaults --recipe 'stop 30'   # some recipes only
+    python bench/field.py --recipe defaults --recipe 'before issue 29'   # some recipes only
 
 Digits (``../shared/data/fsdd``): train on 4 speakers (jackson, nicolas, theo, yweweler; recordings 5 and
 up), then score per file
@@ -55,8 +55,8 @@ SHIFTS = archives.FIELD_SHIFTS
 # What each recipe changes from melbatch's defaults of today (train.* / features.* / featurize.*).
 RECIPES: dict[str, dict[str, object]] = {
     "defaults": {},
-    "stop 30": {"train.augment.field_augment": False, "train.normalize": "dataset", "train.augment.time_masks": 0,
-                "train.augment.freq_masks": 0},
+    "before issue 29": {"train.augment.field_augment": False, "train.normalize": "dataset",
+                        "train.augment.time_masks": 0, "train.augment.freq_masks": 0},
 }
 
 

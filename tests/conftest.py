@@ -121,7 +121,7 @@ def rng() -> np.random.Generator:
 FAST = FeatureConfig(clip_s=2.0, clip_hop_s=2.0, n_mels=64)  # small images (64 x 201) keep the Ray tests quick
 # The short random-init runs of the pipeline tests (6 epochs, no step floor) train on the images as they are: the
 # defaults' field shifts need their 600 steps (make bench-field); at 48 steps the engine model ended at 0.75-0.83
-# with them, and at 0.867 with stop 31's milder strengths plus today's -30 dB level, under these tests' bars.
+# with them, and at 0.867 with issue 29's first, milder strengths plus today's -30 dB level, under these tests' bars.
 # test_transfer trains with the defaults, field shifts included.
 MILD_FIELD = AugmentConfig(field_augment=False)
 

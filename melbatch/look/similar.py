@@ -119,7 +119,7 @@ def query_vector(query: str, files: list[Source], model: URI, features: FeatureC
     if ref:
         uri, index = storage.canonical(ref["uri"]), int(ref["index"])
         # closed here, not at exit: a stream left open kept its reader threads until the interpreter's
-        # teardown, which aborted the process after its output (SIGABRT, "terminate called", CI of stop 36)
+        # teardown, which aborted the process after its output (SIGABRT, "terminate called", CI of 2026-12-05)
         with closing(_stream(files, 4)) as tables:
             for t in tables:
                 hit = t.filter(pc.and_(pc.equal(t.column("uri"), uri), pc.equal(t.column("clip_index"), index)))

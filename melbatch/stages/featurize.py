@@ -345,7 +345,7 @@ def _run_batches(cfg: FeaturizeConfig, dst: URI, batches: list[tuple[str, list]]
             # The batches in flight may finish (a re-run resumes what they kept), then the kept ones are
             # counted. They are not cancelled: in Ray 2.60 a cancel that races a task's reply aborts the
             # driver ("Check failed: it != submissible_tasks_.end() Tried to complete task that was not
-            # pending"; a clean-clone CI run of test_faults, stop 42; cf. ray-project/ray#54527).
+            # pending"; a clean-clone CI run of test_faults, 2026-12-06; cf. ray-project/ray#54527).
             if pending:
                 ray.wait(list(pending), num_returns=len(pending), timeout=SETTLE_S)
             raise stopped_by_storage("featurize", e, dst, {bid for bid, _ in batches}) from None
