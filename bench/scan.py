@@ -25,6 +25,7 @@ import contextlib
 import io
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,8 @@ def write_attempt(root: Path, listing: pa.Table, per_file: int = 32) -> list[str
         table = pa.table({"uri": part["uri"], "etag": part["etag"], "size": part["size"], "label": ["faulty"] * k,
                           "probability": [0.9] * k, "clips": [6] * k, "scores": [[0.1, 0.9]] * k,
                           "duration_s": [30.0] * k, "decoder": ["soundfile"] * k, "source_sample_rate_hz": [16000] * k,
-                          "source_channels": [1] * k, "model_id": ["m"] * k, "config_hash": ["h"] * k}, schema=schema)
+                          "source_channels": [1] * k, "model_id": ["m"] * k, "config_hash": ["h"] * k,
+                          "distance": [None] * k}, schema=schema)
         names.append(f"files/b{b:09d}.parquet")
         pq.write_table(table, root / names[-1])
     pq.write_table(pa.table({"uri": pa.array([], pa.string()), "kind": pa.array([], pa.string()),
@@ -152,12 +154,19 @@ RESULT_MODES = {
 def one_results(out: str, n: int, mode: str, files: int) -> None:
     """One way of getting the results of the scan OUT of ``n`` objects, in this (fresh) process: prints
     its time and its peak memory above the imports."""
+    folder = Path(tempfile.mkdtemp(prefix="melbatch-results-"))
+    try:
+        _one_results(out, n, mode, files, folder / "results.csv")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _one_results(out: str, n: int, mode: str, files: int, dest: Path) -> None:
     import json
 
     from melbatch import ledger
     from melbatch.cli import commands
 
-    dest = Path(tempfile.mkdtemp(prefix="melbatch-results-")) / "results.csv"
     base = peak_mb()
     t0 = time.perf_counter()
     if mode == "stream":
@@ -228,14 +237,27 @@ def main() -> None:
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: one size
     p.add_argument("--one-results", nargs=4, default=None, help=argparse.SUPPRESS)  # a child: OUT N MODE FILES
     args = p.parse_args()
-    root = Path(args.dir or tempfile.mkdtemp(prefix="melbatch-bench-scan-"))
-    if args.one is not None:
-        one(root / f"a{args.one}", args.one, args.new, Path(tempfile.mkdtemp(prefix="melbatch-scan-out-")))
+    if args.one is not None:  # a child: --dir is its parent's folder
+        work = Path(tempfile.mkdtemp(prefix="melbatch-scan-out-"))
+        try:
+            one(Path(args.dir) / f"a{args.one}", args.one, args.new, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return
     if args.one_results is not None:
         out, n, mode, files = args.one_results
         one_results(out, int(n), mode, int(files))
         return
+    root = Path(args.dir or tempfile.mkdtemp(prefix="melbatch-bench-scan-"))
+    try:
+        run_all(args, root)
+    finally:
+        if not args.dir:  # a temp folder of its own: archives of up to millions of files, gone afterwards
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, root: Path) -> None:
+    """Every size of both benches, each in a fresh child process, under ``root``."""
     sizes = [int(s) for s in args.sizes.split(",") if s]
     for n in sizes:
         make_archive(root / f"a{n}", n)
