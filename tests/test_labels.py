@@ -45,7 +45,10 @@ def test_csv_and_jsonl_manifests_with_relative_and_absolute_uris(tmp_path):
 
 
 @pytest.mark.parametrize("content,needle", [("file,label\na,b\n", "'uri'"), ("uri,label\na.wav,\n", "empty label"),
-                                            ("uri,label\n", "no rows")])
+                                            ("uri,label\n", "no rows"),
+                                            # issue 44's neighbours: a NaN or an infinity among a span's times
+                                            ("uri,label,start_s,end_s\na.wav,x,nan,2\n", "not two finite numbers"),
+                                            ("uri,label,start_s,end_s\na.wav,x,0,inf\n", "not two finite numbers")])
 def test_bad_csv_manifests_are_config_errors(tmp_path, content, needle):
     (tmp_path / "l.csv").write_text(content)
     with pytest.raises(ConfigError, match=needle):

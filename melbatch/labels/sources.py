@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import posixpath
 import unicodedata
 from dataclasses import dataclass
@@ -146,6 +147,9 @@ def _span(key: str, start: object, end: object, where: str) -> tuple[float | Non
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: start_s and end_s of {key!r} must both be numbers (seconds), or both empty for "
                           f"the whole file; found {start!r}, {end!r}") from None
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ConfigError(f"{where}: the span {start!r}-{end!r} of {key!r} is not two finite numbers of seconds (a NaN "
+                          "or an infinity); give both, or leave both empty for the whole file")
     if not 0 <= a < b:
         raise ConfigError(f"{where}: the span {a:g}-{b:g} s of {key!r} is empty or negative: need 0 <= start_s < end_s")
     return a, b
