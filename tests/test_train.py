@@ -445,16 +445,16 @@ def test_two_workers_read_a_small_split_themselves_and_train_on_all_of_it(engine
         seen = e["train_clips_per_label"]
         assert abs(sum(seen.values()) - oversampled) <= max(4, 0.15 * oversampled), (seen, oversampled)
         assert min(seen.values()) >= 0.7 * max(seen.values()), seen
-    # the saved package scored every validation clip once, here in the driver; as the best epoch did, but
-    # for the padded clips: the package scores those on three views (classify's path), the epoch's
-    # evaluation on one, so a borderline one may flip (this run's clean-clone CI: 0.625 against 0.750)
+    # the saved package scored every validation clip once, here in the driver, as the best epoch did: a
+    # padded clip on three views both times (issue 44: the epoch's evaluation used one view, and a
+    # borderline clip could flip, 0.625 against 0.750 in one clean-clone CI)
     with storage.open_input(f"{cfg.out}/val_predictions.parquet") as f:
         scored = pq.read_table(f).to_pylist()
     val_rows = [r for r in shards.iter_clips(cfg.shards) if r["uri"] in val]
     assert sorted((r["uri"], r["clip_index"]) for r in scored) == sorted((r["uri"], r["clip_index"]) for r in val_rows)
     padded = package.padded([r["start_s"] for r in val_rows], [r["end_s"] for r in val_rows], FAST.clip_s)
     accuracy = np.mean([r["predicted"] == r["label"] for r in scored])
-    assert 0 < padded.mean() < 1 and abs(accuracy - m["val_accuracy"]) <= padded.mean() + 1e-9
+    assert 0 < padded.mean() < 1 and abs(accuracy - m["val_accuracy"]) < 1e-9, (accuracy, m["val_accuracy"])
 
 
 @pytest.mark.ray

@@ -61,7 +61,7 @@ def open_shards(uri: URI, labelled: bool = True) -> tuple[dict[str, Any], Featur
     for u in uris:
         if not storage.exists(u):
             raise DatasetError(f"{u} is listed in the manifest but missing: re-run featurize into {uri}")
-    with storage.open_input(uris[0]) as f:
+    with storage.arrow_input(uris[0], whole=False) as f:  # the schema alone
         have = feature_config_of(pq.ParquetFile(f).schema_arrow)
     if have.hash() != features.hash():
         raise DatasetError(f"{uris[0]} was written with features {have.hash()} but the manifest says "
@@ -80,7 +80,7 @@ def file_labels(uris: list[URI]) -> tuple[dict[str, str], Counter, np.ndarray]:
     clips_of: Counter = Counter()
     sound: list[np.ndarray] = []
     for u in uris:
-        with storage.open_input(u) as f:
+        with storage.arrow_input(u) as f:
             t = pq.read_table(f, columns=["uri", "label", "start_s", "end_s"])
         uris_col = t.column("uri").to_pylist()
         labels_of.update(zip(uris_col, t.column("label").to_pylist(), strict=True))
@@ -230,7 +230,7 @@ def splits(uris: list[URI], val_files: set[str], wave: bool, repeats: dict[str, 
     columns = ("uri", "label", "start_s", "end_s", "audio" if wave else "mel", *(("clip_index",) if relabel else ()))
     held_out = frozenset(val_files)
     return {"train": Split((*uris, *extra), columns, held_out, keep=False, relabel=relabel, repeats=repeats),
-            "val": Split(tuple(uris), ("uri", "label", "mel"), held_out, keep=True)}
+            "val": Split(tuple(uris), ("uri", "label", "start_s", "end_s", "mel"), held_out, keep=True)}
 
 
 def read_sides(sides: dict[str, Split], seed: int) -> dict[str, pa.Table]:

@@ -32,7 +32,7 @@ from melbatch.audio.logmel import logmel_tensor
 from melbatch.config import FeatureConfig, TrainConfig
 from melbatch.console import Channel, Throttle
 from melbatch.labels import multilabel
-from melbatch.model.package import classifier_names, create_model, normalize
+from melbatch.model.package import PADDED_VIEWS, Package, classifier_names, create_model, normalize, padded, predict
 from melbatch.model.weights import Source
 from melbatch.shards import DIVERGED, STATE, audio_array, mel_array
 from melbatch.train import augment
@@ -321,29 +321,42 @@ def train_epoch(w: _Worker, epoch: int) -> tuple[tuple[float, ...], Any]:
 
 def evaluate(w: _Worker) -> tuple[Any, Any]:
     """This worker's share of the validation images: (confusion matrix, [loss sum, clips]); with
-    ``multi_label`` the matrix is instead (the clips' label probabilities, their multi-hot truth)."""
+    ``multi_label`` the matrix is instead (the clips' label probabilities, their multi-hot truth).
+    Single-label clips are scored as the package will score them (:func:`~melbatch.model.package.predict`:
+    a padded clip on three views, their probabilities averaged), so the best epoch is chosen on the
+    numbers classify gives; the loss is the cross-entropy of those probabilities."""
     w.model.eval()
-    multi = w.cfg.multi_label
-    conf: Any = torch.zeros(len(w.labels), len(w.labels), dtype=torch.float64)
+    if not w.cfg.multi_label:
+        return _evaluate_as_classify(w)
     scored: list[tuple[np.ndarray, np.ndarray]] = []
     val_loss = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for batch in w.val_shard.batches(w.budget.batch_size):
-            x, y = _inputs(batch, w.label_index, w.norm, w.device, multi=multi)
+            x, y = _inputs(batch, w.label_index, w.norm, w.device, multi=True)
             with w.autocast:
                 logits = w.model(x).float()
-            if multi:
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / len(w.labels)
-                scored.append((torch.sigmoid(logits).cpu().numpy(), y.cpu().numpy()))
-            else:
-                loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-                conf.index_put_((y.cpu(), logits.argmax(1).cpu()), torch.ones(len(y), dtype=torch.float64),
-                                accumulate=True)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / len(w.labels)
+            scored.append((torch.sigmoid(logits).cpu().numpy(), y.cpu().numpy()))
             val_loss += torch.tensor([float(loss), len(y)], dtype=torch.float64)
-    if multi:
-        empty = np.zeros((0, len(w.labels)), np.float32)
-        conf = (np.concatenate([p for p, _ in scored]) if scored else empty,
-                np.concatenate([t for _, t in scored]) if scored else empty)
+    empty = np.zeros((0, len(w.labels)), np.float32)
+    conf = (np.concatenate([p for p, _ in scored]) if scored else empty,
+            np.concatenate([t for _, t in scored]) if scored else empty)
+    return conf, val_loss
+
+
+def _evaluate_as_classify(w: _Worker) -> tuple[Any, Any]:
+    pkg = Package(w.model, {"normalization": w.norm, "padded_views": PADDED_VIEWS, "labels": w.labels,
+                            "feature_config": w.features.to_dict()})
+    conf = torch.zeros(len(w.labels), len(w.labels), dtype=torch.float64)
+    val_loss = torch.zeros(2, dtype=torch.float64)
+    for batch in w.val_shard.batches(w.budget.batch_size):
+        y = torch.tensor([w.label_index[v] for v in batch.column("label").to_pylist()])
+        probs, _ = predict(pkg, mel_array(batch), max(1, batch.num_rows), padded_clips=padded(
+            batch.column("start_s").to_numpy(), batch.column("end_s").to_numpy(), w.features.clip_s))
+        p = torch.from_numpy(probs).double()
+        loss = -torch.log(p[torch.arange(len(y)), y].clamp_min(1e-12)).sum()
+        conf.index_put_((y, p.argmax(1)), torch.ones(len(y), dtype=torch.float64), accumulate=True)
+        val_loss += torch.tensor([float(loss), len(y)], dtype=torch.float64)
     return conf, val_loss
 
 
