@@ -72,7 +72,7 @@ def read_ledger(out: URI, summary: dict[str, Any] | None) -> pa.Table:
     """The ledger a committed run names (every object's state after it); empty before the first run."""
     if not summary or not summary.get("ledger"):
         return LEDGER_SCHEMA.empty_table()
-    with storage.open_input(storage.join(out, summary["ledger"])) as f:
+    with storage.arrow_input(storage.join(out, summary["ledger"])) as f:
         return pq.read_table(f, schema=LEDGER_SCHEMA)
 
 
@@ -107,10 +107,10 @@ def _ledger_batches(uri: URI | None, columns: list[str] | None = None) -> Iterat
     if uri is None:
         return
     names = columns or LEDGER_SCHEMA.names
-    with storage.open_input(uri) as f:
+    with storage.arrow_input(uri, whole=False) as f:  # a row group at a time: the memory results promises
         pf = pq.ParquetFile(f)
         have = [n for n in names if n in pf.schema_arrow.names]
-        for batch in pf.iter_batches(columns=have, batch_size=LEDGER_ROW_GROUP_ROWS):
+        for batch in pf.iter_batches(columns=have, batch_size=LEDGER_ROW_GROUP_ROWS, use_threads=False):
             yield pa.table([batch.column(n) if n in have else pa.nulls(batch.num_rows, LEDGER_SCHEMA.field(n).type)
                             for n in names], schema=pa.schema([LEDGER_SCHEMA.field(n) for n in names]))
 

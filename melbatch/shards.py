@@ -425,7 +425,7 @@ def iter_clips(dst: URI) -> Iterator[dict[str, Any]]:
     """Rows of a complete dataset as dicts with ``mel`` as an (n_mels, n_frames) array (small data, tests, pictures)."""
     manifest = open_dataset(dst)
     for uri in shard_uris(dst, manifest):
-        with storage.open_input(uri) as f:
+        with storage.arrow_input(uri) as f:
             table = pq.read_table(f)
         arrays = {"mel": mel_array(table)}
         if "audio" in table.column_names:
@@ -436,5 +436,5 @@ def iter_clips(dst: URI) -> Iterator[dict[str, Any]]:
 
 
 def read_quarantine(dst: URI) -> pa.Table:
-    with storage.open_input(storage.join(dst, QUARANTINE)) as f:
+    with storage.arrow_input(storage.join(dst, QUARANTINE)) as f:
         return pq.read_table(f)

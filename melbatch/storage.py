@@ -11,7 +11,6 @@ only when its upload completes. So a reader never sees half a file. Listing an a
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import functools
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import fsspec
+import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -290,15 +290,27 @@ class GuardedReader(io.RawIOBase):
         return self._f.tell()
 
 
-# pyarrow's Parquet reader keeps the Python file it was given in a task of its thread pool, which a
-# pool thread drops a moment after the read returns, taking the GIL to do so. A thread that asks for
-# the GIL once the interpreter is finalizing is ended by pthread_exit, which C++ turns into
-# std::terminate: "terminate called without an active exception", SIGABRT after the process's output
-# (seen in CI twice; apache/arrow#34314). So at exit the main thread gives the GIL up for a moment
-# first. Measured: a script of 8 threaded read_table(file) calls then exit aborted 5 times in 400
-# runs, and 0 in 600 with this pause (2 CPUs).
-ARROW_DRAIN_S = 0.02
-atexit.register(time.sleep, ARROW_DRAIN_S)
+@contextlib.contextmanager
+def arrow_input(uri: URI, whole: bool = True) -> Iterator[str | pa.BufferReader | GuardedReader]:
+    """What pyarrow's Parquet reader is given for ``uri`` (``pq.read_table(src)``, ``pq.ParquetFile(src)``):
+    a local file's path, which pyarrow opens natively, or a remote object's bytes fetched whole (one
+    request, with :func:`read_bytes`' retries) in an Arrow buffer. Never a Python file object: pyarrow's
+    reader keeps one in a task of its thread pool, which a pool thread drops a moment after the read
+    returns, taking the GIL to do so; a thread that asks for the GIL while the interpreter finalizes is
+    ended by pthread_exit, which C++ turns into std::terminate (SIGABRT after the process's output, seen
+    twice in CI; apache/arrow#34314; a script of 8 threaded reads of file objects then exit aborted 5
+    times in 400 runs). Errors while reading are translated as :func:`open_input`'s are.
+
+    ``whole=False``, for a read of the footer alone (a schema, a row count) or a stream of row groups
+    read in this thread (``iter_batches(use_threads=False)``): a remote object is opened as a stream
+    (:func:`open_input`), not fetched whole."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem) or whole:
+        with translated(uri, "reading"):
+            yield path if isinstance(fs, LocalFileSystem) else pa.BufferReader(read_bytes(uri))
+        return
+    with open_input(uri) as f:
+        yield f
 
 
 @contextlib.contextmanager

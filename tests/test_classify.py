@@ -154,7 +154,7 @@ def test_batch_plan_caps_files_and_bytes():
 def test_shard_files_are_parquet_with_the_documented_schema(engine):
     _, _, cfg, _ = engine
     manifest = shards.read_manifest(cfg.out)
-    with storage.open_input(storage.join(cfg.out, manifest["clips"][0])) as f:
+    with storage.arrow_input(storage.join(cfg.out, manifest["clips"][0])) as f:
         schema = pq.ParquetFile(f).schema_arrow
     assert schema.field("top_labels").type.list_size == 2 and schema.field("embedding").type.list_size > 0
 

@@ -77,7 +77,7 @@ def test_manifest_and_shards_carry_the_contract(engine_on_s3):
     assert manifest["labels"].keys() == {"healthy", "faulty"}
     assert sum(manifest["shard_rows"].values()) == manifest["counts"]["clips"]
     for uri in shards.shard_uris(cfg.dst, manifest):
-        with storage.open_input(uri) as f:
+        with storage.arrow_input(uri) as f:
             pf = pq.ParquetFile(f)
             assert shards.feature_config_of(pf.schema_arrow) == FAST
             assert pf.metadata.num_rows <= cfg.rows_per_shard

@@ -101,7 +101,7 @@ def test_overlapping_sources_are_learned_with_per_label_f1_over_0_9_on_held_out_
     # the span files: the beep's 2 s labels the first clip only
     stored = {}
     for u in shards.shard_uris(str(tmp_path / "features"), shards.read_manifest(str(tmp_path / "features"))):
-        with storage.open_input(u) as f:
+        with storage.arrow_input(u) as f:
             for r in pq.read_table(f, columns=["uri", "clip_index", "label"]).to_pylist():
                 stored[(r["uri"], r["clip_index"])] = r["label"]
     span_file = files[-1].uri

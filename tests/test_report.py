@@ -185,7 +185,7 @@ def test_classified_and_mistaken_clips_are_pictured_with_their_predictions(outpu
     assert commands.main(["show", "--predictions", outputs["classify"], hostile, "-o", out]) == 0
     assert "1 panel(s)" in capsys.readouterr().out
     # validation clips by (file, clip): the stored images, in the order asked
-    with storage.open_input(f"{engine_model}/model/val_predictions.parquet") as f:
+    with storage.arrow_input(f"{engine_model}/model/val_predictions.parquet") as f:
         val = pq.read_table(f).to_pylist()[:3]
     keys = [(r["uri"], r["clip_index"]) for r in reversed(val)]
     _, stored = pictures.stored_clips(f"{engine_model}/features", keys, [f"#{i}" for i in range(3)])

@@ -281,7 +281,7 @@ def test_learns_resumes_after_a_crash_and_writes_the_package(engine_training):
     seen = [sum(e["train_clips_per_label"].values()) for e in epochs]
     assert all(train_clips - cfg.workers <= n <= train_clips for n in seen), (train_clips, seen)
     # every validation clip scored once by the saved package; its accuracy is the best epoch's
-    with storage.open_input(f"{cfg.out}/val_predictions.parquet") as f:
+    with storage.arrow_input(f"{cfg.out}/val_predictions.parquet") as f:
         val = pq.read_table(f)
     val_clips = [(r["uri"], r["clip_index"]) for r in shards.iter_clips(cfg.shards) if r["uri"] in val_files]
     rows = val.to_pylist()
@@ -448,7 +448,7 @@ def test_two_workers_read_a_small_split_themselves_and_train_on_all_of_it(engine
     # the saved package scored every validation clip once, here in the driver, as the best epoch did: a
     # padded clip on three views both times (issue 44: the epoch's evaluation used one view, and a
     # borderline clip could flip, 0.625 against 0.750 in one clean-clone CI)
-    with storage.open_input(f"{cfg.out}/val_predictions.parquet") as f:
+    with storage.arrow_input(f"{cfg.out}/val_predictions.parquet") as f:
         scored = pq.read_table(f).to_pylist()
     val_rows = [r for r in shards.iter_clips(cfg.shards) if r["uri"] in val]
     assert sorted((r["uri"], r["clip_index"]) for r in scored) == sorted((r["uri"], r["clip_index"]) for r in val_rows)

@@ -172,7 +172,7 @@ def backbone_package(cfg: DiscoverConfig, refs: list[storage.ObjectRef], out: UR
 
 
 def _read_groups(uri: URI) -> pa.Table:
-    with storage.open_input(uri) as f:
+    with storage.arrow_input(uri) as f:
         return pq.read_table(f)
 
 

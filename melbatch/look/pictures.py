@@ -332,7 +332,7 @@ def _open_features(features: URI) -> tuple[dict, FeatureConfig]:
 def _stored_rows(features: URI, manifest: dict, uris: list[URI] | None):
     """(row, image as float32, waveform or None) of the stored clips, only of ``uris`` if given."""
     for shard in shard_uris(features, manifest):
-        with storage.open_input(shard) as f:
+        with storage.arrow_input(shard) as f:
             table = pq.read_table(f)
         if uris:
             table = table.filter(pc.is_in(table.column("uri"), value_set=pa.array(uris)))

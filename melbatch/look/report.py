@@ -187,7 +187,7 @@ def wrong_clips_section(run: URI, meta: dict[str, Any], cfg: FeatureConfig, thum
     if not storage.exists(val_uri):
         wrong.add(note(f"no {VAL_PREDICTIONS} in this run (trained by an older melbatch)"))
     else:
-        with storage.open_input(val_uri) as f:
+        with storage.arrow_input(val_uri) as f:
             val = pq.read_table(f).to_pylist()
         # wrong: the top label is not (one of) the clip's label(s)
         bad = sorted((r for r in val if r["predicted"] not in multilabel.split(r["label"])),

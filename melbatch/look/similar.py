@@ -78,7 +78,7 @@ def sources(out: URI) -> tuple[list[Source], URI, FeatureConfig]:
         files += [Source(storage.join(root, rel), live) for rel in manifest.get("clips", [])]
     if not files:
         raise ConfigError(f"{out} holds no classified clips: nothing to search")
-    with storage.open_input(files[0].uri) as f:
+    with storage.arrow_input(files[0].uri, whole=False) as f:  # the schema alone
         if "embedding" not in pq.ParquetFile(f).schema_arrow.names:
             raise ConfigError(f"{out} was classified without embeddings: classify it again with --keep-embeddings "
                               "(search compares the model's embeddings of the clips)")
@@ -86,7 +86,7 @@ def sources(out: URI) -> tuple[list[Source], URI, FeatureConfig]:
 
 
 def _read(src: Source) -> pa.Table:
-    with storage.open_input(src.uri) as f:
+    with storage.arrow_input(src.uri) as f:
         t = pq.read_table(f, columns=COLUMNS)
     return t if src.live is None else t.filter(pc.is_in(t.column("uri"), value_set=src.live))
 

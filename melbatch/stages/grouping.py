@@ -61,7 +61,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def _read(uri: URI, embeddings: bool = True) -> pa.Table:
-    with storage.open_input(uri) as f:
+    with storage.arrow_input(uri) as f:
         return pq.read_table(f, columns=[*COLUMNS, *(["embedding"] if embeddings else [])])
 
 
@@ -163,7 +163,7 @@ def sample_rows(files: list[URI], limit: int, rng: np.random.Generator) -> np.nd
     """Up to ``limit`` unit embeddings, the same share of every clip file (read one at a time)."""
     rows = 0
     for u in files:
-        with storage.open_input(u) as f:
+        with storage.arrow_input(u, whole=False) as f:  # the footer alone
             rows += pq.ParquetFile(f).metadata.num_rows
     share = min(1.0, limit / max(rows, 1))
     parts = []

@@ -164,7 +164,7 @@ def _self_trained(cfg: TrainConfig, b: backbones.Backbone, x: np.ndarray, y: np.
 
 
 def _read(uri: URI, columns: list[str]) -> pa.Table:
-    with storage.open_input(uri) as f:
+    with storage.arrow_input(uri) as f:
         return pq.read_table(f, columns=columns)
 
 
