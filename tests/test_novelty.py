@@ -79,5 +79,5 @@ def test_unknown_auto_without_a_stored_rule_fails_before_any_cluster_work(engine
     (old / "model.safetensors").write_bytes(storage.read_bytes(f"{engine_model}/model/model/model.safetensors"))
     assert load_package(str(old)).novelty is None
     with pytest.raises(ConfigError, match=r"no distance rule.*train it again"):
-        classify.preflight(ClassifyConfig(archive=str(tmp_path), model=str(tmp_path / "old"), out=str(tmp_path / "o"),
-                                          unknown="auto"))
+        classify.preflight(ClassifyConfig(archive=str(tmp_path / "old"), model=str(tmp_path / "old"),
+                                          out=str(tmp_path / "o"), unknown="auto"))

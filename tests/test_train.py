@@ -349,7 +349,10 @@ def test_ctrl_c_in_train_says_so_exits_130_and_the_same_command_resumes(tmp_path
             "--no-pretrained", "--epochs", "6", "--min-steps", "60", "--batch-size", "8", "--cpus-per-worker", "0.5",
             "--address", ray_session.get_runtime_context().gcs_address, "--no-progress"]
     snapshot = tmp_path / "out" / "ray-train" / "checkpoint_manager_snapshot.json"
-    run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as at a terminal: Ctrl-C's default disposition, whatever this test runner inherited (a CI job started
+    # in the background ignores SIGINT, and so would its children)
+    run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.monotonic()  # Ctrl-C once Ray Train has registered a checkpoint (what a resume starts from)
     while not (snapshot.exists() and "checkpoint_dir_name" in snapshot.read_text()) and run.poll() is None \
             and time.monotonic() - t0 < 300:
