@@ -295,8 +295,9 @@ class ClassifyConfig:
     adapt: bool = flag(False,
         "first re-estimate the model's normalisation statistics (an image network's BatchNorm layers, a backbone "
         "head's standardisation) on up to 512 clips of 128 files spread over ARCHIVE, no labels needed (AdaBN), and "
-        "classify with that package (kept in OUT/_adapted; give it to scan as MODEL). Measured on new speakers and "
-        "shifted recordings in docs/commands/classify.md")
+        "classify with that package (kept in OUT/_adapted; give it to scan as MODEL). For an archive holding a mix "
+        "of what the model knows: one kind of sound alone moves the model to that kind; refused under 64 clips. "
+        "Measured in docs/commands/classify.md")
     detect: DetectConfig = field(default_factory=DetectConfig)
     clip_hop_s: float | None = flag(None,
         "seconds between clip starts here (default: the model's): below its clip length for overlapping clips and "
