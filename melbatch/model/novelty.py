@@ -91,9 +91,6 @@ def choose(confidence: np.ndarray, distance: np.ndarray, keep: float = KEEP) -> 
             "distance_above": float(distance.max()), "kept": 1.0}
 
 
-USES = ("probability", "distance", "both")
-
-
 def unknown(confidence: np.ndarray, distance: np.ndarray, rule: dict[str, Any], use: str = "both") -> np.ndarray:
     """Which files the stored rule calls ``unknown`` (bool per file): by ``both`` thresholds (the rule),
     or by the ``probability`` or the ``distance`` alone at its own :data:`KEEP` threshold."""
@@ -105,4 +102,4 @@ def unknown(confidence: np.ndarray, distance: np.ndarray, rule: dict[str, Any], 
     return (confidence < rule["probability_below"]) | (distance > rule["distance_above"])
 
 
-__all__ = ["KEEP", "USES", "Novelty", "choose", "file_means", "fit", "unknown"]
+__all__ = ["KEEP", "Novelty", "choose", "file_means", "fit", "unknown"]

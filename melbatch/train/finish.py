@@ -44,7 +44,7 @@ from melbatch.model.package import (
     verdicts,
 )
 from melbatch.model.weights import Source
-from melbatch.shards import METRICS, SPLIT, STATE, VAL_PREDICTIONS, mel_array
+from melbatch.shards import METRICS, SPLIT, STATE, VAL_PREDICTIONS, embedding_matrix, mel_array
 from melbatch.train.data import Split, collect
 
 
@@ -76,9 +76,9 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
         val, calibration = calibrate(cfg, val, labels)
         seen = score_validation(cfg, uris, _sample(train_files), here, embeddings=True)
         index = {lab: i for i, lab in enumerate(labels)}
-        fitted = novelty.fit(embedding_rows(seen), np.array([index[v] for v in seen.column("label").to_pylist()]),
+        fitted = novelty.fit(embedding_matrix(seen), np.array([index[v] for v in seen.column("label").to_pylist()]),
                              len(labels))
-        val = val.append_column("distance", pa.array(fitted.distances(embedding_rows(val)), pa.float32())) \
+        val = val.append_column("distance", pa.array(fitted.distances(embedding_matrix(val)), pa.float32())) \
             .drop_columns(["embedding"])
         rule = store_novelty(cfg, fitted, val)
     write_val_predictions(cfg, val)
@@ -114,12 +114,6 @@ def _sample(files: set[str]) -> set[str]:
     """At most :data:`NOVELTY_TRAIN_FILES` of ``files``, the same ones every run."""
     picked = sorted(files, key=lambda u: hashlib.sha1(u.encode()).hexdigest())
     return set(picked[:NOVELTY_TRAIN_FILES])
-
-
-def embedding_rows(table: pa.Table) -> np.ndarray:
-    """A scored table's ``embedding`` column as ``(rows, dim)`` float32."""
-    col = table.column("embedding").combine_chunks()
-    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(table.num_rows, -1)
 
 
 def store_novelty(cfg: TrainConfig, fitted: novelty.Novelty, val: pa.Table) -> dict[str, Any]:
