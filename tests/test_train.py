@@ -331,6 +331,50 @@ def test_a_loss_that_stops_being_finite_stops_training_without_a_model(engine_sh
     assert not storage.exists(f"{cfg.out}/model/model.json") and not storage.exists(f"{cfg.out}/metrics.json")
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_in_train_says_so_exits_130_and_the_same_command_resumes(tmp_path, ray_session):
+    """Issue 44, case 7: SIGINT mid-training ended train with exit 1 and no word (Ray Train's own handler);
+    now it prints the resume line, exits 130, and the re-run continues from the last checkpoint Ray Train
+    registered (its controller registers a worker's checkpoint a moment after the epoch ends). In the
+    whole suite an early version exited 1 with no word: its ``ray.shutdown()`` raced the fit thread (the
+    Ray driver log said "The core worker has already been shutdown ... The process will exit"): see
+    ``driver._Trainer``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src, dst = tmp_path / "a", tmp_path / "f"
+    archives.make_archive(str(src), "engine", files_per_class=6, seconds=4.0, seed=3)
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(dst), features=FAST), progress=False)
+    argv = [sys.executable, "-m", "melbatch.cli", "train", str(dst), str(tmp_path / "out"), "--model", "test_resnet",
+            "--no-pretrained", "--epochs", "6", "--min-steps", "60", "--batch-size", "8", "--cpus-per-worker", "0.5",
+            "--address", ray_session.get_runtime_context().gcs_address, "--no-progress"]
+    snapshot = tmp_path / "out" / "ray-train" / "checkpoint_manager_snapshot.json"
+    # as at a terminal: Ctrl-C's default disposition, whatever this test runner inherited (a CI job started
+    # in the background ignores SIGINT, and so would its children)
+    with open(tmp_path / "train.log", "w") as log:  # stdout and stderr, shown if it fails
+        run = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        t0 = time.monotonic()  # Ctrl-C once Ray Train has registered a checkpoint (what a resume starts from)
+        while not (snapshot.exists() and "checkpoint_dir_name" in snapshot.read_text()) and run.poll() is None \
+                and time.monotonic() - t0 < 300:
+            time.sleep(0.2)
+        waited = time.monotonic() - t0
+        run.send_signal(signal.SIGINT)
+        run.wait(timeout=120)
+    err = (tmp_path / "train.log").read_text()
+    assert run.returncode == 130, f"after {waited:.0f} s: {err[-4000:]}"
+    assert "melbatch train: interrupted; re-run the same command to resume" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    epochs = json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5, 6]
+    assert epochs[-1]["attempt_start_epoch"] >= 1  # resumed from a checkpoint, not from the start
+
+
 def test_waveform_augmentation_on_images_only_shards_is_refused_before_training(tmp_path, ray_session, capsys):
     """Shards are images only by default: --wave-augment on them fails fast and says to featurize with
     --keep-audio (no silent fallback to training without it); on shards with waveforms it is taken."""

@@ -25,9 +25,11 @@ Top-down, as :func:`run` reads:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -74,6 +76,7 @@ from melbatch.train.loop import Budget, train_loop
 
 RUN_NAME = "ray-train"
 FEW_STEPS = 50  # fewer optimiser steps than this in a whole run: say so before training
+ABORT_S = 60  # Ctrl-C waits this long at most for Ray Train to stop its workers
 DIRECT_READ_MB = 512  # at most this much training data (all of it) is read by each worker itself, without Ray Data
 
 
@@ -167,31 +170,36 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                   data.review.record() if data.review else None, here=hold.direct)
 
 
+class _Trainer(TorchTrainer):
+    """Ray Train's trainer with melbatch's Ctrl-C (issue 44, case 7). Ray Train puts its own SIGINT
+    handler on the main thread while it runs: it aborted the run and ended the process with exit 1 and
+    no word. melbatch's handler aborts the run the same way (the controller stops the workers; the
+    checkpoints already registered stay in ``OUT/ray-train``) and then raises ``KeyboardInterrupt``: the
+    command line says to re-run the same command and exits 130, and the re-run resumes from the latest
+    checkpoint as after a crash. A second Ctrl-C while the abort runs interrupts at once.
+
+    (Running ``fit()`` in a thread of its own, so that Ray's handler is never put, and shutting Ray
+    down on Ctrl-C raced that thread: the first Ray call it made after the shutdown ended the whole
+    process with exit 1 — Ray's core worker: "has already been shutdown ... The process will exit".)"""
+
+    def _register_sigint_handler(self, controller: Any) -> None:  # Ray Train calls it with the run's controller
+        def interrupted(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.get(controller.abort.remote(), timeout=ABORT_S)  # the controller exits: RayActorError
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, interrupted)
+
+
 def interruptible_fit(trainer: TorchTrainer) -> Any:
-    """``trainer.fit()`` in a thread of its own, so that Ctrl-C reaches melbatch: in the main thread Ray
-    Train installs its own SIGINT handler, which aborted the run and ended the process with exit 1 and
-    no word (issue 44, case 7). Here Ctrl-C stops Ray (the checkpoints already written stay in
-    ``OUT/ray-train``) and raises ``KeyboardInterrupt``: the command line says to re-run the same command,
-    exit 130, and the re-run resumes from the latest checkpoint as after a crash."""
-    box: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            box["result"] = trainer.fit()
-        except BaseException as e:  # handed to the main thread as it is
-            box["error"] = e
-
-    worker = threading.Thread(target=fit, name="melbatch-train-fit", daemon=True)
-    worker.start()
+    """``trainer.fit()``, with Ctrl-C's handler as it was before once it returns (:class:`_Trainer`)."""
+    before = signal.getsignal(signal.SIGINT)
     try:
-        while worker.is_alive():
-            worker.join(0.25)
-    except KeyboardInterrupt:
-        ray.shutdown()
-        raise
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+        return trainer.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
 
 
 def auto(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig, uris: list[URI],
@@ -350,7 +358,7 @@ def normalization(cfg: TrainConfig, before: dict[str, Any], uris: list[URI], val
 def _trainer(cfg: TrainConfig, loop_config: dict[str, Any], datasets: dict[str, Any] | None) -> TorchTrainer:
     """Ray Train's run of :func:`train_loop` on ``cfg.workers`` workers, checkpointing into OUT."""
     fs, path = storage.arrow_filesystem(cfg.out)
-    return TorchTrainer(
+    return _Trainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
