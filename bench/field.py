@@ -18,7 +18,8 @@ up), then score per file
 Birds (``../shared/data/xc_birds10``): the first 7 recordings of each species train, the other 3 are
 scored per file (reference: BirdNET 29/30 zero-shot).
 
-**field** = mean(new speakers, shifted, birds). Each melbatch recipe is trained from ImageNet and, for
+**field** = mean(new speakers, shifted, birds); **train s** / **birds train s**: seconds to a model (train
+alone, on this machine). Each melbatch recipe is trained from ImageNet and, for
 the gain, from random init; the plain script (bench/plain.py) with and without augmentation is a row
 of its own. A recipe is a set of ``train.*`` / ``features.*`` / ``featurize.*`` overrides on melbatch's
 defaults.
@@ -52,6 +53,9 @@ FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 TRAIN_SPEAKERS = ("jackson", "nicolas", "theo", "yweweler")
 NEW_SPEAKERS = ("george", "lucas")
 SHIFTS = archives.FIELD_SHIFTS
+# time to a model: melbatch train's wall-clock seconds (Ray Train's start, steps, validation, the package),
+# featurize not included (the shards are made once per recipe and reused by both inits)
+TIMES = ("train s", "birds train s")
 # What each recipe changes from melbatch's defaults of today (train.* / features.* / featurize.*).
 RECIPES: dict[str, dict[str, object]] = {
     "defaults": {},
@@ -274,7 +278,9 @@ def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests:
     out.mkdir(parents=True, exist_ok=True)
     feats, fc, linked = featurize_sets({"train": digits["train"], "val": digits["clean"]}, out / "digits-features",
                                        recipe)
+    t0 = time.perf_counter()
     package = train_package(feats, split_rows(linked), out / "digits", recipe, pretrained, epochs, seed)
+    took = {"train s": time.perf_counter() - t0}
     others = {"other": bird_sets["birds"]} if bird_sets else {}
     test_feats, _, linked = featurize_sets({**tests, **others}, out / "digits-tests", {}, fitted=fc)
     row, confidence = score(package, test_feats, linked)
@@ -287,14 +293,16 @@ def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests:
     if bird_sets:
         feats, bird_fc, linked = featurize_sets({"train": bird_sets["train"], "val": bird_sets["birds"]},
                                                 out / "birds-features", recipe)
+        t0 = time.perf_counter()
         package = train_package(feats, split_rows(linked), out / "birds", recipe, pretrained, epochs, seed)
+        took["birds train s"] = time.perf_counter() - t0
         voices, _, other = featurize_sets({"other": tests["new speakers"]}, out / "birds-others", {}, fitted=bird_fc)
         got, confidence = score(package, feats, {"birds": linked["val"]})
         row["birds"] = got["birds"]
         unknown.append(unknown_share(confidence["birds"], score(package, voices, other)[1]["other"]))
     row = with_field(row, bird_sets is not None)
     row["unknown"] = float(np.nanmean(unknown)) if unknown else float("nan")
-    return row, adapted
+    return {**row, **took}, adapted
 
 
 def split_rows(linked: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:
@@ -313,17 +321,19 @@ def run_plain(digits: dict, tests: dict, bird_sets: dict | None, epochs: int, au
 
 
 def print_table(results: dict[str, dict[str, float]]) -> None:
-    cols = ["clean", "new speakers", "shifted", *SHIFTS, "birds", "field", "unknown"]
+    cols = ["clean", "new speakers", "shifted", *SHIFTS, "birds", "field", "unknown", *TIMES]
     cols = [c for c in cols if any(c in r for r in results.values())]
     print("\nper-file accuracy (digits: 4 training speakers; birds: 30 held-out recordings); unknown: the share of "
           "the other task's files set aside at the probability that keeps 95 % of the known ones")
     print(f"{'recipe':<34}" + "".join(f"{c:>13}" for c in cols))
     for name, row in results.items():
-        print(f"{name:<34}" + "".join(f"{row[c]:>13.3f}" if c in row else " " * 13 for c in cols))
+        print(f"{name:<34}" + "".join((f"{row[c]:>13.0f}" if c in TIMES else f"{row[c]:>13.3f}") if c in row
+                                      else " " * 13 for c in cols))
     for name in {n.rsplit(", ", 1)[0] for n in results}:
         a, b = results.get(f"{name}, imagenet"), results.get(f"{name}, random")
         if a and b:
-            print(f"ImageNet - random, {name}: " + ", ".join(f"{c} {a[c] - b[c]:+.3f}" for c in cols if c in a))
+            print(f"ImageNet - random, {name}: " + ", ".join(f"{c} {a[c] - b[c]:+.3f}" for c in cols
+                                                               if c in a and c not in TIMES))
 
 
 if __name__ == "__main__":

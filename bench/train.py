@@ -11,7 +11,9 @@ warm-up are excluded) for
                    and again with --hold-mb 0, streaming the shards through Ray Data every epoch
   bare loop        one process, the same shards already decoded in memory as one tensor, the same
                    model, batch size and augmentations, a plain forward/backward/step loop
-Target (issue #3): melbatch >= 90% of the bare loop. With --weights, also validation accuracy per
+Target (issue #3): melbatch >= 90% of the bare loop. Then the bare model alone (forward, backward and a
+step on random images of the same size and batch) on one thread and on two: the ceiling of any loop on
+this machine (issue 45). With --weights, also validation accuracy per
 epoch for ImageNet init vs random init on the same data and budget. With --use-gpu both loops run on
 the GPU (bfloat16 autocast, as train --use-gpu).
 
@@ -46,6 +48,12 @@ from melbatch.shards import TRAIN_CONFIG
 from melbatch.stages import featurize
 from melbatch.testing import archives
 from melbatch.train import augment, driver
+
+
+def threads_of(root: str) -> int:
+    """The torch threads melbatch's worker stepped on in the default run (its CPUs, as train sizes them)."""
+    cfg = json.loads(storage.read_bytes(f"{root}/out-default/{TRAIN_CONFIG}"))["train"]
+    return max(1, int(cfg["cpus_per_worker"]))
 
 
 def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
@@ -93,6 +101,30 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
             torch.cuda.synchronize()
         best = max(best, seen / (time.perf_counter() - t0))
     return best
+
+
+def bare_model_rate(model_name: str, shape: tuple[int, int], batch: int, threads: int, steps: int = 3) -> float:
+    """Samples/s of the model alone: forward, backward and an AdamW step on random images of ``shape``
+    on ``threads`` threads, channels-last as train's workers (best of ``steps`` after a warm-up step).
+    The ceiling of any loop around it: what a step costs at this image size on this machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = create_model(model_name, 4, shape, pretrained=False).to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x, y = torch.randn(batch, 1, *shape), torch.randint(0, 4, (batch,))
+        best = math.inf
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:
+                best = min(best, time.perf_counter() - t0)
+        return batch / best
+    finally:
+        torch.set_num_threads(before)
 
 
 INSTANT = "melbatch_band_means"  # the instant model (melbatch.model.baseline)
@@ -223,6 +255,11 @@ def main() -> None:
         print(f"{what:<44}{sps[name]:>10.1f}{sps[name] / bare_sps:>9.0%}")
     print(f"{'bare PyTorch loop (in memory)':<44}{bare_sps:>10.1f}{1:>9.0%}")
     print(f"melbatch / bare: {sps['default'] / bare_sps:.0%} by default  (target >= 90%)")
+    if not args.use_gpu:  # the model's own cost at this image size: what no loop can beat (issue 45)
+        for threads in (1, 2):
+            rate = bare_model_rate(args.model, features.shape, batch, threads)
+            print(f"{f'bare model, forward+backward, {threads} thread(s)':<44}{rate:>10.1f}{rate / bare_sps:>9.0%}")
+        print(f"(melbatch's worker steps on {threads_of(root)} thread(s): its CPUs)")
 
     if args.weights:
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)

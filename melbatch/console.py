@@ -209,13 +209,14 @@ def _channel_of(queue: Any) -> Channel:
 
 
 COLUMNS = (("epoch", 7), ("train_loss", 10), ("val_loss", 9), ("val_acc", 8), ("macro_f1", 8), ("lr", 9),
-           ("time", 7))
+           ("time", 7), ("step", 7))
 
 
-def epoch_row(row: dict[str, Any], epochs: int) -> str:
-    """One line of the epoch table."""
+def epoch_row(row: dict[str, Any], epochs: int, steps: int) -> str:
+    """One line of the epoch table: ``step`` is the training time of one of the epoch's ``steps`` steps."""
     cells = [f"{row['epoch']}/{epochs}", f"{row['train_loss']:.3f}", f"{row['val_loss']:.3f}",
-             f"{row['val_accuracy']:.3f}", f"{row['macro_f1']:.3f}", f"{row['lr']:.2e}", f"{row['epoch_s']:.0f}s"]
+             f"{row['val_accuracy']:.3f}", f"{row['macro_f1']:.3f}", f"{row['lr']:.2e}", f"{row['epoch_s']:.0f}s",
+             f"{row.get('train_s', 0.0) / max(1, steps):.2f}s"]
     line = "  ".join(c.rjust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True))
     return line + ("  (backbone frozen)" if row.get("frozen_backbone") else "")
 
@@ -224,14 +225,24 @@ def table_header() -> str:
     return "  ".join(name.rjust(w) for name, w in COLUMNS)
 
 
+def minutes(seconds: float) -> str:
+    """A duration as a person reads it: ``40 s``, ``3 min``, ``1 h 20 min``."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    m = round(seconds / 60)
+    return f"{m} min" if m < 60 else f"{m // 60} h" + (f" {m % 60} min" if m % 60 else "")
+
+
 class EpochTable:
     """The driver's side of a training run: reads the channel in a thread, draws a bar per epoch
-    (steps, loss, samples/s) and prints each epoch's row once, and the worker's warnings once."""
+    (steps, loss, samples/s) and prints each epoch's row once, the worker's warnings once, and once
+    the time the run will take from its first steps' pace."""
 
     def __init__(self, channel: Channel, epochs: int, steps_per_epoch: int, bars: bool = True) -> None:
         self.channel, self.epochs, self.steps, self.bars = channel, epochs, steps_per_epoch, bars
         self.printed: set[int] = set()
         self.warned: set[str] = set()
+        self.paced = False
         self._bar = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="melbatch-progress", daemon=True)
@@ -280,7 +291,13 @@ class EpochTable:
             self._close_bar()
             if row["epoch"] not in self.printed:  # a resumed attempt reports its epochs again
                 self.printed.add(row["epoch"])
-                print(epoch_row(row, self.epochs), flush=True)
+                print(epoch_row(row, self.epochs, self.steps), flush=True)
+        elif kind == "pace" and not self.paced:
+            self.paced = True
+            self._close_bar()
+            print(f"expected: about {minutes(event['left'] * event['s_per_step'])} more for {event['left']:,} "
+                  f"steps at {event['s_per_step']:.2f} s a step (its first steps on this machine; each epoch's "
+                  "validation comes on top)", flush=True)
         elif kind == "warning" and event["text"] not in self.warned:
             self.warned.add(event["text"])
             self._close_bar()

@@ -9,7 +9,7 @@ import sys
 from melbatch import console
 
 ROW = {"epoch": 1, "train_loss": 0.5, "val_loss": 0.25, "val_accuracy": 0.875, "macro_f1": 0.8, "lr": 1e-3,
-       "epoch_s": 12.3, "frozen_backbone": False}
+       "epoch_s": 12.3, "train_s": 11.5, "frozen_backbone": False}
 
 
 def test_each_epoch_row_and_warning_is_printed_once(capsys):
@@ -19,11 +19,23 @@ def test_each_epoch_row_and_warning_is_printed_once(capsys):
         table.handle({"kind": "warning", "text": "the loss is stuck"})
     table.handle({"kind": "epoch", "row": {**ROW, "epoch": 2, "frozen_backbone": True}})
     out = capsys.readouterr().out.splitlines()
-    assert out == [console.epoch_row(ROW, 3), "warning: the loss is stuck",
-                   console.epoch_row({**ROW, "epoch": 2, "frozen_backbone": True}, 3)]
-    assert out[0].split() == ["1/3", "0.500", "0.250", "0.875", "0.800", "1.00e-03", "12s"]
+    assert out == [console.epoch_row(ROW, 3, 10), "warning: the loss is stuck",
+                   console.epoch_row({**ROW, "epoch": 2, "frozen_backbone": True}, 3, 10)]
+    assert out[0].split() == ["1/3", "0.500", "0.250", "0.875", "0.800", "1.00e-03", "12s", "1.15s"]  # 11.5 s, 10 steps
     assert out[2].endswith("(backbone frozen)")
-    assert console.table_header().split() == ["epoch", "train_loss", "val_loss", "val_acc", "macro_f1", "lr", "time"]
+    assert console.table_header().split() == ["epoch", "train_loss", "val_loss", "val_acc", "macro_f1", "lr", "time",
+                                              "step"]
+
+
+def test_the_time_a_run_will_take_is_told_once_from_its_first_steps(capsys):
+    """Issue 45: the worker's pace after its first steps becomes one line: the minutes left, the steps, the pace."""
+    table = console.EpochTable(channel=None, epochs=10, steps_per_epoch=62, bars=False)
+    table.handle({"kind": "pace", "s_per_step": 1.5, "left": 617})
+    table.handle({"kind": "pace", "s_per_step": 9.0, "left": 600})  # a resumed attempt: not told again
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("expected: about 15 min more for 617 steps at 1.50 s a step"), out
+    assert [console.minutes(s) for s in (0.2, 40, 89, 90, 3599, 4800)] == ["1 s", "40 s", "89 s", "2 min", "1 h",
+                                                                           "1 h 20 min"]
 
 
 def test_an_epochs_bar_ends_full_in_a_log_whatever_the_throttle_let_through(capsys):

@@ -513,8 +513,9 @@ def test_places_given_relative_to_the_working_folder_reach_the_workers(tmp_path,
 
 @pytest.mark.ray
 def test_workers_that_leave_ray_data_no_cpu_are_refused_instead_of_hanging(engine_shards):
+    """Streamed through Ray Data (--hold-mb 0), workers that take every CPU would wait for data forever."""
     with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs for Ray Data"):
-        driver.run(_cfg(engine_shards, "starved", workers=2, cpus_per_worker=1.0))
+        driver.run(_cfg(engine_shards, "starved", workers=2, cpus_per_worker=1.0, hold_mb=0))
 
 
 def test_cpus_per_worker_is_sized_from_the_cluster_when_left_out(ray_session):
@@ -532,6 +533,14 @@ def test_cpus_per_worker_is_sized_from_the_cluster_when_left_out(ray_session):
         driver.size_workers(replace(base, workers=2, cpus_per_worker=1.0), cpus)
     cfg, line = driver.size_workers(replace(base, workers=2, cpus_per_worker=0.25), cpus)
     assert cfg.cpus_per_worker == 0.25 and "chosen" not in line
+    # a split the workers read themselves (hold plan "direct"): no CPU waits for Ray Data, they take all
+    for workers, each in ((1, 2.0), (2, 1.0), (3, 0.65)):
+        cfg, line = driver.size_workers(replace(base, workers=workers), cpus, ray_data=False)
+        assert cfg.cpus_per_worker == each and "none kept for Ray Data" in line, line
+    cfg, _ = driver.size_workers(replace(base, workers=2, cpus_per_worker=1.0), cpus, ray_data=False)
+    assert cfg.cpus_per_worker == 1
+    with pytest.raises(ConfigError, match="more than the cluster's 2 CPUs"):
+        driver.size_workers(replace(base, workers=2, cpus_per_worker=1.5), cpus, ray_data=False)
 
 
 def test_classify_sizes_its_model_actors_from_the_cluster():
@@ -545,3 +554,32 @@ def test_classify_sizes_its_model_actors_from_the_cluster():
     assert classify.size_actors(replace(base, concurrency=3), 2, 0)[:2] == (3, 0.3)
     with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs for decoding"):
         classify.size_actors(replace(base, cpus_per_actor=1.0, concurrency=2), 2, 0)
+
+
+def test_freeze_blocks_keeps_the_stem_and_first_blocks_as_they_were_and_trains_the_rest():
+    """Issue 45: --freeze-blocks N: the stem and the first N blocks get no gradients and no updates (so
+    no backward pass through them); the blocks after them and the head learn."""
+    from melbatch.model.weights import Source
+
+    model = package.create_model("tf_efficientnet_lite0", 3, (64, 101), source=Source("none"))
+    loop.freeze_blocks(model, 2)
+    frozen = {id(p) for part in loop.frozen_prefix(model, 2) for p in part.parameters()}
+    assert frozen and all(not p.requires_grad for p in model.parameters() if id(p) in frozen)
+    cfg = TrainConfig(shards="s", out="o", freeze_blocks=2)
+    grouped = {id(p) for g in loop.param_groups(model, set(package.classifier_names(model)), cfg) for p in g["params"]}
+    assert grouped.isdisjoint(frozen) and len(grouped) == sum(1 for p in model.parameters() if id(p) not in frozen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(loop.param_groups(model, set(package.classifier_names(model)), cfg), lr=1e-2)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 64, 101)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert not any(n.startswith(("conv_stem", "bn1", "blocks.0.", "blocks.1.")) for n in moved)
+    assert any(n.startswith("blocks.2.") for n in moved) and any(n.startswith("classifier") for n in moved)
+    with pytest.raises(package.ModelError, match="use at most 6"):
+        loop.frozen_prefix(model, 8)
+
+
+def test_freeze_blocks_on_a_model_without_blocks_fails_before_training(engine_shards):
+    with pytest.raises(ConfigError, match="--freeze-blocks needs a model with a stem and blocks"):
+        driver.run(_cfg(engine_shards, "frozen", freeze_blocks=1))

@@ -152,6 +152,9 @@ class TrainConfig:
     warmup_epochs: float = flag(1.0, "linear warm-up (at most a tenth of the run's steps), then cosine decay to zero")
     label_smoothing: float = flag(0.0, "label smoothing")
     freeze_epochs: int = flag(0, "epochs that train only the new head (a linear probe) before full fine-tuning")
+    freeze_blocks: int = flag(0,
+        "the stem and the first N blocks of a pretrained backbone keep their ImageNet weights for the whole "
+        "run: no gradients through them, so a step costs less (EfficientNet-family models; ignored from random init)")
     normalize: Literal["dataset", "clip"] = flag("dataset",
         "'dataset': one mean/std from the training split, stored in the package; 'clip': per clip")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -196,6 +199,7 @@ class TrainConfig:
         require(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
         require(0 <= self.freeze_epochs < self.epochs or self.freeze_epochs == 0,
                  f"freeze_epochs={self.freeze_epochs}: must leave at least one epoch of full fine-tuning")
+        require(self.freeze_blocks >= 0, f"freeze_blocks={self.freeze_blocks}: 0 (train every layer) or more")
         require(self.normalize in NORMALIZATIONS, f"normalize={self.normalize!r}: choose one of {NORMALIZATIONS}")
         if isinstance(self.augment, dict):  # from a saved config (train_config.json, a worker's copy)
             object.__setattr__(self, "augment", build(AugmentConfig, self.augment, "train.augment"))
