@@ -413,7 +413,8 @@ def size_workers(cfg: TrainConfig, cpus: float, ray_data: bool = True) -> tuple[
     data = max(1.0, cpus // 4) if ray_data else 0.0
     each = math.floor((cpus - data) / cfg.workers * 20) / 20
     if each < 0.05:
-        raise ConfigError(f"the cluster has {cpus:g} CPU(s): {cfg.workers} worker(s) and Ray Data's 1 CPU do not fit; "
+        data_cpu = " and Ray Data's 1 CPU" if ray_data else ""
+        raise ConfigError(f"the cluster has {cpus:g} CPU(s): {cfg.workers} worker(s){data_cpu} do not fit; "
                           "lower --workers or join a bigger cluster")
     cfg = replace(cfg, cpus_per_worker=each)
     left = (f"{cpus - cfg.workers * each:g} left for Ray Data" if ray_data else

@@ -232,12 +232,13 @@ def _setup(config: dict[str, Any]) -> _Worker:
         images = (features, augment.WaveAugment.of(cfg.augment, features.sample_rate_hz),
                   torch.from_numpy(features.band_centers_hz()).float().to(device), gen)
 
-    model = create_model(cfg.model, len(labels), shape, source=Source.from_dict(config["weights"]))
+    source = Source.from_dict(config["weights"])
+    model = create_model(cfg.model, len(labels), shape, source=source)
     # channels-last convolutions: a bare lite0 step on 16 images of 128 x 501 on 2 CPUs, 2026-12-07: 10.3
     # samples/s as it was, 14.4 channels-last (one-channel images are already in that layout; the package
     # is written contiguous, as before)
     model = model.to(memory_format=torch.channels_last)
-    if Source.from_dict(config["weights"]).kind != "none":
+    if source.kind != "none":
         freeze_blocks(model, cfg.freeze_blocks)
     head = set(classifier_names(model))
     opt = torch.optim.AdamW(param_groups(model, head, cfg), lr=cfg.lr)
