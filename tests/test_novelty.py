@@ -59,14 +59,21 @@ def test_unknown_auto_sets_aside_voices_an_engine_model_has_no_label_for(engine_
     foreign = [r for r in rows if "/other/" in r["uri"]]
     seen = [(r["uri"].rsplit("/", 2)[-2], r["label"], round(r["probability"], 3), round(r["distance"], 1))
             for r in rows]
-    # measured when written: 5 of 6 engines kept (0.87-0.99, distances 4.4-7.2), 8 of 8 voices set aside
-    # (probabilities 0.91-0.99, distances 8.5-17.4; the rule: distance above 7.4 or probability below 0.90).
-    # Since the workers train channels-last (issue 45) this 6-epoch random-init test model rounds differently:
-    # 6 of 8 voices set aside (the rule: distance above 7.8) in the clean-clone run of 2026-12-07. The bar is
-    # "most of them", three quarters; the issue's 80 % target is measured on real recordings by
-    # bench/backbones.py --unknown, not on this toy model.
+    # classify applied the stored rule, file by file (rows within a rounding of a threshold left out)
+    near = [abs(r["probability"] - rule["probability_below"]) < 1e-4 or abs(r["distance"] - rule["distance_above"])
+            < 1e-4 for r in rows]
+    said = novelty.unknown(np.array([r["probability"] for r in rows]), np.array([r["distance"] for r in rows]), rule)
+    assert all(n or (r["label"] == UNKNOWN) == u for r, u, n in zip(rows, said, near, strict=True)), (rule, seen)
+    # The foreign voices lie farther from every label than the known engines: at least 85 % of the (foreign,
+    # known) pairs in that order (a distance blind to them: 50 %). How many the rule sets aside moves with the
+    # 6-epoch random-init test model and its 10 validation files, whose farthest sets the distance threshold:
+    # runs of 2026-12-07 set aside 5 to 8 of the 8 voices (thresholds 7.3-10.2), with 100 %, 94 % and 100 % of
+    # the pairs in order in the three that printed them all. So the bar on the count is half; the issue's 80 % target is
+    # measured on real recordings by bench/backbones.py --unknown, not on this toy model.
+    far = np.mean([f["distance"] > k["distance"] for f in foreign for k in known])
+    assert far >= 0.85, (far, rule, seen)
     assert sum(r["label"] != UNKNOWN for r in known) >= len(known) - 1, (rule, seen)
-    assert sum(r["label"] == UNKNOWN for r in foreign) >= 0.75 * len(foreign), (rule, seen)
+    assert sum(r["label"] == UNKNOWN for r in foreign) >= 0.5 * len(foreign), (rule, seen)
     # what the probability rule alone would keep at the same 95 % of validation files
     below = metrics["calibration"]["unknown_below_keeping"]["95%"]
     assert sum(r["probability"] < below for r in foreign) < sum(r["label"] == UNKNOWN for r in foreign)
