@@ -4,6 +4,7 @@
                                              # (one digits training of the defaults ~13 min, one of birds ~1 h)
     python bench/field.py --quick            # a few minutes: fewer files and epochs (what the suite runs)
     python bench/field.py --recipe defaults --recipe 'before issue 29'   # some recipes only
+    python bench/field.py --recipe defaults --self-train --no-random --no-plain   # + self-training (issue 43)
 
 Digits (``../shared/data/fsdd``): train on 4 speakers (jackson, nicolas, theo, yweweler; recordings 5 and
 up), then score per file
@@ -68,8 +69,11 @@ RECIPES: dict[str, dict[str, object]] = {
 
 def fsdd(data: Path, per_digit: int, test_per_digit: int) -> dict[str, list[tuple[str, str]]]:
     """(path, digit) lists: train, clean (training speakers' held-out recordings), new speakers, babble
-    sources (other speakers' recordings used nowhere else)."""
-    out: dict[str, list[tuple[str, str]]] = {"train": [], "clean": [], "new speakers": [], "babble": []}
+    sources (other speakers' recordings used nowhere else); for ``--self-train``, ``unlabelled new``
+    (the new speakers' recordings 5 to 5 + ``per_digit``, never scored) and ``unlabelled takes`` (one
+    other take per digit and training speaker, recording 5 + ``per_digit``, never trained or scored)."""
+    out: dict[str, list[tuple[str, str]]] = {"train": [], "clean": [], "new speakers": [], "babble": [],
+                                             "unlabelled new": [], "unlabelled takes": []}
     for f in sorted(data.glob("*/*.wav")):
         m = FSDD_NAME.match(f.name)
         if not m:
@@ -80,8 +84,12 @@ def fsdd(data: Path, per_digit: int, test_per_digit: int) -> dict[str, list[tupl
                 out["clean"].append((str(f), digit))
             elif 5 <= index < 5 + per_digit:
                 out["train"].append((str(f), digit))
+            elif index == 5 + per_digit:
+                out["unlabelled takes"].append((str(f), digit))
         elif index < test_per_digit:
             out["new speakers"].append((str(f), digit))
+        elif 5 <= index < 5 + per_digit:
+            out["unlabelled new"].append((str(f), digit))
         elif index >= 45:
             out["babble"].append((str(f), digit))
     return out
@@ -176,13 +184,31 @@ def unknown_share(known: np.ndarray, unknown: np.ndarray) -> float:
 
 
 def train_package(feats: str, split: list[tuple[str, str]], out: Path, recipe: dict[str, object],
-                  pretrained: bool, epochs: int, seed: int) -> str:
+                  pretrained: bool, epochs: int, seed: int, unlabelled: str | None = None) -> str:
     split_csv = write_csv(out.with_suffix(".split.csv"), ["uri", "split"], split)
     if out.exists():
         shutil.rmtree(out)
     cfg = build(TrainConfig, {"shards": feats, "out": str(out), "pretrained": pretrained, "epochs": epochs,
-                              "split_manifest": split_csv, "seed": seed, **overrides(recipe, "train")}, "train")
+                              "split_manifest": split_csv, "seed": seed, "unlabelled": unlabelled,
+                              **overrides(recipe, "train")}, "train")
     driver.run(cfg, progress=False)
+    return str(out)
+
+
+def unlabelled_archive(digits: dict, rng: np.random.Generator, out: Path, fc: FeatureConfig) -> str:
+    """``--self-train``'s archive, featurized without labels with the digits' features: the new speakers'
+    unlabelled half and each field shift of the training speakers' unused takes (other recordings than
+    the ones scored), as an archive the model will meet."""
+    src = out.with_suffix(".src")
+    if src.exists():
+        shutil.rmtree(src)
+    (src / "new").mkdir(parents=True)
+    for path, _ in digits["unlabelled new"]:
+        (src / "new" / Path(path).name).symlink_to(path)
+    for kind in SHIFTS:
+        archives.field_shifted(digits["unlabelled takes"], kind, src / kind, [p for p, _ in digits["babble"]], rng)
+    featurize.run(FeaturizeConfig(src=str(src), dst=str(out), overwrite=True, labels="none", files_per_task=512,
+                                  features=fc, fit_clips=False), progress=False)
     return str(out)
 
 
@@ -214,7 +240,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--adapt", action="store_true", help="also each digits column scored by the model adapted to "
                     "that column's own clips (classify --adapt: BatchNorm statistics re-estimated, no labels)")
+    ap.add_argument("--self-train", action="store_true", help="also each recipe's digits model self-trained "
+                    "(train --unlabelled, one round): the new speakers' other recordings and the field shifts of "
+                    "the training speakers' unused takes as the unlabelled archive; digits only (no birds)")
     args = ap.parse_args()
+    if args.self_train:
+        args.no_birds = True
     if not (args.data / "fsdd").is_dir():
         raise SystemExit(f"{args.data}/fsdd is not here: give --data, the folder holding fsdd/ and xc_birds10/")
     if shutil.which("ffmpeg") is None:
@@ -243,11 +274,13 @@ def main() -> None:
         for init in ("imagenet",) if args.no_random else ("imagenet", "random"):
             t0 = time.perf_counter()
             where = out / f"{name}-{init}".replace(" ", "_")
-            row, adapted = run_recipe(recipe, init == "imagenet", digits, tests, bird_sets, where, epochs, args.seed,
-                                      args.adapt)
+            row, adapted, student = run_recipe(recipe, init == "imagenet", digits, tests, bird_sets, where, epochs,
+                                               args.seed, args.adapt, args.self_train)
             results[f"{name}, {init}"] = row
             if adapted:
                 results[f"{name} + adapt, {init}"] = adapted
+            if student:
+                results[f"{name} + self-training, {init}"] = student
             print(f"{name}, {init}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
                   + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not args.no_plain:
@@ -270,19 +303,30 @@ def with_field(row: dict[str, float], has_birds: bool) -> dict[str, float]:
 
 
 def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests: dict, bird_sets: dict | None,
-               out: Path, epochs: int, seed: int,
-               adapt: bool = False) -> tuple[dict[str, float], dict[str, float] | None]:
+               out: Path, epochs: int, seed: int, adapt: bool = False,
+               self_train: bool = False) -> tuple[dict[str, float], dict[str, float] | None, dict[str, float] | None]:
     """Train the recipe on digits (and birds), score every column; ``unknown``: the share of files of the
     other task (birds for the digit model, voices for the bird model) set aside at the 95 % threshold.
-    With ``adapt``, also the digits columns scored by the model adapted to each (else ``None``)."""
+    With ``adapt``, also the digits columns scored by the model adapted to each (else ``None``). With
+    ``self_train``, the digits model is trained with ``--unlabelled`` (:func:`unlabelled_archive`): the
+    row is its supervised teacher's (round 0), and the third value the self-trained student's digits
+    columns (``train s``: teacher and student together)."""
     out.mkdir(parents=True, exist_ok=True)
     feats, fc, linked = featurize_sets({"train": digits["train"], "val": digits["clean"]}, out / "digits-features",
                                        recipe)
-    t0 = time.perf_counter()
-    package = train_package(feats, split_rows(linked), out / "digits", recipe, pretrained, epochs, seed)
+    unl = unlabelled_archive(digits, np.random.default_rng(seed + 1), out / "unlabelled", fc) if self_train else None
+    t0, wall = time.perf_counter(), time.time()
+    package = train_package(feats, split_rows(linked), out / "digits", recipe, pretrained, epochs, seed, unl)
     took = {"train s": time.perf_counter() - t0}
     others = {"other": bird_sets["birds"]} if bird_sets else {}
     test_feats, _, linked = featurize_sets({**tests, **others}, out / "digits-tests", {}, fitted=fc)
+    student = None
+    if unl:
+        got, _ = score(package, test_feats, linked)
+        student = {**with_field({k: v for k, v in got.items() if k != "other"}, False), **took}
+        teacher = Path(package) / "self-training" / "round-0"
+        took = {"train s": (teacher / "metrics.json").stat().st_mtime - wall}
+        package = str(teacher)
     row, confidence = score(package, test_feats, linked)
     adapted = None
     if adapt:
@@ -302,7 +346,7 @@ def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests:
         unknown.append(unknown_share(confidence["birds"], score(package, voices, other)[1]["other"]))
     row = with_field(row, bird_sets is not None)
     row["unknown"] = float(np.nanmean(unknown)) if unknown else float("nan")
-    return {**row, **took}, adapted
+    return {**row, **took}, adapted, student
 
 
 def split_rows(linked: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:

@@ -46,6 +46,15 @@ REVIEW_DIR, REVIEW_PAGE, REVIEW_LABELS = "review", "index.html", "labels.csv"  #
 # melbatch discover's OUT/discover/: the page, the grouping (grouping.GROUPS_SCHEMA) and its summary
 DISCOVER_DIR, GROUPS_FILE, DISCOVER_SUMMARY = "discover", "groups.parquet", "summary.json"
 REVIEWED_CLIPS = "reviewed_clips.parquet"  # in a train OUT: reviewed clips from outside the shards (clip schema)
+# train --unlabelled with the ImageNet fine-tune (melbatch.train.selftrain): OUT/self-training/round-<r>/ holds
+# round r's train OUT (round 0: the supervised teacher), its guesses of every unlabelled clip (GUESSES_SCHEMA),
+# the clips taken with their guessed labels (PSEUDO_DIR: clip schema) and the record that commits them
+SELF_TRAINING_DIR, GUESSES, PSEUDO_DIR, PSEUDO_RECORD = "self-training", "guesses.parquet", "pseudo", "_pseudo.json"
+GUESSES_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False),
+                            pa.field("clip_index", pa.int32(), nullable=False),
+                            pa.field("guess", pa.string(), nullable=False),  # the teacher's best label
+                            pa.field("probability", pa.float32(), nullable=False),  # its (calibrated) probability
+                            pa.field("taken", pa.bool_(), nullable=False)])  # a pseudo-labelled training clip
 META_PREFIX = b"melbatch."
 DICTIONARY_COLUMNS = ["uri", "etag", "label", "decoder"]
 STATISTICS_COLUMNS = ["uri", "label", "clip_index", "start_s"]

@@ -253,6 +253,9 @@ def test_auto_fits_every_installed_backbone_and_the_fine_tune_and_keeps_the_best
     kept = json.loads((out / "model" / "model.json").read_text())
     assert kept.get("backbone", {}).get("name", "imagenet") == table["chosen"]
     assert (out / "split.csv").read_text() == (out / "candidates" / table["chosen"] / "split.csv").read_text()
+    # the whole package came along: it loads with its distance rule (auto copied no novelty.safetensors
+    # before 2026-12-07, and the package it kept did not load)
+    assert load_package(str(out)).novelty is not None
 
 
 @pytest.mark.parametrize(("name", "gain"), [pytest.param("birdnet", 0.10, marks=needs("birdnet")),

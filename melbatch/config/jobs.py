@@ -20,6 +20,9 @@ BALANCING = ("weights", "oversample", "none")
 # against 0.73 at 380, the field 0.68 / 0.71 against 0.67 / 0.62, clean the same (README, "Models that hold up").
 PLAIN_MIN_STEPS = 100
 AUGMENTED_MIN_STEPS = 600
+# --self-train-rounds by what a round costs: refitting a head takes seconds; a round of the ImageNet fine-tune
+# is a whole training run (FSDD digits on 2 CPUs, 2026-12-07: about 6 min each)
+SELF_TRAIN_ROUNDS = {"head": 3, "imagenet": 1}
 
 
 @dataclass(frozen=True)
@@ -130,10 +133,13 @@ class TrainConfig:
         "clips of training files, clips of files outside SHARDS are read from the archive and added to training, "
         "answers for validation files are left out (so the held-out accuracy stays comparable)")
     unlabelled: URI | None = flag(None,
-        "featurize output of an unlabelled archive (--labels none), the recordings the model will meet: with "
-        "--backbone birdnet|speaker the head also learns from them by self-training (its confident guesses, "
-        "balanced per label, for --self-train-rounds rounds)")
-    self_train_rounds: int = flag(3, "rounds of self-training on --unlabelled")
+        "featurize output of an unlabelled archive (--labels none, the same features as SHARDS), the recordings the "
+        "model will meet: the model also learns from them by self-training (its confident guesses, balanced per "
+        "label, for --self-train-rounds rounds): a head on --backbone birdnet|speaker is fitted again, the ImageNet "
+        "fine-tune trains a student on the labelled and the guessed clips under the field augmentation")
+    self_train_rounds: int | None = flag(None,  # None: SELF_TRAIN_ROUNDS by what a round costs (TrainConfig.rounds)
+        "rounds of self-training on --unlabelled (default: 3 for a head on an audio backbone, a few seconds each; "
+        "1 for the ImageNet fine-tune, where each round is a whole training run)")
     # Chosen on FSDD digits with three other pairs of speakers held out (theo+yweweler, jackson+nicolas,
     # jackson+theo; 2026-12-07): BirdNET's head 0.745 supervised -> 0.781 / 0.808 / 0.824 / 0.825 at 0.3 / 0.5 /
     # 0.7 / 0.9, the speaker encoder's 0.551 -> 0.572 / 0.584 / 0.601 / 0.598. The bench's pair (george+lucas)
@@ -183,7 +189,7 @@ class TrainConfig:
                  f"min_steps={self.min_steps}: 0 (epochs alone decide) or more, or leave it out")
         require(isinstance(self.backbone, str) and self.backbone.strip() == self.backbone and bool(self.backbone),
                 f"backbone={self.backbone!r}: a name (imagenet, birdnet, speaker or auto)")
-        require(type(self.self_train_rounds) is int and self.self_train_rounds >= 1,
+        require(self.self_train_rounds is None or (type(self.self_train_rounds) is int and self.self_train_rounds >= 1),
                 f"self_train_rounds={self.self_train_rounds}: at least 1")
         require(0 < self.pseudo_keep <= 1, f"pseudo_keep={self.pseudo_keep}: a share in (0, 1]")
         require(0 < self.backbone_lr_scale <= 1, f"backbone_lr_scale={self.backbone_lr_scale}: in (0, 1]")
@@ -213,6 +219,13 @@ class TrainConfig:
     @property
     def augments(self) -> bool:
         return self.augment.field_augment or self.augment.wave_augment
+
+    @property
+    def rounds(self) -> int:
+        """``self_train_rounds``, or its default for this backbone (:data:`SELF_TRAIN_ROUNDS`)."""
+        if self.self_train_rounds is not None:
+            return self.self_train_rounds
+        return SELF_TRAIN_ROUNDS["imagenet" if self.backbone == "imagenet" else "head"]
 
     @property
     def step_floor(self) -> int:

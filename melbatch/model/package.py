@@ -389,6 +389,15 @@ def _load_novelty(uri: URI, meta: dict[str, Any]) -> Novelty | None:
         return Novelty(**load_arrays(f"{tmp}/{NOVELTY}"))
 
 
+def copy_package(src: URI, dst: URI) -> None:
+    """The package of the train OUT ``src`` into the train OUT ``dst``: weights and the distance rule's
+    arrays first (the rule is absent from multi-label packages), ``model.json`` last."""
+    for name in (WEIGHTS, NOVELTY, META):
+        at = storage.join(src, PACKAGE_DIR, name)
+        if name != NOVELTY or storage.exists(at):
+            storage.write_bytes(storage.join(dst, PACKAGE_DIR, name), storage.read_bytes(at))
+
+
 def update_meta(out: URI, **fields: Any) -> None:
     """Add ``fields`` to the package's ``model.json`` (the weights, and so its ``model_id``, stay)."""
     meta_uri = storage.join(package_root(out), META)

@@ -217,16 +217,18 @@ class Split:
 
 
 def splits(uris: list[URI], val_files: set[str], wave: bool, repeats: dict[str, float] | None = None,
-           review: Reviewed | None = None) -> dict[str, Split]:
+           review: Reviewed | None = None, more: tuple[URI, ...] = ()) -> dict[str, Split]:
     """{"train", "val"}: the two sides of the split by source file.
 
     Training rows carry the waveform (``audio``) when ``wave``, else the stored image; validation
     rows always the stored image. ``repeats`` oversamples rare labels (``balance: oversample``).
     With ``review``, training clips take the reviewer's labels and the reviewed clips of files
-    outside the shards join the training split.
+    outside the shards join the training split. ``more``: files of labelled clips (the clip schema)
+    that join the training split too, such as self-training's guessed clips (clips of validation
+    files among them are left out, as the shards' are).
     """
     relabel = review.relabel if review and review.relabel else None
-    extra = (review.added_uri,) if review and review.added_uri else ()
+    extra = ((review.added_uri,) if review and review.added_uri else ()) + tuple(more)
     columns = ("uri", "label", "start_s", "end_s", "audio" if wave else "mel", *(("clip_index",) if relabel else ()))
     held_out = frozenset(val_files)
     return {"train": Split((*uris, *extra), columns, held_out, keep=False, relabel=relabel, repeats=repeats),

@@ -45,7 +45,7 @@ from melbatch.console import Channel, EpochTable
 from melbatch.labels import multilabel
 from melbatch.model import backbones
 from melbatch.model.backbones import AUTO, IMAGENET
-from melbatch.model.package import META, PACKAGE_DIR, WEIGHTS, ModelError, create_model
+from melbatch.model.package import PACKAGE_DIR, ModelError, copy_package, create_model
 from melbatch.model.weights import Source, resolve
 from melbatch.shards import (
     BACKBONES_TABLE,
@@ -58,7 +58,7 @@ from melbatch.shards import (
     clip_schema,
 )
 from melbatch.stages.runs import init_ray
-from melbatch.train import heads
+from melbatch.train import heads, selftrain
 from melbatch.train.data import (
     Reviewed,
     dataset_stats,
@@ -123,12 +123,20 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.backbone == AUTO:
         return auto(cfg, manifest, features, uris, progress)
     if cfg.unlabelled:
-        raise ConfigError("--unlabelled self-trains a head on an audio backbone: give --backbone birdnet or speaker "
-                          "(self-training the ImageNet fine-tune is not built yet)")
+        return self_train(cfg, features, progress)
+    return fine_tune(cfg, manifest, features, uris, before, progress)
+
+
+def fine_tune(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig, uris: list[URI],
+              before: dict[str, Any], progress: bool = True, pseudo: selftrain.Pseudo | None = None) -> dict[str, Any]:
+    """The ImageNet fine-tune on Ray Train (steps 2-5 of the module's docstring), after :func:`preflight`;
+    ``pseudo``: a self-training round's guessed clips join the training split."""
     cfg = _shifts_that_fit(cfg, features)
     source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
     print(f"model {cfg.model}, starting from {source.describe()}", flush=True)
     data = labelled_split(cfg, manifest, features, uris)
+    if pseudo:
+        data = replace(data, pseudo=pseudo)
     init_ray(cfg.address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
     plan = class_plan(cfg, data, manifest["labels"])
@@ -144,7 +152,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     repeats = plan.repeats
     if budget.passes > 1:  # one streaming pass over rows repeated, not several passes (each costs a start-up)
         repeats = {lab: budget.passes * (repeats or {}).get(lab, 1.0) for lab in plan.row_keys}
-    rows = splits(uris, data.val_files, data.wave, repeats, data.review)
+    rows = splits(uris, data.val_files, data.wave, repeats, data.review, data.pseudo.uris if data.pseudo else ())
     print(hold.line, flush=True)
     norm = normalization(cfg, before, uris, data.val_files, here=hold.direct)
     storage.write_bytes(storage.join(cfg.out, TRAIN_CONFIG), json.dumps(
@@ -202,6 +210,54 @@ def interruptible_fit(trainer: TorchTrainer) -> Any:
             signal.signal(signal.SIGINT, before)
 
 
+def self_train(cfg: TrainConfig, features: FeatureConfig, progress: bool = True) -> dict[str, Any]:
+    """``--unlabelled`` with the ImageNet fine-tune (:mod:`melbatch.train.selftrain`): the supervised teacher
+    into ``OUT/self-training/round-0/``, then each round's guesses and student into ``round-<r>/``; the last
+    round's package, validation predictions, split and metrics (every round under ``self_training``) are
+    copied to OUT. Each step is kept where it lands: re-running the command resumes at the first step
+    not done (a round's finished training is read back, not run again)."""
+    umanifest, uuris = selftrain.check(cfg, features)
+    rounds = cfg.rounds
+    print(f"self-training on {umanifest.get('counts', {}).get('clips', 0):,} unlabelled clips of {cfg.unlabelled}: "
+          f"a supervised teacher, then {rounds} round(s) of a student on the labelled and the surest guessed clips "
+          f"(per label at most {cfg.pseudo_keep:g} of an equal share), each a whole training run", flush=True)
+    log: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {}
+    for r in range(rounds + 1):
+        one = replace(cfg, unlabelled=None, out=selftrain.round_dir(cfg.out, r),
+                      split_manifest=storage.join(selftrain.round_dir(cfg.out, 0), SPLIT) if r else cfg.split_manifest)
+        pseudo = None
+        if r:
+            teacher = replace(cfg, out=selftrain.round_dir(cfg.out, r - 1))
+            pseudo = selftrain.load(one.out) or selftrain.make(
+                teacher, uuris, umanifest, metrics["labels"], one.out, selftrain.guesses_of(teacher.out))
+            print(selftrain.describe(r, pseudo), flush=True)
+        done = storage.join(one.out, METRICS)
+        print(f"--- round {r}: {'the supervised teacher' if not r else 'the student'} into {one.out}", flush=True)
+        if storage.exists(done):
+            metrics = json.loads(storage.read_bytes(done))
+            print(f"done already: validation {metrics['val_file_accuracy']:.3f} per file", flush=True)
+        else:
+            metrics = fine_tune(one, *preflight(one), progress, pseudo)
+        log.append({"round": r, **({k: v for k, v in pseudo.record.items() if k != "shards"} if pseudo else {}),
+                    "val_file_accuracy": metrics["val_file_accuracy"], "val_accuracy": metrics["val_accuracy"],
+                    "macro_f1": metrics["macro_f1"], "out": one.out})
+    last = log[-1]["out"]
+    copy_package(last, cfg.out)
+    for rel in (VAL_PREDICTIONS, SPLIT):
+        storage.write_bytes(storage.join(cfg.out, rel), storage.read_bytes(storage.join(last, rel)))
+    metrics = {**metrics, "self_training": {"unlabelled": cfg.unlabelled, "rounds": log},
+               "model_package": storage.join(cfg.out, PACKAGE_DIR)}
+    storage.write_bytes(storage.join(cfg.out, METRICS), json.dumps(metrics, indent=2).encode())
+    print("round  taken  agreement  validation per file", flush=True)
+    for row in log:
+        agree = row.get("agreement_with_previous")
+        print(f"{row['round']:>5}  {row.get('taken', 0):>5,}  {'' if agree is None else f'{agree:.3f}':>9}  "
+              f"{row['val_file_accuracy']:>19.3f}", flush=True)
+    print(f"kept: round {rounds}'s student (its package is {storage.join(cfg.out, PACKAGE_DIR)})", flush=True)
+    return metrics
+
+
 def auto(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig, uris: list[URI],
          progress: bool = True) -> dict[str, Any]:
     """``--backbone auto``: every installed backbone's head and the ImageNet fine-tune, each into
@@ -218,14 +274,14 @@ def auto(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig, ur
     write_split(storage.join(cfg.out, "candidates"), data.val_files, data.train_files)
     rows = []
     for name in [*names, IMAGENET]:
-        one = replace(cfg, backbone=name, out=storage.join(cfg.out, "candidates", name), split_manifest=split,
-                      unlabelled=cfg.unlabelled if name != IMAGENET else None)
+        one = replace(cfg, backbone=name, out=storage.join(cfg.out, "candidates", name), split_manifest=split)
         print(f"--- {name}", flush=True)
         m = run(one, progress)
         rows.append({"backbone": name, "val_file_accuracy": m["val_file_accuracy"], "macro_f1": m["macro_f1"],
                      "val_accuracy": m["val_accuracy"], "out": one.out})
     best = max(rows, key=lambda r: (r["val_file_accuracy"], r["macro_f1"], r["backbone"] != IMAGENET))
-    for rel in (f"{PACKAGE_DIR}/{META}", f"{PACKAGE_DIR}/{WEIGHTS}", METRICS, VAL_PREDICTIONS, SPLIT):
+    copy_package(best["out"], cfg.out)
+    for rel in (METRICS, VAL_PREDICTIONS, SPLIT):
         storage.write_bytes(storage.join(cfg.out, rel), storage.read_bytes(storage.join(best["out"], rel)))
     table = {"chosen": best["backbone"], "by": "validation accuracy per file, then macro-F1", "candidates": rows}
     storage.write_bytes(storage.join(cfg.out, BACKBONES_TABLE), json.dumps(table, indent=2).encode())
@@ -270,6 +326,7 @@ class LabelledSplit:
     val_files: set[str]
     review: Reviewed | None
     wave: bool  # training rows carry waveforms (and so do reviewed clips); preflight saw them stored
+    pseudo: selftrain.Pseudo | None = None  # a self-training round's guessed clips, training beside the shards'
 
 
 def labelled_split(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig,
@@ -326,6 +383,8 @@ def class_plan(cfg: TrainConfig, data: LabelledSplit, manifest_labels: dict[str,
             rows_per_label[old] -= 1
             rows_per_label[new] += 1
         rows_per_label.update(data.review.added)
+    if data.pseudo:
+        rows_per_label.update(data.pseudo.per_label)
     labels = data.labels
     train_rows = sum(rows_per_label.values())
     class_weights, repeats, row_keys = [1.0] * len(labels), None, labels

@@ -144,9 +144,11 @@ class _Scorer:
             batch.column("start_s").to_numpy(), batch.column("end_s").to_numpy(), self.pkg.features.clip_s))
         labels = self.pkg.labels
         index = {lab: i for i, lab in enumerate(labels)}
-        # the probability of the (best-scored) true label; multi-label clips with none of the labels: NaN
-        truth = multilabel.targets(batch.column("label").to_pylist(), index) if self.pkg.meta.get("multi_label") \
-            else np.eye(len(labels), dtype=np.float32)[[index[v] for v in batch.column("label").to_pylist()]]
+        # the probability of the (best-scored) true label; multi-label clips with none of the labels and
+        # unlabelled clips (what self-training guesses for): NaN
+        given = batch.column("label").to_pylist()
+        truth = multilabel.targets(given, index) if self.pkg.meta.get("multi_label") \
+            else np.eye(len(labels) + 1, dtype=np.float32)[[index.get(v, len(labels)) for v in given], :-1]
         mine = np.where(truth > 0, probs, -1.0).max(axis=1)
         best = probs.argmax(axis=1)
         out = batch.drop_columns(["mel"]).append_column("predicted", pa.array([labels[i] for i in best])) \
@@ -162,13 +164,13 @@ class _Scorer:
 
 
 def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str], here: bool,
-                     embeddings: bool = False) -> pa.Table:
-    """Every clip of ``val_files`` scored by the saved package (the best epoch), sorted by file and clip
-    (for the validation files, what ``OUT/val_predictions.parquet`` holds), with ``embeddings`` their
-    pooled features too: by a Ray Data actor, or ``here`` (a small split, see
-    :func:`melbatch.train.driver.hold_plan`) in this process."""
+                     embeddings: bool = False, keep: bool = True) -> pa.Table:
+    """Every clip of ``val_files`` (``keep``; else of every other file) scored by the saved package (the
+    best epoch), sorted by file and clip (for the validation files, what ``OUT/val_predictions.parquet``
+    holds), with ``embeddings`` their pooled features too: by a Ray Data actor, or ``here`` (a small
+    split, see :func:`melbatch.train.driver.hold_plan`) in this process."""
     columns = ("uri", "clip_index", "start_s", "end_s", "label", "mel")
-    rows = Split(tuple(uris), columns, frozenset(val_files), keep=True)
+    rows = Split(tuple(uris), columns, frozenset(val_files), keep=keep)
     if here:
         scorer = _Scorer(storage.join(cfg.out, PACKAGE_DIR), use_gpu=False, batch_size=cfg.batch_size,
                          embeddings=embeddings)
@@ -179,7 +181,7 @@ def score_validation(cfg: TrainConfig, uris: list[URI], val_files: set[str], her
             _Scorer, fn_constructor_kwargs={"package": storage.join(cfg.out, PACKAGE_DIR), "use_gpu": cfg.use_gpu,
                                             "batch_size": cfg.batch_size, "embeddings": embeddings},
             batch_format="pyarrow", batch_size=4 * cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-            num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker),
+            num_gpus=1 if cfg.use_gpu else 0, num_cpus=min(1.0, cfg.cpus_per_worker or 1.0),
             max_restarts=0)  # a short pass (re-run to resume); restartable actors also make Ray warn on the console
     return _in_order(collect(ds))
 

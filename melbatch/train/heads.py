@@ -152,9 +152,9 @@ def _self_trained(cfg: TrainConfig, b: backbones.Backbone, x: np.ndarray, y: np.
     """The head self-trained on ``--unlabelled``'s clips (embedded and cached as SHARDS' are)."""
     manifest, features, uris = open_shards(cfg.unlabelled, labelled=False)
     u = _matrix(embeddings(cfg, b, features, uris, manifest, progress, shards=cfg.unlabelled), b.dim)
-    print(f"self-training on {len(u):,} unlabelled clips of {cfg.unlabelled}: {cfg.self_train_rounds} round(s), "
+    print(f"self-training on {len(u):,} unlabelled clips of {cfg.unlabelled}: {cfg.rounds} round(s), "
           f"at most {cfg.pseudo_keep:g} of an equal share per label each", flush=True)
-    head, rounds = self_train(x, y, u, labels, cfg.self_train_rounds, cfg.pseudo_keep, score)
+    head, rounds = self_train(x, y, u, labels, cfg.rounds, cfg.pseudo_keep, score)
     for r in rounds:
         agree = "" if r["agreement_with_previous"] is None else \
             f", {r['agreement_with_previous']:.3f} of the guesses as the round before"
