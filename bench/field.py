@@ -274,13 +274,10 @@ def main() -> None:
         for init in ("imagenet",) if args.no_random else ("imagenet", "random"):
             t0 = time.perf_counter()
             where = out / f"{name}-{init}".replace(" ", "_")
-            row, adapted, student = run_recipe(recipe, init == "imagenet", digits, tests, bird_sets, where, epochs,
-                                               args.seed, args.adapt, args.self_train)
+            row, extra = run_recipe(recipe, init == "imagenet", digits, tests, bird_sets, where, epochs, args.seed,
+                                    args.adapt, args.self_train)
             results[f"{name}, {init}"] = row
-            if adapted:
-                results[f"{name} + adapt, {init}"] = adapted
-            if student:
-                results[f"{name} + self-training, {init}"] = student
+            results.update({f"{name}{more}, {init}": got for more, got in extra.items()})
             print(f"{name}, {init}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
                   + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not args.no_plain:
@@ -304,13 +301,14 @@ def with_field(row: dict[str, float], has_birds: bool) -> dict[str, float]:
 
 def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests: dict, bird_sets: dict | None,
                out: Path, epochs: int, seed: int, adapt: bool = False,
-               self_train: bool = False) -> tuple[dict[str, float], dict[str, float] | None, dict[str, float] | None]:
+               self_train: bool = False) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Train the recipe on digits (and birds), score every column; ``unknown``: the share of files of the
     other task (birds for the digit model, voices for the bird model) set aside at the 95 % threshold.
-    With ``adapt``, also the digits columns scored by the model adapted to each (else ``None``). With
-    ``self_train``, the digits model is trained with ``--unlabelled`` (:func:`unlabelled_archive`): the
-    row is its supervised teacher's (round 0), and the third value the self-trained student's digits
-    columns (``train s``: teacher and student together)."""
+    Returns the row and more rows by what they add to the recipe's name: with ``adapt``, `` + adapt``
+    (the digits columns scored by the model adapted to each). With ``self_train``, the digits model is
+    trained with ``--unlabelled`` (:func:`unlabelled_archive`): the row is its supervised teacher's
+    (round 0), `` + self-training`` the student's digits columns (``train s``: teacher and student
+    together), and with ``adapt`` `` + self-training + adapt``."""
     out.mkdir(parents=True, exist_ok=True)
     feats, fc, linked = featurize_sets({"train": digits["train"], "val": digits["clean"]}, out / "digits-features",
                                        recipe)
@@ -320,18 +318,21 @@ def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests:
     took = {"train s": time.perf_counter() - t0}
     others = {"other": bird_sets["birds"]} if bird_sets else {}
     test_feats, _, linked = featurize_sets({**tests, **others}, out / "digits-tests", {}, fitted=fc)
-    student = None
+    extra: dict[str, dict[str, float]] = {}
+
+    def digits_only(got: dict[str, float]) -> dict[str, float]:
+        return with_field({k: v for k, v in got.items() if k != "other"}, False)
+
     if unl:
-        got, _ = score(package, test_feats, linked)
-        student = {**with_field({k: v for k, v in got.items() if k != "other"}, False), **took}
+        extra[" + self-training"] = {**digits_only(score(package, test_feats, linked)[0]), **took}
+        if adapt:
+            extra[" + self-training + adapt"] = digits_only(score(package, test_feats, linked, adapt=True)[0])
         teacher = Path(package) / "self-training" / "round-0"
         took = {"train s": (teacher / "metrics.json").stat().st_mtime - wall}
         package = str(teacher)
     row, confidence = score(package, test_feats, linked)
-    adapted = None
     if adapt:
-        got, _ = score(package, test_feats, linked, adapt=True)
-        adapted = with_field({k: v for k, v in got.items() if k != "other"}, False)
+        extra[" + adapt"] = digits_only(score(package, test_feats, linked, adapt=True)[0])
     unknown = [unknown_share(confidence["clean"], confidence["other"])] if bird_sets else []
     row.pop("other", None)
     if bird_sets:
@@ -346,7 +347,7 @@ def run_recipe(recipe: dict[str, object], pretrained: bool, digits: dict, tests:
         unknown.append(unknown_share(confidence["birds"], score(package, voices, other)[1]["other"]))
     row = with_field(row, bird_sets is not None)
     row["unknown"] = float(np.nanmean(unknown)) if unknown else float("nan")
-    return {**row, **took}, adapted, student
+    return {**row, **took}, extra
 
 
 def split_rows(linked: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:

@@ -14,7 +14,8 @@ from conftest import FAST, MILD_FIELD, new_bucket
 
 from melbatch import storage
 from melbatch.config import ConfigError, FeaturizeConfig, TrainConfig
-from melbatch.model.package import load_package
+from melbatch.look import report
+from melbatch.model.package import load_package, read_package_meta
 from melbatch.shards import GUESSES, PSEUDO_RECORD, read_manifest
 from melbatch.stages import featurize
 from melbatch.testing import archives
@@ -30,7 +31,7 @@ def _table(uri: str):
 def test_self_training_guesses_the_archive_trains_a_student_and_resumes_mid_round(ray_session, monkeypatch):
     b = new_bucket()
     archives.make_archive(f"{b}/labelled", "engine", files_per_class=12, seconds=4.0, seed=31)
-    unl = archives.make_archive(f"{b}/archive", "engine", files_per_class=10, seconds=4.0, seed=32)
+    unl = archives.make_archive(f"{b}/archive", "engine", files_per_class=16, seconds=4.0, seed=32)  # 64 clips
     featurize.run(FeaturizeConfig(src=f"{b}/labelled", dst=f"{b}/shards", features=FAST, fit_clips=False),
                   progress=False)
     featurize.run(FeaturizeConfig(src=f"{b}/archive", dst=f"{b}/ushards", features=FAST, labels="none",
@@ -60,6 +61,9 @@ def test_self_training_guesses_the_archive_trains_a_student_and_resumes_mid_roun
     cap = math.ceil(cfg.pseudo_keep * clips / 2)
     assert record["taken"] == sum(record["per_label"].values()) == sum(guesses.column("taken").to_pylist()) > 0
     assert max(record["per_label"].values()) <= cap
+    # guessed by the teacher adapted to the archive (64 clips: enough statistics), kept beside the guesses
+    assert record["adapted"] and record["guessed_by"] == read_package_meta(storage.join(round1, "teacher"))["model_id"]
+    assert read_package_meta(storage.join(round1, "teacher"))["adapted"]["clips"] == clips
     pseudo = selftrain.load(round1)
     copied = [_table(u) for u in pseudo.uris]
     rows = [(u, i, lab) for t in copied for u, i, lab in zip(*(t.column(c).to_pylist() for c in
@@ -78,6 +82,9 @@ def test_self_training_guesses_the_archive_trains_a_student_and_resumes_mid_roun
     assert m["val_file_accuracy"] == student["val_file_accuracy"] == rounds[1]["val_file_accuracy"]
     assert load_package(f"{b}/model").labels == ["faulty", "healthy"]
     assert json.loads(storage.read_bytes(f"{b}/model/metrics.json"))["self_training"]["rounds"] == rounds
+    page = storage.read_bytes(report.write(f"{b}/model")[0]).decode()  # the train report shows every round
+    assert "Self-training (--unlabelled)" in page and f"{record['taken']:,} of {clips:,}" in page
+    assert "the supervised teacher" in page
 
 
 def test_self_training_refuses_an_unlabelled_archive_of_other_features_before_any_cluster_work(tmp_path):

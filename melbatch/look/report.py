@@ -155,7 +155,7 @@ def train_sections(run: URI, thumbnails: int) -> tuple[str, list[Section]]:
     curves.add(table(["epoch", "train loss", "val loss", "val accuracy", "macro F1", "lr", "samples/s"],
                      [(e["epoch"], f"{e['train_loss']:.4f}", f"{e['val_loss']:.4f}", f"{e['val_accuracy']:.3f}",
                        f"{e['macro_f1']:.3f}", f"{e['lr']:.2e}", f"{e['samples_per_s']:.0f}") for e in m["epochs"]]))
-    sections = [overview, *([curves] if m["epochs"] else []), *_auto_section(run),
+    sections = [overview, *([curves] if m["epochs"] else []), *_auto_section(run), *_self_training_section(m),
                 per_class_section(m, labels), wrong_clips_section(run, meta, cfg, thumbnails)]
     if m.get("calibration"):
         sections.append(calibration_section(m["calibration"], m.get("novelty")))
@@ -265,6 +265,31 @@ def _auto_section(run: URI) -> list[Section]:
     return [Section("Backbones tried (--backbone auto)").add(
         note(f"Every candidate trained on the same split; kept: {t['chosen']}, by {t['by']}.")).add(
         table(["backbone", "validation files", "validation clips", "macro F1", "its OUT"], rows))]
+
+
+def _self_training_section(m: dict[str, Any]) -> list[Section]:
+    """``train --unlabelled``'s rounds (``metrics.json``'s ``self_training``): per round the guessed clips
+    taken per label, the share of guesses the same as the round before, and the validation scores (a
+    head's rounds carry the file accuracy alone; the fine-tune's round 0 is the supervised teacher)."""
+    st = m.get("self_training")
+    if not st:
+        return []
+    labels = m["labels"]
+    rows = []
+    for r in st["rounds"]:
+        per = r.get("per_label")
+        per = dict(zip(labels, per, strict=True)) if isinstance(per, list) else per or {}
+        agree = r.get("agreement_with_previous")
+        rows.append((r["round"], "the supervised teacher" if "taken" not in r else
+                     f"{r['taken']:,} of {r['of']:,} ({', '.join(f'{k} {v:,}' for k, v in per.items())})",
+                     "" if agree is None else f"{agree:.3f}", f"{r['val_file_accuracy']:.3f}",
+                     f"{r['val_accuracy']:.3f}" if "val_accuracy" in r else "",
+                     f"{r['macro_f1']:.3f}" if "macro_f1" in r else ""))
+    return [Section("Self-training (--unlabelled)").add(
+        note(f"The unlabelled archive: {st['unlabelled']}. Each round takes the model's surest guesses per label "
+             "as labels; the validation files are the labelled ones, never guessed.")).add(
+        table(["round", "guessed clips taken", "same guess as the round before", "validation files",
+               "validation clips", "macro F1"], rows))]
 
 
 def _started_from(meta: dict[str, Any]) -> str:

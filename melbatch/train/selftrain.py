@@ -5,9 +5,11 @@ driver (:func:`melbatch.train.driver.self_train`) trains the supervised teacher 
 ``OUT/self-training/round-0/``; then, for each round ``r``:
 
 1. :func:`check` (before any cluster work): USHARDS is featurize output of SHARDS' features.
-2. :func:`guess`: the round before's package scores every clip of USHARDS, streamed through a Ray Data
-   actor as validation is (:func:`melbatch.train.finish.score_validation`, the one prediction path
-   classify takes): only each clip's key and probabilities come back to the driver.
+2. :func:`guess`: the round before's package, its BatchNorm statistics re-estimated on a sample of
+   USHARDS (:func:`adapted_teacher`, what ``classify --adapt`` does; saved as ``round-<r>/teacher/``),
+   scores every clip of USHARDS, streamed through a Ray Data actor as validation is
+   (:func:`melbatch.train.finish.score_validation`, the one prediction path classify takes): only each
+   clip's key and probabilities come back to the driver.
 3. :func:`pick`: per guessed label its surest clips, at most ``--pseudo-keep`` of an equal share of
    the clips (:func:`melbatch.model.heads.pseudo_labels`, the rule the heads use): per-label thresholds
    and class balance, so no label swallows the archive; ``guesses.parquet`` keeps every clip's guess.
@@ -27,7 +29,8 @@ validation files are never trained on, even if USHARDS holds them: their clips a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,7 +40,9 @@ import ray
 
 from melbatch import URI, storage
 from melbatch.config import ConfigError, FeatureConfig, TrainConfig
+from melbatch.model import adapt
 from melbatch.model.heads import pseudo_labels
+from melbatch.model.package import load_package, read_package_meta, save_novelty, save_package
 from melbatch.shards import (
     GUESSES,
     GUESSES_SCHEMA,
@@ -45,12 +50,15 @@ from melbatch.shards import (
     PSEUDO_RECORD,
     SELF_TRAINING_DIR,
     clip_schema,
+    mel_array,
     write_table,
 )
 from melbatch.train.data import keeps_audio, open_shards
 from melbatch.train.finish import score_validation
 
 HERE_MB = 512  # an unlabelled archive of at most this many MB of images is scored in the driver, without Ray Data
+TEACHER_DIR = "teacher"  # round-<r>/teacher/: the teacher adapted to the archive, the one that guessed
+ADAPT_GUESSES = True
 
 
 def round_dir(out: URI, r: int) -> URI:
@@ -91,6 +99,39 @@ def guess(teacher: TrainConfig, uris: list[URI], here: bool) -> pa.Table:
     """Every clip of ``uris`` scored by ``teacher.out``'s package: ``uri, clip_index, probabilities``."""
     scored = score_validation(teacher, uris, set(), here, keep=False)  # no file held back: every clip
     return scored.select(["uri", "clip_index", "probabilities"])
+
+
+def shard_sample(uris: list[URI], most: int = adapt.ADAPT_CLIPS, spread: int = 16) -> np.ndarray:
+    """Up to ``most`` images spread over the shards ``uris``: from up to ``spread`` shards spread over the
+    list, row groups spread over each (a few row groups are read, never a whole archive)."""
+    chosen = [uris[i] for i in sorted(set(np.linspace(0, len(uris) - 1, min(len(uris), spread)).astype(int)))]
+    parts = []
+    for u in chosen:
+        with storage.arrow_input(u, whole=False) as f:
+            pf = pq.ParquetFile(f)
+            groups = pf.num_row_groups
+            per = max(1, math.ceil(most / (len(chosen) * max(1, pf.metadata.num_rows // max(1, groups)))))
+            for g in sorted(set(np.linspace(0, groups - 1, min(groups, per)).astype(int).tolist())):
+                parts.append(mel_array(pf.read_row_group(g, columns=["mel"])))
+    images = np.concatenate(parts) if parts else np.zeros(0)
+    return images[np.linspace(0, len(images) - 1, most).astype(int)] if len(images) > most else images
+
+
+def adapted_teacher(teacher: TrainConfig, uris: list[URI], round_out: URI) -> TrainConfig | None:
+    """The teacher's package with its BatchNorm statistics re-estimated on a sample of the unlabelled
+    archive (:func:`melbatch.model.adapt.adapted`, what ``classify --adapt`` does), saved as
+    ``round_out/teacher/``: the train config to guess with (``None``: nothing to adapt, or too few clips)."""
+    pkg = load_package(teacher.out)
+    sample = shard_sample(uris)
+    if not adapt.can_adapt(pkg) or pkg.embedder is not None or len(sample) < adapt.FEW_CLIPS:
+        return None
+    new = adapt.adapted(pkg, sample)
+    where = storage.join(round_out, TEACHER_DIR)
+    save_package(where, new.model, {k: v for k, v in new.meta.items()
+                                    if k not in ("model_id", "melbatch_version", "created_at", "root")})
+    if pkg.novelty is not None:
+        save_novelty(where, pkg.novelty, pkg.meta["novelty"])
+    return replace(teacher, out=where)
 
 
 @dataclass(frozen=True)
@@ -157,10 +198,12 @@ def make(teacher: TrainConfig, uris: list[URI], manifest: dict[str, Any], labels
          before: pa.Table | None) -> Pseudo:
     """Round data: the teacher's guesses, the clips taken and copied, committed by the record."""
     features = FeatureConfig.from_dict(manifest["feature_config"])
-    guesses, record = pick(guess(teacher, uris, is_small(manifest, features)), labels, teacher.pseudo_keep, before)
+    guesser = (adapted_teacher(teacher, uris, round_out) if ADAPT_GUESSES else None) or teacher
+    guesses, record = pick(guess(guesser, uris, is_small(manifest, features)), labels, teacher.pseudo_keep, before)
     write_table(storage.join(round_out, GUESSES), guesses)
     written = copy_taken(uris, guesses, round_out)
-    record = {**record, "teacher": teacher.out, "unlabelled": teacher.unlabelled,
+    record = {**record, "teacher": teacher.out, "guessed_by": read_package_meta(guesser.out)["model_id"],
+              "adapted": guesser is not teacher, "unlabelled": teacher.unlabelled,
               "shards": [storage.relative(u, round_out) for u in written]}
     storage.write_bytes(storage.join(round_out, PSEUDO_RECORD), json.dumps(record, indent=2).encode())
     return load(round_out)  # type: ignore[return-value]
@@ -190,7 +233,8 @@ def describe(r: int, pseudo: Pseudo) -> str:
     agree = "" if rec["agreement_with_previous"] is None else \
         f", {rec['agreement_with_previous']:.3f} of the guesses as the round before"
     per = ", ".join(f"{lab} {n:,}" for lab, n in rec["per_label"].items())
-    return f"round {r}: {rec['taken']:,} of {rec['of']:,} unlabelled clips taken ({per}){agree}"
+    by = " by the teacher adapted to the archive" if rec.get("adapted") else ""
+    return f"round {r}: {rec['taken']:,} of {rec['of']:,} unlabelled clips taken{by} ({per}){agree}"
 
 
 __all__ = ["Pseudo", "check", "copy_taken", "describe", "guess", "guesses_of", "load", "make", "pick", "round_dir"]
