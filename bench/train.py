@@ -72,7 +72,8 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
     wave = torch.from_numpy(np.stack([r["audio"] for r in rows])).to(device) if cfg.augment.wave_augment else None
     aug = augment.WaveAugment.of(cfg.augment, features.sample_rate_hz)
     y_all = torch.tensor([labels.index(r["label"]) for r in rows], device=device)
-    model = create_model(cfg.model, len(labels), features.shape, pretrained=False).to(device)
+    model = create_model(cfg.model, len(labels), features.shape, pretrained=False,
+                         time_pool=cfg.time_pool or 1).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
     shift = round(cfg.augment.time_shift_frac * x_all.shape[-1])
@@ -103,14 +104,17 @@ def bare_loop(feat: str, cfg: TrainConfig, epochs: int) -> float:
     return best
 
 
-def bare_model_rate(model_name: str, shape: tuple[int, int], batch: int, threads: int, steps: int = 3) -> float:
+def bare_model_rate(model_name: str, shape: tuple[int, int], batch: int, threads: int, steps: int = 3,
+                    time_pool: int = 1) -> float:
     """Samples/s of the model alone: forward, backward and an AdamW step on random images of ``shape``
-    on ``threads`` threads, channels-last as train's workers (best of ``steps`` after a warm-up step).
-    The ceiling of any loop around it: what a step costs at this image size on this machine."""
+    on ``threads`` threads, channels-last as train's workers, seeing the images at ``time_pool`` as they
+    do (best of ``steps`` after a warm-up step). The ceiling of any loop around it: what a step costs at
+    this image size on this machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model = create_model(model_name, 4, shape, pretrained=False).to(memory_format=torch.channels_last)
+        model = create_model(model_name, 4, shape, pretrained=False, time_pool=time_pool).to(
+            memory_format=torch.channels_last)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x, y = torch.randn(batch, 1, *shape), torch.randint(0, 4, (batch,))
         best = math.inf
@@ -241,12 +245,14 @@ def main() -> None:
         sps[name] = max(e["samples_per_s"] for e in m["epochs"][1:] or m["epochs"])
     ray.shutdown()
     # the same batch as melbatch's workers took (on little data the budget lowers --batch-size)
-    batch = json.loads(storage.read_bytes(f"{root}/out-default/{TRAIN_CONFIG}"))["budget"]["batch_size"]
-    bare_sps = bare_loop(f"{root}/features", TrainConfig(out=f"{root}/unused", **{**base, "batch_size": batch}),
-                         args.epochs)
+    ran = json.loads(storage.read_bytes(f"{root}/out-default/{TRAIN_CONFIG}"))
+    batch, pool = ran["budget"]["batch_size"], ran["train"]["time_pool"] or 1  # and the frames its model saw
+    bare_sps = bare_loop(f"{root}/features", TrainConfig(out=f"{root}/unused", **{**base, "batch_size": batch,
+                                                                                  "time_pool": pool}), args.epochs)
 
     device = f", {torch.cuda.get_device_name()}" if args.use_gpu else ""
-    print(f"\n{n_clips} clips of {features.shape[0]}x{features.shape[1]}, model {args.model}, batch {batch} (of "
+    print(f"\n{n_clips} clips of {features.shape[0]}x{features.shape[1]} (--time-pool {pool}: the model sees "
+          f"{features.shape[0]}x{math.ceil(features.shape[1] / pool)}), model {args.model}, batch {batch} (of "
           f"--batch-size {args.batch_size}), {args.cpus} CPU(s){device}, waveform augmentation "
           f"{'on' if args.wave_augment else 'off'}")
     print(f"{'loop':<44}{'samples/s':>10}{'of bare':>9}")
@@ -257,7 +263,7 @@ def main() -> None:
     print(f"melbatch / bare: {sps['default'] / bare_sps:.0%} by default  (target >= 90%)")
     if not args.use_gpu:  # the model's own cost at this image size: what no loop can beat (issue 45)
         for threads in (1, 2):
-            rate = bare_model_rate(args.model, features.shape, batch, threads)
+            rate = bare_model_rate(args.model, features.shape, batch, threads, time_pool=pool)
             print(f"{f'bare model, forward+backward, {threads} thread(s)':<44}{rate:>10.1f}{rate / bare_sps:>9.0%}")
         print(f"(melbatch's worker steps on {threads_of(root)} thread(s): its CPUs)")
 

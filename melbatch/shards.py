@@ -382,6 +382,17 @@ def mel_array(table: pa.Table) -> np.ndarray:
     return tensor_column(table, "mel")
 
 
+def clip_key(uri: str, clip_index: int) -> str:
+    """One clip's key, ``uri<TAB>clip_index``: a reviewer's answer, a self-training guess."""
+    return f"{uri}\t{clip_index}"
+
+
+def clip_keys(table: pa.Table) -> list[str]:
+    """:func:`clip_key` of every row of a table (or record batch) with ``uri`` and ``clip_index``."""
+    return [clip_key(u, i) for u, i in zip(table.column("uri").to_pylist(), table.column("clip_index").to_pylist(),
+                                            strict=True)]
+
+
 def audio_array(table: pa.Table) -> np.ndarray:
     """The ``audio`` column as ``(rows, samples)`` float32 in [-1, 1)."""
     return tensor_column(table, "audio").astype(np.float32) * np.float32(1 / 32768)

@@ -583,3 +583,52 @@ def test_freeze_blocks_keeps_the_stem_and_first_blocks_as_they_were_and_trains_t
 def test_freeze_blocks_on_a_model_without_blocks_fails_before_training(engine_shards):
     with pytest.raises(ConfigError, match="--freeze-blocks needs a model with a stem and blocks"):
         driver.run(_cfg(engine_shards, "frozen", freeze_blocks=1))
+
+
+def test_time_pool_shows_the_model_half_the_frames_with_timms_weight_names_and_refuses_fixed_size_models():
+    """Issue 45: --time-pool N averages every N frames before the first convolution: the network's
+    feature map is N times narrower, the weights keep timm's names (a package loads as before), copies
+    keep it; by default only images wider than POOL_ABOVE_FRAMES are pooled; a ViT is refused."""
+    import copy
+
+    from melbatch.config import POOL_ABOVE_FRAMES
+    from melbatch.model.weights import Source
+
+    plain = package.create_model("tf_efficientnet_lite0", 3, (64, 501), source=Source("none"))
+    pooled = package.create_model("tf_efficientnet_lite0", 3, (64, 501), source=Source("none"), time_pool=2)
+    assert list(plain.state_dict()) == list(pooled.state_dict())
+    pooled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 64, 501)
+    wide, narrow = plain.eval().forward_features(x), pooled.eval().forward_features(x)
+    assert wide.shape[-1] == 16 and narrow.shape[-1] == 8
+    halved = torch.nn.functional.avg_pool2d(x, (1, 2), ceil_mode=True)
+    assert torch.allclose(pooled(x), plain(halved), atol=1e-5)  # the same network on the averaged image
+    assert copy.deepcopy(pooled).forward_features(x).shape == narrow.shape
+    with pytest.raises(package.ModelError, match="use --time-pool 1"):
+        package.create_model("vit_tiny_patch16_224", 3, (64, 501), source=Source("none"), time_pool=2)
+    cfg = TrainConfig(shards="s", out="o")
+    assert cfg.pool_for(501) == 2 and cfg.pool_for(POOL_ABOVE_FRAMES) == 1 and cfg.pool_for(101) == 1
+    assert replace(cfg, time_pool=1).pool_for(501) == 1 and replace(cfg, time_pool=3).pool_for(101) == 3
+    with pytest.raises(ConfigError, match="time_pool=0"):
+        TrainConfig(shards="s", out="o", time_pool=0)
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_a_time_pooled_run_keeps_its_factor_in_the_package_and_on_resume(engine_shards):
+    """The factor goes with the package (classify sees what training saw) and with the run: resuming it
+    at another factor is refused, saying what to do."""
+    cfg = _cfg(engine_shards, "pooled", epochs=1, time_pool=2)
+    driver.run(cfg, progress=False)
+    pkg = package.load_package(cfg.out)
+    assert pkg.meta["time_pool"] == 2
+    from melbatch.model.weights import Source
+
+    x = torch.randn(2, 1, *pkg.features.shape)
+    plain = package.create_model("test_resnet", 2, pkg.features.shape, source=Source("none")).eval()
+    plain.load_state_dict(pkg.model.state_dict())
+    assert pkg.model.forward_features(x).shape[-1] < plain.forward_features(x).shape[-1]
+    averaged = torch.nn.functional.avg_pool2d(x, (1, 2), ceil_mode=True)
+    assert torch.allclose(pkg.model(x), plain(averaged), atol=1e-5)
+    with pytest.raises(ConfigError, match="holds a run at --time-pool 2"):
+        driver.run(replace(cfg, time_pool=1), progress=False)

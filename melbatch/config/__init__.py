@@ -42,6 +42,7 @@ from melbatch.config.jobs import (  # noqa: F401
     DEFAULT_THRESHOLD,
     NORMALIZATIONS,
     PLAIN_MIN_STEPS,
+    POOL_ABOVE_FRAMES,
     REVIEW_COUNT,
     REVIEW_STRATEGIES,
     AugmentConfig,

@@ -20,6 +20,11 @@ BALANCING = ("weights", "oversample", "none")
 # against 0.73 at 380, the field 0.68 / 0.71 against 0.67 / 0.62, clean the same (README, "Models that hold up").
 PLAIN_MIN_STEPS = 100
 AUGMENTED_MIN_STEPS = 600
+# Images wider than this many frames (clips over 2.5 s at the default 10 ms hop) are seen at half their frames
+# by default (--time-pool). What a step costs is the network's work on the image: a bare lite0 step on 16
+# images of 128 x 501 on 2 CPUs, 2026-12-07, 14.8 samples/s; the same images averaged to 251 frames, 31.0.
+# Short clips (FSDD digits: about 100 frames) keep every frame.
+POOL_ABOVE_FRAMES = 256
 # --self-train-rounds by what a round costs: refitting a head takes seconds; a round of the ImageNet fine-tune
 # is a whole training run (FSDD digits on 2 CPUs, 2026-12-07: about 6 min each)
 SELF_TRAIN_ROUNDS = {"head": 3, "imagenet": 1}
@@ -161,6 +166,11 @@ class TrainConfig:
     freeze_blocks: int = flag(0,
         "the stem and the first N blocks of a pretrained backbone keep their ImageNet weights for the whole "
         "run: no gradients through them, so a step costs less (EfficientNet-family models; ignored from random init)")
+    time_pool: int | None = flag(None,
+        f"the model sees each image with every N adjacent frames averaged into one, so a step costs about 1/N "
+        f"(the factor goes with the package; classify does the same). Default: 2 for images wider than "
+        f"{POOL_ABOVE_FRAMES} frames (clips over about 2.5 s at a 10 ms hop), else 1 (every frame); "
+        "convolutional models that take any image size only")
     normalize: Literal["dataset", "clip"] = flag("dataset",
         "'dataset': one mean/std from the training split, stored in the package; 'clip': per clip")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -206,6 +216,8 @@ class TrainConfig:
         require(0 <= self.freeze_epochs < self.epochs or self.freeze_epochs == 0,
                  f"freeze_epochs={self.freeze_epochs}: must leave at least one epoch of full fine-tuning")
         require(self.freeze_blocks >= 0, f"freeze_blocks={self.freeze_blocks}: 0 (train every layer) or more")
+        require(self.time_pool is None or (type(self.time_pool) is int and 1 <= self.time_pool <= 8),
+                f"time_pool={self.time_pool}: 1 (every frame) to 8, or leave it out (2 for wide images, else 1)")
         require(self.normalize in NORMALIZATIONS, f"normalize={self.normalize!r}: choose one of {NORMALIZATIONS}")
         if isinstance(self.augment, dict):  # from a saved config (train_config.json, a worker's copy)
             object.__setattr__(self, "augment", build(AugmentConfig, self.augment, "train.augment"))
@@ -226,6 +238,12 @@ class TrainConfig:
         if self.self_train_rounds is not None:
             return self.self_train_rounds
         return SELF_TRAIN_ROUNDS["imagenet" if self.backbone == "imagenet" else "head"]
+
+    def pool_for(self, frames: int) -> int:
+        """``time_pool``, or its default for images ``frames`` wide (:data:`POOL_ABOVE_FRAMES`)."""
+        if self.time_pool is not None:
+            return self.time_pool
+        return 2 if frames > POOL_ABOVE_FRAMES else 1
 
     @property
     def step_floor(self) -> int:

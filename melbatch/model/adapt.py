@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from melbatch.model.package import Package, normalize
+from melbatch import URI
+from melbatch.model.package import Package, normalize, save_novelty, save_package
 
 ADAPT_CLIPS = 512  # the archive sample: BatchNorm statistics settle within a few hundred images
 ADAPT_FILES = 128  # taken from at most this many files, spread over the archive
@@ -74,4 +75,13 @@ def adapted(pkg: Package, sample: np.ndarray, batch_size: int = 64) -> Package:
     return replace(pkg, model=model, meta={**pkg.meta, "adapted": info})
 
 
-__all__ = ["ADAPT_CLIPS", "ADAPT_FILES", "FEW_CLIPS", "adapted", "batchnorms", "can_adapt"]
+def save(pkg: Package, where: URI) -> None:
+    """An :func:`adapted` package written to ``where`` as a train OUT's package: its weights under a
+    ``model_id`` of their own, ``adapted`` in ``model.json``, and the distance rule it came with."""
+    save_package(where, pkg.model, {k: v for k, v in pkg.meta.items()
+                                    if k not in ("model_id", "melbatch_version", "created_at", "root")})
+    if pkg.novelty is not None:
+        save_novelty(where, pkg.novelty, pkg.meta["novelty"])
+
+
+__all__ = ["ADAPT_CLIPS", "ADAPT_FILES", "FEW_CLIPS", "adapted", "batchnorms", "can_adapt", "save"]

@@ -6,15 +6,17 @@ with a fixed input size (ViT/DeiT, as AST uses), and pretrained weights from the
 from a weights file (local or any URI; safetensors or a torch state dict), or none.
 
 The package (``OUT/model/``) holds ``model.safetensors`` and ``model.json``: model name, labels,
-the feature config and its hash, normalisation and the training config, so ``classify`` rebuilds
-features and model from it alone; and, from packages trained since 2026-12-07, ``novelty.safetensors``
-(:mod:`melbatch.model.novelty`: how far a clip lies from the training clips) with its rule in
-``model.json`` under ``novelty``.
+the feature config and its hash, normalisation, the training config and ``time_pool`` (how many frames
+the model averages into one before its first convolution; 1 in packages from before 2026-12-07), so
+``classify`` rebuilds features and model from it alone; and, from packages trained since 2026-12-07,
+``novelty.safetensors`` (:mod:`melbatch.model.novelty`: how far a clip lies from the training clips)
+with its rule in ``model.json`` under ``novelty``.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -78,8 +80,9 @@ def _fixed_input_size(name: str) -> bool:
 
 
 def create_model(name: str, num_classes: int, shape: tuple[int, int], pretrained: bool = True,
-                 weights: URI | None = None, source: Source | None = None) -> torch.nn.Module:
-    """A timm model for one-channel (n_mels, n_frames) images and ``num_classes`` outputs.
+                 weights: URI | None = None, source: Source | None = None, time_pool: int = 1) -> torch.nn.Module:
+    """A timm model for one-channel (n_mels, n_frames) images and ``num_classes`` outputs; with
+    ``time_pool`` > 1 it sees them at that fraction of their frames (:func:`pool_time`).
 
     timm is imported here, not with this module: decoding and featurizing workers that load this module
     never build a model, and importing timm pulls in torch._dynamo, whose import a long-lived Ray worker
@@ -129,7 +132,36 @@ def create_model(name: str, num_classes: int, shape: tuple[int, int], pretrained
                f"randomly: {random_stem[0]}. Transfer learning will be weaker; consider another model.")
         logging.getLogger("melbatch").warning(msg)
         warnings.warn(msg, stacklevel=2)
+    if time_pool > 1:
+        pool_time(model, time_pool, name)
     return model
+
+
+def _stem(model: torch.nn.Module) -> torch.nn.Conv2d | None:
+    """The convolution that first sees the image: a model's first ``Conv2d``, when it takes one channel."""
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return first if first is not None and first.in_channels == 1 else None
+
+
+def can_pool_time(model: torch.nn.Module, name: str) -> bool:
+    """Whether :func:`pool_time` applies: a convolutional model that takes images of any size."""
+    return _stem(model) is not None and not _fixed_input_size(name)
+
+
+def _pooled(factor: int, module: torch.nn.Module, args: tuple) -> tuple:
+    return (torch.nn.functional.avg_pool2d(args[0], (1, factor), ceil_mode=True), *args[1:])
+
+
+def pool_time(model: torch.nn.Module, factor: int, name: str) -> None:
+    """Average every ``factor`` adjacent frames of the image before the model's first convolution (a hook
+    on it, so ``forward_features`` and an ONNX export see it too, and the weights' names stay timm's):
+    the network's work falls by about ``factor`` (train's ``--time-pool``; the factor is kept in
+    ``model.json`` as ``time_pool``). A model that needs a fixed image size or has no one-channel
+    convolution first cannot, and says so."""
+    if not can_pool_time(model, name):
+        raise ModelError(f"--time-pool {factor}: {name} is not a convolutional model that takes images of any "
+                         "size (its first layer must be a one-channel convolution); use --time-pool 1")
+    _stem(model).register_forward_pre_hook(functools.partial(_pooled, factor))
 
 
 def classifier_names(model: torch.nn.Module) -> list[str]:
@@ -435,7 +467,8 @@ def load_package(uri: URI, threads: int = 1) -> Package:
             raise ModelError(f"{uri} is a head on the {bb['name']} backbone: {e}") from None
         model = Head(int(bb["dim"]), len(meta["labels"]))
     else:
-        model = create_model(meta["model_name"], len(meta["labels"]), fc.shape, source=Source("none"))
+        model = create_model(meta["model_name"], len(meta["labels"]), fc.shape, source=Source("none"),
+                             time_pool=int(meta.get("time_pool", 1)))  # packages before 2026-12-07 have none
     with tempfile.TemporaryDirectory() as tmp:
         Path(f"{tmp}/{WEIGHTS}").write_bytes(storage.read_bytes(storage.join(package_root(uri), WEIGHTS)))
         model.load_state_dict(load_file(f"{tmp}/{WEIGHTS}"))

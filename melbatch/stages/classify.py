@@ -56,8 +56,6 @@ from melbatch.model.package import (
     load_package,
     package_root,
     read_package_meta,
-    save_novelty,
-    save_package,
     verdicts,
 )
 from melbatch.shards import (
@@ -228,10 +226,7 @@ def adapt_model(cfg: ClassifyConfig, meta: dict[str, Any], refs: list[storage.Ob
                           f"statistics of fewer than {adapt.FEW_CLIPS} clips are noise; classify without --adapt")
     new = adapt.adapted(pkg, sample)
     new.meta["adapted"] = {**new.meta["adapted"], "files": files, "archive": storage.canonical(cfg.archive)}
-    keep = {k: v for k, v in new.meta.items() if k not in ("model_id", "melbatch_version", "created_at", "root")}
-    save_package(where, new.model, keep)
-    if pkg.novelty is not None:
-        save_novelty(where, pkg.novelty, meta["novelty"])
+    adapt.save(new, where)
     adapted_meta = {**read_package_meta(where), "root": storage.canonical(package_root(where))}
     if progress:
         print(f"adapted {meta['model_id']} to {cfg.archive}: {new.meta['adapted']['statistics']} re-estimated on "

@@ -32,6 +32,8 @@ from melbatch.shards import (
     REVIEWED_CLIPS,
     ClipRow,
     DatasetError,
+    clip_key,
+    clip_keys,
     feature_config_of,
     mel_array,
     open_dataset,
@@ -176,9 +178,7 @@ def _oversample(batch: pa.Table, repeats: dict[str, float], seed: int | None = N
 
 def _relabel(batch: pa.Table, labels: dict[str, str]) -> pa.Table:
     """Rows whose ``uri<TAB>clip_index`` is in ``labels`` get that label (a reviewer's answer)."""
-    keys = [f"{u}\t{i}" for u, i in zip(batch.column("uri").to_pylist(), batch.column("clip_index").to_pylist(),
-                                          strict=True)]
-    new = [labels.get(k, old) for k, old in zip(keys, batch.column("label").to_pylist(), strict=True)]
+    new = [labels.get(k, old) for k, old in zip(clip_keys(batch), batch.column("label").to_pylist(), strict=True)]
     at = batch.schema.get_field_index("label")
     return batch.set_column(at, "label", pa.array(new, pa.string()).cast(batch.schema.field("label").type))
 
@@ -361,7 +361,7 @@ def reviewed(uri: URI, features: FeatureConfig, keep_audio: bool, labels_of: dic
         elif a.uri in val_files:
             r.in_validation += 1
         else:
-            r.relabel[f"{a.uri}\t{a.clip_index}"] = a.label
+            r.relabel[clip_key(a.uri, a.clip_index)] = a.label
             r.moved.append((labels_of[a.uri], a.label))
     rows: list[ClipRow] = []
     for file_uri, wanted in sorted(outside.items()):

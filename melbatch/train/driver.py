@@ -45,7 +45,7 @@ from melbatch.console import Channel, EpochTable
 from melbatch.labels import multilabel
 from melbatch.model import backbones
 from melbatch.model.backbones import AUTO, IMAGENET
-from melbatch.model.package import PACKAGE_DIR, ModelError, copy_package, create_model
+from melbatch.model.package import PACKAGE_DIR, ModelError, can_pool_time, copy_package, create_model
 from melbatch.model.weights import Source, resolve
 from melbatch.shards import (
     BACKBONES_TABLE,
@@ -88,8 +88,9 @@ def preflight(cfg: TrainConfig) -> tuple[dict[str, Any], FeatureConfig, list[URI
     storage.check_writable(cfg.out)
     if cfg.weights and not storage.exists(cfg.weights):
         raise ConfigError(f"weights file {cfg.weights} does not exist")
-    try:  # an unknown model name, or one --freeze-blocks can't freeze, fails here, not on workers
-        frozen_prefix(create_model(cfg.model, 2, (64, 64), source=Source("none")), cfg.freeze_blocks)
+    try:  # an unknown model name, or one --freeze-blocks / --time-pool can't apply to, fails here, not on workers
+        frozen_prefix(create_model(cfg.model, 2, (64, 64), source=Source("none"), time_pool=cfg.time_pool or 1),
+                      cfg.freeze_blocks)
     except ModelError as e:
         raise ConfigError(f"--model: {e}") from None
     previous = storage.join(cfg.out, TRAIN_CONFIG)
@@ -131,7 +132,7 @@ def fine_tune(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfi
               before: dict[str, Any], progress: bool = True, pseudo: selftrain.Pseudo | None = None) -> dict[str, Any]:
     """The ImageNet fine-tune on Ray Train (steps 2-5 of the module's docstring), after :func:`preflight`;
     ``pseudo``: a self-training round's guessed clips join the training split."""
-    cfg = _shifts_that_fit(cfg, features)
+    cfg = _time_pool(_shifts_that_fit(cfg, features), features, before)
     source = Source.from_dict(before.get("weights")) or resolve(cfg.model, cfg.pretrained, cfg.weights)
     print(f"model {cfg.model}, starting from {source.describe()}", flush=True)
     data = labelled_split(cfg, manifest, features, uris)
@@ -243,9 +244,7 @@ def self_train(cfg: TrainConfig, features: FeatureConfig, progress: bool = True)
                     "val_file_accuracy": metrics["val_file_accuracy"], "val_accuracy": metrics["val_accuracy"],
                     "macro_f1": metrics["macro_f1"], "out": one.out})
     last = log[-1]["out"]
-    copy_package(last, cfg.out)
-    for rel in (VAL_PREDICTIONS, SPLIT):
-        storage.write_bytes(storage.join(cfg.out, rel), storage.read_bytes(storage.join(last, rel)))
+    _keep_run(last, cfg.out, (VAL_PREDICTIONS, SPLIT))
     metrics = {**metrics, "self_training": {"unlabelled": cfg.unlabelled, "rounds": log},
                "model_package": storage.join(cfg.out, PACKAGE_DIR)}
     storage.write_bytes(storage.join(cfg.out, METRICS), json.dumps(metrics, indent=2).encode())
@@ -280,9 +279,7 @@ def auto(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig, ur
         rows.append({"backbone": name, "val_file_accuracy": m["val_file_accuracy"], "macro_f1": m["macro_f1"],
                      "val_accuracy": m["val_accuracy"], "out": one.out})
     best = max(rows, key=lambda r: (r["val_file_accuracy"], r["macro_f1"], r["backbone"] != IMAGENET))
-    copy_package(best["out"], cfg.out)
-    for rel in (METRICS, VAL_PREDICTIONS, SPLIT):
-        storage.write_bytes(storage.join(cfg.out, rel), storage.read_bytes(storage.join(best["out"], rel)))
+    _keep_run(best["out"], cfg.out, (METRICS, VAL_PREDICTIONS, SPLIT))
     table = {"chosen": best["backbone"], "by": "validation accuracy per file, then macro-F1", "candidates": rows}
     storage.write_bytes(storage.join(cfg.out, BACKBONES_TABLE), json.dumps(table, indent=2).encode())
     print("backbone        files   clips  macro-F1", flush=True)
@@ -292,6 +289,14 @@ def auto(cfg: TrainConfig, manifest: dict[str, Any], features: FeatureConfig, ur
     print(f"kept: {best['backbone']} (its package is {storage.join(cfg.out, PACKAGE_DIR)})", flush=True)
     metrics = json.loads(storage.read_bytes(storage.join(cfg.out, METRICS)))
     return {**metrics, "auto": table}
+
+
+def _keep_run(src: URI, out: URI, files: tuple[str, ...]) -> None:
+    """The chosen run (a self-training round, an auto candidate) in ``src`` becomes OUT's: its package
+    and ``files`` copied into ``out``."""
+    copy_package(src, out)
+    for rel in files:
+        storage.write_bytes(storage.join(out, rel), storage.read_bytes(storage.join(src, rel)))
 
 
 def _spelled_out(cfg: TrainConfig) -> TrainConfig:
@@ -312,6 +317,26 @@ def _shifts_that_fit(cfg: TrainConfig, features: FeatureConfig) -> TrainConfig:
               "featurized with --keep-audio makes the same shifts on the waveforms", flush=True)
         return replace(cfg, augment=replace(aug, field_augment=False))
     return cfg
+
+
+def _time_pool(cfg: TrainConfig, features: FeatureConfig, before: dict[str, Any]) -> TrainConfig:
+    """``--time-pool`` decided before training: as the run in OUT began (runs from before 2026-12-07 kept
+    every frame), else as given, else its default for these images where the model can take it."""
+    if before:
+        began = before.get("train", {}).get("time_pool") or 1
+        if cfg.time_pool not in (None, began):
+            raise ConfigError(f"{cfg.out} holds a run at --time-pool {began}: resume it with that (or leave "
+                              "--time-pool out), or use another OUT")
+        return replace(cfg, time_pool=began)
+    factor = cfg.pool_for(features.n_frames)
+    if cfg.time_pool is None and factor > 1 and not can_pool_time(
+            create_model(cfg.model, 2, (64, 64), source=Source("none")), cfg.model):
+        factor = 1  # a model of fixed image size (a ViT) sees every frame
+    if factor > 1:
+        print(f"images: {features.n_mels} x {features.n_frames}, seen as {features.n_mels} x "
+              f"{math.ceil(features.n_frames / factor)} (--time-pool {factor}: a step costs about 1/{factor}; "
+              "--time-pool 1 keeps every frame)", flush=True)
+    return replace(cfg, time_pool=factor)
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,10 @@ def finish(cfg: TrainConfig, result: Any, labels: list[str], features: FeatureCo
         state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
     with result.checkpoint.as_directory() as d:
         history = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)["history"]
-    model = create_model(cfg.model, len(labels), features.shape, source=Source("none"))
+    pool = cfg.time_pool or 1
+    model = create_model(cfg.model, len(labels), features.shape, source=Source("none"), time_pool=pool)
     model.load_state_dict(state["model"])
-    meta = {"model_name": cfg.model, "labels": labels, "feature_config": features.to_dict(),
+    meta = {"model_name": cfg.model, "time_pool": pool, "labels": labels, "feature_config": features.to_dict(),
             "initial_weights": source.to_dict(),
             "config_hash": features.hash(), "normalization": norm, "train_config": asdict(cfg),
             "best_epoch": best["epoch"], "shards": storage.canonical(cfg.shards), "extra_labels": review,

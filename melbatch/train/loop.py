@@ -233,7 +233,7 @@ def _setup(config: dict[str, Any]) -> _Worker:
                   torch.from_numpy(features.band_centers_hz()).float().to(device), gen)
 
     source = Source.from_dict(config["weights"])
-    model = create_model(cfg.model, len(labels), shape, source=source)
+    model = create_model(cfg.model, len(labels), shape, source=source, time_pool=cfg.time_pool or 1)
     # channels-last convolutions: a bare lite0 step on 16 images of 128 x 501 on 2 CPUs, 2026-12-07: 10.3
     # samples/s as it was, 14.4 channels-last (one-channel images are already in that layout; the package
     # is written contiguous, as before)

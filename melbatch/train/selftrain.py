@@ -42,13 +42,14 @@ from melbatch import URI, storage
 from melbatch.config import ConfigError, FeatureConfig, TrainConfig
 from melbatch.model import adapt
 from melbatch.model.heads import pseudo_labels
-from melbatch.model.package import load_package, read_package_meta, save_novelty, save_package
+from melbatch.model.package import load_package, read_package_meta
 from melbatch.shards import (
     GUESSES,
     GUESSES_SCHEMA,
     PSEUDO_DIR,
     PSEUDO_RECORD,
     SELF_TRAINING_DIR,
+    clip_keys,
     clip_schema,
     mel_array,
     write_table,
@@ -127,10 +128,7 @@ def adapted_teacher(teacher: TrainConfig, uris: list[URI], round_out: URI) -> Tr
         return None
     new = adapt.adapted(pkg, sample)
     where = storage.join(round_out, TEACHER_DIR)
-    save_package(where, new.model, {k: v for k, v in new.meta.items()
-                                    if k not in ("model_id", "melbatch_version", "created_at", "root")})
-    if pkg.novelty is not None:
-        save_novelty(where, pkg.novelty, pkg.meta["novelty"])
+    adapt.save(new, where)
     return replace(teacher, out=where)
 
 
@@ -156,16 +154,12 @@ def pick(scored: pa.Table, labels: list[str], keep: float, before: pa.Table | No
                         "taken": pa.array(take)}, schema=GUESSES_SCHEMA)
     agreement = None
     if before is not None:
-        was = dict(zip(_keys(before), before.column("guess").to_pylist(), strict=True))
-        same = [was[k] == g for k, g in zip(_keys(guesses), guesses.column("guess").to_pylist(), strict=True)
+        was = dict(zip(clip_keys(before), before.column("guess").to_pylist(), strict=True))
+        same = [was[k] == g for k, g in zip(clip_keys(guesses), guesses.column("guess").to_pylist(), strict=True)
                 if k in was]
         agreement = float(np.mean(same)) if same else None
     per_label = {lab: int(c) for lab, c in zip(labels, np.bincount(best[take], minlength=len(labels)), strict=True)}
     return guesses, {"taken": int(take.sum()), "of": n, "per_label": per_label, "agreement_with_previous": agreement}
-
-
-def _keys(t: pa.Table) -> list[str]:
-    return [f"{u}\t{i}" for u, i in zip(t.column("uri").to_pylist(), t.column("clip_index").to_pylist(), strict=True)]
 
 
 @ray.remote(num_cpus=0.5, max_retries=2)
@@ -173,7 +167,7 @@ def _copy(shard: URI, taken: dict[str, str], dest: URI) -> int:
     """The taken clips of one shard, with their guessed labels, into ``dest`` (none: no file); their count."""
     with storage.arrow_input(shard) as f:
         rows = pq.read_table(f)
-    keys = _keys(rows)
+    keys = clip_keys(rows)
     mask = np.array([k in taken for k in keys], bool)
     if not mask.any():
         return 0
@@ -188,7 +182,7 @@ def copy_taken(uris: list[URI], guesses: pa.Table, round_out: URI) -> list[URI]:
     """The taken clips of ``guesses`` copied from USHARDS' shards ``uris`` into ``round_out/pseudo/``, one
     Ray task per shard (each holds one shard: memory stays bounded whatever the archive's size)."""
     chosen = guesses.filter(guesses.column("taken"))
-    taken = ray.put(dict(zip(_keys(chosen), chosen.column("guess").to_pylist(), strict=True)))
+    taken = ray.put(dict(zip(clip_keys(chosen), chosen.column("guess").to_pylist(), strict=True)))
     dests = [storage.join(round_out, PSEUDO_DIR, f"part-{k:05d}.parquet") for k in range(len(uris))]
     counts = ray.get([_copy.remote(u, taken, d) for u, d in zip(uris, dests, strict=True)])
     return [d for d, c in zip(dests, counts, strict=True) if c]
